@@ -1,0 +1,13 @@
+//! The one place where kernel and userspace agree on data layouts.
+//!
+//! Every map key, map value, event record and map name that crosses the
+//! kernel boundary is declared here, `#[repr(C)]` and padding-free, so the
+//! eBPF programs (`tarpit-ebpf`) and the agent (`tarpit-user`) can never
+//! disagree about a byte. With the `user` feature the types also implement
+//! `aya::Pod` so userspace can read and write them through aya's map APIs.
+#![no_std]
+
+pub mod addr;
+pub mod maps;
+
+pub use addr::IpAddrKey;

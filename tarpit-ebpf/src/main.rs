@@ -1,0 +1,20 @@
+//! tarpit's kernel programs. One module per hook; packet parsing lives in
+//! `parse` and is shared by every hook that sees packets.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod parse;
+mod xdp;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// GPL-compatible licence, needed by some helpers (ring buffer output,
+/// socket lookups) that the kernel restricts to GPL programs.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,59 @@
+//! `cargo xtask`: the developer entry points.
+//!
+//! - `build-ebpf`: builds the kernel programs, bootstrapping the nightly
+//!   `rust-src` component and a project-local `bpf-linker` when missing.
+//! - `run`: builds everything and starts the agent with the shipped config.
+//! - `test`: installs what the tests need, then fmt, clippy, unit and
+//!   end-to-end tests, ending with one `N passed, N failed` line.
+mod ebpf;
+mod paths;
+mod run;
+mod shell;
+mod test;
+mod toolchain;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "tarpit's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build the kernel programs (release, bpfel-unknown-none), bootstrapping
+    /// rust-src and bpf-linker first when they are missing.
+    BuildEbpf,
+    /// Build everything and run `tarpit run -c config/tarpit.toml` as root.
+    Run {
+        /// Configuration file (default: the shipped config/tarpit.toml).
+        #[arg(short, long)]
+        config: Option<std::path::PathBuf>,
+        /// Build in release mode.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run the whole test suite: install test dependencies, fmt, clippy,
+    /// unit tests and end-to-end tests.
+    Test(test::TestArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::BuildEbpf => ebpf::build().map(|_| ()),
+        Command::Run { config, release } => run::run(config, release),
+        Command::Test(args) => test::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! Where things are in the repository.
+use std::path::PathBuf;
+
+/// The workspace root (the parent of `xtask/`).
+pub fn root() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.parent().map(PathBuf::from).unwrap_or(here)
+}
+
+/// Project-local tools (bpf-linker), kept out of git.
+pub fn tools() -> PathBuf {
+    root().join(".tools")
+}
+
+/// Target directory of the nested eBPF build.
+pub fn ebpf_target() -> PathBuf {
+    root().join("target/ebpf")
+}
+
+/// The built eBPF object, where tarpit-user's build.rs looks for it.
+pub fn ebpf_object() -> PathBuf {
+    ebpf_target().join("bpfel-unknown-none/release/tarpit")
+}
