@@ -1,0 +1,16 @@
+//! Bounded polling: every wait in the harness has a deadline.
+use std::time::{Duration, Instant};
+
+/// Polls `f` every 20 ms until it returns true or `timeout` passes.
+pub fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
