@@ -18,12 +18,13 @@ pub fn require_root() -> bool {
 }
 
 /// A short id, unique across the tests of all running test processes:
-/// the pid and a per-process counter. Short because interface names are
-/// limited to 15 bytes.
+/// the pid (hex) and a per-process counter, `<pid>-<n>`. Short because
+/// interface names are limited to 15 bytes; the pid lets the suite's leak
+/// check tell a leftover of a finished test from one still in use.
 pub fn unique_id() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{:x}{:x}", std::process::id() % 0x10_0000, n)
+    format!("{:x}-{:x}", std::process::id(), n)
 }
 
 /// The `tarpit` binary under test: `TARPIT_BIN`, else target/debug/tarpit

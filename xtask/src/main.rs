@@ -6,6 +6,7 @@
 //! - `test`: installs what the tests need, then fmt, clippy, unit and
 //!   end-to-end tests, ending with one `N passed, N failed` line.
 mod ebpf;
+mod leaks;
 mod paths;
 mod run;
 mod shell;

@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{ebpf, paths, shell};
+use crate::{ebpf, leaks, paths, shell};
 
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {
@@ -86,6 +86,13 @@ pub fn run(args: TestArgs) -> Result<()> {
         cmd.arg("--").arg(f);
     }
     cargo_test(&mut cmd, &mut tally)?;
+
+    shell::step("leak check");
+    let left = leaks::leftovers();
+    for l in &left {
+        println!("left behind: {l}");
+    }
+    tally.check("nothing left behind by the tests", left.is_empty());
 
     println!();
     for f in &tally.failures {
