@@ -34,7 +34,10 @@ pub fn leftovers() -> Vec<String> {
             }
         }
     }
-    if let Ok(out) = Command::new("pgrep").args(["-af", "tarpit-agent-"]).output() {
+    if let Ok(out) = Command::new("pgrep")
+        .args(["-af", "tarpit-agent-"])
+        .output()
+    {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             if line.contains(" run ") {
                 found.push(format!("agent process {line}"));
