@@ -12,6 +12,7 @@ mod run;
 mod shell;
 mod test;
 mod toolchain;
+mod vm;
 
 use std::process::ExitCode;
 

@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{ebpf, leaks, paths, shell};
+use crate::{ebpf, leaks, paths, shell, vm};
 
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {
@@ -15,6 +15,12 @@ pub struct TestArgs {
     /// Skip installing test dependencies (Debian packages).
     #[arg(long)]
     pub no_install: bool,
+    /// Where to run: a comma-separated list of `host` (fmt, clippy, every
+    /// test on this machine), `5.10`, `6.1`, `6.12` (the kernel-side tests
+    /// inside qemu on that Debian kernel) or `all` (the host and every
+    /// kernel).
+    #[arg(long, value_name = "LIST", default_value = "host,6.1", value_parser = vm::Targets::parse)]
+    pub kernel: vm::Targets,
 }
 
 #[derive(Default)]
@@ -36,12 +42,54 @@ impl Tally {
 }
 
 pub fn run(args: TestArgs) -> Result<()> {
-    let root = paths::root();
     if !args.no_install {
         install_dependencies()?;
     }
     ebpf::build()?;
     let mut tally = Tally::default();
+    if args.kernel.host {
+        host_suite(&args, &mut tally)?;
+    }
+    let host_line = format!(
+        "host ({}): {} passed, {} failed",
+        shell::output(Command::new("uname").arg("-r"))
+            .unwrap_or_default()
+            .trim(),
+        tally.passed,
+        tally.failed
+    );
+    let outcomes = vm::run(&args.kernel.kernels, args.filter.as_deref());
+
+    println!();
+    for f in &tally.failures {
+        println!("FAILED: {f}");
+    }
+    for o in &outcomes {
+        for f in &o.failures {
+            println!("FAILED: [{}] {f}", o.label);
+        }
+        if o.failed > 0 {
+            println!("  guest output: {}", o.out_dir.display());
+        }
+    }
+    if args.kernel.host {
+        println!("{host_line}");
+    }
+    for o in &outcomes {
+        println!("{}", o.line());
+        tally.passed += o.passed;
+        tally.failed += o.failed;
+    }
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    if tally.failed > 0 {
+        bail!("{} failed", tally.failed);
+    }
+    Ok(())
+}
+
+/// fmt, clippy, build and every test, on this machine's kernel.
+fn host_suite(args: &TestArgs, tally: &mut Tally) -> Result<()> {
+    let root = paths::root();
     if args.filter.is_none() {
         shell::step("fmt");
         let fmt_ok = shell::run(
@@ -85,7 +133,7 @@ pub fn run(args: TestArgs) -> Result<()> {
     if let Some(f) = &args.filter {
         cmd.arg("--").arg(f);
     }
-    cargo_test(&mut cmd, &mut tally)?;
+    cargo_test(&mut cmd, tally)?;
 
     shell::step("leak check");
     let left = leaks::leftovers();
@@ -93,15 +141,6 @@ pub fn run(args: TestArgs) -> Result<()> {
         println!("left behind: {l}");
     }
     tally.check("nothing left behind by the tests", left.is_empty());
-
-    println!();
-    for f in &tally.failures {
-        println!("FAILED: {f}");
-    }
-    println!("{} passed, {} failed", tally.passed, tally.failed);
-    if tally.failed > 0 {
-        bail!("{} failed", tally.failed);
-    }
     Ok(())
 }
 
@@ -134,7 +173,7 @@ fn cargo_test(cmd: &mut Command, tally: &mut Tally) -> Result<()> {
 }
 
 /// Extracts N from "... N passed; ..." style summaries.
-fn count(summary: &str, label: &str) -> u64 {
+pub(crate) fn count(summary: &str, label: &str) -> u64 {
     summary
         .split(';')
         .find_map(|part| {
