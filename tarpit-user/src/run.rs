@@ -17,6 +17,7 @@ pub fn run(config_path: &Path) -> Result<()> {
 }
 
 async fn agent(config: Config) -> Result<()> {
+    crate::kernel_version::check_min_kernel()?;
     let kernel = Kernel::load(&config.kernel)?;
     info!("tarpit agent running; Ctrl-C or SIGTERM stops it");
     wait_for_stop().await?;
