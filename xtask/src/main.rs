@@ -5,6 +5,7 @@
 //! - `run`: builds everything and starts the agent with the shipped config.
 //! - `test`: installs what the tests need, then fmt, clippy, unit and
 //!   end-to-end tests, ending with one `N passed, N failed` line.
+mod bench;
 mod ebpf;
 mod leaks;
 mod paths;
@@ -42,6 +43,9 @@ enum Command {
     /// Run the whole test suite: install test dependencies, fmt, clippy,
     /// unit tests and end-to-end tests.
     Test(test::TestArgs),
+    /// Benchmarks against direct delivery, postscreen and nftables:
+    /// writes target/bench/report.md and report.json (--quick, --smoke).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         Command::BuildEbpf => ebpf::build().map(|_| ()),
         Command::Run { config, release } => run::run(config, release),
         Command::Test(args) => test::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,325 @@
+//! The agent under measurement: `tarpit run` inside a bench's server
+//! namespace, with a config written for the scenario.
+//!
+//! The agent grows during the project, so the bench asks the shipped
+//! config (config/tarpit.toml, which documents every key the code knows)
+//! which keys exist, writes only those, and reports a side as "not
+//! available" when a key it needs is not there yet or the agent refuses
+//! the file. It never measures something other than what it says.
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use super::netns::BenchNet;
+use super::{procstat, signal};
+use crate::paths;
+
+/// Logged by the agent once it is attached and serving.
+const READY_LINE: &str = "tarpit agent running";
+
+/// The binary to measure, or why there is none.
+pub enum TarpitBin {
+    Ready(PathBuf),
+    Unavailable(String),
+}
+
+impl TarpitBin {
+    pub fn prepare(explicit: Option<PathBuf>, smoke: bool) -> TarpitBin {
+        if let Some(p) = explicit {
+            return if p.is_file() {
+                TarpitBin::Ready(p)
+            } else {
+                TarpitBin::Unavailable(format!("{} does not exist", p.display()))
+            };
+        }
+        if smoke {
+            let p = paths::root().join("target/debug/tarpit");
+            return if p.is_file() {
+                TarpitBin::Ready(p)
+            } else {
+                TarpitBin::Unavailable(format!("{} not built", p.display()))
+            };
+        }
+        match super::build_release_agent() {
+            Ok(p) => TarpitBin::Ready(p),
+            Err(e) => TarpitBin::Unavailable(format!("{e:#}")),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            TarpitBin::Ready(p) => p.display().to_string(),
+            TarpitBin::Unavailable(why) => format!("not available ({why})"),
+        }
+    }
+
+    pub fn path(&self) -> Result<&PathBuf> {
+        match self {
+            TarpitBin::Ready(p) => Ok(p),
+            TarpitBin::Unavailable(why) => bail!("no tarpit binary: {why}"),
+        }
+    }
+
+    /// The `tarpit` subcommands this binary has (from `tarpit --help`).
+    pub fn subcommands(&self) -> Vec<String> {
+        let Ok(p) = self.path() else {
+            return Vec::new();
+        };
+        let Ok(out) = Command::new(p).arg("--help").output() else {
+            return Vec::new();
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .skip_while(|l| !l.starts_with("Commands:"))
+            .skip(1)
+            .take_while(|l| l.starts_with("  "))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
+    }
+}
+
+/// Keys (`section.key`, or `key` at the top) of the shipped config.
+pub fn known_keys() -> Vec<String> {
+    let text =
+        std::fs::read_to_string(paths::root().join("config/tarpit.toml")).unwrap_or_default();
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return Vec::new();
+    };
+    let mut keys = Vec::new();
+    fn walk(prefix: &str, t: &toml::Table, keys: &mut Vec<String>) {
+        for (k, v) in t {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            if let toml::Value::Table(inner) = v {
+                walk(&path, inner, keys);
+            }
+            keys.push(path);
+        }
+    }
+    walk("", &table, &mut keys);
+    keys
+}
+
+/// A config under construction: `section.key` -> TOML value text.
+#[derive(Debug, Default, Clone)]
+pub struct AgentConfig {
+    values: BTreeMap<String, String>,
+    /// Keys the scenario cannot do without.
+    required: Vec<String>,
+}
+
+impl AgentConfig {
+    /// Sets a key the scenario needs; a missing key makes the side
+    /// unavailable.
+    pub fn need(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.values.insert(key.to_string(), value.into());
+        self.required.push(key.to_string());
+        self
+    }
+
+    /// Sets a key if the agent knows it (a limit, a tuning knob).
+    pub fn want(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.values.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// The TOML text with the keys the agent knows; an error naming the
+    /// required keys it does not know yet.
+    pub fn render(&self, known: &[String]) -> Result<String> {
+        let missing: Vec<&String> = self
+            .required
+            .iter()
+            .filter(|k| !known.contains(k))
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "the agent has no {} setting yet (not in config/tarpit.toml)",
+                missing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let mut sections: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        for (k, v) in &self.values {
+            if !known.contains(k) {
+                continue;
+            }
+            let (section, key) = match k.rsplit_once('.') {
+                Some((s, key)) => (s.to_string(), key.to_string()),
+                None => (String::new(), k.clone()),
+            };
+            sections.entry(section).or_default().push((key, v.clone()));
+        }
+        let mut out = String::from("# written by cargo xtask bench\n");
+        if let Some(top) = sections.remove("") {
+            for (k, v) in top {
+                let _ = writeln!(out, "{k} = {v}");
+            }
+        }
+        for (s, kv) in sections {
+            let _ = writeln!(out, "\n[{s}]");
+            for (k, v) in kv {
+                let _ = writeln!(out, "{k} = {v}");
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The base config of every agent side: listen on the server addresses,
+/// relay to the PROXY listener of the namespace's Postfix, attach the
+/// kernel programs to the server veth, pins in a bpffs dir of our own.
+pub fn base_config(net: &BenchNet, port: u16, backend_port: u16) -> AgentConfig {
+    AgentConfig::default()
+        .need(
+            "listen.addrs",
+            format!(
+                "[\"{}:{port}\", \"[{}]:{port}\"]",
+                super::netns::SERVER_V4,
+                super::netns::SERVER_V6
+            ),
+        )
+        .need("backend.addr", format!("\"127.0.0.1:{backend_port}\""))
+        .want("backend.client_address", "\"proxy-v2\"")
+        .want("kernel.interfaces", format!("[\"{}\"]", net.server_if))
+        .want("kernel.smtp_ports", format!("[{port}]"))
+        .want("kernel.pin_path", format!("\"{}\"", pin_dir(net).display()))
+        .want("kernel.detach_on_exit", "true")
+}
+
+pub fn pin_dir(net: &BenchNet) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/tarpit-bench-{}", net.id))
+}
+
+/// A running agent; Drop kills it and removes its files and pins.
+pub struct Agent {
+    pub dir: PathBuf,
+    pin_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts the agent and waits until it serves on `probe_port`.
+    pub fn start(
+        bin: &TarpitBin,
+        net: &BenchNet,
+        config: &AgentConfig,
+        probe_port: Option<u16>,
+    ) -> Result<Agent> {
+        let bin = bin.path()?;
+        let text = config.render(&known_keys())?;
+        let dir = std::env::temp_dir().join(format!("tarpit-bench-agent-{}", net.id));
+        std::fs::create_dir_all(&dir)?;
+        let cfg = dir.join("tarpit.toml");
+        std::fs::write(&cfg, &text)?;
+        let check = Command::new(bin)
+            .arg("check-config")
+            .arg("-c")
+            .arg(&cfg)
+            .output()
+            .context("cannot run tarpit check-config")?;
+        if !check.status.success() {
+            let _ = std::fs::remove_dir_all(&dir);
+            bail!(
+                "the agent refuses the bench config: {}",
+                String::from_utf8_lossy(&check.stderr).trim()
+            );
+        }
+        let log = std::fs::File::create(dir.join("agent.log"))?;
+        let child = net
+            .server_cmd(&bin.display().to_string())
+            .arg("run")
+            .arg("-c")
+            .arg(&cfg)
+            .env("RUST_LOG", "warn,tarpit=info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start tarpit")?;
+        let mut agent = Agent {
+            dir,
+            pin_dir: pin_dir(net),
+            child: Some(child),
+        };
+        let mut exited = None;
+        let ready = signal::wait_until(Duration::from_secs(30), || {
+            if agent.log().contains(READY_LINE) {
+                return true;
+            }
+            if let Some(c) = agent.child.as_mut()
+                && let Ok(Some(s)) = c.try_wait()
+            {
+                exited = Some(s);
+                return true;
+            }
+            false
+        })?;
+        if let Some(s) = exited {
+            agent.child = None;
+            bail!("the agent exited at start ({s}): {}", agent.log_tail());
+        }
+        if !ready {
+            bail!("the agent was not ready within 30 s: {}", agent.log_tail());
+        }
+        let Some(probe_port) = probe_port else {
+            return Ok(agent);
+        };
+        let listening =
+            signal::wait_until(Duration::from_secs(5), || net.listening_on(probe_port))?;
+        if !listening {
+            bail!("the agent runs but does not listen on port {probe_port} (no SMTP front yet)");
+        }
+        Ok(agent)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn cpu_seconds(&self) -> f64 {
+        self.pid().and_then(procstat::cpu_seconds).unwrap_or(0.0)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// The last lines of the log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(8)..].join(" | ")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) of our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let stopped = (0..100).any(|_| {
+                std::thread::sleep(Duration::from_millis(50));
+                matches!(c.try_wait(), Ok(Some(_)))
+            });
+            if !stopped {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        // detach_on_exit removes the pins; a killed agent leaves them.
+        if self.pin_dir.exists() {
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

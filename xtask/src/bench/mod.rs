@@ -1,0 +1,170 @@
+//! `cargo xtask bench`: side-by-side numbers for tarpit against direct
+//! delivery, postscreen and nftables, measured in one run on one box so
+//! that the ratios mean something on a noisy machine.
+//!
+//! Every scenario builds its own world (network namespaces joined by a
+//! veth pair in 198.51.100.0/24 and fd5b:1e00::/64, its own Postfix, its own
+//! agent), bounds its load in count and time, and tears everything down
+//! through `Drop` guards, also on error and on Ctrl-C. A side that cannot
+//! run (the agent or a kernel feature not built yet, a missing tool) is
+//! reported as "not available" with the reason, never with made-up numbers.
+//!
+//! Load generators that need many sockets run as worker processes: this
+//! same binary re-executed with `bench --worker SPEC` inside the client
+//! namespace, because one process may hold at most `ulimit -n` (20000) fds.
+mod agent;
+mod bpfstats;
+mod netns;
+mod nft;
+mod postfix;
+mod procstat;
+mod profile;
+mod report;
+mod scenarios;
+mod signal;
+mod synflood;
+mod worker;
+mod xdpblock;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{ebpf, paths, shell};
+pub use profile::Profile;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Shorter runs (under 3 minutes): one round, smaller counts.
+    #[arg(long, conflicts_with = "smoke")]
+    pub quick: bool,
+    /// A few seconds per scenario with tiny counts: checks that the
+    /// benchmark still works (the test suite runs it), measures nothing.
+    #[arg(long)]
+    pub smoke: bool,
+    /// Run only the scenarios whose id contains this string
+    /// (throughput, hold, pregreet, blocklist, kernel_cost, lateness).
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Directory for report.md and report.json (default target/bench).
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    /// The `tarpit` binary to measure. Default: build target/release/tarpit
+    /// (with --smoke: target/debug/tarpit as built by the test suite).
+    /// Also taken from the environment variable TARPIT_BIN.
+    #[arg(long)]
+    pub tarpit_bin: Option<PathBuf>,
+    /// Internal: run as a load-generating worker (JSON spec).
+    #[arg(long, hide = true)]
+    pub worker: Option<String>,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(spec) = &args.worker {
+        return worker::main(spec);
+    }
+    if !shell::is_root() {
+        bail!(
+            "`cargo xtask bench` must run as root: it creates network namespaces, \
+             starts Postfix and loads eBPF programs"
+        );
+    }
+    let profile = if args.smoke {
+        Profile::smoke()
+    } else if args.quick {
+        Profile::quick()
+    } else {
+        Profile::full()
+    };
+    signal::install();
+    netns::sweep_stale();
+    let out_dir = args
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| paths::root().join("target/bench"));
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let explicit = args
+        .tarpit_bin
+        .clone()
+        .or_else(|| std::env::var_os("TARPIT_BIN").map(PathBuf::from));
+    let tarpit = agent::TarpitBin::prepare(explicit, args.smoke);
+    let env = Env {
+        profile,
+        tarpit,
+        self_exe: std::env::current_exe().context("cannot find the xtask executable")?,
+    };
+    shell::say(
+        "Bench",
+        &format!(
+            "profile {}, tarpit: {}",
+            env.profile.name,
+            env.tarpit.describe()
+        ),
+    );
+    let started = std::time::Instant::now();
+    let mut results = Vec::new();
+    let mut interrupted = false;
+    for scenario in scenarios::ALL {
+        if let Some(f) = &args.only
+            && !scenario.ids.iter().any(|id| id.contains(f.as_str()))
+        {
+            continue;
+        }
+        shell::step(scenario.ids[0]);
+        match (scenario.run)(&env) {
+            Ok(mut r) => results.append(&mut r),
+            Err(e) if signal::interrupted() => {
+                shell::say("Interrupted", &format!("{e:#}"));
+                interrupted = true;
+                break;
+            }
+            Err(e) => {
+                shell::say("Failed", &format!("{}: {e:#}", scenario.ids[0]));
+                results.extend(
+                    scenario
+                        .ids
+                        .iter()
+                        .map(|id| report::Scenario::failed(id, &e)),
+                );
+            }
+        }
+    }
+    let report = report::Report::new(&env, results, started.elapsed(), interrupted);
+    let (md, json) = report.write(&out_dir)?;
+    println!("{}", report.markdown());
+    shell::say("Wrote", &format!("{} and {}", md.display(), json.display()));
+    if interrupted {
+        bail!("interrupted; the report holds what finished");
+    }
+    Ok(())
+}
+
+/// What every scenario needs: the load profile and the binaries.
+pub struct Env {
+    pub profile: Profile,
+    pub tarpit: agent::TarpitBin,
+    pub self_exe: PathBuf,
+}
+
+/// Builds the kernel object and the release agent; on failure the agent
+/// sides are reported "not available" with the build error.
+fn build_release_agent() -> Result<PathBuf> {
+    ebpf::build().context("building the kernel programs failed")?;
+    shell::run(Command::new("cargo").current_dir(paths::root()).args([
+        "build",
+        "--release",
+        "--package",
+        "tarpit-user",
+        "--bin",
+        "tarpit",
+    ]))
+    .context("building the release agent failed")?;
+    Ok(paths::root().join("target/release/tarpit"))
+}
+
+/// Says that a side could not run, as it happens.
+fn shell_say_unavailable(name: &str, e: &anyhow::Error) {
+    shell::say("Unavailable", &format!("{name}: {e:#}"));
+}

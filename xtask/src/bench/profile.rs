@@ -1,0 +1,94 @@
+//! Load sizes of the three modes. Every count and every duration here is
+//! a bound: scenarios stop at whichever comes first.
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub name: &'static str,
+    /// Rounds of scenario 1 (sides interleaved, median kept).
+    pub rounds: usize,
+    /// Scenario 1: messages and concurrent sessions per side and round.
+    pub messages: u32,
+    pub sessions: u32,
+    /// Scenario 1: upper bound of one smtp-source run.
+    pub throughput_timeout: Duration,
+    /// Scenario 2: held session counts, one measurement each.
+    pub hold_levels: Vec<u32>,
+    /// Scenario 2: how long the held sessions are watched for CPU.
+    pub hold_window: Duration,
+    /// Scenario 3: pre-greet sessions and the time bound.
+    pub pregreet_sessions: u32,
+    pub pregreet_time: Duration,
+    /// Scenario 4: SYN packets per side and the time bound.
+    pub syn_packets: u64,
+    pub syn_time: Duration,
+    /// Scenario 6: sessions in the greeting delay, and the delay.
+    pub lateness_sessions: u32,
+    pub lateness_delay: Duration,
+    /// Client worker processes (sockets are spread over them).
+    pub workers: u32,
+    /// Source addresses the clients are spread over (per family).
+    pub source_addrs: u32,
+}
+
+impl Profile {
+    pub fn smoke() -> Profile {
+        Profile {
+            name: "smoke",
+            rounds: 1,
+            messages: 20,
+            sessions: 2,
+            throughput_timeout: Duration::from_secs(20),
+            hold_levels: vec![50],
+            hold_window: Duration::from_secs(1),
+            pregreet_sessions: 40,
+            pregreet_time: Duration::from_secs(5),
+            syn_packets: 20_000,
+            syn_time: Duration::from_secs(2),
+            lateness_sessions: 20,
+            lateness_delay: Duration::from_secs(1),
+            workers: 2,
+            source_addrs: 4,
+        }
+    }
+
+    pub fn quick() -> Profile {
+        Profile {
+            name: "quick",
+            rounds: 1,
+            messages: 1000,
+            sessions: 20,
+            throughput_timeout: Duration::from_secs(40),
+            hold_levels: vec![5000],
+            hold_window: Duration::from_secs(3),
+            pregreet_sessions: 4000,
+            pregreet_time: Duration::from_secs(8),
+            syn_packets: 1_000_000,
+            syn_time: Duration::from_secs(5),
+            lateness_sessions: 2000,
+            lateness_delay: Duration::from_secs(3),
+            workers: 2,
+            source_addrs: 64,
+        }
+    }
+
+    pub fn full() -> Profile {
+        Profile {
+            name: "full",
+            rounds: 3,
+            messages: 2000,
+            sessions: 20,
+            throughput_timeout: Duration::from_secs(60),
+            hold_levels: vec![1000, 5000, 15000],
+            hold_window: Duration::from_secs(5),
+            pregreet_sessions: 20_000,
+            pregreet_time: Duration::from_secs(20),
+            syn_packets: 4_000_000,
+            syn_time: Duration::from_secs(10),
+            lateness_sessions: 10_000,
+            lateness_delay: Duration::from_secs(5),
+            workers: 4,
+            source_addrs: 200,
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Scenario 2, capacity to hold bots: K silent clients held in the
+//! greeting delay, spread over several worker processes and many source
+//! addresses. Resident memory per held session and CPU of the one process
+//! that holds them: the agent, against postscreen holding the same clients
+//! in its greet wait. Each side at each level gets a fresh world.
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+
+use super::super::agent::{Agent, base_config};
+use super::super::netns::{BenchNet, SERVER_V4, SERVER_V6};
+use super::super::postfix::{self, Postfix};
+use super::super::report::{Aim, Scenario, Side};
+use super::super::worker::{self, Mode, Spec, Workers};
+use super::super::{Env, procstat, signal};
+use super::zero_delays;
+
+const AGENT_PORT: u16 = 25;
+/// Longer than any hold phase: nobody is let through while measured.
+const GREETING_DELAY: &str = "\"300s\"";
+/// Connects in flight across all workers.
+const CONNECT_CONCURRENCY: u32 = 400;
+
+enum Holder {
+    Postscreen,
+    Agent,
+}
+
+fn measure(env: &Env, holder: &Holder, level: u32) -> Result<Side> {
+    let p = &env.profile;
+    let name = match holder {
+        Holder::Postscreen => format!("postscreen@{level}"),
+        Holder::Agent => format!("agent@{level}"),
+    };
+    let net = BenchNet::new()?;
+    let sources = net.add_client_addrs(p.source_addrs / 2)?;
+    let pf = Postfix::start(&net)?;
+    let (port, agent) = match holder {
+        Holder::Postscreen => (postfix::PS_HOLD, None),
+        Holder::Agent => {
+            let cfg = zero_delays(base_config(&net, AGENT_PORT, postfix::PROXY))
+                .need("greeting.delay", GREETING_DELAY);
+            (
+                AGENT_PORT,
+                Some(Agent::start(&env.tarpit, &net, &cfg, Some(AGENT_PORT))?),
+            )
+        }
+    };
+    // One short connection so that master has started postscreen.
+    let _ = net.in_client(|| {
+        std::net::TcpStream::connect_timeout(&(SERVER_V4, port).into(), Duration::from_secs(2))
+    });
+    signal::sleep(Duration::from_millis(500))?;
+    let pid = match &agent {
+        Some(a) => a.pid(),
+        None => pf.postscreen_for(&net, port),
+    };
+    let Some(pid) = pid else {
+        bail!("cannot find the process that holds the sessions");
+    };
+    let rss0 = procstat::rss_bytes(pid).unwrap_or(0);
+    let cpu0 = procstat::cpu_seconds(pid).unwrap_or(0.0);
+    let spec = Spec {
+        mode: Mode::Hold,
+        targets: vec![
+            SocketAddr::from((SERVER_V4, port)),
+            SocketAddr::from((SERVER_V6, port)),
+        ],
+        sources,
+        count: level,
+        concurrency: CONNECT_CONCURRENCY,
+        time_limit_ms: 120_000,
+    };
+    let mut workers = Workers::start(
+        &env.self_exe,
+        &net,
+        p.workers.max(level.div_ceil(15_000)),
+        &spec,
+    )?;
+    let ready = worker::sum(&workers.collect("ready", Duration::from_secs(150))?);
+    signal::sleep(Duration::from_secs(1))?;
+    let held = net.established_on(port)?;
+    let rss1 = procstat::rss_bytes(pid).unwrap_or(0);
+    let cpu1 = procstat::cpu_seconds(pid).unwrap_or(0.0);
+    signal::sleep(p.hold_window)?;
+    let cpu2 = procstat::cpu_seconds(pid).unwrap_or(0.0);
+    let rss2 = procstat::rss_bytes(pid).unwrap_or(0);
+    let held_after = net.established_on(port)?;
+    workers.release();
+    let done = worker::sum(&workers.collect("done", Duration::from_secs(30))?);
+    drop(workers);
+
+    let mut s = Side::new(&name);
+    s.set("target_sessions", level as f64)
+        .set("connected", ready.connected as f64)
+        .set("connect_failed", ready.failed as f64)
+        .set("held", held as f64)
+        .set("held_after_window", held_after as f64)
+        .set("closed_early", done.closed_early as f64)
+        .set("connect_phase_s", ready.elapsed_ms / 1e3)
+        .set("rss_idle_kib", rss0 as f64 / 1024.0)
+        .set("rss_held_kib", rss1.max(rss2) as f64 / 1024.0)
+        .set("cpu_ms_connect_phase", (cpu1 - cpu0) * 1e3)
+        .set(
+            "cpu_pct_while_holding",
+            (cpu2 - cpu1) / p.hold_window.as_secs_f64() * 100.0,
+        );
+    if held > 0 {
+        s.set(
+            "rss_bytes_per_session",
+            rss1.max(rss2).saturating_sub(rss0) as f64 / held as f64,
+        );
+        s.set(
+            "cpu_us_per_session_setup",
+            (cpu1 - cpu0) * 1e6 / held as f64,
+        );
+    }
+    if let Some(e) = ready.first_error {
+        s.note(format!("first connect error: {e}"));
+    }
+    if let Some(a) = agent.as_ref()
+        && a.pid().is_some_and(|p| procstat::rss_bytes(p).is_none())
+    {
+        s.note("the agent exited during the hold");
+    }
+    drop(agent);
+    drop(pf);
+    drop(net);
+    Ok(s)
+}
+
+pub fn run(env: &Env) -> Result<Vec<Scenario>> {
+    let p = &env.profile;
+    let mut sc = Scenario::new(
+        "hold_capacity",
+        "Capacity to hold bots in the greeting delay (RSS and CPU of the holding process)",
+    );
+    sc.param("levels", &p.hold_levels)
+        .param("workers", p.workers)
+        .param("source_addresses", p.source_addrs)
+        .param("hold_window_s", p.hold_window.as_secs_f64());
+    sc.baseline = Some(format!("postscreen@{}", p.hold_levels[0]));
+    for &level in &p.hold_levels {
+        for holder in [Holder::Postscreen, Holder::Agent] {
+            signal::check()?;
+            let name = match holder {
+                Holder::Postscreen => format!("postscreen@{level}"),
+                Holder::Agent => format!("agent@{level}"),
+            };
+            let side = Side::from_result(&name, measure(env, &holder, level));
+            signal::check()?;
+            sc.sides.push(side);
+        }
+        let (a, b) = (format!("agent@{level}"), format!("postscreen@{level}"));
+        sc.ratio(&a, &b, "rss_bytes_per_session", Aim::at_most(1.0));
+        sc.ratio(&a, &b, "cpu_us_per_session_setup", None);
+        sc.absolute(&a, "held", Aim::at_least(level as f64));
+    }
+    sc.notes.push(
+        "rss_bytes_per_session = (RSS with the sessions held - RSS idle) / sessions the server holds \
+         (ESTABLISHED on its port, counted by the kernel). Kernel socket buffers are not in RSS, for either side."
+            .into(),
+    );
+    Ok(vec![sc])
+}
