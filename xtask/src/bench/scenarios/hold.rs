@@ -40,7 +40,9 @@ fn measure(env: &Env, holder: &Holder, level: u32) -> Result<Side> {
         Holder::Postscreen => (postfix::PS_HOLD, None),
         Holder::Agent => {
             let cfg = zero_delays(base_config(&net, AGENT_PORT, postfix::PROXY))
-                .need("greeting.delay", GREETING_DELAY);
+                .need("greeting.delay", GREETING_DELAY)
+                .want("limits.idle", "\"600s\"")
+                .want("limits.max_total_delay", "\"600s\"");
             (
                 AGENT_PORT,
                 Some(Agent::start(&env.tarpit, &net, &cfg, Some(AGENT_PORT))?),
