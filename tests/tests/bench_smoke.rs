@@ -80,8 +80,15 @@ fn bench_smoke_writes_a_well_formed_report() {
         for side in sides {
             if side["available"] == true {
                 let figs = side["figures"].as_object().expect("figures");
-                assert!(!figs.is_empty(), "{id}/{}: available but no figures", side["name"]);
-                assert!(figs.values().all(|v| v.as_f64().is_some_and(f64::is_finite)));
+                assert!(
+                    !figs.is_empty(),
+                    "{id}/{}: available but no figures",
+                    side["name"]
+                );
+                assert!(
+                    figs.values()
+                        .all(|v| v.as_f64().is_some_and(f64::is_finite))
+                );
             } else {
                 // Never numbers for a side that did not run, always a reason.
                 assert_eq!(side["available"], false);
@@ -101,7 +108,10 @@ fn bench_smoke_writes_a_well_formed_report() {
                 assert_eq!(a["available"], true, "{id}: ratio of an unavailable side");
             } else {
                 assert!(value.is_null());
-                assert!(r["why_none"].as_str().is_some(), "{id}: missing ratio without why");
+                assert!(
+                    r["why_none"].as_str().is_some(),
+                    "{id}: missing ratio without why"
+                );
             }
         }
     }
@@ -110,14 +120,21 @@ fn bench_smoke_writes_a_well_formed_report() {
     let by_id = |id: &str| scenarios.iter().find(|s| s["id"] == id).expect("scenario");
     let direct = side(by_id("good_mail_throughput"), "direct");
     assert!(figure(direct, "msgs_per_s") > 0.0);
-    assert_eq!(figure(direct, "accepted"), 20.0, "Postfix accepted every message");
+    assert_eq!(
+        figure(direct, "accepted"),
+        20.0,
+        "Postfix accepted every message"
+    );
     let ps = side(by_id("good_mail_throughput"), "postscreen");
     assert_eq!(figure(ps, "accepted"), 20.0);
     let hold = side(by_id("hold_capacity"), "postscreen@50");
     assert_eq!(figure(hold, "held"), 50.0, "postscreen held every client");
     assert!(figure(hold, "rss_bytes_per_session") >= 0.0);
     let pre = side(by_id("pregreet_flood"), "postscreen");
-    assert!(figure(pre, "judged") > 0.0, "postscreen judged pre-greet talkers");
+    assert!(
+        figure(pre, "judged") > 0.0,
+        "postscreen judged pre-greet talkers"
+    );
     let nft = side(by_id("blocklist_drops"), "nftables");
     assert!(figure(nft, "dropped") > 0.0);
     assert!(figure(nft, "dropped") <= figure(nft, "sent"));
