@@ -1,0 +1,312 @@
+//! Counters and latency histograms of the reputation checks: plain atomics,
+//! rendered in the Prometheus text format by [`ReputationMetrics::render`]
+//! so that any metrics endpoint can append them.
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the lookup latency buckets.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// A cumulative latency histogram.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                self.buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros
+            .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// Observations at or below `LATENCY_BUCKETS[i]`.
+    pub fn bucket(&self, i: usize) -> u64 {
+        self.buckets.get(i).map_or(0, |b| b.load(Relaxed))
+    }
+
+    pub fn sum(&self) -> Duration {
+        Duration::from_micros(self.sum_micros.load(Relaxed))
+    }
+}
+
+/// Per list domain: what its queries did.
+#[derive(Debug, Default)]
+pub struct ListMetrics {
+    pub domain: String,
+    /// Queries sent.
+    pub queries: AtomicU64,
+    /// Answers with records (the address is on the list, before filters).
+    pub listed: AtomicU64,
+    /// NXDOMAIN / no records: not on the list.
+    pub not_listed: AtomicU64,
+    /// Failed queries (refused, network down, SERVFAIL), treated as not listed.
+    pub errors: AtomicU64,
+    /// Queries still unanswered at the session's DNS deadline.
+    pub timeouts: AtomicU64,
+    /// Answers taken from the per-address result cache.
+    pub cache_hits: AtomicU64,
+    pub latency: Histogram,
+}
+
+/// Per configured site: how often it counted toward a client's score.
+#[derive(Debug, Default)]
+pub struct SiteMetrics {
+    pub spec: String,
+    pub hits: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+pub struct ReputationMetrics {
+    pub lists: Vec<ListMetrics>,
+    pub sites: Vec<SiteMetrics>,
+    /// Verdicts given.
+    pub verdicts: AtomicU64,
+    /// Verdicts by outcome.
+    pub listed_log: AtomicU64,
+    pub listed_delay: AtomicU64,
+    pub listed_reject: AtomicU64,
+    pub listed_drop: AtomicU64,
+    pub dnswl: AtomicU64,
+    /// Verdicts with at least one lookup failed or timed out (DNS down or
+    /// silent): the client was treated as not listed.
+    pub incomplete: AtomicU64,
+    /// Verdicts served by the temporary allow cache (no query at all).
+    pub allow_cache_hits: AtomicU64,
+    /// Host-name allow list: PTR lookups, and names confirmed.
+    pub fcrdns_lookups: AtomicU64,
+    pub fcrdns_confirmed: AtomicU64,
+    pub fcrdns_errors: AtomicU64,
+    pub fcrdns_latency: Histogram,
+    /// Greylisting: deferred and passed checks, and checks that passed
+    /// because the store was full.
+    pub greylist_tempfail: AtomicU64,
+    pub greylist_pass: AtomicU64,
+    pub greylist_full: AtomicU64,
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+fn hist(out: &mut String, name: &str, labels: &str, h: &Histogram) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {}",
+            h.bucket(i)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+        h.count()
+    );
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum().as_secs_f64());
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count());
+}
+
+impl ReputationMetrics {
+    pub fn new(domains: &[String], specs: &[String]) -> Self {
+        ReputationMetrics {
+            lists: domains
+                .iter()
+                .map(|d| ListMetrics {
+                    domain: d.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            sites: specs
+                .iter()
+                .map(|s| SiteMetrics {
+                    spec: s.clone(),
+                    hits: AtomicU64::new(0),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The counters of one list domain.
+    pub fn list(&self, domain: &str) -> Option<&ListMetrics> {
+        self.lists.iter().find(|l| l.domain == domain)
+    }
+
+    /// Appends every counter in the Prometheus text exposition format.
+    pub fn render(&self, out: &mut String) {
+        let c = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", v.load(Relaxed));
+        };
+        let _ = writeln!(
+            out,
+            "# HELP tarpit_dnsbl_queries_total DNS queries per list, by result.\n# TYPE tarpit_dnsbl_queries_total counter"
+        );
+        for l in &self.lists {
+            let d = esc(&l.domain);
+            for (result, v) in [
+                ("listed", &l.listed),
+                ("not_listed", &l.not_listed),
+                ("error", &l.errors),
+                ("timeout", &l.timeouts),
+                ("cached", &l.cache_hits),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "tarpit_dnsbl_queries_total{{list=\"{d}\",result=\"{result}\"}} {}",
+                    v.load(Relaxed)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tarpit_dnsbl_site_hits_total Times a configured site counted toward a client's score.\n# TYPE tarpit_dnsbl_site_hits_total counter"
+        );
+        for s in &self.sites {
+            let _ = writeln!(
+                out,
+                "tarpit_dnsbl_site_hits_total{{site=\"{}\"}} {}",
+                esc(&s.spec),
+                s.hits.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tarpit_dnsbl_lookup_seconds DNSBL/DNSWL query latency per list.\n# TYPE tarpit_dnsbl_lookup_seconds histogram"
+        );
+        for l in &self.lists {
+            hist(
+                out,
+                "tarpit_dnsbl_lookup_seconds",
+                &format!("list=\"{}\"", esc(&l.domain)),
+                &l.latency,
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tarpit_dnsbl_verdicts_total Reputation verdicts by outcome.\n# TYPE tarpit_dnsbl_verdicts_total counter"
+        );
+        for (o, v) in [
+            ("log", &self.listed_log),
+            ("delay", &self.listed_delay),
+            ("reject", &self.listed_reject),
+            ("drop", &self.listed_drop),
+            ("dnswl", &self.dnswl),
+        ] {
+            let _ = writeln!(
+                out,
+                "tarpit_dnsbl_verdicts_total{{outcome=\"{o}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+        c(
+            out,
+            "tarpit_dnsbl_checks_total",
+            "Clients checked.",
+            &self.verdicts,
+        );
+        c(
+            out,
+            "tarpit_dnsbl_incomplete_total",
+            "Checks with a failed or timed-out lookup (treated as not listed).",
+            &self.incomplete,
+        );
+        c(
+            out,
+            "tarpit_dnsbl_allow_cache_hits_total",
+            "Checks answered by the temporary allow cache.",
+            &self.allow_cache_hits,
+        );
+        c(
+            out,
+            "tarpit_fcrdns_lookups_total",
+            "PTR lookups for the host-name allow list.",
+            &self.fcrdns_lookups,
+        );
+        c(
+            out,
+            "tarpit_fcrdns_confirmed_total",
+            "Clients allow-listed by a forward-confirmed host name.",
+            &self.fcrdns_confirmed,
+        );
+        c(
+            out,
+            "tarpit_fcrdns_errors_total",
+            "Host-name checks that failed in DNS.",
+            &self.fcrdns_errors,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tarpit_fcrdns_lookup_seconds Host-name check latency.\n# TYPE tarpit_fcrdns_lookup_seconds histogram"
+        );
+        hist(
+            out,
+            "tarpit_fcrdns_lookup_seconds",
+            "",
+            &self.fcrdns_latency,
+        );
+        c(
+            out,
+            "tarpit_greylist_tempfail_total",
+            "Greylisting deferrals (4xx).",
+            &self.greylist_tempfail,
+        );
+        c(
+            out,
+            "tarpit_greylist_pass_total",
+            "Greylisting checks passed.",
+            &self.greylist_pass,
+        );
+        c(
+            out,
+            "tarpit_greylist_full_total",
+            "Greylisting checks passed because the store was full.",
+            &self.greylist_full,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(500));
+        h.observe(Duration::from_millis(30));
+        assert_eq!(h.count(), 2);
+        assert_eq!(h.bucket(0), 1); // <= 1 ms
+        assert_eq!(h.bucket(4), 1); // <= 25 ms
+        assert_eq!(h.bucket(5), 2); // <= 50 ms
+        assert_eq!(h.bucket(11), 2);
+    }
+
+    #[test]
+    fn render_names_lists_and_sites() {
+        let m = ReputationMetrics::new(&["bl.test".into()], &["bl.test*3".into()]);
+        m.lists[0].listed.fetch_add(2, Relaxed);
+        m.sites[0].hits.fetch_add(1, Relaxed);
+        let mut s = String::new();
+        m.render(&mut s);
+        assert!(s.contains("tarpit_dnsbl_queries_total{list=\"bl.test\",result=\"listed\"} 2"));
+        assert!(s.contains("tarpit_dnsbl_site_hits_total{site=\"bl.test*3\"} 1"));
+        assert!(s.contains("tarpit_dnsbl_lookup_seconds_bucket{list=\"bl.test\",le=\"+Inf\"} 0"));
+    }
+}
