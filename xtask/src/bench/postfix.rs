@@ -65,6 +65,9 @@ fn main_cf(template: &str, dir: &Path) -> String {
          # many clients share a few source addresses: no per-client caps\n\
          smtpd_client_connection_count_limit = 0\n\
          postscreen_client_connection_count_limit = 0\n\
+         # postscreen refuses (421) clients beyond this many in triage; the\n\
+         # hold scenario keeps up to 15,000 there\n\
+         postscreen_pre_queue_limit = 30000\n\
          default_process_limit = 100\n",
     );
     text

@@ -81,8 +81,15 @@ fn measure(env: &Env, holder: &Holder, level: u32) -> Result<Side> {
         &spec,
     )?;
     let ready = worker::sum(&workers.collect("ready", Duration::from_secs(150))?);
-    signal::sleep(Duration::from_secs(1))?;
-    let held = net.established_on(port)?;
+    // A full accept queue leaves clients "connected" whose final ACK the
+    // server has not taken yet; it retries, so wait (bounded) for them.
+    let mut held = 0;
+    signal::wait_until(Duration::from_secs(15), || {
+        held = net.established_on(port).unwrap_or(0);
+        held >= ready.connected
+    })?;
+    signal::sleep(Duration::from_millis(500))?;
+    let held = net.established_on(port)?.max(held);
     let rss1 = procstat::rss_bytes(pid).unwrap_or(0);
     let cpu1 = procstat::cpu_seconds(pid).unwrap_or(0.0);
     signal::sleep(p.hold_window)?;
