@@ -57,7 +57,9 @@ pub const KERNELS: &[Kernel] = &[
 /// ones about the kernel side. The rest (SMTP policy, CLI...) does not
 /// depend on the kernel version and runs on the host only.
 fn runs_in_vm(test_target: &str) -> bool {
-    test_target == "foundation" || test_target.starts_with("kernel_")
+    test_target == "foundation"
+        || test_target == "portability"
+        || test_target.starts_with("kernel_")
 }
 
 /// Where `cargo xtask test` runs the suite: `--kernel host,6.1` (default).
