@@ -8,4 +8,5 @@ pub mod config;
 pub mod kernel;
 pub mod kernel_version;
 pub mod logging;
+pub mod reputation;
 pub mod run;

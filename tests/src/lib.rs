@@ -9,6 +9,7 @@
 //! Processes enter namespaces with `nsenter --net=` rather than
 //! `ip netns exec`, which would remount /sys and hide bpffs and cgroups.
 pub mod agent;
+pub mod dnsmasq;
 pub mod env;
 pub mod netns;
 pub mod pins;

@@ -7,6 +7,7 @@
 mod error;
 mod kernel;
 mod net;
+mod reputation;
 
 use std::path::Path;
 
@@ -15,6 +16,9 @@ use serde::Deserialize;
 pub use error::ConfigError;
 pub use kernel::{KernelConfig, XdpModeSetting};
 pub use net::{BackendConfig, ClientAddress, ListenConfig};
+pub use reputation::{
+    DnsConfig, DnsblConfig, DnswlConfig, GreylistConfig, GreylistMode, parse_nameserver,
+};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -25,6 +29,10 @@ pub struct Config {
     pub listen: ListenConfig,
     pub backend: BackendConfig,
     pub kernel: KernelConfig,
+    pub dns: DnsConfig,
+    pub dnsbl: DnsblConfig,
+    pub dnswl: DnswlConfig,
+    pub greylist: GreylistConfig,
 }
 
 impl Default for Config {
@@ -34,6 +42,10 @@ impl Default for Config {
             listen: ListenConfig::default(),
             backend: BackendConfig::default(),
             kernel: KernelConfig::default(),
+            dns: DnsConfig::default(),
+            dnsbl: DnsblConfig::default(),
+            dnswl: DnswlConfig::default(),
+            greylist: GreylistConfig::default(),
         }
     }
 }
@@ -60,6 +72,9 @@ impl Config {
         self.listen.validate()?;
         self.backend.validate()?;
         self.kernel.validate()?;
+        self.dns.validate()?;
+        self.dnsbl.validate(&self.dnswl)?;
+        self.greylist.validate()?;
         Ok(())
     }
 }
