@@ -8,6 +8,14 @@
 #![no_std]
 
 pub mod addr;
+pub mod counters;
+pub mod events;
+pub mod lists;
 pub mod maps;
+pub mod state;
 
 pub use addr::IpAddrKey;
+pub use counters::Counter;
+pub use events::Event;
+pub use lists::{AttachKey, BlockReason, ListEntry, TimedEntry};
+pub use state::{FlowKey, FlowState, IpState};

@@ -1,10 +1,15 @@
 //! tarpit's kernel programs. One module per hook; packet parsing lives in
-//! `parse` and is shared by every hook that sees packets.
+//! `parse` and is shared by every hook that sees packets; every map and
+//! the small helpers around them live in `maps`.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod maps;
 mod parse;
+mod sockops;
+mod tc;
 mod xdp;
 
 #[cfg(not(test))]
@@ -14,7 +19,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 }
 
 /// GPL-compatible licence, needed by some helpers (ring buffer output,
-/// socket lookups) that the kernel restricts to GPL programs.
+/// socket storage, setsockopt) that the kernel restricts to GPL programs.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -2,12 +2,19 @@
 //! constants of `tarpit_common::maps`; sizes given here are defaults that
 //! the loader overrides from the agent's configuration.
 use aya_ebpf::{
-    btf_maps::{Array, LruHashMap},
+    btf_maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SkStorage, lpm_trie::Key,
+    },
+    helpers::bpf_ktime_get_boot_ns,
     macros::btf_map,
 };
 use tarpit_common::{
-    IpAddrKey,
-    maps::{SYN_COUNT_ENTRIES, Settings},
+    AttachKey, Counter, Event, FlowKey, FlowState, IpAddrKey, IpState, ListEntry, TimedEntry,
+    counters::COUNTERS_LEN,
+    maps::{
+        ALLOW_ENTRIES, ATTACHMENTS_ENTRIES, AUTH_ENTRIES, BLOCK_ENTRIES, EVENTS_BYTES,
+        FLOWS_ENTRIES, IP_STATE_ENTRIES, SLOW_ENTRIES, SYN_COUNT_ENTRIES, Settings,
+    },
 };
 
 #[btf_map]
@@ -17,9 +24,157 @@ pub static SYN_COUNT: LruHashMap<IpAddrKey, u64, { SYN_COUNT_ENTRIES as usize }>
 #[btf_map]
 pub static SETTINGS: Array<Settings, 1> = Array::new();
 
-/// The live settings; all-zero (no SMTP port watched) until the agent
+#[btf_map]
+pub static FLOWS: LruHashMap<FlowKey, FlowState, { FLOWS_ENTRIES as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static IP_STATE: LruHashMap<IpAddrKey, IpState, { IP_STATE_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static ALLOW: LpmTrie<[u8; 16], ListEntry, { ALLOW_ENTRIES as usize }> = LpmTrie::new();
+
+#[btf_map]
+pub static BLOCK: LpmTrie<[u8; 16], ListEntry, { BLOCK_ENTRIES as usize }> = LpmTrie::new();
+
+#[btf_map]
+pub static AUTH: LruHashMap<IpAddrKey, TimedEntry, { AUTH_ENTRIES as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static SLOW: LruHashMap<IpAddrKey, TimedEntry, { SLOW_ENTRIES as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static EVENTS: RingBuf<Event, { EVENTS_BYTES as usize }> = RingBuf::new();
+
+#[btf_map]
+pub static COUNTERS: PerCpuArray<u64, { COUNTERS_LEN as usize }> = PerCpuArray::new();
+
+/// 1 = counted at establishment, 2 = counted and closed.
+#[btf_map]
+pub static SOCK_MARK: SkStorage<u32> = SkStorage::new();
+
+/// The tail of a server segment, copied out of the packet for scanning.
+#[btf_map]
+pub static SCRATCH: PerCpuArray<[u8; SCRATCH_LEN], 1> = PerCpuArray::new();
+pub const SCRATCH_LEN: usize = 128;
+
+/// Written by the loader, read by userspace only; declared here so it is
+/// created and pinned with the others.
+#[btf_map]
+pub static LAYOUT: Array<u64, 1> = Array::new();
+
+/// Written and read by userspace only (see `tarpit_common::maps::ATTACHMENTS`).
+#[btf_map]
+pub static ATTACHMENTS: HashMap<AttachKey, u32, { ATTACHMENTS_ENTRIES as usize }> = HashMap::new();
+
+/// The live settings; all-zero (no SMTP port watched) until the loader
 /// writes them, which makes a freshly loaded program a no-op.
 #[inline(always)]
 pub fn settings() -> Option<&'static Settings> {
     SETTINGS.get(0)
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
+#[inline(always)]
+pub fn count(c: Counter) {
+    count_index(c.index());
+}
+
+/// Adds one to this CPU's slot of a counter and returns the new value.
+#[inline(always)]
+pub fn count_index(index: u32) -> u64 {
+    match COUNTERS.get_ptr_mut(index) {
+        Some(p) => unsafe {
+            *p += 1;
+            *p
+        },
+        None => 0,
+    }
+}
+
+/// Looks an address up in a prefix list and returns the longest prefix
+/// that is still active. An expired entry is counted and deleted, and the
+/// lookup repeats, so an expired longer prefix never hides a shorter
+/// active one (bounded: at most `MAX_SWEEP` nested prefixes per lookup).
+#[inline(always)]
+pub fn list_lookup<const N: usize>(
+    map: &LpmTrie<[u8; 16], ListEntry, N>,
+    addr: &IpAddrKey,
+    expired: Counter,
+) -> Option<ListEntry> {
+    const MAX_SWEEP: usize = 4;
+    let key = Key::new(128, addr.octets);
+    let mut now = 0u64;
+    for _ in 0..MAX_SWEEP {
+        let entry = *map.get(&key)?;
+        let expires = entry.expires_ns();
+        if expires == 0 {
+            return Some(entry);
+        }
+        if now == 0 {
+            now = now_ns();
+        }
+        if now < expires {
+            return Some(entry);
+        }
+        count(expired);
+        let stale = Key::new(entry.prefix_len, addr.octets);
+        if map.remove(&stale).is_err() {
+            // Someone else swept it, or it is gone: look again.
+        }
+    }
+    None
+}
+
+/// The per-address record, created on first sight. Returns `None` only
+/// when the LRU map refuses the entry (counted).
+#[inline(always)]
+pub fn ip_state(addr: &IpAddrKey, now: u64) -> Option<*mut IpState> {
+    if let Some(p) = IP_STATE.get_ptr_mut(addr) {
+        unsafe { (*p).last_seen_ns = now };
+        return Some(p);
+    }
+    let fresh = IpState {
+        first_seen_ns: now,
+        last_seen_ns: now,
+        ..IpState::default()
+    };
+    // BPF_NOEXIST: a racing CPU that created it first keeps its record.
+    let _ = IP_STATE.insert(addr, fresh, 1);
+    let p = IP_STATE.get_ptr_mut(addr);
+    if p.is_none() {
+        count(Counter::IpStateFailed);
+    }
+    p
+}
+
+/// Atomic add on a shared counter (`lock xadd`; no CAS on all kernels).
+#[inline(always)]
+pub fn atomic_add_u64(p: *mut u64, v: u64) {
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            p, v,
+        );
+    }
+}
+
+#[inline(always)]
+pub fn atomic_add_u32(p: *mut u32, v: u32) {
+    unsafe {
+        core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            p, v,
+        );
+    }
+}
+
+/// Sends an event to the agent; a full ring buffer is counted, not fatal.
+#[inline(always)]
+pub fn emit(event: Event) {
+    if EVENTS.output(&event, 0).is_err() {
+        count(Counter::EventsLost);
+    }
 }

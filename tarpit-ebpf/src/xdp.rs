@@ -1,34 +1,98 @@
 //! XDP: the first look at every packet, before a socket exists.
 //!
-//! Counts connection attempts (SYN without ACK) to a watched SMTP port per
-//! source address. Counting SYNs rather than packets keeps the figure
-//! deterministic: ACKs, retransmits and GRO make packet counts vary.
+//! - Block list: sources on it are dropped on the SMTP ports (or on every
+//!   port when the entry says so) unless the allow list also matches; the
+//!   allow list is consulted only then, so an ordinary packet costs one
+//!   prefix lookup.
+//! - Counts connection attempts (SYN without ACK) to a watched SMTP port per
+//!   source address. Counting SYNs rather than packets keeps the figure
+//!   deterministic: ACKs, retransmits and GRO make packet counts vary.
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use tarpit_common::{
+    Counter, Event,
+    counters::drop_reason_index,
+    events::EVENT_BLOCK_HIT,
+    maps::{SETTING_BLOCK, SETTING_EVENTS},
+    state::IP_F_BLOCKED,
+};
 
 use crate::{
-    maps::{SYN_COUNT, settings},
-    parse::{TCP_ACK, TCP_SYN, tcp_from_ethernet},
+    maps::{
+        ALLOW, BLOCK, IP_STATE, SYN_COUNT, count, count_index, emit, list_lookup, now_ns, settings,
+    },
+    parse::{self, TCP_ACK, TCP_SYN},
 };
 
 #[xdp]
 pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
-    let Some(seg) = tcp_from_ethernet(ctx.data(), ctx.data_end()) else {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Some(ip) = parse::ip(data, data_end, data_end - data) else {
         return xdp_action::XDP_PASS;
     };
-    if seg.flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        return xdp_action::XDP_PASS;
-    }
     let Some(settings) = settings() else {
         return xdp_action::XDP_PASS;
     };
-    if !settings.is_smtp_port(seg.dport) {
+    let tcp = parse::tcp(data, data_end, &ip);
+    let smtp_port = match &tcp {
+        Some(t) => settings.is_smtp_port(t.dport),
+        None => false,
+    };
+    if let Some(t) = &tcp {
+        if smtp_port && t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            match SYN_COUNT.get_ptr_mut(ip.src) {
+                Some(n) => unsafe { *n += 1 },
+                None => {
+                    let _ = SYN_COUNT.insert(ip.src, 1u64, 0);
+                }
+            }
+        }
+    } else if ip.later_fragment {
+        count(Counter::Fragments);
+    }
+
+    let Some(block) = list_lookup(&BLOCK, &ip.src, Counter::XdpBlockExpired) else {
+        count(Counter::XdpPass);
+        return xdp_action::XDP_PASS;
+    };
+    if !(block.all_ports() || smtp_port) {
+        count(Counter::XdpBlockOtherPort);
         return xdp_action::XDP_PASS;
     }
-    match SYN_COUNT.get_ptr_mut(seg.src) {
-        Some(count) => unsafe { *count += 1 },
-        None => {
-            let _ = SYN_COUNT.insert(seg.src, 1u64, 0);
+    if list_lookup(&ALLOW, &ip.src, Counter::XdpAllowExpired).is_some() {
+        count(Counter::XdpAllowed);
+        return xdp_action::XDP_PASS;
+    }
+    if !settings.has(SETTING_BLOCK) {
+        count(Counter::XdpBlockDisabled);
+        return xdp_action::XDP_PASS;
+    }
+    count(Counter::XdpDrop);
+    let n = count_index(drop_reason_index(block.reason));
+    if n & 1023 == 1 {
+        // A sample, not one event per dropped packet.
+        if let Some(s) = IP_STATE.get_ptr_mut(ip.src) {
+            unsafe {
+                if (*s).flags & IP_F_BLOCKED == 0 {
+                    (*s).flags |= IP_F_BLOCKED;
+                }
+            }
+        }
+        let (client_port, server_port) = match &tcp {
+            Some(t) => (t.sport, t.dport),
+            None => (0, 0),
+        };
+        if settings.has(SETTING_EVENTS) {
+            emit(Event {
+                ts_ns: now_ns(),
+                kind: EVENT_BLOCK_HIT,
+                flags: block.reason,
+                addr: ip.src,
+                client_port,
+                server_port,
+                value: n,
+                ..Event::default()
+            });
         }
     }
-    xdp_action::XDP_PASS
+    xdp_action::XDP_DROP
 }

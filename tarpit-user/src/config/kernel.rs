@@ -1,8 +1,9 @@
-//! `[kernel]`: where and how the eBPF programs attach.
+//! `[kernel]`: where and how the eBPF programs attach, how big their maps
+//! are, and the toggles the programs read live from their settings map.
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use tarpit_common::maps::MAX_SMTP_PORTS;
+use tarpit_common::maps::{self as names, MAX_SMTP_PORTS};
 
 use super::ConfigError;
 
@@ -23,8 +24,36 @@ pub struct KernelConfig {
     pub detach_on_exit: bool,
     /// XDP attach mode: "auto" (driver if the NIC supports it), "driver", "skb".
     pub xdp_mode: XdpModeSetting,
-    /// Capacity of the per-address SYN counters.
+    /// How tc programs attach: "auto" (TCX links from Linux 6.6, netlink
+    /// filters on a clsact qdisc below), "tcx" or "netlink".
+    pub tc_attach: TcAttachSetting,
+    /// cgroup v2 directory the sock_ops program attaches to; it sees the
+    /// TCP sockets of every process in it and below.
+    pub cgroup: PathBuf,
+    /// Count live connections per address (sock_ops on `cgroup`).
+    pub count_connections: bool,
+    /// Flag clients that talk before the greeting (tc).
+    pub pregreet: bool,
+    /// Drop block-listed sources in XDP (false: count only).
+    pub block: bool,
+    /// Send rare events (pre-greet, block samples, map pressure) to the agent.
+    pub events: bool,
+    /// Kernel log lines for rare events, in the agent's log.
+    pub log: bool,
+    /// TCP window clamp in bytes for addresses marked for slow-down
+    /// (0 = off; the kernel's floor is about 1 KiB).
+    pub window_clamp: u32,
+    /// Map capacities, applied when the maps are created (pinned maps keep
+    /// the size they were made with until `tarpit detach`).
     pub syn_count_entries: u32,
+    pub flow_entries: u32,
+    pub ip_state_entries: u32,
+    pub allow_entries: u32,
+    pub block_entries: u32,
+    pub auth_entries: u32,
+    pub slow_entries: u32,
+    /// Size of the event ring buffer in bytes (a power of two, >= 4096).
+    pub events_bytes: u32,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -36,6 +65,15 @@ pub enum XdpModeSetting {
     Skb,
 }
 
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TcAttachSetting {
+    #[default]
+    Auto,
+    Tcx,
+    Netlink,
+}
+
 impl Default for KernelConfig {
     fn default() -> Self {
         KernelConfig {
@@ -45,7 +83,22 @@ impl Default for KernelConfig {
             pin_path: PathBuf::from("/sys/fs/bpf/tarpit"),
             detach_on_exit: false,
             xdp_mode: XdpModeSetting::Auto,
-            syn_count_entries: tarpit_common::maps::SYN_COUNT_ENTRIES,
+            tc_attach: TcAttachSetting::Auto,
+            cgroup: PathBuf::from("/sys/fs/cgroup/unified"),
+            count_connections: true,
+            pregreet: true,
+            block: true,
+            events: true,
+            log: true,
+            window_clamp: 1024,
+            syn_count_entries: names::SYN_COUNT_ENTRIES,
+            flow_entries: names::FLOWS_ENTRIES,
+            ip_state_entries: names::IP_STATE_ENTRIES,
+            allow_entries: names::ALLOW_ENTRIES,
+            block_entries: names::BLOCK_ENTRIES,
+            auth_entries: names::AUTH_ENTRIES,
+            slow_entries: names::SLOW_ENTRIES,
+            events_bytes: names::EVENTS_BYTES,
         }
     }
 }
@@ -78,18 +131,94 @@ impl KernelConfig {
                 ));
             }
         }
+        if let Some(ns) = &self.netns {
+            if ns.is_empty() || ns.len() >= 48 || ns.contains('/') {
+                return Err(ConfigError::invalid(
+                    "kernel.netns",
+                    "must be a namespace name under /var/run/netns (1-47 bytes, no '/')",
+                ));
+            }
+        }
         if !self.pin_path.is_absolute() {
             return Err(ConfigError::invalid(
                 "kernel.pin_path",
                 "must be an absolute path inside a bpffs mount",
             ));
         }
-        if self.syn_count_entries == 0 {
+        if !self.cgroup.is_absolute() {
             return Err(ConfigError::invalid(
-                "kernel.syn_count_entries",
-                "must be at least 1",
+                "kernel.cgroup",
+                "must be an absolute path of a cgroup v2 directory",
+            ));
+        }
+        for (key, value) in [
+            ("kernel.syn_count_entries", self.syn_count_entries),
+            ("kernel.flow_entries", self.flow_entries),
+            ("kernel.ip_state_entries", self.ip_state_entries),
+            ("kernel.allow_entries", self.allow_entries),
+            ("kernel.block_entries", self.block_entries),
+            ("kernel.auth_entries", self.auth_entries),
+            ("kernel.slow_entries", self.slow_entries),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
+            if value > 1 << 26 {
+                return Err(ConfigError::invalid(key, "must be at most 67108864"));
+            }
+        }
+        if !self.events_bytes.is_power_of_two()
+            || self.events_bytes < 4096
+            || self.events_bytes > 1 << 30
+        {
+            return Err(ConfigError::invalid(
+                "kernel.events_bytes",
+                "must be a power of two between 4096 and 1073741824",
+            ));
+        }
+        if self.window_clamp > 1 << 30 {
+            return Err(ConfigError::invalid(
+                "kernel.window_clamp",
+                "must be at most 1073741824 bytes",
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn defaults_are_valid() {
+        KernelConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn zero_sized_map_names_its_key() {
+        let e = Config::parse("[kernel]\nflow_entries = 0\n").unwrap_err();
+        assert!(e.to_string().contains("kernel.flow_entries"), "{e}");
+    }
+
+    #[test]
+    fn ring_buffer_must_be_a_power_of_two() {
+        let e = Config::parse("[kernel]\nevents_bytes = 5000\n").unwrap_err();
+        assert!(e.to_string().contains("kernel.events_bytes"), "{e}");
+        Config::parse("[kernel]\nevents_bytes = 8192\n").unwrap();
+    }
+
+    #[test]
+    fn tc_attach_modes_parse() {
+        let c = Config::parse("[kernel]\ntc_attach = \"netlink\"\n").unwrap();
+        assert_eq!(c.kernel.tc_attach, TcAttachSetting::Netlink);
+        assert!(Config::parse("[kernel]\ntc_attach = \"bogus\"\n").is_err());
+    }
+
+    #[test]
+    fn relative_cgroup_is_refused() {
+        let e = Config::parse("[kernel]\ncgroup = \"unified\"\n").unwrap_err();
+        assert!(e.to_string().contains("kernel.cgroup"), "{e}");
     }
 }

@@ -1,55 +1,127 @@
-//! The only module that touches aya: loads the kernel programs, pins their
-//! maps, writes their settings and attaches them where the config says.
+//! The only module that touches aya.
+//!
+//! - [`Kernel`]: the agent's loader: loads the programs, creates or reuses
+//!   the pinned maps, writes the settings, attaches XDP, tc and sock_ops,
+//!   replaces programs in place on restart, and undoes it all on exit when
+//!   the config says so.
+//! - [`KernelMaps`]: a typed handle over the pinned maps, opened from the
+//!   pin directory without loading anything (agent, CLI, tests).
+//! - [`EventStream`]: the kernel's rare events, async.
+//! - [`detach`]: removes every program, link, pin and qdisc of ours.
+//! - [`clock`]: the kernel's boot clock and wall time.
+mod attach;
 mod bpffs;
+pub mod clock;
+mod error;
+mod events;
+mod layout;
+mod maps;
 mod netns;
 mod object;
+mod prefix;
+mod sys;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use aya::{
     Ebpf, EbpfLoader,
     maps::Array,
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{SchedClassifier, SockOps, TcAttachType, Xdp, XdpMode},
+    util::KernelVersion,
 };
 use tarpit_common::maps::{self as names, Settings};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::config::{KernelConfig, XdpModeSetting};
+use crate::config::{KernelConfig, TcAttachSetting, XdpModeSetting};
 
+pub use attach::{
+    DetachReport, SOCKOPS_PROGRAM, TC_IN_PROGRAM, TC_OUT_PROGRAM, XDP_PROGRAM, detach,
+};
 pub use bpffs::ensure_bpffs;
+pub use clock::BootInstant;
+pub use error::KernelError;
+pub use events::{EventKind, EventStream, KernelEvent};
+pub use layout::{MAPS, MapSpec, spec_of};
+pub use maps::{
+    BlockSpec, KernelCounters, KernelMaps, ListItem, MapUsage, PreGreetVerdict, SweepReport,
+    TimedItem,
+};
 pub use netns::in_netns;
 
-/// Name of the XDP program in the object file.
-const XDP_PROGRAM: &str = "tarpit_xdp";
-
-/// Every map the programs declare, pinned under the pin directory by name.
-const PINNED_MAPS: &[&str] = &[names::SYN_COUNT, names::SETTINGS];
-
-/// The loaded and attached kernel side. Dropping it detaches the programs;
-/// [`Kernel::shutdown`] also removes the pins when the config asks for it.
+/// The loaded and attached kernel side. Dropping it detaches what is not
+/// pinned; [`Kernel::shutdown`] also removes pins, links and qdiscs when
+/// `detach_on_exit` is set.
 pub struct Kernel {
     ebpf: Ebpf,
-    pin_path: PathBuf,
-    detach_on_exit: bool,
-    xdp_links: Vec<(String, XdpLinkId)>,
+    cfg: KernelConfig,
+    held: Vec<attach::Held>,
+    logger: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The settings a config asks for.
+pub fn settings_from(cfg: &KernelConfig) -> Settings {
+    let mut s = Settings::default();
+    for (slot, port) in s.smtp_ports.iter_mut().zip(&cfg.smtp_ports) {
+        *slot = *port;
+    }
+    let mut flags = 0;
+    for (on, bit) in [
+        (cfg.pregreet, names::SETTING_PREGREET),
+        (cfg.block, names::SETTING_BLOCK),
+        (cfg.events, names::SETTING_EVENTS),
+        (cfg.log, names::SETTING_LOG),
+        (cfg.window_clamp > 0, names::SETTING_SLOWDOWN),
+        (cfg.count_connections, names::SETTING_CONNS),
+    ] {
+        if on {
+            flags |= bit;
+        }
+    }
+    s.flags = flags;
+    s.window_clamp = cfg.window_clamp;
+    s
+}
+
+/// Whether tc attaches through TCX links on this kernel and config.
+fn use_tcx(cfg: &KernelConfig) -> bool {
+    match cfg.tc_attach {
+        TcAttachSetting::Tcx => true,
+        TcAttachSetting::Netlink => false,
+        TcAttachSetting::Auto => {
+            KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+        }
+    }
 }
 
 impl Kernel {
     /// Loads the programs, reuses or creates the pinned maps, writes the
-    /// settings and attaches XDP to every configured interface.
+    /// settings and attaches everything the config asks for.
     pub fn load(cfg: &KernelConfig) -> Result<Kernel> {
         let object = object::ebpf_object()?;
         ensure_bpffs(&cfg.pin_path)?;
-        std::fs::create_dir_all(&cfg.pin_path)
+        std::fs::create_dir_all(cfg.pin_path.join(attach::LINKS_DIR))
             .with_context(|| format!("cannot create pin directory {}", cfg.pin_path.display()))?;
+        // Refuse maps of another layout before aya would silently reuse them.
+        let reused = layout::check(&cfg.pin_path)? == layout::PinState::Compatible;
 
-        let pins: Vec<(&str, PathBuf)> = PINNED_MAPS
+        let pins: Vec<(&str, PathBuf)> = MAPS
             .iter()
-            .map(|name| (*name, cfg.pin_path.join(name)))
+            .map(|s| (s.name, cfg.pin_path.join(s.name)))
             .collect();
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(names::SYN_COUNT, cfg.syn_count_entries);
+        for (name, size) in [
+            (names::SYN_COUNT, cfg.syn_count_entries),
+            (names::FLOWS, cfg.flow_entries),
+            (names::IP_STATE, cfg.ip_state_entries),
+            (names::ALLOW, cfg.allow_entries),
+            (names::BLOCK, cfg.block_entries),
+            (names::AUTH, cfg.auth_entries),
+            (names::SLOW, cfg.slow_entries),
+            (names::EVENTS, cfg.events_bytes),
+        ] {
+            loader.map_max_entries(name, size);
+        }
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -57,101 +129,240 @@ impl Kernel {
             "cannot load the kernel programs (needs root or CAP_BPF + CAP_NET_ADMIN, \
              and a kernel with BTF)",
         )?;
-        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
-            // Programs without log statements have no log map: not an error.
-            tracing::debug!("no kernel log channel: {e}");
+        if reused {
+            warn_resized(cfg);
         }
-        info!(pin_path = %cfg.pin_path.display(), "maps pinned");
+        info!(pin_path = %cfg.pin_path.display(), reused, "maps pinned");
+        layout::write_marker(
+            ebpf.map_mut(names::LAYOUT)
+                .context("the kernel object has no LAYOUT map")?,
+        )?;
 
+        let logger = start_logger(&mut ebpf);
         let mut kernel = Kernel {
             ebpf,
-            pin_path: cfg.pin_path.clone(),
-            detach_on_exit: cfg.detach_on_exit,
-            xdp_links: Vec::new(),
+            cfg: cfg.clone(),
+            held: Vec::new(),
+            logger,
         };
         kernel.write_settings(cfg)?;
-        kernel.attach_xdp(cfg)?;
+        kernel.load_programs()?;
+        kernel.attach_all()?;
         Ok(kernel)
     }
 
+    /// The typed map handle over this kernel's pins.
+    pub fn maps(&self) -> Result<KernelMaps, KernelError> {
+        KernelMaps::open(&self.cfg.pin_path)
+    }
+
+    pub fn pin_path(&self) -> &Path {
+        &self.cfg.pin_path
+    }
+
     fn write_settings(&mut self, cfg: &KernelConfig) -> Result<()> {
-        let mut settings = Settings::default();
-        for (slot, port) in settings.smtp_ports.iter_mut().zip(&cfg.smtp_ports) {
-            *slot = *port;
-        }
         let map = self
             .ebpf
             .map_mut(names::SETTINGS)
             .context("the kernel object has no SETTINGS map")?;
         let mut array: Array<_, Settings> = Array::try_from(map)?;
         array
-            .set(0, settings, 0)
+            .set(0, settings_from(cfg), 0)
             .context("cannot write kernel settings")?;
         Ok(())
     }
 
-    fn attach_xdp(&mut self, cfg: &KernelConfig) -> Result<()> {
+    /// Loads (verifies) every program before attaching any, so a verifier
+    /// failure leaves whatever ran before untouched.
+    fn load_programs(&mut self) -> Result<()> {
+        for name in [XDP_PROGRAM, TC_IN_PROGRAM, TC_OUT_PROGRAM, SOCKOPS_PROGRAM] {
+            let prog = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("the kernel object has no program {name}"))?;
+            let res = match prog {
+                aya::programs::Program::Xdp(p) => p.load(),
+                aya::programs::Program::SchedClassifier(p) => p.load(),
+                aya::programs::Program::SockOps(p) => p.load(),
+                _ => Ok(()),
+            };
+            res.with_context(|| format!("the verifier refused {name}"))?;
+        }
+        Ok(())
+    }
+
+    fn attach_all(&mut self) -> Result<()> {
+        let cfg = self.cfg.clone();
+        let persist = !cfg.detach_on_exit;
+        let netns = cfg.netns.as_deref();
+        let mut keep = Vec::new();
         let mode = match cfg.xdp_mode {
             XdpModeSetting::Auto => XdpMode::Default,
             XdpModeSetting::Driver => XdpMode::Driver,
             XdpModeSetting::Skb => XdpMode::Skb,
         };
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(XDP_PROGRAM)
-            .context("the kernel object has no XDP program")?
-            .try_into()?;
-        program
-            .load()
-            .context("the verifier refused the XDP program")?;
         for iface in &cfg.interfaces {
-            let mut attach = || program.attach(iface, mode);
-            let link = match &cfg.netns {
-                Some(ns) => in_netns(ns, attach)?,
-                None => attach(),
-            }
-            .with_context(|| format!("cannot attach XDP to {iface}"))?;
-            info!(interface = %iface, netns = cfg.netns.as_deref().unwrap_or("-"), mode = ?cfg.xdp_mode, "XDP attached");
-            self.xdp_links.push((iface.clone(), link));
-        }
-        Ok(())
-    }
-
-    /// Detaches every program; with `detach_on_exit` also removes the pins.
-    pub fn shutdown(mut self) -> Result<()> {
-        if let Ok(program) = <&mut Xdp>::try_from(
-            self.ebpf
+            let xdp: &mut Xdp = self
+                .ebpf
                 .program_mut(XDP_PROGRAM)
-                .context("the kernel object has no XDP program")?,
-        ) {
-            for (iface, link) in self.xdp_links.drain(..) {
-                match program.detach(link) {
-                    Ok(()) => info!(interface = %iface, "XDP detached"),
-                    Err(e) => warn!(interface = %iface, "cannot detach XDP: {e}"),
+                .context("no XDP")?
+                .try_into()?;
+            let held = attach::xdp(xdp, &cfg.pin_path, netns, iface, mode, persist)?;
+            self.hold(held, &mut keep);
+        }
+        let tcx = use_tcx(&cfg);
+        for iface in &cfg.interfaces {
+            if !tcx {
+                let created = attach::ensure_clsact(netns, iface)?;
+                attach::record_netlink(
+                    self.ebpf
+                        .map_mut(names::ATTACHMENTS)
+                        .context("no ATTACHMENTS map")?,
+                    netns,
+                    iface,
+                    created,
+                )?;
+            }
+            for (name, dir) in [
+                (TC_IN_PROGRAM, TcAttachType::Ingress),
+                (TC_OUT_PROGRAM, TcAttachType::Egress),
+            ] {
+                let prog: &mut SchedClassifier =
+                    self.ebpf.program_mut(name).context("no tc")?.try_into()?;
+                if tcx {
+                    let held = attach::tcx(prog, &cfg.pin_path, netns, iface, dir, persist)?;
+                    self.hold(held, &mut keep);
+                } else if let Some(held) = attach::tc_netlink(prog, netns, iface, dir, persist)? {
+                    self.held.push(held);
                 }
             }
         }
-        if self.detach_on_exit {
-            remove_pins(&self.pin_path)?;
+        if cfg.count_connections {
+            let prog: &mut SockOps = self
+                .ebpf
+                .program_mut(SOCKOPS_PROGRAM)
+                .context("no sock_ops")?
+                .try_into()?;
+            let held = attach::sock_ops(prog, &cfg.pin_path, &cfg.cgroup, persist)?;
+            self.hold(held, &mut keep);
+        }
+        attach::remove_stale_links(&cfg.pin_path, &keep);
+        Ok(())
+    }
+
+    fn hold(&mut self, held: attach::Held, keep: &mut Vec<PathBuf>) {
+        if let attach::Held::Pinned(p) = &held {
+            keep.push(p.clone());
+        }
+        self.held.push(held);
+    }
+
+    /// Stops the log reader; with `detach_on_exit` detaches every program
+    /// and removes links, pins and the qdiscs we created. Without it the
+    /// pinned links keep the programs running and the maps keep their
+    /// state for the next start.
+    pub fn shutdown(mut self) -> Result<()> {
+        if let Some(task) = self.logger.take() {
+            task.abort();
+        }
+        let held = std::mem::take(&mut self.held);
+        if self.cfg.detach_on_exit {
+            // Owned links and netlink filters go first, then every pin.
+            drop(held);
+            let report = detach(&self.cfg.pin_path)?;
+            info!(
+                links = report.links,
+                maps = report.maps,
+                "kernel programs detached"
+            );
+        } else {
+            for h in held {
+                if let attach::Held::Netlink(link) = h {
+                    std::mem::forget(link);
+                }
+            }
+            info!(pin_path = %self.cfg.pin_path.display(), "kernel programs left attached (pinned)");
         }
         Ok(())
     }
 }
 
-/// Removes every map pin of ours and the pin directory itself.
-pub fn remove_pins(pin_path: &Path) -> Result<()> {
-    for name in PINNED_MAPS {
-        let p = pin_path.join(name);
-        match std::fs::remove_file(&p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => bail!("cannot remove pin {}: {e}", p.display()),
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        if let Some(task) = self.logger.take() {
+            task.abort();
         }
     }
-    match std::fs::remove_dir(pin_path) {
-        Ok(()) => info!(pin_path = %pin_path.display(), "pins removed"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => warn!(pin_path = %pin_path.display(), "pin directory not removed: {e}"),
+}
+
+/// Pinned maps keep the size they were created with: say so when the
+/// config now asks for another.
+fn warn_resized(cfg: &KernelConfig) {
+    for spec in MAPS {
+        let Some(key) = spec.size_key else { continue };
+        let want = match key {
+            "syn_count_entries" => cfg.syn_count_entries,
+            "flow_entries" => cfg.flow_entries,
+            "ip_state_entries" => cfg.ip_state_entries,
+            "allow_entries" => cfg.allow_entries,
+            "block_entries" => cfg.block_entries,
+            "auth_entries" => cfg.auth_entries,
+            "slow_entries" => cfg.slow_entries,
+            "events_bytes" => cfg.events_bytes,
+            _ => continue,
+        };
+        if let Ok(info) = aya::maps::MapInfo::from_pin(cfg.pin_path.join(spec.name)) {
+            if info.max_entries() != want {
+                warn!(
+                    "map {} keeps its pinned size {} (kernel.{key} = {want} applies after \
+                     `tarpit detach`)",
+                    spec.name,
+                    info.max_entries()
+                );
+            }
+        }
     }
-    Ok(())
+}
+
+/// Relays the programs' aya-log records into tracing, when a tokio
+/// runtime is there to drive it.
+fn start_logger(ebpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            debug!("no kernel log channel: {e}");
+            return None;
+        }
+    };
+    let handle = tokio::runtime::Handle::try_current().ok()?;
+    let _guard = handle.enter();
+    // SAFETY: the logger owns its ring buffer fd for as long as AsyncFd holds it.
+    let fd = match unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(
+                "cannot watch the kernel log channel: {}",
+                std::io::Error::from(e)
+            );
+            return None;
+        }
+    };
+    Some(handle.spawn(async move {
+        let mut fd = fd;
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
+}
+
+/// Removes every map pin of ours and the pin directory itself (kept for
+/// callers of the foundation API; [`detach`] does more).
+pub fn remove_pins(pin_path: &Path) -> Result<()> {
+    detach(pin_path).map(|_| ())
 }

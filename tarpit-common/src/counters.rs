@@ -1,0 +1,139 @@
+//! Per-CPU counters of the kernel programs: indices into the `COUNTERS`
+//! per-CPU array. Userspace sums the CPUs. Indices are part of the map
+//! layout: append, never renumber.
+use crate::lists::MAX_REASONS;
+
+/// One counter slot.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Counter {
+    /// XDP: packets passed with no list entry involved.
+    XdpPass = 0,
+    /// XDP: packets dropped by the block list (all reasons).
+    XdpDrop = 1,
+    /// XDP: block-listed sources passed because the allow list matched.
+    XdpAllowed = 2,
+    /// XDP: block entries found expired (passed, then swept).
+    XdpBlockExpired = 3,
+    /// XDP: allow entries found expired (ignored, then swept).
+    XdpAllowExpired = 4,
+    /// XDP: block-listed sources passed because the port is not covered.
+    XdpBlockOtherPort = 5,
+    /// XDP: block-listed sources passed because blocking is switched off.
+    XdpBlockDisabled = 6,
+    /// tc: flows created (client SYNs to a watched port).
+    TcFlowNew = 7,
+    /// tc: flow entries that could not be created.
+    TcFlowInsertFailed = 8,
+    /// tc: client payload on a flow with no entry ("unknown", never a strike).
+    TcFlowUnknown = 9,
+    /// tc: pre-greet talkers flagged.
+    TcPregreet = 10,
+    /// tc: ... of which after a `220-` teaser.
+    TcPregreetTeaser = 11,
+    /// tc: greetings completed.
+    TcGreeted = 12,
+    /// tc: flows removed on FIN/RST.
+    TcFlowClosed = 13,
+    /// Events dropped because the ring buffer was full.
+    EventsLost = 14,
+    /// sock_ops: connections counted at establishment.
+    SockEstablished = 15,
+    /// sock_ops: counted connections closed.
+    SockClosed = 16,
+    /// sock_ops: windows clamped.
+    SockClamped = 17,
+    /// Per-address map updates that failed.
+    IpStateFailed = 18,
+    /// Packets whose headers could not be parsed (passed untouched).
+    Unparsed = 19,
+    /// Non-first fragments (no TCP header; passed unless an all-ports block).
+    Fragments = 20,
+}
+
+/// Drop counters per block reason start here (`DROP_REASON_BASE + code`).
+pub const DROP_REASON_BASE: u32 = 32;
+/// Size of the counters array.
+pub const COUNTERS_LEN: u32 = DROP_REASON_BASE + MAX_REASONS;
+
+impl Counter {
+    pub const ALL: [Counter; 21] = [
+        Counter::XdpPass,
+        Counter::XdpDrop,
+        Counter::XdpAllowed,
+        Counter::XdpBlockExpired,
+        Counter::XdpAllowExpired,
+        Counter::XdpBlockOtherPort,
+        Counter::XdpBlockDisabled,
+        Counter::TcFlowNew,
+        Counter::TcFlowInsertFailed,
+        Counter::TcFlowUnknown,
+        Counter::TcPregreet,
+        Counter::TcPregreetTeaser,
+        Counter::TcGreeted,
+        Counter::TcFlowClosed,
+        Counter::EventsLost,
+        Counter::SockEstablished,
+        Counter::SockClosed,
+        Counter::SockClamped,
+        Counter::IpStateFailed,
+        Counter::Unparsed,
+        Counter::Fragments,
+    ];
+
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+
+    /// Stable snake_case name (CLI, JSON, metrics).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::XdpPass => "xdp_pass",
+            Counter::XdpDrop => "xdp_drop",
+            Counter::XdpAllowed => "xdp_allowed",
+            Counter::XdpBlockExpired => "xdp_block_expired",
+            Counter::XdpAllowExpired => "xdp_allow_expired",
+            Counter::XdpBlockOtherPort => "xdp_block_other_port",
+            Counter::XdpBlockDisabled => "xdp_block_disabled",
+            Counter::TcFlowNew => "tc_flow_new",
+            Counter::TcFlowInsertFailed => "tc_flow_insert_failed",
+            Counter::TcFlowUnknown => "tc_flow_unknown",
+            Counter::TcPregreet => "tc_pregreet",
+            Counter::TcPregreetTeaser => "tc_pregreet_teaser",
+            Counter::TcGreeted => "tc_greeted",
+            Counter::TcFlowClosed => "tc_flow_closed",
+            Counter::EventsLost => "events_lost",
+            Counter::SockEstablished => "sock_established",
+            Counter::SockClosed => "sock_closed",
+            Counter::SockClamped => "sock_clamped",
+            Counter::IpStateFailed => "ip_state_failed",
+            Counter::Unparsed => "unparsed",
+            Counter::Fragments => "fragments",
+        }
+    }
+}
+
+/// Index of the drop counter of a block reason code.
+#[inline(always)]
+pub const fn drop_reason_index(code: u32) -> u32 {
+    if code < MAX_REASONS {
+        DROP_REASON_BASE + code
+    } else {
+        DROP_REASON_BASE + MAX_REASONS - 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_are_dense_and_below_the_reason_block() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(c.index(), i as u32);
+            assert!(c.index() < DROP_REASON_BASE);
+        }
+        assert_eq!(drop_reason_index(0), DROP_REASON_BASE);
+        assert_eq!(drop_reason_index(1000), COUNTERS_LEN - 1);
+    }
+}

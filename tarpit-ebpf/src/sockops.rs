@@ -1,0 +1,192 @@
+//! sock_ops on a cgroup: live connections per address, and the TCP window
+//! clamp for slowed addresses.
+//!
+//! Counted once per socket: the passive-established callback marks the
+//! socket in socket-local storage and asks for state callbacks; the close
+//! callback decrements only marked sockets. Sockets older than the program
+//! were never marked and are never decremented; a socket counted by an
+//! earlier copy of the program (same pinned maps) is decremented correctly
+//! after a restart. Counts use atomic adds and saturate at zero.
+use aya_ebpf::{
+    bindings::{
+        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+    },
+    helpers::generated::{bpf_setsockopt, bpf_sk_storage_get},
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use tarpit_common::{
+    Counter, IpAddrKey,
+    maps::{SETTING_CONNS, SETTING_SLOWDOWN},
+    state::{IP_F_ALLOWED, IP_F_AUTHENTICATED, IP_F_SLOWED},
+};
+
+use crate::maps::{
+    ALLOW, AUTH, IP_STATE, SLOW, SOCK_MARK, atomic_add_u64, count, ip_state, list_lookup, now_ns,
+    settings,
+};
+
+const SOL_TCP: i32 = 6;
+const TCP_WINDOW_CLAMP: i32 = 10;
+const MARK_COUNTED: u32 = 1;
+const MARK_CLOSED: u32 = 2;
+
+#[sock_ops]
+pub fn tarpit_sockops(ctx: SockOpsContext) -> u32 {
+    handle(&ctx);
+    1
+}
+
+#[inline(always)]
+fn handle(ctx: &SockOpsContext) {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
+        return;
+    }
+    // Read every address field unconditionally: the verifier refuses ctx
+    // accesses that depend on the family branch.
+    let family = ctx.family();
+    let r4 = ctx.remote_ip4();
+    let r6 = ctx.remote_ip6();
+    let local_port = ctx.local_port();
+    let addr = remote_addr(family, r4, r6);
+    let Some(settings) = settings() else { return };
+    if !settings.has(SETTING_CONNS) || !settings.is_smtp_port(local_port as u16) {
+        return;
+    }
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        established(ctx, sk, &addr, settings);
+    } else if ctx.arg(1) == BPF_TCP_CLOSE {
+        closed(sk, &addr);
+    }
+}
+
+#[inline(always)]
+fn remote_addr(family: u32, r4: u32, r6: [u32; 4]) -> IpAddrKey {
+    const AF_INET: u32 = 2;
+    if family == AF_INET {
+        // remote_ip4 is in network order: its in-memory bytes are the address.
+        IpAddrKey::from_v4_octets(r4.to_ne_bytes())
+    } else {
+        let mut o = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = r6[i].to_ne_bytes();
+            o[i * 4] = b[0];
+            o[i * 4 + 1] = b[1];
+            o[i * 4 + 2] = b[2];
+            o[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        IpAddrKey::from_v6_octets(o)
+    }
+}
+
+#[inline(always)]
+fn mark(sk: *mut aya_ebpf::bindings::bpf_sock, create: bool) -> Option<*mut u32> {
+    let flags = if create {
+        BPF_SK_STORAGE_GET_F_CREATE as u64
+    } else {
+        0
+    };
+    let p = unsafe {
+        bpf_sk_storage_get(
+            &raw const SOCK_MARK as *mut _,
+            sk as *mut _,
+            core::ptr::null_mut(),
+            flags,
+        )
+    } as *mut u32;
+    if p.is_null() { None } else { Some(p) }
+}
+
+#[inline(always)]
+fn established(
+    ctx: &SockOpsContext,
+    sk: *mut aya_ebpf::bindings::bpf_sock,
+    addr: &IpAddrKey,
+    settings: &tarpit_common::maps::Settings,
+) {
+    // Without a mark the socket is not counted at all: never decrement
+    // what was not counted.
+    let Some(m) = mark(sk, true) else { return };
+    unsafe {
+        if *m != 0 {
+            return;
+        }
+        *m = MARK_COUNTED;
+    }
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    count(Counter::SockEstablished);
+    let now = now_ns();
+    let Some(s) = ip_state(addr, now) else { return };
+    unsafe {
+        let live = (*s).live_conns;
+        if live > i64::MAX as u64 {
+            // Two racing closes went below zero: start again from one.
+            (*s).live_conns = 1;
+        } else {
+            atomic_add_u64(&raw mut (*s).live_conns, 1);
+        }
+        atomic_add_u64(&raw mut (*s).conns_total, 1);
+    }
+    let mut flags = 0;
+    if list_lookup(&ALLOW, addr, Counter::XdpAllowExpired).is_some() {
+        flags |= IP_F_ALLOWED;
+    }
+    if let Some(a) = unsafe { AUTH.get(addr) } {
+        if a.is_active(now) {
+            flags |= IP_F_AUTHENTICATED;
+        }
+    }
+    let slowed = match unsafe { SLOW.get(addr) } {
+        Some(e) => e.is_active(now),
+        None => false,
+    };
+    if slowed && settings.has(SETTING_SLOWDOWN) && settings.window_clamp > 0 {
+        let mut clamp = settings.window_clamp as i32;
+        let rc = unsafe {
+            bpf_setsockopt(
+                ctx.ops as *mut _,
+                SOL_TCP,
+                TCP_WINDOW_CLAMP,
+                &raw mut clamp as *mut _,
+                4,
+            )
+        };
+        if rc == 0 {
+            flags |= IP_F_SLOWED;
+            count(Counter::SockClamped);
+        }
+    }
+    unsafe {
+        if (*s).flags & flags != flags {
+            (*s).flags |= flags;
+        }
+    }
+}
+
+#[inline(always)]
+fn closed(sk: *mut aya_ebpf::bindings::bpf_sock, addr: &IpAddrKey) {
+    let Some(m) = mark(sk, false) else { return };
+    unsafe {
+        if *m != MARK_COUNTED {
+            return;
+        }
+        *m = MARK_CLOSED;
+    }
+    count(Counter::SockClosed);
+    if let Some(s) = IP_STATE.get_ptr_mut(addr) {
+        unsafe {
+            let live = (*s).live_conns;
+            if live > 0 && live <= i64::MAX as u64 {
+                atomic_add_u64(&raw mut (*s).live_conns, u64::MAX);
+            }
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! tc ingress + egress: per-flow SMTP state and pre-greet detection.
+//!
+//! A flow entry is made on the client's SYN to a watched port (never for
+//! 465, where the client always speaks first) and removed on FIN/RST.
+//! Egress watches the server's payload: the greeting is complete once a
+//! server segment ends in a line that is not a `220-` continuation; until
+//! then the flow waits for the greeting (or sits in the `220-` teaser
+//! state). Client payload while the flow waits is a pre-greet strike.
+//! Client payload on a flow with no entry is "unknown": counted, never a
+//! strike, because a missing record must never flag good mail.
+use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC, helpers::generated::bpf_skb_load_bytes, macros::classifier,
+    programs::TcContext,
+};
+use aya_log_ebpf::info;
+use tarpit_common::{
+    Counter, Event, FlowKey, FlowState,
+    events::{EVENT_F_TEASER, EVENT_FLOW_TABLE_FULL, EVENT_PREGREET},
+    maps::{SETTING_EVENTS, SETTING_LOG, SETTING_PREGREET, SMTPS_PORT, Settings},
+    state::{
+        FLOW_AWAIT_GREETING, FLOW_F_CLIENT_SPOKE, FLOW_F_PREGREET, FLOW_F_SERVER_SPOKE,
+        FLOW_F_TEASER, FLOW_GREETED, FLOW_TEASER, IP_F_PREGREET,
+    },
+};
+
+use crate::{
+    maps::{FLOWS, SCRATCH, SCRATCH_LEN, atomic_add_u32, count, emit, ip_state, now_ns, settings},
+    parse::{self, Ip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp},
+};
+
+/// Bytes of headers we want in the linear part of the skb.
+const PULL_LEN: u32 = 128;
+
+/// Parses a TCP packet; pulls non-linear headers in once if needed.
+#[inline(always)]
+fn parse_tcp(ctx: &TcContext) -> Option<(Ip, Tcp)> {
+    let len = ctx.len() as usize;
+    if let Some(ip) = parse::ip(ctx.data(), ctx.data_end(), len) {
+        if let Some(t) = parse::tcp(ctx.data(), ctx.data_end(), &ip) {
+            return Some((ip, t));
+        }
+    }
+    let linear = ctx.data_end() - ctx.data();
+    let want = if len < PULL_LEN as usize {
+        len
+    } else {
+        PULL_LEN as usize
+    };
+    if linear >= want || ctx.pull_data(want as u32).is_err() {
+        count(Counter::Unparsed);
+        return None;
+    }
+    let ip = parse::ip(ctx.data(), ctx.data_end(), len)?;
+    let t = parse::tcp(ctx.data(), ctx.data_end(), &ip)?;
+    Some((ip, t))
+}
+
+#[inline(always)]
+fn watched(settings: &Settings, port: u16) -> bool {
+    port != SMTPS_PORT && settings.is_smtp_port(port)
+}
+
+#[classifier]
+pub fn tarpit_tc_in(ctx: TcContext) -> i32 {
+    ingress(&ctx);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn tarpit_tc_out(ctx: TcContext) -> i32 {
+    egress(&ctx);
+    TC_ACT_UNSPEC
+}
+
+/// Client to server.
+#[inline(always)]
+fn ingress(ctx: &TcContext) {
+    let Some(settings) = settings() else { return };
+    if !settings.has(SETTING_PREGREET) {
+        return;
+    }
+    let Some((ip, tcp)) = parse_tcp(ctx) else {
+        return;
+    };
+    if !watched(settings, tcp.dport) {
+        return;
+    }
+    if ip.fragment {
+        // What a fragment carries reaches the socket only after reassembly
+        // (or never): it is not classified.
+        return;
+    }
+    let key = FlowKey {
+        client: ip.src,
+        server: ip.dst,
+        client_port: tcp.sport,
+        server_port: tcp.dport,
+    };
+    if tcp.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN {
+        let now = now_ns();
+        let flow = FlowState {
+            created_ns: now,
+            state: FLOW_AWAIT_GREETING,
+            flags: 0,
+        };
+        match FLOWS.insert(&key, flow, 0) {
+            Ok(()) => count(Counter::TcFlowNew),
+            Err(e) => {
+                count(Counter::TcFlowInsertFailed);
+                if settings.has(SETTING_EVENTS) {
+                    emit(Event {
+                        ts_ns: now,
+                        kind: EVENT_FLOW_TABLE_FULL,
+                        addr: ip.src,
+                        client_port: tcp.sport,
+                        server_port: tcp.dport,
+                        value: e as i64 as u64,
+                        ..Event::default()
+                    });
+                }
+            }
+        }
+        let _ = ip_state(&ip.src, now);
+        return;
+    }
+    if tcp.payload_len > 0 {
+        match FLOWS.get_ptr_mut(&key) {
+            None => count(Counter::TcFlowUnknown),
+            Some(flow) => unsafe {
+                if (*flow).flags & FLOW_F_CLIENT_SPOKE == 0 {
+                    (*flow).flags |= FLOW_F_CLIENT_SPOKE;
+                    let state = (*flow).state;
+                    if state != FLOW_GREETED {
+                        let teaser = state == FLOW_TEASER;
+                        (*flow).flags |= FLOW_F_PREGREET | if teaser { FLOW_F_TEASER } else { 0 };
+                        strike(ctx, settings, &key, teaser);
+                    }
+                }
+            },
+        }
+    }
+    if tcp.flags & (TCP_FIN | TCP_RST) != 0 && FLOWS.remove(&key).is_ok() {
+        count(Counter::TcFlowClosed);
+    }
+}
+
+/// Records a pre-greet talker: per-address strike, event, log line.
+#[inline(always)]
+fn strike(ctx: &TcContext, settings: &Settings, key: &FlowKey, teaser: bool) {
+    let now = now_ns();
+    count(Counter::TcPregreet);
+    if teaser {
+        count(Counter::TcPregreetTeaser);
+    }
+    if let Some(s) = ip_state(&key.client, now) {
+        unsafe {
+            atomic_add_u32(&raw mut (*s).strikes, 1);
+            (*s).last_strike_ns = now;
+            if (*s).flags & IP_F_PREGREET == 0 {
+                (*s).flags |= IP_F_PREGREET;
+            }
+        }
+    }
+    if settings.has(SETTING_EVENTS) {
+        emit(Event {
+            ts_ns: now,
+            kind: EVENT_PREGREET,
+            flags: if teaser { EVENT_F_TEASER } else { 0 },
+            addr: key.client,
+            client_port: key.client_port,
+            server_port: key.server_port,
+            server: key.server,
+            ..Event::default()
+        });
+    }
+    if settings.has(SETTING_LOG) {
+        info!(
+            ctx,
+            "pre-greet talk from [{:i}]:{} to port {}{}",
+            key.client.octets,
+            key.client_port,
+            key.server_port,
+            if teaser { " after a 220- teaser" } else { "" }
+        );
+    }
+}
+
+/// Server to client.
+#[inline(always)]
+fn egress(ctx: &TcContext) {
+    let Some(settings) = settings() else { return };
+    if !settings.has(SETTING_PREGREET) {
+        return;
+    }
+    let Some((ip, tcp)) = parse_tcp(ctx) else {
+        return;
+    };
+    if !watched(settings, tcp.sport) || ip.fragment {
+        return;
+    }
+    let key = FlowKey {
+        client: ip.dst,
+        server: ip.src,
+        client_port: tcp.dport,
+        server_port: tcp.sport,
+    };
+    if tcp.payload_len > 0 {
+        if let Some(flow) = FLOWS.get_ptr_mut(&key) {
+            unsafe {
+                (*flow).flags |= FLOW_F_SERVER_SPOKE;
+                if (*flow).state != FLOW_GREETED {
+                    let next = greeting_state(ctx, &tcp);
+                    (*flow).state = next;
+                    if next == FLOW_GREETED {
+                        count(Counter::TcGreeted);
+                    }
+                }
+            }
+        }
+    }
+    if tcp.flags & (TCP_FIN | TCP_RST) != 0 && FLOWS.remove(&key).is_ok() {
+        count(Counter::TcFlowClosed);
+    }
+}
+
+/// Where a server segment leaves the greeting: `FLOW_TEASER` when its last
+/// line is a `220-` continuation, else `FLOW_GREETED`. Any doubt (a last
+/// line longer than the window, a failed copy) counts as greeted: a missed
+/// bot is better than a flagged good client.
+#[inline(always)]
+fn greeting_state(ctx: &TcContext, tcp: &Tcp) -> u32 {
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+        return FLOW_GREETED;
+    };
+    let buf = unsafe { &mut *buf };
+    let len = tcp.payload_len;
+    let n = if len > SCRATCH_LEN { SCRATCH_LEN } else { len };
+    if n < 4 || n > SCRATCH_LEN {
+        return FLOW_GREETED;
+    }
+    let off = tcp.payload_off + len - n;
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            off as u32,
+            buf.as_mut_ptr() as *mut _,
+            n as u32,
+        )
+    };
+    if rc != 0 {
+        return FLOW_GREETED;
+    }
+    // Ignore the line end of the last line, then find where it starts.
+    let mut end = n;
+    if buf[(end - 1) & (SCRATCH_LEN - 1)] == b'\n' {
+        end -= 1;
+    }
+    let mut start = usize::MAX;
+    for k in 1..SCRATCH_LEN {
+        if k > end {
+            break;
+        }
+        let i = end - k;
+        if buf[i & (SCRATCH_LEN - 1)] == b'\n' {
+            start = i + 1;
+            break;
+        }
+    }
+    if start == usize::MAX {
+        if n != len {
+            return FLOW_GREETED;
+        }
+        start = 0;
+    }
+    if start + 4 > n {
+        return FLOW_GREETED;
+    }
+    let m = SCRATCH_LEN - 1;
+    if buf[start & m] == b'2'
+        && buf[(start + 1) & m] == b'2'
+        && buf[(start + 2) & m] == b'0'
+        && buf[(start + 3) & m] == b'-'
+    {
+        FLOW_TEASER
+    } else {
+        FLOW_GREETED
+    }
+}
