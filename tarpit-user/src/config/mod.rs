@@ -14,7 +14,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 pub use error::ConfigError;
-pub use kernel::{KernelConfig, XdpModeSetting};
+pub use kernel::{KernelConfig, TcAttachSetting, XdpModeSetting};
 pub use net::{BackendConfig, ClientAddress, ListenConfig};
 pub use reputation::{
     DnsConfig, DnsblConfig, DnswlConfig, GreylistConfig, GreylistMode, parse_nameserver,
