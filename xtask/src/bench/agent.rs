@@ -8,7 +8,7 @@
 //! the file. It never measures something other than what it says.
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -115,6 +115,29 @@ pub struct AgentConfig {
     required: Vec<String>,
 }
 
+/// Does the agent take `key = value`? `Err` holds its reason.
+fn probe(bin: &Path, scratch: &Path, key: &str, value: &str) -> Result<()> {
+    let text = match key.rsplit_once('.') {
+        Some((section, k)) => format!("[{section}]\n{k} = {value}\n"),
+        None => format!("{key} = {value}\n"),
+    };
+    let text = text.replace("@AGENT_DIR@", &scratch.display().to_string());
+    let file = scratch.join("probe.toml");
+    std::fs::write(&file, text)?;
+    let out = Command::new(bin)
+        .arg("check-config")
+        .arg("-c")
+        .arg(&file)
+        .output()
+        .context("cannot run tarpit check-config")?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        bail!("{}", err.trim().trim_start_matches("tarpit: "))
+    }
+}
+
 impl AgentConfig {
     /// Sets a key the scenario needs; a missing key makes the side
     /// unavailable.
@@ -131,22 +154,30 @@ impl AgentConfig {
     }
 
     /// The TOML text with the keys the agent knows; an error naming the
-    /// required keys it does not know yet.
-    pub fn render(&self, known: &[String]) -> Result<String> {
-        let missing: Vec<&String> = self
-            .required
+    /// required keys it does not know yet. A key is known when the shipped
+    /// config documents it, or when `tarpit check-config` accepts a file
+    /// holding just that key (the code may be ahead of the docs).
+    pub fn render(&self, bin: &Path, scratch: &Path) -> Result<String> {
+        let shipped = known_keys();
+        let mut known = Vec::new();
+        let mut refused = Vec::new();
+        for (k, v) in &self.values {
+            if shipped.contains(k) {
+                known.push(k.clone());
+                continue;
+            }
+            match probe(bin, scratch, k, v) {
+                Ok(()) => known.push(k.clone()),
+                Err(e) => refused.push((k.clone(), e)),
+            }
+        }
+        let missing: Vec<String> = refused
             .iter()
-            .filter(|k| !known.contains(k))
+            .filter(|(k, _)| self.required.contains(k))
+            .map(|(k, e)| format!("{k} ({e})"))
             .collect();
         if !missing.is_empty() {
-            bail!(
-                "the agent has no {} setting yet (not in config/tarpit.toml)",
-                missing
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            bail!("the agent does not take {} yet", missing.join(", "));
         }
         let mut sections: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
         for (k, v) in &self.values {
@@ -194,6 +225,7 @@ pub fn base_config(net: &BenchNet, port: u16, backend_port: u16) -> AgentConfig 
         .want("kernel.smtp_ports", format!("[{port}]"))
         .want("kernel.pin_path", format!("\"{}\"", pin_dir(net).display()))
         .want("kernel.detach_on_exit", "true")
+        .need("state.file", "\"@AGENT_DIR@/state.json\"")
 }
 
 pub fn pin_dir(net: &BenchNet) -> PathBuf {
@@ -203,6 +235,8 @@ pub fn pin_dir(net: &BenchNet) -> PathBuf {
 /// A running agent; Drop kills it and removes its files and pins.
 pub struct Agent {
     pub dir: PathBuf,
+    /// The config file, for `tarpit -c FILE <command>` next to the agent.
+    pub config: PathBuf,
     pin_dir: PathBuf,
     child: Option<Child>,
 }
@@ -216,10 +250,18 @@ impl Agent {
         probe_port: Option<u16>,
     ) -> Result<Agent> {
         let bin = bin.path()?;
-        let text = config.render(&known_keys())?;
         let dir = std::env::temp_dir().join(format!("tarpit-bench-agent-{}", net.id));
         std::fs::create_dir_all(&dir)?;
+        let text = match config.render(bin, &dir) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         let cfg = dir.join("tarpit.toml");
+        // Run-time list entries go to a state file of our own.
+        let text = text.replace("@AGENT_DIR@", &dir.display().to_string());
         std::fs::write(&cfg, &text)?;
         let check = Command::new(bin)
             .arg("check-config")
@@ -247,6 +289,7 @@ impl Agent {
             .spawn()
             .context("cannot start tarpit")?;
         let mut agent = Agent {
+            config: cfg.clone(),
             dir,
             pin_dir: pin_dir(net),
             child: Some(child),

@@ -15,7 +15,7 @@ use super::super::netns::{BenchNet, link_mac};
 use super::super::postfix;
 use super::super::procstat::MachineCpu;
 use super::super::report::{Aim, Scenario, Side};
-use super::super::{Env, nft, signal, synflood};
+use super::super::{Env, bpfstats, nft, signal, synflood};
 
 const PORT: u16 = 25;
 
@@ -30,14 +30,14 @@ fn measure(env: &Env, xdp: bool) -> Result<Side> {
     if xdp {
         let cfg = base_config(&net, PORT, postfix::PROXY);
         let a = Agent::start(&env.tarpit, &net, &cfg, None)?;
-        xdp_block = Some(super::super::xdpblock::XdpBlock::install(env, &net, &a)?);
+        xdp_block = Some(super::super::xdpblock::XdpBlock::install(env, &a)?);
         agent = Some(a);
     } else {
         nft::install(&net, PORT)?;
     }
     let dropped = |net: &BenchNet| -> Result<u64> {
         match &xdp_block {
-            Some(b) => b.dropped(net),
+            Some(b) => b.dropped(),
             None => nft::dropped(net),
         }
     };
@@ -45,6 +45,16 @@ fn measure(env: &Env, xdp: bool) -> Result<Side> {
     // Warm-up: caches, NAPI, the rule's first match.
     net.in_client(|| synflood::flood(&ifname, src_mac, dst_mac, PORT, 20_000, limit))??;
     signal::sleep(Duration::from_millis(300))?;
+    // XDP's own run time per packet, from the agent's programs.
+    let stats = agent
+        .as_ref()
+        .and_then(|_| bpfstats::StatsOn::enable().ok());
+    let ids = agent
+        .as_ref()
+        .and_then(|a| a.pid())
+        .map(bpfstats::prog_ids_of)
+        .unwrap_or_default();
+    let prog0 = bpfstats::snapshot(&ids);
     let d0 = dropped(&net)?;
     let m0 = MachineCpu::now();
     let res =
@@ -54,6 +64,9 @@ fn measure(env: &Env, xdp: bool) -> Result<Side> {
     let m = m0.since(&MachineCpu::now());
     signal::sleep(Duration::from_millis(300))?;
     let d = dropped(&net)?.saturating_sub(d0);
+    let mut progs = bpfstats::Totals::default();
+    progs.add(&prog0, &bpfstats::snapshot(&ids));
+    drop(stats);
     if d == 0 {
         bail!("nothing was dropped by the {name} rule: the rule does not match the flood");
     }
@@ -72,6 +85,13 @@ fn measure(env: &Env, xdp: bool) -> Result<Side> {
     }
     if m.busy - sender > 0.0 {
         s.set("drops_per_cpu_s_excl_sender", d as f64 / (m.busy - sender));
+    }
+    for t in progs
+        .0
+        .values()
+        .filter(|t| t.kind == "xdp" && t.run_cnt > 0)
+    {
+        s.set("xdp_ns_per_packet", t.run_time_ns as f64 / t.run_cnt as f64);
     }
     drop(agent);
     drop(net);
