@@ -334,117 +334,135 @@ fn parse_line(line: &str) -> Option<(GreyKey, Entry)> {
     Some((key, e))
 }
 
-/// The file behind the table.
-struct Store {
-    path: PathBuf,
-    file: File,
-    /// Lines in the file, to know when compacting pays.
-    lines: usize,
+/// Loads the log into `table`, skipping torn or foreign lines (a crash
+/// mid-append leaves at most one) and expired entries.
+fn load(path: &Path, table: &mut GreyTable, now: u64) -> Result<(), StoreError> {
+    match File::open(path) {
+        Ok(f) => {
+            let mut skipped = 0usize;
+            for line in BufReader::new(f).lines() {
+                let Ok(line) = line else {
+                    skipped += 1;
+                    continue;
+                };
+                match parse_line(&line) {
+                    Some((k, e)) => table.restore(k, e),
+                    None => skipped += 1,
+                }
+            }
+            if skipped > 0 {
+                tracing::warn!(path = %path.display(), skipped, "greylist store: unreadable lines skipped");
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(store_err(path, e)),
+    }
+    table.sweep(now);
+    Ok(())
 }
 
-impl Store {
-    fn err(path: &Path, source: std::io::Error) -> StoreError {
-        StoreError {
-            path: path.to_owned(),
-            source,
-        }
+fn store_err(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError {
+        path: path.to_owned(),
+        source,
     }
+}
 
-    /// Loads the log into `table` (skipping torn or foreign lines and
-    /// expired entries), then compacts it.
-    fn open(path: &Path, table: &mut GreyTable, now: u64) -> Result<Store, StoreError> {
+/// Writes `entries` to a new file and renames it over the store.
+fn compact(path: &Path, entries: &HashMap<GreyKey, Entry>) -> Result<(), StoreError> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::io::BufWriter::new(File::create(&tmp)?);
+        for (k, e) in entries {
+            f.write_all(entry_line(k, *e).as_bytes())?;
+        }
+        let f = f.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
+            && let Ok(d) = File::open(dir)
         {
-            std::fs::create_dir_all(dir).map_err(|e| Store::err(dir, e))?;
+            let _ = d.sync_all();
         }
-        match File::open(path) {
-            Ok(f) => {
-                let mut skipped = 0usize;
-                for line in BufReader::new(f).lines() {
-                    let Ok(line) = line else {
-                        skipped += 1;
-                        continue;
-                    };
-                    match parse_line(&line) {
-                        Some((k, e)) => table.restore(k, e),
-                        None => skipped += 1,
+        Ok(())
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        store_err(path, e)
+    })
+}
+
+enum Msg {
+    /// A key's new state, and the time of the check (for expiry).
+    Put(GreyKey, Entry, u64),
+    /// Acknowledged once everything sent before is written.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// Queued writes at most; beyond, a change is kept in memory only (the
+/// store is a memory aid, never a reason to hold a session).
+const WRITE_QUEUE: usize = 65_536;
+
+/// The store's own thread: appends each change with one `write`, and
+/// compacts when the log holds more than twice the live entries.
+struct Writer {
+    path: PathBuf,
+    file: File,
+    lines: usize,
+    entries: HashMap<GreyKey, Entry>,
+    windows: Windows,
+}
+
+impl Writer {
+    fn run(mut self, rx: std::sync::mpsc::Receiver<Msg>) {
+        for msg in rx {
+            match msg {
+                Msg::Put(k, e, now) => {
+                    if let Err(err) = self.put(k, e, now) {
+                        tracing::warn!(error = %err, "greylist store not written");
                     }
                 }
-                if skipped > 0 {
-                    tracing::warn!(path = %path.display(), skipped, "greylist store: unreadable lines skipped");
+                Msg::Flush(ack) => {
+                    let _ = ack.send(());
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Store::err(path, e)),
         }
-        table.sweep(now);
-        let lines = Store::compact(path, table)?;
-        let file = OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(|e| Store::err(path, e))?;
-        Ok(Store {
-            path: path.to_owned(),
-            file,
-            lines,
-        })
     }
 
-    /// Writes the table to a new file and renames it over the store.
-    fn compact(path: &Path, table: &GreyTable) -> Result<usize, StoreError> {
-        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::io::BufWriter::new(File::create(&tmp)?);
-            for (k, e) in &table.entries {
-                f.write_all(entry_line(k, *e).as_bytes())?;
-            }
-            let f = f.into_inner().map_err(|e| e.into_error())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            if let Some(dir) = path.parent()
-                && !dir.as_os_str().is_empty()
-                && let Ok(d) = File::open(dir)
-            {
-                let _ = d.sync_all();
-            }
-            Ok(())
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Store::err(path, e)
-        })?;
-        Ok(table.len())
-    }
-
-    fn append(&mut self, key: &GreyKey, e: Entry, table: &GreyTable) -> Result<(), StoreError> {
+    fn put(&mut self, k: GreyKey, e: Entry, now: u64) -> Result<(), StoreError> {
+        let line = entry_line(&k, e);
+        self.entries.insert(k, e);
         self.file
-            .write_all(entry_line(key, e).as_bytes())
-            .map_err(|err| Store::err(&self.path, err))?;
+            .write_all(line.as_bytes())
+            .map_err(|err| store_err(&self.path, err))?;
         self.lines += 1;
-        if self.lines > 2 * table.len() + 1000 {
-            self.lines = Store::compact(&self.path, table)?;
+        if self.lines > 2 * self.entries.len() + 1000 {
+            let mut t = GreyTable::new(self.windows, usize::MAX);
+            t.entries = std::mem::take(&mut self.entries);
+            t.sweep(now);
+            self.entries = t.entries;
+            compact(&self.path, &self.entries)?;
+            self.lines = self.entries.len();
             self.file = OpenOptions::new()
                 .append(true)
                 .open(&self.path)
-                .map_err(|err| Store::err(&self.path, err))?;
+                .map_err(|err| store_err(&self.path, err))?;
         }
         Ok(())
     }
 }
 
-struct State {
-    table: GreyTable,
-    store: Store,
-}
-
-/// Greylisting with its persistent store; shared by all sessions.
+/// Greylisting with its persistent store; shared by all sessions (cheap to
+/// clone). Checks are in memory and never block on the disk: changes go to
+/// the store's thread, which writes them at once.
 #[derive(Clone)]
 pub struct Greylist {
     mode: GreylistMode,
     v4_prefix: u8,
     v6_prefix: u8,
-    state: Arc<Mutex<State>>,
+    table: Arc<Mutex<GreyTable>>,
+    writer: std::sync::mpsc::SyncSender<Msg>,
     metrics: Arc<ReputationMetrics>,
 }
 
@@ -457,7 +475,8 @@ pub fn unix_now() -> u64 {
 }
 
 impl Greylist {
-    /// Opens (or creates) the store; `None` when greylisting is off.
+    /// Opens (or creates) the store; `None` when greylisting is off. `now`
+    /// (unix seconds) decides what has expired.
     pub fn open(
         cfg: &GreylistConfig,
         metrics: Arc<ReputationMetrics>,
@@ -466,14 +485,39 @@ impl Greylist {
         if cfg.mode == GreylistMode::Off {
             return Ok(None);
         }
-        let mut table = GreyTable::new(Windows::from(cfg), cfg.max_entries);
-        let store = Store::open(&cfg.store, &mut table, now)?;
-        tracing::info!(path = %cfg.store.display(), entries = table.len(), mode = ?cfg.mode, "greylisting on");
+        let path = cfg.store.clone();
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| store_err(dir, e))?;
+        }
+        let windows = Windows::from(cfg);
+        let mut table = GreyTable::new(windows, cfg.max_entries);
+        load(&path, &mut table, now)?;
+        compact(&path, &table.entries)?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| store_err(&path, e))?;
+        let writer = Writer {
+            path: path.clone(),
+            file,
+            lines: table.len(),
+            entries: table.entries.clone(),
+            windows,
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(WRITE_QUEUE);
+        std::thread::Builder::new()
+            .name("greylist-store".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| store_err(&path, e))?;
+        tracing::info!(path = %path.display(), entries = table.len(), mode = ?cfg.mode, "greylisting on");
         Ok(Some(Greylist {
             mode: cfg.mode,
             v4_prefix: cfg.ipv4_prefix,
             v6_prefix: cfg.ipv6_prefix,
-            state: Arc::new(Mutex::new(State { table, store })),
+            table: Arc::new(Mutex::new(table)),
+            writer: tx,
             metrics,
         }))
     }
@@ -487,20 +531,19 @@ impl Greylist {
         GreyKey::triplet(client, sender, rcpt, self.v4_prefix, self.v6_prefix)
     }
 
-    /// Decides an attempt at `now` (unix seconds) and writes the change.
-    /// Blocking file I/O: use [`Greylist::check`] from async code. A store
-    /// that cannot be written is logged and the answer still given: a disk
-    /// problem must not stop mail.
-    pub fn check_blocking(&self, key: &GreyKey, now: u64) -> GreyVerdict {
-        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let st = &mut *guard;
-        let out = st.table.check(key, now);
+    /// Decides an attempt at `now` (unix seconds, see [`unix_now`]). Never
+    /// waits for the disk.
+    pub fn check(&self, key: &GreyKey, now: u64) -> GreyVerdict {
+        let out = self
+            .table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check(key, now);
         if let Some(e) = out.write
-            && let Err(err) = st.store.append(key, e, &st.table)
+            && self.writer.try_send(Msg::Put(key.clone(), e, now)).is_err()
         {
-            tracing::warn!(error = %err, "greylist store not written");
+            tracing::warn!("greylist store queue full: a change stays in memory only");
         }
-        drop(guard);
         if out.full {
             self.metrics.greylist_full.fetch_add(1, Relaxed);
         }
@@ -511,23 +554,19 @@ impl Greylist {
         out.verdict
     }
 
-    /// [`Greylist::check_blocking`] on tokio's blocking pool.
-    pub async fn check(&self, key: GreyKey, now: u64) -> GreyVerdict {
-        let me = self.clone();
-        match tokio::task::spawn_blocking(move || me.check_blocking(&key, now)).await {
-            Ok(v) => v,
-            // Only if the runtime is shutting down: let the mail through.
-            Err(_) => GreyVerdict::Pass,
+    /// Waits (at most `timeout`) until every change so far is written;
+    /// for a clean shutdown. False if the store did not confirm in time.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.writer.send(Msg::Flush(tx)).is_err() {
+            return false;
         }
+        rx.recv_timeout(timeout).is_ok()
     }
 
     /// Entries in the table.
     pub fn len(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .table
-            .len()
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -725,15 +764,13 @@ mod tests {
             "a@x.example",
             "c@tarpit.test",
         );
+        assert!(matches!(g.check(&k, T0), GreyVerdict::TempFail { .. }));
         assert!(matches!(
-            g.check_blocking(&k, T0),
+            g.check(&pending, T0),
             GreyVerdict::TempFail { .. }
         ));
-        assert!(matches!(
-            g.check_blocking(&pending, T0),
-            GreyVerdict::TempFail { .. }
-        ));
-        assert_eq!(g.check_blocking(&k, T0 + MIN), GreyVerdict::Pass);
+        assert_eq!(g.check(&k, T0 + MIN), GreyVerdict::Pass);
+        assert!(g.flush(Duration::from_secs(5)));
         drop(g);
         // A crash in the middle of a line leaves a torn line behind.
         let path = dir.join("sub/greylist.db");
@@ -744,9 +781,9 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(g.len(), 2);
-        assert_eq!(g.check_blocking(&k, T0 + MIN + 1), GreyVerdict::Pass);
+        assert_eq!(g.check(&k, T0 + MIN + 1), GreyVerdict::Pass);
         // The pending triplet kept its first-attempt time across the restart.
-        assert_eq!(g.check_blocking(&pending, T0 + MIN + 2), GreyVerdict::Pass);
+        assert_eq!(g.check(&pending, T0 + MIN + 2), GreyVerdict::Pass);
         assert_eq!(m.greylist_tempfail.load(Relaxed), 2);
         assert_eq!(m.greylist_pass.load(Relaxed), 3);
         // The compacted file holds exactly the live entries, whole lines.
@@ -762,10 +799,11 @@ mod tests {
         let g = Greylist::open(&cfg(&dir), m, T0).unwrap().unwrap();
         let k = g.triplet_key("198.51.100.9".parse().unwrap(), "a@x", "b@y");
         // Each pass renewal an hour apart writes a line for the same key.
-        g.check_blocking(&k, T0);
+        g.check(&k, T0);
         for i in 0..1100u64 {
-            g.check_blocking(&k, T0 + MIN + i * RENEW_WRITE_STEP);
+            g.check(&k, T0 + MIN + i * RENEW_WRITE_STEP);
         }
+        assert!(g.flush(Duration::from_secs(5)));
         let text = std::fs::read_to_string(dir.join("sub/greylist.db")).unwrap();
         assert!(
             text.lines().count() < 1000,

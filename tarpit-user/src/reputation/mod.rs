@@ -36,7 +36,7 @@ use crate::config::{DnsConfig, DnsblConfig, DnswlConfig};
 use cache::TtlCache;
 use dnsbl::{Hit, Judgement, ListAction, Scoring, Site};
 use fcrdns::{HostCheck, HostPattern};
-pub use greylist::{GreyKey, GreyVerdict, Greylist};
+pub use greylist::{GreyKey, GreyVerdict, Greylist, unix_now};
 use metrics::ReputationMetrics;
 use resolver::{Answer, Dns, Failure};
 
