@@ -4,21 +4,41 @@
 //! Defaults are defined here and nowhere else (the shipped
 //! `config/tarpit.toml` documents them). A bad file is refused with the
 //! key path and the reason, by `tarpit check-config` and `tarpit run` alike.
+mod allow;
+mod blacklist;
+mod delays;
 mod error;
+mod greeting;
+mod helo;
 mod kernel;
+mod limits;
+mod metrics;
 mod net;
+mod rcpt;
+mod reject;
 mod reputation;
+mod tls;
 
 use std::path::Path;
 
 use serde::Deserialize;
 
+pub use allow::{AllowConfig, ExcludeConfig};
+pub use blacklist::BlacklistConfig;
+pub use delays::MAX_DELAY;
 pub use error::ConfigError;
+pub use greeting::GreetingConfig;
+pub use helo::HeloConfig;
 pub use kernel::{KernelConfig, TcAttachSetting, XdpModeSetting};
+pub use limits::LimitsConfig;
+pub use metrics::MetricsConfig;
 pub use net::{BackendConfig, ClientAddress, ListenConfig};
+pub use rcpt::RcptConfig;
+pub use reject::RejectConfig;
 pub use reputation::{
     DnsConfig, DnsblConfig, DnswlConfig, GreylistConfig, GreylistMode, parse_nameserver,
 };
+pub use tls::TlsConfig;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -29,6 +49,16 @@ pub struct Config {
     pub listen: ListenConfig,
     pub backend: BackendConfig,
     pub kernel: KernelConfig,
+    pub greeting: GreetingConfig,
+    pub helo: HeloConfig,
+    pub rcpt: RcptConfig,
+    pub reject: RejectConfig,
+    pub blacklist: BlacklistConfig,
+    pub exclude: ExcludeConfig,
+    pub allow: AllowConfig,
+    pub limits: LimitsConfig,
+    pub tls: TlsConfig,
+    pub metrics: MetricsConfig,
     pub dns: DnsConfig,
     pub dnsbl: DnsblConfig,
     pub dnswl: DnswlConfig,
@@ -42,6 +72,16 @@ impl Default for Config {
             listen: ListenConfig::default(),
             backend: BackendConfig::default(),
             kernel: KernelConfig::default(),
+            greeting: GreetingConfig::default(),
+            helo: HeloConfig::default(),
+            rcpt: RcptConfig::default(),
+            reject: RejectConfig::default(),
+            blacklist: BlacklistConfig::default(),
+            exclude: ExcludeConfig::default(),
+            allow: AllowConfig::default(),
+            limits: LimitsConfig::default(),
+            tls: TlsConfig::default(),
+            metrics: MetricsConfig::default(),
             dns: DnsConfig::default(),
             dnsbl: DnsblConfig::default(),
             dnswl: DnswlConfig::default(),
@@ -72,6 +112,15 @@ impl Config {
         self.listen.validate()?;
         self.backend.validate()?;
         self.kernel.validate()?;
+        self.greeting.validate()?;
+        self.helo.validate()?;
+        self.rcpt.validate()?;
+        self.reject.validate()?;
+        self.blacklist.validate()?;
+        self.allow.validate()?;
+        self.limits.validate()?;
+        self.tls.validate()?;
+        self.metrics.validate()?;
         self.dns.validate()?;
         self.dnsbl.validate(&self.dnswl)?;
         self.greylist.validate()?;
@@ -97,6 +146,59 @@ mod tests {
         assert_eq!(c.kernel.interfaces, vec!["lo".to_string()]);
         assert!(c.kernel.detach_on_exit);
         assert!(c.listen.addrs.iter().all(|a| a.ip().is_loopback()));
+    }
+
+    #[test]
+    fn agent_defaults_follow_the_seed_systems() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.greeting.delay, std::time::Duration::from_secs(5));
+        assert!(c.greeting.drop_pre_greet);
+        assert_eq!(c.helo.delay, std::time::Duration::ZERO);
+        assert_eq!(c.rcpt.threshold, 5);
+        assert_eq!(c.rcpt.delay, std::time::Duration::from_secs(10));
+        assert_eq!(c.rcpt.scaling, 1.0);
+        assert_eq!(c.reject.delay, std::time::Duration::ZERO);
+        assert_eq!(c.blacklist.delay, std::time::Duration::from_secs(60));
+        assert!(c.exclude.allowlisted && c.exclude.authenticated);
+        assert_eq!(c.allow.callout_senders, vec!["<>", "double-bounce@*"]);
+    }
+
+    #[test]
+    fn delays_over_600s_are_refused_with_the_key() {
+        for key in [
+            "greeting.delay",
+            "helo.delay",
+            "rcpt.delay",
+            "reject.delay",
+            "blacklist.delay",
+        ] {
+            let (section, name) = key.split_once('.').unwrap();
+            let e = Config::parse(&format!("[{section}]\n{name} = \"601s\"\n")).unwrap_err();
+            assert_eq!(e.key(), Some(key), "{e}");
+            assert!(e.to_string().contains("600s"), "{e}");
+            Config::parse(&format!("[{section}]\n{name} = \"10m\"\n")).unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_agent_values_name_their_key() {
+        let cases = [
+            ("[rcpt]\nscaling = 0.5\n", "rcpt.scaling"),
+            ("[limits]\nline = 100\n", "limits.line"),
+            ("[limits]\nsessions = 0\n", "limits.sessions"),
+            ("[tls]\ncert = \"/nonexistent/cert.pem\"\n", "tls.key"),
+            (
+                "[tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\n",
+                "tls.cert",
+            ),
+            ("[blacklist]\nsenders = [\"a b\"]\n", "blacklist.senders"),
+        ];
+        for (text, key) in cases {
+            let e = Config::parse(text).unwrap_err();
+            assert_eq!(e.key(), Some(key), "{text}: {e}");
+        }
+        let e = Config::parse("[blacklist]\nips = [\"300.1.2.3/8\"]\n").unwrap_err();
+        assert!(e.to_string().contains("ips"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `[listen]` and `[backend]`: where the agent takes clients and where the
 //! real MTA is.
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -53,6 +54,17 @@ pub struct BackendConfig {
     /// The real MTA.
     pub addr: SocketAddr,
     pub client_address: ClientAddress,
+    /// How long connecting to the MTA (and reading its banner) may take
+    /// before the client gets `421 4.3.2`.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long the MTA may take to answer one command (end of data
+    /// included) before the client gets a 4xx. RFC 5321 asks clients to
+    /// wait 10 minutes for the end-of-data reply.
+    #[serde(with = "humantime_serde")]
+    pub reply_timeout: Duration,
+    /// The name the agent gives in its own EHLO before XCLIENT.
+    pub helo_name: String,
 }
 
 impl Default for BackendConfig {
@@ -60,6 +72,9 @@ impl Default for BackendConfig {
         BackendConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 10025)),
             client_address: ClientAddress::ProxyV2,
+            connect_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(600),
+            helo_name: "tarpit.localhost".to_string(),
         }
     }
 }
@@ -70,6 +85,29 @@ impl BackendConfig {
             return Err(ConfigError::invalid(
                 "backend.addr",
                 "port 0 is not a TCP port",
+            ));
+        }
+        if self.connect_timeout.is_zero() || self.connect_timeout > Duration::from_secs(300) {
+            return Err(ConfigError::invalid(
+                "backend.connect_timeout",
+                "must be from 1ms to 300s",
+            ));
+        }
+        if self.reply_timeout.is_zero() || self.reply_timeout > Duration::from_secs(3600) {
+            return Err(ConfigError::invalid(
+                "backend.reply_timeout",
+                "must be from 1ms to 1h",
+            ));
+        }
+        if self.helo_name.is_empty()
+            || !self
+                .helo_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-_[]:".contains(c))
+        {
+            return Err(ConfigError::invalid(
+                "backend.helo_name",
+                "must be a host name or an address literal",
             ));
         }
         Ok(())

@@ -1,0 +1,184 @@
+//! The connection to the real MTA.
+//!
+//! Opened only once a client has earned it (after the greeting delay);
+//! the first bytes tell the MTA who the client really is (PROXY v2, v1 or
+//! XCLIENT), then the MTA's banner is read to be relayed.
+pub mod proxy;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use crate::config::{BackendConfig, ClientAddress};
+use crate::smtp::{LineBuf, Reply, ReplyAssembler, ReplyError};
+
+/// Longest reply line accepted from the MTA (RFC 5321: 512).
+const MAX_REPLY_LINE: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot connect to the MTA at {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the MTA did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("connection to the MTA: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the MTA closed the connection")]
+    Closed,
+    #[error("the MTA sent a malformed reply: {0}")]
+    Malformed(#[from] ReplyError),
+    #[error("the MTA sent a reply line longer than {MAX_REPLY_LINE} bytes")]
+    LineTooLong,
+    #[error("XCLIENT refused or not offered by the MTA: {0}")]
+    Xclient(String),
+}
+
+impl BackendError {
+    /// A short metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendError::Connect { .. } => "connect",
+            BackendError::Timeout(_) => "timeout",
+            BackendError::Io(_) => "io",
+            BackendError::Closed => "closed",
+            BackendError::Malformed(_) | BackendError::LineTooLong => "malformed",
+            BackendError::Xclient(_) => "xclient",
+        }
+    }
+}
+
+/// An open session with the MTA.
+pub struct Backend {
+    pub stream: TcpStream,
+    buf: LineBuf,
+    replies: ReplyAssembler,
+}
+
+impl Backend {
+    /// Connects, introduces the client and returns the MTA's banner.
+    pub async fn open(
+        cfg: &BackendConfig,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<(Backend, Reply), BackendError> {
+        let t = cfg.connect_timeout;
+        let stream = timeout(t, TcpStream::connect(cfg.addr))
+            .await
+            .map_err(|_| BackendError::Timeout(t))?
+            .map_err(|source| BackendError::Connect {
+                addr: cfg.addr,
+                source,
+            })?;
+        let _ = stream.set_nodelay(true);
+        let mut b = Backend {
+            stream,
+            buf: LineBuf::new(MAX_REPLY_LINE),
+            replies: ReplyAssembler::default(),
+        };
+        let banner = timeout(t, b.introduce(cfg, client, local))
+            .await
+            .map_err(|_| BackendError::Timeout(t))??;
+        Ok((b, banner))
+    }
+
+    async fn introduce(
+        &mut self,
+        cfg: &BackendConfig,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Reply, BackendError> {
+        match cfg.client_address {
+            ClientAddress::ProxyV2 => {
+                let h = proxy::v2_header(client, local)?;
+                self.stream.write_all(&h).await?;
+                self.read_reply().await
+            }
+            ClientAddress::ProxyV1 => {
+                self.stream
+                    .write_all(&proxy::v1_header(client, local))
+                    .await?;
+                self.read_reply().await
+            }
+            ClientAddress::Xclient => {
+                let banner = self.read_reply().await?;
+                if banner.code != 220 {
+                    // The MTA refuses service: the client gets its words.
+                    return Ok(banner);
+                }
+                self.stream
+                    .write_all(format!("EHLO {}\r\n", cfg.helo_name).as_bytes())
+                    .await?;
+                let ehlo = self.read_reply().await?;
+                let offered: Vec<String> = ehlo
+                    .ehlo_keywords()
+                    .iter()
+                    .find_map(|k| k.strip_prefix("XCLIENT ").map(str::to_string))
+                    .map(|attrs| attrs.split_ascii_whitespace().map(str::to_string).collect())
+                    .unwrap_or_default();
+                if !offered.iter().any(|a| a == "ADDR") {
+                    return Err(BackendError::Xclient(format!(
+                        "EHLO reply offers no XCLIENT ADDR (is the agent in smtpd_authorized_xclient_hosts?): {}",
+                        String::from_utf8_lossy(&ehlo.to_bytes()).trim_end()
+                    )));
+                }
+                self.stream
+                    .write_all(proxy::xclient_line(client, local, &offered).as_bytes())
+                    .await?;
+                let r = self.read_reply().await?;
+                if r.code != 220 {
+                    return Err(BackendError::Xclient(
+                        String::from_utf8_lossy(&r.to_bytes())
+                            .trim_end()
+                            .to_string(),
+                    ));
+                }
+                Ok(r)
+            }
+        }
+    }
+
+    /// Reads until one complete reply is there (no timeout: callers add it).
+    pub async fn read_reply(&mut self) -> Result<Reply, BackendError> {
+        loop {
+            if let Some(r) = self.next_reply()? {
+                return Ok(r);
+            }
+            if self.buf.fill(&mut self.stream).await? == 0 {
+                return Err(BackendError::Closed);
+            }
+        }
+    }
+
+    /// Reads what the MTA sent; `Ok(0)` is end of stream. Cancel-safe.
+    pub async fn fill(&mut self) -> std::io::Result<usize> {
+        self.buf.fill(&mut self.stream).await
+    }
+
+    /// The next complete reply among the bytes read, if any.
+    pub fn next_reply(&mut self) -> Result<Option<Reply>, BackendError> {
+        while let Some(line) = self.buf.next_line() {
+            let line: Bytes = line.map_err(|_| BackendError::LineTooLong)?;
+            if let Some(r) = self.replies.push(line)? {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Bytes read from the MTA but not yet parsed (after STARTTLS goes to
+    /// the MTA, they belong to its TLS handshake).
+    pub fn take_buffered(&mut self) -> Bytes {
+        self.buf.take_raw(usize::MAX)
+    }
+
+    pub async fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(data).await
+    }
+}

@@ -1,0 +1,317 @@
+//! The agent's counters and a minimal HTTP endpoint serving them.
+//!
+//! Prometheus text (OpenMetrics) at `GET /metrics` on `metrics.listen`.
+//! Names (all prefixed `tarpit_`):
+//! - `sessions_active` (gauge), `sessions_total{outcome}`;
+//! - `delays_total{reason}`, `delay_seconds{reason}` (histogram of holds);
+//! - `pregreet_total`, `limit_refusals_total{limit}`,
+//!   `backend_errors_total{kind}`, `starttls_passthrough_total`,
+//!   `authenticated_total`.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::policy::Reason;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// How a session ended; a metric label and a log field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The client sent QUIT.
+    Quit,
+    /// The client closed the connection without QUIT.
+    ClientClosed,
+    /// Talked before the banner: 554 and closed.
+    PreGreet,
+    /// Idle timeout: 421 4.4.2.
+    Idle,
+    /// Refused by a session limit: 421.
+    Limit,
+    /// The MTA could not be reached, failed or timed out: 4xx to the client.
+    BackendError,
+    /// The MTA ended the session (its own 421).
+    BackendClosed,
+    /// STARTTLS relayed to the MTA; the rest was relayed opaquely.
+    Passthrough,
+    /// A network or TLS error on the client side.
+    ClientError,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Quit => "quit",
+            Outcome::ClientClosed => "client_closed",
+            Outcome::PreGreet => "pregreet",
+            Outcome::Idle => "idle",
+            Outcome::Limit => "limit",
+            Outcome::BackendError => "backend_error",
+            Outcome::BackendClosed => "backend_closed",
+            Outcome::Passthrough => "passthrough",
+            Outcome::ClientError => "client_error",
+        }
+    }
+}
+
+/// Every counter of the agent, registered once.
+pub struct Metrics {
+    registry: Registry,
+    pub sessions_active: Gauge,
+    sessions_total: Family<Labels, Counter>,
+    delays_total: Family<Labels, Counter>,
+    delay_seconds: Family<Labels, Histogram>,
+    pub pregreet_total: Counter,
+    limit_refusals: Family<Labels, Counter>,
+    backend_errors: Family<Labels, Counter>,
+    pub starttls_passthrough_total: Counter,
+    pub authenticated_total: Counter,
+}
+
+fn delay_histogram() -> Histogram {
+    Histogram::new([
+        0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    ])
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("tarpit");
+        let sessions_active = Gauge::default();
+        registry.register(
+            "sessions_active",
+            "SMTP sessions open now",
+            sessions_active.clone(),
+        );
+        let sessions_total = Family::<Labels, Counter>::default();
+        registry.register(
+            "sessions",
+            "SMTP sessions ended, by outcome",
+            sessions_total.clone(),
+        );
+        let delays_total = Family::<Labels, Counter>::default();
+        registry.register("delays", "Replies held, by reason", delays_total.clone());
+        let delay_seconds =
+            Family::<Labels, Histogram>::new_with_constructor(delay_histogram as fn() -> Histogram);
+        registry.register(
+            "delay_seconds",
+            "Hold given to a reply, by reason",
+            delay_seconds.clone(),
+        );
+        let pregreet_total = Counter::default();
+        registry.register(
+            "pregreet",
+            "Clients that talked before the banner",
+            pregreet_total.clone(),
+        );
+        let limit_refusals = Family::<Labels, Counter>::default();
+        registry.register(
+            "limit_refusals",
+            "Sessions or lines refused by a limit",
+            limit_refusals.clone(),
+        );
+        let backend_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "backend_errors",
+            "Failures talking to the MTA, by kind",
+            backend_errors.clone(),
+        );
+        let starttls_passthrough_total = Counter::default();
+        registry.register(
+            "starttls_passthrough",
+            "Sessions relayed opaquely after STARTTLS went to the MTA",
+            starttls_passthrough_total.clone(),
+        );
+        let authenticated_total = Counter::default();
+        registry.register(
+            "authenticated",
+            "Sessions the MTA answered 235 to AUTH",
+            authenticated_total.clone(),
+        );
+        Metrics {
+            registry,
+            sessions_active,
+            sessions_total,
+            delays_total,
+            delay_seconds,
+            pregreet_total,
+            limit_refusals,
+            backend_errors,
+            starttls_passthrough_total,
+            authenticated_total,
+        }
+    }
+
+    /// The registry, for later issues that add their own metrics.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn session_ended(&self, outcome: Outcome) {
+        self.sessions_total
+            .get_or_create(&vec![("outcome", outcome.as_str())])
+            .inc();
+    }
+
+    pub fn delayed(&self, reason: Reason, d: Duration) {
+        let l = vec![("reason", reason.as_str())];
+        self.delays_total.get_or_create(&l).inc();
+        self.delay_seconds
+            .get_or_create(&l)
+            .observe(d.as_secs_f64());
+    }
+
+    pub fn limit_refused(&self, limit: &'static str) {
+        self.limit_refusals
+            .get_or_create(&vec![("limit", limit)])
+            .inc();
+    }
+
+    pub fn backend_error(&self, kind: &'static str) {
+        self.backend_errors
+            .get_or_create(&vec![("kind", kind)])
+            .inc();
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Binds the endpoint; serve it with [`serve`].
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))
+}
+
+/// Serves `GET /metrics` until the task is dropped. One short-lived task
+/// per request; requests are tiny and bounded.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    if let Ok(a) = listener.local_addr() {
+        info!(addr = %a, "metrics endpoint listening");
+    }
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("metrics accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                tokio::time::timeout(Duration::from_secs(10), answer(stream, &metrics)).await
+            {
+                debug!(%peer, "metrics request timed out: {e}");
+            }
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || head.len() > 8192 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let request_line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let mut parts = request_line.split(|b| *b == b' ');
+    let (method, path) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let response = if method == b"GET" && (path == b"/metrics" || path.starts_with(b"/metrics?")) {
+        let body = metrics.render();
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    } else {
+        let body = "not found; try /metrics\n";
+        format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_render_with_labels() {
+        let m = Metrics::new();
+        m.session_ended(Outcome::PreGreet);
+        m.session_ended(Outcome::PreGreet);
+        m.delayed(Reason::Rcpt, Duration::from_secs(10));
+        m.pregreet_total.inc();
+        let text = m.render();
+        assert!(
+            text.contains("tarpit_sessions_total{outcome=\"pregreet\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tarpit_delays_total{reason=\"rcpt\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("tarpit_pregreet_total 1"), "{text}");
+        assert!(
+            text.contains("tarpit_delay_seconds_sum{reason=\"rcpt\"} 10"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn endpoint_answers_get_metrics() {
+        let l = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let m = Arc::new(Metrics::new());
+        m.sessions_active.set(3);
+        let task = tokio::spawn(serve(l, m));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        assert!(out.contains("tarpit_sessions_active 3"), "{out}");
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+        task.abort();
+    }
+}

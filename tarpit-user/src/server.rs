@@ -1,0 +1,158 @@
+//! Listeners, session limits and the hand-off of each client to a session.
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+
+use crate::metrics::Outcome;
+use crate::session::{self, Shared};
+
+const TOO_MANY_SESSIONS: &[u8] = b"421 4.3.2 Too many sessions, try again later\r\n";
+const TOO_MANY_PER_IP: &[u8] = b"421 4.7.0 Too many connections\r\n";
+
+/// Sessions per client address, decremented when a session ends.
+#[derive(Default)]
+struct PerIp(Mutex<HashMap<IpAddr, usize>>);
+
+struct PerIpGuard {
+    table: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    fn try_enter(self: &Arc<Self>, ip: IpAddr, limit: usize) -> Option<PerIpGuard> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(PerIpGuard {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PerIpGuard {
+    fn drop(&mut self) {
+        let mut m = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The bound listeners of the agent.
+pub struct Server {
+    listeners: Vec<TcpListener>,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Binds every address; any failure is an error naming the address.
+    pub async fn bind(addrs: &[SocketAddr], shared: Arc<Shared>) -> Result<Server> {
+        let mut listeners = Vec::new();
+        for a in addrs {
+            let l = TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} (listen.addrs)"))?;
+            info!(addr = %l.local_addr().unwrap_or(*a), "listening for SMTP clients");
+            listeners.push(l);
+        }
+        Ok(Server { listeners, shared })
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Accepts clients until the returned future is dropped.
+    pub async fn serve(self) {
+        let sessions = Arc::new(Semaphore::new(self.shared.limits.sessions));
+        let per_ip = Arc::new(PerIp::default());
+        let mut tasks = tokio::task::JoinSet::new();
+        for l in self.listeners {
+            tasks.spawn(accept_loop(
+                l,
+                self.shared.clone(),
+                sessions.clone(),
+                per_ip.clone(),
+            ));
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn accept_loop(
+    l: TcpListener,
+    shared: Arc<Shared>,
+    sessions: Arc<Semaphore>,
+    per_ip: Arc<PerIp>,
+) {
+    loop {
+        let (stream, peer) = match l.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let local = match stream.local_addr() {
+            Ok(a) => a,
+            Err(_) => continue,
+        };
+        let Ok(permit) = sessions.clone().try_acquire_owned() else {
+            shared.metrics.limit_refused("sessions");
+            tokio::spawn(refuse(stream, TOO_MANY_SESSIONS, shared.clone()));
+            continue;
+        };
+        let client = shared.policy.classify(peer.ip(), local.port());
+        let guard = if client.internal || (client.allowlisted && shared.policy.exclude_allowlisted)
+        {
+            None
+        } else {
+            match per_ip.try_enter(client.ip, shared.limits.per_ip) {
+                Some(g) => Some(g),
+                None => {
+                    shared.metrics.limit_refused("per_ip");
+                    drop(permit);
+                    tokio::spawn(refuse(stream, TOO_MANY_PER_IP, shared.clone()));
+                    continue;
+                }
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            shared.metrics.sessions_active.inc();
+            let outcome = session::run(&shared, stream, peer, local).await;
+            shared.metrics.sessions_active.dec();
+            shared.metrics.session_ended(outcome);
+            drop(guard);
+            drop(permit);
+        });
+    }
+}
+
+async fn refuse(mut stream: TcpStream, reply: &'static [u8], shared: Arc<Shared>) {
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = stream.write_all(reply).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+    shared.metrics.session_ended(Outcome::Limit);
+}

@@ -1,0 +1,186 @@
+//! A bounded line buffer, read into without losing data on cancellation.
+//!
+//! The session waits on the client, the MTA and its timers at once
+//! (`select!`); a read future that is dropped must not take bytes with it.
+//! Here the only await point is one `read_buf` into the buffer held by the
+//! caller, so every byte that arrived is kept.
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Read size; also the capacity kept by an idle buffer.
+const CHUNK: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LineError {
+    #[error("line longer than {0} bytes")]
+    TooLong(usize),
+}
+
+/// Bytes read from a peer and not yet consumed.
+#[derive(Debug)]
+pub struct LineBuf {
+    buf: BytesMut,
+    max_line: usize,
+    /// Inside an over-long line: its bytes are dropped up to the next LF.
+    discarding: bool,
+}
+
+impl LineBuf {
+    pub fn new(max_line: usize) -> LineBuf {
+        LineBuf {
+            buf: BytesMut::new(),
+            max_line,
+            discarding: false,
+        }
+    }
+
+    /// Reads what the peer has sent; `Ok(0)` is end of stream. Cancel-safe.
+    pub async fn fill<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> std::io::Result<usize> {
+        self.buf.reserve(CHUNK);
+        r.read_buf(&mut self.buf).await
+    }
+
+    /// Appends bytes (used by tests and the fuzz target).
+    pub fn extend(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Drops everything buffered (bytes a client sent after STARTTLS must
+    /// not be taken as commands inside TLS).
+    pub fn clear(&mut self) {
+        self.buf = BytesMut::new();
+        self.discarding = false;
+    }
+
+    /// The next complete line with its line ending (LF or CRLF), or
+    /// `TooLong` once for each over-long line (whose bytes are dropped),
+    /// or `None` when no complete line is buffered yet.
+    pub fn next_line(&mut self) -> Option<Result<Bytes, LineError>> {
+        loop {
+            match self.buf.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    if self.discarding {
+                        self.buf.advance(i + 1);
+                        self.discarding = false;
+                        self.shrink();
+                        return Some(Err(LineError::TooLong(self.max_line)));
+                    }
+                    if i + 1 > self.max_line {
+                        self.buf.advance(i + 1);
+                        self.shrink();
+                        return Some(Err(LineError::TooLong(self.max_line)));
+                    }
+                    let line = self.buf.split_to(i + 1).freeze();
+                    self.shrink();
+                    return Some(Ok(line));
+                }
+                None => {
+                    if self.buf.len() >= self.max_line {
+                        // Keep nothing of it: a client cannot make us hold
+                        // more than one line's worth.
+                        self.discarding = true;
+                        self.buf.clear();
+                        self.shrink();
+                        continue;
+                    }
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Up to `max` raw bytes (BDAT chunks, DATA bodies, opaque relay).
+    pub fn take_raw(&mut self, max: usize) -> Bytes {
+        let n = max.min(self.buf.len());
+        let out = self.buf.split_to(n).freeze();
+        self.shrink();
+        out
+    }
+
+    /// The buffered bytes, unconsumed.
+    pub fn peek(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// A session that waits holds no buffer it does not need.
+    fn shrink(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 2 * CHUNK {
+            self.buf = BytesMut::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_split_at_lf() {
+        let mut b = LineBuf::new(512);
+        b.extend(b"EHLO a\r\nMAIL FROM:<>\nRC");
+        assert_eq!(&b.next_line().unwrap().unwrap()[..], b"EHLO a\r\n");
+        assert_eq!(&b.next_line().unwrap().unwrap()[..], b"MAIL FROM:<>\n");
+        assert!(b.next_line().is_none());
+        b.extend(b"PT TO:<x@y>\r\n");
+        assert_eq!(&b.next_line().unwrap().unwrap()[..], b"RCPT TO:<x@y>\r\n");
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn over_long_line_is_reported_once_and_dropped() {
+        let mut b = LineBuf::new(512);
+        b.extend(&[b'a'; 600]);
+        assert!(b.next_line().is_none());
+        assert!(b.len() < 512, "the long line is not kept");
+        b.extend(&[b'a'; 600]);
+        assert!(b.next_line().is_none());
+        b.extend(b"aaa\r\nQUIT\r\n");
+        assert_eq!(b.next_line(), Some(Err(LineError::TooLong(512))));
+        assert_eq!(&b.next_line().unwrap().unwrap()[..], b"QUIT\r\n");
+        assert!(b.next_line().is_none());
+    }
+
+    #[test]
+    fn over_long_complete_line() {
+        let mut b = LineBuf::new(512);
+        let mut line = vec![b'x'; 511];
+        line.extend_from_slice(b"\r\nNOOP\r\n");
+        b.extend(&line);
+        assert_eq!(b.next_line(), Some(Err(LineError::TooLong(512))));
+        assert_eq!(&b.next_line().unwrap().unwrap()[..], b"NOOP\r\n");
+        let mut ok = vec![b'x'; 510];
+        ok.extend_from_slice(b"\r\n");
+        b.extend(&ok);
+        assert_eq!(b.next_line().unwrap().unwrap().len(), 512);
+    }
+
+    #[test]
+    fn raw_takes_at_most_what_is_there() {
+        let mut b = LineBuf::new(512);
+        b.extend(b"0123456789");
+        assert_eq!(&b.take_raw(4)[..], b"0123");
+        assert_eq!(&b.take_raw(100)[..], b"456789");
+        assert!(b.take_raw(5).is_empty());
+    }
+
+    #[tokio::test]
+    async fn fill_reads_from_a_stream() {
+        let (mut a, mut z) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"HELO x\r\n")
+            .await
+            .unwrap();
+        let mut b = LineBuf::new(512);
+        assert_eq!(b.fill(&mut z).await.unwrap(), 8);
+        drop(a);
+        assert_eq!(b.fill(&mut z).await.unwrap(), 0);
+        assert_eq!(&b.next_line().unwrap().unwrap()[..], b"HELO x\r\n");
+    }
+}
