@@ -7,6 +7,7 @@
 //!   end-to-end tests, ending with one `N passed, N failed` line.
 mod bench;
 mod ebpf;
+mod install;
 mod leaks;
 mod paths;
 mod run;
@@ -40,6 +41,10 @@ enum Command {
         #[arg(long)]
         release: bool,
     },
+    /// Install the release binary, the systemd unit, the sysusers entry and
+    /// the docs under PREFIX, and the default config as
+    /// /etc/tarpit/tarpit.toml unless one exists.
+    Install(install::InstallArgs),
     /// Run the whole test suite: install test dependencies, fmt, clippy,
     /// unit tests and end-to-end tests.
     Test(test::TestArgs),
@@ -54,6 +59,7 @@ fn main() -> ExitCode {
         Command::BuildEbpf => ebpf::build().map(|_| ()),
         Command::Run { config, release } => run::run(config, release),
         Command::Test(args) => test::run(args),
+        Command::Install(args) => install::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {
