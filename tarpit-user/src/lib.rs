@@ -19,4 +19,5 @@ pub mod run;
 pub mod server;
 pub mod session;
 pub mod smtp;
+pub mod state;
 pub mod tls;

@@ -27,6 +27,7 @@ pub fn run(config_path: &Path) -> Result<()> {
 async fn agent(config: Config) -> Result<()> {
     crate::kernel_version::check_min_kernel()?;
     let kernel = Kernel::load(&config.kernel)?;
+    crate::state::restore_at_start(&config.kernel.pin_path, &config.state.file);
     let mut agent = start_agent(&config).await?;
     info!("tarpit agent running; Ctrl-C or SIGTERM stops it");
     wait_for_stop().await?;

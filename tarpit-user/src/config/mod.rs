@@ -15,6 +15,7 @@ mod limits;
 mod metrics;
 mod net;
 mod rcpt;
+mod state;
 mod reject;
 mod reputation;
 mod tls;
@@ -34,6 +35,7 @@ pub use limits::LimitsConfig;
 pub use metrics::MetricsConfig;
 pub use net::{BackendConfig, ClientAddress, ListenConfig};
 pub use rcpt::RcptConfig;
+pub use state::{DEFAULT_STATE_FILE, StateConfig};
 pub use reject::RejectConfig;
 pub use reputation::{
     DnsConfig, DnsblConfig, DnswlConfig, GreylistConfig, GreylistMode, parse_nameserver,
@@ -49,6 +51,8 @@ pub struct Config {
     pub listen: ListenConfig,
     pub backend: BackendConfig,
     pub kernel: KernelConfig,
+    /// `[state]`: the file of run-time allow and block entries.
+    pub state: StateConfig,
     pub greeting: GreetingConfig,
     pub helo: HeloConfig,
     pub rcpt: RcptConfig,
@@ -72,6 +76,7 @@ impl Default for Config {
             listen: ListenConfig::default(),
             backend: BackendConfig::default(),
             kernel: KernelConfig::default(),
+            state: StateConfig::default(),
             greeting: GreetingConfig::default(),
             helo: HeloConfig::default(),
             rcpt: RcptConfig::default(),
@@ -112,6 +117,7 @@ impl Config {
         self.listen.validate()?;
         self.backend.validate()?;
         self.kernel.validate()?;
+        self.state.validate()?;
         self.greeting.validate()?;
         self.helo.validate()?;
         self.rcpt.validate()?;

@@ -1,0 +1,365 @@
+//! `tarpit ip ADDR`: everything known about one address, and what the
+//! tarpit would do to it now.
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use anyhow::Result;
+use clap::Args;
+use serde::Serialize;
+
+use super::Context;
+use super::args::parse_ip;
+use super::auth::AuthJson;
+use super::kernel_glue::{AuthRow, Clock, IpRow, List, ListRow};
+use super::lists::{EntryJson, joined};
+use super::output::{self, human_duration, human_time_rel};
+use crate::config::Config;
+use crate::state::State;
+
+#[derive(Debug, Args)]
+pub struct IpArgs {
+    /// IPv4 or IPv6 address (::ffff:a.b.c.d is the same as a.b.c.d).
+    #[arg(value_name = "ADDR", value_parser = parse_ip)]
+    pub addr: IpAddr,
+    /// Print JSON (one object; fields in docs/cli.md).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `tarpit ip --json` (docs/cli.md).
+#[derive(Debug, Serialize)]
+struct IpJson {
+    ip: String,
+    family: &'static str,
+    allow: Vec<EntryJson>,
+    block: Vec<EntryJson>,
+    authenticated: Option<AuthJson>,
+    state: Option<StateJson>,
+    policy: Policy,
+}
+
+#[derive(Debug, Serialize)]
+struct StateJson {
+    first_seen: Option<String>,
+    last_seen: Option<String>,
+    last_strike: Option<String>,
+    conns_live: u64,
+    conns_total: u64,
+    strikes: u32,
+    flags: Vec<&'static str>,
+}
+
+/// What applies to the address now, most decisive rule first.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Policy {
+    /// `allow`, `block`, `internal`, `authenticated`, `tarpit`.
+    pub verdict: &'static str,
+    /// One sentence for people.
+    pub reason: String,
+}
+
+/// The rule order of the kernel and the agent: the allow list beats the
+/// block list (XDP), internal networks are never tarpitted, authenticated
+/// clients skip the delays, everyone else is tarpitted.
+pub fn policy(
+    ip: IpAddr,
+    allow: &[ListRow],
+    block: &[ListRow],
+    auth: Option<&AuthRow>,
+    state: Option<&IpRow>,
+    config: &Config,
+    now: SystemTime,
+) -> Policy {
+    if let Some(a) = allow.iter().find(|r| r.active) {
+        return Policy {
+            verdict: "allow",
+            reason: format!(
+                "allow-listed by {}: XDP passes it even if a block entry matches, and the agent \
+                 applies no delay",
+                a.net
+            ),
+        };
+    }
+    if let Some(b) = block.iter().find(|r| r.active) {
+        let until = b
+            .expires
+            .map(|e| format!("until {}", human_time_rel(e, now)))
+            .unwrap_or_else(|| "with no expiry".into());
+        let ports = if b.all_ports {
+            "every port"
+        } else {
+            "the SMTP ports"
+        };
+        return Policy {
+            verdict: "block",
+            reason: format!(
+                "blocked by {} ({}) {until}: XDP drops its packets to {ports}",
+                b.net,
+                b.reason.as_deref().unwrap_or("manual")
+            ),
+        };
+    }
+    if let Some(net) = config.allow.internal.iter().find(|n| n.contains(&ip)) {
+        return Policy {
+            verdict: "internal",
+            reason: format!("internal network {net} (allow.internal): never tarpitted"),
+        };
+    }
+    if let Some(net) = config.allow.ips.iter().find(|n| n.contains(&ip))
+        && config.exclude.allowlisted
+    {
+        return Policy {
+            verdict: "allow",
+            reason: format!("allow-listed by the configuration ({net} in allow.ips): no delay"),
+        };
+    }
+    if let Some(a) = auth.filter(|a| a.active)
+        && config.exclude.authenticated
+    {
+        let until = a
+            .expires
+            .map(|e| format!(" until {}", human_time_rel(e, now)))
+            .unwrap_or_default();
+        return Policy {
+            verdict: "authenticated",
+            reason: format!("authenticated{until}: the tarpit delays are skipped"),
+        };
+    }
+    let greeting = human_duration(config.greeting.delay);
+    let strikes = state.map(|s| s.strikes).unwrap_or(0);
+    let history = if strikes > 0 {
+        format!(
+            "; it talked before the greeting {strikes} time{}",
+            if strikes == 1 { "" } else { "s" }
+        )
+    } else {
+        String::new()
+    };
+    let drop = if config.greeting.drop_pre_greet {
+        ", a talker is dropped with 554"
+    } else {
+        ""
+    };
+    Policy {
+        verdict: "tarpit",
+        reason: format!("tarpitted like any client: greeting held {greeting}{drop}{history}"),
+    }
+}
+
+pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
+    let maps = ctx.open()?;
+    let st = State::load(&ctx.state_file)?;
+    let clock = Clock::now();
+    let now = clock.wall;
+    let ip = args.addr;
+    let allow = maps.matching(List::Allow, ip, &clock)?;
+    let block = maps.matching(List::Block, ip, &clock)?;
+    let auth = maps.auth_get(ip, &clock)?;
+    let state = maps.ip_state(ip, &clock)?;
+    let policy = policy(
+        ip,
+        &allow,
+        &block,
+        auth.as_ref(),
+        state.as_ref(),
+        &ctx.config,
+        now,
+    );
+
+    // Comments and "saved" come from the state file.
+    let with_notes = |list: List, rows: &[ListRow]| -> Result<Vec<EntryJson>> {
+        let all = joined(&maps, &st, list, &clock)?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| all.iter().find(|j| j.net == r.net))
+            .map(|j| j.json(list, now))
+            .collect())
+    };
+    let allow_json = with_notes(List::Allow, &allow)?;
+    let block_json = with_notes(List::Block, &block)?;
+
+    if args.json {
+        let state_json = state.as_ref().map(|s| StateJson {
+            first_seen: s.first_seen.map(output::rfc3339),
+            last_seen: s.last_seen.map(output::rfc3339),
+            last_strike: s.last_strike.map(output::rfc3339),
+            conns_live: s.conns_live,
+            conns_total: s.conns_total,
+            strikes: s.strikes,
+            flags: s.flags.clone(),
+        });
+        return output::print_json(&IpJson {
+            ip: ip.to_string(),
+            family: if ip.is_ipv4() { "ipv4" } else { "ipv6" },
+            allow: allow_json,
+            block: block_json,
+            authenticated: auth.as_ref().map(|a| AuthJson::new(a, now)),
+            state: state_json,
+            policy,
+        });
+    }
+
+    let mut lines: Vec<(String, String)> = Vec::new();
+    let entry_text = |e: &EntryJson, row: &ListRow| -> String {
+        let mut s = e.cidr.clone();
+        match row.expires {
+            Some(t) if row.active => s += &format!(", until {}", human_time_rel(t, now)),
+            Some(t) => s += &format!(", expired {}", human_time_rel(t, now)),
+            None => s += ", no expiry",
+        }
+        if let Some(r) = &e.reason {
+            s += &format!(", reason {r}");
+        }
+        if e.all_ports == Some(true) {
+            s += ", all ports";
+        }
+        if let Some(c) = &e.comment {
+            s += &format!(" ({c})");
+        }
+        s
+    };
+    if allow.is_empty() {
+        lines.push(("allow list".into(), "no".into()));
+    }
+    for (e, r) in allow_json.iter().zip(&allow) {
+        lines.push(("allow list".into(), entry_text(e, r)));
+    }
+    if block.is_empty() {
+        lines.push(("block list".into(), "no".into()));
+    }
+    for (e, r) in block_json.iter().zip(&block) {
+        lines.push(("block list".into(), entry_text(e, r)));
+    }
+    lines.push((
+        "authenticated".into(),
+        match &auth {
+            None => "no".into(),
+            Some(a) => match (a.active, a.expires) {
+                (true, Some(t)) => format!("until {}", human_time_rel(t, now)),
+                (true, None) => "yes, no expiry".into(),
+                (false, Some(t)) => format!("expired {}", human_time_rel(t, now)),
+                (false, None) => "no".into(),
+            },
+        },
+    ));
+    match &state {
+        None => lines.push(("history".into(), "never seen by the kernel".into())),
+        Some(s) => {
+            let t = |x: Option<SystemTime>| {
+                x.map(|t| human_time_rel(t, now))
+                    .unwrap_or_else(|| "-".into())
+            };
+            lines.push(("first seen".into(), t(s.first_seen)));
+            lines.push(("last seen".into(), t(s.last_seen)));
+            lines.push((
+                "connections".into(),
+                format!("{} live, {} in total", s.conns_live, s.conns_total),
+            ));
+            lines.push((
+                "pre-greet strikes".into(),
+                match s.last_strike {
+                    Some(t) if s.strikes > 0 => {
+                        format!("{} (last {})", s.strikes, human_time_rel(t, now))
+                    }
+                    _ => s.strikes.to_string(),
+                },
+            ));
+            if !s.flags.is_empty() {
+                lines.push(("flags".into(), s.flags.join(", ")));
+            }
+        }
+    }
+    lines.push((
+        "policy now".into(),
+        format!("{}: {}", policy.verdict, policy.reason),
+    ));
+
+    println!("{ip}");
+    let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in lines {
+        println!("  {k:<width$}  {v}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn row(net: &str, active: bool, all_ports: bool) -> ListRow {
+        let now = SystemTime::now();
+        ListRow {
+            net: net.parse().unwrap(),
+            added: now,
+            expires: Some(now + Duration::from_secs(60)),
+            active,
+            reason: Some("manual".into()),
+            all_ports,
+        }
+    }
+
+    #[test]
+    fn allow_beats_block_and_expired_entries_do_not_count() {
+        let c = Config::default();
+        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        let now = SystemTime::now();
+        let allow = [row("198.51.100.0/24", true, false)];
+        let block = [row("198.51.100.7/32", true, true)];
+        assert_eq!(
+            policy(ip, &allow, &block, None, None, &c, now).verdict,
+            "allow"
+        );
+        let expired_allow = [row("198.51.100.0/24", false, false)];
+        let p = policy(ip, &expired_allow, &block, None, None, &c, now);
+        assert_eq!(p.verdict, "block");
+        assert!(p.reason.contains("every port"), "{}", p.reason);
+        let expired_block = [row("198.51.100.7/32", false, false)];
+        assert_eq!(
+            policy(ip, &[], &expired_block, None, None, &c, now).verdict,
+            "tarpit"
+        );
+    }
+
+    #[test]
+    fn internal_and_authenticated() {
+        let c = Config::default();
+        let now = SystemTime::now();
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(
+            policy(lo, &[], &[], None, None, &c, now).verdict,
+            "internal"
+        );
+        let ip: IpAddr = "fd5b:1e00::2".parse().unwrap();
+        let auth = AuthRow {
+            ip,
+            added: now,
+            expires: Some(now + Duration::from_secs(3600)),
+            active: true,
+        };
+        assert_eq!(
+            policy(ip, &[], &[], Some(&auth), None, &c, now).verdict,
+            "authenticated"
+        );
+    }
+
+    #[test]
+    fn strikes_are_mentioned() {
+        let c = Config::default();
+        let now = SystemTime::now();
+        let ip: IpAddr = "198.51.100.9".parse().unwrap();
+        let s = IpRow {
+            ip,
+            first_seen: Some(now),
+            last_seen: Some(now),
+            last_strike: Some(now),
+            conns_live: 0,
+            conns_total: 3,
+            strikes: 2,
+            flags: vec!["pregreet"],
+        };
+        let p = policy(ip, &[], &[], None, Some(&s), &c, now);
+        assert_eq!(p.verdict, "tarpit");
+        assert!(p.reason.contains("2 times"), "{}", p.reason);
+    }
+}

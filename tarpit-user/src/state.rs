@@ -1,0 +1,533 @@
+//! The state file: allow and block entries added at run time
+//! (`tarpit allow|block add`), kept across reboots.
+//!
+//! The kernel's maps live in bpffs, which survives an agent restart but not
+//! a reboot. Every change the command line makes to the allow and block
+//! lists is therefore also written here, and the agent puts the unexpired
+//! entries back into the kernel when it starts ([`restore`] callers).
+//!
+//! The file is JSON (readable, diffable, editable in an emergency) and is
+//! replaced atomically: the new content goes to a temporary file in the same
+//! directory, is fsynced, renamed over the old one, and the directory is
+//! fsynced. A crash leaves either the old file or the new one, never half
+//! of one. Concurrent writers (two admins, a script) are serialised by an
+//! advisory lock on a sibling `.lock` file, so no update is lost.
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Version of the file format; a file from a newer tarpit is refused rather
+/// than rewritten without the fields this version does not know.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot read state file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state file {} is not valid: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: String },
+    #[error(
+        "state file {} has format version {found}; this tarpit understands {FORMAT_VERSION} \
+         (it was written by a newer tarpit)",
+        path.display()
+    )]
+    Version { path: PathBuf, found: u32 },
+    #[error("cannot write state file {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A run-time allow-list entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowEntry {
+    /// Network (host bits zero), e.g. `198.51.100.0/24` or `fd5b:1e00::/64`.
+    pub cidr: IpNet,
+    /// Unix seconds when it was added.
+    pub added_at: u64,
+    /// Unix seconds when it expires; `None` = never.
+    #[serde(default)]
+    pub expires_at: Option<u64>,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// A run-time block-list entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockEntry {
+    pub cidr: IpNet,
+    pub added_at: u64,
+    #[serde(default)]
+    pub expires_at: Option<u64>,
+    /// Drop every port, not only the SMTP ports.
+    #[serde(default)]
+    pub all_ports: bool,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    #[serde(default)]
+    pub allow: Vec<AllowEntry>,
+    #[serde(default)]
+    pub block: Vec<BlockEntry>,
+}
+
+/// Unix seconds of a wall-clock time.
+pub fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Wall-clock time of Unix seconds.
+pub fn from_unix(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+fn expired(expires_at: Option<u64>, now: u64) -> bool {
+    expires_at.is_some_and(|e| e <= now)
+}
+
+impl State {
+    pub fn new() -> State {
+        State {
+            version: FORMAT_VERSION,
+            allow: Vec::new(),
+            block: Vec::new(),
+        }
+    }
+
+    /// Reads the file; a missing file is an empty state (nothing was ever
+    /// added), an unreadable or malformed one is an error (never silently
+    /// dropped, or the next write would lose its entries).
+    pub fn load(path: &Path) -> Result<State, StateError> {
+        let text = match fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::new()),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        State::parse(&text).map_err(|e| match e {
+            ParseError::Version(found) => StateError::Version {
+                path: path.to_owned(),
+                found,
+            },
+            ParseError::Json(reason) => StateError::Invalid {
+                path: path.to_owned(),
+                reason,
+            },
+        })
+    }
+
+    fn parse(text: &str) -> Result<State, ParseError> {
+        // The version is checked before the rest, so a newer file with
+        // fields this version cannot parse still gets the clear message.
+        #[derive(Deserialize)]
+        struct Header {
+            version: u32,
+        }
+        let header: Header =
+            serde_json::from_str(text).map_err(|e| ParseError::Json(e.to_string()))?;
+        if header.version > FORMAT_VERSION || header.version == 0 {
+            return Err(ParseError::Version(header.version));
+        }
+        let mut state: State =
+            serde_json::from_str(text).map_err(|e| ParseError::Json(e.to_string()))?;
+        for e in &state.allow {
+            check_network(&e.cidr).map_err(ParseError::Json)?;
+        }
+        for e in &state.block {
+            check_network(&e.cidr).map_err(ParseError::Json)?;
+        }
+        state.version = FORMAT_VERSION;
+        Ok(state)
+    }
+
+    /// Adds or replaces the allow entry for `entry.cidr`.
+    pub fn upsert_allow(&mut self, entry: AllowEntry) {
+        self.allow.retain(|e| e.cidr != entry.cidr);
+        self.allow.push(entry);
+        self.allow.sort_by_key(|e| e.cidr);
+    }
+
+    /// Adds or replaces the block entry for `entry.cidr`.
+    pub fn upsert_block(&mut self, entry: BlockEntry) {
+        self.block.retain(|e| e.cidr != entry.cidr);
+        self.block.push(entry);
+        self.block.sort_by_key(|e| e.cidr);
+    }
+
+    /// Removes the allow entry for `cidr`; true if there was one.
+    pub fn remove_allow(&mut self, cidr: &IpNet) -> bool {
+        let before = self.allow.len();
+        self.allow.retain(|e| e.cidr != *cidr);
+        self.allow.len() != before
+    }
+
+    /// Removes the block entry for `cidr`; true if there was one.
+    pub fn remove_block(&mut self, cidr: &IpNet) -> bool {
+        let before = self.block.len();
+        self.block.retain(|e| e.cidr != *cidr);
+        self.block.len() != before
+    }
+
+    pub fn allow_entry(&self, cidr: &IpNet) -> Option<&AllowEntry> {
+        self.allow.iter().find(|e| e.cidr == *cidr)
+    }
+
+    pub fn block_entry(&self, cidr: &IpNet) -> Option<&BlockEntry> {
+        self.block.iter().find(|e| e.cidr == *cidr)
+    }
+
+    /// Drops the entries that expired before `now` (Unix seconds); returns
+    /// how many went.
+    pub fn prune_expired(&mut self, now: u64) -> usize {
+        let before = self.allow.len() + self.block.len();
+        self.allow.retain(|e| !expired(e.expires_at, now));
+        self.block.retain(|e| !expired(e.expires_at, now));
+        before - self.allow.len() - self.block.len()
+    }
+
+    /// Writes the state to `path` atomically (see the module docs).
+    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        let err = |source| StateError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        let dir = parent_dir(path);
+        fs::create_dir_all(dir).map_err(err)?;
+        let mut text =
+            serde_json::to_string_pretty(self).map_err(|e| err(std::io::Error::other(e)))?;
+        text.push('\n');
+        let tmp = dir.join(format!(
+            ".{}.tmp.{}",
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "state".into()),
+            std::process::id()
+        ));
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, path)?;
+            // The rename is durable only once the directory is on disk.
+            File::open(dir)?.sync_all()
+        };
+        write().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            err(e)
+        })
+    }
+}
+
+enum ParseError {
+    Version(u32),
+    Json(String),
+}
+
+fn check_network(net: &IpNet) -> Result<(), String> {
+    if net.trunc() != *net {
+        return Err(format!("{net} has host bits set"));
+    }
+    Ok(())
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// An exclusive lock on the state file for one read-modify-write cycle.
+/// Held until dropped; the lock file itself is left in place (removing it
+/// would race with a waiter that already opened it).
+pub struct StateLock {
+    _file: File,
+}
+
+impl StateLock {
+    pub fn acquire(path: &Path) -> Result<StateLock, StateError> {
+        let err = |source| StateError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        fs::create_dir_all(parent_dir(path)).map_err(err)?;
+        let mut lock_name = path.as_os_str().to_owned();
+        lock_name.push(".lock");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(PathBuf::from(lock_name))
+            .map_err(err)?;
+        // SAFETY: flock on a file descriptor we own; blocks until granted.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        Ok(StateLock { _file: file })
+    }
+}
+
+/// Loads the state under the lock, lets `f` change it, and saves it if
+/// `f` says it changed.
+pub fn update<T>(path: &Path, f: impl FnOnce(&mut State) -> T) -> Result<T, StateError> {
+    let _lock = StateLock::acquire(path)?;
+    let mut state = State::load(path)?;
+    let before = state.clone();
+    let out = f(&mut state);
+    if state != before {
+        state.save(path)?;
+    }
+    Ok(out)
+}
+
+/// What [`restore`] put back into the kernel.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreReport {
+    pub allow: usize,
+    pub block: usize,
+    /// Entries that had expired while the agent was away (dropped from
+    /// the file).
+    pub expired: usize,
+    /// Entries the kernel refused (e.g. a full map); logged one by one.
+    pub failed: usize,
+}
+
+/// Puts the unexpired entries of the state file into the kernel's maps at
+/// `pin_path` (the agent calls it right after loading the kernel side).
+/// Expiry times are wall-clock in the file and become boot-clock TTLs
+/// here, so an entry added for a day still ends when it should after a
+/// reboot. Entries already in the kernel are rewritten with the same
+/// values. A single refused entry is logged and the rest still go in.
+pub fn restore(pin_path: &Path, state_file: &Path) -> anyhow::Result<RestoreReport> {
+    use crate::kernel::{BlockSpec, KernelMaps};
+    use tarpit_common::BlockReason;
+
+    let mut report = RestoreReport::default();
+    // Nothing saved yet: no lock file or directory is made either.
+    if !state_file.exists() {
+        return Ok(report);
+    }
+    let _lock = StateLock::acquire(state_file)?;
+    let mut state = State::load(state_file)?;
+    let now = SystemTime::now();
+    report.expired = state.prune_expired(unix(now));
+    if report.expired > 0 {
+        state.save(state_file)?;
+    }
+    if state.allow.is_empty() && state.block.is_empty() {
+        return Ok(report);
+    }
+    let ttl_of = |expires_at: Option<u64>| {
+        expires_at.map(|e| {
+            from_unix(e)
+                .duration_since(now)
+                .unwrap_or(Duration::from_secs(1))
+        })
+    };
+    let mut maps = KernelMaps::open(pin_path)?;
+    for e in &state.allow {
+        match maps.allow_add(e.cidr, ttl_of(e.expires_at)) {
+            Ok(()) => report.allow += 1,
+            Err(err) => {
+                report.failed += 1;
+                tracing::error!(cidr = %e.cidr, "saved allow entry not restored: {err}");
+            }
+        }
+    }
+    for e in &state.block {
+        let spec = BlockSpec {
+            ttl: ttl_of(e.expires_at),
+            reason: BlockReason::Manual,
+            all_ports: e.all_ports,
+        };
+        match maps.block_add(e.cidr, spec) {
+            Ok(()) => report.block += 1,
+            Err(err) => {
+                report.failed += 1;
+                tracing::error!(cidr = %e.cidr, "saved block entry not restored: {err}");
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// [`restore`] for the agent's start: logs what happened and never stops
+/// the agent (mail must flow even when the state file is damaged; a
+/// damaged file is left untouched for the admin to repair).
+pub fn restore_at_start(pin_path: &Path, state_file: &Path) {
+    match restore(pin_path, state_file) {
+        Ok(r) => tracing::info!(
+            file = %state_file.display(),
+            allow = r.allow,
+            block = r.block,
+            expired = r.expired,
+            failed = r.failed,
+            "saved allow and block entries restored"
+        ),
+        Err(e) => tracing::error!(
+            file = %state_file.display(),
+            "saved allow and block entries not restored: {e:#}"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir() -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "tarpit-state-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn allow(cidr: &str, expires_at: Option<u64>) -> AllowEntry {
+        AllowEntry {
+            cidr: cidr.parse().unwrap(),
+            added_at: 100,
+            expires_at,
+            comment: Some("partner".into()),
+        }
+    }
+
+    fn block(cidr: &str, expires_at: Option<u64>) -> BlockEntry {
+        BlockEntry {
+            cidr: cidr.parse().unwrap(),
+            added_at: 100,
+            expires_at,
+            all_ports: true,
+            comment: None,
+        }
+    }
+
+    #[test]
+    fn missing_file_is_empty_state() {
+        let d = tmpdir();
+        let s = State::load(&d.join("nope.json")).unwrap();
+        assert_eq!(s, State::new());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn save_then_load_round_trips_and_leaves_no_temp_file() {
+        let d = tmpdir();
+        let path = d.join("sub/state.json");
+        let mut s = State::new();
+        s.upsert_allow(allow("198.51.100.0/24", None));
+        s.upsert_block(block("fd5b:1e00::/64", Some(5_000)));
+        s.save(&path).unwrap();
+        assert_eq!(State::load(&path).unwrap(), s);
+        let names: Vec<_> = fs::read_dir(d.join("sub"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["state.json"]);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn upsert_replaces_and_remove_reports() {
+        let mut s = State::new();
+        s.upsert_block(block("198.51.100.0/24", None));
+        s.upsert_block(block("198.51.100.0/24", Some(9)));
+        assert_eq!(s.block.len(), 1);
+        assert_eq!(s.block[0].expires_at, Some(9));
+        assert!(s.remove_block(&"198.51.100.0/24".parse().unwrap()));
+        assert!(!s.remove_block(&"198.51.100.0/24".parse().unwrap()));
+        assert!(!s.remove_allow(&"198.51.100.0/24".parse().unwrap()));
+    }
+
+    #[test]
+    fn prune_drops_only_expired() {
+        let mut s = State::new();
+        s.upsert_allow(allow("198.51.100.0/24", Some(50)));
+        s.upsert_allow(allow("198.51.101.0/24", None));
+        s.upsert_block(block("198.51.102.0/24", Some(200)));
+        assert_eq!(s.prune_expired(100), 1);
+        assert_eq!(s.allow.len(), 1);
+        assert_eq!(s.block.len(), 1);
+    }
+
+    #[test]
+    fn malformed_file_is_an_error_not_an_empty_state() {
+        let d = tmpdir();
+        let path = d.join("state.json");
+        fs::write(&path, "{\"version\": 1, \"allow\": [").unwrap();
+        let e = State::load(&path).unwrap_err();
+        assert!(matches!(e, StateError::Invalid { .. }), "{e}");
+        fs::write(
+            &path,
+            r#"{"version":1,"allow":[{"cidr":"198.51.100.7/24","added_at":1}]}"#,
+        )
+        .unwrap();
+        let e = State::load(&path).unwrap_err().to_string();
+        assert!(e.contains("host bits"), "{e}");
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn newer_format_is_refused() {
+        let d = tmpdir();
+        let path = d.join("state.json");
+        fs::write(&path, r#"{"version": 2, "allow": "something new"}"#).unwrap();
+        let e = State::load(&path).unwrap_err();
+        assert!(matches!(e, StateError::Version { found: 2, .. }), "{e}");
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn update_saves_only_on_change_and_serialises_writers() {
+        let d = tmpdir();
+        let path = d.join("state.json");
+        update(&path, |_| ()).unwrap();
+        assert!(!path.exists(), "no change, no file");
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    update(&path, |s| {
+                        s.upsert_block(block(&format!("198.51.100.{i}/32"), None))
+                    })
+                    .unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(State::load(&path).unwrap().block.len(), 8, "no lost update");
+        fs::remove_dir_all(d).unwrap();
+    }
+}
