@@ -1,5 +1,8 @@
-//! Every kernel program of the built object passes this kernel's verifier,
-//! and every map it declares can be created.
+//! What differs between the kernels tarpit supports: every kernel program
+//! of the built object passes this kernel's verifier and every map it
+//! declares can be created; tc attaches through TCX from Linux 6.6 and
+//! through netlink filters on a clsact qdisc below (Debian 12's 6.1, 5.10),
+//! and stopping the agent leaves nothing attached either way.
 //!
 //! The agent loads only what its config enables, so a program the verifier
 //! of an older kernel refuses could hide until a user enables it. This test
@@ -8,8 +11,14 @@
 //! them: older ones lose bounds through stack spills and refuse reads of
 //! stack slots written on another path); a refusal names the program and
 //! ends with the tail of its verifier log.
-use aya::{EbpfLoader, programs::Program};
-use tarpit_tests::{env::repo_root, require_root};
+use std::process::Command;
+
+use aya::{
+    EbpfLoader,
+    programs::{Program, SchedClassifier, tc::TcAttachType},
+};
+use tarpit::kernel_version::KernelVersion;
+use tarpit_tests::{Agent, PinDir, TestCgroup, TestNet, env::repo_root, require_root};
 
 /// Lines of verifier log shown per refused program: the refusal is at the end.
 const LOG_TAIL: usize = 25;
@@ -75,4 +84,225 @@ fn every_program_passes_this_kernels_verifier() {
         refused.join("\n\n")
     );
     assert!(!loaded.is_empty(), "the object holds no programs");
+}
+
+/// The running kernel's release and whether it has TCX (Linux 6.6).
+fn kernel() -> (String, bool) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let v = KernelVersion::parse(&release).expect("kernel release parses");
+    (release, v >= KernelVersion { major: 6, minor: 6 })
+}
+
+fn config(net: &TestNet, pins: &PinDir, cgroup: &TestCgroup, tc_attach: &str) -> String {
+    format!(
+        r#"
+[listen]
+addrs = ["127.0.0.1:2525"]
+[backend]
+addr = "127.0.0.1:2535"
+[kernel]
+interfaces = ["{iface}"]
+smtp_ports = [25]
+pin_path = "{pins}"
+cgroup = "{cgroup}"
+tc_attach = "{tc_attach}"
+detach_on_exit = true
+"#,
+        iface = net.server_if,
+        pins = pins.path.display(),
+        cgroup = cgroup.path.display(),
+    )
+}
+
+/// Output of a command run inside the server namespace (stdout and stderr).
+fn in_server(net: &TestNet, program: &str, args: &[&str]) -> String {
+    let out = net
+        .server_cmd(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// What is attached to the server veth, as the tools show it.
+#[derive(Debug, PartialEq, Eq)]
+struct Hooks {
+    clsact: bool,
+    /// cls_bpf filters (netlink tc), by program name.
+    netlink_ingress: Vec<String>,
+    netlink_egress: Vec<String>,
+    /// TCX programs (empty on kernels without TCX).
+    tcx_ingress: Vec<String>,
+    tcx_egress: Vec<String>,
+    xdp: bool,
+    sock_ops: bool,
+}
+
+/// Program names of `tc filter show` output: one per filter line (iproute2
+/// prints the name twice on a line: as the filter's and as the program's).
+fn names_in(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("tarpit_")))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names
+}
+
+fn hooks(net: &TestNet, cgroup: &TestCgroup) -> Hooks {
+    let dev = net.server_if.as_str();
+    let tcx = |dir: TcAttachType| -> Vec<String> {
+        let iface = net.server_if.clone();
+        let mut names: Vec<String> = net
+            .in_server(move || {
+                SchedClassifier::query_tcx(&iface, dir)
+                    .map(|(_, progs)| {
+                        progs
+                            .iter()
+                            .filter_map(|p| p.name_as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .expect("server namespace");
+        names.sort();
+        names
+    };
+    let bpftool = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&cgroup.path)
+        .output()
+        .expect("bpftool");
+    Hooks {
+        clsact: in_server(net, "tc", &["qdisc", "show", "dev", dev]).contains("clsact"),
+        netlink_ingress: names_in(&in_server(
+            net,
+            "tc",
+            &["filter", "show", "dev", dev, "ingress"],
+        )),
+        netlink_egress: names_in(&in_server(
+            net,
+            "tc",
+            &["filter", "show", "dev", dev, "egress"],
+        )),
+        tcx_ingress: tcx(TcAttachType::Ingress),
+        tcx_egress: tcx(TcAttachType::Egress),
+        xdp: in_server(net, "ip", &["-d", "link", "show", "dev", dev]).contains("prog/xdp"),
+        sock_ops: String::from_utf8_lossy(&bpftool.stdout).contains("sock_ops"),
+    }
+}
+
+fn nothing_attached() -> Hooks {
+    Hooks {
+        clsact: false,
+        netlink_ingress: vec![],
+        netlink_egress: vec![],
+        tcx_ingress: vec![],
+        tcx_egress: vec![],
+        xdp: false,
+        sock_ops: false,
+    }
+}
+
+/// Starts the agent with `tc_attach`, checks what it attached, stops it and
+/// checks that it took everything away again.
+fn attach_and_detach(tc_attach: &str, expect_tcx: bool, clsact_before: bool) {
+    let net = TestNet::new().expect("test network");
+    let pins = PinDir::new().expect("pin dir");
+    let cgroup = TestCgroup::new().expect("test cgroup");
+    if clsact_before {
+        in_server(
+            &net,
+            "tc",
+            &["qdisc", "add", "dev", &net.server_if, "clsact"],
+        );
+        assert!(hooks(&net, &cgroup).clsact, "could not add a clsact qdisc");
+    }
+    let before = Hooks {
+        clsact: clsact_before,
+        ..nothing_attached()
+    };
+    assert_eq!(
+        hooks(&net, &cgroup),
+        before,
+        "something attached before the agent"
+    );
+
+    let agent = Agent::start(&net, &config(&net, &pins, &cgroup, tc_attach)).expect("agent starts");
+    let (release, _) = kernel();
+    let want = if expect_tcx {
+        Hooks {
+            clsact: clsact_before,
+            netlink_ingress: vec![],
+            netlink_egress: vec![],
+            tcx_ingress: vec!["tarpit_tc_in".to_string()],
+            tcx_egress: vec!["tarpit_tc_out".to_string()],
+            xdp: true,
+            sock_ops: true,
+        }
+    } else {
+        Hooks {
+            clsact: true,
+            netlink_ingress: vec!["tarpit_tc_in".to_string()],
+            netlink_egress: vec!["tarpit_tc_out".to_string()],
+            tcx_ingress: vec![],
+            tcx_egress: vec![],
+            xdp: true,
+            sock_ops: true,
+        }
+    };
+    assert_eq!(
+        hooks(&net, &cgroup),
+        want,
+        "attached on {release} with tc_attach = {tc_attach}; agent log:\n{}",
+        agent.log()
+    );
+
+    let log = agent.log();
+    let status = agent.stop().expect("agent stops");
+    assert!(status.success(), "agent exit status {status}; log:\n{log}");
+    assert_eq!(
+        hooks(&net, &cgroup),
+        before,
+        "left attached on {release} after the agent stopped (tc_attach = {tc_attach})"
+    );
+    assert!(!pins.path.exists(), "pins left: {:?}", pins.entries());
+}
+
+/// `tc_attach = "auto"`: TCX links from Linux 6.6; below, netlink filters on
+/// a clsact qdisc that the agent adds and removes again.
+#[test]
+fn tc_attaches_the_way_this_kernel_supports_and_detach_leaves_nothing() {
+    if !require_root() {
+        return;
+    }
+    let (_, tcx) = kernel();
+    attach_and_detach("auto", tcx, false);
+}
+
+/// The netlink path (the only one on Debian 12's 6.1 and on 5.10), forced,
+/// so it is also tested on kernels with TCX.
+#[test]
+fn netlink_tc_adds_and_removes_its_clsact_qdisc() {
+    if !require_root() {
+        return;
+    }
+    attach_and_detach("netlink", false, false);
+}
+
+/// A clsact qdisc the admin made (other filters may hang on it) stays.
+#[test]
+fn netlink_tc_keeps_a_clsact_qdisc_it_did_not_create() {
+    if !require_root() {
+        return;
+    }
+    attach_and_detach("netlink", false, true);
 }
