@@ -15,6 +15,7 @@ pub mod netns;
 pub mod pins;
 pub mod postfix;
 pub mod rbldnsd;
+pub mod smtp_client;
 pub mod wait;
 
 pub use agent::Agent;
