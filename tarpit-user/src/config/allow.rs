@@ -17,6 +17,9 @@ pub struct AllowConfig {
     /// Senders that skip the blacklist delay: callout-verification probes
     /// (Postfix `double-bounce@...`, Exim's null sender `<>`).
     pub callout_senders: Vec<String>,
+    /// Allow-listed host names: exact (`mx.partner.example`) or `*.suffix`,
+    /// matched against the client's forward-confirmed PTR name (FCrDNS).
+    pub hosts: Vec<crate::reputation::fcrdns::HostPattern>,
 }
 
 impl Default for AllowConfig {
@@ -28,6 +31,7 @@ impl Default for AllowConfig {
                 "::1/128".parse().expect("literal"),
             ],
             callout_senders: vec!["<>".to_string(), "double-bounce@*".to_string()],
+            hosts: Vec::new(),
         }
     }
 }
