@@ -8,6 +8,7 @@
 
 mod maps;
 mod parse;
+mod sk_lookup;
 mod sockops;
 mod tc;
 mod xdp;

@@ -3,7 +3,8 @@
 //! the loader overrides from the agent's configuration.
 use aya_ebpf::{
     btf_maps::{
-        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SkStorage, lpm_trie::Key,
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SkStorage, SockMap,
+        lpm_trie::Key,
     },
     helpers::bpf_ktime_get_boot_ns,
     macros::btf_map,
@@ -15,6 +16,7 @@ use tarpit_common::{
         ALLOW_ENTRIES, ATTACHMENTS_ENTRIES, AUTH_ENTRIES, BLOCK_ENTRIES, EVENTS_BYTES,
         FLOWS_ENTRIES, IP_STATE_ENTRIES, SLOW_ENTRIES, SYN_COUNT_ENTRIES, Settings,
     },
+    steer::{STEER_COUNTERS_LEN, STEER_SLOTS, SteerSettings},
 };
 
 #[btf_map]
@@ -66,6 +68,17 @@ pub static LAYOUT: Array<u64, 1> = Array::new();
 /// Written and read by userspace only (see `tarpit_common::maps::ATTACHMENTS`).
 #[btf_map]
 pub static ATTACHMENTS: HashMap<AttachKey, u32, { ATTACHMENTS_ENTRIES as usize }> = HashMap::new();
+
+/// sk_lookup (see `tarpit_common::steer`): the MTA's and the agent's
+/// listening sockets, the steering settings and counters.
+#[btf_map]
+pub static STEER: SockMap<{ STEER_SLOTS as usize }> = SockMap::new();
+
+#[btf_map]
+pub static STEER_SETTINGS: Array<SteerSettings, 1> = Array::new();
+
+#[btf_map]
+pub static STEER_COUNTERS: PerCpuArray<u64, { STEER_COUNTERS_LEN as usize }> = PerCpuArray::new();
 
 /// The live settings; all-zero (no SMTP port watched) until the loader
 /// writes them, which makes a freshly loaded program a no-op.

@@ -80,6 +80,16 @@ pub fn ip(data: usize, data_end: usize, frame_len: usize) -> Option<Ip> {
     }
 }
 
+/// True when the frame says it carries IPv4 or IPv6 (whether or not the
+/// header that follows makes sense).
+#[inline(always)]
+pub fn is_ip(data: usize, data_end: usize) -> bool {
+    match bytes_at::<2>(data, data_end, 12) {
+        Some(t) => matches!(u16::from_be_bytes(t), ETH_P_IP | ETH_P_IPV6),
+        None => false,
+    }
+}
+
 #[inline(always)]
 fn ipv4(data: usize, data_end: usize, frame_len: usize) -> Option<Ip> {
     let h = bytes_at::<20>(data, data_end, ETH_HLEN)?;

@@ -25,20 +25,48 @@ use tarpit_common::{
 
 use crate::{
     maps::{FLOWS, SCRATCH, SCRATCH_LEN, atomic_add_u32, count, emit, ip_state, now_ns, settings},
-    parse::{self, Ip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp},
+    parse::{self, IPPROTO_TCP, Ip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp},
 };
 
 /// Bytes of headers we want in the linear part of the skb.
 const PULL_LEN: u32 = 128;
 
+/// What a first parse attempt found.
+enum First {
+    Tcp(Ip, Tcp),
+    /// Not for us: not IP, not TCP, a later fragment.
+    Other,
+    /// IP claiming TCP that did not parse: maybe only non-linear.
+    Retry,
+}
+
+#[inline(always)]
+fn try_parse(ctx: &TcContext, len: usize) -> First {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    match parse::ip(data, data_end, len) {
+        Some(ip) => {
+            if ip.proto != IPPROTO_TCP || ip.later_fragment {
+                return First::Other;
+            }
+            match parse::tcp(data, data_end, &ip) {
+                Some(t) => First::Tcp(ip, t),
+                None => First::Retry,
+            }
+        }
+        None if parse::is_ip(data, data_end) => First::Retry,
+        None => First::Other,
+    }
+}
+
 /// Parses a TCP packet; pulls non-linear headers in once if needed.
+/// Malformed IP/TCP headers are counted and passed untouched.
 #[inline(always)]
 fn parse_tcp(ctx: &TcContext) -> Option<(Ip, Tcp)> {
     let len = ctx.len() as usize;
-    if let Some(ip) = parse::ip(ctx.data(), ctx.data_end(), len) {
-        if let Some(t) = parse::tcp(ctx.data(), ctx.data_end(), &ip) {
-            return Some((ip, t));
-        }
+    match try_parse(ctx, len) {
+        First::Tcp(ip, t) => return Some((ip, t)),
+        First::Other => return None,
+        First::Retry => {}
     }
     let linear = ctx.data_end() - ctx.data();
     let want = if len < PULL_LEN as usize {
@@ -46,13 +74,13 @@ fn parse_tcp(ctx: &TcContext) -> Option<(Ip, Tcp)> {
     } else {
         PULL_LEN as usize
     };
-    if linear >= want || ctx.pull_data(want as u32).is_err() {
-        count(Counter::Unparsed);
-        return None;
+    if linear < want && ctx.pull_data(want as u32).is_ok() {
+        if let First::Tcp(ip, t) = try_parse(ctx, len) {
+            return Some((ip, t));
+        }
     }
-    let ip = parse::ip(ctx.data(), ctx.data_end(), len)?;
-    let t = parse::tcp(ctx.data(), ctx.data_end(), &ip)?;
-    Some((ip, t))
+    count(Counter::Unparsed);
+    None
 }
 
 #[inline(always)]

@@ -27,6 +27,9 @@ use crate::{
 pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let Some(ip) = parse::ip(data, data_end, data_end - data) else {
+        if parse::is_ip(data, data_end) {
+            count(Counter::Unparsed);
+        }
         return xdp_action::XDP_PASS;
     };
     let Some(settings) = settings() else {
@@ -68,8 +71,12 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
     }
     count(Counter::XdpDrop);
     let n = count_index(drop_reason_index(block.reason));
-    if n & 1023 == 1 {
-        // A sample, not one event per dropped packet.
+    let (client_port, server_port, syn) = match &tcp {
+        Some(t) => (t.sport, t.dport, t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN),
+        None => (0, 0, false),
+    };
+    if syn {
+        // Once per connection attempt, not per packet: mark the address.
         if let Some(s) = IP_STATE.get_ptr_mut(ip.src) {
             unsafe {
                 if (*s).flags & IP_F_BLOCKED == 0 {
@@ -77,22 +84,19 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
                 }
             }
         }
-        let (client_port, server_port) = match &tcp {
-            Some(t) => (t.sport, t.dport),
-            None => (0, 0),
-        };
-        if settings.has(SETTING_EVENTS) {
-            emit(Event {
-                ts_ns: now_ns(),
-                kind: EVENT_BLOCK_HIT,
-                flags: block.reason,
-                addr: ip.src,
-                client_port,
-                server_port,
-                value: n,
-                ..Event::default()
-            });
-        }
+    }
+    // A sample, not one event per dropped packet.
+    if n & 1023 == 1 && settings.has(SETTING_EVENTS) {
+        emit(Event {
+            ts_ns: now_ns(),
+            kind: EVENT_BLOCK_HIT,
+            flags: block.reason,
+            addr: ip.src,
+            client_port,
+            server_port,
+            value: n,
+            ..Event::default()
+        });
     }
     xdp_action::XDP_DROP
 }

@@ -8,6 +8,7 @@ use aya::maps::{Array, Map, MapData, MapType};
 use tarpit_common::{
     AttachKey, Event, FlowKey, FlowState, IpAddrKey, IpState, ListEntry, TimedEntry,
     maps::{self as names, LAYOUT_MAGIC, LAYOUT_VERSION, Settings},
+    steer,
 };
 
 use super::error::KernelError;
@@ -91,6 +92,15 @@ pub const MAPS: &[MapSpec] = &[
         4,
         None,
     ),
+    spec(steer::STEER, MapType::SockMap, 4, 4, None),
+    spec(
+        steer::STEER_SETTINGS,
+        MapType::Array,
+        4,
+        size::<steer::SteerSettings>(),
+        None,
+    ),
+    spec(steer::STEER_COUNTERS, MapType::PerCpuArray, 4, 8, None),
 ];
 
 const fn spec(
@@ -228,7 +238,7 @@ mod tests {
         ] {
             assert!(spec_of(name).is_some(), "{name}");
         }
-        assert_eq!(MAPS.len(), 14);
+        assert_eq!(MAPS.len(), 17);
     }
 
     #[test]

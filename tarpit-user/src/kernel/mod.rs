@@ -15,10 +15,12 @@ pub mod clock;
 mod error;
 mod events;
 mod layout;
+mod listener;
 mod maps;
 mod netns;
 mod object;
 mod prefix;
+mod steering;
 mod sys;
 
 use std::path::{Path, PathBuf};
@@ -42,12 +44,17 @@ pub use bpffs::ensure_bpffs;
 pub use clock::BootInstant;
 pub use error::KernelError;
 pub use events::{EventKind, EventStream, KernelEvent};
+/// Prefixes in the list APIs (re-exported so callers need no own ipnet).
+pub use ipnet::IpNet;
 pub use layout::{MAPS, MapSpec, spec_of};
 pub use maps::{
     BlockSpec, KernelCounters, KernelMaps, ListItem, MapUsage, PreGreetVerdict, SweepReport,
     TimedItem,
 };
 pub use netns::in_netns;
+pub use steering::{
+    HeldLink, SK_LOOKUP_PROGRAM, SteerCounters, SteerMaps, hold_link as hold_steering_link,
+};
 
 /// The loaded and attached kernel side. Dropping it detaches what is not
 /// pinned; [`Kernel::shutdown`] also removes pins, links and qdiscs when
@@ -138,15 +145,17 @@ impl Kernel {
                 .context("the kernel object has no LAYOUT map")?,
         )?;
 
-        let logger = start_logger(&mut ebpf);
         let mut kernel = Kernel {
             ebpf,
             cfg: cfg.clone(),
             held: Vec::new(),
-            logger,
+            logger: None,
         };
         kernel.write_settings(cfg)?;
         kernel.load_programs()?;
+        // Only after loading: the log map must stay open while programs
+        // that use it are verified.
+        kernel.logger = start_logger(&mut kernel.ebpf);
         kernel.attach_all()?;
         Ok(kernel)
     }
