@@ -26,10 +26,17 @@ pub fn agent_v6() -> SocketAddr {
 
 /// An agent config listening on the server veth (v4 and v6), with the
 /// kernel programs on the test's veth and its own pin directory. `rest`
-/// holds every other section (greeting, rcpt, ...), each at most once.
+/// holds every other section (greeting, rcpt, ...), each at most once;
+/// top-level keys (`enabled = false`) before its first section go first.
 pub fn agent_config(net: &TestNet, pins: &PinDir, backend: &str, rest: &str) -> String {
+    let split = rest
+        .find("\n[")
+        .map(|i| i + 1)
+        .unwrap_or(if rest.starts_with('[') { 0 } else { rest.len() });
+    let (top, rest) = rest.split_at(if rest.starts_with('[') { 0 } else { split });
     format!(
         r#"
+{top}
 [listen]
 addrs = ["{v4}", "{v6}"]
 [kernel]
@@ -117,6 +124,15 @@ impl SmtpClient {
                 return Ok(Reply { code, text });
             }
         }
+    }
+
+    /// Reads one line (a single line of a multi-line reply).
+    pub fn line(&mut self) -> Result<String> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("connection closed");
+        }
+        Ok(line)
     }
 
     /// Reads one reply and how long it took.
