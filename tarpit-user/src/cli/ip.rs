@@ -14,7 +14,6 @@ use super::kernel_glue::{AuthRow, Clock, IpRow, List, ListRow};
 use super::lists::{EntryJson, joined};
 use super::output::{self, human_duration, human_time_rel};
 use crate::config::Config;
-use crate::state::State;
 
 #[derive(Debug, Args)]
 pub struct IpArgs {
@@ -148,7 +147,7 @@ pub fn policy(
 
 pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
     let maps = ctx.open()?;
-    let st = State::load(&ctx.state_file)?;
+    let st = super::lists::state_for_reading(ctx);
     let clock = Clock::now();
     let now = clock.wall;
     let ip = args.addr;

@@ -229,9 +229,19 @@ pub fn joined(maps: &KernelMaps, st: &State, list: List, clock: &Clock) -> Resul
     Ok(out)
 }
 
+/// The state file for reading only: a damaged file must not stop an admin
+/// from seeing what the kernel holds, so it is reported and skipped (it is
+/// never rewritten: `add` and `del` refuse until it is repaired).
+pub fn state_for_reading(ctx: &Context) -> State {
+    State::load(&ctx.state_file).unwrap_or_else(|e| {
+        eprintln!("tarpit: warning: {e}; comments and saved entries are not shown");
+        State::new()
+    })
+}
+
 pub fn list(ctx: &Context, list: List, json: bool) -> Result<()> {
     let maps = ctx.open()?;
-    let st = State::load(&ctx.state_file)?;
+    let st = state_for_reading(ctx);
     let clock = Clock::now();
     let now = clock.wall;
     let entries = joined(&maps, &st, list, &clock)?;
