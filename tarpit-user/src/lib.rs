@@ -13,6 +13,7 @@ pub mod kernel;
 pub mod kernel_version;
 pub mod logging;
 pub mod metrics;
+pub mod ops;
 pub mod policy;
 pub mod reputation;
 pub mod run;

@@ -1,11 +1,512 @@
-//! Logging with tracing; `RUST_LOG` overrides the default level (info).
-use tracing_subscriber::EnvFilter;
+//! Logging with tracing: readable lines by default, JSON on request, and a
+//! rate limit so that a botnet cannot fill the disk.
+//!
+//! [`init`] installs the subscriber early (human format, level from
+//! `RUST_LOG` or "info"); [`configure`] applies the `[log]` section once
+//! the config is loaded and again on every reload: format, level and rate
+//! limit all change live.
+//!
+//! The rate limit is a token bucket over lines, not bytes: `rate_limit`
+//! lines per second, bursts up to the same number. It applies to every
+//! event except the agent's own life cycle ([`is_exempt`]): the lines a
+//! flood can multiply are the per-session ones, and the lines an operator
+//! must never lose are "reloaded", "refused", "stopping". Dropped lines are
+//! counted and reported at most once a second as one WARN line
+//! ("N log lines dropped by the rate limit"), written ahead of the next
+//! line that passes or by [`flush_dropped`], which the daemon calls every
+//! second so a count is never left unsaid when a flood stops.
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
+use tracing::Metadata;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Target of the one summary line per session (see [`session_summary!`]).
+pub const SESSION_TARGET: &str = "tarpit::session";
+
+/// Target of the "lines dropped" notices.
+pub const DROP_NOTICE_TARGET: &str = "tarpit::logging";
+
+/// Writes the one summary line per session, postscreen-style, at INFO with
+/// the target [`SESSION_TARGET`], so that it is rate-limited under floods
+/// and can be filtered on its own (`log.level = "warn,tarpit::session=info"`).
+///
+/// ```ignore
+/// tarpit::session_summary!(client = %ip, helo = %helo, rcpts = n,
+///     delays = %delays, outcome = "pregreet-554", "session");
+/// ```
+#[macro_export]
+macro_rules! session_summary {
+    ($($arg:tt)+) => {
+        ::tracing::info!(target: "tarpit::session", $($arg)+)
+    };
+}
+
+/// Targets whose lines are never rate-limited: the agent's life cycle,
+/// configuration and signals. A flood cannot multiply them.
+const EXEMPT_TARGETS: &[&str] = &[
+    "tarpit::ops",
+    "tarpit::run",
+    "tarpit::config",
+    "tarpit::cli",
+    DROP_NOTICE_TARGET,
+];
+
+/// Whether lines of `target` bypass the rate limit.
+pub fn is_exempt(target: &str) -> bool {
+    EXEMPT_TARGETS
+        .iter()
+        .any(|t| target == *t || (target.starts_with(t) && target[t.len()..].starts_with("::")))
+}
+
+/// The token bucket and the count of lines it dropped.
+#[derive(Debug)]
+pub struct Limiter {
+    state: Mutex<Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    /// Lines per second; 0 = unlimited.
+    rate: u32,
+    tokens: f64,
+    last: Instant,
+    /// Dropped since the last notice.
+    dropped: u64,
+    dropped_total: u64,
+    last_notice: Option<Instant>,
+    format: LogFormat,
+}
+
+/// Notices go out at most this often.
+const NOTICE_EVERY: Duration = Duration::from_secs(1);
+
+impl Limiter {
+    pub fn new(rate: u32, format: LogFormat) -> Limiter {
+        Limiter {
+            state: Mutex::new(Bucket {
+                rate,
+                tokens: f64::from(rate),
+                last: Instant::now(),
+                dropped: 0,
+                dropped_total: 0,
+                last_notice: None,
+                format,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Bucket> {
+        // A panic while holding this lock cannot leave the bucket
+        // inconsistent (plain numbers), so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the rate (and the format of the notices) live.
+    pub fn set(&self, rate: u32, format: LogFormat) {
+        let mut b = self.lock();
+        if b.rate != rate {
+            b.rate = rate;
+            b.tokens = f64::from(rate);
+        }
+        b.format = format;
+    }
+
+    /// Takes one token at `now`; false (and counted) when the bucket is empty.
+    pub fn admit_at(&self, now: Instant) -> bool {
+        let mut b = self.lock();
+        if b.rate == 0 {
+            return true;
+        }
+        let rate = f64::from(b.rate);
+        let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * rate).min(rate);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            b.dropped += 1;
+            b.dropped_total += 1;
+            false
+        }
+    }
+
+    /// The notice line for the lines dropped since the last one, if any and
+    /// if the last notice is at least a second old.
+    pub fn take_notice_at(&self, now: Instant) -> Option<String> {
+        let mut b = self.lock();
+        if b.dropped == 0 {
+            return None;
+        }
+        if let Some(last) = b.last_notice
+            && now.saturating_duration_since(last) < NOTICE_EVERY
+        {
+            return None;
+        }
+        let n = std::mem::take(&mut b.dropped);
+        b.last_notice = Some(now);
+        Some(notice_line(b.format, n, b.rate))
+    }
+
+    /// Lines dropped since the start.
+    pub fn dropped_total(&self) -> u64 {
+        self.lock().dropped_total
+    }
+}
+
+/// The notice, in the same shape as tracing-subscriber's own lines.
+fn notice_line(format: LogFormat, dropped: u64, rate: u32) -> String {
+    let mut ts = String::new();
+    let _ = SystemTime.format_time(&mut Writer::new(&mut ts));
+    let message = "log lines dropped by the rate limit";
+    match format {
+        LogFormat::Human => format!(
+            "{ts}  WARN {DROP_NOTICE_TARGET}: {dropped} {message} dropped={dropped} rate_limit={rate}\n"
+        ),
+        LogFormat::Json => {
+            let v = serde_json::json!({
+                "timestamp": ts,
+                "level": "WARN",
+                "fields": { "message": message, "dropped": dropped, "rate_limit": rate },
+                "target": DROP_NOTICE_TARGET,
+            });
+            format!("{v}\n")
+        }
+    }
+}
+
+/// A [`MakeWriter`] that lets a line through only if it is exempt or the
+/// bucket has a token, writing any pending notice first.
+#[derive(Clone)]
+pub struct LimitedWriter<M> {
+    inner: M,
+    limiter: Arc<Limiter>,
+}
+
+impl<M> LimitedWriter<M> {
+    pub fn new(inner: M, limiter: Arc<Limiter>) -> Self {
+        LimitedWriter { inner, limiter }
+    }
+}
+
+/// One line's writer: either discards it or writes notice + line.
+pub enum LineWriter<W> {
+    Drop,
+    Pass { notice: Option<String>, out: W },
+}
+
+impl<W: Write> Write for LineWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            LineWriter::Drop => Ok(buf.len()),
+            LineWriter::Pass { notice, out } => {
+                if let Some(n) = notice.take() {
+                    out.write_all(n.as_bytes())?;
+                }
+                out.write_all(buf)?;
+                Ok(buf.len())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            LineWriter::Drop => Ok(()),
+            LineWriter::Pass { out, .. } => out.flush(),
+        }
+    }
+}
+
+impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for LimitedWriter<M> {
+    type Writer = LineWriter<M::Writer>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        LineWriter::Pass {
+            notice: self.limiter.take_notice_at(Instant::now()),
+            out: self.inner.make_writer(),
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> Self::Writer {
+        let now = Instant::now();
+        if is_exempt(meta.target()) || self.limiter.admit_at(now) {
+            LineWriter::Pass {
+                notice: self.limiter.take_notice_at(now),
+                out: self.inner.make_writer_for(meta),
+            }
+        } else {
+            LineWriter::Drop
+        }
+    }
+}
+
+type FilterHandle = reload::Handle<EnvFilter, Registry>;
+type Filtered = tracing_subscriber::layer::Layered<reload::Layer<EnvFilter, Registry>, Registry>;
+type FmtHandle = reload::Handle<Box<dyn Layer<Filtered> + Send + Sync>, Filtered>;
+
+/// What [`configure`] changes after [`init`].
+struct Installed {
+    limiter: Arc<Limiter>,
+    filter: FilterHandle,
+    fmt: FmtHandle,
+    /// What the fmt layer was last built with, so it is rebuilt only when
+    /// the format changes.
+    format: Mutex<LogFormat>,
+}
+
+static INSTALLED: OnceLock<Installed> = OnceLock::new();
+
+fn fmt_layer(format: LogFormat, limiter: &Arc<Limiter>) -> Box<dyn Layer<Filtered> + Send + Sync> {
+    let writer = LimitedWriter::new(io::stderr, limiter.clone());
+    match format {
+        LogFormat::Human => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(writer)
+            .boxed(),
+    }
+}
+
+/// The level filter: `RUST_LOG` when set (it wins, for debugging a
+/// running config), else the configured one.
+fn env_filter(level: &str) -> EnvFilter {
+    match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => EnvFilter::builder().parse_lossy(v),
+        _ => EnvFilter::builder().parse_lossy(level),
+    }
+}
+
+/// Installs the global subscriber with the defaults of `[log]`. Safe to
+/// call more than once (later calls do nothing).
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    let defaults = LogConfig::default();
+    let limiter = Arc::new(Limiter::new(defaults.rate_limit, defaults.format));
+    let (filter, filter_handle) = reload::Layer::new(env_filter(&defaults.level));
+    let (fmt, fmt_handle) = reload::Layer::new(fmt_layer(defaults.format, &limiter));
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init()
+        .is_ok()
+    {
+        let _ = INSTALLED.set(Installed {
+            limiter,
+            filter: filter_handle,
+            fmt: fmt_handle,
+            format: Mutex::new(defaults.format),
+        });
+    }
+}
+
+/// Applies a `[log]` section: at start and on every reload.
+pub fn configure(cfg: &LogConfig) {
+    let Some(inst) = INSTALLED.get() else {
+        return;
+    };
+    inst.limiter.set(cfg.rate_limit, cfg.format);
+    if let Err(e) = inst.filter.reload(env_filter(&cfg.level)) {
+        tracing::warn!(target: DROP_NOTICE_TARGET, "cannot change the log level: {e}");
+    }
+    let mut format = inst.format.lock().unwrap_or_else(|p| p.into_inner());
+    if *format != cfg.format {
+        match inst.fmt.reload(fmt_layer(cfg.format, &inst.limiter)) {
+            Ok(()) => *format = cfg.format,
+            Err(e) => {
+                tracing::warn!(target: DROP_NOTICE_TARGET, "cannot change the log format: {e}")
+            }
+        }
+    }
+}
+
+/// Writes the pending "lines dropped" notice, if any is due. The daemon
+/// calls it every second and once at exit.
+pub fn flush_dropped() {
+    if let Some(inst) = INSTALLED.get()
+        && let Some(line) = inst.limiter.take_notice_at(Instant::now())
+    {
+        let _ = io::stderr().lock().write_all(line.as_bytes());
+    }
+}
+
+/// Writes the pending notice now, however recent the last one: at exit.
+pub fn flush_dropped_final() {
+    if let Some(inst) = INSTALLED.get()
+        && let Some(line) = inst.limiter.take_notice_at(Instant::now() + NOTICE_EVERY)
+    {
+        let _ = io::stderr().lock().write_all(line.as_bytes());
+    }
+}
+
+/// Log lines dropped by the rate limit since the start (a metric).
+pub fn dropped_total() -> u64 {
+    INSTALLED.get().map_or(0, |i| i.limiter.dropped_total())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer into a shared buffer, for capturing what would reach stderr.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Capture {
+        type Writer = Capture;
+        fn make_writer(&'a self) -> Capture {
+            self.clone()
+        }
+    }
+
+    impl Capture {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    #[test]
+    fn exempt_targets_are_whole_path_segments() {
+        assert!(is_exempt("tarpit::ops"));
+        assert!(is_exempt("tarpit::ops::reload"));
+        assert!(is_exempt("tarpit::run"));
+        assert!(!is_exempt("tarpit::opsx"));
+        assert!(!is_exempt(SESSION_TARGET));
+        assert!(!is_exempt("tarpit::server"));
+        assert!(!is_exempt("tarpit_ebpf"));
+    }
+
+    #[test]
+    fn bucket_admits_rate_then_refills_with_time() {
+        let l = Limiter::new(10, LogFormat::Human);
+        let t0 = Instant::now();
+        let admitted = (0..100).filter(|_| l.admit_at(t0)).count();
+        assert_eq!(admitted, 10);
+        // half a second later: five more tokens, not more
+        let t1 = t0 + Duration::from_millis(500);
+        let admitted = (0..100).filter(|_| l.admit_at(t1)).count();
+        assert_eq!(admitted, 5);
+        // a long pause refills only up to the burst (= rate)
+        let t2 = t1 + Duration::from_secs(60);
+        let admitted = (0..100).filter(|_| l.admit_at(t2)).count();
+        assert_eq!(admitted, 10);
+        assert_eq!(l.dropped_total(), 90 + 95 + 90);
+    }
+
+    #[test]
+    fn zero_rate_is_unlimited() {
+        let l = Limiter::new(0, LogFormat::Human);
+        let t0 = Instant::now();
+        assert!((0..10_000).all(|_| l.admit_at(t0)));
+        assert!(l.take_notice_at(t0).is_none());
+    }
+
+    #[test]
+    fn notice_counts_drops_at_most_once_a_second() {
+        let l = Limiter::new(1, LogFormat::Human);
+        let t0 = Instant::now();
+        for _ in 0..8 {
+            l.admit_at(t0);
+        }
+        let n = l.take_notice_at(t0).unwrap();
+        assert!(n.contains(" 7 log lines dropped by the rate limit"), "{n}");
+        assert!(n.contains("WARN tarpit::logging:"), "{n}");
+        assert!(n.ends_with('\n'));
+        for _ in 0..3 {
+            l.admit_at(t0);
+        }
+        // the next notice waits a second, and then holds all three
+        assert!(l.take_notice_at(t0 + Duration::from_millis(300)).is_none());
+        let n = l.take_notice_at(t0 + Duration::from_secs(1)).unwrap();
+        assert!(n.contains(" 3 log lines dropped"), "{n}");
+        assert!(l.take_notice_at(t0 + Duration::from_secs(5)).is_none());
+    }
+
+    #[test]
+    fn json_notice_is_one_json_object() {
+        let line = notice_line(LogFormat::Json, 42, 100);
+        let v: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+        assert_eq!(v["fields"]["dropped"], 42);
+        assert_eq!(v["fields"]["rate_limit"], 100);
+        assert_eq!(v["level"], "WARN");
+        assert_eq!(v["target"], DROP_NOTICE_TARGET);
+    }
+
+    /// The whole path: a subscriber writing through the limiter, a flood
+    /// of session lines, life-cycle lines that must all survive, and the
+    /// notice accounting for every line dropped.
+    #[test]
+    fn flood_through_subscriber_is_limited_and_accounted() {
+        let cap = Capture::default();
+        let limiter = Arc::new(Limiter::new(20, LogFormat::Json));
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(LimitedWriter::new(cap.clone(), limiter.clone())),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..1000 {
+                crate::session_summary!(
+                    client = "198.51.100.7",
+                    n = i,
+                    outcome = "pregreet",
+                    "session"
+                );
+                if i % 100 == 0 {
+                    tracing::info!(target: "tarpit::ops::reload", n = i, "life cycle");
+                }
+            }
+            // a line after the flood carries the notice (more than a
+            // second later, as far as the limiter knows)
+            std::thread::sleep(Duration::from_millis(1100));
+            tracing::info!(target: "tarpit::ops", "after");
+        });
+        let text = cap.text();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let sessions = lines
+            .iter()
+            .filter(|v| v["target"] == SESSION_TARGET)
+            .count();
+        let life = lines
+            .iter()
+            .filter(|v| v["fields"]["message"] == "life cycle")
+            .count();
+        let dropped: u64 = lines
+            .iter()
+            .filter(|v| v["target"] == DROP_NOTICE_TARGET)
+            .map(|v| v["fields"]["dropped"].as_u64().unwrap())
+            .sum();
+        assert_eq!(life, 10, "life-cycle lines are never dropped");
+        // 20 at once, plus whatever refilled while the loop ran
+        assert!((20..200).contains(&sessions), "{sessions} session lines");
+        assert_eq!(
+            sessions as u64 + dropped,
+            1000,
+            "every line is written or counted"
+        );
+        assert_eq!(limiter.dropped_total(), dropped);
+    }
 }

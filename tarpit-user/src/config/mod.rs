@@ -14,6 +14,7 @@ mod kernel;
 mod limits;
 mod metrics;
 mod net;
+mod ops;
 mod rcpt;
 mod state;
 mod reject;
@@ -33,6 +34,7 @@ pub use helo::HeloConfig;
 pub use kernel::{KernelConfig, TcAttachSetting, XdpModeSetting};
 pub use limits::LimitsConfig;
 pub use metrics::MetricsConfig;
+pub use ops::{DaemonConfig, LogConfig, LogFormat, MAX_SHUTDOWN_TIMEOUT};
 pub use net::{BackendConfig, ClientAddress, ListenConfig};
 pub use rcpt::RcptConfig;
 pub use state::{DEFAULT_STATE_FILE, StateConfig};
@@ -63,6 +65,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub tls: TlsConfig,
     pub metrics: MetricsConfig,
+    pub log: LogConfig,
+    pub daemon: DaemonConfig,
     pub dns: DnsConfig,
     pub dnsbl: DnsblConfig,
     pub dnswl: DnswlConfig,
@@ -87,6 +91,8 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             tls: TlsConfig::default(),
             metrics: MetricsConfig::default(),
+            log: LogConfig::default(),
+            daemon: DaemonConfig::default(),
             dns: DnsConfig::default(),
             dnsbl: DnsblConfig::default(),
             dnswl: DnswlConfig::default(),
@@ -127,6 +133,8 @@ impl Config {
         self.limits.validate()?;
         self.tls.validate()?;
         self.metrics.validate()?;
+        self.log.validate()?;
+        self.daemon.validate()?;
         self.dns.validate()?;
         self.dnsbl.validate(&self.dnswl)?;
         self.greylist.validate()?;

@@ -1,0 +1,141 @@
+//! The pid file: how `tarpit reload` finds the running agent, and how a
+//! second agent started by mistake on the same config finds the first.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use tracing::debug;
+
+/// A pid file this process wrote; removed on drop if it still names us.
+#[derive(Debug)]
+pub struct PidFile {
+    path: PathBuf,
+}
+
+impl PidFile {
+    /// Writes our pid to `path` (atomically: temp file + rename), creating
+    /// the directory if needed. Refuses when the file names another live
+    /// tarpit process: two agents on one config would fight over the port
+    /// and the pins.
+    pub fn create(path: &Path) -> Result<PidFile> {
+        if let Ok(pid) = read(path)
+            && pid != std::process::id()
+            && is_tarpit(pid)
+        {
+            bail!(
+                "another tarpit agent is running as pid {pid} (pid file {}); stop it first",
+                path.display()
+            );
+        }
+        let dir = path
+            .parent()
+            .context("the pid file path has no directory")?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            writeln!(f, "{}", std::process::id())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e).with_context(|| format!("cannot write pid file {}", path.display()));
+        }
+        Ok(PidFile {
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if read(&self.path).ok() == Some(std::process::id()) {
+            // After the privilege drop the directory may not be ours to
+            // change; systemd's RuntimeDirectory= cleans up then, and a
+            // stale file is recognised as such at the next start.
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                debug!(target: "tarpit::ops", "pid file {} not removed: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+/// The pid written in `path`.
+pub fn read(path: &Path) -> Result<u32> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read pid file {}", path.display()))?;
+    let pid: u32 = text.trim().parse().with_context(|| {
+        format!(
+            "pid file {} holds no pid: {:?}",
+            path.display(),
+            text.trim()
+        )
+    })?;
+    if pid == 0 {
+        bail!("pid file {} holds pid 0", path.display());
+    }
+    Ok(pid)
+}
+
+/// Whether `pid` is a live process running the tarpit binary: a stale pid
+/// file may name a pid the kernel has since given to something else.
+pub fn is_tarpit(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim_end() == "tarpit")
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tarpit-pidfile-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn writes_reads_and_removes() {
+        let d = tmpdir("basic");
+        let p = d.join("run/tarpit.pid");
+        {
+            let f = PidFile::create(&p).unwrap();
+            assert_eq!(f.path(), p);
+            assert_eq!(read(&p).unwrap(), std::process::id());
+        }
+        assert!(!p.exists(), "removed on drop");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn stale_or_foreign_pid_is_overwritten() {
+        let d = tmpdir("stale");
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("tarpit.pid");
+        // pid 1 is alive but is not tarpit
+        std::fs::write(&p, "1\n").unwrap();
+        let f = PidFile::create(&p).unwrap();
+        assert_eq!(read(&p).unwrap(), std::process::id());
+        drop(f);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn garbage_is_a_clear_error() {
+        let d = tmpdir("garbage");
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("tarpit.pid");
+        std::fs::write(&p, "hello\n").unwrap();
+        let e = read(&p).unwrap_err();
+        assert!(format!("{e:#}").contains("holds no pid"), "{e:#}");
+        let e = read(&d.join("missing.pid")).unwrap_err();
+        assert!(format!("{e:#}").contains("cannot read pid file"), "{e:#}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

@@ -1,0 +1,276 @@
+//! Live reload on SIGHUP (and `tarpit reload`, which sends one).
+//!
+//! The running configuration is an `Arc<Config>` in a tokio `watch`
+//! channel. A reload reads and validates the whole file first; only a valid
+//! file replaces the running config, in one swap, so no session ever sees
+//! half of each. A bad file is refused with its key and reason in the log
+//! and the old config stays in force. Sessions take a snapshot
+//! (`rx.borrow().clone()`) when they start and keep it: a session in flight
+//! is never dropped or changed by a reload, and the next one gets the new
+//! values.
+//!
+//! Some keys describe what was bound, attached or dropped at start (listen
+//! addresses, interfaces, pin path, the user): changing them needs a
+//! restart. A reload keeps their running values, applies the rest, and
+//! names each such key in a warning.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, Result, bail};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use super::pidfile;
+use super::sdnotify::Notifier;
+use crate::config::{Config, ConfigError};
+
+/// Reload attempts since the start, by result (for metrics).
+#[derive(Debug, Default)]
+pub struct ReloadCounts {
+    pub applied: AtomicU64,
+    pub refused: AtomicU64,
+}
+
+/// Owner of the running configuration.
+#[derive(Debug)]
+pub struct ConfigWatch {
+    path: PathBuf,
+    tx: watch::Sender<Arc<Config>>,
+    counts: Arc<ReloadCounts>,
+}
+
+/// What a successful reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Changed keys that keep their running value until a restart.
+    pub restart_only: Vec<&'static str>,
+}
+
+impl ConfigWatch {
+    pub fn new(path: &Path, initial: Config) -> ConfigWatch {
+        let (tx, _) = watch::channel(Arc::new(initial));
+        ConfigWatch {
+            path: path.to_owned(),
+            tx,
+            counts: Arc::default(),
+        }
+    }
+
+    /// A receiver for a server or session: `borrow().clone()` is the
+    /// snapshot, `changed().await` wakes on every applied reload.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Config>> {
+        self.tx.subscribe()
+    }
+
+    /// The running configuration.
+    pub fn current(&self) -> Arc<Config> {
+        self.tx.borrow().clone()
+    }
+
+    pub fn counts(&self) -> Arc<ReloadCounts> {
+        self.counts.clone()
+    }
+
+    /// Reads, validates and swaps in the file. On error nothing changes.
+    pub fn reload(&self) -> Result<Reloaded, ConfigError> {
+        let mut new = match Config::load(&self.path) {
+            Ok(c) => c,
+            Err(e) => {
+                self.counts.refused.fetch_add(1, Ordering::Relaxed);
+                error!(
+                    target: "tarpit::ops::reload",
+                    key = e.key().unwrap_or("-"),
+                    "configuration reload refused, the running configuration stays in force: {e}"
+                );
+                return Err(e);
+            }
+        };
+        let old = self.current();
+        let restart_only = carry_restart_only(&old, &mut new);
+        for key in &restart_only {
+            warn!(
+                target: "tarpit::ops::reload",
+                key,
+                "{key} changed: it takes effect at the next restart, the running value is kept"
+            );
+        }
+        crate::logging::configure(&new.log);
+        self.tx.send_replace(Arc::new(new));
+        self.counts.applied.fetch_add(1, Ordering::Relaxed);
+        info!(target: "tarpit::ops::reload", path = %self.path.display(), "configuration reloaded");
+        Ok(Reloaded { restart_only })
+    }
+
+    /// Installs the SIGHUP handler now (a SIGHUP before it would kill the
+    /// process) and reloads on each one, telling systemd. Must be called
+    /// inside the runtime.
+    pub fn spawn(
+        self: Arc<Self>,
+        notifier: Notifier,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = signal(SignalKind::hangup())?;
+        Ok(tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                info!(target: "tarpit::ops::reload", "SIGHUP: reloading {}", self.path.display());
+                notifier.reloading();
+                let result = self.reload();
+                notifier.ready(match result {
+                    Ok(_) => "serving (configuration reloaded)",
+                    Err(_) => "serving (last reload refused, see the log)",
+                });
+            }
+        }))
+    }
+}
+
+/// Puts back the running value of every restart-only key that the new
+/// file changes, and names them. Compared through their Debug form, which
+/// every config type has and which shows every field.
+fn carry_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut kept = Vec::new();
+    macro_rules! keep {
+        ($key:literal, $($field:ident).+) => {
+            if format!("{:?}", old.$($field).+) != format!("{:?}", new.$($field).+) {
+                new.$($field).+ = old.$($field).+.clone();
+                kept.push($key);
+            }
+        };
+    }
+    keep!("listen", listen);
+    keep!("metrics.listen", metrics.listen);
+    keep!("kernel.interfaces", kernel.interfaces);
+    keep!("kernel.netns", kernel.netns);
+    keep!("kernel.pin_path", kernel.pin_path);
+    keep!("kernel.xdp_mode", kernel.xdp_mode);
+    keep!("kernel.syn_count_entries", kernel.syn_count_entries);
+    keep!("daemon.user", daemon.user);
+    keep!("daemon.group", daemon.group);
+    keep!("daemon.pid_file", daemon.pid_file);
+    kept
+}
+
+/// `tarpit reload`: checks the file the way the agent will, then sends
+/// SIGHUP to the agent named in the pid file. Returns the pid.
+pub fn signal_agent(config_path: &Path, pid_file: Option<&Path>) -> Result<u32> {
+    let config =
+        Config::load(config_path).context("not reloading: the agent would refuse this file")?;
+    let pid_file = match pid_file {
+        Some(p) => p.to_owned(),
+        None => match &config.daemon.pid_file {
+            Some(p) => p.clone(),
+            None => bail!(
+                "{} sets no daemon.pid_file: pass --pid-file, or under systemd use \
+                 `systemctl reload tarpit`",
+                config_path.display()
+            ),
+        },
+    };
+    let pid = pidfile::read(&pid_file)?;
+    if !pidfile::is_tarpit(pid) {
+        bail!(
+            "pid {pid} from {} is not a running tarpit agent (stale pid file?)",
+            pid_file.display()
+        );
+    }
+    let raw = i32::try_from(pid).context("pid out of range")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(raw),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .with_context(|| format!("cannot signal pid {pid}"))?;
+    Ok(pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct TmpConfig(PathBuf);
+
+    impl TmpConfig {
+        fn new(tag: &str, text: &str) -> TmpConfig {
+            let d =
+                std::env::temp_dir().join(format!("tarpit-reload-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&d).unwrap();
+            let p = d.join("tarpit.toml");
+            std::fs::write(&p, text).unwrap();
+            TmpConfig(p)
+        }
+        fn write(&self, text: &str) {
+            std::fs::write(&self.0, text).unwrap();
+        }
+    }
+
+    impl Drop for TmpConfig {
+        fn drop(&mut self) {
+            if let Some(d) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
+
+    #[test]
+    fn good_file_is_swapped_in_bad_file_is_refused_with_key() {
+        let f = TmpConfig::new("swap", "[greeting]\ndelay = \"5s\"\n");
+        let w = ConfigWatch::new(&f.0, Config::load(&f.0).unwrap());
+        let rx = w.subscribe();
+        let session_snapshot = rx.borrow().clone();
+
+        f.write("[greeting]\ndelay = \"7s\"\n");
+        assert_eq!(w.reload().unwrap().restart_only, Vec::<&str>::new());
+        assert_eq!(w.current().greeting.delay.as_secs(), 7);
+        assert!(rx.has_changed().unwrap());
+        // a session that started before keeps its snapshot
+        assert_eq!(session_snapshot.greeting.delay.as_secs(), 5);
+
+        f.write("[greeting]\ndelay = \"900s\"\n");
+        let e = w.reload().unwrap_err();
+        assert_eq!(e.key(), Some("greeting.delay"));
+        assert_eq!(w.current().greeting.delay.as_secs(), 7, "old config stays");
+
+        f.write("[greeting\n");
+        assert!(w.reload().is_err());
+        assert_eq!(w.current().greeting.delay.as_secs(), 7);
+        let c = w.counts();
+        assert_eq!(c.applied.load(Ordering::Relaxed), 1);
+        assert_eq!(c.refused.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn restart_only_keys_keep_their_running_value() {
+        let f = TmpConfig::new(
+            "restart",
+            "[listen]\naddrs = [\"127.0.0.1:2525\"]\n[rcpt]\nthreshold = 5\n",
+        );
+        let w = ConfigWatch::new(&f.0, Config::load(&f.0).unwrap());
+        f.write(
+            "[listen]\naddrs = [\"127.0.0.1:2626\"]\n[rcpt]\nthreshold = 9\n\
+             [daemon]\nuser = \"nobody\"\n",
+        );
+        let r = w.reload().unwrap();
+        assert_eq!(r.restart_only, vec!["listen", "daemon.user"]);
+        let c = w.current();
+        assert_eq!(c.rcpt.threshold, 9, "live keys apply");
+        assert_eq!(c.listen.addrs[0].port(), 2525, "bound address stays");
+        assert_eq!(c.daemon.user, None);
+    }
+
+    #[test]
+    fn signal_agent_refuses_a_bad_file_and_a_missing_pid_file() {
+        let f = TmpConfig::new("signal", "[rcpt]\nscaling = 0.1\n");
+        let e = signal_agent(&f.0, None).unwrap_err();
+        assert!(format!("{e:#}").contains("rcpt.scaling"), "{e:#}");
+        f.write("");
+        let e = signal_agent(&f.0, None).unwrap_err();
+        assert!(format!("{e:#}").contains("daemon.pid_file"), "{e:#}");
+        let pid = f.0.with_file_name("x.pid");
+        std::fs::write(&pid, "1\n").unwrap();
+        let e = signal_agent(&f.0, Some(&pid)).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("not a running tarpit agent"),
+            "{e:#}"
+        );
+    }
+}

@@ -1,0 +1,131 @@
+//! Least privilege: after start-up the agent is an unprivileged user with
+//! CAP_BPF only (CAP_NET_ADMIN too with detach_on_exit), on every thread,
+//! exactly as docs/operations.md says.
+use std::process::Command;
+use std::time::Duration;
+
+use tarpit::config::Config;
+use tarpit::ops::privileges::{self, CAP_BPF, CAP_NET_ADMIN, CapSet, ProcStatus};
+use tarpit_tests::require_root;
+
+const NOBODY: u32 = 65534;
+const CHILD_ENV: &str = "TARPIT_TEST_PRIVILEGE_CHILD";
+
+/// Every thread of this process, as /proc shows it.
+fn threads() -> Vec<(String, ProcStatus)> {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let text = std::fs::read_to_string(e.path().join("status")).ok()?;
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                ProcStatus::parse(&text).expect("status parses"),
+            ))
+        })
+        .collect()
+}
+
+fn assert_dropped(who: &str, st: &ProcStatus, keep: CapSet) {
+    assert_eq!(st.uid, [NOBODY; 4], "{who}: uids");
+    assert_eq!(st.gid, [NOBODY; 4], "{who}: gids");
+    assert_eq!(st.groups, vec![NOBODY], "{who}: supplementary groups");
+    assert_eq!(st.cap_prm, keep, "{who}: permitted {}", st.cap_prm.names());
+    assert_eq!(st.cap_eff, keep, "{who}: effective {}", st.cap_eff.names());
+    assert_eq!(st.cap_bnd, keep, "{who}: bounding {}", st.cap_bnd.names());
+    assert_eq!(st.cap_inh, CapSet(0), "{who}: inheritable");
+    assert_eq!(st.cap_amb, CapSet(0), "{who}: ambient");
+    assert!(st.no_new_privs, "{who}: no_new_privs");
+}
+
+/// Runs in a child process (this test binary again): the drop is
+/// irreversible, so it must not happen in the test runner itself. Busy
+/// threads and a tokio runtime exist before the drop, as in the agent.
+#[test]
+#[ignore = "helper: run by drop_reaches_every_thread in a child process"]
+fn privilege_drop_child() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    let detach: bool = std::env::var(CHILD_ENV).unwrap() == "detach";
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinners: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let sleeper = std::thread::spawn(|| std::thread::sleep(Duration::from_secs(3)));
+    let mut config = Config::default();
+    config.daemon.user = Some("nobody".into());
+    config.kernel.detach_on_exit = detach;
+    let keep = if detach {
+        CapSet::of(&[CAP_BPF, CAP_NET_ADMIN])
+    } else {
+        CapSet::of(&[CAP_BPF])
+    };
+    // from inside the runtime, as run.rs does it
+    let dropped = runtime
+        .block_on(async { privileges::drop_privileges(&config) })
+        .expect("drop")
+        .expect("a user was configured");
+    assert_eq!(dropped.kept, keep);
+    let all = threads();
+    assert!(all.len() >= 6, "threads: {}", all.len());
+    for (tid, st) in &all {
+        assert_dropped(&format!("thread {tid}"), st, keep);
+    }
+    // threads born after the drop inherit it; root is out of reach
+    let later = std::thread::spawn(threads).join().unwrap();
+    for (tid, st) in &later {
+        assert_dropped(&format!("later thread {tid}"), st, keep);
+    }
+    assert!(nix::unistd::setuid(nix::unistd::Uid::from_raw(0)).is_err());
+    // the runtime still works
+    assert_eq!(runtime.block_on(async { tokio::spawn(async { 7 }).await.unwrap() }), 7);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in spinners {
+        s.join().unwrap();
+    }
+    sleeper.join().unwrap();
+    println!("CHILD-OK");
+}
+
+fn run_child(mode: &str) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "privilege_drop_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, mode)
+        .output()
+        .expect("re-run this test binary");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("CHILD-OK"), "child failed:\n{text}");
+}
+
+#[test]
+fn drop_reaches_every_thread() {
+    if !require_root() {
+        return;
+    }
+    run_child("keep");
+}
+
+#[test]
+fn drop_with_detach_on_exit_keeps_net_admin() {
+    if !require_root() {
+        return;
+    }
+    run_child("detach");
+}
