@@ -27,6 +27,8 @@ use crate::maps::{
     settings,
 };
 
+const SOL_SOCKET: i32 = 1;
+const SO_RCVBUF: i32 = 8;
 const SOL_TCP: i32 = 6;
 const TCP_WINDOW_CLAMP: i32 = 10;
 const MARK_COUNTED: u32 = 1;
@@ -149,9 +151,18 @@ fn established(
         None => false,
     };
     if slowed && settings.has(SETTING_SLOWDOWN) && settings.window_clamp > 0 {
+        // A fixed receive buffer first: it turns off receive-buffer
+        // autotuning, which would otherwise raise the clamp again.
+        let mut rcvbuf = settings.window_clamp as i32;
         let mut clamp = settings.window_clamp as i32;
         let rc = unsafe {
             bpf_setsockopt(
+                ctx.ops as *mut _,
+                SOL_SOCKET,
+                SO_RCVBUF,
+                &raw mut rcvbuf as *mut _,
+                4,
+            ) | bpf_setsockopt(
                 ctx.ops as *mut _,
                 SOL_TCP,
                 TCP_WINDOW_CLAMP,

@@ -124,21 +124,32 @@ impl World {
 
     /// A world whose kernel config is adjusted by `tweak` before loading.
     pub fn with(tweak: impl FnOnce(&mut KernelConfig)) -> Result<World> {
+        let mut world = World::unloaded()?;
+        world.load(tweak)?;
+        Ok(world)
+    }
+
+    /// Network, pins, cgroup and server, but no kernel programs yet.
+    pub fn unloaded() -> Result<World> {
         let net = TestNet::new()?;
         let pins = PinDir::new()?;
         let cgroup = TestCgroup::new()?;
         let server = ScriptServer::start(&net, &cgroup)?;
-        let mut world = World {
+        Ok(World {
             kernel: None,
             server: Some(server),
             cgroup,
             pins,
             net,
-        };
-        let mut cfg = world.config();
+        })
+    }
+
+    /// Loads the kernel programs with this world's config, adjusted.
+    pub fn load(&mut self, tweak: impl FnOnce(&mut KernelConfig)) -> Result<()> {
+        let mut cfg = self.config();
         tweak(&mut cfg);
-        world.kernel = Some(Kernel::load(&cfg).context("kernel programs load")?);
-        Ok(world)
+        self.kernel = Some(Kernel::load(&cfg).context("kernel programs load")?);
+        Ok(())
     }
 
     /// The kernel config of this world: the server veth in the server
@@ -274,6 +285,25 @@ pub fn send_frames(net: &TestNet, frames: &[Vec<u8>]) -> Result<()> {
         bail!("raw frame sender failed: {status}");
     }
     Ok(())
+}
+
+/// A TCP info field (e.g. `snd_wnd`) of the one connection from `src` to
+/// `dst` port, read with `ss -ti` in the client namespace.
+pub fn client_tcp_info(net: &TestNet, src: IpAddr, dport: u16, field: &str) -> Option<u64> {
+    let src = match src {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    };
+    let out = net
+        .client_cmd("ss")
+        .args(["-Htin", "src", &src, "dport", &format!("= :{dport}")])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let key = format!("{field}:");
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix(key.as_str()))
+        .and_then(|v| v.parse().ok())
 }
 
 /// Runs a future on a small runtime (event stream reads).
