@@ -22,6 +22,7 @@ mod profile;
 mod report;
 mod scenarios;
 mod signal;
+mod sink;
 mod synflood;
 mod worker;
 mod xdpblock;
@@ -90,10 +91,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .clone()
         .or_else(|| std::env::var_os("TARPIT_BIN").map(PathBuf::from));
     let tarpit = agent::TarpitBin::prepare(explicit, args.smoke);
+    let exe = SelfCopy::new()?;
     let env = Env {
         profile,
         tarpit,
-        self_exe: std::env::current_exe().context("cannot find the xtask executable")?,
+        self_exe: exe.0.clone(),
     };
     shell::say(
         "Bench",
@@ -167,4 +169,25 @@ fn build_release_agent() -> Result<PathBuf> {
 /// Says that a side could not run, as it happens.
 fn shell_say_unavailable(name: &str, e: &anyhow::Error) {
     shell::say("Unavailable", &format!("{name}: {e:#}"));
+}
+
+/// A private copy of this executable for the worker processes: a rebuild
+/// of xtask during a long run (others share this target dir) replaces
+/// target/debug/xtask, and re-executing the deleted original would fail.
+struct SelfCopy(PathBuf);
+
+impl SelfCopy {
+    fn new() -> Result<SelfCopy> {
+        let me = std::env::current_exe().context("cannot find the xtask executable")?;
+        let copy = std::env::temp_dir().join(format!("tarpit-bench-xtask-{}", std::process::id()));
+        std::fs::copy(&me, &copy)
+            .with_context(|| format!("cannot copy {} to {}", me.display(), copy.display()))?;
+        Ok(SelfCopy(copy))
+    }
+}
+
+impl Drop for SelfCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }

@@ -142,3 +142,29 @@ pub fn thread_cpu() -> Duration {
         ts.tv_nsec.clamp(0, 999_999_999) as u32,
     )
 }
+
+/// On-CPU time of a task in seconds, precise (scheduler runtime from
+/// /proc/PID/schedstat, not tick-sampled).
+pub fn runtime_seconds(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(ns as f64 / 1e9)
+}
+
+/// Pids of the per-CPU softirq threads, which run the receive path when
+/// it is not done inline after a send.
+pub fn ksoftirqd_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|&p| comm(p).is_some_and(|c| c.starts_with("ksoftirqd/")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Summed precise runtime of a set of tasks.
+pub fn runtime_of(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|&p| runtime_seconds(p)).sum()
+}

@@ -19,8 +19,10 @@ use super::zero_delays;
 const AGENT_PORT: u16 = 25;
 /// Longer than any hold phase: nobody is let through while measured.
 const GREETING_DELAY: &str = "\"300s\"";
-/// Connects in flight across all workers.
-const CONNECT_CONCURRENCY: u32 = 400;
+/// Connects in flight across all workers: below postscreen's listen
+/// backlog (100), so that no client believes in a connection the server
+/// never queued (a SYN-cookie ACK dropped on a full accept queue).
+const CONNECT_CONCURRENCY: u32 = 64;
 
 enum Holder {
     Postscreen,
