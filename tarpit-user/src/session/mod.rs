@@ -789,3 +789,6 @@ impl Session<'_> {
         passthrough(self.shared, &mut self.client, &mut self.backend, to_client).await
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,396 @@
+//! Sessions against a scripted MTA on loopback, with tokio's paused clock:
+//! what the agent relays, when, and what it refuses to make up.
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Duration, Instant};
+
+use super::*;
+use crate::config::Config;
+use crate::policy::MemoryAuthStore;
+
+/// What the scripted MTA does with one command line.
+#[derive(Clone)]
+enum Step {
+    /// Expect a line starting with this (case-insensitive), answer after a pause.
+    Reply(&'static str, Duration, &'static str),
+    /// Expect a DATA body up to the dot, then answer.
+    Body(&'static str),
+    /// Read what comes and close the connection without a word.
+    Die,
+}
+
+fn reply(expect: &'static str, answer: &'static str) -> Step {
+    Step::Reply(expect, Duration::ZERO, answer)
+}
+
+/// A fake MTA: reads the PROXY v2 header, sends the banner, then follows
+/// the script. Returns its address and a handle yielding what it saw.
+async fn fake_mta(script: Vec<Step>) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        // Nagle would hold replies back in real time while the paused
+        // clock jumps ahead: the agent would see a silent MTA.
+        s.set_nodelay(true).unwrap();
+        let (r, mut w) = s.into_split();
+        let mut r = BufReader::new(r);
+        let mut header = [0u8; 16];
+        r.read_exact(&mut header).await.unwrap();
+        let len = u16::from_be_bytes([header[14], header[15]]) as usize;
+        let mut rest = vec![0u8; len];
+        r.read_exact(&mut rest).await.unwrap();
+        w.write_all(b"220 mx.fake ESMTP\r\n").await.unwrap();
+        let mut seen = Vec::new();
+        for step in script {
+            let mut line = String::new();
+            match step {
+                Step::Reply(expect, pause, answer) => {
+                    if r.read_line(&mut line).await.unwrap() == 0 {
+                        break;
+                    }
+                    assert!(
+                        line.to_ascii_uppercase()
+                            .starts_with(&expect.to_ascii_uppercase()),
+                        "MTA expected {expect:?}, got {line:?}"
+                    );
+                    seen.push(line.trim_end().to_string());
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
+                    w.write_all(answer.as_bytes()).await.unwrap();
+                }
+                Step::Body(answer) => {
+                    let mut body = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).await.unwrap() == 0 {
+                            return seen;
+                        }
+                        if line == ".\r\n" {
+                            break;
+                        }
+                        body.push_str(&line);
+                    }
+                    seen.push(format!("BODY {}", body.len()));
+                    w.write_all(answer.as_bytes()).await.unwrap();
+                }
+                Step::Die => {
+                    let _ = r.read_line(&mut line).await;
+                    seen.push(line.trim_end().to_string());
+                    return seen;
+                }
+            }
+        }
+        seen
+    });
+    (addr, task)
+}
+
+fn shared(toml: &str, mta: SocketAddr) -> Arc<Shared> {
+    let mut config = Config::parse(toml).expect("test config");
+    config.backend.addr = mta;
+    Arc::new(Shared {
+        policy: Policy::new(&config),
+        backend: config.backend.clone(),
+        limits: config.limits.clone(),
+        tls: None,
+        metrics: Arc::new(Metrics::new()),
+        auth_store: Arc::new(MemoryAuthStore::new(16)),
+        pregreet: Arc::new(AgentPreGreet),
+    })
+}
+
+/// Starts the agent's side of one session and returns the client's socket.
+async fn session(shared: Arc<Shared>) -> (BufReader<TcpStream>, tokio::task::JoinHandle<Outcome>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let client = TcpStream::connect(addr).await.unwrap();
+    client.set_nodelay(true).unwrap();
+    let (server, peer) = l.accept().await.unwrap();
+    let local = server.local_addr().unwrap();
+    // Loopback is internal by default; pretend the peer is a remote client.
+    let peer = SocketAddr::new("198.51.100.9".parse().unwrap(), peer.port());
+    let task = tokio::spawn(async move { run(&shared, server, peer, local).await });
+    (BufReader::new(client), task)
+}
+
+async fn read_reply(c: &mut BufReader<TcpStream>) -> String {
+    let mut text = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            c.read_line(&mut line).await.unwrap() > 0,
+            "closed after {text:?}"
+        );
+        text.push_str(&line);
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return text;
+        }
+    }
+}
+
+/// Sends a line, returns the reply and the (virtual) time it took.
+async fn cmd(c: &mut BufReader<TcpStream>, line: &str) -> (String, Duration) {
+    let t = Instant::now();
+    c.get_mut()
+        .write_all(format!("{line}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let r = read_reply(c).await;
+    (r, t.elapsed())
+}
+
+const NO_GREETING: &str = "[greeting]\ndelay = \"0s\"\n";
+
+#[tokio::test(start_paused = true)]
+async fn authenticated_session_is_not_tarpitted_after_235() {
+    let (mta, seen) = fake_mta(vec![
+        reply("EHLO", "250-mx.fake\r\n250 AUTH PLAIN LOGIN\r\n"),
+        reply("MAIL", "250 ok\r\n"),
+        reply("RCPT", "250 ok\r\n"),
+        reply("AUTH LOGIN", "334 VXNlcm5hbWU6\r\n"),
+        reply("dXNlcg==", "334 UGFzc3dvcmQ6\r\n"),
+        reply("cGFzcw==", "235 2.7.0 Authentication successful\r\n"),
+        reply("RCPT", "250 ok\r\n"),
+        reply("RCPT", "250 ok\r\n"),
+        reply("QUIT", "221 bye\r\n"),
+    ])
+    .await;
+    let shared = shared(
+        &format!("{NO_GREETING}[rcpt]\nthreshold = 0\ndelay = \"10s\"\n"),
+        mta,
+    );
+    let (mut c, task) = session(shared.clone()).await;
+    assert_eq!(read_reply(&mut c).await, "220 mx.fake ESMTP\r\n");
+    cmd(&mut c, "EHLO client").await;
+    cmd(&mut c, "MAIL FROM:<a@b>").await;
+    let (_, d) = cmd(&mut c, "RCPT TO:<x@y>").await;
+    assert_eq!(d, Duration::from_secs(10), "before AUTH: tarpitted");
+    let (r, _) = cmd(&mut c, "AUTH LOGIN").await;
+    assert!(r.starts_with("334"));
+    // SASL responses go to the MTA as they are, never parsed as commands.
+    cmd(&mut c, "dXNlcg==").await;
+    let (r, _) = cmd(&mut c, "cGFzcw==").await;
+    assert!(r.starts_with("235"));
+    for _ in 0..2 {
+        let (r, d) = cmd(&mut c, "RCPT TO:<x@y>").await;
+        assert!(r.starts_with("250"));
+        assert_eq!(d, Duration::ZERO, "after AUTH: no delay");
+    }
+    cmd(&mut c, "QUIT").await;
+    assert_eq!(task.await.unwrap(), Outcome::Quit);
+    assert_eq!(seen.await.unwrap().len(), 9);
+    let ip = "198.51.100.9".parse().unwrap();
+    assert!(
+        shared
+            .auth_store
+            .last_authenticated(ip, Instant::now())
+            .is_some()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_auth_changes_nothing() {
+    let (mta, _seen) = fake_mta(vec![
+        reply("AUTH PLAIN", "535 5.7.8 Authentication failed\r\n"),
+        reply("RCPT", "250 ok\r\n"),
+    ])
+    .await;
+    let shared = shared(
+        &format!("{NO_GREETING}[rcpt]\nthreshold = 0\ndelay = \"10s\"\n"),
+        mta,
+    );
+    let (mut c, _task) = session(shared.clone()).await;
+    read_reply(&mut c).await;
+    let (r, _) = cmd(&mut c, "AUTH PLAIN AHVzZXIAd3Jvbmc=").await;
+    assert!(r.starts_with("535"));
+    let (_, d) = cmd(&mut c, "RCPT TO:<x@y>").await;
+    assert_eq!(d, Duration::from_secs(10));
+    let ip = "198.51.100.9".parse().unwrap();
+    assert!(
+        shared
+            .auth_store
+            .last_authenticated(ip, Instant::now())
+            .is_none()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn orf_delay_counts_the_time_the_mta_took() {
+    let (mta, _seen) = fake_mta(vec![
+        Step::Reply("MAIL", Duration::from_secs(20), "250 ok\r\n"),
+        Step::Reply("RCPT", Duration::from_secs(70), "250 ok\r\n"),
+    ])
+    .await;
+    let shared = shared(
+        &format!("{NO_GREETING}[blacklist]\nips = [\"198.51.100.0/24\"]\n"),
+        mta,
+    );
+    let (mut c, _task) = session(shared).await;
+    read_reply(&mut c).await;
+    let (_, d) = cmd(&mut c, "MAIL FROM:<a@b>").await;
+    assert_eq!(
+        d,
+        Duration::from_secs(60),
+        "20 s of MTA time are part of the 60 s"
+    );
+    let (_, d) = cmd(&mut c, "RCPT TO:<x@y>").await;
+    assert_eq!(
+        d,
+        Duration::from_secs(70),
+        "a slower MTA is not delayed further"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn mta_dying_after_the_body_gives_4xx_never_250() {
+    let (mta, _seen) = fake_mta(vec![
+        reply("MAIL", "250 ok\r\n"),
+        reply("RCPT", "250 ok\r\n"),
+        reply("DATA", "354 go\r\n"),
+        Step::Die,
+    ])
+    .await;
+    let shared = shared(NO_GREETING, mta);
+    let (mut c, task) = session(shared).await;
+    read_reply(&mut c).await;
+    cmd(&mut c, "MAIL FROM:<a@b>").await;
+    cmd(&mut c, "RCPT TO:<x@y>").await;
+    let (r, _) = cmd(&mut c, "DATA").await;
+    assert!(r.starts_with("354"));
+    let (r, _) = cmd(&mut c, "Subject: x\r\n\r\nbody\r\n.").await;
+    assert!(r.starts_with("421 4."), "{r}");
+    assert_eq!(task.await.unwrap(), Outcome::BackendError);
+}
+
+#[tokio::test(start_paused = true)]
+async fn mta_timing_out_gives_4xx() {
+    let (mta, _seen) = fake_mta(vec![Step::Reply(
+        "MAIL",
+        Duration::from_secs(3600),
+        "250 late\r\n",
+    )])
+    .await;
+    let shared = shared(
+        &format!("{NO_GREETING}[backend]\nreply_timeout = \"30s\"\n"),
+        mta,
+    );
+    let (mut c, task) = session(shared).await;
+    read_reply(&mut c).await;
+    let (r, d) = cmd(&mut c, "MAIL FROM:<a@b>").await;
+    assert!(r.starts_with("421 4.4.2"), "{r}");
+    assert_eq!(d, Duration::from_secs(30));
+    assert_eq!(task.await.unwrap(), Outcome::BackendError);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pipelined_replies_keep_their_order_with_per_command_delays() {
+    let (mta, seen) = fake_mta(vec![
+        reply("MAIL", "250 ok\r\n"),
+        reply("RCPT", "250 one\r\n"),
+        reply("RCPT", "550 5.1.1 two unknown\r\n"),
+        reply("RCPT", "250 three\r\n"),
+        reply("DATA", "354 go\r\n"),
+        Step::Body("250 2.0.0 queued\r\n"),
+    ])
+    .await;
+    let shared = shared(
+        &format!("{NO_GREETING}[rcpt]\nthreshold = 1\ndelay = \"5s\"\n[reject]\ndelay = \"30s\"\n"),
+        mta,
+    );
+    let (mut c, _task) = session(shared).await;
+    read_reply(&mut c).await;
+    let t = Instant::now();
+    c.get_mut()
+        .write_all(
+            b"MAIL FROM:<a@b>\r\nRCPT TO:<1@y>\r\nRCPT TO:<2@y>\r\nRCPT TO:<3@y>\r\nDATA\r\n",
+        )
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let r = read_reply(&mut c).await;
+        got.push((r.trim_end().to_string(), t.elapsed().as_secs()));
+    }
+    assert_eq!(
+        got,
+        vec![
+            ("250 ok".to_string(), 0),
+            ("250 one".to_string(), 0),
+            // the 5xx hold (30 s) and the RCPT delay (5 s) overlap
+            ("550 5.1.1 two unknown".to_string(), 30),
+            // counted from its own arrival (t=0): 5 s, already past
+            ("250 three".to_string(), 30),
+            ("354 go".to_string(), 30),
+        ]
+    );
+    let (r, _) = cmd(&mut c, "Subject: s\r\n\r\n..stuffed\r\nbody\r\n.").await;
+    assert_eq!(r, "250 2.0.0 queued\r\n");
+    let seen = seen.await.unwrap();
+    assert_eq!(seen.len(), 6);
+    assert_eq!(seen[5], "BODY 31", "the body went through byte for byte");
+}
+
+#[tokio::test(start_paused = true)]
+async fn unsolicited_421_from_the_mta_is_relayed_and_ends_the_session() {
+    let (mta, _seen) = fake_mta(vec![reply(
+        "NOOP",
+        "250 ok\r\n421 4.4.2 mx.fake timeout\r\n",
+    )])
+    .await;
+    let shared = shared(NO_GREETING, mta);
+    let (mut c, task) = session(shared).await;
+    read_reply(&mut c).await;
+    let (r, _) = cmd(&mut c, "NOOP").await;
+    assert_eq!(r, "250 ok\r\n");
+    assert_eq!(read_reply(&mut c).await, "421 4.4.2 mx.fake timeout\r\n");
+    assert_eq!(task.await.unwrap(), Outcome::BackendClosed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn starttls_without_a_certificate_goes_to_the_mta_then_opaque() {
+    let (mta, seen) = fake_mta(vec![
+        reply(
+            "EHLO",
+            "250-mx.fake\r\n250-XCLIENT ADDR NAME\r\n250 STARTTLS\r\n",
+        ),
+        reply("STARTTLS", "220 2.0.0 Ready to start TLS\r\n"),
+        // "TLS" bytes now: anything the client sends reaches the MTA as is
+        reply("\u{16}\u{3}", "opaque answer\r\n"),
+    ])
+    .await;
+    let shared = shared(NO_GREETING, mta);
+    let (mut c, task) = session(shared.clone()).await;
+    read_reply(&mut c).await;
+    let (r, _) = cmd(&mut c, "EHLO client").await;
+    assert_eq!(r, "250-mx.fake\r\n250 STARTTLS\r\n", "XCLIENT hidden");
+    let (r, _) = cmd(&mut c, "STARTTLS").await;
+    assert!(r.starts_with("220"));
+    c.get_mut()
+        .write_all(b"\x16\x03 not smtp\r\n")
+        .await
+        .unwrap();
+    let mut line = String::new();
+    c.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "opaque answer\r\n");
+    drop(c);
+    assert_eq!(task.await.unwrap(), Outcome::Passthrough);
+    assert_eq!(seen.await.unwrap().len(), 3);
+    assert_eq!(shared.metrics.starttls_passthrough_total.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_bdat_is_refused_by_the_agent() {
+    let (mta, _seen) = fake_mta(vec![reply("NOOP", "250 ok\r\n")]).await;
+    let shared = shared(NO_GREETING, mta);
+    let (mut c, _task) = session(shared).await;
+    read_reply(&mut c).await;
+    let (r, _) = cmd(&mut c, "BDAT lots").await;
+    assert!(r.starts_with("501 5.5.4"), "{r}");
+    let (r, _) = cmd(&mut c, "NOOP").await;
+    assert_eq!(r, "250 ok\r\n");
+}
