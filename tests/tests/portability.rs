@@ -55,7 +55,11 @@ fn every_program_passes_this_kernels_verifier() {
     if !require_root() {
         return;
     }
-    let path = repo_root().join("target/ebpf/bpfel-unknown-none/release/tarpit");
+    // The object the agent embeds; `cargo xtask test --kernel` passes its
+    // snapshot of the same build.
+    let path = std::env::var_os("TARPIT_EBPF_OBJECT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/ebpf/bpfel-unknown-none/release/tarpit"));
     let object = std::fs::read(&path).unwrap_or_else(|e| {
         panic!(
             "{}: {e} (build it with `cargo xtask build-ebpf`)",

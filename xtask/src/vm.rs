@@ -218,19 +218,80 @@ fn prepare(kernels: &[Kernel]) -> Result<Vec<TestBinary>> {
             .args(["build", "--workspace", "--bins"]),
     )
     .context("the workspace does not build")?;
-    // `--workspace` as in the host suite: the same feature set, no rebuild.
-    let json = shell::output(Command::new("cargo").current_dir(&root).args([
-        "test",
-        "--workspace",
-        "--no-run",
-        "--message-format=json",
-    ]))
-    .context("the test executables do not build")?;
+    // Only the VM test targets, so a broken unit test elsewhere does not
+    // stop the kernel tests; `--workspace` as in the host suite, for the same
+    // feature set (no rebuild between the two).
+    let targets = vm_test_targets(&root.join("tests/tests"))?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&root)
+        .args(["test", "--workspace", "--no-run", "--message-format=json"]);
+    for t in &targets {
+        cmd.args(["--test", t]);
+    }
+    let json = shell::output(&mut cmd).context("the kernel test executables do not build")?;
     let binaries = test_binaries(&json);
     if binaries.is_empty() {
         bail!("no kernel test executables (tests/tests/foundation.rs, kernel_*.rs) were built");
     }
-    Ok(binaries)
+    snapshot(&binaries)
+}
+
+/// Copies of what the guest runs, in `target/vm/bin/`. The guest reads the
+/// host's files through 9p with page caching: a `cargo build` on the host
+/// while a VM runs (another terminal, another engineer) would change the
+/// binaries under the guest's feet, and a half-replaced executable crashes
+/// in odd places. Copies (not hard links: the linker may rewrite the same
+/// inode) keep each run on one consistent build.
+fn snapshot(binaries: &[TestBinary]) -> Result<Vec<TestBinary>> {
+    let dir = bin_dir();
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("cannot empty {}", dir.display()))?;
+    }
+    fs::create_dir_all(&dir)?;
+    let copy = |from: &Path, to: &Path| {
+        fs::copy(from, to)
+            .map(|_| ())
+            .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))
+    };
+    copy(
+        &paths::root().join("target/debug/tarpit"),
+        &dir.join("tarpit"),
+    )?;
+    copy(&paths::ebpf_object(), &dir.join("tarpit.bpf.o"))?;
+    binaries
+        .iter()
+        .map(|b| {
+            let to = dir.join(&b.name);
+            copy(&b.path, &to)?;
+            Ok(TestBinary {
+                name: b.name.clone(),
+                path: to,
+            })
+        })
+        .collect()
+}
+
+/// Where [`snapshot`] puts its copies.
+fn bin_dir() -> PathBuf {
+    paths::root().join("target/vm/bin")
+}
+
+/// The test targets (files in tests/tests/) that run in the VMs.
+fn vm_test_targets(dir: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stem = name.strip_suffix(".rs")?;
+            runs_in_vm(stem).then(|| stem.to_string())
+        })
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        bail!("no kernel tests in {}", dir.display());
+    }
+    Ok(names)
 }
 
 /// A test executable of the tarpit-tests crate.
@@ -300,7 +361,7 @@ fn run_kernel(
     let per_test = test_timeout();
     fs::write(
         out.join("run.sh"),
-        guest_script(binaries, filter, per_test, &paths::root()),
+        guest_script(binaries, filter, per_test, &paths::root(), &bin_dir()),
     )?;
     // Boot (~5-13 s), then every executable may use its whole timeout.
     let vm_timeout = 120 + per_test * binaries.len() as u64;
@@ -364,6 +425,7 @@ fn guest_script(
     filter: Option<&str>,
     timeout: u64,
     root: &Path,
+    bin: &Path,
 ) -> String {
     let mut s = String::from(
         "#!/bin/bash\n# Written by `cargo xtask test --kernel`; runs as root inside the VM.\n",
@@ -372,7 +434,11 @@ fn guest_script(
         ("RUST_BACKTRACE".into(), "1".into()),
         (
             "TARPIT_BIN".into(),
-            root.join("target/debug/tarpit").display().to_string(),
+            bin.join("tarpit").display().to_string(),
+        ),
+        (
+            "TARPIT_EBPF_OBJECT".into(),
+            bin.join("tarpit.bpf.o").display().to_string(),
         ),
     ];
     for var in [
@@ -502,8 +568,9 @@ mod tests {
             name: "foundation".into(),
             path: "/w/target/debug/deps/foundation-1".into(),
         }];
-        let s = guest_script(&b, Some("it's"), 300, Path::new("/w"));
-        assert!(s.contains("export TARPIT_BIN='/w/target/debug/tarpit'\n"));
+        let s = guest_script(&b, Some("it's"), 300, Path::new("/w"), Path::new("/w/vm"));
+        assert!(s.contains("export TARPIT_BIN='/w/vm/tarpit'\n"));
+        assert!(s.contains("export TARPIT_EBPF_OBJECT='/w/vm/tarpit.bpf.o'\n"));
         assert!(s.contains("cd '/w/tests'\n"));
         assert!(s.contains("run foundation 300 '/w/target/debug/deps/foundation-1' 'it'\\''s'\n"));
         assert!(!s.contains('"') || s.contains("echo \"=== $name: $*\""));
