@@ -47,6 +47,10 @@ pub enum Outcome {
     Passthrough,
     /// A network or TLS error on the client side.
     ClientError,
+    /// Listed by DNSBL with the `drop` action: closed without a reply.
+    DnsblDrop,
+    /// Greylisted at connect: 421 4.7.1.
+    Greylisted,
 }
 
 impl Outcome {
@@ -61,6 +65,8 @@ impl Outcome {
             Outcome::BackendClosed => "backend_closed",
             Outcome::Passthrough => "passthrough",
             Outcome::ClientError => "client_error",
+            Outcome::DnsblDrop => "dnsbl_drop",
+            Outcome::Greylisted => "greylisted",
         }
     }
 }
@@ -77,6 +83,8 @@ pub struct Metrics {
     backend_errors: Family<Labels, Counter>,
     pub starttls_passthrough_total: Counter,
     pub authenticated_total: Counter,
+    /// The reputation module's counters, appended to the exposition.
+    pub reputation: std::sync::OnceLock<Arc<crate::reputation::metrics::ReputationMetrics>>,
 }
 
 fn delay_histogram() -> Histogram {
@@ -150,6 +158,7 @@ impl Metrics {
             backend_errors,
             starttls_passthrough_total,
             authenticated_total,
+            reputation: std::sync::OnceLock::new(),
         }
     }
 
@@ -189,6 +198,12 @@ impl Metrics {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
+        if let Some(r) = self.reputation.get() {
+            let eof = out.rfind("# EOF").unwrap_or(out.len());
+            out.truncate(eof);
+            r.render(&mut out);
+            out.push_str("# EOF\n");
+        }
         out
     }
 }

@@ -42,6 +42,18 @@ async fn agent(config: Config) -> Result<()> {
 pub async fn start_agent(config: &Config) -> Result<tokio::task::JoinSet<()>> {
     let metrics = Arc::new(Metrics::new());
     let tls = config.tls.server_config()?.map(TlsAcceptor::from);
+    let reputation = crate::reputation::Reputation::new(
+        &config.dns,
+        &config.dnsbl,
+        &config.dnswl,
+        config.allow.hosts.clone(),
+    )?;
+    let _ = metrics.reputation.set(reputation.metrics().clone());
+    let greylist = crate::reputation::Greylist::open(
+        &config.greylist,
+        reputation.metrics().clone(),
+        crate::reputation::unix_now(),
+    )?;
     let shared = Arc::new(Shared {
         policy: Policy::new(config),
         backend: config.backend.clone(),
@@ -50,6 +62,8 @@ pub async fn start_agent(config: &Config) -> Result<tokio::task::JoinSet<()>> {
         metrics: metrics.clone(),
         auth_store: Arc::new(MemoryAuthStore::new(AUTH_STORE_CAPACITY)),
         pregreet: Arc::new(AgentPreGreet),
+        reputation,
+        greylist,
     });
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = config.metrics.listen {

@@ -118,8 +118,13 @@ fn hist(out: &mut String, name: &str, labels: &str, h: &Histogram) {
         "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
         h.count()
     );
-    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum().as_secs_f64());
-    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count());
+    let l = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(out, "{name}_sum{l} {}", h.sum().as_secs_f64());
+    let _ = writeln!(out, "{name}_count{l} {}", h.count());
 }
 
 impl ReputationMetrics {
@@ -148,15 +153,17 @@ impl ReputationMetrics {
         self.lists.iter().find(|l| l.domain == domain)
     }
 
-    /// Appends every counter in the Prometheus text exposition format.
+    /// Appends every counter in the OpenMetrics text format (counter
+    /// families named without `_total`, samples with it), before `# EOF`.
     pub fn render(&self, out: &mut String) {
         let c = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            let family = name.strip_suffix("_total").unwrap_or(name);
+            let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} counter");
             let _ = writeln!(out, "{name} {}", v.load(Relaxed));
         };
         let _ = writeln!(
             out,
-            "# HELP tarpit_dnsbl_queries_total DNS queries per list, by result.\n# TYPE tarpit_dnsbl_queries_total counter"
+            "# HELP tarpit_dnsbl_queries DNS queries per list, by result.\n# TYPE tarpit_dnsbl_queries counter"
         );
         for l in &self.lists {
             let d = esc(&l.domain);
@@ -176,7 +183,7 @@ impl ReputationMetrics {
         }
         let _ = writeln!(
             out,
-            "# HELP tarpit_dnsbl_site_hits_total Times a configured site counted toward a client's score.\n# TYPE tarpit_dnsbl_site_hits_total counter"
+            "# HELP tarpit_dnsbl_site_hits Times a configured site counted toward a client's score.\n# TYPE tarpit_dnsbl_site_hits counter"
         );
         for s in &self.sites {
             let _ = writeln!(
@@ -200,7 +207,7 @@ impl ReputationMetrics {
         }
         let _ = writeln!(
             out,
-            "# HELP tarpit_dnsbl_verdicts_total Reputation verdicts by outcome.\n# TYPE tarpit_dnsbl_verdicts_total counter"
+            "# HELP tarpit_dnsbl_verdicts Reputation verdicts by outcome.\n# TYPE tarpit_dnsbl_verdicts counter"
         );
         for (o, v) in [
             ("log", &self.listed_log),

@@ -165,10 +165,12 @@ pub struct ReputationHandle {
 
 impl ReputationHandle {
     /// The verdict, waiting for it at most until `dns.timeout` after
-    /// connect. Later calls return the same verdict at once.
+    /// connect. Later calls return the same verdict at once. Cancel-safe:
+    /// dropped while waiting (another `select!` branch won), it loses
+    /// nothing, and a later call waits on.
     pub async fn verdict(&mut self) -> &Verdict {
         if self.verdict.is_none() {
-            let v = match self.rx.take() {
+            let v = match self.rx.as_mut() {
                 // The task keeps the same deadline; the grace only covers
                 // scheduling, so a stuck task cannot hold the session.
                 Some(rx) => {
@@ -181,6 +183,7 @@ impl ReputationHandle {
                 }
                 None => Verdict::clean(false),
             };
+            self.rx = None;
             self.verdict = Some(v);
         }
         self.verdict.get_or_insert_with(|| Verdict::clean(false))
@@ -491,6 +494,45 @@ mod tests {
         let v = h.try_verdict().unwrap().clone();
         assert_eq!(v, Verdict::clean(true));
         assert_eq!(h.verdict().await.action(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn verdict_survives_a_cancelled_wait() {
+        let (tx, rx) = oneshot::channel();
+        let mut h = ReputationHandle {
+            rx: Some(rx),
+            deadline: Instant::now() + Duration::from_secs(5),
+            verdict: None,
+        };
+        // Another branch wins first (the greeting delay ends).
+        tokio::select! {
+            _ = h.verdict() => panic!("no verdict yet"),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let listed = Verdict {
+            score: 3,
+            listed: Some(ListAction::Delay),
+            complete: true,
+            ..Default::default()
+        };
+        tx.send(listed.clone()).unwrap();
+        assert_eq!(h.verdict().await, &listed);
+        assert_eq!(h.try_verdict(), Some(&listed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn verdict_wait_is_bounded_by_the_deadline() {
+        let (_tx, rx) = oneshot::channel::<Verdict>();
+        let start = Instant::now();
+        let mut h = ReputationHandle {
+            rx: Some(rx),
+            deadline: start + Duration::from_secs(5),
+            verdict: None,
+        };
+        let v = h.verdict().await.clone();
+        assert!(!v.complete && v.listed.is_none());
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_secs(5) && waited <= Duration::from_millis(5100));
     }
 
     #[test]

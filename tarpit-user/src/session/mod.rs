@@ -13,6 +13,7 @@
 //! All waiting happens in one `select!` over the client, the MTA and a
 //! timer, with cancel-safe reads into [`LineBuf`]s, so a held session is a
 //! socket, two small buffers and a queue.
+mod dns_gate;
 pub mod pregreet;
 
 use std::collections::VecDeque;
@@ -43,6 +44,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub auth_store: Arc<dyn AuthenticatedIps>,
     pub pregreet: Arc<dyn PreGreetVerdict>,
+    /// DNSBL/DNSWL and host-name checks (issue 8).
+    pub reputation: crate::reputation::Reputation,
+    pub greylist: Option<crate::reputation::Greylist>,
 }
 
 const PRE_GREET: &str = "554 5.5.1 SMTP protocol violation\r\n";
@@ -63,10 +67,12 @@ pub async fn run(
     let _ = stream.set_nodelay(true);
     let client = shared.policy.classify(peer.ip(), local.port());
     let mut state = SessionState::new(client);
-    let (stream, backend, banner) = match greet(shared, &mut state, stream, peer, local).await {
-        Ok(x) => x,
-        Err(outcome) => return outcome,
-    };
+    let mut rep = dns_gate::start(shared, &state);
+    let (stream, backend, banner) =
+        match greet(shared, &mut state, stream, peer, local, &mut rep).await {
+            Ok(x) => x,
+            Err(outcome) => return outcome,
+        };
     if state.client.implicit_tls {
         // The client speaks TLS first: nothing to read in clear, relay it.
         let (mut client, mut backend) = (ClientStream::Plain(stream), backend);
@@ -90,6 +96,8 @@ pub async fn run(
         backend_lost: false,
         client_eof: false,
         close_after_flush: None,
+        sender: String::new(),
+        dnsbl_reject: dns_gate::reject_reply(&mut rep).await,
     };
     let outcome = s.relay(banner).await;
     debug!(client = %peer, outcome = outcome.as_str(), rcpts = s.state.rcpts,
@@ -113,6 +121,7 @@ async fn greet(
     mut stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
+    rep: &mut Option<crate::reputation::ReputationHandle>,
 ) -> Result<(TcpStream, Backend, Reply), Outcome> {
     let start = Instant::now();
     let plan = shared.policy.greeting(state);
@@ -131,6 +140,7 @@ async fn greet(
         let mut probe = [0u8; 1];
         tokio::select! {
             _ = sleep_until(deadline) => {}
+            _ = dns_gate::exempt_known(rep) => {}
             r = stream.peek(&mut probe) => match r {
                 Ok(0) => return Err(Outcome::ClientClosed),
                 Ok(_) => {
@@ -151,6 +161,7 @@ async fn greet(
     if plan.check_pre_greet && pre_greet_now(shared, &stream, peer, local, seen).await {
         return Err(pre_greet(shared, state, stream, peer).await);
     }
+    dns_gate::gate(shared, state, &mut stream, peer, rep).await?;
     let (backend, banner) = match Backend::open(&shared.backend, peer, local).await {
         Ok(x) => x,
         Err(e) => {
@@ -285,6 +296,10 @@ struct Session<'a> {
     backend_lost: bool,
     client_eof: bool,
     close_after_flush: Option<Close>,
+    /// The current transaction's sender (for greylisting triplets).
+    sender: String,
+    /// The DNSBL `reject` action's reply, for this client's RCPTs.
+    dnsbl_reject: Option<String>,
 }
 
 enum Wake {
@@ -565,10 +580,14 @@ impl Session<'_> {
             Command::Mail(sender) => {
                 let d = self.step(Step::Mail(&sender));
                 self.push_command(Kind::Other, &line, d);
+                self.sender = sender;
             }
-            Command::Rcpt(_) => {
+            Command::Rcpt(rcpt) => {
                 let d = self.step(Step::Rcpt);
-                self.push_command(Kind::Other, &line, d);
+                match self.rcpt_gate(&rcpt) {
+                    Some(text) => self.push_local_held(&text, d),
+                    None => self.push_command(Kind::Other, &line, d),
+                }
             }
             Command::Data => {
                 let d = self.step(Step::Data);

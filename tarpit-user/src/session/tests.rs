@@ -101,6 +101,14 @@ fn shared(toml: &str, mta: SocketAddr) -> Arc<Shared> {
         metrics: Arc::new(Metrics::new()),
         auth_store: Arc::new(MemoryAuthStore::new(16)),
         pregreet: Arc::new(AgentPreGreet),
+        reputation: crate::reputation::Reputation::new(
+            &config.dns,
+            &config.dnsbl,
+            &config.dnswl,
+            config.allow.hosts.clone(),
+        )
+        .expect("reputation"),
+        greylist: None,
     })
 }
 
