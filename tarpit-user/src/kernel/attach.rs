@@ -63,11 +63,13 @@ pub fn in_ns<T: Send, F: FnOnce() -> T + Send>(netns: Option<&str>, f: F) -> Res
     }
 }
 
-/// A file-name-safe link pin name.
+/// A link pin name. bpffs refuses names with a dot, so dots in interface
+/// or namespace names become underscores.
 pub fn link_pin(pin_path: &Path, kind: &str, netns: Option<&str>, target: &str) -> PathBuf {
+    let clean = |s: &str| s.replace('.', "_");
     let name = match netns {
-        Some(ns) => format!("{kind}.{ns}.{target}"),
-        None => format!("{kind}.{target}"),
+        Some(ns) => format!("{kind}@{}@{}", clean(ns), clean(target)),
+        None => format!("{kind}@{}", clean(target)),
     };
     pin_path.join(LINKS_DIR).join(name)
 }
@@ -422,11 +424,11 @@ mod tests {
         let p = Path::new("/sys/fs/bpf/t");
         assert_eq!(
             link_pin(p, "xdp", Some("ns1"), "veth0"),
-            PathBuf::from("/sys/fs/bpf/t/links/xdp.ns1.veth0")
+            PathBuf::from("/sys/fs/bpf/t/links/xdp@ns1@veth0")
         );
         assert_eq!(
-            link_pin(p, "tc_in", None, "lo"),
-            PathBuf::from("/sys/fs/bpf/t/links/tc_in.lo")
+            link_pin(p, "tc_in", None, "eth0.100"),
+            PathBuf::from("/sys/fs/bpf/t/links/tc_in@eth0_100")
         );
     }
 

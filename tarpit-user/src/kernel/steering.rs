@@ -22,6 +22,8 @@ use tarpit_common::steer::{
 };
 use tracing::{info, warn};
 
+const _: () = assert!(steer::STEER_C_PASSED < STEER_COUNTERS_LEN);
+
 use super::{Kernel, attach, listener, sys};
 
 pub const SK_LOOKUP_PROGRAM: &str = "tarpit_sk_lookup";
@@ -147,7 +149,6 @@ impl SteerMaps {
             let v = self.counters.get(&i, 0)?;
             Ok(v.iter().copied().fold(0u64, u64::wrapping_add))
         };
-        debug_assert!(steer::STEER_C_PASSED < STEER_COUNTERS_LEN);
         Ok(SteerCounters {
             allowed: sum(steer::STEER_C_ALLOWED)?,
             authenticated: sum(steer::STEER_C_AUTHENTICATED)?,
