@@ -8,6 +8,8 @@
 pub mod codec;
 pub mod command;
 pub mod data;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod reply;
 
 pub use codec::{LineBuf, LineError};
