@@ -115,7 +115,7 @@ fn ip_shows_the_strikes_a_pregreet_client_earned_and_json_matches() {
         // The human output says the same.
         assert!(human.starts_with(bot), "{human}");
         assert!(
-            field(&human, "pre-greet strikes").starts_with("2 (last "),
+            field(&human, "pre-greet strikes").starts_with("2, last "),
             "{human}"
         );
         assert!(

@@ -258,7 +258,7 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
                 "pre-greet strikes".into(),
                 match s.last_strike {
                     Some(t) if s.strikes > 0 => {
-                        format!("{} (last {})", s.strikes, human_time_rel(t, now))
+                        format!("{}, last {}", s.strikes, human_time_rel(t, now))
                     }
                     _ => s.strikes.to_string(),
                 },
