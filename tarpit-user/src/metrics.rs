@@ -47,6 +47,8 @@ pub enum Outcome {
     Passthrough,
     /// A network or TLS error on the client side.
     ClientError,
+    /// Closed by the agent's graceful stop (421 4.3.2).
+    Shutdown,
     /// Listed by DNSBL with the `drop` action: closed without a reply.
     DnsblDrop,
     /// Greylisted at connect: 421 4.7.1.
@@ -65,6 +67,7 @@ impl Outcome {
             Outcome::BackendClosed => "backend_closed",
             Outcome::Passthrough => "passthrough",
             Outcome::ClientError => "client_error",
+            Outcome::Shutdown => "shutdown",
             Outcome::DnsblDrop => "dnsbl_drop",
             Outcome::Greylisted => "greylisted",
         }
@@ -79,6 +82,8 @@ pub struct Metrics {
     delays_total: Family<Labels, Counter>,
     delay_seconds: Family<Labels, Histogram>,
     pub pregreet_total: Counter,
+    /// Sessions answered 554 and disconnected.
+    pub drops_554_total: Counter,
     limit_refusals: Family<Labels, Counter>,
     backend_errors: Family<Labels, Counter>,
     pub starttls_passthrough_total: Counter,
@@ -123,6 +128,12 @@ impl Metrics {
             "Clients that talked before the banner",
             pregreet_total.clone(),
         );
+        let drops_554_total = Counter::default();
+        registry.register(
+            "drops_554",
+            "Sessions answered 554 and disconnected",
+            drops_554_total.clone(),
+        );
         let limit_refusals = Family::<Labels, Counter>::default();
         registry.register(
             "limit_refusals",
@@ -154,6 +165,7 @@ impl Metrics {
             delays_total,
             delay_seconds,
             pregreet_total,
+            drops_554_total,
             limit_refusals,
             backend_errors,
             starttls_passthrough_total,
@@ -202,6 +214,13 @@ impl Metrics {
             let eof = out.rfind("# EOF").unwrap_or(out.len());
             out.truncate(eof);
             r.render(&mut out);
+            out.push_str("# EOF\n");
+        }
+        // Kernel counters, map fill levels, reloads, dropped log lines.
+        if let Some(o) = crate::ops::metrics::installed() {
+            let eof = out.rfind("# EOF").unwrap_or(out.len());
+            out.truncate(eof);
+            o.render(&mut out);
             out.push_str("# EOF\n");
         }
         out

@@ -2,8 +2,8 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::info;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
 
 use std::sync::Arc;
 
@@ -17,21 +17,31 @@ use crate::{config::Config, kernel::Kernel};
 
 pub fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
+    // Log format and level, pid file: before anything privileged.
+    let mut daemon = crate::ops::Daemon::start(config_path, &config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(agent(config))
+    runtime.block_on(agent(config, &mut daemon))
 }
 
-async fn agent(config: Config) -> Result<()> {
+async fn agent(config: Config, daemon: &mut crate::ops::Daemon) -> Result<()> {
     crate::kernel_version::check_min_kernel()?;
     let kernel = Kernel::load(&config.kernel)?;
     crate::state::restore_at_start(&config.kernel.pin_path, &config.state.file);
-    let mut agent = start_agent(&config).await?;
+    // Opened as root: scrapes and reloads use the maps after the drop.
+    crate::ops::metrics::OpsMetrics::new(
+        crate::kernel::KernelMaps::open(&config.kernel.pin_path).ok(),
+    );
+    let mut agent = start_agent(&config, daemon.config()).await?;
+    // Ports bound, programs attached, maps open: root is not needed any more.
+    daemon.drop_privileges()?;
+    daemon.ready()?;
     info!("tarpit agent running; Ctrl-C or SIGTERM stops it");
-    wait_for_stop().await?;
-    info!("stopping");
+    let signal = daemon.wait_for_stop().await?;
+    info!(%signal, "stopping");
+    daemon.drain().await;
     agent.abort_all();
     kernel.shutdown()
 }
@@ -39,7 +49,10 @@ async fn agent(config: Config) -> Result<()> {
 /// Builds the sessions' shared state from the config, binds the SMTP and
 /// metrics listeners (failing loudly if one cannot be bound) and starts
 /// serving. Dropping or aborting the returned set stops everything.
-pub async fn start_agent(config: &Config) -> Result<tokio::task::JoinSet<()>> {
+pub async fn start_agent(
+    config: &Config,
+    updates: watch::Receiver<Arc<Config>>,
+) -> Result<tokio::task::JoinSet<()>> {
     let metrics = Arc::new(Metrics::new());
     let tls = config.tls.server_config()?.map(TlsAcceptor::from);
     let reputation = crate::reputation::Reputation::new(
@@ -70,20 +83,46 @@ pub async fn start_agent(config: &Config) -> Result<tokio::task::JoinSet<()>> {
         let l = crate::metrics::bind(addr).await?;
         tasks.spawn(crate::metrics::serve(l, metrics));
     }
+    let (shared_tx, shared_rx) = watch::channel(shared.clone());
     let server = Server::bind(&config.listen.addrs, shared).await?;
-    tasks.spawn(server.serve());
+    tasks.spawn(server.with_updates(shared_rx).serve());
+    tasks.spawn(apply_reloads(updates, shared_tx));
     Ok(tasks)
+}
+
+/// On every reload the daemon applied: rebuilds what sessions share from
+/// the new config (policy, MTA, limits, TLS) for the next session, keeping
+/// the long-lived parts (counters, caches), and writes the kernel's live
+/// settings. Sessions in flight keep what they started with.
+async fn apply_reloads(
+    mut updates: watch::Receiver<Arc<Config>>,
+    shared: watch::Sender<Arc<Shared>>,
+) {
+    while updates.changed().await.is_ok() {
+        let config = updates.borrow_and_update().clone();
+        let tls = match config.tls.server_config() {
+            Ok(t) => t.map(TlsAcceptor::from),
+            Err(e) => {
+                error!(
+                    target: "tarpit::ops::reload",
+                    "tls: {e:#}; new sessions keep the previous settings"
+                );
+                continue;
+            }
+        };
+        let mut next = (**shared.borrow()).clone();
+        next.policy = Policy::new(&config);
+        next.backend = config.backend.clone();
+        next.limits = config.limits.clone();
+        next.tls = tls;
+        shared.send_replace(Arc::new(next));
+        if let Some(ops) = crate::ops::metrics::installed()
+            && let Err(e) = ops.apply_kernel_settings(&config.kernel)
+        {
+            warn!(target: "tarpit::ops::reload", "kernel settings not updated: {e:#}");
+        }
+    }
 }
 
 /// Addresses remembered for the "HELO delay once per day" rule.
 const AUTH_STORE_CAPACITY: usize = 100_000;
-
-async fn wait_for_stop() -> Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
-}

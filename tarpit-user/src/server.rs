@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tracing::{info, warn};
 
 use crate::metrics::Outcome;
@@ -56,6 +56,8 @@ impl Drop for PerIpGuard {
 pub struct Server {
     listeners: Vec<TcpListener>,
     shared: Arc<Shared>,
+    /// Rebuilt on every config reload; each new session takes the latest.
+    updates: Option<watch::Receiver<Arc<Shared>>>,
 }
 
 impl Server {
@@ -69,7 +71,11 @@ impl Server {
             info!(addr = %l.local_addr().unwrap_or(*a), "listening for SMTP clients");
             listeners.push(l);
         }
-        Ok(Server { listeners, shared })
+        Ok(Server {
+            listeners,
+            shared,
+            updates: None,
+        })
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
@@ -79,15 +85,26 @@ impl Server {
             .collect()
     }
 
-    /// Accepts clients until the returned future is dropped.
+    /// Takes each new session's shared state from `updates` (config
+    /// reloads) instead of the one given to [`Server::bind`].
+    pub fn with_updates(mut self, updates: watch::Receiver<Arc<Shared>>) -> Server {
+        self.updates = Some(updates);
+        self
+    }
+
+    /// Accepts clients until the returned future is dropped or the agent
+    /// stops (`crate::ops::shutdown`), which closes the listeners.
     pub async fn serve(self) {
+        let updates = self
+            .updates
+            .unwrap_or_else(|| watch::channel(self.shared.clone()).1);
         let sessions = Arc::new(Semaphore::new(self.shared.limits.sessions));
         let per_ip = Arc::new(PerIp::default());
         let mut tasks = tokio::task::JoinSet::new();
         for l in self.listeners {
             tasks.spawn(accept_loop(
                 l,
-                self.shared.clone(),
+                updates.clone(),
                 sessions.clone(),
                 per_ip.clone(),
             ));
@@ -98,12 +115,19 @@ impl Server {
 
 async fn accept_loop(
     l: TcpListener,
-    shared: Arc<Shared>,
+    updates: watch::Receiver<Arc<Shared>>,
     sessions: Arc<Semaphore>,
     per_ip: Arc<PerIp>,
 ) {
+    let shutdown = crate::ops::shutdown::current();
     loop {
-        let (stream, peer) = match l.accept().await {
+        let accepted = tokio::select! {
+            r = l.accept() => r,
+            // SIGTERM: stop accepting; the listener closes as this returns.
+            _ = shutdown.draining() => return,
+        };
+        let shared = updates.borrow().clone();
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -137,7 +161,9 @@ async fn accept_loop(
             }
         };
         let shared = shared.clone();
+        let counted = shutdown.session();
         tokio::spawn(async move {
+            let _counted = counted;
             shared.metrics.sessions_active.inc();
             let outcome = session::run(&shared, stream, peer, local).await;
             shared.metrics.sessions_active.dec();

@@ -17,6 +17,7 @@
 //!     kernel.shutdown()
 //! })
 //! ```
+pub mod metrics;
 pub mod pidfile;
 pub mod privileges;
 pub mod reload;
@@ -58,10 +59,12 @@ impl Daemon {
             .as_deref()
             .map(PidFile::create)
             .transpose()?;
+        let controller = ShutdownController::new();
+        shutdown::install(controller.token());
         Ok(Daemon {
             notifier: Notifier::from_env(),
             pid_file,
-            controller: ShutdownController::new(),
+            controller,
             config: Arc::new(ConfigWatch::new(config_path, config.clone())),
             stop: None,
         })

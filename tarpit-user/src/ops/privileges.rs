@@ -12,6 +12,11 @@
 //!   programs attached through netlink (XDP below 5.9, tc on a clsact
 //!   qdisc below 6.6) off the interfaces at exit.
 //!
+//! The pin directory and the pins in it are handed to the user: the agent
+//! reopens maps by path after the drop (bpffs checks file permissions,
+//! which no capability the agent keeps overrides), and removes them at
+//! exit with `detach_on_exit`.
+//!
 //! Not kept: CAP_SYS_ADMIN (mounting bpffs, entering `kernel.netns`, looking
 //! up programs by id), CAP_NET_BIND_SERVICE (the ports are bound already),
 //! CAP_SETUID/SETGID/SETPCAP/CHOWN (used here, once), CAP_PERFMON. The
@@ -170,11 +175,10 @@ pub fn drop_privileges(config: &Config) -> Result<Option<Dropped>> {
     };
     let account = resolve(user, config.daemon.group.as_deref())?;
     let keep = needed(config);
-    if config.kernel.detach_on_exit {
-        // Removing the pins at exit means unlinking them from the pin
-        // directory, which root owns: hand the directories over.
-        give_dirs(&config.kernel.pin_path, &account)?;
-    }
+    // The agent reopens pinned maps by path after the drop (metrics read
+    // map sizes, reloads resync lists) and, with detach_on_exit, unlinks
+    // them at exit: both need the pins and their directory to be its own.
+    give_pins(&config.kernel.pin_path, &account)?;
     switch(&account, keep)?;
     check_threads(&account, keep)?;
     info!(
@@ -191,7 +195,7 @@ pub fn drop_privileges(config: &Config) -> Result<Option<Dropped>> {
     }))
 }
 
-fn give_dirs(root: &Path, account: &Account) -> Result<()> {
+fn give_pins(root: &Path, account: &Account) -> Result<()> {
     if !root.is_dir() {
         return Ok(());
     }
@@ -203,6 +207,15 @@ fn give_dirs(root: &Path, account: &Account) -> Result<()> {
             let entry = entry?;
             if entry.file_type()?.is_dir() {
                 stack.push(entry.path());
+            } else {
+                std::os::unix::fs::lchown(
+                    entry.path(),
+                    Some(account.uid.as_raw()),
+                    Some(account.gid.as_raw()),
+                )
+                .with_context(|| {
+                    format!("cannot hand {} to {}", entry.path().display(), account.name)
+                })?;
             }
         }
     }

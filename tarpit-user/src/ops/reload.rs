@@ -32,6 +32,16 @@ pub struct ReloadCounts {
     pub refused: AtomicU64,
 }
 
+static GLOBAL_COUNTS: ReloadCounts = ReloadCounts {
+    applied: AtomicU64::new(0),
+    refused: AtomicU64::new(0),
+};
+
+/// Reloads of this process, by result (the metrics' source).
+pub fn counts() -> &'static ReloadCounts {
+    &GLOBAL_COUNTS
+}
+
 /// Owner of the running configuration.
 #[derive(Debug)]
 pub struct ConfigWatch {
@@ -78,6 +88,7 @@ impl ConfigWatch {
             Ok(c) => c,
             Err(e) => {
                 self.counts.refused.fetch_add(1, Ordering::Relaxed);
+                GLOBAL_COUNTS.refused.fetch_add(1, Ordering::Relaxed);
                 error!(
                     target: "tarpit::ops::reload",
                     key = e.key().unwrap_or("-"),
@@ -98,6 +109,7 @@ impl ConfigWatch {
         crate::logging::configure(&new.log);
         self.tx.send_replace(Arc::new(new));
         self.counts.applied.fetch_add(1, Ordering::Relaxed);
+        GLOBAL_COUNTS.applied.fetch_add(1, Ordering::Relaxed);
         info!(target: "tarpit::ops::reload", path = %self.path.display(), "configuration reloaded");
         Ok(Reloaded { restart_only })
     }
@@ -144,7 +156,22 @@ fn carry_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!("kernel.netns", kernel.netns);
     keep!("kernel.pin_path", kernel.pin_path);
     keep!("kernel.xdp_mode", kernel.xdp_mode);
+    keep!("kernel.tc_attach", kernel.tc_attach);
+    keep!("kernel.cgroup", kernel.cgroup);
+    keep!("kernel.detach_on_exit", kernel.detach_on_exit);
     keep!("kernel.syn_count_entries", kernel.syn_count_entries);
+    keep!("kernel.flow_entries", kernel.flow_entries);
+    keep!("kernel.ip_state_entries", kernel.ip_state_entries);
+    keep!("kernel.allow_entries", kernel.allow_entries);
+    keep!("kernel.block_entries", kernel.block_entries);
+    keep!("kernel.auth_entries", kernel.auth_entries);
+    keep!("kernel.slow_entries", kernel.slow_entries);
+    keep!("kernel.events_bytes", kernel.events_bytes);
+    keep!("limits.sessions", limits.sessions);
+    keep!("dns", dns);
+    keep!("dnsbl", dnsbl);
+    keep!("dnswl", dnswl);
+    keep!("greylist", greylist);
     keep!("daemon.user", daemon.user);
     keep!("daemon.group", daemon.group);
     keep!("daemon.pid_file", daemon.pid_file);

@@ -44,6 +44,14 @@ pub struct Shutdown {
     active: Arc<Active>,
 }
 
+impl Default for Shutdown {
+    /// A token that never fires: for sessions run outside an agent (tests,
+    /// tools).
+    fn default() -> Self {
+        ShutdownController::new().token()
+    }
+}
+
 /// Counts one live session; dropping it ends the count.
 #[derive(Debug)]
 pub struct SessionGuard {
@@ -80,9 +88,11 @@ impl Shutdown {
 
     async fn reached(&self, phase: Phase) {
         let mut rx = self.phase.clone();
-        // An error means the controller is gone: the agent is exiting,
-        // which is as final as any phase.
-        let _ = rx.wait_for(|p| *p >= phase).await;
+        if rx.wait_for(|p| *p >= phase).await.is_err() {
+            // No controller (a token made by `default()`, or the agent is
+            // past its drain): this phase will never come.
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Registers a session for the drain; hold the guard for its lifetime.
@@ -97,6 +107,26 @@ impl Shutdown {
     pub fn active(&self) -> usize {
         self.active.count.load(Ordering::Acquire)
     }
+}
+
+static INSTALLED: std::sync::OnceLock<Shutdown> = std::sync::OnceLock::new();
+
+/// Makes `token` the one that servers and sessions find with [`current`]
+/// (done once by the agent at start).
+pub fn install(token: Shutdown) {
+    let _ = INSTALLED.set(token);
+}
+
+/// The agent's stop token; outside an agent (unit tests, tools) one that
+/// never fires.
+pub fn current() -> Shutdown {
+    INSTALLED.get().cloned().unwrap_or_default()
+}
+
+/// Whether the agent is stopping (cheap: no clone), for code that only
+/// needs to know, like a session deciding on its next command.
+pub fn is_draining() -> bool {
+    INSTALLED.get().is_some_and(Shutdown::is_draining)
 }
 
 /// How a drain ended.
@@ -233,6 +263,14 @@ impl StopSignals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn default_token_never_fires() {
+        let t = Shutdown::default();
+        assert_eq!(t.phase(), Phase::Running);
+        let r = tokio::time::timeout(Duration::from_secs(3600), t.draining()).await;
+        assert!(r.is_err(), "a default token must never drain");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn drain_without_sessions_returns_at_once() {

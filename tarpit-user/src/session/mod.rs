@@ -35,7 +35,9 @@ use crate::smtp::{Command, DotScanner, LineBuf, LineError, Reply, parse_command}
 use crate::tls::ClientStream;
 pub use pregreet::{AgentPreGreet, PreGreetVerdict};
 
-/// Everything sessions share; built once from the config.
+/// Everything sessions share; built from the config at start and again on
+/// every reload (a session keeps the one it started with).
+#[derive(Clone)]
 pub struct Shared {
     pub policy: Policy,
     pub backend: BackendConfig,
@@ -53,6 +55,8 @@ const PRE_GREET: &str = "554 5.5.1 SMTP protocol violation\r\n";
 const NO_SERVICE: &str = "421 4.3.2 Service not available, try again later\r\n";
 const BACKEND_LOST: &str = "421 4.4.2 Lost connection to the mail server, try again later";
 const IDLE: &str = "421 4.4.2 Idle timeout, closing connection";
+/// The agent stops (SIGTERM): see `crate::ops::shutdown`.
+const SHUTTING_DOWN: &str = "421 4.3.2 Service shutting down, try again later";
 /// How long a reply to the client may take to write before the client is
 /// given up (it does not read).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -138,8 +142,14 @@ async fn greet(
         shared.metrics.delayed(d.reason, d.duration);
         let deadline = start + d.duration;
         let mut probe = [0u8; 1];
+        let shutdown = crate::ops::shutdown::current();
         tokio::select! {
             _ = sleep_until(deadline) => {}
+            // SIGTERM: a client held in the greeting delay leaves at once.
+            _ = shutdown.draining() => {
+                say_and_close(&mut stream, &format!("{SHUTTING_DOWN}\r\n")).await;
+                return Err(Outcome::Shutdown);
+            }
             _ = dns_gate::exempt_known(rep) => {}
             r = stream.peek(&mut probe) => match r {
                 Ok(0) => return Err(Outcome::ClientClosed),
@@ -162,6 +172,10 @@ async fn greet(
         return Err(pre_greet(shared, state, stream, peer).await);
     }
     dns_gate::gate(shared, state, &mut stream, peer, rep).await?;
+    if crate::ops::shutdown::is_draining() {
+        say_and_close(&mut stream, &format!("{SHUTTING_DOWN}\r\n")).await;
+        return Err(Outcome::Shutdown);
+    }
     let (backend, banner) = match Backend::open(&shared.backend, peer, local).await {
         Ok(x) => x,
         Err(e) => {
@@ -206,9 +220,14 @@ async fn pre_greet(
     let hold = shared.policy.settle(state, None, 554);
     if let Some(d) = hold {
         shared.metrics.delayed(d.reason, d.duration);
-        tokio::time::sleep(d.duration).await;
+        let shutdown = crate::ops::shutdown::current();
+        tokio::select! {
+            _ = tokio::time::sleep(d.duration) => {}
+            _ = shutdown.draining() => {}
+        }
     }
     say_and_close(&mut stream, PRE_GREET).await;
+    shared.metrics.drops_554_total.inc();
     Outcome::PreGreet
 }
 
@@ -306,12 +325,18 @@ enum Wake {
     Client(std::io::Result<usize>),
     Backend(std::io::Result<usize>),
     Timer,
+    /// SIGTERM: stop tarpitting, end the session when its work is done.
+    Drain,
+    /// The drain time is up: close now.
+    Close,
 }
 
 impl Session<'_> {
     async fn relay(&mut self, banner: Reply) -> Outcome {
         let close = banner.code == 421;
         self.push_local_reply(banner, close);
+        let shutdown = crate::ops::shutdown::current();
+        let (mut drain_seen, mut close_seen) = (false, false);
         loop {
             if let Some(outcome) = self.release_ready().await {
                 return outcome;
@@ -338,6 +363,8 @@ impl Session<'_> {
                     r = client_buf.fill(client), if read_client => Wake::Client(r),
                     r = backend.fill(), if !lost => Wake::Backend(r),
                     _ = sleep_until(timer) => Wake::Timer,
+                    _ = shutdown.draining(), if !drain_seen => Wake::Drain,
+                    _ = shutdown.closing(), if drain_seen && !close_seen => Wake::Close,
                 }
             };
             match wake {
@@ -358,6 +385,14 @@ impl Session<'_> {
                 Wake::Backend(Err(e)) => self.on_backend_lost(Some(e.into())),
                 Wake::Backend(Ok(_)) => self.process_backend(),
                 Wake::Timer => self.on_timer(),
+                Wake::Drain => {
+                    drain_seen = true;
+                    self.on_stop(false);
+                }
+                Wake::Close => {
+                    close_seen = true;
+                    self.on_stop(true);
+                }
             }
             if self.client_eof && self.pending.is_empty() {
                 return Outcome::ClientClosed;
@@ -395,6 +430,47 @@ impl Session<'_> {
             }
             _ => {}
         }
+    }
+
+    /// The agent is stopping (`closing`: and its drain time is up). A reply
+    /// held by a tarpit delay is not held any longer: the verdict on a
+    /// message (end of DATA, last BDAT) goes out at once, as the MTA gave
+    /// it, so nothing accepted is lost; any other held reply is replaced by
+    /// a 421 and the session ends. A session waiting for its next command
+    /// gets the 421 now; one whose command is with the MTA finishes it
+    /// (new transactions are refused by [`Session::command`]) unless the
+    /// drain time is up.
+    fn on_stop(&mut self, closing: bool) {
+        if self.close_after_flush.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        let mut cut = None;
+        for (i, p) in self.pending.iter_mut().enumerate() {
+            if p.reply.is_some() && p.release > now {
+                if p.kind == Kind::DataEnd {
+                    p.release = now;
+                } else {
+                    cut = Some(i);
+                    break;
+                }
+            }
+        }
+        let idle = self.pending.is_empty() && matches!(self.mode, Mode::Command);
+        if let Some(i) = cut {
+            self.pending.truncate(i);
+        } else if !(idle || closing) {
+            return;
+        }
+        if closing {
+            // Only replies already in hand still go out before the 421.
+            if let Some(i) = self.pending.iter().position(|p| p.reply.is_none()) {
+                self.pending.truncate(i);
+            }
+        }
+        self.push_local(SHUTTING_DOWN, Kind::Local, true);
+        self.close_after_flush = Some(Close(Outcome::Shutdown));
+        self.backend_quit();
     }
 
     /// Tells the MTA goodbye when the agent ends a session itself.
@@ -563,11 +639,26 @@ impl Session<'_> {
     fn step(&mut self, step: Step<'_>) -> Option<Delay> {
         let policy = &self.shared.policy;
         policy.observe(&mut self.state, step);
-        policy.command_delay(&mut self.state, step, self.last_auth, Instant::now())
+        let delay = policy.command_delay(&mut self.state, step, self.last_auth, Instant::now());
+        // No tarpit while the agent stops: the session should finish.
+        delay.filter(|_| !crate::ops::shutdown::is_draining())
     }
 
     fn command(&mut self, line: Bytes) {
         let cmd = parse_command(&line);
+        if crate::ops::shutdown::is_draining()
+            && !matches!(
+                cmd,
+                Command::Rcpt(_) | Command::Data | Command::Bdat(_) | Command::Quit
+            )
+        {
+            // Stopping: the transaction in progress may finish, no new one
+            // starts.
+            self.push_local(SHUTTING_DOWN, Kind::Local, true);
+            self.close_after_flush = Some(Close(Outcome::Shutdown));
+            self.backend_quit();
+            return;
+        }
         match cmd {
             Command::Helo(name) => {
                 let d = self.step(Step::Helo(&name));
@@ -595,7 +686,9 @@ impl Session<'_> {
             }
             Command::Bdat(Some((size, last))) => {
                 let d = if last { self.step(Step::DataEnd) } else { None };
-                self.push_command(Kind::Other, &line, d);
+                // The last chunk's reply is the verdict on the message.
+                let kind = if last { Kind::DataEnd } else { Kind::Other };
+                self.push_command(kind, &line, d);
                 if size > 0 {
                     self.mode = Mode::Bdat(size);
                 }
@@ -681,7 +774,8 @@ impl Session<'_> {
             let hold = self
                 .shared
                 .policy
-                .settle(&mut self.state, p.command_delay, reply.code);
+                .settle(&mut self.state, p.command_delay, reply.code)
+                .filter(|_| !crate::ops::shutdown::is_draining());
             if let Some(d) = hold {
                 self.shared.metrics.delayed(d.reason, d.duration);
             }

@@ -1,0 +1,198 @@
+//! The operational metrics that are not per session: the kernel's per-CPU
+//! counters and map fill levels (read from the maps at each scrape),
+//! block-list churn, config reloads and dropped log lines. Appended by
+//! [`crate::metrics::Metrics::render`] to the agent's exposition.
+//!
+//! The kernel side is read through a [`KernelMaps`] opened at start, as
+//! root, so that scrapes keep working after the privilege drop.
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tarpit_common::lists::BlockReason;
+use tracing::debug;
+
+use crate::kernel::KernelMaps;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Block-list churn, counted by whoever adds or sweeps entries.
+static BLOCKS_ADDED: AtomicU64 = AtomicU64::new(0);
+static BLOCKS_EXPIRED: AtomicU64 = AtomicU64::new(0);
+
+/// The agent put `n` entries on the kernel's block list.
+pub fn blocks_added(n: u64) {
+    BLOCKS_ADDED.fetch_add(n, Relaxed);
+}
+
+/// `n` expired block-list entries were swept from the kernel's map.
+pub fn blocks_expired(n: u64) {
+    BLOCKS_EXPIRED.fetch_add(n, Relaxed);
+}
+
+/// Scrape-time source of the operational metrics.
+pub struct OpsMetrics {
+    kernel: Option<Mutex<KernelMaps>>,
+}
+
+static INSTALLED: OnceLock<Arc<OpsMetrics>> = OnceLock::new();
+
+impl OpsMetrics {
+    /// Opens the pinned maps for reading (None when the kernel side is not
+    /// there, e.g. in unit tests). Call before the privilege drop.
+    pub fn new(kernel: Option<KernelMaps>) -> Arc<OpsMetrics> {
+        let m = Arc::new(OpsMetrics {
+            kernel: kernel.map(Mutex::new),
+        });
+        let _ = INSTALLED.set(m.clone());
+        m
+    }
+
+    /// Writes the `[kernel]` toggles, ports and window clamp of a reloaded
+    /// config into the kernel's settings map, through the handle opened
+    /// at start (the programs read it live).
+    pub fn apply_kernel_settings(&self, cfg: &crate::config::KernelConfig) -> anyhow::Result<()> {
+        let Some(maps) = &self.kernel else {
+            return Ok(());
+        };
+        let mut maps = maps.lock().unwrap_or_else(|p| p.into_inner());
+        maps.set_settings(crate::kernel::settings_from(cfg))?;
+        Ok(())
+    }
+
+    /// Appends the families in the text format, without the `# EOF` line.
+    pub fn render(&self, out: &mut String) {
+        let mut reg = Registry::with_prefix("tarpit");
+        self.kernel_families(&mut reg);
+
+        let reloads = Family::<Labels, Counter>::default();
+        let counts = super::reload::counts();
+        reloads
+            .get_or_create(&vec![("result", "applied".to_string())])
+            .inc_by(counts.applied.load(Relaxed));
+        reloads
+            .get_or_create(&vec![("result", "refused".to_string())])
+            .inc_by(counts.refused.load(Relaxed));
+        reg.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP), by result",
+            reloads,
+        );
+        let dropped = Counter::<u64>::default();
+        dropped.inc_by(crate::logging::dropped_total());
+        reg.register(
+            "log_lines_dropped",
+            "Log lines dropped by the rate limit ([log] rate_limit)",
+            dropped,
+        );
+        for (name, help, v) in [
+            (
+                "blocks_added",
+                "Entries the agent put on the kernel's block list",
+                &BLOCKS_ADDED,
+            ),
+            (
+                "blocks_expired",
+                "Expired block-list entries swept from the kernel's map",
+                &BLOCKS_EXPIRED,
+            ),
+        ] {
+            let c = Counter::<u64>::default();
+            c.inc_by(v.load(Relaxed));
+            reg.register(name, help, c);
+        }
+
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &reg);
+        let end = text.rfind("# EOF").unwrap_or(text.len());
+        out.push_str(&text[..end]);
+    }
+
+    fn kernel_families(&self, reg: &mut Registry) {
+        let Some(maps) = &self.kernel else {
+            return;
+        };
+        let maps = maps.lock().unwrap_or_else(|p| p.into_inner());
+        match maps.counters() {
+            Ok(k) => {
+                let fam = Family::<Labels, Counter>::default();
+                for (c, v) in &k.counters {
+                    fam.get_or_create(&vec![("counter", c.name().to_string())])
+                        .inc_by(*v);
+                }
+                reg.register(
+                    "kernel",
+                    "The kernel programs' per-CPU counters, summed over CPUs",
+                    fam,
+                );
+                let drops = Family::<Labels, Counter>::default();
+                for (code, v) in &k.drops_by_reason {
+                    let reason = BlockReason::from_code(*code)
+                        .map_or_else(|| code.to_string(), |r| r.name().to_string());
+                    drops.get_or_create(&vec![("reason", reason)]).inc_by(*v);
+                }
+                reg.register(
+                    "kernel_xdp_drops",
+                    "Packets XDP dropped, by block-list reason",
+                    drops,
+                );
+            }
+            Err(e) => debug!(target: "tarpit::ops", "cannot read kernel counters: {e}"),
+        }
+        match maps.usage() {
+            Ok(usage) => {
+                let entries = Family::<Labels, Gauge>::default();
+                let capacity = Family::<Labels, Gauge>::default();
+                for u in &usage {
+                    let l = vec![("map", u.name.to_string())];
+                    if let Some(n) = u.entries {
+                        entries.get_or_create(&l).set(i64::from(n));
+                    }
+                    capacity.get_or_create(&l).set(i64::from(u.capacity));
+                }
+                reg.register("map_entries", "Entries in each kernel map", entries);
+                reg.register(
+                    "map_capacity",
+                    "Capacity of each kernel map (bytes for the event ring buffer)",
+                    capacity,
+                );
+            }
+            Err(e) => debug!(target: "tarpit::ops", "cannot read kernel map usage: {e}"),
+        }
+    }
+}
+
+/// The installed instance, if the agent made one.
+pub fn installed() -> Option<Arc<OpsMetrics>> {
+    INSTALLED.get().cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_without_kernel() {
+        let m = OpsMetrics {
+            kernel: None,
+        };
+        blocks_added(2);
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(!out.contains("# EOF"), "{out}");
+        assert!(out.contains("tarpit_config_reloads_total{result=\"applied\"}"), "{out}");
+        assert!(out.contains("tarpit_log_lines_dropped_total"), "{out}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("tarpit_blocks_added_total "))
+            .unwrap_or_else(|| panic!("{out}"));
+        let v: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(v >= 2);
+        assert!(out.contains("tarpit_blocks_expired_total"), "{out}");
+    }
+}
