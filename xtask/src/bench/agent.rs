@@ -363,6 +363,22 @@ impl Drop for Agent {
         if self.pin_dir.exists() {
             let _ = std::fs::remove_dir_all(&self.pin_dir);
         }
+        // TARPIT_BENCH_KEEP_LOGS=DIR keeps each agent's log for a look later.
+        if let Some(keep) = std::env::var_os("TARPIT_BENCH_KEEP_LOGS") {
+            let keep = PathBuf::from(keep);
+            let name = self.dir.file_name().unwrap_or_default().to_owned();
+            if std::fs::create_dir_all(&keep).is_ok() {
+                let _ = std::fs::copy(
+                    self.dir.join("agent.log"),
+                    keep.join(name).with_extension("log"),
+                );
+                let _ = std::fs::copy(
+                    &self.config,
+                    keep.join(self.dir.file_name().unwrap_or_default())
+                        .with_extension("toml"),
+                );
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

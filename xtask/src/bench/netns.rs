@@ -78,6 +78,23 @@ pub fn is_test_address(addr: IpAddr) -> bool {
     }
 }
 
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TcpExt {
+    pub listen_overflows: u64,
+    pub syncookies_sent: u64,
+    pub syn_retrans: u64,
+}
+
+impl TcpExt {
+    pub fn since(&self, later: &TcpExt) -> TcpExt {
+        TcpExt {
+            listen_overflows: later.listen_overflows.saturating_sub(self.listen_overflows),
+            syncookies_sent: later.syncookies_sent.saturating_sub(self.syncookies_sent),
+            syn_retrans: later.syn_retrans.saturating_sub(self.syn_retrans),
+        }
+    }
+}
+
 pub struct BenchNet {
     pub id: String,
     pub server_ns: String,
@@ -186,6 +203,46 @@ impl BenchNet {
         in_ns(&self.client_ns, f)
     }
 
+    /// TCP trouble counters of the server namespace.
+    pub fn server_tcp_ext(&self) -> TcpExt {
+        tcp_ext(&self.server_ns)
+    }
+
+    /// TCP trouble counters of the client namespace.
+    pub fn client_tcp_ext(&self) -> TcpExt {
+        tcp_ext(&self.client_ns)
+    }
+}
+
+/// Counters of /proc/net/netstat as seen inside a namespace.
+fn tcp_ext(ns: &str) -> TcpExt {
+    let text = nsenter(ns, "cat")
+        .arg("/proc/net/netstat")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    // Pairs of lines: "TcpExt: Name Name ..." then "TcpExt: 1 2 ...".
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    let mut t = TcpExt::default();
+    if let [names, values, ..] = lines.as_slice() {
+        for (n, v) in names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .skip(1)
+        {
+            let v = v.parse().unwrap_or(0);
+            match n {
+                "ListenOverflows" => t.listen_overflows = v,
+                "SyncookiesSent" => t.syncookies_sent = v,
+                "TCPSynRetrans" => t.syn_retrans = v,
+                _ => {}
+            }
+        }
+    }
+    t
+}
+
+impl BenchNet {
     /// True when something listens on `port` in the server namespace.
     pub fn listening_on(&self, port: u16) -> bool {
         self.server_cmd("ss")

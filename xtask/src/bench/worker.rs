@@ -62,6 +62,8 @@ pub struct Report {
     pub lateness_ms: Vec<f64>,
     /// Lateness: greetings that came before the delay was over.
     pub early: u64,
+    /// Lateness: how long each connect took, in ms.
+    pub connect_ms: Vec<f64>,
     pub first_error: Option<String>,
 }
 
@@ -294,13 +296,15 @@ async fn lateness(spec: &Spec, delay_ms: u64) -> Report {
         let permit = sem.clone().acquire_owned().await;
         let spec = spec.clone();
         tasks.spawn(async move {
-            // Timed from before connect(): the server starts its delay on
-            // accept, later than this, so a greeting before t0 + delay is
-            // truly early, and a late one is never hidden by a slow client.
-            let t0 = Instant::now();
+            // Lateness is timed from the completed connect (the server
+            // starts its delay on accept, right after); how long the connect
+            // itself took (SYN retries on a full queue) is reported apart.
+            let c0 = Instant::now();
             let s = connect(&spec, i).await;
             drop(permit);
             let mut s = s.map_err(|e| e.to_string())?;
+            let t0 = Instant::now();
+            let connect_ms = (t0 - c0).as_secs_f64() * 1e3;
             let mut got = Vec::new();
             let mut buf = [0u8; 512];
             let limit = Duration::from_millis(delay_ms) + Duration::from_secs(30);
@@ -318,7 +322,10 @@ async fn lateness(spec: &Spec, delay_ms: u64) -> Report {
                 if text.split("\r\n").any(|l| l.len() >= 4 && &l[3..4] == " ") {
                     let observed = t0.elapsed().as_secs_f64() * 1e3;
                     let _ = s.write_all(b"QUIT\r\n").await;
-                    return Ok(observed - delay_ms as f64);
+                    // Early only when even the time since before connect()
+                    // (which the server's clock cannot precede) is short.
+                    let early = observed + connect_ms < delay_ms as f64 - 1.0;
+                    return Ok((observed - delay_ms as f64, connect_ms, early));
                 }
             }
         });
@@ -329,12 +336,13 @@ async fn lateness(spec: &Spec, delay_ms: u64) -> Report {
     };
     while let Some(res) = tasks.join_next().await {
         match res {
-            Ok(Ok(late)) => {
+            Ok(Ok((late, connect_ms, early))) => {
                 r.connected += 1;
-                if late < 0.0 {
+                if early {
                     r.early += 1;
                 }
                 r.lateness_ms.push(late);
+                r.connect_ms.push(connect_ms);
             }
             Ok(Err(e)) => {
                 r.failed += 1;
@@ -477,6 +485,7 @@ pub fn sum(reports: &[Report]) -> Report {
         t.early += r.early;
         t.elapsed_ms = t.elapsed_ms.max(r.elapsed_ms);
         t.lateness_ms.extend_from_slice(&r.lateness_ms);
+        t.connect_ms.extend_from_slice(&r.connect_ms);
         if t.first_error.is_none() {
             t.first_error.clone_from(&r.first_error);
         }

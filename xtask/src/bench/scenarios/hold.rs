@@ -76,6 +76,8 @@ fn measure(env: &Env, holder: &Holder, level: u32) -> Result<Side> {
         concurrency: CONNECT_CONCURRENCY,
         time_limit_ms: 120_000,
     };
+    let tcp0 = net.server_tcp_ext();
+    let ctcp0 = net.client_tcp_ext();
     let mut workers = Workers::start(
         &env.self_exe,
         &net,
@@ -102,7 +104,12 @@ fn measure(env: &Env, holder: &Holder, level: u32) -> Result<Side> {
     let done = worker::sum(&workers.collect("done", Duration::from_secs(30))?);
     drop(workers);
 
+    let tcp = net.server_tcp_ext().since(&tcp0);
+    let ctcp = net.client_tcp_ext().since(&ctcp0);
     let mut s = Side::new(&name);
+    s.set("listen_overflows", tcp.listen_overflows as f64)
+        .set("syncookies_sent", tcp.syncookies_sent as f64)
+        .set("client_syn_retrans", ctcp.syn_retrans as f64);
     s.set("target_sessions", level as f64)
         .set("connected", ready.connected as f64)
         .set("connect_failed", ready.failed as f64)
