@@ -23,8 +23,11 @@ use tarpit_tests::{PinDir, TestCgroup, TestNet};
 pub const GREETING_DELAY: Duration = Duration::from_millis(1500);
 /// A port that is not watched as SMTP, for "other ports still work".
 pub const OTHER_PORT: u16 = 2600;
+/// A watched port whose server greets only after [`SLOW_GREETING`].
+pub const SLOW_PORT: u16 = 2525;
+pub const SLOW_GREETING: Duration = Duration::from_secs(8);
 /// Ports watched by the kernel programs in these tests.
-pub const SMTP_PORTS: [u16; 3] = [25, 465, 587];
+pub const SMTP_PORTS: [u16; 4] = [25, 465, 587, SLOW_PORT];
 
 const SERVER_PY: &str = r#"
 import socket, sys, threading, time
@@ -35,6 +38,9 @@ def handle(c, port):
         if port == 25 or port == 465:
             time.sleep(DELAY)
             c.sendall(b"220 test ESMTP\r\n")
+        elif port == 2525:
+            time.sleep(8)
+            c.sendall(b"220 slow ESMTP\r\n")
         elif port == 587:
             c.sendall(b"220-teaser\r\n")
             time.sleep(DELAY)
@@ -262,17 +268,28 @@ pub fn mac_of(ns: &str, dev: &str) -> Result<[u8; 6]> {
 /// Sends raw Ethernet frames out of the client veth (AF_PACKET, so the
 /// kernel fixes nothing up: lengths and headers arrive as written).
 pub fn send_frames(net: &TestNet, frames: &[Vec<u8>]) -> Result<()> {
+    send_frames_on(net, frames, None)
+}
+
+/// Like [`send_frames`], from a process pinned to one CPU (the receive
+/// path then runs there too: per-CPU map behaviour becomes predictable).
+pub fn send_frames_on(net: &TestNet, frames: &[Vec<u8>], cpu: Option<usize>) -> Result<()> {
     let script = format!(
         "import socket,sys\ns=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\n\
          s.bind(('{}',0))\nfor l in sys.stdin.read().split():\n    s.send(bytes.fromhex(l))\n",
         net.client_if
     );
-    let mut child = net
-        .client_cmd("python3")
-        .arg("-c")
-        .arg(script)
-        .stdin(Stdio::piped())
-        .spawn()?;
+    let mut cmd = net.client_cmd("python3");
+    cmd.arg("-c").arg(script);
+    if let Some(cpu) = cpu {
+        let mut pinned = Command::new("taskset");
+        pinned
+            .args(["-c", &cpu.to_string()])
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        cmd = pinned;
+    }
+    let mut child = cmd.stdin(Stdio::piped()).spawn()?;
     {
         let mut stdin = child.stdin.take().context("stdin")?;
         for f in frames {
