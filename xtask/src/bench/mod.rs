@@ -179,7 +179,8 @@ struct SelfCopy(PathBuf);
 impl SelfCopy {
     fn new() -> Result<SelfCopy> {
         let me = std::env::current_exe().context("cannot find the xtask executable")?;
-        let copy = std::env::temp_dir().join(format!("tarpit-bench-xtask-{}", std::process::id()));
+        let copy =
+            std::env::temp_dir().join(format!("tarpit-bench-xtask-{:x}", std::process::id()));
         std::fs::copy(&me, &copy)
             .with_context(|| format!("cannot copy {} to {}", me.display(), copy.display()))?;
         Ok(SelfCopy(copy))

@@ -339,9 +339,42 @@ impl Drop for BenchNet {
     }
 }
 
-/// Deletes namespaces of earlier bench runs whose process is gone
-/// (a run killed with SIGKILL cannot clean up after itself).
+/// Deletes namespaces, temp dirs and pin dirs of earlier bench runs
+/// whose process is gone (a run killed with SIGKILL cannot clean up after
+/// itself). Every name carries the run's pid in hex.
 pub fn sweep_stale() {
+    sweep_stale_namespaces();
+    let tmp = std::env::temp_dir();
+    for (dir, prefix) in [
+        (tmp.as_path(), "tarpit-bench-postfix-"),
+        (tmp.as_path(), "tarpit-bench-agent-"),
+        (tmp.as_path(), "tarpit-bench-xtask-"),
+        (std::path::Path::new("/sys/fs/bpf"), "tarpit-bench-"),
+    ] {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(prefix) else {
+                continue;
+            };
+            let pid = rest
+                .split('-')
+                .next()
+                .and_then(|p| u32::from_str_radix(p, 16).ok());
+            if let Some(pid) = pid
+                && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                eprintln!("bench: removing stale {}", e.path().display());
+                let _ = std::fs::remove_dir_all(e.path());
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+fn sweep_stale_namespaces() {
     let Ok(dir) = std::fs::read_dir("/var/run/netns") else {
         return;
     };
