@@ -33,6 +33,7 @@ struct IpJson {
     allow: Vec<EntryJson>,
     block: Vec<EntryJson>,
     authenticated: Option<AuthJson>,
+    slowed: Option<AuthJson>,
     state: Option<StateJson>,
     policy: Policy,
 }
@@ -57,18 +58,29 @@ pub struct Policy {
     pub reason: String,
 }
 
+/// What the kernel's maps say about one address.
+#[derive(Debug, Default)]
+pub struct Facts {
+    /// Matching allow-list entries, longest prefix first.
+    pub allow: Vec<ListRow>,
+    /// Matching block-list entries, longest prefix first.
+    pub block: Vec<ListRow>,
+    pub auth: Option<AuthRow>,
+    pub slowed: Option<AuthRow>,
+    pub state: Option<IpRow>,
+}
+
 /// The rule order of the kernel and the agent: the allow list beats the
 /// block list (XDP), internal networks are never tarpitted, authenticated
 /// clients skip the delays, everyone else is tarpitted.
-pub fn policy(
-    ip: IpAddr,
-    allow: &[ListRow],
-    block: &[ListRow],
-    auth: Option<&AuthRow>,
-    state: Option<&IpRow>,
-    config: &Config,
-    now: SystemTime,
-) -> Policy {
+pub fn policy(ip: IpAddr, facts: &Facts, config: &Config, now: SystemTime) -> Policy {
+    let Facts {
+        allow,
+        block,
+        auth,
+        slowed,
+        state,
+    } = facts;
     if let Some(a) = allow.iter().find(|r| r.active) {
         return Policy {
             verdict: "allow",
@@ -112,7 +124,7 @@ pub fn policy(
             reason: format!("allow-listed by the configuration ({net} in allow.ips): no delay"),
         };
     }
-    if let Some(a) = auth.filter(|a| a.active)
+    if let Some(a) = auth.as_ref().filter(|a| a.active)
         && config.exclude.authenticated
     {
         let until = a
@@ -125,7 +137,7 @@ pub fn policy(
         };
     }
     let greeting = human_duration(config.greeting.delay);
-    let strikes = state.map(|s| s.strikes).unwrap_or(0);
+    let strikes = state.as_ref().map(|s| s.strikes).unwrap_or(0);
     let history = if strikes > 0 {
         format!(
             "; it talked before the greeting {strikes} time{}",
@@ -139,9 +151,20 @@ pub fn policy(
     } else {
         ""
     };
+    let clamp = match slowed.as_ref().filter(|s| s.active) {
+        Some(s) => format!(
+            "; its TCP window is clamped{}",
+            s.expires
+                .map(|e| format!(" until {}", human_time_rel(e, now)))
+                .unwrap_or_default()
+        ),
+        None => String::new(),
+    };
     Policy {
         verdict: "tarpit",
-        reason: format!("tarpitted like any client: greeting held {greeting}{drop}{history}"),
+        reason: format!(
+            "tarpitted like any client: greeting held {greeting}{drop}{history}{clamp}"
+        ),
     }
 }
 
@@ -151,19 +174,21 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
     let clock = Clock::now();
     let now = clock.wall;
     let ip = args.addr;
-    let allow = maps.matching(List::Allow, ip, &clock)?;
-    let block = maps.matching(List::Block, ip, &clock)?;
-    let auth = maps.auth_get(ip, &clock)?;
-    let state = maps.ip_state(ip, &clock)?;
-    let policy = policy(
-        ip,
-        &allow,
-        &block,
-        auth.as_ref(),
-        state.as_ref(),
-        &ctx.config,
-        now,
-    );
+    let facts = Facts {
+        allow: maps.matching(List::Allow, ip, &clock)?,
+        block: maps.matching(List::Block, ip, &clock)?,
+        auth: maps.auth_get(ip, &clock)?,
+        slowed: maps.slow_get(ip, &clock)?,
+        state: maps.ip_state(ip, &clock)?,
+    };
+    let policy = policy(ip, &facts, &ctx.config, now);
+    let Facts {
+        allow,
+        block,
+        auth,
+        slowed,
+        state,
+    } = facts;
 
     // Comments and "saved" come from the state file.
     let with_notes = |list: List, rows: &[ListRow]| -> Result<Vec<EntryJson>> {
@@ -193,6 +218,7 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
             allow: allow_json,
             block: block_json,
             authenticated: auth.as_ref().map(|a| AuthJson::new(a, now)),
+            slowed: slowed.as_ref().map(|a| AuthJson::new(a, now)),
             state: state_json,
             policy,
         });
@@ -241,6 +267,17 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
             },
         },
     ));
+    if let Some(sl) = &slowed {
+        lines.push((
+            "slowed down".into(),
+            match (sl.active, sl.expires) {
+                (true, Some(t)) => format!("TCP window clamped until {}", human_time_rel(t, now)),
+                (true, None) => "TCP window clamped, no expiry".into(),
+                (false, Some(t)) => format!("expired {}", human_time_rel(t, now)),
+                (false, None) => "no".into(),
+            },
+        ));
+    }
     match &state {
         None => lines.push(("history".into(), "never seen by the kernel".into())),
         Some(s) => {
@@ -306,16 +343,44 @@ mod tests {
         let allow = [row("198.51.100.0/24", true, false)];
         let block = [row("198.51.100.7/32", true, true)];
         assert_eq!(
-            policy(ip, &allow, &block, None, None, &c, now).verdict,
+            policy(
+                ip,
+                &Facts {
+                    allow: allow.to_vec(),
+                    block: block.to_vec(),
+                    ..Default::default()
+                },
+                &c,
+                now
+            )
+            .verdict,
             "allow"
         );
         let expired_allow = [row("198.51.100.0/24", false, false)];
-        let p = policy(ip, &expired_allow, &block, None, None, &c, now);
+        let p = policy(
+            ip,
+            &Facts {
+                allow: expired_allow.to_vec(),
+                block: block.to_vec(),
+                ..Default::default()
+            },
+            &c,
+            now,
+        );
         assert_eq!(p.verdict, "block");
         assert!(p.reason.contains("every port"), "{}", p.reason);
         let expired_block = [row("198.51.100.7/32", false, false)];
         assert_eq!(
-            policy(ip, &[], &expired_block, None, None, &c, now).verdict,
+            policy(
+                ip,
+                &Facts {
+                    block: expired_block.to_vec(),
+                    ..Default::default()
+                },
+                &c,
+                now
+            )
+            .verdict,
             "tarpit"
         );
     }
@@ -325,10 +390,7 @@ mod tests {
         let c = Config::default();
         let now = SystemTime::now();
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
-        assert_eq!(
-            policy(lo, &[], &[], None, None, &c, now).verdict,
-            "internal"
-        );
+        assert_eq!(policy(lo, &Facts::default(), &c, now).verdict, "internal");
         let ip: IpAddr = "fd5b:1e00::2".parse().unwrap();
         let auth = AuthRow {
             ip,
@@ -337,7 +399,16 @@ mod tests {
             active: true,
         };
         assert_eq!(
-            policy(ip, &[], &[], Some(&auth), None, &c, now).verdict,
+            policy(
+                ip,
+                &Facts {
+                    auth: Some(auth),
+                    ..Default::default()
+                },
+                &c,
+                now
+            )
+            .verdict,
             "authenticated"
         );
     }
@@ -357,8 +428,40 @@ mod tests {
             strikes: 2,
             flags: vec!["pregreet"],
         };
-        let p = policy(ip, &[], &[], None, Some(&s), &c, now);
+        let p = policy(
+            ip,
+            &Facts {
+                state: Some(s),
+                ..Default::default()
+            },
+            &c,
+            now,
+        );
         assert_eq!(p.verdict, "tarpit");
         assert!(p.reason.contains("2 times"), "{}", p.reason);
+    }
+
+    #[test]
+    fn a_clamped_window_is_mentioned_until_it_expires() {
+        let c = Config::default();
+        let now = SystemTime::now();
+        let ip: IpAddr = "198.51.100.9".parse().unwrap();
+        let slowed = |active| AuthRow {
+            ip,
+            added: now,
+            expires: Some(now + Duration::from_secs(600)),
+            active,
+        };
+        let facts = Facts {
+            slowed: Some(slowed(true)),
+            ..Default::default()
+        };
+        let p = policy(ip, &facts, &c, now);
+        assert!(p.reason.contains("TCP window is clamped until"), "{}", p.reason);
+        let facts = Facts {
+            slowed: Some(slowed(false)),
+            ..Default::default()
+        };
+        assert!(!policy(ip, &facts, &c, now).reason.contains("clamped"));
     }
 }

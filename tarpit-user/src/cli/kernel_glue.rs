@@ -241,6 +241,11 @@ impl KernelMaps {
         Ok(self.inner.auth_get(ip)?.map(|i| auth_row(&i, clock)))
     }
 
+    /// The slow-down entry of `ip` (its TCP window is clamped), if any.
+    pub fn slow_get(&self, ip: IpAddr, clock: &Clock) -> Result<Option<AuthRow>> {
+        Ok(self.inner.slow_get(ip)?.map(|i| auth_row(&i, clock)))
+    }
+
     pub fn auth_insert(&mut self, ip: IpAddr, ttl: Option<Duration>) -> Result<()> {
         Ok(self.inner.auth_add(ip, ttl)?)
     }
