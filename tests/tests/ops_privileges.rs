@@ -91,7 +91,10 @@ fn privilege_drop_child() {
     }
     assert!(nix::unistd::setuid(nix::unistd::Uid::from_raw(0)).is_err());
     // the runtime still works
-    assert_eq!(runtime.block_on(async { tokio::spawn(async { 7 }).await.unwrap() }), 7);
+    assert_eq!(
+        runtime.block_on(async { tokio::spawn(async { 7 }).await.unwrap() }),
+        7
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for s in spinners {
         s.join().unwrap();
@@ -102,7 +105,13 @@ fn privilege_drop_child() {
 
 fn run_child(mode: &str) {
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "privilege_drop_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "privilege_drop_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, mode)
         .output()
         .expect("re-run this test binary");
@@ -111,7 +120,10 @@ fn run_child(mode: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success() && text.contains("CHILD-OK"), "child failed:\n{text}");
+    assert!(
+        out.status.success() && text.contains("CHILD-OK"),
+        "child failed:\n{text}"
+    );
 }
 
 #[test]

@@ -87,6 +87,19 @@ pub enum Command {
     /// key and the reason if it is not.
     #[command(after_long_help = help::CHECK_CONFIG)]
     CheckConfig,
+    /// Reload the running agent's configuration: checks the file first
+    /// (refusing, with the key and the reason, a file the agent would
+    /// refuse), then sends SIGHUP to the pid in `daemon.pid_file`. The
+    /// agent logs whether it applied the file; sessions in flight keep the
+    /// configuration they started with. Under systemd: `systemctl reload
+    /// tarpit`.
+    #[command(after_long_help = crate::ops::reload::HELP)]
+    Reload {
+        /// The agent's pid file (default: `daemon.pid_file` of the
+        /// configuration).
+        #[arg(long, value_name = "FILE")]
+        pid_file: Option<PathBuf>,
+    },
     /// Everything known about one address: allow and block entries that
     /// match it, authenticated until, per-address history, and the policy
     /// that applies to it now.
@@ -153,6 +166,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("{}: ok", config_path.display());
             Ok(())
         }
+        Command::Reload { pid_file } => {
+            let pid = crate::ops::reload::signal_agent(&config_path, pid_file.as_deref())?;
+            println!(
+                "sent SIGHUP to the tarpit agent (pid {pid}); its log says whether it applied the file"
+            );
+            Ok(())
+        }
         command => {
             let ctx = Context::new(&config_path, explicit_config, cli.pin_path)?;
             match command {
@@ -164,7 +184,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 Command::Stats(args) => stats::run(&ctx, args),
                 Command::Top(args) => top::run(&ctx, args),
                 Command::Detach(args) => detach::run(&ctx, args),
-                Command::Run | Command::CheckConfig => unreachable!("handled above"),
+                Command::Run | Command::CheckConfig | Command::Reload { .. } => {
+                    unreachable!("handled above")
+                }
             }
         }
     }

@@ -82,12 +82,21 @@ pub fn read(path: &Path) -> Result<u32> {
     Ok(pid)
 }
 
-/// Whether `pid` is a live process running the tarpit binary: a stale pid
+/// Whether `pid` is a live process running a tarpit binary (its name
+/// starts with "tarpit", or it runs the same file as we do): a stale pid
 /// file may name a pid the kernel has since given to something else.
 pub fn is_tarpit(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|c| c.trim_end() == "tarpit")
-        .unwrap_or(false)
+    let named = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.starts_with("tarpit"))
+        .unwrap_or(false);
+    let same_exe = match (
+        std::fs::read_link(format!("/proc/{pid}/exe")),
+        std::fs::read_link("/proc/self/exe"),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    named || same_exe
 }
 
 #[cfg(test)]

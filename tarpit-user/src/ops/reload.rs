@@ -178,6 +178,22 @@ fn carry_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     kept
 }
 
+/// The long help of `tarpit reload`.
+pub const HELP: &str = "EXAMPLES:
+  tarpit reload                       # /etc/tarpit/tarpit.toml, its daemon.pid_file
+  tarpit reload -c /etc/tarpit/tarpit.toml --pid-file /run/tarpit/tarpit.pid
+  systemctl reload tarpit             # the same under systemd (SIGHUP)
+
+EXIT STATUS:
+  0  the file is valid and the agent was sent SIGHUP (its log says
+     \"configuration reloaded\", or why it refused)
+  1  the file is invalid (the key and the reason are printed; the agent is
+     not signalled), or there is no pid file or no agent behind it
+
+FILES:
+  /etc/tarpit/tarpit.toml  the default configuration file
+  /run/tarpit/tarpit.pid   the pid file the shipped unit's layout suggests";
+
 /// `tarpit reload`: checks the file the way the agent will, then sends
 /// SIGHUP to the agent named in the pid file. Returns the pid.
 pub fn signal_agent(config_path: &Path, pid_file: Option<&Path>) -> Result<u32> {

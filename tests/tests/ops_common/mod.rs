@@ -1,0 +1,121 @@
+//! Shared by the ops_* tests: a world (namespaces, Postfix, agent), the
+//! full metrics text, and a plain SMTP exchange.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use tarpit_tests::smtp_client::{SmtpClient, agent_config, message, proxy_backend};
+use tarpit_tests::{Agent, PinDir, Postfix, TestNet};
+
+pub struct World {
+    pub net: TestNet,
+    pub pins: PinDir,
+    pub pf: Postfix,
+    pub agent: Option<Agent>,
+}
+
+impl World {
+    /// Postfix behind the agent (PROXY v2), `rest` = the agent's other
+    /// config sections.
+    pub fn new(rest: &str) -> World {
+        let net = TestNet::new().expect("test network");
+        let pins = PinDir::new().expect("pin dir");
+        let pf = Postfix::start(&net).expect("postfix");
+        let agent = Agent::start(&net, &config(&net, &pins, rest)).expect("agent");
+        World {
+            net,
+            pins,
+            pf,
+            agent: Some(agent),
+        }
+    }
+
+    pub fn agent(&self) -> &Agent {
+        self.agent.as_ref().expect("agent running")
+    }
+
+    /// Rewrites the agent's config file (for reload tests).
+    pub fn rewrite_config(&self, rest: &str) {
+        std::fs::write(&self.agent().config, config(&self.net, &self.pins, rest))
+            .expect("rewrite config");
+    }
+
+    /// Waits until the agent's log contains `needle` `n` times.
+    pub fn wait_log_count(&self, needle: &str, n: usize, t: Duration) -> bool {
+        let end = Instant::now() + t;
+        while Instant::now() < end {
+            if self.agent().log().matches(needle).count() >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+pub fn config(net: &TestNet, pins: &PinDir, rest: &str) -> String {
+    agent_config(net, pins, &proxy_backend(), rest)
+}
+
+/// The whole exposition of the agent's metrics endpoint.
+pub fn scrape(net: &TestNet) -> String {
+    net.in_server(|| -> Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", 9325))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .expect("server namespace")
+    .expect("metrics endpoint")
+}
+
+/// The value of the sample named exactly `name` (labels included).
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Every sample of a family as (labels, value), e.g. for `tarpit_map_capacity`.
+pub fn samples(text: &str, family: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(family)?;
+            let (labels, value) = rest.rsplit_once(' ')?;
+            if !(labels.is_empty() || labels.starts_with('{')) {
+                return None;
+            }
+            Some((labels.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// One complete message: banner, EHLO, MAIL, `rcpts` RCPTs, DATA, QUIT.
+/// Returns whether the end of DATA got 250.
+pub fn send_message(
+    net: &TestNet,
+    src: IpAddr,
+    dst: SocketAddr,
+    rcpts: usize,
+    subject: &str,
+) -> Result<bool> {
+    let mut c = SmtpClient::connect(net, src, dst)?;
+    c.set_read_timeout(Duration::from_secs(30))?;
+    let banner = c.reply()?;
+    anyhow::ensure!(banner.code == 220, "banner {:?}", banner.text);
+    c.expect("EHLO client.example", 250)?;
+    c.expect("MAIL FROM:<sender@client.example>", 250)?;
+    for _ in 0..rcpts {
+        c.expect("RCPT TO:<sink@tarpit.test>", 250)?;
+    }
+    c.expect("DATA", 354)?;
+    c.send(message(subject).as_bytes())?;
+    let (r, _) = c.cmd(".")?;
+    let ok = r.code == 250;
+    let _ = c.cmd("QUIT");
+    Ok(ok)
+}
