@@ -185,10 +185,10 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        if let Some(k) = self.kernel.take() {
-            if let Err(e) = k.shutdown() {
-                eprintln!("kernel shutdown: {e:#}");
-            }
+        if let Some(k) = self.kernel.take()
+            && let Err(e) = k.shutdown()
+        {
+            eprintln!("kernel shutdown: {e:#}");
         }
         // Pins left by a test that turned detach_on_exit off.
         let _ = tarpit::kernel::detach(&self.pins.path);

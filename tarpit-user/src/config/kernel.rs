@@ -131,13 +131,13 @@ impl KernelConfig {
                 ));
             }
         }
-        if let Some(ns) = &self.netns {
-            if ns.is_empty() || ns.len() >= 48 || ns.contains('/') {
-                return Err(ConfigError::invalid(
-                    "kernel.netns",
-                    "must be a namespace name under /var/run/netns (1-47 bytes, no '/')",
-                ));
-            }
+        if let Some(ns) = &self.netns
+            && (ns.is_empty() || ns.len() >= 48 || ns.contains('/'))
+        {
+            return Err(ConfigError::invalid(
+                "kernel.netns",
+                "must be a namespace name under /var/run/netns (1-47 bytes, no '/')",
+            ));
         }
         if !self.pin_path.is_absolute() {
             return Err(ConfigError::invalid(

@@ -175,10 +175,10 @@ pub fn tcx(
 fn is_eexist(e: &(dyn StdError + 'static)) -> bool {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
     while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io.raw_os_error() == Some(libc::EEXIST) {
-                return true;
-            }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.raw_os_error() == Some(libc::EEXIST)
+        {
+            return true;
         }
         if err.to_string().contains("File exists") {
             return true;

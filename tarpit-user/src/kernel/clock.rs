@@ -26,10 +26,10 @@ impl BootInstant {
 
     /// `d` from now; saturates instead of overflowing.
     pub fn after(d: Duration) -> BootInstant {
-        BootInstant::now().add(d)
+        BootInstant::now().plus(d)
     }
 
-    pub fn add(self, d: Duration) -> BootInstant {
+    pub fn plus(self, d: Duration) -> BootInstant {
         BootInstant(
             self.0
                 .saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
@@ -57,7 +57,7 @@ impl BootInstant {
         wall_now: SystemTime,
     ) -> BootInstant {
         match t.duration_since(wall_now) {
-            Ok(ahead) => boot_now.add(ahead),
+            Ok(ahead) => boot_now.plus(ahead),
             Err(e) => BootInstant(
                 boot_now
                     .0
@@ -120,6 +120,6 @@ mod tests {
 
     #[test]
     fn huge_ttl_saturates() {
-        assert_eq!(BootInstant(5).add(Duration::MAX), BootInstant(u64::MAX));
+        assert_eq!(BootInstant(5).plus(Duration::MAX), BootInstant(u64::MAX));
     }
 }

@@ -62,10 +62,10 @@ impl KernelError {
             if errno == libc::EPERM || errno == libc::EACCES {
                 return KernelError::PermissionDenied { what };
             }
-            if errno == libc::E2BIG || errno == libc::ENOSPC || errno == libc::ENOMEM {
-                if let Some((map, key, capacity)) = full {
-                    return KernelError::MapFull { map, key, capacity };
-                }
+            if (errno == libc::E2BIG || errno == libc::ENOSPC || errno == libc::ENOMEM)
+                && let Some((map, key, capacity)) = full
+            {
+                return KernelError::MapFull { map, key, capacity };
             }
         }
         KernelError::Map { what, source }
@@ -77,10 +77,10 @@ pub(crate) fn map_errno(e: &aya::maps::MapError) -> Option<i32> {
     use aya::maps::MapError;
     match e {
         MapError::SyscallError(s) => s.io_error.raw_os_error(),
-        MapError::PinError { error, .. } => match error {
-            aya::pin::PinError::SyscallError(s) => s.io_error.raw_os_error(),
-            _ => None,
-        },
+        MapError::PinError {
+            error: aya::pin::PinError::SyscallError(s),
+            ..
+        } => s.io_error.raw_os_error(),
         _ => None,
     }
 }

@@ -261,7 +261,7 @@ impl KernelMaps {
                 all_ports: v.all_ports(),
             });
         }
-        out.sort_by(|a, b| a.net.cmp(&b.net));
+        out.sort_by_key(|a| a.net);
         Ok(out)
     }
 
@@ -665,7 +665,7 @@ mod tests {
         assert_eq!(m.net, "198.51.0.0/16".parse::<IpNet>().unwrap());
         let items = vec![
             item("198.51.0.0/16", None),
-            item("198.51.100.0/24", Some(now.add(Duration::from_secs(60)))),
+            item("198.51.100.0/24", Some(now.plus(Duration::from_secs(60)))),
         ];
         let m = KernelMaps::list_match(items, ip).unwrap();
         assert_eq!(m.net, "198.51.100.0/24".parse::<IpNet>().unwrap());

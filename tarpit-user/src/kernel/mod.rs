@@ -320,15 +320,15 @@ fn warn_resized(cfg: &KernelConfig) {
             "events_bytes" => cfg.events_bytes,
             _ => continue,
         };
-        if let Ok(info) = aya::maps::MapInfo::from_pin(cfg.pin_path.join(spec.name)) {
-            if info.max_entries() != want {
-                warn!(
-                    "map {} keeps its pinned size {} (kernel.{key} = {want} applies after \
-                     `tarpit detach`)",
-                    spec.name,
-                    info.max_entries()
-                );
-            }
+        if let Ok(info) = aya::maps::MapInfo::from_pin(cfg.pin_path.join(spec.name))
+            && info.max_entries() != want
+        {
+            warn!(
+                "map {} keeps its pinned size {} (kernel.{key} = {want} applies after \
+                 `tarpit detach`)",
+                spec.name,
+                info.max_entries()
+            );
         }
     }
 }

@@ -139,11 +139,6 @@ impl SteerMaps {
         }
     }
 
-    /// Slots that hold a socket now.
-    pub fn filled_slots(&self) -> Vec<u32> {
-        self.sockets.indices().filter_map(|k| k.ok()).collect()
-    }
-
     pub fn counters(&self) -> Result<SteerCounters> {
         let sum = |i: u32| -> Result<u64> {
             let v = self.counters.get(&i, 0)?;
