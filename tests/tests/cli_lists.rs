@@ -130,6 +130,13 @@ fn allow_and_block_act_on_real_clients_with_the_agent_running_and_stopped() {
         false,
     );
 
+    // Authenticated addresses are kept and changed without the agent too.
+    w.ok(&["auth", "add", "fd5b:1e00::60", "--ttl", "1h"]);
+    let auth = w.json(&["auth", "list"]);
+    assert_eq!(auth[0]["ip"], "fd5b:1e00::60", "{auth}");
+    w.ok(&["auth", "del", "fd5b:1e00::60"]);
+    assert!(w.json(&["auth", "list"]).as_array().unwrap().is_empty());
+
     // --all-ports drops other ports too; without it they stay open.
     w.ok(&["block", "add", "198.51.100.60", "--all-ports"]);
     assert_eq!(w.probe_port(ip("198.51.100.60"), 26), Probe::Dropped);

@@ -19,7 +19,7 @@ use tarpit_tests::{
 /// The agent's SMTP port, the one port the kernel watches in these tests.
 pub const SMTP: u16 = 25;
 /// How long a probe waits for a handshake: dropped SYNs never answer.
-pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(2500);
 
 /// What a client sees when it connects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,10 +208,16 @@ listen = "127.0.0.1:9325"
                 match s.connect_timeout(&dst.into(), PROBE_TIMEOUT) {
                     Ok(()) => Probe::Connected,
                     Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Probe::Refused,
+                    // No answer; or, for IPv6 under an all-ports block,
+                    // the client's neighbour solicitations were dropped
+                    // too (they carry the blocked source address), so it
+                    // never learns the server's link address.
                     Err(e)
                         if matches!(
                             e.kind(),
-                            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                            std::io::ErrorKind::TimedOut
+                                | std::io::ErrorKind::WouldBlock
+                                | std::io::ErrorKind::HostUnreachable
                         ) =>
                     {
                         Probe::Dropped
