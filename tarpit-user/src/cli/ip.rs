@@ -457,7 +457,11 @@ mod tests {
             ..Default::default()
         };
         let p = policy(ip, &facts, &c, now);
-        assert!(p.reason.contains("TCP window is clamped until"), "{}", p.reason);
+        assert!(
+            p.reason.contains("TCP window is clamped until"),
+            "{}",
+            p.reason
+        );
         let facts = Facts {
             slowed: Some(slowed(false)),
             ..Default::default()
