@@ -26,8 +26,10 @@ pub const OTHER_PORT: u16 = 2600;
 /// A watched port whose server greets only after [`SLOW_GREETING`].
 pub const SLOW_PORT: u16 = 2525;
 pub const SLOW_GREETING: Duration = Duration::from_secs(8);
+/// A watched port whose server greets at once (load generation).
+pub const FAST_PORT: u16 = 2526;
 /// Ports watched by the kernel programs in these tests.
-pub const SMTP_PORTS: [u16; 4] = [25, 465, 587, SLOW_PORT];
+pub const SMTP_PORTS: [u16; 5] = [25, 465, 587, SLOW_PORT, FAST_PORT];
 
 const SERVER_PY: &str = r#"
 import socket, sys, threading, time
@@ -41,6 +43,8 @@ def handle(c, port):
         elif port == 2525:
             time.sleep(8)
             c.sendall(b"220 slow ESMTP\r\n")
+        elif port == 2526:
+            c.sendall(b"220 fast ESMTP\r\n")
         elif port == 587:
             c.sendall(b"220-teaser\r\n")
             time.sleep(DELAY)

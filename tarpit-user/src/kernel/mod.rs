@@ -66,6 +66,26 @@ pub struct Kernel {
     logger: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// Run statistics of one loaded program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: &'static str,
+    pub id: u32,
+    pub run_time: std::time::Duration,
+    pub run_count: u64,
+}
+
+impl ProgramStats {
+    /// Average nanoseconds per run (0 when it never ran).
+    pub fn ns_per_run(&self) -> f64 {
+        if self.run_count == 0 {
+            0.0
+        } else {
+            self.run_time.as_nanos() as f64 / self.run_count as f64
+        }
+    }
+}
+
 /// The settings a config asks for.
 pub fn settings_from(cfg: &KernelConfig) -> Settings {
     let mut s = Settings::default();
@@ -167,6 +187,32 @@ impl Kernel {
 
     pub fn pin_path(&self) -> &Path {
         &self.cfg.pin_path
+    }
+
+    /// Per-program run statistics: (name, kernel program id, total run
+    /// time, run count). Times and counts move only while the
+    /// `kernel.bpf_stats_enabled` sysctl is 1.
+    pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
+        let mut out = Vec::new();
+        for name in [XDP_PROGRAM, TC_IN_PROGRAM, TC_OUT_PROGRAM, SOCKOPS_PROGRAM] {
+            let Some(prog) = self.ebpf.program(name) else {
+                continue;
+            };
+            let info = match prog {
+                aya::programs::Program::Xdp(p) => p.info(),
+                aya::programs::Program::SchedClassifier(p) => p.info(),
+                aya::programs::Program::SockOps(p) => p.info(),
+                _ => continue,
+            }
+            .with_context(|| format!("cannot read statistics of {name}"))?;
+            out.push(ProgramStats {
+                name,
+                id: info.id(),
+                run_time: info.run_time(),
+                run_count: info.run_count(),
+            });
+        }
+        Ok(out)
     }
 
     fn write_settings(&mut self, cfg: &KernelConfig) -> Result<()> {
