@@ -394,6 +394,10 @@ impl Session<'_> {
                     self.on_stop(true);
                 }
             }
+            if drain_seen && !close_seen {
+                // A transaction finished while stopping: no new one.
+                self.on_stop(false);
+            }
             if self.client_eof && self.pending.is_empty() {
                 return Outcome::ClientClosed;
             }
