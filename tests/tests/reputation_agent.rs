@@ -24,7 +24,11 @@ fn v4(last: u8) -> IpAddr {
 
 struct Swaks {
     out: String,
+    /// The server's time: the sum of swaks' "response in" lapses (banner
+    /// counted from connect), so perl's start-up on a busy box is not in it.
     took: Duration,
+    /// Wall-clock time of the whole swaks run.
+    wall: Duration,
     ok: bool,
 }
 
@@ -47,6 +51,7 @@ fn swaks(net: &TestNet, src: IpAddr, extra: &[&str]) -> Swaks {
         "sink@tarpit.test",
         "--timeout",
         "40",
+        "--show-time-lapse",
     ];
     if !extra.contains(&"--from") {
         args.extend(["--from", "swaks@client.example"]);
@@ -54,21 +59,39 @@ fn swaks(net: &TestNet, src: IpAddr, extra: &[&str]) -> Swaks {
     args.extend(extra);
     let t = Instant::now();
     let out = net.client_cmd("swaks").args(&args).output().expect("swaks");
+    let wall = t.elapsed();
+    let ok = out.status.success();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+    .replace("\r", "");
+    let took = out
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("=== response in ")?
+                .strip_suffix('s')?
+                .parse::<f64>()
+                .ok()
+        })
+        .map(Duration::from_secs_f64)
+        .sum();
     Swaks {
-        took: t.elapsed(),
-        ok: out.status.success(),
-        out: format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
+        took,
+        wall,
+        ok,
+        out,
     }
 }
 
 #[track_caller]
 fn assert_between(what: &str, took: Duration, min: Duration) {
+    // swaks starts its banner clock after connect() returned, in perl: on
+    // a busy 2-core box that can be a moment after the agent's (accept).
+    let early = Duration::from_millis(250);
     assert!(
-        took >= min && took <= min + SLACK,
+        took + early >= min && took <= min + SLACK,
         "{what}: took {took:?}, expected {min:?} (+{SLACK:?})"
     );
 }
@@ -203,7 +226,7 @@ action = "delay"
     // drop: closed after the greeting delay, no banner.
     assert!(!r(7).ok, "{}", r(7).out);
     assert!(!r(7).out.contains("<-  220"), "{}", r(7).out);
-    assert_between("drop", r(7).took, greet);
+    assert!(r(7).wall >= greet, "drop: {:?}", r(7).wall);
     // log: logged only.
     assert!(r(8).ok, "{}", r(8).out);
     assert_between("log", r(8).took, greet);
@@ -346,7 +369,7 @@ delay = "0s"
 ips = ["198.51.100.4/32"]
 [greylist]
 mode = "triplet"
-min_wait = "2s"
+min_wait = "5s"
 retry_window = "1m"
 store = "{}"
 "#,
@@ -354,8 +377,9 @@ store = "{}"
     );
     let config = agent_config(&net, &pins, &proxy_backend(), &rest);
     let agent = Agent::start(&net, &config).expect("agent");
-    let first = Instant::now();
     let s = swaks(&net, CLIENT_V4.into(), &[]);
+    // The attempt happened before swaks returned: waits count from here.
+    let first = Instant::now();
     assert!(!s.ok, "{}", s.out);
     assert!(s.out.contains("451 4.7.1 Greylisted"), "{}", s.out);
     // An early retry is deferred again.
@@ -368,7 +392,7 @@ store = "{}"
     let s = swaks(&net, CLIENT_V6.into(), &[]);
     assert!(s.out.contains("451 4.7.1"), "{}", s.out);
     // After the minimum wait, within the window: passes and is delivered.
-    std::thread::sleep(Duration::from_millis(2300).saturating_sub(first.elapsed()));
+    std::thread::sleep(Duration::from_millis(5300).saturating_sub(first.elapsed()));
     let s = swaks(&net, CLIENT_V4.into(), &[]);
     assert!(s.ok, "retry: {}", s.out);
     assert!(s.out.contains("250 2.0.0 Ok: queued"), "{}", s.out);
@@ -406,7 +430,7 @@ fn reputation_agent_greylisting_at_connect() {
 delay = "0s"
 [greylist]
 mode = "connect"
-min_wait = "2s"
+min_wait = "5s"
 retry_window = "1m"
 store = "{}"
 "#,
@@ -414,8 +438,9 @@ store = "{}"
     );
     let _agent =
         Agent::start(&net, &agent_config(&net, &pins, &proxy_backend(), &rest)).expect("agent");
-    let first = Instant::now();
     let s = swaks(&net, CLIENT_V4.into(), &[]);
+    // The attempt happened before swaks returned: waits count from here.
+    let first = Instant::now();
     assert!(!s.ok, "{}", s.out);
     assert!(s.out.contains("421 4.7.1 Greylisted"), "{}", s.out);
     std::thread::sleep(Duration::from_millis(300));
@@ -424,11 +449,73 @@ store = "{}"
         "the MTA never saw it:\n{}",
         pf.log()
     );
-    std::thread::sleep(Duration::from_millis(2300).saturating_sub(first.elapsed()));
+    std::thread::sleep(Duration::from_millis(5300).saturating_sub(first.elapsed()));
     let s = swaks(&net, CLIENT_V4.into(), &[]);
     assert!(s.ok, "{}", s.out);
     assert_eq!(
         metric(&net, "tarpit_sessions_total{outcome=\"greylisted\"}"),
         Some(1.0)
+    );
+}
+
+#[test]
+fn reputation_agent_allow_cache_skips_the_second_lookup() {
+    if !require_root() {
+        return;
+    }
+    let net = TestNet::new().unwrap();
+    net.add_client_addr(v4(65)).unwrap();
+    let _rbl = Rbldnsd::start(&net, &["bl.test:ip4set:bl.zone"], &[]).expect("rbldnsd");
+    // dnsmasq in front of rbldnsd: its query log shows every lookup.
+    let dns = Dnsmasq::start(
+        &net,
+        &DnsmasqConfig {
+            port: 5301,
+            forward: vec![("bl.test".into(), Ipv4Addr::LOCALHOST, 5353)],
+            ..Default::default()
+        },
+    )
+    .expect("dnsmasq");
+    let pins = PinDir::new().unwrap();
+    let _pf = Postfix::start(&net).expect("postfix");
+    let rest = r#"
+[greeting]
+delay = "0s"
+[blacklist]
+delay = "1s"
+[dns]
+nameservers = ["127.0.0.1:5301"]
+timeout = "3s"
+[dnsbl]
+sites = ["bl.test"]
+allow_ttl = "1h"
+"#;
+    let _agent =
+        Agent::start(&net, &agent_config(&net, &pins, &proxy_backend(), rest)).expect("agent");
+    let clean = "2.100.51.198.bl.test";
+    let listed = "65.100.51.198.bl.test";
+    for _ in 0..3 {
+        let s = swaks(&net, CLIENT_V4.into(), &["--quit-after", "RCPT"]);
+        assert!(s.ok && s.took < SLACK, "{:?}\n{}", s.took, s.out);
+        let s = swaks(&net, v4(65), &["--quit-after", "RCPT"]);
+        assert!(s.ok, "{}", s.out);
+        assert_between("listed", s.took, Duration::from_secs(2));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // The client that passed was looked up once; the listed one too (its
+    // answer is cached for the record's TTL, but it never enters the
+    // allow cache).
+    assert_eq!(dns.queries_for(clean), 1, "{}", dns.log());
+    assert_eq!(dns.queries_for(listed), 1, "{}", dns.log());
+    assert_eq!(
+        metric(&net, "tarpit_dnsbl_allow_cache_hits_total"),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &net,
+            "tarpit_dnsbl_queries_total{list=\"bl.test\",result=\"cached\"}"
+        ),
+        Some(2.0)
     );
 }
