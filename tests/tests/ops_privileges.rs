@@ -141,3 +141,80 @@ fn drop_with_detach_on_exit_keeps_net_admin() {
     }
     run_child("detach");
 }
+
+mod ops_common;
+
+/// The real agent, started as root with `[daemon] user = "nobody"`: its
+/// threads are nobody with CAP_BPF + CAP_NET_ADMIN (detach_on_exit is on in
+/// the test config) and nothing else, and it still does its work: relays
+/// mail, reads the kernel maps for /metrics, removes its pins at exit.
+#[test]
+fn running_agent_is_nobody_with_only_the_documented_capabilities() {
+    if !require_root() {
+        return;
+    }
+    use tarpit_tests::smtp_client::agent_v4;
+    let mut w = ops_common::World::new("[greeting]\ndelay = \"0s\"\n[daemon]\nuser = \"nobody\"\n");
+    let pid = w.agent().pid().expect("pid");
+    assert!(
+        w.agent().log().contains("privileges dropped"),
+        "{}",
+        w.agent().log()
+    );
+    let keep = CapSet::of(&[CAP_BPF, CAP_NET_ADMIN]);
+    let main = ProcStatus::read(pid).expect("status");
+    assert_dropped("agent", &main, keep);
+    let mut n = 0;
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let p = e.unwrap().path().join("status");
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            continue;
+        };
+        let st = ProcStatus::parse(&text).unwrap();
+        assert_eq!(st.uid, [NOBODY; 4], "{}", p.display());
+        assert!(
+            st.cap_prm.is_subset_of(keep),
+            "{}: {}",
+            p.display(),
+            st.cap_prm.names()
+        );
+        n += 1;
+    }
+    assert!(n > 1, "a multi-threaded agent");
+
+    // still working: a message goes through, the kernel maps are readable
+    assert!(
+        ops_common::send_message(
+            &w.net,
+            tarpit_tests::CLIENT_V4.into(),
+            agent_v4(),
+            1,
+            "as nobody"
+        )
+        .unwrap()
+    );
+    assert!(
+        w.pf.wait_delivered(1, Duration::from_secs(20)),
+        "{}",
+        w.pf.log()
+    );
+    let text = ops_common::scrape(&w.net);
+    assert!(
+        ops_common::sample(&text, "tarpit_map_capacity{map=\"IP_STATE\"}").unwrap_or(0.0) > 0.0,
+        "maps unreadable after the drop:\n{text}"
+    );
+    assert!(
+        ops_common::sample(&text, "tarpit_kernel_total{counter=\"tc_flow_new\"}").unwrap_or(0.0)
+            >= 1.0,
+        "{text}"
+    );
+
+    // a clean stop: the pins it made are gone (detach_on_exit)
+    let pins = w.pins.path.clone();
+    let status = w.agent.take().unwrap().stop().unwrap();
+    assert!(status.success(), "{status}");
+    let left: Vec<_> = std::fs::read_dir(&pins)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "pins left after the stop: {left:?}");
+}
