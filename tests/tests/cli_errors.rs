@@ -80,6 +80,15 @@ fn missing_pins_say_to_start_the_agent() {
             "{args:?}: {err}"
         );
     }
+    // A pin path outside bpffs cannot hold maps: the message says why.
+    let tmp = w.dir.display().to_string();
+    let err = w.fails(&["--pin-path", &tmp, "block", "list"], 1);
+    assert!(
+        err.contains(&format!(
+            "no tarpit maps at {tmp}; start the agent with `tarpit run`"
+        )) && err.contains("is not on a bpffs mount"),
+        "{err}"
+    );
     // The config's own pin path, before any agent ran.
     let err = w.fails(&["block", "list"], 1);
     assert!(

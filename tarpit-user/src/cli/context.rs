@@ -43,6 +43,9 @@ impl Context {
     /// privileges, that the maps exist, and that their layout is ours.
     pub fn open(&self) -> Result<KernelMaps> {
         check_privileges()?;
+        if let Some(hint) = bpffs_hint(&self.pin_path) {
+            bail!("{} ({hint})", no_maps_message(&self.pin_path));
+        }
         KernelMaps::open(&self.pin_path)
     }
 }
@@ -70,6 +73,26 @@ fn has_bpf_privileges() -> bool {
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .unwrap_or(0);
     eff & (1 << CAP_BPF) != 0 || eff & (1 << CAP_SYS_ADMIN) != 0
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Why there cannot be maps at `pin_path` when it is not on a bpffs: the
+/// filesystem is not mounted (a fresh boot before the agent ran), or the
+/// path points elsewhere. `None` when it is on a bpffs.
+fn bpffs_hint(pin_path: &Path) -> Option<String> {
+    let existing = pin_path.ancestors().find(|p| p.exists())?;
+    let magic = nix::sys::statfs::statfs(existing)
+        .map(|s| s.filesystem_type().0)
+        .ok()?;
+    if magic == BPF_FS_MAGIC {
+        return None;
+    }
+    Some(if pin_path.starts_with("/sys/fs/bpf") {
+        "no bpffs is mounted at /sys/fs/bpf; the agent mounts it".to_string()
+    } else {
+        format!("{} is not on a bpffs mount", pin_path.display())
+    })
 }
 
 /// The sentence for "there are no maps here".
