@@ -3,7 +3,7 @@
 //! in the state file and come back when the agent starts on empty maps.
 mod cli_common;
 
-use cli_common::{CliWorld, Opts, Probe, ip};
+use cli_common::{CliWorld, Opts, Probe, assert_list_matches, ip};
 use tarpit_tests::require_root;
 
 /// Block, allow over block, delete: each step is seen by a real client's
@@ -62,6 +62,8 @@ fn block_allow_cycle(w: &CliWorld, bot: &str, bot_net: &str, wide_allow: &str, l
 
     // An allow entry wins over the block entry.
     w.ok(&["allow", "add", wide_allow, "--comment", "partner"]);
+    assert_list_matches(w, "allow");
+    assert_list_matches(w, "block");
     assert_eq!(w.probe(src), open, "allow must beat block for {bot}");
     let ipj = w.json(&["ip", bot]);
     assert_eq!(ipj["policy"]["verdict"], "allow", "{ipj}");
@@ -272,6 +274,8 @@ fn saved_entries_come_back_when_the_agent_starts_on_empty_maps() {
             other => panic!("expiry changed: {other:?}"),
         }
     }
+    assert_list_matches(&w, "allow");
+    assert_list_matches(&w, "block");
     let allow = w.json(&["allow", "list"]);
     assert_eq!(allow[0]["cidr"], "fd5b:1e00::100/126");
     assert_eq!(allow[0]["comment"], "relay");

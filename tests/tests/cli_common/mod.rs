@@ -235,6 +235,57 @@ listen = "127.0.0.1:9325"
     }
 }
 
+/// Checks that `tarpit allow|block list` says what its `--json` says:
+/// one row per entry, in the same order, with the same expiry, reason,
+/// ports, status and comment.
+pub fn assert_list_matches(w: &CliWorld, list: &str) {
+    let human = w.ok(&[list, "list"]);
+    let json = w.json(&[list, "list"]);
+    let entries = json.as_array().unwrap();
+    let rows: Vec<&str> = human.lines().skip(1).collect();
+    if entries.is_empty() {
+        assert_eq!(human.trim(), format!("the {list} list is empty"));
+        return;
+    }
+    assert_eq!(rows.len(), entries.len(), "{human}\n{json}");
+    for (row, e) in rows.iter().zip(entries) {
+        let cidr = e["cidr"].as_str().unwrap();
+        assert!(row.starts_with(&format!("{cidr} ")), "{row} vs {e}");
+        let added = e["added_at"]
+            .as_str()
+            .unwrap()
+            .replacen('T', " ", 1)
+            .replace('Z', " UTC");
+        assert!(row.contains(&added), "{row} vs {e}");
+        match e["expires_in_secs"].as_u64() {
+            None => assert!(row.contains(" never "), "{row} vs {e}"),
+            Some(0) => assert!(row.contains(" expired "), "{row} vs {e}"),
+            Some(_) => assert!(row.contains(" in "), "{row} vs {e}"),
+        }
+        let status = match (e["in_kernel"].as_bool(), e["active"].as_bool()) {
+            (Some(false), _) => "pending",
+            (_, Some(true)) => "active",
+            _ => "expired",
+        };
+        assert!(row.contains(&format!(" {status}")), "{row} vs {e}");
+        if let Some(c) = e["comment"].as_str() {
+            assert!(row.trim_end().ends_with(c), "{row} vs {e}");
+        }
+        if list == "block" {
+            assert!(
+                row.contains(&format!(" {} ", e["reason"].as_str().unwrap())),
+                "{row}"
+            );
+            let ports = if e["all_ports"] == true {
+                " all "
+            } else {
+                " smtp "
+            };
+            assert!(row.contains(ports), "{row} vs {e}");
+        }
+    }
+}
+
 pub fn server_for(src: IpAddr, port: u16) -> SocketAddr {
     if src.is_ipv4() {
         SocketAddr::from((SERVER_V4, port))
