@@ -115,8 +115,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
             continue;
         }
         shell::step(scenario.ids[0]);
+        let load = loadavg();
         match (scenario.run)(&env) {
-            Ok(mut r) => results.append(&mut r),
+            Ok(mut r) => {
+                // Other work on the box skews every figure: say how busy it was.
+                for s in &mut r {
+                    s.param("loadavg_1m_before", load);
+                    s.param("loadavg_1m_after", loadavg());
+                }
+                results.append(&mut r)
+            }
             Err(e) if signal::interrupted() => {
                 shell::say("Interrupted", &format!("{e:#}"));
                 interrupted = true;
@@ -191,4 +199,12 @@ impl Drop for SelfCopy {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// The 1-minute load average of the machine.
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
 }

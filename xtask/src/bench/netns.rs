@@ -221,6 +221,10 @@ fn tcp_ext(ns: &str) -> TcpExt {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
+    parse_tcp_ext(&text)
+}
+
+fn parse_tcp_ext(text: &str) -> TcpExt {
     // Pairs of lines: "TcpExt: Name Name ..." then "TcpExt: 1 2 ...".
     let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
     let mut t = TcpExt::default();
@@ -394,5 +398,25 @@ fn sweep_stale_namespaces() {
             eprintln!("bench: removing stale namespace {name}");
             delete_ns(&name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tcp_counters() {
+        let text = "TcpExt: SyncookiesSent ListenOverflows TCPSynRetrans\n\
+                    TcpExt: 3 7 11\n\
+                    IpExt: InNoRoutes\n\
+                    IpExt: 1\n";
+        let t = parse_tcp_ext(text);
+        assert_eq!(
+            (t.syncookies_sent, t.listen_overflows, t.syn_retrans),
+            (3, 7, 11)
+        );
+        let d = TcpExt::default().since(&t);
+        assert_eq!(d.listen_overflows, 7, "since() counts from self to later");
     }
 }

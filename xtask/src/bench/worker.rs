@@ -8,9 +8,10 @@
 //! closes (the parent died or is done).
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -64,6 +65,9 @@ pub struct Report {
     pub early: u64,
     /// Lateness: how long each connect took, in ms.
     pub connect_ms: Vec<f64>,
+    /// Lateness: counted from before connect() instead (includes the
+    /// handshake and any SYN retry).
+    pub lateness_from_syn_ms: Vec<f64>,
     pub first_error: Option<String>,
 }
 
@@ -296,23 +300,29 @@ async fn lateness(spec: &Spec, delay_ms: u64) -> Report {
         let permit = sem.clone().acquire_owned().await;
         let spec = spec.clone();
         tasks.spawn(async move {
-            // Lateness is timed from the completed connect (the server
-            // starts its delay on accept, right after); how long the connect
-            // itself took (SYN retries on a full queue) is reported apart.
-            let c0 = Instant::now();
+            // Three instants: c0 before connect() (wall clock, which the
+            // server's accept cannot precede), t0 when connect() returned,
+            // and the KERNEL's receive time of the final greeting line
+            // (SO_TIMESTAMPNS), so that a client busy with thousands of
+            // other sockets does not add its own lag to the reading.
+            let c0 = SystemTime::now();
             let s = connect(&spec, i).await;
             drop(permit);
             let mut s = s.map_err(|e| e.to_string())?;
-            let t0 = Instant::now();
-            let connect_ms = (t0 - c0).as_secs_f64() * 1e3;
+            let t0 = SystemTime::now();
+            enable_rx_timestamps(&s).map_err(|e| format!("SO_TIMESTAMPNS: {e}"))?;
             let mut got = Vec::new();
             let mut buf = [0u8; 512];
             let limit = Duration::from_millis(delay_ms) + Duration::from_secs(30);
+            let started = Instant::now();
             loop {
-                let n = tokio::time::timeout(limit.saturating_sub(t0.elapsed()), s.read(&mut buf))
-                    .await
-                    .map_err(|_| "no greeting within the delay + 30 s".to_string())?
-                    .map_err(|e| e.to_string())?;
+                let (n, stamp) = tokio::time::timeout(
+                    limit.saturating_sub(started.elapsed()),
+                    read_stamped(&s, &mut buf),
+                )
+                .await
+                .map_err(|_| "no greeting within the delay + 30 s".to_string())?
+                .map_err(|e| e.to_string())?;
                 if n == 0 {
                     return Err("closed before the greeting".to_string());
                 }
@@ -320,12 +330,21 @@ async fn lateness(spec: &Spec, delay_ms: u64) -> Report {
                 // The final greeting line: "220 " (after any "220-" lines).
                 let text = String::from_utf8_lossy(&got);
                 if text.split("\r\n").any(|l| l.len() >= 4 && &l[3..4] == " ") {
-                    let observed = t0.elapsed().as_secs_f64() * 1e3;
+                    let t1 = stamp.unwrap_or_else(SystemTime::now);
                     let _ = s.write_all(b"QUIT\r\n").await;
-                    // Early only when even the time since before connect()
-                    // (which the server's clock cannot precede) is short.
-                    let early = observed + connect_ms < delay_ms as f64 - 1.0;
-                    return Ok((observed - delay_ms as f64, connect_ms, early));
+                    let ms = |a: SystemTime, b: SystemTime| match b.duration_since(a) {
+                        Ok(d) => d.as_secs_f64() * 1e3,
+                        Err(e) => -e.duration().as_secs_f64() * 1e3,
+                    };
+                    let delay = delay_ms as f64;
+                    let late = ms(t0, t1) - delay;
+                    let late_from_syn = ms(c0, t1) - delay;
+                    return Ok(Timed {
+                        late,
+                        late_from_syn,
+                        connect_ms: ms(c0, t0),
+                        early: late_from_syn < -1.0,
+                    });
                 }
             }
         });
@@ -336,13 +355,14 @@ async fn lateness(spec: &Spec, delay_ms: u64) -> Report {
     };
     while let Some(res) = tasks.join_next().await {
         match res {
-            Ok(Ok((late, connect_ms, early))) => {
+            Ok(Ok(t)) => {
                 r.connected += 1;
-                if early {
+                if t.early {
                     r.early += 1;
                 }
-                r.lateness_ms.push(late);
-                r.connect_ms.push(connect_ms);
+                r.lateness_ms.push(t.late);
+                r.lateness_from_syn_ms.push(t.late_from_syn);
+                r.connect_ms.push(t.connect_ms);
             }
             Ok(Err(e)) => {
                 r.failed += 1;
@@ -356,6 +376,91 @@ async fn lateness(spec: &Spec, delay_ms: u64) -> Report {
     }
     r.elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
     r
+}
+
+/// One timed greeting.
+struct Timed {
+    /// From connect() returning to the greeting, minus the delay.
+    late: f64,
+    /// From before connect() to the greeting, minus the delay.
+    late_from_syn: f64,
+    connect_ms: f64,
+    /// The greeting came before the delay, even counted from before connect().
+    early: bool,
+}
+
+fn enable_rx_timestamps(s: &TcpStream) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with a valid int option.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Reads like `read`, also returning the kernel's receive time of the data.
+async fn read_stamped(
+    s: &TcpStream,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, Option<SystemTime>)> {
+    loop {
+        s.readable().await?;
+        match s.try_io(tokio::io::Interest::READABLE, || {
+            recv_stamped(s.as_raw_fd(), buf)
+        }) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+fn recv_stamped(fd: i32, buf: &mut [u8]) -> std::io::Result<(usize, Option<SystemTime>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // u64s keep the control buffer aligned for cmsghdr.
+    let mut control = [0u64; 16];
+    // SAFETY: a zeroed msghdr is valid; we point it at live buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: recvmsg with buffers that outlive the call.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut stamp = None;
+    // SAFETY: walking the control messages the kernel just wrote.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                stamp = Some(
+                    SystemTime::UNIX_EPOCH
+                        + Duration::new(
+                            ts.tv_sec.max(0) as u64,
+                            ts.tv_nsec.clamp(0, 999_999_999) as u32,
+                        ),
+                );
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n as usize, stamp))
 }
 
 // --------------------------------------------------------------- parent side
@@ -486,6 +591,8 @@ pub fn sum(reports: &[Report]) -> Report {
         t.elapsed_ms = t.elapsed_ms.max(r.elapsed_ms);
         t.lateness_ms.extend_from_slice(&r.lateness_ms);
         t.connect_ms.extend_from_slice(&r.connect_ms);
+        t.lateness_from_syn_ms
+            .extend_from_slice(&r.lateness_from_syn_ms);
         if t.first_error.is_none() {
             t.first_error.clone_from(&r.first_error);
         }

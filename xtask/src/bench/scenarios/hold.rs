@@ -104,8 +104,8 @@ fn measure(env: &Env, holder: &Holder, level: u32) -> Result<Side> {
     let done = worker::sum(&workers.collect("done", Duration::from_secs(30))?);
     drop(workers);
 
-    let tcp = net.server_tcp_ext().since(&tcp0);
-    let ctcp = net.client_tcp_ext().since(&ctcp0);
+    let tcp = tcp0.since(&net.server_tcp_ext());
+    let ctcp = ctcp0.since(&net.client_tcp_ext());
     let mut s = Side::new(&name);
     s.set("listen_overflows", tcp.listen_overflows as f64)
         .set("syncookies_sent", tcp.syncookies_sent as f64)

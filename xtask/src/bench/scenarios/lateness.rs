@@ -73,8 +73,8 @@ fn measure(env: &Env, backend: Backend) -> Result<Side> {
     let mut workers = Workers::start(&env.self_exe, &net, p.workers, &spec)?;
     let r = worker::sum(&workers.collect("done", delay + Duration::from_secs(120))?);
     drop(workers);
-    let tcp = net.server_tcp_ext().since(&tcp0);
-    let ctcp = net.client_tcp_ext().since(&ctcp0);
+    let tcp = tcp0.since(&net.server_tcp_ext());
+    let ctcp = ctcp0.since(&net.client_tcp_ext());
     let mut late = r.lateness_ms.clone();
     late.sort_by(|a, b| a.total_cmp(b));
     let mut s = Side::new(side_name(backend));
@@ -86,6 +86,12 @@ fn measure(env: &Env, backend: Backend) -> Result<Side> {
         .set("lateness_p99_ms", quantile(&late, 0.99))
         .set("lateness_max_ms", late.last().copied().unwrap_or(f64::NAN))
         .set("lateness_min_ms", late.first().copied().unwrap_or(f64::NAN));
+    let mut syn = r.lateness_from_syn_ms.clone();
+    syn.sort_by(|a, b| a.total_cmp(b));
+    s.set("lateness_from_syn_p99_ms", quantile(&syn, 0.99)).set(
+        "lateness_from_syn_max_ms",
+        syn.last().copied().unwrap_or(f64::NAN),
+    );
     let mut conn = r.connect_ms.clone();
     conn.sort_by(|a, b| a.total_cmp(b));
     s.set("connect_p99_ms", quantile(&conn, 0.99))
@@ -124,12 +130,12 @@ pub fn run(env: &Env) -> Result<Vec<Scenario>> {
     sc.absolute("agent", "early", Aim::at_most(0.0));
     sc.absolute("agent_postfix_backend", "lateness_p99_ms", None);
     sc.notes.push(
-        "Each greeting is timed from the client's completed connect (the server's accept follows \
-         at once) to its final `220 ` line, minus the configured delay; a client busy with \
-         other sockets can shift single values by a few ms. early = the greeting came more than \
-         1 ms before the delay even counted from before connect(). connect_* is how long the \
-         connects took, and listen_overflows the server's full-accept-queue events (SYN retries \
-         show there). \
+        "lateness = the kernel's receive time of the final `220 ` line (SO_TIMESTAMPNS, so a \
+         busy client adds no lag) - the moment the client's connect() returned - the configured \
+         delay. lateness_from_syn counts from before connect() instead, so it also holds the \
+         handshake and any SYN retry (1 s) after a full accept queue (listen_overflows, \
+         client_syn_retrans). early = the greeting came more than 1 ms before the delay even \
+         counted from before connect(). \
          agent: backend smtp-sink (greets at once), so lateness is the agent's timers and relay; \
          agent_postfix_backend: the Postfix instance behind it, where every greeting also waits \
          for a new smtpd (at most 100 at a time). No postscreen baseline: it hands a passed \
