@@ -10,9 +10,12 @@
 pub mod addr;
 pub mod counters;
 pub mod events;
+pub mod greeting;
 pub mod lists;
 pub mod maps;
+pub mod parse;
 pub mod state;
+pub mod steer;
 
 pub use addr::IpAddrKey;
 pub use counters::Counter;

@@ -1,4 +1,5 @@
-//! Bounds-checked packet parsing, written once for every hook.
+//! Bounds-checked packet parsing, written once for every hook (the kernel
+//! programs use it; it lives here so the host can unit-test it).
 //!
 //! Each accessor proves to the verifier that the bytes it reads lie between
 //! `data` and `data_end`. Lengths come from the IP headers and are checked
@@ -8,7 +9,7 @@
 //! 5, TCP data offset < 5 or past the end, too many IPv6 extension headers
 //! - yields `None` and the caller passes the packet untouched: the kernel's
 //! own stack drops what is really broken.
-use tarpit_common::IpAddrKey;
+use crate::IpAddrKey;
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -201,4 +202,167 @@ pub fn tcp(data: usize, data_end: usize, ip: &Ip) -> Option<Tcp> {
         payload_off: ip.l4_off + doff,
         payload_len: ip.l4_len - doff,
     })
+}
+
+/// Builds frames for the unit tests below.
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::vec::Vec;
+
+    fn eth(ethertype: u16, l3: &[u8]) -> Vec<u8> {
+        let mut f = std::vec![0u8; 12];
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f.extend_from_slice(l3);
+        f
+    }
+
+    fn tcp_hdr(sport: u16, dport: u16, flags: u8, doff_words: u8, payload: &[u8]) -> Vec<u8> {
+        let mut t = Vec::new();
+        t.extend_from_slice(&sport.to_be_bytes());
+        t.extend_from_slice(&dport.to_be_bytes());
+        t.extend_from_slice(&[0; 8]);
+        t.push(doff_words << 4);
+        t.push(flags);
+        t.extend_from_slice(&[0; 6]);
+        t.extend_from_slice(payload);
+        t
+    }
+
+    fn v4(ihl: u8, frag: u16, total: Option<u16>, options: &[u8], l4: &[u8]) -> Vec<u8> {
+        let hlen = 20 + options.len();
+        let total = total.unwrap_or((hlen + l4.len()) as u16);
+        let mut h = std::vec![0x40 | ihl, 0];
+        h.extend_from_slice(&total.to_be_bytes());
+        h.extend_from_slice(&[0, 0]);
+        h.extend_from_slice(&frag.to_be_bytes());
+        h.extend_from_slice(&[64, 6, 0, 0, 198, 51, 100, 2, 198, 51, 100, 1]);
+        h.extend_from_slice(options);
+        h.extend_from_slice(l4);
+        eth(ETH_P_IP, &h)
+    }
+
+    fn v6(first: u8, ext: &[u8], l4: &[u8]) -> Vec<u8> {
+        let mut h = std::vec![0x60, 0, 0, 0];
+        h.extend_from_slice(&((ext.len() + l4.len()) as u16).to_be_bytes());
+        h.push(first);
+        h.push(64);
+        h.extend_from_slice(&[0xfd, 0x5b, 0x1e, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        h.extend_from_slice(&[0xfd, 0x5b, 0x1e, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        h.extend_from_slice(ext);
+        h.extend_from_slice(l4);
+        eth(ETH_P_IPV6, &h)
+    }
+
+    fn parse(f: &[u8]) -> Option<(Ip, Option<Tcp>)> {
+        let (d, e) = (f.as_ptr() as usize, f.as_ptr() as usize + f.len());
+        let ip = ip(d, e, f.len())?;
+        let t = tcp(d, e, &ip);
+        Some((ip, t))
+    }
+
+    #[test]
+    fn plain_ipv4_tcp_with_payload() {
+        let f = v4(
+            5,
+            0,
+            None,
+            &[],
+            &tcp_hdr(40000, 25, TCP_ACK, 5, b"EHLO x\r\n"),
+        );
+        let (ip, t) = parse(&f).unwrap();
+        let t = t.unwrap();
+        assert_eq!(ip.src, IpAddrKey::from_v4_octets([198, 51, 100, 2]));
+        assert_eq!((t.sport, t.dport, t.flags), (40000, 25, TCP_ACK));
+        assert_eq!(t.payload_len, 8);
+        assert_eq!(t.payload_off, ETH_HLEN + 20 + 20);
+        assert!(!ip.fragment);
+    }
+
+    #[test]
+    fn ipv4_options_and_frame_padding_are_not_payload() {
+        let mut f = v4(6, 0, None, &[1, 1, 1, 1], &tcp_hdr(1, 25, TCP_SYN, 5, b""));
+        f.extend_from_slice(&[0u8; 6]); // Ethernet padding to 60 bytes
+        let (_, t) = parse(&f).unwrap();
+        let t = t.unwrap();
+        assert_eq!(t.payload_len, 0);
+        assert_eq!(t.payload_off, ETH_HLEN + 24 + 20);
+    }
+
+    #[test]
+    fn broken_ipv4_is_not_parsed() {
+        let seg = tcp_hdr(1, 25, TCP_ACK, 5, b"talk");
+        // IHL < 5
+        assert!(parse(&v4(4, 0, None, &[], &seg)).is_none());
+        // total length past the frame
+        assert!(parse(&v4(5, 0, Some(400), &[], &seg)).is_none());
+        // truncated header
+        let f = v4(5, 0, None, &[], &seg);
+        assert!(parse(&f[..ETH_HLEN + 10]).is_none());
+        // not IP at all
+        assert!(parse(&eth(0x0806, &[0u8; 28])).is_none());
+        assert!(!is_ip(
+            f[..12].as_ptr() as usize,
+            f[..12].as_ptr() as usize + 12
+        ));
+    }
+
+    #[test]
+    fn broken_tcp_is_not_parsed() {
+        for doff in [0u8, 4, 15] {
+            let f = v4(5, 0, None, &[], &tcp_hdr(1, 25, TCP_ACK, doff, b"talk"));
+            let (_, t) = parse(&f).unwrap();
+            assert!(t.is_none(), "data offset {doff} accepted");
+        }
+        // TCP header cut short (IP length says so too).
+        let seg = tcp_hdr(1, 25, TCP_ACK, 5, b"");
+        let f = v4(5, 0, None, &[], &seg[..12]);
+        assert!(parse(&f).unwrap().1.is_none());
+    }
+
+    #[test]
+    fn ipv4_fragments() {
+        let seg = tcp_hdr(1, 25, TCP_ACK, 5, b"talk");
+        let (ip, t) = parse(&v4(5, 0x2000, None, &[], &seg)).unwrap();
+        assert!(ip.fragment && !ip.later_fragment);
+        assert!(t.is_some(), "a first fragment has a TCP header");
+        let (ip, t) = parse(&v4(5, 8, None, &[], &seg)).unwrap();
+        assert!(ip.fragment && ip.later_fragment);
+        assert!(t.is_none(), "a later fragment has no TCP header");
+    }
+
+    #[test]
+    fn ipv6_extension_headers_are_followed() {
+        let seg = tcp_hdr(2, 587, TCP_SYN, 5, b"");
+        let mut ext = Vec::new();
+        ext.extend_from_slice(&[43, 0, 1, 4, 0, 0, 0, 0]); // hop-by-hop -> routing
+        ext.extend_from_slice(&[60, 2, 0, 0, 0, 0, 0, 0]); // routing (24 bytes) -> dst opts
+        ext.extend_from_slice(&[0u8; 16]);
+        ext.extend_from_slice(&[6, 0, 1, 4, 0, 0, 0, 0]); // dst opts -> TCP
+        let (ip, t) = parse(&v6(0, &ext, &seg)).unwrap();
+        let t = t.unwrap();
+        assert_eq!(ip.proto, IPPROTO_TCP);
+        assert_eq!(t.dport, 587);
+        assert_eq!(t.payload_len, 0);
+        assert_eq!(ip.l4_off, ETH_HLEN + 40 + 40);
+    }
+
+    #[test]
+    fn ipv6_fragments_and_too_many_headers() {
+        let seg = tcp_hdr(2, 25, TCP_ACK, 5, b"talk");
+        let first = [6u8, 0, 0, 1, 0, 0, 0, 1]; // offset 0, M=1
+        let (ip, t) = parse(&v6(44, &first, &seg)).unwrap();
+        assert!(ip.fragment && !ip.later_fragment && t.is_some());
+        let later = [6u8, 0, 0, 0x18, 0, 0, 0, 1]; // offset 3
+        let (ip, t) = parse(&v6(44, &later, &seg)).unwrap();
+        assert!(ip.later_fragment && t.is_none());
+        let mut many = Vec::new();
+        for _ in 0..7 {
+            many.extend_from_slice(&[60, 0, 1, 4, 0, 0, 0, 0]);
+        }
+        assert!(parse(&v6(60, &many, &seg)).is_none());
+        // An extension header longer than the payload length says.
+        assert!(parse(&v6(0, &[6, 9, 0, 0, 0, 0, 0, 0], &seg)).is_none());
+    }
 }

@@ -1,5 +1,6 @@
 //! tarpit's kernel programs. One module per hook; packet parsing lives in
-//! `parse` and is shared by every hook that sees packets; every map and
+//! `tarpit_common::parse` and is shared by every hook that sees packets
+//! (and unit-tested on the host there); every map and
 //! the small helpers around them live in `maps`.
 #![no_std]
 #![no_main]
@@ -7,7 +8,6 @@
 #![allow(internal_features)]
 
 mod maps;
-mod parse;
 mod sk_lookup;
 mod sockops;
 mod tc;

@@ -16,16 +16,17 @@ use aya_log_ebpf::info;
 use tarpit_common::{
     Counter, Event, FlowKey, FlowState,
     events::{EVENT_F_TEASER, EVENT_FLOW_TABLE_FULL, EVENT_PREGREET},
+    greeting,
     maps::{SETTING_EVENTS, SETTING_LOG, SETTING_PREGREET, SMTPS_PORT, Settings},
+    parse::{self, IPPROTO_TCP, Ip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp},
     state::{
         FLOW_AWAIT_GREETING, FLOW_F_CLIENT_SPOKE, FLOW_F_PREGREET, FLOW_F_SERVER_SPOKE,
         FLOW_F_TEASER, FLOW_GREETED, FLOW_TEASER, IP_F_PREGREET,
     },
 };
 
-use crate::{
-    maps::{FLOWS, SCRATCH, SCRATCH_LEN, atomic_add_u32, count, emit, ip_state, now_ns, settings},
-    parse::{self, IPPROTO_TCP, Ip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp},
+use crate::maps::{
+    FLOWS, SCRATCH, SCRATCH_LEN, atomic_add_u32, count, emit, ip_state, now_ns, settings,
 };
 
 /// Bytes of headers we want in the linear part of the skb.
@@ -263,7 +264,7 @@ fn greeting_state(ctx: &TcContext, tcp: &Tcp) -> u32 {
     let buf = unsafe { &mut *buf };
     let len = tcp.payload_len;
     let n = if len > SCRATCH_LEN { SCRATCH_LEN } else { len };
-    if n < 4 || n > SCRATCH_LEN {
+    if n == 0 || n > SCRATCH_LEN {
         return FLOW_GREETED;
     }
     let off = tcp.payload_off + len - n;
@@ -278,39 +279,5 @@ fn greeting_state(ctx: &TcContext, tcp: &Tcp) -> u32 {
     if rc != 0 {
         return FLOW_GREETED;
     }
-    // Ignore the line end of the last line, then find where it starts.
-    let mut end = n;
-    if buf[(end - 1) & (SCRATCH_LEN - 1)] == b'\n' {
-        end -= 1;
-    }
-    let mut start = usize::MAX;
-    for k in 1..SCRATCH_LEN {
-        if k > end {
-            break;
-        }
-        let i = end - k;
-        if buf[i & (SCRATCH_LEN - 1)] == b'\n' {
-            start = i + 1;
-            break;
-        }
-    }
-    if start == usize::MAX {
-        if n != len {
-            return FLOW_GREETED;
-        }
-        start = 0;
-    }
-    if start + 4 > n {
-        return FLOW_GREETED;
-    }
-    let m = SCRATCH_LEN - 1;
-    if buf[start & m] == b'2'
-        && buf[(start + 1) & m] == b'2'
-        && buf[(start + 2) & m] == b'0'
-        && buf[(start + 3) & m] == b'-'
-    {
-        FLOW_TEASER
-    } else {
-        FLOW_GREETED
-    }
+    greeting::after_segment(buf, n, n == len)
 }

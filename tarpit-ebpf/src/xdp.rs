@@ -13,14 +13,12 @@ use tarpit_common::{
     counters::drop_reason_index,
     events::EVENT_BLOCK_HIT,
     maps::{SETTING_BLOCK, SETTING_EVENTS},
+    parse::{self, TCP_ACK, TCP_SYN},
     state::IP_F_BLOCKED,
 };
 
-use crate::{
-    maps::{
-        ALLOW, BLOCK, IP_STATE, SYN_COUNT, count, count_index, emit, list_lookup, now_ns, settings,
-    },
-    parse::{self, TCP_ACK, TCP_SYN},
+use crate::maps::{
+    ALLOW, BLOCK, IP_STATE, SYN_COUNT, count, count_index, emit, list_lookup, now_ns, settings,
 };
 
 #[xdp]
