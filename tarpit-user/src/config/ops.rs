@@ -143,6 +143,50 @@ fn valid_account_name(name: &str) -> bool {
 mod tests {
     use super::*;
 
+    use crate::config::Config;
+
+    #[test]
+    fn shipped_config_documents_every_key() {
+        let text = include_str!("../../../config/tarpit.toml");
+        let log = text.split("\n[log]\n").nth(1).expect("[log] section");
+        for key in ["format", "level", "rate_limit"] {
+            assert!(log.contains(&format!("\n{key} = ")), "log.{key}");
+        }
+        let daemon = text.split("\n[daemon]\n").nth(1).expect("[daemon] section");
+        for key in ["user", "group", "pid_file", "shutdown_timeout"] {
+            assert!(daemon.contains(&format!("{key} = ")), "daemon.{key}");
+        }
+        let c = Config::parse(text).unwrap();
+        assert_eq!(c.log, LogConfig::default());
+        assert_eq!(c.daemon, DaemonConfig::default());
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("[log]\nlevel = \"info,,=[\"\n", "log.level"),
+            ("[daemon]\nuser = \"a b\"\n", "daemon.user"),
+            ("[daemon]\ngroup = \"mail\"\n", "daemon.group"),
+            ("[daemon]\npid_file = \"run/x.pid\"\n", "daemon.pid_file"),
+            (
+                "[daemon]\nshutdown_timeout = \"11m\"\n",
+                "daemon.shutdown_timeout",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = Config::parse(text).unwrap_err();
+            assert_eq!(e.key(), Some(key), "{text}: {e}");
+        }
+        let e = Config::parse("[log]\nformat = \"xml\"\n").unwrap_err();
+        assert!(e.to_string().contains("format"), "{e}");
+        let c = Config::parse(
+            "[log]\nformat = \"json\"\nrate_limit = 0\n[daemon]\nuser = \"nobody\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.daemon.user.as_deref(), Some("nobody"));
+    }
+
     #[test]
     fn account_names() {
         for ok in ["tarpit", "_tarpit", "nobody", "65534", "mail-in", "a.b"] {
