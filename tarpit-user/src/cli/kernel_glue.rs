@@ -38,24 +38,6 @@ impl Clock {
             self.wall - Duration::from_nanos(self.boot_ns - boot_ns)
         }
     }
-
-    /// Boot-clock stamp of `ttl` from now.
-    pub fn boot_after(&self, ttl: Duration) -> u64 {
-        self.boot_ns
-            .saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX))
-    }
-
-    /// Boot-clock stamp of a wall-clock time (the state file keeps wall
-    /// times: the boot clock restarts at every boot).
-    pub fn boot_of(&self, wall: SystemTime) -> u64 {
-        match wall.duration_since(self.wall) {
-            Ok(ahead) => self.boot_after(ahead),
-            Err(e) => self
-                .boot_ns
-                .saturating_sub(u64::try_from(e.duration().as_nanos()).unwrap_or(u64::MAX))
-                .max(1),
-        }
-    }
 }
 
 /// One allow- or block-list entry as the kernel holds it.
@@ -175,11 +157,6 @@ impl KernelMaps {
             List::Block => self.inner.block_list()?,
         };
         Ok(items.iter().map(|i| list_row(list, i, clock)).collect())
-    }
-
-    /// The exact entry for `net`, if any.
-    pub fn get(&self, list: List, net: &IpNet, clock: &Clock) -> Result<Option<ListRow>> {
-        Ok(self.list(list, clock)?.into_iter().find(|r| r.net == *net))
     }
 
     /// Every entry of a list that covers `ip`, longest prefix first
@@ -373,14 +350,17 @@ mod tests {
     }
 
     #[test]
-    fn clock_conversions_are_inverse() {
+    fn boot_stamps_become_wall_times_on_both_sides_of_now() {
         let c = Clock::now();
-        let later = c.wall + Duration::from_secs(3600);
-        let ns = c.boot_of(later);
-        assert_eq!(ns, c.boot_ns + 3_600_000_000_000);
-        assert_eq!(c.wall_of(ns), later);
-        let earlier = c.wall - Duration::from_secs(5);
-        assert_eq!(c.wall_of(c.boot_of(earlier)), earlier);
+        assert_eq!(
+            c.wall_of(c.boot_ns + 3_600_000_000_000),
+            c.wall + Duration::from_secs(3600)
+        );
+        assert_eq!(
+            c.wall_of(c.boot_ns - 5_000_000_000),
+            c.wall - Duration::from_secs(5)
+        );
+        assert_eq!(c.wall_of(c.boot_ns), c.wall);
     }
 
     #[test]
