@@ -8,6 +8,7 @@
 //! `tls`, `metrics`.
 pub mod backend;
 pub mod cli;
+pub mod closed_loop;
 pub mod config;
 pub mod kernel;
 pub mod kernel_version;

@@ -28,13 +28,16 @@ pub fn run(config_path: &Path) -> Result<()> {
 
 async fn agent(config: Config, daemon: &mut crate::ops::Daemon) -> Result<()> {
     crate::kernel_version::check_min_kernel()?;
-    let kernel = Kernel::load(&config.kernel)?;
+    let held = crate::closed_loop::prepare(&config);
+    let mut kernel = Kernel::load(&config.kernel)?;
     crate::state::restore_at_start(&config.kernel.pin_path, &config.state.file);
     // Opened as root: scrapes and reloads use the maps after the drop.
     crate::ops::metrics::OpsMetrics::new(
         crate::kernel::KernelMaps::open(&config.kernel.pin_path).ok(),
     );
+    let closed_loop = crate::closed_loop::ClosedLoop::start(&config, &mut kernel, held)?;
     let mut agent = start_agent(&config, daemon.config()).await?;
+    closed_loop.agent_listening(&config.listen.addrs)?;
     // Ports bound, programs attached, maps open: root is not needed any more.
     daemon.drop_privileges()?;
     daemon.ready()?;
@@ -43,6 +46,7 @@ async fn agent(config: Config, daemon: &mut crate::ops::Daemon) -> Result<()> {
     info!(%signal, "stopping");
     daemon.drain().await;
     agent.abort_all();
+    closed_loop.stop();
     kernel.shutdown()
 }
 
@@ -73,8 +77,9 @@ pub async fn start_agent(
         limits: config.limits.clone(),
         tls,
         metrics: metrics.clone(),
-        auth_store: Arc::new(MemoryAuthStore::new(AUTH_STORE_CAPACITY)),
-        pregreet: Arc::new(AgentPreGreet),
+        auth_store: crate::closed_loop::auth_store()
+            .unwrap_or_else(|| Arc::new(MemoryAuthStore::new(AUTH_STORE_CAPACITY))),
+        pregreet: crate::closed_loop::pregreet().unwrap_or_else(|| Arc::new(AgentPreGreet)),
         reputation,
         greylist,
     });
@@ -116,6 +121,7 @@ async fn apply_reloads(
         next.limits = config.limits.clone();
         next.tls = tls;
         shared.send_replace(Arc::new(next));
+        crate::closed_loop::reload(&config);
         if let Some(ops) = crate::ops::metrics::installed()
             && let Err(e) = ops.apply_kernel_settings(&config.kernel)
         {

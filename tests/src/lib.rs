@@ -10,6 +10,7 @@
 //! `ip netns exec`, which would remount /sys and hide bpffs and cgroups.
 pub mod agent;
 pub mod dnsmasq;
+pub mod dovecot;
 pub mod env;
 pub mod netns;
 pub mod pins;

@@ -87,6 +87,12 @@ fn template_master(text: &str, dir: &Path) -> String {
 impl Postfix {
     /// Starts an instance inside the server namespace of `net`.
     pub fn start(net: &TestNet) -> Result<Postfix> {
+        Postfix::start_with(net, "")
+    }
+
+    /// Like [`Postfix::start`], with `extra_main_cf` appended to main.cf
+    /// (later settings override earlier ones).
+    pub fn start_with(net: &TestNet, extra_main_cf: &str) -> Result<Postfix> {
         let dir = std::env::temp_dir().join(format!("tarpit-postfix-{}", unique_id()));
         let pf = Postfix {
             dir: dir.clone(),
@@ -97,7 +103,7 @@ impl Postfix {
         for name in ["main.cf", "master.cf"] {
             let text = std::fs::read_to_string(peers_dir().join(name))?;
             let text = if name == "main.cf" {
-                template_main(&text, &dir)
+                format!("{}\n{extra_main_cf}\n", template_main(&text, &dir))
             } else {
                 template_master(&text, &dir)
             };

@@ -6,6 +6,7 @@
 //! key path and the reason, by `tarpit check-config` and `tarpit run` alike.
 mod allow;
 mod blacklist;
+mod closed_loop;
 mod delays;
 mod error;
 mod greeting;
@@ -27,6 +28,7 @@ use serde::Deserialize;
 
 pub use allow::{AllowConfig, ExcludeConfig};
 pub use blacklist::BlacklistConfig;
+pub use closed_loop::{BypassConfig, MAX_OFFENDER_TTL, OffendersConfig};
 pub use delays::MAX_DELAY;
 pub use error::ConfigError;
 pub use greeting::GreetingConfig;
@@ -71,6 +73,10 @@ pub struct Config {
     pub dnsbl: DnsblConfig,
     pub dnswl: DnswlConfig,
     pub greylist: GreylistConfig,
+    /// `[offenders]`: repeat offenders into the XDP block list, slow-down.
+    pub offenders: OffendersConfig,
+    /// `[bypass]`: trusted clients straight to the MTA (sk_lookup), fail-open.
+    pub bypass: BypassConfig,
 }
 
 impl Default for Config {
@@ -97,6 +103,8 @@ impl Default for Config {
             dnsbl: DnsblConfig::default(),
             dnswl: DnswlConfig::default(),
             greylist: GreylistConfig::default(),
+            offenders: OffendersConfig::default(),
+            bypass: BypassConfig::default(),
         }
     }
 }
@@ -138,6 +146,8 @@ impl Config {
         self.dns.validate()?;
         self.dnsbl.validate(&self.dnswl)?;
         self.greylist.validate()?;
+        self.offenders.validate()?;
+        self.bypass.validate()?;
         Ok(())
     }
 }

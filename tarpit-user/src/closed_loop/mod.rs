@@ -1,0 +1,371 @@
+//! The loop between kernel and agent.
+//!
+//! - **One verdict source**: the agent's pre-greet decision reads the
+//!   kernel's per-flow flag ([`verdict`]).
+//! - **Authenticated addresses** live in the kernel's pinned AUTH map
+//!   ([`auth`]): the once-per-day HELO rule reads them across connections
+//!   and agent restarts, and sk_lookup can steer them past the agent.
+//! - **Allow list**: config and run-time entries are synced into the
+//!   kernel's ALLOW map at start and on reload ([`allow_sync`]).
+//! - **Repeat offenders**: kernel events (pre-greet talk) and session
+//!   outcomes feed a per-address tracker ([`offenders`]); repeat offenders
+//!   go on the XDP block list with a TTL and a reason (the kernel enforces
+//!   the expiry; the agent sweeps expired entries), first offenders get the
+//!   sock_ops window clamp. Allow-listed and internal addresses never do.
+//! - **Bypass and fail-open**: the sk_lookup program steers trusted
+//!   clients to the MTA's plain listener and every client there when the
+//!   agent is gone (`kernel::steering`).
+//!
+//! The sessions reach the loop through the seams the agent keeps for it
+//! ([`pregreet`], [`auth_store`], [`offence`]): when no loop runs (no
+//! kernel side, unit tests), they are `None` and the agent's own
+//! detectors apply.
+pub mod allow_sync;
+pub mod auth;
+pub mod offenders;
+pub mod verdict;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use tarpit_common::steer::{
+    STEER_F_ALLOWED, STEER_F_AUTHENTICATED, STEER_F_FAIL_OPEN, SteerSettings,
+};
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::kernel::{BlockSpec, EventKind, EventStream, HeldLink, Kernel, KernelMaps, SteerMaps};
+use crate::policy::AuthenticatedIps;
+use crate::session::PreGreetVerdict;
+pub use offenders::{Offence, Verdict};
+
+/// What the sessions and the event reader share.
+struct Inner {
+    maps: Arc<Mutex<KernelMaps>>,
+    config: Mutex<Arc<Config>>,
+    tracker: Mutex<offenders::Tracker>,
+    steer: Option<Mutex<SteerMaps>>,
+    pregreet: Arc<verdict::KernelPreGreet>,
+    auth: Arc<auth::KernelAuthStore>,
+}
+
+static RUNNING: RwLock<Option<Arc<Inner>>> = RwLock::new(None);
+
+fn running() -> Option<Arc<Inner>> {
+    RUNNING.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// The kernel's pre-greet verdict, when the loop runs.
+pub fn pregreet() -> Option<Arc<dyn PreGreetVerdict>> {
+    running().map(|i| i.pregreet.clone() as Arc<dyn PreGreetVerdict>)
+}
+
+/// The kernel's authenticated-address map, when the loop runs.
+pub fn auth_store() -> Option<Arc<dyn AuthenticatedIps>> {
+    running().map(|i| i.auth.clone() as Arc<dyn AuthenticatedIps>)
+}
+
+/// Reports an offence seen by a session (no-op without a loop).
+pub fn offence(ip: IpAddr, kind: Offence) {
+    if let Some(i) = running() {
+        i.offend(ip, kind);
+    }
+}
+
+/// The running loop; [`ClosedLoop::stop`] (or drop) ends its tasks.
+pub struct ClosedLoop {
+    inner: Arc<Inner>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+/// Call before [`Kernel::load`] (see `kernel::hold_steering_link`).
+pub fn prepare(config: &Config) -> Option<HeldLink> {
+    if !config.bypass.enabled {
+        return None;
+    }
+    crate::kernel::hold_steering_link(&config.kernel.pin_path, config.kernel.netns.as_deref())
+}
+
+/// The steering settings a config asks for.
+pub fn steer_settings(config: &Config) -> SteerSettings {
+    let mut s = SteerSettings::default();
+    if !config.bypass.enabled {
+        return s;
+    }
+    for (slot, port) in s.ports.iter_mut().zip(&config.bypass.ports) {
+        *slot = *port;
+    }
+    if config.bypass.allowlisted && config.exclude.allowlisted {
+        s.flags |= STEER_F_ALLOWED;
+    }
+    if config.bypass.authenticated && config.helo.authenticated_once_per_day {
+        s.flags |= STEER_F_AUTHENTICATED;
+    }
+    if config.bypass.fail_open {
+        s.flags |= STEER_F_FAIL_OPEN;
+    }
+    s
+}
+
+impl ClosedLoop {
+    /// Starts the loop over a loaded kernel side: syncs the allow list,
+    /// attaches steering when configured, and starts reading events.
+    /// Must run inside the tokio runtime.
+    pub fn start(
+        config: &Config,
+        kernel: &mut Kernel,
+        held: Option<HeldLink>,
+    ) -> Result<ClosedLoop> {
+        let mut maps = kernel.maps().context("cannot open the kernel's maps")?;
+        allow_sync::sync(&mut maps, config);
+        let maps = Arc::new(Mutex::new(maps));
+        let steer = if config.bypass.enabled {
+            kernel.attach_steering(held, !config.kernel.detach_on_exit)?;
+            let mut s = SteerMaps::open(kernel.pin_path())?;
+            s.set_settings(steer_settings(config))?;
+            match s.take_mta(&config.bypass.mta_listeners) {
+                Ok(_) => {}
+                // Without the MTA's socket nothing can be steered to it:
+                // every client goes to the agent, as without bypass.
+                Err(e) => warn!("bypass: {e:#}; trusted clients go through the agent"),
+            }
+            if config.kernel.detach_on_exit && config.bypass.fail_open {
+                warn!(
+                    "bypass.fail_open needs kernel.detach_on_exit = false: the steering \
+                     program ends with the agent"
+                );
+            }
+            Some(Mutex::new(s))
+        } else {
+            None
+        };
+        let inner = Arc::new(Inner {
+            pregreet: Arc::new(verdict::KernelPreGreet::new(maps.clone())),
+            auth: Arc::new(auth::KernelAuthStore::new(maps.clone())),
+            maps,
+            config: Mutex::new(Arc::new(config.clone())),
+            tracker: Mutex::new(offenders::Tracker::new(offenders::Rules::from_config(
+                &config.offenders,
+            ))),
+            steer,
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        match EventStream::open(kernel.pin_path()) {
+            Ok(stream) => {
+                tasks.spawn(read_events(inner.clone(), stream));
+            }
+            Err(e) => warn!("kernel events not read: {e}"),
+        }
+        tasks.spawn(sweep(inner.clone()));
+        *RUNNING.write().unwrap_or_else(|e| e.into_inner()) = Some(inner.clone());
+        Ok(ClosedLoop { inner, tasks })
+    }
+
+    /// The agent's listeners are bound: put them into the steering map so
+    /// untrusted clients go to the agent (until now, with fail-open, they
+    /// went to the MTA).
+    pub fn agent_listening(&self, addrs: &[SocketAddr]) -> Result<()> {
+        let Some(steer) = &self.inner.steer else {
+            return Ok(());
+        };
+        let mut s = steer.lock().unwrap_or_else(|e| e.into_inner());
+        s.take_agent(addrs)?;
+        info!("bypass: the agent takes untrusted clients");
+        Ok(())
+    }
+
+    /// Applies a reloaded configuration: allow list, thresholds, steering.
+    pub fn reload(&self, config: &Config) {
+        self.inner.reload(config);
+    }
+
+    /// Ends the loop's tasks (the kernel side stays as configured).
+    pub fn stop(mut self) {
+        self.tasks.abort_all();
+        let mut r = RUNNING.write().unwrap_or_else(|e| e.into_inner());
+        if r.as_ref().is_some_and(|i| Arc::ptr_eq(i, &self.inner)) {
+            *r = None;
+        }
+    }
+}
+
+/// Applies a reloaded configuration to the running loop, if any (for the
+/// reload path, which does not hold the [`ClosedLoop`]).
+pub fn reload(config: &Config) {
+    if let Some(i) = running() {
+        i.reload(config);
+    }
+}
+
+impl Inner {
+    fn config(&self) -> Arc<Config> {
+        self.config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn reload(&self, config: &Config) {
+        *self.config.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(config.clone());
+        {
+            let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+            allow_sync::sync(&mut maps, config);
+        }
+        self.tracker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_rules(offenders::Rules::from_config(&config.offenders));
+        if let Some(steer) = &self.steer {
+            let mut s = steer.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = s.set_settings(steer_settings(config)) {
+                warn!("bypass: {e:#}");
+            }
+        }
+    }
+
+    /// Allow-listed and internal addresses are never blocked or slowed.
+    fn exempt(&self, ip: IpAddr, config: &Config) -> Option<&'static str> {
+        let ip = ip.to_canonical();
+        if config.allow.internal.iter().any(|n| n.contains(&ip)) {
+            return Some("internal");
+        }
+        if config.allow.ips.iter().any(|n| n.contains(&ip)) {
+            return Some("allow-listed");
+        }
+        let maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        match maps.allow_match(ip) {
+            Ok(Some(_)) => Some("allow-listed"),
+            Ok(None) => None,
+            // Cannot tell: do not block.
+            Err(_) => Some("allow list unreadable"),
+        }
+    }
+
+    fn offend(&self, ip: IpAddr, kind: Offence) {
+        let ip = ip.to_canonical();
+        let config = self.config();
+        if let Some(why) = self.exempt(ip, &config) {
+            debug!(client = %ip, offence = kind.as_str(), "offence not acted on: {why}");
+            return;
+        }
+        let verdict = self
+            .tracker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(ip, kind, tokio::time::Instant::now());
+        let oc = &config.offenders;
+        match verdict {
+            Verdict::Block {
+                reason,
+                offence,
+                count,
+            } if oc.enabled => {
+                let net = IpNet::from(ip);
+                let spec = BlockSpec {
+                    ttl: Some(oc.block_ttl),
+                    reason,
+                    all_ports: oc.block_all_ports,
+                };
+                let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+                match maps.block_add(net, spec) {
+                    Ok(()) => {
+                        let _ = maps.slow_del(ip);
+                        warn!(
+                            client = %ip,
+                            reason = reason.name(),
+                            ttl = %humantime::format_duration(oc.block_ttl),
+                            "repeat offender blocked in XDP: {count} {} within {}",
+                            offence.as_str(),
+                            humantime::format_duration(oc.window)
+                        );
+                    }
+                    Err(e) => warn!(client = %ip, "repeat offender not blocked: {e}"),
+                }
+            }
+            Verdict::Block { count, offence, .. } => info!(
+                client = %ip,
+                "repeat offender ({count} {}) not blocked: offenders.enabled is off",
+                offence.as_str()
+            ),
+            Verdict::SlowDown { count } if oc.slowdown => {
+                let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+                match maps.slow_add(ip, Some(oc.slowdown_ttl)) {
+                    Ok(()) => info!(
+                        client = %ip,
+                        ttl = %humantime::format_duration(oc.slowdown_ttl),
+                        "offender slowed down (TCP window clamp): {count} {}",
+                        kind.as_str()
+                    ),
+                    Err(e) => warn!(client = %ip, "offender not slowed down: {e}"),
+                }
+            }
+            Verdict::SlowDown { .. } | Verdict::Nothing => {}
+        }
+    }
+}
+
+/// Reads the kernel's events for as long as the loop runs.
+async fn read_events(inner: Arc<Inner>, mut stream: EventStream) {
+    loop {
+        let ev = match stream.next().await {
+            Ok(ev) => ev,
+            Err(e) => {
+                warn!("kernel event stream failed: {e}; events no longer read");
+                return;
+            }
+        };
+        match ev.kind {
+            EventKind::PreGreet { teaser } => {
+                info!(
+                    client = %ev.addr,
+                    port = ev.server_port,
+                    teaser,
+                    "pre-greet talk seen by the kernel"
+                );
+                inner.offend(ev.addr, Offence::PreGreet);
+            }
+            EventKind::BlockHit { reason, count } => {
+                let name = tarpit_common::BlockReason::from_code(reason)
+                    .map(|r| r.name())
+                    .unwrap_or("unknown");
+                info!(client = %ev.addr, reason = name, drops = count, "block list drops (sample)");
+            }
+            EventKind::FlowTableFull => {
+                warn!("kernel flow table full: pre-greet detection degrades to \"unknown\"")
+            }
+            EventKind::IpTableFull => warn!("kernel per-address map refused an entry"),
+            EventKind::Other(k) => debug!(kind = k, "kernel event of an unknown kind"),
+        }
+    }
+}
+
+/// Removes expired entries from the kernel's lists now and then.
+async fn sweep(inner: Arc<Inner>) {
+    loop {
+        let every = inner.config().offenders.sweep_interval;
+        tokio::time::sleep(every.max(Duration::from_secs(1))).await;
+        let res = {
+            let mut maps = inner.maps.lock().unwrap_or_else(|e| e.into_inner());
+            maps.sweep_expired()
+        };
+        match res {
+            Ok(r) if r.allow + r.block + r.auth + r.slow > 0 => info!(
+                block = r.block,
+                allow = r.allow,
+                auth = r.auth,
+                slow = r.slow,
+                "expired kernel list entries swept"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!("sweep of expired kernel entries failed: {e}"),
+        }
+        inner
+            .tracker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .expire(tokio::time::Instant::now());
+    }
+}

@@ -1,0 +1,353 @@
+//! Repeat offenders: which addresses earned an XDP block, which a
+//! slow-down. Pure bookkeeping (no maps, no clock reads): the caller
+//! passes the time, so the rules are unit-tested with a paused clock.
+//!
+//! Each address keeps the times of its recent offences per kind; those
+//! older than the window are forgotten. When one kind reaches its
+//! threshold the address is blocked and its record starts afresh (after
+//! the block's TTL it begins with a clean sheet). An offence below the
+//! threshold earns a slow-down when that is switched on.
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+
+use tarpit_common::BlockReason;
+use tokio::time::{Duration, Instant};
+
+use crate::config::OffendersConfig;
+
+/// Something an address did that counts towards a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offence {
+    /// Talked before the greeting (seen by the kernel).
+    PreGreet,
+    /// A session the agent or the MTA ended with a 5xx and a drop.
+    Rejected,
+    /// A recipient the MTA did not know (`550 5.1.1`): directory harvest.
+    UnknownRecipient,
+}
+
+impl Offence {
+    pub fn reason(self) -> BlockReason {
+        match self {
+            Offence::PreGreet => BlockReason::Pregreet,
+            Offence::Rejected => BlockReason::Rejected,
+            Offence::UnknownRecipient => BlockReason::Harvest,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Offence::PreGreet => "pre-greet strikes",
+            Offence::Rejected => "rejected sessions",
+            Offence::UnknownRecipient => "unknown recipients",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Offence::PreGreet => 0,
+            Offence::Rejected => 1,
+            Offence::UnknownRecipient => 2,
+        }
+    }
+}
+
+/// What the caller must do about an offence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing (below the threshold, slow-down off).
+    Nothing,
+    /// Clamp its TCP window for a while.
+    SlowDown { count: u32 },
+    /// Put it on the block list.
+    Block {
+        reason: BlockReason,
+        offence: Offence,
+        count: u32,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Record {
+    times: [VecDeque<Instant>; 3],
+    last: Option<Instant>,
+}
+
+/// The thresholds and the window, taken from `[offenders]`.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub thresholds: [u32; 3],
+    pub window: Duration,
+    pub slowdown: bool,
+    pub max_tracked: usize,
+}
+
+impl Rules {
+    pub fn from_config(c: &OffendersConfig) -> Rules {
+        Rules {
+            thresholds: [
+                c.pregreet_strikes,
+                c.rejected_sessions,
+                c.unknown_recipients,
+            ],
+            window: c.window,
+            slowdown: c.slowdown,
+            max_tracked: c.max_tracked,
+        }
+    }
+}
+
+/// Recent offences per address, bounded in size.
+#[derive(Debug)]
+pub struct Tracker {
+    rules: Rules,
+    ips: HashMap<IpAddr, Record>,
+}
+
+impl Tracker {
+    pub fn new(rules: Rules) -> Tracker {
+        Tracker {
+            rules,
+            ips: HashMap::new(),
+        }
+    }
+
+    /// New thresholds (reload); recorded offences are kept.
+    pub fn set_rules(&mut self, rules: Rules) {
+        self.rules = rules;
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.ips.len()
+    }
+
+    /// Offences of `kind` by `ip` within the window before `now`.
+    pub fn count(&self, ip: IpAddr, kind: Offence, now: Instant) -> u32 {
+        let Some(r) = self.ips.get(&ip.to_canonical()) else {
+            return 0;
+        };
+        r.times[kind.index()]
+            .iter()
+            .filter(|t| now.saturating_duration_since(**t) < self.rules.window)
+            .count() as u32
+    }
+
+    /// Records one offence and says what it earned.
+    pub fn record(&mut self, ip: IpAddr, kind: Offence, now: Instant) -> Verdict {
+        let ip = ip.to_canonical();
+        if !self.ips.contains_key(&ip) && self.ips.len() >= self.rules.max_tracked {
+            self.make_room(now);
+        }
+        let window = self.rules.window;
+        let r = self.ips.entry(ip).or_default();
+        r.last = Some(now);
+        let q = &mut r.times[kind.index()];
+        while q
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= window)
+        {
+            q.pop_front();
+        }
+        q.push_back(now);
+        let count = q.len() as u32;
+        let threshold = self.rules.thresholds[kind.index()];
+        if threshold > 0 && count >= threshold {
+            self.ips.remove(&ip);
+            return Verdict::Block {
+                reason: kind.reason(),
+                offence: kind,
+                count,
+            };
+        }
+        // Bound the queue: beyond the threshold nothing more is learnt.
+        let keep = if threshold > 0 {
+            threshold as usize
+        } else {
+            64
+        };
+        if q.len() > keep {
+            q.pop_front();
+        }
+        if self.rules.slowdown {
+            Verdict::SlowDown { count }
+        } else {
+            Verdict::Nothing
+        }
+    }
+
+    /// Forgets addresses with nothing left in the window, then (if still
+    /// full) the one seen longest ago.
+    fn make_room(&mut self, now: Instant) {
+        let window = self.rules.window;
+        self.ips.retain(|_, r| {
+            r.last
+                .is_some_and(|t| now.saturating_duration_since(t) < window)
+        });
+        if self.ips.len() >= self.rules.max_tracked
+            && let Some(oldest) = self
+                .ips
+                .iter()
+                .min_by_key(|(_, r)| r.last)
+                .map(|(ip, _)| *ip)
+        {
+            self.ips.remove(&oldest);
+        }
+    }
+
+    /// Drops addresses whose offences all left the window.
+    pub fn expire(&mut self, now: Instant) {
+        let window = self.rules.window;
+        self.ips.retain(|_, r| {
+            r.last
+                .is_some_and(|t| now.saturating_duration_since(t) < window)
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(pregreet: u32, rejected: u32, unknown: u32, slowdown: bool) -> Rules {
+        Rules {
+            thresholds: [pregreet, rejected, unknown],
+            window: Duration::from_secs(600),
+            slowdown,
+            max_tracked: 100,
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn third_strike_within_the_window_blocks_and_starts_afresh() {
+        let mut t = Tracker::new(rules(3, 0, 0, true));
+        let a = ip("198.51.100.9");
+        assert_eq!(
+            t.record(a, Offence::PreGreet, Instant::now()),
+            Verdict::SlowDown { count: 1 }
+        );
+        tokio::time::advance(Duration::from_secs(100)).await;
+        assert_eq!(
+            t.record(a, Offence::PreGreet, Instant::now()),
+            Verdict::SlowDown { count: 2 }
+        );
+        assert_eq!(
+            t.record(a, Offence::PreGreet, Instant::now()),
+            Verdict::Block {
+                reason: BlockReason::Pregreet,
+                offence: Offence::PreGreet,
+                count: 3
+            }
+        );
+        assert_eq!(t.count(a, Offence::PreGreet, Instant::now()), 0);
+        assert_eq!(
+            t.record(a, Offence::PreGreet, Instant::now()),
+            Verdict::SlowDown { count: 1 }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn strikes_older_than_the_window_do_not_count() {
+        let mut t = Tracker::new(rules(3, 0, 0, false));
+        let a = ip("fd5b:1e00::9");
+        t.record(a, Offence::PreGreet, Instant::now());
+        t.record(a, Offence::PreGreet, Instant::now());
+        tokio::time::advance(Duration::from_secs(600)).await;
+        assert_eq!(
+            t.record(a, Offence::PreGreet, Instant::now()),
+            Verdict::Nothing
+        );
+        assert_eq!(t.count(a, Offence::PreGreet, Instant::now()), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn kinds_count_apart_and_zero_threshold_never_blocks() {
+        let mut t = Tracker::new(rules(3, 2, 0, false));
+        let a = ip("198.51.100.10");
+        t.record(a, Offence::PreGreet, Instant::now());
+        t.record(a, Offence::PreGreet, Instant::now());
+        assert_eq!(
+            t.record(a, Offence::Rejected, Instant::now()),
+            Verdict::Nothing
+        );
+        assert!(matches!(
+            t.record(a, Offence::Rejected, Instant::now()),
+            Verdict::Block {
+                reason: BlockReason::Rejected,
+                ..
+            }
+        ));
+        let b = ip("198.51.100.11");
+        for _ in 0..200 {
+            assert_eq!(
+                t.record(b, Offence::UnknownRecipient, Instant::now()),
+                Verdict::Nothing
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn harvest_runs_block_with_their_reason() {
+        let mut t = Tracker::new(rules(0, 0, 5, true));
+        let a = ip("198.51.100.12");
+        for i in 1..5 {
+            assert_eq!(
+                t.record(a, Offence::UnknownRecipient, Instant::now()),
+                Verdict::SlowDown { count: i }
+            );
+        }
+        assert!(matches!(
+            t.record(a, Offence::UnknownRecipient, Instant::now()),
+            Verdict::Block {
+                reason: BlockReason::Harvest,
+                count: 5,
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn mapped_v4_is_the_same_address() {
+        let mut t = Tracker::new(rules(2, 0, 0, false));
+        t.record(ip("198.51.100.13"), Offence::PreGreet, Instant::now());
+        assert!(matches!(
+            t.record(
+                ip("::ffff:198.51.100.13"),
+                Offence::PreGreet,
+                Instant::now()
+            ),
+            Verdict::Block { .. }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_table_stays_bounded() {
+        let mut r = rules(3, 0, 0, false);
+        r.max_tracked = 10;
+        let mut t = Tracker::new(r);
+        for i in 0..50u8 {
+            t.record(
+                IpAddr::from([198, 51, 100, i]),
+                Offence::PreGreet,
+                Instant::now(),
+            );
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert!(t.tracked() <= 10);
+        // The newest is still there.
+        assert_eq!(
+            t.count(
+                IpAddr::from([198, 51, 100, 49]),
+                Offence::PreGreet,
+                Instant::now()
+            ),
+            1
+        );
+        tokio::time::advance(Duration::from_secs(600)).await;
+        t.expire(Instant::now());
+        assert_eq!(t.tracked(), 0);
+    }
+}

@@ -1,0 +1,176 @@
+//! Shared pieces of the kernel-agent loop tests (`loop_*.rs`): the agent's
+//! config with the loop's keys, raw connection attempts, metrics sums.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use socket2::{Domain, Socket, Type};
+use tarpit::kernel::KernelMaps;
+use tarpit_tests::smtp_client::{SmtpClient, agent_v4, agent_v6};
+use tarpit_tests::{PinDir, TestCgroup, TestNet};
+
+/// An agent config on the server veth (v4 and v6) in front of Postfix's
+/// PROXY listener. `detach_on_exit = false` keeps programs and pins after
+/// the agent (restarts, kill -9); the test's PinDir removes them.
+pub fn config(
+    net: &TestNet,
+    pins: &PinDir,
+    cgroup: Option<&TestCgroup>,
+    detach_on_exit: bool,
+    rest: &str,
+) -> String {
+    let cgroup = cgroup
+        .map(|c| format!("cgroup = \"{}\"\n", c.path.display()))
+        .unwrap_or_default();
+    format!(
+        r#"
+[listen]
+addrs = ["{v4}", "{v6}"]
+[backend]
+addr = "127.0.0.1:{proxy}"
+client_address = "proxy-v2"
+[kernel]
+interfaces = ["{iface}"]
+pin_path = "{pins}"
+detach_on_exit = {detach_on_exit}
+{cgroup}
+[state]
+file = "{state}"
+{rest}
+"#,
+        v4 = agent_v4(),
+        v6 = agent_v6(),
+        proxy = tarpit_tests::postfix::PROXY,
+        iface = net.server_if,
+        pins = pins.path.display(),
+        state = state_file(pins).display(),
+    )
+}
+
+/// The state file of a test's agent (run-time allow and block entries).
+pub fn state_file(pins: &PinDir) -> std::path::PathBuf {
+    let name = pins.path.file_name().unwrap_or_default().to_string_lossy();
+    std::env::temp_dir().join(format!("{name}-state.json"))
+}
+
+/// The agent's address for a client of the same family.
+pub fn agent_for(src: IpAddr) -> SocketAddr {
+    if src.is_ipv4() {
+        agent_v4()
+    } else {
+        agent_v6()
+    }
+}
+
+/// How a bare TCP connection attempt ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Attempt {
+    Connected,
+    /// No answer to the SYN within the time given (dropped).
+    TimedOut,
+    Refused,
+    Other(String),
+}
+
+/// One TCP connection attempt from `src` in the client namespace.
+pub fn attempt(net: &TestNet, src: IpAddr, dst: SocketAddr, timeout: Duration) -> Attempt {
+    net.in_client(|| {
+        let domain = if src.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
+        let s = match Socket::new(domain, Type::STREAM, None) {
+            Ok(s) => s,
+            Err(e) => return Attempt::Other(e.to_string()),
+        };
+        if let Err(e) = s.bind(&SocketAddr::new(src, 0).into()) {
+            return Attempt::Other(e.to_string());
+        }
+        match s.connect_timeout(&dst.into(), timeout) {
+            Ok(()) => Attempt::Connected,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Attempt::TimedOut,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Attempt::TimedOut,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Attempt::Refused,
+            Err(e) => Attempt::Other(e.to_string()),
+        }
+    })
+    .unwrap_or_else(|e| Attempt::Other(e.to_string()))
+}
+
+/// A client that talks before the banner: it must get the 554 and a
+/// closed connection.
+pub fn talk_first(net: &TestNet, src: IpAddr) -> Result<()> {
+    let mut c = SmtpClient::connect(net, src, agent_for(src))?;
+    c.send(b"EHLO bot.example\r\n")?;
+    let r = c.reply()?;
+    anyhow::ensure!(r.code == 554, "pre-greet talk got {:?}", r.text);
+    anyhow::ensure!(c.closed_within(Duration::from_secs(10)), "not closed");
+    Ok(())
+}
+
+/// Sum of every sample of a metric family (all label sets), from the
+/// agent's endpoint in the server namespace; `None` when unreachable.
+pub fn metric_sum(net: &TestNet, family: &str) -> Option<f64> {
+    let text = net
+        .in_server(|| -> Result<String> {
+            let mut s = TcpStream::connect(("127.0.0.1", 9325))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .ok()?
+        .ok()?;
+    let mut sum = 0.0;
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix(family) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            sum += v;
+        }
+    }
+    Some(sum)
+}
+
+/// Polls until `f` holds (10 s at most).
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting until {what}");
+}
+
+pub fn maps(pins: &PinDir) -> KernelMaps {
+    KernelMaps::open(&pins.path).expect("pinned maps")
+}
+
+/// Sends a message of `body_len` bytes through an open session that has
+/// seen its banner; returns how long the body (DATA to the final 250) took.
+pub fn send_body(c: &mut SmtpClient, body_len: usize) -> Result<Duration> {
+    c.expect("EHLO client.example", 250)?;
+    c.expect("MAIL FROM:<sender@client.example>", 250)?;
+    c.expect("RCPT TO:<sink@tarpit.test>", 250)?;
+    c.expect("DATA", 354)?;
+    let line = "x".repeat(76) + "\r\n";
+    let mut body = String::from("Subject: slow\r\n\r\n");
+    while body.len() < body_len {
+        body.push_str(&line);
+    }
+    let t = Instant::now();
+    c.send(body.as_bytes())?;
+    c.expect(".", 250)?;
+    Ok(t.elapsed())
+}
