@@ -272,6 +272,8 @@ fn reputation_agent_host_allow_list_and_silent_dns() {
     for last in [20, 21] {
         net.add_client_addr(v4(last)).unwrap();
     }
+    let partner_v6 = IpAddr::V6(Ipv6Addr::new(0xfd5b, 0x1e00, 0, 0, 0, 0, 0, 0x20));
+    net.add_client_addr(partner_v6).unwrap();
     let _dns = Dnsmasq::start(
         &net,
         &DnsmasqConfig {
@@ -279,6 +281,7 @@ fn reputation_agent_host_allow_list_and_silent_dns() {
             addr: vec![
                 ("mx.partner.example".into(), v4(20)),
                 ("mail.partner.example".into(), v4(99)),
+                ("mx6.partner.example".into(), partner_v6),
             ],
             ptr: vec![(v4(21), "mail.partner.example".into())],
             local: vec![
@@ -307,6 +310,13 @@ hosts = ["*.partner.example"]
     // Forward-confirmed partner name: no greeting delay.
     let s = swaks(&net, v4(20), &[]);
     assert!(s.ok && s.took < SLACK, "confirmed: {:?}\n{}", s.took, s.out);
+    let s = swaks(&net, partner_v6, &[]);
+    assert!(
+        s.ok && s.took < SLACK,
+        "confirmed v6: {:?}\n{}",
+        s.took,
+        s.out
+    );
     // A PTR that does not forward-confirm counts for nothing.
     let s = swaks(&net, v4(21), &[]);
     assert!(s.ok, "{}", s.out);
