@@ -20,7 +20,7 @@ const MASK: usize = GREETING_WINDOW - 1;
 /// verifier accepts the same code.
 #[inline(always)]
 pub fn after_segment(buf: &[u8; GREETING_WINDOW], n: usize, whole: bool) -> u32 {
-    if n < 4 || n > GREETING_WINDOW {
+    if !(4..=GREETING_WINDOW).contains(&n) {
         return FLOW_GREETED;
     }
     // Ignore the line end of the last line, then find where it starts.

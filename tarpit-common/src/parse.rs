@@ -5,10 +5,10 @@
 //! `data` and `data_end`. Lengths come from the IP headers and are checked
 //! against the real packet length, never taken from the frame size (a
 //! short frame is padded to 60 bytes; that padding is not TCP payload).
-//! What cannot be parsed safely - truncated or inconsistent headers, IHL <
-//! 5, TCP data offset < 5 or past the end, too many IPv6 extension headers
-//! - yields `None` and the caller passes the packet untouched: the kernel's
-//! own stack drops what is really broken.
+//! What cannot be parsed safely (truncated or inconsistent headers, IHL
+//! below 5, a TCP data offset below 5 or past the end, too many IPv6
+//! extension headers) yields `None` and the caller passes the packet
+//! untouched: the kernel's own stack drops what is really broken.
 use crate::IpAddrKey;
 
 pub const ETH_HLEN: usize = 14;
