@@ -1,0 +1,86 @@
+//! The kernel programs loaded by the real agent (`tarpit run`): a
+//! pre-greet talker shows up in the agent's own log through aya-log (the
+//! kernel's rare-event diagnostics), and stopping the agent with
+//! `detach_on_exit` leaves no program, link or pin behind.
+#[path = "../src/kernel_env.rs"]
+mod kernel_env;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use kernel_env::{World, read_until, send};
+use tarpit::kernel::KernelMaps;
+use tarpit_tests::{Agent, SERVER_V6, require_root, wait::until};
+
+#[test]
+fn agent_logs_kernel_pregreet_diagnostics_and_detaches_on_exit() {
+    if !require_root() {
+        return;
+    }
+    let w = World::unloaded().expect("world");
+    let config = format!(
+        r#"
+[listen]
+addrs = ["127.0.0.1:2999"]
+[backend]
+addr = "127.0.0.1:2998"
+[kernel]
+interfaces = ["{iface}"]
+smtp_ports = [25]
+pin_path = "{pins}"
+detach_on_exit = true
+cgroup = "{cgroup}"
+"#,
+        iface = w.net.server_if,
+        pins = w.pins.path.display(),
+        cgroup = w.cgroup.path.display(),
+    );
+    let agent = Agent::start_with(&w.net, &config, Some(&w.cgroup)).expect("agent starts");
+    let bot: IpAddr = "fd5b:1e00::150".parse().unwrap();
+    w.net.add_client_addr(bot).unwrap();
+    let mut s = w
+        .connect(
+            bot,
+            SocketAddr::new(SERVER_V6.into(), 25),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    let port = s.local_addr().unwrap().port();
+    send(&mut s, "EHLO early").unwrap();
+    read_until(&mut s, "220 ").unwrap();
+    let needle = format!("pre-greet talk from [{bot}]:{port} to port 25");
+    assert!(
+        until(Duration::from_secs(5), || agent.log().contains(&needle)),
+        "no kernel log line {needle:?} in the agent's log:\n{}",
+        agent.log()
+    );
+    let maps = KernelMaps::open(&w.pins.path).expect("maps of the running agent");
+    assert_eq!(maps.ip_state(bot).unwrap().unwrap().strikes, 1);
+    drop(maps);
+
+    let status = agent.stop().expect("agent stops");
+    assert!(status.success(), "{status}");
+    assert!(!w.pins.path.exists(), "pins left: {:?}", w.pins.entries());
+    let out = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &w.net.server_ns,
+            "-d",
+            "link",
+            "show",
+            "dev",
+            &w.net.server_if,
+        ])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("prog/xdp"));
+    let cg = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(&w.cgroup.path)
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&cg.stdout).contains("tarpit"),
+        "sock_ops left on the cgroup"
+    );
+}
