@@ -1,11 +1,11 @@
 //! The agent under measurement: `tarpit run` inside a bench's server
 //! namespace, with a config written for the scenario.
 //!
-//! The agent grows during the project, so the bench asks the shipped
-//! config (config/tarpit.toml, which documents every key the code knows)
-//! which keys exist, writes only those, and reports a side as "not
-//! available" when a key it needs is not there yet or the agent refuses
-//! the file. It never measures something other than what it says.
+//! The agent grows during the project, so the bench asks the binary which
+//! settings it takes (`tarpit check-config` on the scenario's config, then
+//! section by section and key by key), writes only those, and reports a
+//! side as "not available" when a setting it needs is refused. It never
+//! measures something other than what it says.
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -82,31 +82,6 @@ impl TarpitBin {
     }
 }
 
-/// Keys (`section.key`, or `key` at the top) of the shipped config.
-pub fn known_keys() -> Vec<String> {
-    let text =
-        std::fs::read_to_string(paths::root().join("config/tarpit.toml")).unwrap_or_default();
-    let Ok(table) = text.parse::<toml::Table>() else {
-        return Vec::new();
-    };
-    let mut keys = Vec::new();
-    fn walk(prefix: &str, t: &toml::Table, keys: &mut Vec<String>) {
-        for (k, v) in t {
-            let path = if prefix.is_empty() {
-                k.clone()
-            } else {
-                format!("{prefix}.{k}")
-            };
-            if let toml::Value::Table(inner) = v {
-                walk(&path, inner, keys);
-            }
-            keys.push(path);
-        }
-    }
-    walk("", &table, &mut keys);
-    keys
-}
-
 /// A config under construction: `section.key` -> TOML value text.
 #[derive(Debug, Default, Clone)]
 pub struct AgentConfig {
@@ -115,13 +90,31 @@ pub struct AgentConfig {
     required: Vec<String>,
 }
 
-/// Does the agent take `key = value`? `Err` holds its reason.
-fn probe(bin: &Path, scratch: &Path, key: &str, value: &str) -> Result<()> {
-    let text = match key.rsplit_once('.') {
-        Some((section, k)) => format!("[{section}]\n{k} = {value}\n"),
-        None => format!("{key} = {value}\n"),
-    };
-    let text = text.replace("@AGENT_DIR@", &scratch.display().to_string());
+/// TOML text of `section.key -> value` pairs.
+fn to_toml(values: &[(&String, &String)]) -> String {
+    let mut sections: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
+    for (k, v) in values {
+        let (section, key) = k.rsplit_once('.').unwrap_or(("", k.as_str()));
+        sections.entry(section).or_default().push((key, v.as_str()));
+    }
+    let mut out = String::from("# written by cargo xtask bench\n");
+    if let Some(top) = sections.remove("") {
+        for (k, v) in top {
+            let _ = writeln!(out, "{k} = {v}");
+        }
+    }
+    for (s, kv) in sections {
+        let _ = writeln!(out, "\n[{s}]");
+        for (k, v) in kv {
+            let _ = writeln!(out, "{k} = {v}");
+        }
+    }
+    out
+}
+
+/// Does the agent take these keys together? `Err` holds its reason.
+fn probe(bin: &Path, scratch: &Path, values: &[(&String, &String)]) -> Result<()> {
+    let text = to_toml(values).replace("@AGENT_DIR@", &scratch.display().to_string());
     let file = scratch.join("probe.toml");
     std::fs::write(&file, text)?;
     let out = Command::new(bin)
@@ -134,7 +127,10 @@ fn probe(bin: &Path, scratch: &Path, key: &str, value: &str) -> Result<()> {
         Ok(())
     } else {
         let err = String::from_utf8_lossy(&out.stderr);
-        bail!("{}", err.trim().trim_start_matches("tarpit: "))
+        let err = err.trim().trim_start_matches("tarpit: ");
+        // "<file>: key: reason" -> "key: reason"
+        let err = err.split_once(".toml: ").map(|(_, e)| e).unwrap_or(err);
+        bail!("{err}")
     }
 }
 
@@ -153,22 +149,33 @@ impl AgentConfig {
         self
     }
 
-    /// The TOML text with the keys the agent knows; an error naming the
-    /// required keys it does not know yet. A key is known when the shipped
-    /// config documents it, or when `tarpit check-config` accepts a file
-    /// holding just that key (the code may be ahead of the docs).
+    /// The TOML text with the keys the agent takes; an error naming the
+    /// required keys it does not take (yet). The whole set is checked with
+    /// `tarpit check-config`; when refused, each section on its own, and
+    /// in a refused section each key on its own, so that settings the
+    /// agent does not have (yet) are left out and the rest still runs.
     pub fn render(&self, bin: &Path, scratch: &Path) -> Result<String> {
-        let shipped = known_keys();
-        let mut known = Vec::new();
-        let mut refused = Vec::new();
-        for (k, v) in &self.values {
-            if shipped.contains(k) {
-                known.push(k.clone());
+        let all: Vec<(&String, &String)> = self.values.iter().collect();
+        if probe(bin, scratch, &all).is_ok() {
+            return Ok(to_toml(&all));
+        }
+        let mut kept = Vec::new();
+        let mut refused: Vec<(String, String)> = Vec::new();
+        let mut sections: BTreeMap<&str, Vec<(&String, &String)>> = BTreeMap::new();
+        for (k, v) in &all {
+            let section = k.rsplit_once('.').map(|(s, _)| s).unwrap_or("");
+            sections.entry(section).or_default().push((k, v));
+        }
+        for (_, kv) in sections {
+            if probe(bin, scratch, &kv).is_ok() {
+                kept.extend(kv);
                 continue;
             }
-            match probe(bin, scratch, k, v) {
-                Ok(()) => known.push(k.clone()),
-                Err(e) => refused.push((k.clone(), e)),
+            for pair in kv {
+                match probe(bin, scratch, &[pair]) {
+                    Ok(()) => kept.push(pair),
+                    Err(e) => refused.push((pair.0.clone(), format!("{e:#}"))),
+                }
             }
         }
         let missing: Vec<String> = refused
@@ -179,30 +186,7 @@ impl AgentConfig {
         if !missing.is_empty() {
             bail!("the agent does not take {} yet", missing.join(", "));
         }
-        let mut sections: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-        for (k, v) in &self.values {
-            if !known.contains(k) {
-                continue;
-            }
-            let (section, key) = match k.rsplit_once('.') {
-                Some((s, key)) => (s.to_string(), key.to_string()),
-                None => (String::new(), k.clone()),
-            };
-            sections.entry(section).or_default().push((key, v.clone()));
-        }
-        let mut out = String::from("# written by cargo xtask bench\n");
-        if let Some(top) = sections.remove("") {
-            for (k, v) in top {
-                let _ = writeln!(out, "{k} = {v}");
-            }
-        }
-        for (s, kv) in sections {
-            let _ = writeln!(out, "\n[{s}]");
-            for (k, v) in kv {
-                let _ = writeln!(out, "{k} = {v}");
-            }
-        }
-        Ok(out)
+        Ok(to_toml(&kept))
     }
 }
 

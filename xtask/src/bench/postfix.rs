@@ -25,6 +25,12 @@ pub const PS_HOLD: u16 = 2527;
 /// postscreen with `postscreen_greet_action = drop` (pre-greet flood).
 pub const PS_DROP: u16 = 2528;
 
+/// Plain smtpd on loopback only: the listener the agent's kernel bypass
+/// (sk_lookup) steers allow-listed clients to; its log name tells how
+/// many connections really took that path.
+pub const BYPASS: u16 = 2546;
+pub const BYPASS_LOG: &str = "postfix/bypass/smtpd";
+
 /// How long the holding postscreen waits: longer than any hold phase.
 pub const PS_HOLD_WAIT: Duration = Duration::from_secs(300);
 
@@ -135,6 +141,11 @@ fn master_cf(template: &str, dir: &Path) -> String {
             ],
         ),
     ];
+    for addr in ["127.0.0.1", "[::1]"] {
+        out.push_str(&format!(
+            "{addr}:{BYPASS} inet n - n - - smtpd\n  -o syslog_name=postfix/bypass\n"
+        ));
+    }
     out.push_str("# --- bench listeners (every address of the namespace) ---\n");
     for (port, daemon, opts) in services {
         // postscreen is one process per service (maxproc 1), as shipped.

@@ -29,7 +29,10 @@ fn measure(env: &Env, agent_side: bool) -> Result<Side> {
     let (port, agent) = if agent_side {
         let cfg = zero_delays(base_config(&net, AGENT_PORT, postfix::PROXY))
             .need("greeting.delay", "\"5s\"")
-            .need("greeting.drop_pre_greet", "true");
+            .need("greeting.drop_pre_greet", "true")
+            // Repeat offenders would be block-listed in XDP after a few
+            // strikes and never judged again: measure the judging itself.
+            .want("offenders.enabled", "false");
         (
             AGENT_PORT,
             Some(Agent::start(&env.tarpit, &net, &cfg, Some(AGENT_PORT))?),
@@ -117,6 +120,12 @@ pub fn run(env: &Env) -> Result<Vec<Scenario>> {
         Aim::below(1.0),
     );
     sc.ratio("agent", "postscreen", "judged_per_s", None);
+    sc.notes.push(
+        "The agent's repeat-offender block list is off here (offenders.enabled = false): with it, \
+         these sources would be dropped in XDP after a few strikes, so fewer sessions would need \
+         judging at all."
+            .into(),
+    );
     sc.notes.push(
         "cpu_us_per_session: the judging process only (postscreen, or the agent); \
          server_ns_cpu_us_per_session: every process of the server namespace (Postfix master and log daemon too)."

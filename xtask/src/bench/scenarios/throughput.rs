@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::super::agent::{Agent, AgentConfig, base_config, known_keys};
+use super::super::agent::{Agent, AgentConfig, base_config};
 use super::super::bpfstats::{self, StatsOn, Totals};
 use super::super::netns::{BenchNet, SERVER_V4};
 use super::super::postfix::{self, Postfix};
@@ -138,19 +138,30 @@ fn agent_config(net: &BenchNet) -> AgentConfig {
     zero_delays(base_config(net, AGENT_PORT, postfix::PROXY))
 }
 
-/// The agent with the client allow-listed, so the kernel hands its
-/// connections straight to the MTA. Needs an allow list and a bypass key.
-fn allowlisted_config(net: &BenchNet) -> Result<AgentConfig> {
-    let known = known_keys();
-    let bypass = known
-        .iter()
-        .find(|k| k.contains("bypass") || k.contains("sk_lookup"))
-        .cloned()
-        .context("the agent has no kernel bypass setting yet (no *bypass* / *sk_lookup* key in config/tarpit.toml)")?;
-    Ok(agent_config(net)
+/// Sessions the MTA's plain (bypass) listener has taken so far: each
+/// logs one "connect from" line.
+fn steered_sessions(pf: &Postfix) -> usize {
+    pf.log()
+        .lines()
+        .filter(|l| l.contains(postfix::BYPASS_LOG) && l.contains("]: connect from"))
+        .count()
+}
+
+/// The agent with the client allow-listed, so that its kernel bypass
+/// (sk_lookup) hands the connections straight to the MTA's plain listener.
+fn allowlisted_config(net: &BenchNet) -> AgentConfig {
+    agent_config(net)
         .need("allow.ips", "[\"198.51.100.0/24\", \"fd5b:1e00::/64\"]")
-        .need(&bypass, "true")
-        .want("kernel.bypass_port", postfix::DIRECT.to_string()))
+        .need("bypass.enabled", "true")
+        .need(
+            "bypass.mta_listeners",
+            format!("[\"127.0.0.1:{0}\", \"[::1]:{0}\"]", postfix::BYPASS),
+        )
+        .want("bypass.ports", format!("[{AGENT_PORT}]"))
+        .want("bypass.allowlisted", "true")
+        .want("exclude.allowlisted", "true")
+        // Fail-open needs programs that outlive the agent; not wanted here.
+        .want("bypass.fail_open", "false")
 }
 
 pub fn run(env: &Env) -> Result<Vec<Scenario>> {
@@ -212,10 +223,21 @@ pub fn run(env: &Env) -> Result<Vec<Scenario>> {
             }
         }
         if allow_err.is_none() {
-            let r = allowlisted_config(&net).and_then(|cfg| {
+            let r = (|| -> Result<Round> {
+                let cfg = allowlisted_config(&net);
                 let agent = Agent::start(&env.tarpit, &net, &cfg, Some(AGENT_PORT))?;
-                one_run(env, &net, &pf, AGENT_PORT, Some(&agent))
-            });
+                let steered0 = steered_sessions(&pf);
+                let r = one_run(env, &net, &pf, AGENT_PORT, Some(&agent))?;
+                let steered = steered_sessions(&pf).saturating_sub(steered0);
+                if steered < p.messages as usize {
+                    bail!(
+                        "the kernel bypass did not steer the sessions: {steered} of {} reached \
+                         the MTA's plain listener",
+                        p.messages
+                    );
+                }
+                Ok(r)
+            })();
             match r {
                 Ok(r) => allow_rounds.push(r),
                 Err(e) => allow_err = Some(format!("{e:#}")),
