@@ -60,6 +60,11 @@ fn stats_and_maps_follow_real_traffic_and_the_agent() {
     assert!(k["xdp_pass"].as_u64().unwrap() >= 1, "{json}");
     assert!(k["tc_flow_new"].as_u64().unwrap() >= 1, "{json}");
     assert!(k["sock_established"].as_u64().unwrap() >= 1, "{json}");
+    assert_eq!(json["tracked"]["block"], 1, "{json}");
+    assert!(
+        json["tracked"]["addresses"].as_u64().unwrap() >= 1,
+        "{json}"
+    );
     assert_eq!(json["agent"]["status"], "up", "{json}");
     assert_eq!(json["agent"]["address"], "127.0.0.1:9325");
     assert!(
@@ -82,6 +87,7 @@ fn stats_and_maps_follow_real_traffic_and_the_agent() {
         assert!(shown >= k[name].as_u64().unwrap(), "{name}: {human}");
     }
     assert!(human.contains("agent metrics (127.0.0.1:9325)"), "{human}");
+    assert!(human.contains(", block 1,"), "{human}");
     assert!(
         human.contains("XDP: packets dropped by the block list"),
         "{human}"

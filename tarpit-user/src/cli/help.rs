@@ -183,7 +183,8 @@ pub const TOP: &str = concat!(
     "Addresses are ranked by pre-greet strikes, then live connections, then
 connections in total. The header shows the kernel counters and their rate
 per second. Keys: q, Esc or Ctrl-C quit; s changes the sort column;
-p pauses.
+p pauses. Each refresh reads every address the kernel remembers; on a box
+that tracks hundreds of thousands, use a longer --interval.
 
 EXAMPLES:
   tarpit top

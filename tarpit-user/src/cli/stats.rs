@@ -58,7 +58,40 @@ fn describe(name: &str) -> &'static str {
 #[derive(Debug, Serialize)]
 struct StatsJson {
     kernel: serde_json::Map<String, serde_json::Value>,
+    tracked: Tracked,
     agent: AgentJson,
+}
+
+/// What the kernel holds right now (entries in its maps).
+#[derive(Debug, Serialize)]
+struct Tracked {
+    /// Open SMTP flows (FLOWS).
+    flows: u64,
+    /// Addresses with history (IP_STATE).
+    addresses: u64,
+    allow: u64,
+    block: u64,
+    authenticated: u64,
+    slowed: u64,
+}
+
+fn tracked(maps: &super::kernel_glue::KernelMaps) -> Result<Tracked> {
+    use tarpit_common::maps as names;
+    let rows = maps.map_rows()?;
+    let n = |name: &str| {
+        rows.iter()
+            .find(|r| r.name == name)
+            .and_then(|r| r.entries)
+            .unwrap_or(0)
+    };
+    Ok(Tracked {
+        flows: n(names::FLOWS),
+        addresses: n(names::IP_STATE),
+        allow: n(names::ALLOW),
+        block: n(names::BLOCK),
+        authenticated: n(names::AUTH),
+        slowed: n(names::SLOW),
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -74,6 +107,7 @@ struct AgentJson {
 pub fn run(ctx: &Context, args: StatsArgs) -> Result<()> {
     let maps = ctx.open()?;
     let counters = maps.counters()?;
+    let now = tracked(&maps)?;
     let address = args.metrics.or(ctx.config.metrics.listen);
     let agent = if args.kernel_only {
         AgentJson {
@@ -115,9 +149,21 @@ pub fn run(ctx: &Context, args: StatsArgs) -> Result<()> {
                 .iter()
                 .map(|(k, v)| (k.clone(), serde_json::Value::from(*v)))
                 .collect(),
+            tracked: now,
             agent,
         });
     }
+    println!(
+        "kernel now: {} open SMTP flows, {} addresses with history, allow {}, block {}, \
+         authenticated {}, slowed {}",
+        output::count(now.flows),
+        output::count(now.addresses),
+        now.allow,
+        now.block,
+        now.authenticated,
+        now.slowed
+    );
+    println!();
     println!("kernel counters (since the maps were created, all CPUs)");
     let mut table = Table::new(&[
         ("COUNTER", Align::Left),
