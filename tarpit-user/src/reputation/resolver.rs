@@ -70,8 +70,10 @@ impl Dns {
         let opts: &mut ResolverOpts = builder.options_mut();
         opts.cache_size = 0;
         opts.use_hosts_file = ResolveHosts::Never;
-        opts.timeout = timeout;
-        opts.attempts = 1;
+        // Two tries within the budget: one lost UDP datagram must not cost
+        // the whole timeout (the caller still bounds the total by `timeout`).
+        opts.timeout = (timeout / 2).max(Duration::from_millis(50));
+        opts.attempts = 2;
         opts.ndots = 0;
         opts.preserve_intermediates = false;
         let resolver = builder.build().map_err(|e| ResolverError(e.to_string()))?;
