@@ -186,6 +186,7 @@ impl Metrics {
     }
 
     pub fn delayed(&self, reason: Reason, d: Duration) {
+        crate::ops::summary::delayed(reason.as_str(), d);
         let l = vec![("reason", reason.as_str())];
         self.delays_total.get_or_create(&l).inc();
         self.delay_seconds

@@ -165,7 +165,10 @@ async fn accept_loop(
         tokio::spawn(async move {
             let _counted = counted;
             shared.metrics.sessions_active.inc();
-            let outcome = session::run(&shared, stream, peer, local).await;
+            // One summary line per session, whatever path it took.
+            let (outcome, tally) =
+                crate::ops::summary::scope(session::run(&shared, stream, peer, local)).await;
+            crate::ops::summary::write(peer, &tally, outcome.as_str());
             shared.metrics.sessions_active.dec();
             shared.metrics.session_ended(outcome);
             drop(guard);

@@ -118,6 +118,31 @@ fn scripted_mix_of_sessions_shows_in_the_metrics() {
         "one EOF at the very end"
     );
     assert_eq!(text.matches("# EOF").count(), 1);
+
+    // ... and the log has one summary line per session, postscreen-style
+    let log = w.agent().log();
+    let summaries: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("tarpit::session: session "))
+        .collect();
+    assert_eq!(summaries.len(), 6, "{log}");
+    let three = summaries
+        .iter()
+        .find(|l| l.contains("rcpts=3"))
+        .unwrap_or_else(|| panic!("no rcpts=3 in {summaries:#?}"));
+    for part in [
+        "helo=\"client.example\"",
+        "delays=greeting 1s, rcpt 2x1s",
+        "delay_s=3",
+        "outcome=\"quit\"",
+    ] {
+        assert!(three.contains(part), "{part} not in {three}");
+    }
+    let pregreet = summaries
+        .iter()
+        .filter(|l| l.contains("outcome=\"pregreet\""))
+        .count();
+    assert_eq!(pregreet, 2, "{summaries:#?}");
 }
 
 #[test]

@@ -23,6 +23,7 @@ pub mod privileges;
 pub mod reload;
 pub mod sdnotify;
 pub mod shutdown;
+pub mod summary;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -665,10 +665,12 @@ impl Session<'_> {
         }
         match cmd {
             Command::Helo(name) => {
+                crate::ops::summary::helo(&name);
                 let d = self.step(Step::Helo(&name));
                 self.push_command(Kind::Helo, &line, d);
             }
             Command::Ehlo(name) => {
+                crate::ops::summary::helo(&name);
                 let d = self.step(Step::Helo(&name));
                 self.push_command(Kind::Ehlo, &line, d);
             }
@@ -678,6 +680,7 @@ impl Session<'_> {
                 self.sender = sender;
             }
             Command::Rcpt(rcpt) => {
+                crate::ops::summary::rcpt();
                 let d = self.step(Step::Rcpt);
                 match self.rcpt_gate(&rcpt) {
                     Some(text) => self.push_local_held(&text, d),
