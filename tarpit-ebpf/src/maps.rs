@@ -12,9 +12,10 @@ use aya_ebpf::{
 use tarpit_common::{
     AttachKey, Counter, Event, FlowKey, FlowState, IpAddrKey, IpState, ListEntry, TimedEntry,
     counters::COUNTERS_LEN,
+    events::EVENT_IP_TABLE_FULL,
     maps::{
         ALLOW_ENTRIES, ATTACHMENTS_ENTRIES, AUTH_ENTRIES, BLOCK_ENTRIES, EVENTS_BYTES,
-        FLOWS_ENTRIES, IP_STATE_ENTRIES, SLOW_ENTRIES, SYN_COUNT_ENTRIES, Settings,
+        FLOWS_ENTRIES, IP_STATE_ENTRIES, SETTING_EVENTS, SLOW_ENTRIES, SYN_COUNT_ENTRIES, Settings,
     },
     steer::{STEER_COUNTERS_LEN, STEER_SLOTS, SteerSettings},
 };
@@ -161,6 +162,18 @@ pub fn ip_state(addr: &IpAddrKey, now: u64) -> Option<*mut IpState> {
     let p = IP_STATE.get_ptr_mut(addr);
     if p.is_none() {
         count(Counter::IpStateFailed);
+        if settings().is_some_and(|s| s.has(SETTING_EVENTS)) {
+            emit(EventArgs {
+                now,
+                kind: EVENT_IP_TABLE_FULL,
+                flags: 0,
+                addr,
+                client_port: 0,
+                server_port: 0,
+                server: None,
+                value: 0,
+            });
+        }
     }
     p
 }
@@ -184,10 +197,40 @@ pub fn atomic_add_u32(p: *mut u32, v: u32) {
     }
 }
 
+/// The fields of one event; the record is written straight into the ring
+/// buffer (no 64-byte copy on the 512-byte BPF stack).
+pub struct EventArgs<'a> {
+    pub now: u64,
+    pub kind: u32,
+    pub flags: u32,
+    pub addr: &'a IpAddrKey,
+    pub client_port: u16,
+    pub server_port: u16,
+    pub server: Option<&'a IpAddrKey>,
+    pub value: u64,
+}
+
 /// Sends an event to the agent; a full ring buffer is counted, not fatal.
 #[inline(always)]
-pub fn emit(event: Event) {
-    if EVENTS.output(&event, 0).is_err() {
+pub fn emit(a: EventArgs) {
+    let Some(mut entry) = EVENTS.reserve(0) else {
         count(Counter::EventsLost);
+        return;
+    };
+    let e: *mut Event = entry.as_mut_ptr();
+    unsafe {
+        (*e).ts_ns = a.now;
+        (*e).kind = a.kind;
+        (*e).flags = a.flags;
+        (*e).addr = *a.addr;
+        (*e).client_port = a.client_port;
+        (*e).server_port = a.server_port;
+        (*e).server = match a.server {
+            Some(s) => *s,
+            None => IpAddrKey::default(),
+        };
+        (*e).reserved = 0;
+        (*e).value = a.value;
     }
+    entry.submit(0);
 }

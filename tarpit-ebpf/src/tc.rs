@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use tarpit_common::{
-    Counter, Event, FlowKey, FlowState,
+    Counter, FlowKey, FlowState,
     events::{EVENT_F_TEASER, EVENT_FLOW_TABLE_FULL, EVENT_PREGREET},
     greeting,
     maps::{SETTING_EVENTS, SETTING_LOG, SETTING_PREGREET, SMTPS_PORT, Settings},
@@ -26,7 +26,7 @@ use tarpit_common::{
 };
 
 use crate::maps::{
-    FLOWS, SCRATCH, SCRATCH_LEN, atomic_add_u32, count, emit, ip_state, now_ns, settings,
+    EventArgs, FLOWS, SCRATCH, SCRATCH_LEN, atomic_add_u32, count, emit, ip_state, now_ns, settings,
 };
 
 /// Bytes of headers we want in the linear part of the skb.
@@ -137,14 +137,15 @@ fn ingress(ctx: &TcContext) {
             Err(e) => {
                 count(Counter::TcFlowInsertFailed);
                 if settings.has(SETTING_EVENTS) {
-                    emit(Event {
-                        ts_ns: now,
+                    emit(EventArgs {
+                        now,
                         kind: EVENT_FLOW_TABLE_FULL,
-                        addr: ip.src,
+                        flags: 0,
+                        addr: &ip.src,
                         client_port: tcp.sport,
                         server_port: tcp.dport,
+                        server: Some(&ip.dst),
                         value: e as i64 as u64,
-                        ..Event::default()
                     });
                 }
             }
@@ -191,15 +192,15 @@ fn strike(ctx: &TcContext, settings: &Settings, key: &FlowKey, teaser: bool) {
         }
     }
     if settings.has(SETTING_EVENTS) {
-        emit(Event {
-            ts_ns: now,
+        emit(EventArgs {
+            now,
             kind: EVENT_PREGREET,
             flags: if teaser { EVENT_F_TEASER } else { 0 },
-            addr: key.client,
+            addr: &key.client,
             client_port: key.client_port,
             server_port: key.server_port,
-            server: key.server,
-            ..Event::default()
+            server: Some(&key.server),
+            value: 0,
         });
     }
     if settings.has(SETTING_LOG) {

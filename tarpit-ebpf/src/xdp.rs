@@ -9,7 +9,7 @@
 //!   deterministic: ACKs, retransmits and GRO make packet counts vary.
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use tarpit_common::{
-    Counter, Event,
+    Counter,
     counters::drop_reason_index,
     events::EVENT_BLOCK_HIT,
     maps::{SETTING_BLOCK, SETTING_EVENTS},
@@ -18,7 +18,8 @@ use tarpit_common::{
 };
 
 use crate::maps::{
-    ALLOW, BLOCK, IP_STATE, SYN_COUNT, count, count_index, emit, list_lookup, now_ns, settings,
+    ALLOW, BLOCK, EventArgs, IP_STATE, SYN_COUNT, count, count_index, emit, list_lookup, now_ns,
+    settings,
 };
 
 #[xdp]
@@ -85,15 +86,15 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
     }
     // A sample, not one event per dropped packet.
     if n & 1023 == 1 && settings.has(SETTING_EVENTS) {
-        emit(Event {
-            ts_ns: now_ns(),
+        emit(EventArgs {
+            now: now_ns(),
             kind: EVENT_BLOCK_HIT,
             flags: block.reason,
-            addr: ip.src,
+            addr: &ip.src,
             client_port,
             server_port,
+            server: None,
             value: n,
-            ..Event::default()
         });
     }
     xdp_action::XDP_DROP

@@ -64,6 +64,8 @@ pub struct Kernel {
     cfg: KernelConfig,
     held: Vec<attach::Held>,
     logger: Option<tokio::task::JoinHandle<()>>,
+    /// Features this kernel refused at load, each with its reason.
+    degraded: Vec<(&'static str, String)>,
 }
 
 /// Run statistics of one loaded program.
@@ -170,6 +172,7 @@ impl Kernel {
             cfg: cfg.clone(),
             held: Vec::new(),
             logger: None,
+            degraded: Vec::new(),
         };
         kernel.write_settings(cfg)?;
         kernel.load_programs()?;
@@ -241,9 +244,30 @@ impl Kernel {
                 aya::programs::Program::SockOps(p) => p.load(),
                 _ => Ok(()),
             };
-            res.with_context(|| format!("the verifier refused {name}"))?;
+            match res {
+                Ok(()) => {}
+                // Connection counting is worth having, not worth refusing
+                // to start over: older kernels lack helpers it uses.
+                Err(e) if name == SOCKOPS_PROGRAM => {
+                    let why = format!("{:#}", anyhow::Error::from(e));
+                    warn!(
+                        "sock_ops unavailable on this kernel: live connection counts and the \
+                         window clamp are off ({why})"
+                    );
+                    self.degraded.push(("sock_ops", why));
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("the verifier refused {name}"));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Features the kernel refused at load (name, reason): the agent
+    /// reports them as a metric; everything else works.
+    pub fn degraded(&self) -> &[(&'static str, String)] {
+        &self.degraded
     }
 
     fn attach_all(&mut self) -> Result<()> {
@@ -292,7 +316,7 @@ impl Kernel {
                 }
             }
         }
-        if cfg.count_connections {
+        if cfg.count_connections && !self.degraded.iter().any(|(f, _)| *f == "sock_ops") {
             let prog: &mut SockOps = self
                 .ebpf
                 .program_mut(SOCKOPS_PROGRAM)
