@@ -26,12 +26,7 @@ pub struct SyncReport {
 /// The prefixes the configuration puts on the allow list (host bits
 /// cleared, as the kernel stores them).
 pub fn from_config(config: &Config) -> BTreeSet<IpNet> {
-    config
-        .allow
-        .ips
-        .iter()
-        .map(|n| n.trunc())
-        .collect()
+    config.allow.ips.iter().map(|n| n.trunc()).collect()
 }
 
 /// The unexpired run-time entries of the state file; a missing file is

@@ -272,6 +272,7 @@ impl Inner {
                 let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
                 match maps.block_add(net, spec) {
                     Ok(()) => {
+                        crate::ops::metrics::blocks_added(1);
                         let _ = maps.slow_del(ip);
                         warn!(
                             client = %ip,
@@ -352,13 +353,16 @@ async fn sweep(inner: Arc<Inner>) {
             maps.sweep_expired()
         };
         match res {
-            Ok(r) if r.allow + r.block + r.auth + r.slow > 0 => info!(
-                block = r.block,
-                allow = r.allow,
-                auth = r.auth,
-                slow = r.slow,
-                "expired kernel list entries swept"
-            ),
+            Ok(r) if r.allow + r.block + r.auth + r.slow > 0 => {
+                crate::ops::metrics::blocks_expired(r.block as u64);
+                info!(
+                    block = r.block,
+                    allow = r.allow,
+                    auth = r.auth,
+                    slow = r.slow,
+                    "expired kernel list entries swept"
+                );
+            }
             Ok(_) => {}
             Err(e) => warn!("sweep of expired kernel entries failed: {e}"),
         }
