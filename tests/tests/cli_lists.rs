@@ -54,6 +54,7 @@ fn block_allow_cycle(w: &CliWorld, bot: &str, bot_net: &str, wide_allow: &str, l
     assert_eq!(e["active"], true);
     assert_eq!(e["in_kernel"], true);
     assert_eq!(e["saved"], true);
+    assert_eq!(e["source"], "cli");
     assert_eq!(e["reason"], "manual");
     assert_eq!(e["all_ports"], false);
     assert_eq!(e["comment"], "cli test bot");

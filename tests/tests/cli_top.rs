@@ -143,6 +143,8 @@ fn top_shows_live_numbers_change_and_quits_on_q_and_ctrl_c() {
     let mut w = CliWorld::new(Opts {
         detach_on_exit: true,
         greeting: "1s",
+        // The agent blocks the bot after its third strike.
+        extra: "[offenders]\npregreet_strikes = 3\nblock_ttl = \"10m\"\n",
         ..Opts::default()
     });
     let bot = ip("198.51.100.75");
@@ -175,6 +177,30 @@ fn top_shows_live_numbers_change_and_quits_on_q_and_ctrl_c() {
     assert_eq!(cols[1], "3", "strikes column: {row}");
     assert!(row.contains("pregreet"), "{row}");
     assert!(headline(&after, "addresses") >= 1, "{after}");
+
+    // The agent's own block shows up as such in the block list.
+    let start = Instant::now();
+    let entry = loop {
+        let list = w.json(&["block", "list"]);
+        if let Some(e) = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["cidr"] == "198.51.100.75/32")
+        {
+            break e.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the agent never blocked the bot: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(entry["reason"], "pregreet", "{entry}");
+    assert_eq!(entry["source"], "agent", "{entry}");
+    assert_eq!(entry["saved"], false, "{entry}");
+    cli_common::assert_list_matches(&w, "block");
+    tmux.wait_for("the block in the header", |s| s.contains("block: 1"));
 
     // s changes the sort column; p pauses.
     tmux.keys(&["s"]);

@@ -196,7 +196,7 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
         Ok(rows
             .iter()
             .filter_map(|r| all.iter().find(|j| j.net == r.net))
-            .map(|j| j.json(list, now))
+            .map(|j| j.json(list, &ctx.config, now))
             .collect())
     };
     let allow_json = with_notes(List::Allow, &allow)?;

@@ -14,6 +14,7 @@ use tarpit_common::lists::BlockReason;
 use super::Context;
 use super::kernel_glue::{Clock, KernelMaps, List, ListRow};
 use super::output::{self, Align, Table};
+use crate::config::Config;
 use crate::state::{self, AllowEntry, BlockEntry, State, StateLock};
 
 /// What `add` was asked to do.
@@ -112,6 +113,7 @@ pub struct EntryJson {
     pub active: bool,
     pub in_kernel: bool,
     pub saved: bool,
+    pub source: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -136,8 +138,34 @@ impl Joined {
         self.kernel.as_ref().is_some_and(|k| k.active)
     }
 
-    pub fn json(&self, list: List, now: SystemTime) -> EntryJson {
+    /// Who put the entry there: `cli` (saved by `tarpit ... add`),
+    /// `allow.ips` / `allow.internal` (the agent syncs the configuration),
+    /// `agent` (a block for an offence), `other` (none of those: another
+    /// tool, or a state file that was lost).
+    pub fn source(&self, list: List, config: &Config) -> &'static str {
+        if self.saved {
+            return "cli";
+        }
+        match list {
+            List::Allow => {
+                if config.allow.ips.iter().any(|n| n.trunc() == self.net) {
+                    "allow.ips"
+                } else if config.allow.internal.iter().any(|n| n.trunc() == self.net) {
+                    "allow.internal"
+                } else {
+                    "other"
+                }
+            }
+            List::Block => match self.kernel.as_ref().and_then(|k| k.reason.as_deref()) {
+                Some(r) if r != BlockReason::Manual.name() => "agent",
+                _ => "other",
+            },
+        }
+    }
+
+    pub fn json(&self, list: List, config: &Config, now: SystemTime) -> EntryJson {
         EntryJson {
+            source: self.source(list, config),
             cidr: self.net.to_string(),
             family: if self.net.addr().is_ipv4() {
                 "ipv4"
@@ -246,7 +274,10 @@ pub fn list(ctx: &Context, list: List, json: bool) -> Result<()> {
     let now = clock.wall;
     let entries = joined(&maps, &st, list, &clock)?;
     if json {
-        let v: Vec<EntryJson> = entries.iter().map(|e| e.json(list, now)).collect();
+        let v: Vec<EntryJson> = entries
+            .iter()
+            .map(|e| e.json(list, &ctx.config, now))
+            .collect();
         return output::print_json(&v);
     }
     let mut columns = vec![
@@ -259,6 +290,7 @@ pub fn list(ctx: &Context, list: List, json: bool) -> Result<()> {
         columns.push(("PORTS", Align::Left));
     }
     columns.push(("STATUS", Align::Left));
+    columns.push(("SOURCE", Align::Left));
     columns.push(("COMMENT", Align::Left));
     let mut table = Table::new(&columns);
     for e in &entries {
@@ -277,6 +309,7 @@ pub fn list(ctx: &Context, list: List, json: bool) -> Result<()> {
             row.push(if e.all_ports { "all" } else { "smtp" }.into());
         }
         row.push(status(e).into());
+        row.push(e.source(list, &ctx.config).into());
         row.push(e.comment.clone().unwrap_or_default());
         table.row(row);
     }
@@ -291,5 +324,62 @@ fn status(e: &Joined) -> &'static str {
         None => "pending",
         Some(_) if !e.active() => "expired",
         Some(_) => "active",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joined(net: &str, saved: bool, reason: Option<&str>) -> Joined {
+        let now = SystemTime::now();
+        Joined {
+            net: net.parse().unwrap(),
+            kernel: Some(ListRow {
+                net: net.parse().unwrap(),
+                added: now,
+                expires: None,
+                active: true,
+                reason: reason.map(String::from),
+                all_ports: false,
+            }),
+            saved,
+            comment: None,
+            added: Some(now),
+            expires: None,
+            all_ports: false,
+        }
+    }
+
+    #[test]
+    fn sources_tell_who_put_an_entry_there() {
+        let config = Config::parse(
+            "[allow]\nips = [\"198.51.100.0/24\"]\ninternal = [\"10.0.0.0/8\", \"::1/128\"]\n",
+        )
+        .unwrap();
+        let allow = |net, saved| joined(net, saved, None).source(List::Allow, &config);
+        assert_eq!(allow("198.51.100.0/24", false), "allow.ips");
+        assert_eq!(allow("10.0.0.0/8", false), "allow.internal");
+        assert_eq!(allow("::1/128", false), "allow.internal");
+        assert_eq!(allow("198.51.100.0/24", true), "cli");
+        assert_eq!(allow("203.0.113.0/24", false), "other");
+        let block = |reason, saved| {
+            joined("203.0.113.7/32", saved, Some(reason)).source(List::Block, &config)
+        };
+        assert_eq!(block("pregreet", false), "agent");
+        assert_eq!(block("manual", true), "cli");
+        assert_eq!(block("manual", false), "other");
+    }
+
+    #[test]
+    fn only_what_the_kernel_holds_is_active() {
+        let mut j = joined("198.51.100.0/24", true, None);
+        assert!(j.active());
+        assert_eq!(status(&j), "active");
+        j.kernel.as_mut().unwrap().active = false;
+        assert_eq!(status(&j), "expired");
+        j.kernel = None;
+        assert!(!j.active());
+        assert_eq!(status(&j), "pending");
     }
 }

@@ -59,6 +59,8 @@ pub struct Opts {
     pub kernel: &'static str,
     /// Greeting delay of the agent.
     pub greeting: &'static str,
+    /// More config sections, appended as they are.
+    pub extra: &'static str,
 }
 
 impl Default for Opts {
@@ -67,6 +69,7 @@ impl Default for Opts {
             detach_on_exit: false,
             kernel: "",
             greeting: "2s",
+            extra: "",
         }
     }
 }
@@ -104,6 +107,7 @@ file = "{state}"
 internal = []
 [metrics]
 listen = "127.0.0.1:9325"
+{extra}
 "#,
             v4 = SocketAddr::from((SERVER_V4, SMTP)),
             v6 = SocketAddr::from((SERVER_V6, SMTP)),
@@ -114,6 +118,7 @@ listen = "127.0.0.1:9325"
             kernel = opts.kernel,
             greeting = opts.greeting,
             state = state_file.display(),
+            extra = opts.extra,
         );
         let config_path = dir.join("tarpit.toml");
         std::fs::write(&config_path, &config).unwrap();
@@ -268,6 +273,8 @@ pub fn assert_list_matches(w: &CliWorld, list: &str) {
             _ => "expired",
         };
         assert!(row.contains(&format!(" {status}")), "{row} vs {e}");
+        let source = e["source"].as_str().unwrap();
+        assert!(row.contains(&format!(" {source}")), "{row} vs {e}");
         if let Some(c) = e["comment"].as_str() {
             assert!(row.trim_end().ends_with(c), "{row} vs {e}");
         }
