@@ -94,7 +94,7 @@ fn directive<'a>(unit: &'a str, key: &str) -> Option<&'a str> {
     unit.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        .last()
+        .next_back()
 }
 
 #[test]
