@@ -178,14 +178,15 @@ mod tests {
 
     #[test]
     fn renders_without_kernel() {
-        let m = OpsMetrics {
-            kernel: None,
-        };
+        let m = OpsMetrics { kernel: None };
         blocks_added(2);
         let mut out = String::new();
         m.render(&mut out);
         assert!(!out.contains("# EOF"), "{out}");
-        assert!(out.contains("tarpit_config_reloads_total{result=\"applied\"}"), "{out}");
+        assert!(
+            out.contains("tarpit_config_reloads_total{result=\"applied\"}"),
+            "{out}"
+        );
         assert!(out.contains("tarpit_log_lines_dropped_total"), "{out}");
         let line = out
             .lines()
