@@ -89,7 +89,13 @@ pub fn del(ctx: &Context, list: List, net: IpNet) -> Result<()> {
         List::Block => st.remove_block(&net),
     };
     if in_state {
-        st.save(&ctx.state_file)?;
+        st.save(&ctx.state_file).with_context(|| {
+            format!(
+                "{net} is out of the kernel's {} list now, but the state file still has it: \
+                 the agent will put it back at its next start",
+                list_word(list)
+            )
+        })?;
     }
     if !in_kernel && !in_state {
         bail!(
