@@ -17,9 +17,9 @@ mod metrics;
 mod net;
 mod ops;
 mod rcpt;
-mod state;
 mod reject;
 mod reputation;
+mod state;
 mod tls;
 
 use std::path::Path;
@@ -36,14 +36,14 @@ pub use helo::HeloConfig;
 pub use kernel::{KernelConfig, TcAttachSetting, XdpModeSetting};
 pub use limits::LimitsConfig;
 pub use metrics::MetricsConfig;
-pub use ops::{DaemonConfig, LogConfig, LogFormat, MAX_SHUTDOWN_TIMEOUT};
 pub use net::{BackendConfig, ClientAddress, ListenConfig};
+pub use ops::{DaemonConfig, LogConfig, LogFormat, MAX_SHUTDOWN_TIMEOUT};
 pub use rcpt::RcptConfig;
-pub use state::{DEFAULT_STATE_FILE, StateConfig};
 pub use reject::RejectConfig;
 pub use reputation::{
     DnsConfig, DnsblConfig, DnswlConfig, GreylistConfig, GreylistMode, parse_nameserver,
 };
+pub use state::{DEFAULT_STATE_FILE, StateConfig};
 pub use tls::TlsConfig;
 
 /// The whole configuration file.
