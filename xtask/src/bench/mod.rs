@@ -91,7 +91,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .clone()
         .or_else(|| std::env::var_os("TARPIT_BIN").map(PathBuf::from));
     let tarpit = agent::TarpitBin::prepare(explicit, args.smoke);
-    let exe = SelfCopy::new()?;
+    let exe = SelfCopy::new(args.smoke)?;
     let env = Env {
         profile,
         tarpit,
@@ -185,8 +185,31 @@ fn shell_say_unavailable(name: &str, e: &anyhow::Error) {
 struct SelfCopy(PathBuf);
 
 impl SelfCopy {
-    fn new() -> Result<SelfCopy> {
-        let me = std::env::current_exe().context("cannot find the xtask executable")?;
+    /// Outside smoke runs the workers are an optimized build of xtask, so
+    /// that the load generators take as little as possible of the CPU the
+    /// measured servers share with them (two cores here).
+    fn new(smoke: bool) -> Result<SelfCopy> {
+        let mut me = std::env::current_exe().context("cannot find the xtask executable")?;
+        if !smoke {
+            shell::say(
+                "Building",
+                "an optimized xtask for the load-generating workers",
+            );
+            let built = shell::run(Command::new("cargo").current_dir(paths::root()).args([
+                "build",
+                "--release",
+                "--quiet",
+                "--package",
+                "xtask",
+            ]));
+            match built {
+                Ok(()) => me = paths::root().join("target/release/xtask"),
+                Err(e) => shell::say(
+                    "Using",
+                    &format!("this debug xtask for the workers ({e:#})"),
+                ),
+            }
+        }
         let copy =
             std::env::temp_dir().join(format!("tarpit-bench-xtask-{:x}", std::process::id()));
         std::fs::copy(&me, &copy)
