@@ -148,3 +148,48 @@ fn allow_listed_and_internal_talkers_are_never_blocked() {
     );
     drop(agent);
 }
+
+#[test]
+fn a_run_of_unknown_recipients_blocks_as_harvest_v4_and_v6() {
+    if !require_root() {
+        return;
+    }
+    let net = TestNet::new().expect("net");
+    let pins = PinDir::new().expect("pins");
+    let _pf = Postfix::start(&net).expect("postfix");
+    let rest = "[greeting]\ndelay = \"0s\"\n[offenders]\nunknown_recipients = 4\nblock_ttl = \"60s\"\n\
+                slowdown = false\n";
+    let agent = Agent::start(&net, &common::config(&net, &pins, None, true, rest)).expect("agent");
+    for src in [IpAddr::from(CLIENT_V4), IpAddr::from(CLIENT_V6)] {
+        let mut c = SmtpClient::connect(&net, src, agent_for(src)).unwrap();
+        assert_eq!(c.reply().unwrap().code, 220);
+        c.expect("EHLO harvester.example", 250).unwrap();
+        c.expect("MAIL FROM:<probe@harvester.example>", 250)
+            .unwrap();
+        // A real recipient does not count; three unknown ones stay below.
+        c.expect("RCPT TO:<sink@tarpit.test>", 250).unwrap();
+        for i in 0..3 {
+            c.expect(&format!("RCPT TO:<unknown{i}@tarpit.test>"), 550)
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(maps(&pins).block_match(src).unwrap().is_none(), "{src}");
+        c.expect("RCPT TO:<unknown9@tarpit.test>", 550).unwrap();
+        eventually(&format!("{src} blocked as a harvester"), || {
+            maps(&pins)
+                .block_match(src)
+                .unwrap()
+                .is_some_and(|e| e.reason() == Some(BlockReason::Harvest))
+        });
+        drop(c);
+        assert_eq!(
+            attempt(&net, src, agent_for(src), Duration::from_secs(2)),
+            Attempt::TimedOut
+        );
+    }
+    assert!(
+        agent.log().contains("unknown recipients"),
+        "{}",
+        agent.log()
+    );
+}

@@ -48,6 +48,8 @@ struct Inner {
     config: Mutex<Arc<Config>>,
     tracker: Mutex<offenders::Tracker>,
     steer: Option<Mutex<SteerMaps>>,
+    /// Inodes of the MTA listeners in the sockmap (to notice a restart).
+    mta_inodes: Mutex<Vec<Option<u64>>>,
     pregreet: Arc<verdict::KernelPreGreet>,
     auth: Arc<auth::KernelAuthStore>,
 }
@@ -122,12 +124,13 @@ impl ClosedLoop {
         let mut maps = kernel.maps().context("cannot open the kernel's maps")?;
         allow_sync::sync(&mut maps, config);
         let maps = Arc::new(Mutex::new(maps));
+        let mut mta_inodes = Vec::new();
         let steer = if config.bypass.enabled {
             kernel.attach_steering(held, !config.kernel.detach_on_exit)?;
             let mut s = SteerMaps::open(kernel.pin_path())?;
             s.set_settings(steer_settings(config))?;
             match s.take_mta(&config.bypass.mta_listeners) {
-                Ok(_) => {}
+                Ok(taken) => mta_inodes = taken.iter().map(|l| Some(l.inode)).collect(),
                 // Without the MTA's socket nothing can be steered to it:
                 // every client goes to the agent, as without bypass.
                 Err(e) => warn!("bypass: {e:#}; trusted clients go through the agent"),
@@ -151,6 +154,7 @@ impl ClosedLoop {
                 &config.offenders,
             ))),
             steer,
+            mta_inodes: Mutex::new(mta_inodes),
         });
         let mut tasks = tokio::task::JoinSet::new();
         match EventStream::open(kernel.pin_path()) {
@@ -371,5 +375,32 @@ async fn sweep(inner: Arc<Inner>) {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .expire(tokio::time::Instant::now());
+        inner.retake_mta();
+    }
+}
+
+impl Inner {
+    /// A restarted MTA listens on new sockets; the old ones left the
+    /// sockmap when they closed. Take the new ones (needs the rights the
+    /// agent had at start: after a privilege drop this fails and says so).
+    fn retake_mta(&self) {
+        let Some(steer) = &self.steer else { return };
+        let addrs = self.config().bypass.mta_listeners.clone();
+        let now = SteerMaps::listener_inodes(&addrs);
+        let mut known = self.mta_inodes.lock().unwrap_or_else(|e| e.into_inner());
+        if *known == now || now.iter().any(|i| i.is_none()) {
+            return;
+        }
+        let mut s = steer.lock().unwrap_or_else(|e| e.into_inner());
+        match s.take_mta(&addrs) {
+            Ok(taken) => {
+                *known = taken.iter().map(|l| Some(l.inode)).collect();
+                info!("bypass: the MTA's listeners changed (MTA restarted); taken again");
+            }
+            Err(e) => warn!(
+                "bypass: the MTA's listeners changed and cannot be taken again ({e:#}); \
+                 restart the agent to steer trusted clients and fail open"
+            ),
+        }
     }
 }

@@ -163,6 +163,8 @@ pub struct TakenListener {
     /// The address it is bound to (may be a wildcard).
     pub bound: SocketAddr,
     pub pid: u32,
+    /// The socket's inode: it changes when the owner opens a new one.
+    pub inode: u64,
     /// An IPv6 socket that also accepts IPv4 (not IPV6_V6ONLY, bound to `::`).
     pub dual_stack: bool,
 }
@@ -183,6 +185,7 @@ pub fn take_listener(addr: SocketAddr, first: Option<u32>) -> io::Result<TakenLi
         fd,
         bound: entry.addr,
         pid,
+        inode: entry.inode,
         dual_stack,
     })
 }

@@ -198,6 +198,16 @@ impl SteerMaps {
         Ok(taken)
     }
 
+    /// The inodes of the sockets listening on `addrs` now (`None` where
+    /// nothing listens): a changed inode means the MTA was restarted and
+    /// its listener must be taken again.
+    pub fn listener_inodes(addrs: &[SocketAddr]) -> Vec<Option<u64>> {
+        addrs
+            .iter()
+            .map(|a| listener::listener_inode(*a).ok().map(|e| e.inode))
+            .collect()
+    }
+
     /// The agent's own listeners into the agent slots: from now on the
     /// program hands untrusted clients to the agent.
     pub fn take_agent(&mut self, addrs: &[SocketAddr]) -> Result<()> {

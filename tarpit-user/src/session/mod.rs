@@ -269,6 +269,8 @@ enum Kind {
     StarttlsRelayed,
     StarttlsLocal,
     Quit,
+    /// RCPT: a 550 is an unknown recipient (directory-harvest runs).
+    Rcpt,
     Other,
     /// A reply the agent made.
     Local,
@@ -684,7 +686,7 @@ impl Session<'_> {
                 let d = self.step(Step::Rcpt);
                 match self.rcpt_gate(&rcpt) {
                     Some(text) => self.push_local_held(&text, d),
-                    None => self.push_command(Kind::Other, &line, d),
+                    None => self.push_command(Kind::Rcpt, &line, d),
                 }
             }
             Command::Data => {
@@ -846,6 +848,12 @@ impl Session<'_> {
     /// What a reply the client just got means for the session.
     async fn after_reply(&mut self, kind: Kind, code: u16, close: bool) -> Option<Outcome> {
         if close {
+            if (500..600).contains(&code) {
+                crate::closed_loop::offence(
+                    self.state.client.ip,
+                    crate::closed_loop::Offence::Rejected,
+                );
+            }
             let outcome = match self.close_after_flush {
                 Some(Close(o)) => o,
                 None => Outcome::BackendClosed,
@@ -858,6 +866,10 @@ impl Session<'_> {
         match (kind, code) {
             (Kind::Data, 354) => self.mode = Mode::Data(DotScanner::new()),
             (Kind::Auth, 334) => self.mode = Mode::AuthResponse,
+            (Kind::Rcpt, 550) => crate::closed_loop::offence(
+                self.state.client.ip,
+                crate::closed_loop::Offence::UnknownRecipient,
+            ),
             (Kind::Auth, 235) => {
                 self.state.authenticated = true;
                 self.shared.metrics.authenticated_total.inc();
