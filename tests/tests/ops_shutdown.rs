@@ -25,16 +25,22 @@ fn rest() -> String {
 }
 
 /// A sender in a loop: one message per connection, counted when the end
-/// of DATA got 250. Stops when the agent stops answering (or after 200
-/// messages / 60 s: bounded).
-fn sender(w: Arc<World>, src: IpAddr, dst: SocketAddr, accepted: Arc<AtomicUsize>, n: usize) {
+/// of DATA got 250. Stops when the agent stops answering (or after 3000
+/// messages / 60 s: bounded); returns when it stopped.
+fn sender(
+    w: Arc<World>,
+    src: IpAddr,
+    dst: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    n: usize,
+) -> Instant {
     let start = Instant::now();
-    for i in 0..200 {
+    for i in 0..3000 {
         if start.elapsed() > Duration::from_secs(60) {
-            return;
+            break;
         }
         let Ok(mut c) = SmtpClient::connect(&w.net, src, dst) else {
-            return; // listener closed
+            break; // listener closed
         };
         let _ = c.set_read_timeout(Duration::from_secs(20));
         let mut step = || -> anyhow::Result<bool> {
@@ -52,9 +58,10 @@ fn sender(w: Arc<World>, src: IpAddr, dst: SocketAddr, accepted: Arc<AtomicUsize
                 let _ = c.cmd("QUIT");
             }
             // 421 at MAIL once the agent stops, or the connection closed
-            _ => return,
+            _ => break,
         }
     }
+    Instant::now()
 }
 
 #[test]
@@ -161,7 +168,11 @@ fn sigterm_under_load_loses_no_accepted_message_and_ends_within_the_timeout() {
         "the message in DATA finished"
     );
     for s in senders {
-        s.join().unwrap();
+        let ended = s.join().unwrap();
+        assert!(
+            ended > t0,
+            "a sender was done before SIGTERM: no load at the stop"
+        );
     }
     let accepted = accepted.load(Ordering::SeqCst) + 1; // + the slow one
     // Every message a client saw accepted was delivered. (A message the
