@@ -141,18 +141,94 @@ fn allow_listed_clients_reach_the_mta_directly_until_removed_v4_and_v6() {
     c.expect("QUIT", 221).unwrap();
     eventually("the agent counted the session", || sessions(&net) >= 1.0);
 
-    // Dropped from allow.ips: a new agent takes them out of the kernel's
-    // list, and their next connections go through it.
-    agent.stop().expect("stop");
-    let _agent = Agent::start(&net, &cfg(&[])).expect("agent without the allow list");
+    // Dropped from allow.ips and reloaded (SIGHUP): the agent takes them
+    // out of the kernel's list, and their next connections go through it.
+    std::fs::write(&agent.config, cfg(&[])).unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
     for src in trusted {
-        assert!(maps(&pins).allow_match(src).unwrap().is_none(), "{src}");
+        eventually(&format!("{src} left the kernel's allow list"), || {
+            maps(&pins).allow_match(src).unwrap().is_none()
+        });
         let (mut c, _, took) = banner(&net, src);
         assert!(took >= GREETING, "{src}: {took:?}: not through the agent");
         c.expect("QUIT", 221).unwrap();
     }
     let steer = SteerMaps::open(&pins.path).unwrap().counters().unwrap();
-    assert!(steer.agent >= 2, "{steer:?}");
+    assert!(steer.agent >= 3, "{steer:?}");
+    assert_eq!(steer.allowed, 3, "{steer:?}");
+    let state = common::state_file(&pins);
+    let _ = std::fs::remove_file(&state);
+    let _ = std::fs::remove_file(state.with_extension("json.lock"));
+}
+
+/// A client that authenticated (AUTH PLAIN through the agent, Dovecot
+/// SASL behind Postfix) is steered straight to the MTA on its next
+/// connection when `authenticated_once_per_day` is on; with it off it
+/// goes through the agent and pays the HELO delay again.
+#[test]
+fn authenticated_clients_reach_the_mta_directly_when_once_per_day_is_on_v4_and_v6() {
+    if !require_root() {
+        return;
+    }
+    let net = TestNet::new().expect("net");
+    let pins = PinDir::new().expect("pins");
+    let dv = tarpit_tests::dovecot::Dovecot::start().expect("dovecot");
+    let pf = Postfix::start_with(&net, &dv.postfix_main_cf()).expect("postfix");
+    let cfg = |once: bool| {
+        let rest = format!(
+            "{}[helo]\ndelay = \"3s\"\nauthenticated_once_per_day = {once}\n",
+            rest(&[])
+        );
+        common::config(&net, &pins, None, false, &rest)
+    };
+    let agent = Agent::start(&net, &cfg(true)).expect("agent");
+    let users = [IpAddr::from(CLIENT_V4), IpAddr::from(CLIENT_V6)];
+    for src in users {
+        let (mut c, _, took) = banner(&net, src);
+        assert!(
+            took >= GREETING,
+            "{src}: first connection through the agent"
+        );
+        c.expect("EHLO client.example", 250).unwrap();
+        let plain = tarpit_tests::dovecot::Dovecot::plain(
+            tarpit_tests::dovecot::USER,
+            tarpit_tests::dovecot::PASSWORD,
+        );
+        c.expect(&format!("AUTH PLAIN {plain}"), 235).unwrap();
+        c.expect("QUIT", 221).unwrap();
+    }
+    for src in users {
+        eventually("the address is in the AUTH map", || {
+            maps(&pins).auth_get(src).unwrap().is_some()
+        });
+        let (mut c, text, took) = banner(&net, src);
+        assert_eq!(text, BANNER);
+        assert!(took < GREETING, "{src}: {took:?}: not steered");
+        let (r, took) = c.cmd("EHLO client.example").unwrap();
+        assert_eq!(r.code, 250);
+        assert!(took < Duration::from_secs(2), "{src}: EHLO {took:?}");
+        c.expect("QUIT", 221).unwrap();
+        assert!(
+            plain_smtpd_saw(&pf, src),
+            "{src}: not on the plain listener"
+        );
+    }
+    let steer = SteerMaps::open(&pins.path).unwrap().counters().unwrap();
+    assert_eq!(steer.authenticated, 2, "{steer:?}");
+
+    // Flag off: through the agent again, HELO delay included.
+    agent.stop().expect("stop");
+    let _agent = Agent::start(&net, &cfg(false)).expect("agent, flag off");
+    for src in users {
+        let (mut c, _, took) = banner(&net, src);
+        assert!(
+            took >= GREETING,
+            "{src}: {took:?}: steered with the flag off"
+        );
+        let (_, took) = c.cmd("EHLO client.example").unwrap();
+        assert!(took >= Duration::from_secs(3), "{src}: EHLO {took:?}");
+        c.expect("QUIT", 221).unwrap();
+    }
 }
 
 #[test]
