@@ -218,3 +218,48 @@ fn running_agent_is_nobody_with_only_the_documented_capabilities() {
         .unwrap_or_default();
     assert!(left.is_empty(), "pins left after the stop: {left:?}");
 }
+
+/// The production layout (`detach_on_exit = false`): CAP_BPF alone, as the
+/// docs show, and a stop as `nobody` leaves programs and pins in place and
+/// exits 0 (systemd would otherwise report a failed stop). `tarpit detach`
+/// (root) cleans up afterwards.
+#[test]
+fn production_layout_keeps_cap_bpf_only_and_stops_cleanly() {
+    if !require_root() {
+        return;
+    }
+    use tarpit_tests::smtp_client::{agent_v4, agent_v6, proxy_backend};
+    let net = tarpit_tests::TestNet::new().expect("test network");
+    let pins = tarpit_tests::PinDir::new().expect("pin dir");
+    let _pf = tarpit_tests::Postfix::start(&net).expect("postfix");
+    let config = format!(
+        "[listen]\naddrs = [\"{}\", \"{}\"]\n[kernel]\ninterfaces = [\"{}\"]\npin_path = \"{}\"\n\
+         detach_on_exit = false\n{}[greeting]\ndelay = \"0s\"\n[daemon]\nuser = \"nobody\"\n",
+        agent_v4(),
+        agent_v6(),
+        net.server_if,
+        pins.path.display(),
+        proxy_backend()
+    );
+    let agent = tarpit_tests::Agent::start(&net, &config).expect("agent");
+    let st = ProcStatus::read(agent.pid().unwrap()).unwrap();
+    assert_dropped("agent", &st, CapSet::of(&[CAP_BPF]));
+    assert_eq!(format!("{:016x}", st.cap_eff.0), "0000008000000000");
+    let status = agent.stop().unwrap();
+    assert!(status.success(), "{status}");
+    let left = std::fs::read_dir(&pins.path)
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(left > 0, "pins kept across the stop");
+    let out = Command::new(tarpit_tests::tarpit_bin())
+        .arg("--pin-path")
+        .arg(&pins.path)
+        .arg("detach")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
