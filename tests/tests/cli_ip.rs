@@ -103,6 +103,12 @@ fn ip_shows_the_strikes_a_pregreet_client_earned_and_json_matches() {
                 .any(|f| f == "pregreet"),
             "{json}"
         );
+        assert!(json["syns"].as_u64().unwrap() >= 2, "{json}");
+        assert_eq!(
+            field(&human, "SYNs to SMTP"),
+            json["syns"].to_string(),
+            "{human}"
+        );
         assert_eq!(json["policy"]["verdict"], "tarpit");
         assert!(
             json["policy"]["reason"]

@@ -34,6 +34,8 @@ struct IpJson {
     block: Vec<EntryJson>,
     authenticated: Option<AuthJson>,
     slowed: Option<AuthJson>,
+    /// SYNs to an SMTP port seen by XDP (dropped ones included).
+    syns: u64,
     state: Option<StateJson>,
     policy: Policy,
 }
@@ -182,6 +184,7 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
         state: maps.ip_state(ip, &clock)?,
     };
     let policy = policy(ip, &facts, &ctx.config, now);
+    let syns = maps.syn_count(ip)?;
     let Facts {
         allow,
         block,
@@ -219,6 +222,7 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
             block: block_json,
             authenticated: auth.as_ref().map(|a| AuthJson::new(a, now)),
             slowed: slowed.as_ref().map(|a| AuthJson::new(a, now)),
+            syns,
             state: state_json,
             policy,
         });
@@ -277,6 +281,9 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
                 (false, None) => "no".into(),
             },
         ));
+    }
+    if syns > 0 {
+        lines.push(("SYNs to SMTP".into(), syns.to_string()));
     }
     match &state {
         None => lines.push(("history".into(), "never seen by the kernel".into())),

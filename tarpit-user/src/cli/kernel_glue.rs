@@ -231,6 +231,11 @@ impl KernelMaps {
         Ok(self.inner.auth_del(ip)?)
     }
 
+    /// SYNs to a watched port XDP saw from `ip` (0 when never seen).
+    pub fn syn_count(&self, ip: IpAddr) -> Result<u64> {
+        Ok(self.inner.syn_count(ip)?)
+    }
+
     /// The kernel's history of one address.
     pub fn ip_state(&self, ip: IpAddr, clock: &Clock) -> Result<Option<IpRow>> {
         Ok(self
