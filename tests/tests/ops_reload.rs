@@ -12,7 +12,7 @@ use tarpit_tests::smtp_client::{SmtpClient, agent_v4, message};
 use tarpit_tests::{CLIENT_V4, require_root, tarpit_bin};
 
 /// Slack on top of a configured delay: scheduling, the MTA's banner.
-const SLACK: Duration = Duration::from_millis(1500);
+const SLACK: Duration = Duration::from_millis(2500);
 
 fn greeting(delay: &str, extra: &str) -> String {
     format!("[greeting]\ndelay = \"{delay}\"\n{extra}")
