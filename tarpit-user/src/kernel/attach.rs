@@ -263,8 +263,22 @@ pub fn sock_ops(prog: &mut SockOps, pin_path: &Path, cgroup: &Path, persist: boo
     )
 }
 
+/// Detaches a pinned link at once and removes its pin. (Unpinning alone
+/// would also detach it, but later, from a kernel work queue.)
+pub fn unpin_link(pin: &Path) -> std::io::Result<()> {
+    if let Ok(fd) = sys::obj_get(pin) {
+        if let Err(e) = sys::link_detach(fd.as_fd()) {
+            // Old kernels without BPF_LINK_DETACH: the unpin below does it.
+            tracing::debug!("BPF_LINK_DETACH on {}: {e}", pin.display());
+        }
+    }
+    std::fs::remove_file(pin)
+}
+
 /// Removes link pins that this load did not claim (interfaces or cgroups
-/// dropped from the config): unpinning the last reference detaches them.
+/// dropped from the config). Only the pin goes: a link someone still
+/// holds open (the steering link across a restart) keeps running; the
+/// others detach when the kernel releases them.
 pub fn remove_stale_links(pin_path: &Path, keep: &[PathBuf]) {
     let Ok(rd) = std::fs::read_dir(pin_path.join(LINKS_DIR)) else {
         return;
@@ -389,8 +403,7 @@ pub fn detach(pin_path: &Path) -> Result<DetachReport> {
     if let Ok(rd) = std::fs::read_dir(&links) {
         for e in rd.flatten() {
             let p = e.path();
-            std::fs::remove_file(&p)
-                .with_context(|| format!("cannot remove link pin {}", p.display()))?;
+            unpin_link(&p).with_context(|| format!("cannot remove link pin {}", p.display()))?;
             report.links += 1;
         }
     }

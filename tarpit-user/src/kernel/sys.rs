@@ -9,6 +9,7 @@ use std::path::Path;
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// bpf(2) with a zeroed attribute block of the kernel's maximal size we use.
 fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i64> {
@@ -46,6 +47,15 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()>
     // struct { u32 link_fd; u32 new_prog_fd; u32 flags; u32 old_prog_fd; }
     attr[0] = (link.as_raw_fd() as u32 as u64) | ((prog.as_raw_fd() as u32 as u64) << 32);
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// Detaches a link from its hook now (Linux >= 5.9), while it still
+/// exists as an object: unpinning alone releases it from a work queue, a
+/// moment later.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = [0u64; 16];
+    attr[0] = link.as_raw_fd() as u32 as u64;
+    bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
 }
 
 const RTM_DELQDISC: u16 = 37;
