@@ -266,11 +266,11 @@ pub fn sock_ops(prog: &mut SockOps, pin_path: &Path, cgroup: &Path, persist: boo
 /// Detaches a pinned link at once and removes its pin. (Unpinning alone
 /// would also detach it, but later, from a kernel work queue.)
 pub fn unpin_link(pin: &Path) -> std::io::Result<()> {
-    if let Ok(fd) = sys::obj_get(pin) {
-        if let Err(e) = sys::link_detach(fd.as_fd()) {
-            // Old kernels without BPF_LINK_DETACH: the unpin below does it.
-            tracing::debug!("BPF_LINK_DETACH on {}: {e}", pin.display());
-        }
+    if let Ok(fd) = sys::obj_get(pin)
+        && let Err(e) = sys::link_detach(fd.as_fd())
+    {
+        // Old kernels without BPF_LINK_DETACH: the unpin below does it.
+        tracing::debug!("BPF_LINK_DETACH on {}: {e}", pin.display());
     }
     std::fs::remove_file(pin)
 }
