@@ -145,7 +145,8 @@ async fn accept_loop(
             tokio::spawn(refuse(stream, TOO_MANY_SESSIONS, shared.clone()));
             continue;
         };
-        let client = shared.policy.classify(peer.ip(), local.port());
+        let mut client = shared.policy.classify(peer.ip(), local.port());
+        client.allowlisted |= crate::closed_loop::allowlisted(client.ip);
         let guard = if client.internal || (client.allowlisted && shared.policy.exclude_allowlisted)
         {
             None

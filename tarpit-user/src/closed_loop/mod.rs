@@ -37,7 +37,9 @@ use tarpit_common::steer::{
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::kernel::{BlockSpec, EventKind, EventStream, HeldLink, Kernel, KernelMaps, SteerMaps};
+use crate::kernel::{
+    AllowLookup, BlockSpec, EventKind, EventStream, HeldLink, Kernel, KernelMaps, SteerMaps,
+};
 use crate::policy::AuthenticatedIps;
 use crate::session::PreGreetVerdict;
 pub use offenders::{Offence, Verdict};
@@ -52,6 +54,7 @@ struct Inner {
     mta_inodes: Mutex<Vec<Option<u64>>>,
     pregreet: Arc<verdict::KernelPreGreet>,
     auth: Arc<auth::KernelAuthStore>,
+    allow: Option<AllowLookup>,
 }
 
 static RUNNING: RwLock<Option<Arc<Inner>>> = RwLock::new(None);
@@ -68,6 +71,22 @@ pub fn pregreet() -> Option<Arc<dyn PreGreetVerdict>> {
 /// The kernel's authenticated-address map, when the loop runs.
 pub fn auth_store() -> Option<Arc<dyn AuthenticatedIps>> {
     running().map(|i| i.auth.clone() as Arc<dyn AuthenticatedIps>)
+}
+
+/// Is `ip` on the kernel's allow list (config or run-time entry)? The
+/// agent asks on every connection, so one list spares a client in XDP,
+/// sk_lookup and the agent alike. `false` without a loop or on a read
+/// error (the config's own `allow.ips` still apply).
+pub fn allowlisted(ip: IpAddr) -> bool {
+    let Some(i) = running() else { return false };
+    let Some(allow) = &i.allow else { return false };
+    match allow.contains(ip) {
+        Ok(b) => b,
+        Err(e) => {
+            debug!(client = %ip, "allow list not readable: {e}");
+            false
+        }
+    }
 }
 
 /// Reports an offence seen by a session (no-op without a loop).
@@ -155,6 +174,13 @@ impl ClosedLoop {
             ))),
             steer,
             mta_inodes: Mutex::new(mta_inodes),
+            allow: match AllowLookup::open(kernel.pin_path()) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    warn!("the kernel's allow list cannot be read per connection: {e}");
+                    None
+                }
+            },
         });
         let mut tasks = tokio::task::JoinSet::new();
         match EventStream::open(kernel.pin_path()) {
@@ -239,10 +265,18 @@ impl Inner {
         if config.allow.ips.iter().any(|n| n.contains(&ip)) {
             return Some("allow-listed");
         }
-        let maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        match maps.allow_match(ip) {
-            Ok(Some(_)) => Some("allow-listed"),
-            Ok(None) => None,
+        let listed = match &self.allow {
+            Some(a) => a.contains(ip).map_err(|e| e.to_string()),
+            None => {
+                let maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+                maps.allow_match(ip)
+                    .map(|m| m.is_some())
+                    .map_err(|e| e.to_string())
+            }
+        };
+        match listed {
+            Ok(true) => Some("allow-listed"),
+            Ok(false) => None,
             // Cannot tell: do not block.
             Err(_) => Some("allow list unreadable"),
         }

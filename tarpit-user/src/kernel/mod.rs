@@ -16,6 +16,7 @@ mod error;
 mod events;
 mod layout;
 mod listener;
+mod lookup;
 mod maps;
 mod netns;
 mod object;
@@ -52,6 +53,7 @@ pub use maps::{
     TimedItem,
 };
 pub use netns::in_netns;
+pub use lookup::AllowLookup;
 pub use steering::{
     HeldLink, SK_LOOKUP_PROGRAM, SteerCounters, SteerMaps, hold_link as hold_steering_link,
 };

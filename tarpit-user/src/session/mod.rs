@@ -69,7 +69,8 @@ pub async fn run(
     local: SocketAddr,
 ) -> Outcome {
     let _ = stream.set_nodelay(true);
-    let client = shared.policy.classify(peer.ip(), local.port());
+    let mut client = shared.policy.classify(peer.ip(), local.port());
+    client.allowlisted |= crate::closed_loop::allowlisted(client.ip);
     let mut state = SessionState::new(client);
     let mut rep = dns_gate::start(shared, &state);
     let (stream, backend, banner) =
