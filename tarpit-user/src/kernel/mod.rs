@@ -48,6 +48,7 @@ pub use events::{EventKind, EventStream, KernelEvent};
 /// Prefixes in the list APIs (re-exported so callers need no own ipnet).
 pub use ipnet::IpNet;
 pub use layout::{MAPS, MapSpec, spec_of};
+pub use lookup::AllowLookup;
 pub use maps::{
     BlockSpec, KernelCounters, KernelMaps, ListItem, MapUsage, PreGreetVerdict, SweepReport,
     TimedItem,
