@@ -54,7 +54,6 @@ pub use maps::{
     TimedItem,
 };
 pub use netns::in_netns;
-pub use lookup::AllowLookup;
 pub use steering::{
     HeldLink, SK_LOOKUP_PROGRAM, SteerCounters, SteerMaps, hold_link as hold_steering_link,
 };
