@@ -184,9 +184,9 @@ impl View {
                 "addresses: {}   live connections: {}   allow: {}   block: {}   authenticated: {}",
                 count(self.now.ips.len() as u64),
                 count(live),
-                self.now.allow_entries,
-                self.now.block_entries,
-                self.now.auth_entries
+                count(self.now.allow_entries as u64),
+                count(self.now.block_entries as u64),
+                count(self.now.auth_entries as u64)
             )),
         ];
         f.render_widget(
