@@ -152,7 +152,7 @@ pub fn run(env: &Env) -> Result<Vec<Scenario>> {
     sc.notes.push(
         "On a veth pair XDP does not run on a NIC's DMA buffers: veth hands it the socket \
          buffers the sender built, and copies each into a fresh page first when its headroom is \
-         short of the 256 bytes XDP needs (as here: raw-socket buffers have ~32). nftables' \
+         short of the 256 bytes XDP needs (as here: a raw socket leaves a few dozen bytes). nftables' \
          ingress hook pays no such copy. This rig therefore understates XDP against a NIC driver; \
          xdp_ns_per_packet is the program's own run time."
             .into(),
