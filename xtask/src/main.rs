@@ -5,6 +5,8 @@
 //! - `run`: builds everything and starts the agent with the shipped config.
 //! - `test`: installs what the tests need, then fmt, clippy, unit and
 //!   end-to-end tests, ending with one `N passed, N failed` line.
+//! - `bench`: side-by-side numbers against direct delivery, postscreen and
+//!   nftables, in target/bench/report.md and report.json.
 mod bench;
 mod ebpf;
 mod install;
