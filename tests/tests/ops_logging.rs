@@ -173,3 +173,64 @@ fn flood_of_bad_sessions_stays_within_the_log_rate_limit() {
     w.agent().signal(nix::sys::signal::Signal::SIGHUP).unwrap();
     assert!(w.wait_log_count("configuration reloaded", 1, Duration::from_secs(10)));
 }
+
+/// `[log]` changes live: a reload switches JSON to human lines and a
+/// stricter level silences the per-session summary lines. (RUST_LOG would
+/// win over `log.level`: the agent runs without it here.)
+#[test]
+fn log_format_and_level_change_on_reload() {
+    if !require_root() {
+        return;
+    }
+    let net = tarpit_tests::TestNet::new().expect("test network");
+    let pins = tarpit_tests::PinDir::new().expect("pin dir");
+    let pf = tarpit_tests::Postfix::start(&net).expect("postfix");
+    let conf = |rest: &str| ops_common::config(&net, &pins, rest);
+    let mut agent = ops_common::OwnAgent::start(
+        &net,
+        &conf("[greeting]\ndelay = \"0s\"\n[log]\nformat = \"json\"\n"),
+        &[],
+        true,
+    );
+    let src = IpAddr::from(tarpit_tests::CLIENT_V4);
+    assert!(ops_common::send_message(&net, src, agent_v4(), 1, "json").unwrap());
+    let summary_json = |log: &str| {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "tarpit::session" && v["fields"]["message"] == "session")
+            .count()
+    };
+    let end = Instant::now() + Duration::from_secs(10);
+    while summary_json(&agent.log()) < 1 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(summary_json(&agent.log()), 1, "{}", agent.log());
+
+    std::fs::write(
+        &agent.config,
+        conf("[greeting]\ndelay = \"0s\"\n[log]\nformat = \"human\"\nlevel = \"warn,tarpit::ops=info\"\n"),
+    )
+    .unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(agent.wait_log_count("configuration reloaded", 1, Duration::from_secs(10)));
+    let log = agent.log();
+    let reloaded = log
+        .lines()
+        .find(|l| l.contains("configuration reloaded"))
+        .unwrap();
+    assert!(
+        reloaded.contains(" INFO tarpit::ops::reload: configuration reloaded"),
+        "a human line after the reload: {reloaded}"
+    );
+    let before = log.lines().count();
+    assert!(ops_common::send_message(&net, src, agent_v4(), 1, "quiet").unwrap());
+    std::thread::sleep(Duration::from_secs(1));
+    let log = agent.log();
+    let new: Vec<&str> = log.lines().skip(before).collect();
+    assert!(
+        !new.iter().any(|l| l.contains("tarpit::session")),
+        "INFO session lines after level = warn: {new:#?}"
+    );
+    assert!(pf.wait_delivered(2, Duration::from_secs(20)));
+    assert!(agent.stop().success());
+}

@@ -119,3 +119,102 @@ pub fn send_message(
     let _ = c.cmd("QUIT");
     Ok(ok)
 }
+
+/// An agent started by hand, for tests that need their own environment
+/// (no RUST_LOG, a NOTIFY_SOCKET). Drop kills it and removes its files.
+pub struct OwnAgent {
+    pub child: Option<std::process::Child>,
+    pub dir: std::path::PathBuf,
+    pub config: std::path::PathBuf,
+}
+
+impl OwnAgent {
+    /// `tarpit run -c <dir>/tarpit.toml` in the server namespace with
+    /// `env` set and RUST_LOG unset; waits for the ready line when `wait`.
+    pub fn start(net: &TestNet, config_toml: &str, env: &[(&str, &str)], wait: bool) -> OwnAgent {
+        let dir = std::env::temp_dir().join(format!("tarpit-own-{}", tarpit_tests::unique_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("tarpit.toml");
+        std::fs::write(&config, config_toml).unwrap();
+        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let mut cmd = net.server_cmd(&tarpit_tests::tarpit_bin().display().to_string());
+        cmd.arg("run")
+            .arg("-c")
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .env_remove("WATCHDOG_PID")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let agent = OwnAgent {
+            child: Some(cmd.spawn().unwrap()),
+            dir,
+            config,
+        };
+        if wait {
+            let end = Instant::now() + Duration::from_secs(30);
+            while !agent.log().contains(tarpit_tests::agent::READY_LINE) {
+                assert!(Instant::now() < end, "not ready:\n{}", agent.log());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        agent
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), sig).unwrap();
+    }
+
+    pub fn wait_log_count(&self, needle: &str, n: usize, t: Duration) -> bool {
+        let end = Instant::now() + t;
+        while Instant::now() < end {
+            if self.log().matches(needle).count() >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// SIGTERM, then waits (30 s at most) for the exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let mut child = self.child.take().expect("running");
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > end {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("no exit within 30 s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for OwnAgent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- agent log ---\n{}", self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
