@@ -11,7 +11,7 @@ use super::Context;
 use super::args::parse_ip;
 use super::auth::AuthJson;
 use super::kernel_glue::{AuthRow, Clock, IpRow, List, ListRow};
-use super::lists::{EntryJson, joined};
+use super::lists::{EntryJson, Joined, joined};
 use super::output::{self, human_duration, human_time_rel};
 use crate::config::Config;
 
@@ -176,9 +176,24 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
     let clock = Clock::now();
     let now = clock.wall;
     let ip = args.addr;
+    // Each list is read once: the kernel's entries that cover the address,
+    // longest prefix first, joined with the state file's notes.
+    let covering = |list: List| -> Result<Vec<Joined>> {
+        let canonical = super::kernel_glue::canonical(ip);
+        let mut v: Vec<Joined> = joined(&maps, &st, list, &clock)?
+            .into_iter()
+            .filter(|j| j.kernel.is_some() && j.net.contains(&canonical))
+            .collect();
+        v.sort_by_key(|j| std::cmp::Reverse(j.net.prefix_len()));
+        Ok(v)
+    };
+    let allow_joined = covering(List::Allow)?;
+    let block_joined = covering(List::Block)?;
+    let rows =
+        |v: &[Joined]| -> Vec<ListRow> { v.iter().filter_map(|j| j.kernel.clone()).collect() };
     let facts = Facts {
-        allow: maps.matching(List::Allow, ip, &clock)?,
-        block: maps.matching(List::Block, ip, &clock)?,
+        allow: rows(&allow_joined),
+        block: rows(&block_joined),
         auth: maps.auth_get(ip, &clock)?,
         slowed: maps.slow_get(ip, &clock)?,
         state: maps.ip_state(ip, &clock)?,
@@ -192,18 +207,14 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
         slowed,
         state,
     } = facts;
-
-    // Comments and "saved" come from the state file.
-    let with_notes = |list: List, rows: &[ListRow]| -> Result<Vec<EntryJson>> {
-        let all = joined(&maps, &st, list, &clock)?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| all.iter().find(|j| j.net == r.net))
-            .map(|j| j.json(list, &ctx.config, now))
-            .collect())
-    };
-    let allow_json = with_notes(List::Allow, &allow)?;
-    let block_json = with_notes(List::Block, &block)?;
+    let allow_json: Vec<EntryJson> = allow_joined
+        .iter()
+        .map(|j| j.json(List::Allow, &ctx.config, now))
+        .collect();
+    let block_json: Vec<EntryJson> = block_joined
+        .iter()
+        .map(|j| j.json(List::Block, &ctx.config, now))
+        .collect();
 
     if args.json {
         let state_json = state.as_ref().map(|s| StateJson {

@@ -159,19 +159,6 @@ impl KernelMaps {
         Ok(items.iter().map(|i| list_row(list, i, clock)).collect())
     }
 
-    /// Every entry of a list that covers `ip`, longest prefix first
-    /// (expired ones too: `tarpit ip` shows them as expired).
-    pub fn matching(&self, list: List, ip: IpAddr, clock: &Clock) -> Result<Vec<ListRow>> {
-        let ip = canonical(ip);
-        let mut rows: Vec<ListRow> = self
-            .list(list, clock)?
-            .into_iter()
-            .filter(|r| r.net.contains(&ip))
-            .collect();
-        rows.sort_by_key(|r| std::cmp::Reverse(r.net.prefix_len()));
-        Ok(rows)
-    }
-
     /// Adds or replaces an entry. A full list is an error that says so.
     pub fn insert(
         &mut self,
