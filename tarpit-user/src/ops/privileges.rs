@@ -17,6 +17,9 @@
 //! which no capability the agent keeps overrides), and removes them at
 //! exit with `detach_on_exit`.
 //!
+//! With greylisting on, the store file and its directory are handed over
+//! too (compaction writes a new file and renames it).
+//!
 //! Not kept: CAP_SYS_ADMIN (mounting bpffs, entering `kernel.netns`, looking
 //! up programs by id), CAP_NET_BIND_SERVICE (the ports are bound already),
 //! CAP_SETUID/SETGID/SETPCAP/CHOWN (used here, once), CAP_PERFMON. The
@@ -179,6 +182,19 @@ pub fn drop_privileges(config: &Config) -> Result<Option<Dropped>> {
     // map sizes, reloads resync lists) and, with detach_on_exit, unlinks
     // them at exit: both need the pins and their directory to be its own.
     give_pins(&config.kernel.pin_path, &account)?;
+    // The greylist store is appended to through a descriptor opened at
+    // start, but compacted by writing a new file and renaming it: that
+    // needs its directory.
+    if !matches!(config.greylist.mode, crate::config::GreylistMode::Off)
+        && let Some(dir) = config.greylist.store.parent()
+    {
+        for p in [dir, config.greylist.store.as_path()] {
+            if p.exists() {
+                std::os::unix::fs::chown(p, Some(account.uid.as_raw()), Some(account.gid.as_raw()))
+                    .with_context(|| format!("cannot hand {} to {}", p.display(), account.name))?;
+            }
+        }
+    }
     switch(&account, keep)?;
     check_threads(&account, keep)?;
     info!(
