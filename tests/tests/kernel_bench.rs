@@ -149,7 +149,6 @@ fn test_run(prog_id: u32, frame: &[u8], repeat: u32) -> (u32, u32) {
 fn in_kernel_cost_per_packet_by_test_run() {
     use kernel_env::OTHER_PORT;
     #[path = "../src/packet.rs"]
-    #[allow(dead_code)]
     mod packet;
     use packet::{ACK, ETH_IPV4, ETH_IPV6, PSH, SYN, Tcp, V4, ether, v6_packet};
     if !require_root() {
