@@ -438,3 +438,47 @@ impl Inner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(text).unwrap()
+    }
+
+    const BYPASS: &str = "[bypass]\nenabled = true\nmta_listeners = [\"127.0.0.1:10026\"]\n";
+
+    #[test]
+    fn nothing_is_steered_without_bypass() {
+        assert_eq!(steer_settings(&parse("")), SteerSettings::default());
+    }
+
+    #[test]
+    fn allow_listed_clients_are_steered_only_when_the_agent_would_spare_them() {
+        let s = steer_settings(&parse(BYPASS));
+        assert_eq!(s.ports[0], 25);
+        assert!(s.has(STEER_F_ALLOWED) && s.has(STEER_F_FAIL_OPEN));
+        let s = steer_settings(&parse(&format!("{BYPASS}[exclude]\nallowlisted = false\n")));
+        assert!(!s.has(STEER_F_ALLOWED));
+    }
+
+    #[test]
+    fn authenticated_clients_are_steered_only_with_once_per_day() {
+        assert!(!steer_settings(&parse(BYPASS)).has(STEER_F_AUTHENTICATED));
+        let on = format!("{BYPASS}[helo]\nauthenticated_once_per_day = true\n");
+        assert!(steer_settings(&parse(&on)).has(STEER_F_AUTHENTICATED));
+        // bypass.authenticated = false wins over the HELO rule.
+        let c = parse(&format!(
+            "[bypass]\nenabled = true\nmta_listeners = [\"127.0.0.1:10026\"]\n\
+             authenticated = false\n[helo]\nauthenticated_once_per_day = true\n"
+        ));
+        assert!(!steer_settings(&c).has(STEER_F_AUTHENTICATED));
+    }
+
+    #[test]
+    fn fail_open_can_be_switched_off() {
+        let c = parse(&format!("{BYPASS}fail_open = false\n"));
+        assert!(!steer_settings(&c).has(STEER_F_FAIL_OPEN));
+    }
+}
