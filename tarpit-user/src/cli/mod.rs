@@ -149,9 +149,12 @@ pub fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let explicit_config = cli.config.is_some();
     let config_path = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let pin_path = cli.pin_path;
+    // The inspection commands' settings, resolved only for them.
+    let ctx = || Context::new(&config_path, explicit_config, pin_path.clone());
     match cli.command {
         Command::Run => {
-            if cli.pin_path.is_some() {
+            if pin_path.is_some() {
                 anyhow::bail!(
                     "--pin-path is for the inspection commands; the agent pins where \
                      kernel.pin_path in {} says",
@@ -173,22 +176,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        command => {
-            let ctx = Context::new(&config_path, explicit_config, cli.pin_path)?;
-            match command {
-                Command::Ip(args) => ip::run(&ctx, args),
-                Command::Allow(cmd) => allow::run(&ctx, cmd),
-                Command::Block(cmd) => block::run(&ctx, cmd),
-                Command::Auth(cmd) => auth::run(&ctx, cmd),
-                Command::Maps(args) => maps::run(&ctx, args),
-                Command::Stats(args) => stats::run(&ctx, args),
-                Command::Top(args) => top::run(&ctx, args),
-                Command::Detach(args) => detach::run(&ctx, args),
-                Command::Run | Command::CheckConfig | Command::Reload { .. } => {
-                    unreachable!("handled above")
-                }
-            }
-        }
+        Command::Ip(args) => ip::run(&ctx()?, args),
+        Command::Allow(cmd) => allow::run(&ctx()?, cmd),
+        Command::Block(cmd) => block::run(&ctx()?, cmd),
+        Command::Auth(cmd) => auth::run(&ctx()?, cmd),
+        Command::Maps(args) => maps::run(&ctx()?, args),
+        Command::Stats(args) => stats::run(&ctx()?, args),
+        Command::Top(args) => top::run(&ctx()?, args),
+        Command::Detach(args) => detach::run(&ctx()?, args),
     }
 }
 
