@@ -469,10 +469,10 @@ mod tests {
         let on = format!("{BYPASS}[helo]\nauthenticated_once_per_day = true\n");
         assert!(steer_settings(&parse(&on)).has(STEER_F_AUTHENTICATED));
         // bypass.authenticated = false wins over the HELO rule.
-        let c = parse(&format!(
+        let c = parse(
             "[bypass]\nenabled = true\nmta_listeners = [\"127.0.0.1:10026\"]\n\
-             authenticated = false\n[helo]\nauthenticated_once_per_day = true\n"
-        ));
+             authenticated = false\n[helo]\nauthenticated_once_per_day = true\n",
+        );
         assert!(!steer_settings(&c).has(STEER_F_AUTHENTICATED));
     }
 
