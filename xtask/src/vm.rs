@@ -330,12 +330,13 @@ fn test_binaries(json: &str) -> Vec<TestBinary> {
 }
 
 /// Seconds one test executable may run in the guest (TCG is 3-10x slower
-/// than the host): `TARPIT_VM_TEST_TIMEOUT`, default 600.
+/// than the host): `TARPIT_VM_TEST_TIMEOUT`, default 300
+/// (the slowest, kernel_conns, takes about 60 s under TCG).
 fn test_timeout() -> u64 {
     std::env::var("TARPIT_VM_TEST_TIMEOUT")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(600)
+        .unwrap_or(300)
 }
 
 fn run_kernel(
