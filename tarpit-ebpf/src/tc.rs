@@ -204,13 +204,15 @@ fn strike(ctx: &TcContext, settings: &Settings, key: &FlowKey, teaser: bool) {
         });
     }
     if settings.has(SETTING_LOG) {
+        // Scalars only: string arguments chosen at run time do not pass
+        // older verifiers (6.1) in aya-log's copy loop.
         info!(
             ctx,
-            "pre-greet talk from [{:i}]:{} to port {}{}",
+            "pre-greet talk from [{:i}]:{} to port {} (after a 220- teaser: {})",
             key.client.octets,
             key.client_port,
             key.server_port,
-            if teaser { " after a 220- teaser" } else { "" }
+            teaser as u8
         );
     }
 }
