@@ -18,7 +18,7 @@ use aya::{
     programs::{Program, SchedClassifier, tc::TcAttachType},
 };
 use tarpit::kernel_version::KernelVersion;
-use tarpit_tests::{Agent, PinDir, TestCgroup, TestNet, env::repo_root, require_root};
+use tarpit_tests::{Agent, PinDir, TestCgroup, TestNet, env::repo_root, require_root, tarpit_bin};
 
 /// Lines of verifier log shown per refused program: the refusal is at the end.
 const LOG_TAIL: usize = 25;
@@ -100,7 +100,13 @@ fn kernel() -> (String, bool) {
     (release, v >= KernelVersion { major: 6, minor: 6 })
 }
 
-fn config(net: &TestNet, pins: &PinDir, cgroup: &TestCgroup, tc_attach: &str) -> String {
+fn config(
+    net: &TestNet,
+    pins: &PinDir,
+    cgroup: &TestCgroup,
+    tc_attach: &str,
+    detach_on_exit: bool,
+) -> String {
     format!(
         r#"
 [listen]
@@ -113,7 +119,7 @@ smtp_ports = [25]
 pin_path = "{pins}"
 cgroup = "{cgroup}"
 tc_attach = "{tc_attach}"
-detach_on_exit = true
+detach_on_exit = {detach_on_exit}
 "#,
         iface = net.server_if,
         pins = pins.path.display(),
@@ -216,6 +222,24 @@ fn nothing_attached() -> Hooks {
     }
 }
 
+/// Every hook of ours in place: tc through TCX or through netlink filters
+/// (on a clsact qdisc, ours or one that was there), XDP, sock_ops.
+fn attached(tcx: bool, clsact_before: bool) -> Hooks {
+    let (tc_in, tc_out) = (
+        vec!["tarpit_tc_in".to_string()],
+        vec!["tarpit_tc_out".to_string()],
+    );
+    Hooks {
+        clsact: clsact_before || !tcx,
+        netlink_ingress: if tcx { vec![] } else { tc_in.clone() },
+        netlink_egress: if tcx { vec![] } else { tc_out.clone() },
+        tcx_ingress: if tcx { tc_in } else { vec![] },
+        tcx_egress: if tcx { tc_out } else { vec![] },
+        xdp: true,
+        sock_ops: true,
+    }
+}
+
 /// Starts the agent with `tc_attach`, checks what it attached, stops it and
 /// checks that it took everything away again.
 fn attach_and_detach(tc_attach: &str, expect_tcx: bool, clsact_before: bool) {
@@ -240,29 +264,10 @@ fn attach_and_detach(tc_attach: &str, expect_tcx: bool, clsact_before: bool) {
         "something attached before the agent"
     );
 
-    let agent = Agent::start(&net, &config(&net, &pins, &cgroup, tc_attach)).expect("agent starts");
+    let agent =
+        Agent::start(&net, &config(&net, &pins, &cgroup, tc_attach, true)).expect("agent starts");
     let (release, _) = kernel();
-    let want = if expect_tcx {
-        Hooks {
-            clsact: clsact_before,
-            netlink_ingress: vec![],
-            netlink_egress: vec![],
-            tcx_ingress: vec!["tarpit_tc_in".to_string()],
-            tcx_egress: vec!["tarpit_tc_out".to_string()],
-            xdp: true,
-            sock_ops: true,
-        }
-    } else {
-        Hooks {
-            clsact: true,
-            netlink_ingress: vec!["tarpit_tc_in".to_string()],
-            netlink_egress: vec!["tarpit_tc_out".to_string()],
-            tcx_ingress: vec![],
-            tcx_egress: vec![],
-            xdp: true,
-            sock_ops: true,
-        }
-    };
+    let want = attached(expect_tcx, clsact_before);
     assert_eq!(
         hooks(&net, &cgroup),
         want,
@@ -309,4 +314,62 @@ fn netlink_tc_keeps_a_clsact_qdisc_it_did_not_create() {
         return;
     }
     attach_and_detach("netlink", false, true);
+}
+
+/// An agent that dies without cleaning up (kill -9, `detach_on_exit =
+/// false`) leaves its hooks working; `tarpit detach` then removes every
+/// one of them.
+fn crash_then_detach(tc_attach: &str, expect_tcx: bool) {
+    let release = kernel().0;
+    let net = TestNet::new().expect("test network");
+    let pins = PinDir::new().expect("pin dir");
+    let cgroup = TestCgroup::new().expect("test cgroup");
+    let mut agent =
+        Agent::start(&net, &config(&net, &pins, &cgroup, tc_attach, false)).expect("agent starts");
+    agent.kill9();
+    assert_eq!(
+        hooks(&net, &cgroup),
+        attached(expect_tcx, false),
+        "hooks after kill -9 on {release} (tc_attach = {tc_attach}); agent log:\n{}",
+        agent.log()
+    );
+
+    let out = net
+        .server_cmd(&tarpit_bin().display().to_string())
+        .arg("-c")
+        .arg(&agent.config)
+        .arg("detach")
+        .output()
+        .expect("tarpit detach runs");
+    assert!(
+        out.status.success(),
+        "tarpit detach failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        hooks(&net, &cgroup),
+        nothing_attached(),
+        "left attached on {release} after `tarpit detach` (tc_attach = {tc_attach})"
+    );
+    assert!(!pins.path.exists(), "pins left: {:?}", pins.entries());
+}
+
+/// Whichever way tc attached on this kernel.
+#[test]
+fn tarpit_detach_after_a_crash_leaves_nothing() {
+    if !require_root() {
+        return;
+    }
+    crash_then_detach("auto", kernel().1);
+}
+
+/// Netlink filters and the qdisc made for them outlive the agent's process:
+/// only `tarpit detach` can remove them.
+#[test]
+fn tarpit_detach_removes_netlink_filters_and_the_qdisc_after_a_crash() {
+    if !require_root() {
+        return;
+    }
+    crash_then_detach("netlink", false);
 }
