@@ -145,6 +145,14 @@ impl ClosedLoop {
         let maps = Arc::new(Mutex::new(maps));
         let mut mta_inodes = Vec::new();
         let steer = if config.bypass.enabled {
+            if let Some(ns) = &config.kernel.netns {
+                // sk_lookup can only hand out sockets of its own namespace,
+                // and the listeners are found in the agent's.
+                anyhow::bail!(
+                    "bypass.enabled: the agent must run in the network namespace it serves \
+                     (kernel.netns = {ns:?} is set); start it there instead"
+                );
+            }
             kernel.attach_steering(held, !config.kernel.detach_on_exit)?;
             let mut s = SteerMaps::open(kernel.pin_path())?;
             s.set_settings(steer_settings(config))?;
