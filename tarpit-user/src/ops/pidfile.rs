@@ -136,6 +136,31 @@ mod tests {
     }
 
     #[test]
+    fn a_live_tarpit_in_the_pid_file_is_refused() {
+        let d = tmpdir("live");
+        std::fs::create_dir_all(&d).unwrap();
+        // a process whose name starts with "tarpit", as a running agent's
+        let fake = d.join("tarpit-fake");
+        std::fs::copy("/bin/sleep", &fake).unwrap();
+        let mut child = std::process::Command::new(&fake).arg("30").spawn().unwrap();
+        let p = d.join("tarpit.pid");
+        std::fs::write(&p, format!("{}\n", child.id())).unwrap();
+        let e = PidFile::create(&p).unwrap_err();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            e.to_string().contains("another tarpit agent is running"),
+            "{e:#}"
+        );
+        assert_eq!(read(&p).unwrap(), child.id(), "the file is left alone");
+        // once it is gone, the file is stale and taken over
+        let f = PidFile::create(&p).unwrap();
+        assert_eq!(read(&p).unwrap(), std::process::id());
+        drop(f);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
     fn garbage_is_a_clear_error() {
         let d = tmpdir("garbage");
         std::fs::create_dir_all(&d).unwrap();
