@@ -172,6 +172,7 @@ async fn accept_loop(
             crate::ops::summary::write(peer, &tally, outcome.as_str());
             shared.metrics.sessions_active.dec();
             shared.metrics.session_ended(outcome);
+            crate::closed_loop::session_ended(peer.ip(), outcome);
             drop(guard);
             drop(permit);
         });

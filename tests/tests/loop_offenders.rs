@@ -193,3 +193,53 @@ fn a_run_of_unknown_recipients_blocks_as_harvest_v4_and_v6() {
         agent.log()
     );
 }
+
+#[test]
+fn sessions_dropped_by_a_dnsbl_block_after_the_threshold() {
+    if !require_root() {
+        return;
+    }
+    let net = TestNet::new().expect("net");
+    let bot: IpAddr = "198.51.100.131".parse().unwrap();
+    net.add_client_addr(bot).unwrap();
+    let _rbl = tarpit_tests::Rbldnsd::start(
+        &net,
+        &["drop.test:ip4set:drop.zone"],
+        &[("drop.zone", "198.51.100.131\n")],
+    )
+    .expect("rbldnsd");
+    let pins = PinDir::new().expect("pins");
+    let _pf = Postfix::start(&net).expect("postfix");
+    let rest = r#"
+[greeting]
+delay = "1s"
+[dns]
+nameservers = ["127.0.0.1:5353"]
+timeout = "3s"
+[dnsbl]
+sites = ["drop.test*3"]
+threshold = 3
+[dnsbl.actions]
+"drop.test" = "drop"
+[offenders]
+rejected_sessions = 2
+block_ttl = "60s"
+slowdown = false
+"#;
+    let agent = Agent::start(&net, &common::config(&net, &pins, None, true, rest)).expect("agent");
+    for i in 0..2 {
+        let mut c = SmtpClient::connect(&net, bot, agent_for(bot)).unwrap();
+        assert!(c.closed_within(Duration::from_secs(10)), "drop {i}");
+    }
+    eventually("the dropped client is blocked", || {
+        maps(&pins)
+            .block_match(bot)
+            .unwrap()
+            .is_some_and(|e| e.reason() == Some(BlockReason::Rejected))
+    });
+    assert_eq!(
+        attempt(&net, bot, agent_for(bot), Duration::from_secs(2)),
+        Attempt::TimedOut
+    );
+    assert!(agent.log().contains("rejected sessions"), "{}", agent.log());
+}

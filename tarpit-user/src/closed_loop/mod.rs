@@ -89,6 +89,15 @@ pub fn allowlisted(ip: IpAddr) -> bool {
     }
 }
 
+/// A session ended: sessions the agent dropped for policy (a DNSBL
+/// `drop`) count as rejected sessions. (The pre-greet 554 is counted from
+/// the kernel's event, never twice.)
+pub fn session_ended(ip: IpAddr, outcome: crate::metrics::Outcome) {
+    if outcome == crate::metrics::Outcome::DnsblDrop {
+        offence(ip, Offence::Rejected);
+    }
+}
+
 /// Reports an offence seen by a session (no-op without a loop).
 pub fn offence(ip: IpAddr, kind: Offence) {
     if let Some(i) = running() {

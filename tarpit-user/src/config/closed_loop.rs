@@ -24,9 +24,9 @@ pub struct OffendersConfig {
     /// Pre-greet strikes (seen by the kernel) within `window` that block
     /// an address (0 = never for this offence).
     pub pregreet_strikes: u32,
-    /// Sessions that ended with a 5xx reply and a dropped connection (the
-    /// pre-greet 554 excepted: that is already a strike) within `window`
-    /// that block an address (0 = off).
+    /// Sessions the agent dropped for policy (a DNSBL `drop`, a 5xx reply
+    /// that ended the session; the pre-greet 554 excepted: that is already
+    /// a strike) within `window` that block an address (0 = off).
     pub rejected_sessions: u32,
     /// Unknown recipients (RCPT answered `550 5.1.1`) within `window` that
     /// block an address as a directory harvester (0 = off).
