@@ -134,7 +134,8 @@ pub fn run(env: &Env) -> Result<Vec<Scenario>> {
          busy client adds no lag) - the moment the client's connect() returned - the configured \
          delay. lateness_from_syn counts from before connect() instead, so it also holds the \
          handshake and any SYN retry (1 s) after a full accept queue (listen_overflows, \
-         client_syn_retrans). early = the greeting came more than 1 ms before the delay even \
+         client_syn_retrans; listen_overflows counts every listener of the server namespace, the \
+         backend's too, whose overflows delay the agent's connects to it). early = the greeting came more than 1 ms before the delay even \
          counted from before connect(). \
          agent: backend smtp-sink (greets at once), so lateness is the agent's timers and relay; \
          agent_postfix_backend: the Postfix instance behind it, where every greeting also waits \
