@@ -180,5 +180,12 @@ pub fn run(env: &Env) -> Result<Vec<Scenario>> {
          (ESTABLISHED on its port, counted by the kernel). Kernel socket buffers are not in RSS, for either side."
             .into(),
     );
+    sc.notes.push(
+        "connect_phase_s, listen_overflows and client_syn_retrans show how fast each side takes \
+         new clients: postscreen's listen queue is Postfix's (100 here), so a burst of connects \
+         overflows it and clients retry their SYN after 1 s or more; memory and CPU per held \
+         session are measured once every client is in."
+            .into(),
+    );
     Ok(vec![sc])
 }
