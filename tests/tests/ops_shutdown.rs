@@ -234,3 +234,36 @@ fn sigterm_releases_the_greeting_delay_with_421_and_stops_at_once() {
     let refused = SmtpClient::connect(&w.net, CLIENT_V4.into(), agent_v4()).is_err();
     assert!(refused, "still accepting after the stop");
 }
+
+/// A session in the middle of DATA holds the drain (60 s here); a second
+/// SIGTERM ends it at once, and the unfinished message is not delivered
+/// (its client never saw a 250, so it will retry).
+#[test]
+fn a_second_sigterm_stops_without_waiting() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("[greeting]\ndelay = \"0s\"\n[daemon]\nshutdown_timeout = \"60s\"\n");
+    let mut c = SmtpClient::connect(&w.net, CLIENT_V4.into(), agent_v4()).unwrap();
+    assert_eq!(c.reply().unwrap().code, 220);
+    c.expect("EHLO slow.example", 250).unwrap();
+    c.expect("MAIL FROM:<slow@client.example>", 250).unwrap();
+    c.expect("RCPT TO:<sink@tarpit.test>", 250).unwrap();
+    c.expect("DATA", 354).unwrap();
+    c.send(b"Subject: never finished\r\n\r\nhalf\r\n").unwrap();
+    let agent = w.agent.take().unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(agent.log().contains("stopping"), "{}", agent.log());
+    let t0 = Instant::now();
+    let status = agent.stop().unwrap(); // the second SIGTERM
+    assert!(status.success(), "{status}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(c.closed_within(Duration::from_secs(5)));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(w.pf.delivered(), 0);
+}

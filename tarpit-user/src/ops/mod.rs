@@ -144,7 +144,9 @@ impl Daemon {
 
     /// Tells systemd STOPPING=1 and drains the sessions for at most
     /// `daemon.shutdown_timeout`.
-    pub async fn drain(&self) -> DrainReport {
+    /// A second SIGTERM or SIGINT cuts the drain short (an operator who
+    /// insists, or systemd's `KillMode=mixed` escalation).
+    pub async fn drain(&mut self) -> DrainReport {
         self.notifier.stopping();
         let timeout = self.config.current().daemon.shutdown_timeout;
         let open = self.controller.token().active();
@@ -154,7 +156,19 @@ impl Daemon {
             timeout = %humantime::format_duration(timeout),
             "stopping: no new sessions, tarpitted ones get 421, the others may finish"
         );
-        let report = self.controller.drain(timeout).await;
+        let report = match &mut self.stop {
+            Some(stop) => tokio::select! {
+                r = self.controller.drain(timeout) => r,
+                sig = stop.recv() => {
+                    warn!(target: "tarpit::ops", "{sig} again: stopping without waiting for the sessions");
+                    DrainReport {
+                        remaining: self.controller.token().active(),
+                        timed_out: true,
+                    }
+                }
+            },
+            None => self.controller.drain(timeout).await,
+        };
         if report.remaining > 0 {
             warn!(target: "tarpit::ops", sessions = report.remaining, "stop timeout reached: closing the sessions still open");
         } else {
