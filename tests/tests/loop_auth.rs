@@ -22,16 +22,26 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 
 fn rest(once_per_day: bool) -> String {
     format!(
-        "[greeting]\ndelay = \"0s\"\n[helo]\ndelay = \"5s\"\nauthenticated_once_per_day = {once_per_day}\n"
+        "[greeting]\ndelay = \"1s\"\n[helo]\ndelay = \"5s\"\nauthenticated_once_per_day = {once_per_day}\n"
     )
 }
 
-/// Connects, reads the banner and times the EHLO reply.
-fn ehlo_time(net: &TestNet, src: IpAddr) -> (SmtpClient, Duration) {
+const GREETING: Duration = Duration::from_secs(1);
+
+/// Connects, reads the banner and times the EHLO reply; also says whether
+/// the banner came without the greeting delay.
+fn session(net: &TestNet, src: IpAddr) -> (SmtpClient, Duration, bool) {
+    let t = std::time::Instant::now();
     let mut c = SmtpClient::connect(net, src, agent_for(src)).unwrap();
     assert_eq!(c.reply().unwrap().code, 220);
+    let fast_banner = t.elapsed() < GREETING;
     let (r, took) = c.cmd("EHLO client.example").unwrap();
     assert_eq!(r.code, 250, "{}", r.text);
+    (c, took, fast_banner)
+}
+
+fn ehlo_time(net: &TestNet, src: IpAddr) -> (SmtpClient, Duration) {
+    let (c, took, _) = session(net, src);
     (c, took)
 }
 
@@ -117,17 +127,20 @@ fn auth_success_is_remembered_in_the_kernel_for_a_day_across_restarts_v4_and_v6(
             for (user, control) in users.into_iter().zip(controls) {
                 let net = &net;
                 s.spawn(move || {
-                    let (mut c, took) = ehlo_time(net, user);
+                    let (mut c, took, fast_banner) = session(net, user);
                     if expect_free {
                         assert_free(took, &format!("authenticated {user}"));
+                        assert!(fast_banner, "{user}: authenticated, yet held at the banner");
                     } else {
                         assert_pays(took, &format!("{user} with the flag off"));
+                        assert!(!fast_banner, "{user}: flag off, yet no greeting delay");
                     }
                     c.expect("QUIT", 221).unwrap();
                 });
                 s.spawn(move || {
-                    let (mut c, took) = ehlo_time(net, control);
+                    let (mut c, took, fast_banner) = session(net, control);
                     assert_pays(took, &format!("control {control}"));
+                    assert!(!fast_banner, "control {control}: no greeting delay");
                     c.expect("QUIT", 221).unwrap();
                 });
             }

@@ -89,6 +89,22 @@ pub fn allowlisted(ip: IpAddr) -> bool {
     }
 }
 
+/// Did `ip` authenticate within 24 h, and does that spare its new session
+/// from the tarpit? Only with `helo.authenticated_once_per_day` (and
+/// `exclude.authenticated`): then a client that authenticated is treated
+/// as authenticated from the start of its next connections (also after an
+/// agent restart: the AUTH map is pinned), exactly as sk_lookup steers it
+/// past the agent when bypass is on. With the flag off it pays again.
+pub fn authenticated_today(policy: &crate::policy::Policy, ip: IpAddr) -> bool {
+    if !(policy.auth_once_per_day && policy.exclude_authenticated) {
+        return false;
+    }
+    let Some(i) = running() else { return false };
+    i.auth
+        .last_authenticated(ip, tokio::time::Instant::now())
+        .is_some()
+}
+
 /// A session ended: sessions the agent dropped for policy (a DNSBL
 /// `drop`) count as rejected sessions. (The pre-greet 554 is counted from
 /// the kernel's event, never twice.)

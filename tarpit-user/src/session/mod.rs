@@ -72,6 +72,7 @@ pub async fn run(
     let mut client = shared.policy.classify(peer.ip(), local.port());
     client.allowlisted |= crate::closed_loop::allowlisted(client.ip);
     let mut state = SessionState::new(client);
+    state.authenticated = crate::closed_loop::authenticated_today(&shared.policy, state.client.ip);
     let mut rep = dns_gate::start(shared, &state);
     let (stream, backend, banner) =
         match greet(shared, &mut state, stream, peer, local, &mut rep).await {
