@@ -86,11 +86,25 @@ impl Tmux {
 
 impl Drop for Tmux {
     fn drop(&mut self) {
+        // The server's socket file outlives kill-server: remove it too.
+        let path = Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(["list-sessions", "-F", "#{socket_path}"])
+            .output()
+            .map(|o| {
+                let out = String::from_utf8_lossy(&o.stdout);
+                out.lines().next().unwrap_or_default().trim().to_string()
+            })
+            .unwrap_or_default();
         let _ = Command::new("tmux")
             .arg("-L")
             .arg(&self.socket)
             .arg("kill-server")
             .output();
+        if path.ends_with(&self.socket) {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
