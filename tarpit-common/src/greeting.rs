@@ -23,6 +23,10 @@ pub fn after_segment(buf: &[u8; GREETING_WINDOW], n: usize, whole: bool) -> u32 
     if !(4..=GREETING_WINDOW).contains(&n) {
         return FLOW_GREETED;
     }
+    // Forget the range just checked, so the compiler keeps every index
+    // mask below: older verifiers (6.1) do not carry this bound over to
+    // the copies of `n` the compiler spills to the stack.
+    let n = core::hint::black_box(n);
     // Ignore the line end of the last line, then find where it starts.
     let mut end = n;
     if buf[(end - 1) & MASK] == b'\n' {

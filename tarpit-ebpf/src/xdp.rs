@@ -34,22 +34,28 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
     let Some(settings) = settings() else {
         return xdp_action::XDP_PASS;
     };
-    let tcp = parse::tcp(data, data_end, &ip);
-    let smtp_port = match &tcp {
-        Some(t) => settings.is_smtp_port(t.dport),
-        None => false,
-    };
-    if let Some(t) = &tcp {
-        if smtp_port && t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            match SYN_COUNT.get_ptr_mut(ip.src) {
-                Some(n) => unsafe { *n += 1 },
-                None => {
-                    let _ = SYN_COUNT.insert(ip.src, 1u64, 0);
-                }
-            }
-        }
+    // Plain scalars, written on every path: older verifiers (5.10) refuse
+    // a read of a stack slot that only one branch initialised, which is
+    // what an Option<Tcp> held across the function can compile to.
+    let mut sport = 0u16;
+    let mut dport = 0u16;
+    let mut syn = false;
+    let mut smtp_port = false;
+    if let Some(t) = parse::tcp(data, data_end, &ip) {
+        sport = t.sport;
+        dport = t.dport;
+        syn = t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        smtp_port = settings.is_smtp_port(t.dport);
     } else if ip.later_fragment {
         count(Counter::Fragments);
+    }
+    if smtp_port && syn {
+        match SYN_COUNT.get_ptr_mut(ip.src) {
+            Some(n) => unsafe { *n += 1 },
+            None => {
+                let _ = SYN_COUNT.insert(ip.src, 1u64, 0);
+            }
+        }
     }
 
     let Some(block) = list_lookup(&BLOCK, &ip.src, Counter::XdpBlockExpired) else {
@@ -70,10 +76,6 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
     }
     count(Counter::XdpDrop);
     let n = count_index(drop_reason_index(block.reason));
-    let (client_port, server_port, syn) = match &tcp {
-        Some(t) => (t.sport, t.dport, t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN),
-        None => (0, 0, false),
-    };
     if syn {
         // Once per connection attempt, not per packet: mark the address.
         if let Some(s) = IP_STATE.get_ptr_mut(ip.src) {
@@ -91,8 +93,8 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
             kind: EVENT_BLOCK_HIT,
             flags: block.reason,
             addr: &ip.src,
-            client_port,
-            server_port,
+            client_port: sport,
+            server_port: dport,
             server: None,
             value: n,
         });
