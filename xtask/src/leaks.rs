@@ -39,7 +39,13 @@ pub fn leftovers() -> Vec<String> {
         .output()
     {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if line.contains(" run ") {
+            // ".../tarpit-agent-<pid>-<n>/tarpit.toml": the test's pid.
+            let owner = line
+                .split("tarpit-agent-")
+                .nth(1)
+                .and_then(|rest| rest.split('/').next())
+                .unwrap_or_default();
+            if line.contains(" run ") && owner_gone(owner) {
                 found.push(format!("agent process {line}"));
             }
         }
