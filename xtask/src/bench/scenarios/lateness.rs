@@ -132,8 +132,9 @@ pub fn run(env: &Env) -> Result<Vec<Scenario>> {
     sc.notes.push(
         "lateness = the kernel's receive time of the final `220 ` line (SO_TIMESTAMPNS, so a \
          busy client adds no lag) - the moment the client's connect() returned - the configured \
-         delay. lateness_from_syn counts from before connect() instead, so it also holds the \
-         handshake and any SYN retry (1 s) after a full accept queue (listen_overflows, \
+         delay. On a busy box the client may note connect()'s return late (a negative \
+         lateness_min shows by how much), which makes lateness read low; lateness_from_syn counts \
+         from before connect() instead, an upper bound that also holds the handshake and any SYN retry (1 s) after a full accept queue (listen_overflows, \
          client_syn_retrans; listen_overflows counts every listener of the server namespace, the \
          backend's too, whose overflows delay the agent's connects to it). early = the greeting came more than 1 ms before the delay even \
          counted from before connect(). \
