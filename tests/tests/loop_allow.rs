@@ -37,6 +37,7 @@ fn config_and_run_time_entries_are_one_list_for_kernel_and_agent_v4_and_v6() {
     let net = TestNet::new().expect("net");
     let pins = PinDir::new().expect("pins");
     let _pf = Postfix::start(&net).expect("postfix");
+    let _state = common::StateFileGuard::new(&pins);
     let cfg_with = |allow: &str| {
         common::config(
             &net,
@@ -92,7 +93,4 @@ fn config_and_run_time_entries_are_one_list_for_kernel_and_agent_v4_and_v6() {
             .is_some()
     );
     assert!(banner_time(&net, IpAddr::from(CLIENT_V6)) < GREETING);
-    let state = common::state_file(&pins);
-    let _ = std::fs::remove_file(&state);
-    let _ = std::fs::remove_file(state.with_extension("json.lock"));
 }

@@ -83,6 +83,7 @@ fn allow_listed_clients_reach_the_mta_directly_until_removed_v4_and_v6() {
     let net = TestNet::new().expect("net");
     let pins = PinDir::new().expect("pins");
     let pf = Postfix::start(&net).expect("postfix");
+    let _state = common::StateFileGuard::new(&pins);
     let trusted = [IpAddr::from(CLIENT_V4), IpAddr::from(CLIENT_V6)];
     let cfg = |allow: &[IpAddr]| common::config(&net, &pins, None, true, &rest(allow));
     let agent = Agent::start(&net, &cfg(&trusted)).expect("agent");
@@ -156,9 +157,6 @@ fn allow_listed_clients_reach_the_mta_directly_until_removed_v4_and_v6() {
     let steer = SteerMaps::open(&pins.path).unwrap().counters().unwrap();
     assert!(steer.agent >= 3, "{steer:?}");
     assert_eq!(steer.allowed, 3, "{steer:?}");
-    let state = common::state_file(&pins);
-    let _ = std::fs::remove_file(&state);
-    let _ = std::fs::remove_file(state.with_extension("json.lock"));
 }
 
 /// A client that authenticated (AUTH PLAIN through the agent, Dovecot

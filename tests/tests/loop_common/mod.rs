@@ -50,6 +50,23 @@ file = "{state}"
     )
 }
 
+/// Removes a test agent's state file (and its lock) when dropped, also
+/// when the test fails: `tarpit allow add` writes it outside the pins.
+pub struct StateFileGuard(std::path::PathBuf);
+
+impl StateFileGuard {
+    pub fn new(pins: &PinDir) -> StateFileGuard {
+        StateFileGuard(state_file(pins))
+    }
+}
+
+impl Drop for StateFileGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(self.0.with_extension("json.lock"));
+    }
+}
+
 /// The state file of a test's agent (run-time allow and block entries).
 pub fn state_file(pins: &PinDir) -> std::path::PathBuf {
     let name = pins.path.file_name().unwrap_or_default().to_string_lossy();
