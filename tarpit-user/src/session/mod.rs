@@ -82,8 +82,34 @@ pub async fn run(
     if state.client.implicit_tls {
         // The client speaks TLS first: nothing to read in clear, relay it.
         let (mut client, mut backend) = (ClientStream::Plain(stream), backend);
-        return passthrough(shared, &mut client, &mut backend, Bytes::new()).await;
+        return Box::pin(passthrough(shared, &mut client, &mut backend, Bytes::new())).await;
     }
+    let dnsbl_reject = dns_gate::reject_reply(&mut rep).await;
+    // Boxed: a task's future is as large as its largest state, and the
+    // relay state is much larger than the greeting one. Thousands of
+    // clients held in the greeting delay then cost only the small one.
+    Box::pin(relay(
+        shared,
+        peer,
+        state,
+        stream,
+        backend,
+        banner,
+        dnsbl_reject,
+    ))
+    .await
+}
+
+/// The relay phase of [`run`], once the banner is there.
+async fn relay(
+    shared: &Shared,
+    peer: SocketAddr,
+    state: SessionState,
+    stream: TcpStream,
+    backend: Backend,
+    banner: Reply,
+    dnsbl_reject: Option<String>,
+) -> Outcome {
     let last_auth = shared
         .auth_store
         .last_authenticated(state.client.ip, Instant::now());
@@ -103,7 +129,7 @@ pub async fn run(
         client_eof: false,
         close_after_flush: None,
         sender: String::new(),
-        dnsbl_reject: dns_gate::reject_reply(&mut rep).await,
+        dnsbl_reject,
     };
     let outcome = s.relay(banner).await;
     debug!(client = %peer, outcome = outcome.as_str(), rcpts = s.state.rcpts,
@@ -178,7 +204,7 @@ async fn greet(
         say_and_close(&mut stream, &format!("{SHUTTING_DOWN}\r\n")).await;
         return Err(Outcome::Shutdown);
     }
-    let (backend, banner) = match Backend::open(&shared.backend, peer, local).await {
+    let (backend, banner) = match Box::pin(Backend::open(&shared.backend, peer, local)).await {
         Ok(x) => x,
         Err(e) => {
             warn!(client = %peer, "{e}");
