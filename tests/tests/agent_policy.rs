@@ -302,3 +302,25 @@ fn limits_per_ip_line_length_and_idle() {
     drop(b);
     assert!(metric(&w.net, "tarpit_limit_refusals_total{limit=\"per_ip\"}") >= Some(1.0));
 }
+
+#[test]
+fn total_session_limit_gets_421_at_once() {
+    if !require_root() {
+        return;
+    }
+    let w = world("[greeting]\ndelay = \"10s\"\n[limits]\nsessions = 2\n");
+    // two sessions held in the greeting delay fill the agent
+    let _a = connect(&w, CLIENT_V4.into());
+    let _b = connect(&w, CLIENT_V6.into());
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let mut c = connect(&w, OTHER_V4.into());
+    let r = c.reply().unwrap();
+    assert!(r.text.starts_with("421 4.3.2"), "{}", r.text);
+    assert_no_delay("refusal", t.elapsed());
+    assert!(c.closed_within(Duration::from_secs(5)));
+    assert_eq!(
+        metric(&w.net, "tarpit_limit_refusals_total{limit=\"sessions\"}"),
+        Some(1.0)
+    );
+}
