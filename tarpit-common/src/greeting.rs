@@ -10,23 +10,28 @@
 //! bot is better than a flagged good client.
 use crate::state::{FLOW_GREETED, FLOW_TEASER};
 
-/// Bytes of the segment's tail that are examined (a power of two).
+/// Bytes of the segment's tail that are examined.
 pub const GREETING_WINDOW: usize = 128;
-const MASK: usize = GREETING_WINDOW - 1;
+/// Size of the buffer they are copied into: twice the window, so that any
+/// index below 256 is in bounds. Verifiers before 6.6 lose the bounds a
+/// comparison teaches them on register copies the compiler spilled; an
+/// index bounded by a mask alone (0..=255) is always accepted.
+pub const GREETING_BUF: usize = 2 * GREETING_WINDOW;
+const MASK: usize = GREETING_BUF - 1;
 
 /// `buf[..n]` holds the last `n` payload bytes of a server segment;
 /// `whole` says whether that is the entire payload. Returns `FLOW_TEASER`
 /// or `FLOW_GREETED`. Indexes are masked and loops bounded so the eBPF
 /// verifier accepts the same code.
 #[inline(always)]
-pub fn after_segment(buf: &[u8; GREETING_WINDOW], n: usize, whole: bool) -> u32 {
+pub fn after_segment(buf: &[u8; GREETING_BUF], n: usize, whole: bool) -> u32 {
     if !(4..=GREETING_WINDOW).contains(&n) {
         return FLOW_GREETED;
     }
-    // Forget the range just checked, so the compiler keeps every index
-    // mask below: older verifiers (6.1) do not carry this bound over to
-    // the copies of `n` the compiler spills to the stack.
-    let n = core::hint::black_box(n);
+    // From here on an opaque value bounded by a mask only: the compiler
+    // cannot prove any index in range, so it keeps every mask below, and
+    // every copy of `n` carries 0..=255 for the verifier.
+    let n = core::hint::black_box(n) & MASK;
     // Ignore the line end of the last line, then find where it starts.
     let mut end = n;
     if buf[(end - 1) & MASK] == b'\n' {
@@ -70,7 +75,7 @@ mod tests {
     /// Classifies a whole payload the way the tc program does.
     fn state(payload: &[u8]) -> u32 {
         let n = payload.len().min(GREETING_WINDOW);
-        let mut buf = [0u8; GREETING_WINDOW];
+        let mut buf = [0u8; GREETING_BUF];
         buf[..n].copy_from_slice(&payload[payload.len() - n..]);
         after_segment(&buf, n, n == payload.len())
     }

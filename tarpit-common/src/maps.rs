@@ -55,7 +55,7 @@ pub const SCRATCH: &str = "SCRATCH";
 /// never misread.
 pub const LAYOUT: &str = "LAYOUT";
 /// Bump on every change of a map's key, value or type.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// "TRPT" in the high half, [`LAYOUT_VERSION`] in the low half.
 pub const LAYOUT_MAGIC: u64 = (0x5452_5054u64 << 32) | LAYOUT_VERSION as u64;
 

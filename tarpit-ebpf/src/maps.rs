@@ -58,7 +58,9 @@ pub static SOCK_MARK: SkStorage<u32> = SkStorage::new();
 
 /// The tail of a server segment, copied out of the packet for scanning.
 #[btf_map]
-pub static SCRATCH: PerCpuArray<[u8; SCRATCH_LEN], 1> = PerCpuArray::new();
+pub static SCRATCH: PerCpuArray<[u8; tarpit_common::greeting::GREETING_BUF], 1> =
+    PerCpuArray::new();
+/// Bytes copied into it (the greeting window).
 pub const SCRATCH_LEN: usize = tarpit_common::greeting::GREETING_WINDOW;
 
 /// Written by the loader, read by userspace only; declared here so it is

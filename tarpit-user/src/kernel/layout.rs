@@ -84,7 +84,13 @@ pub const MAPS: &[MapSpec] = &[
     spec(names::EVENTS, MapType::RingBuf, 0, 0, Some("events_bytes")),
     spec(names::COUNTERS, MapType::PerCpuArray, 4, 8, None),
     spec(names::SOCK_MARK, MapType::SkStorage, 4, 4, None),
-    spec(names::SCRATCH, MapType::PerCpuArray, 4, 128, None),
+    spec(
+        names::SCRATCH,
+        MapType::PerCpuArray,
+        4,
+        tarpit_common::greeting::GREETING_BUF as u32,
+        None,
+    ),
     spec(
         names::ATTACHMENTS,
         MapType::Hash,
