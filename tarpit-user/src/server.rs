@@ -167,8 +167,10 @@ async fn accept_loop(
             let _counted = counted;
             shared.metrics.sessions_active.inc();
             // One summary line per session, whatever path it took.
-            let (outcome, tally) =
-                crate::ops::summary::scope(session::run(&shared, stream, peer, local)).await;
+            // Boxed once here, so the task holds the session's future only
+            // once and not again inside each wrapper's state.
+            let session = Box::pin(session::run(&shared, stream, peer, local));
+            let (outcome, tally) = crate::ops::summary::scope(session).await;
             crate::ops::summary::write(peer, &tally, outcome.as_str());
             shared.metrics.sessions_active.dec();
             shared.metrics.session_ended(outcome);
