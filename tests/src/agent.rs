@@ -63,8 +63,14 @@ impl Agent {
     }
 
     fn wait_ready(&mut self) -> Result<()> {
+        // Loading the programs is CPU-bound (the verifier): under software
+        // emulation (`cargo xtask test --kernel`) it takes several times longer.
+        let limit = std::env::var("TARPIT_TEST_AGENT_READY_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(30);
         let mut exited = None;
-        let ready = wait::until(Duration::from_secs(30), || {
+        let ready = wait::until(Duration::from_secs(limit), || {
             if self.log().contains(READY_LINE) {
                 return true;
             }
@@ -84,7 +90,10 @@ impl Agent {
             );
         }
         if !ready {
-            bail!("tarpit was not ready within 30 s; log:\n{}", self.log());
+            bail!(
+                "tarpit was not ready within {limit} s; log:\n{}",
+                self.log()
+            );
         }
         Ok(())
     }

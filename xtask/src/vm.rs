@@ -174,6 +174,17 @@ pub fn run(kernels: &[Kernel], filter: Option<&str>) -> Vec<Outcome> {
             ..Outcome::default()
         })
         .collect();
+    // Held until the kernels are done: another run in this tree would
+    // replace the binaries and output directories under this one's VMs.
+    let _lock = match lock_vm_dir() {
+        Ok(l) => l,
+        Err(e) => {
+            for o in &mut outcomes {
+                o.fail(format!("kernel tests not run: {e:#}"));
+            }
+            return outcomes;
+        }
+    };
     let prepared = prepare(kernels);
     let binaries = match prepared {
         Ok(b) => b,
@@ -195,6 +206,35 @@ pub fn run(kernels: &[Kernel], filter: Option<&str>) -> Vec<Outcome> {
         eprintln!("{}", o.line());
     }
     outcomes
+}
+
+/// An exclusive lock on `target/vm/.lock`, waited for when another
+/// `cargo xtask test --kernel` of this tree holds it. The kernel drops it
+/// when the holder exits, however it exits.
+fn lock_vm_dir() -> Result<fs::File> {
+    use std::os::fd::AsRawFd;
+    let dir = paths::root().join("target/vm");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join(".lock");
+    let file =
+        fs::File::create(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let try_lock = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if try_lock != 0 {
+        shell::say(
+            "Waiting",
+            &format!(
+                "for another kernel test run in this tree ({})",
+                path.display()
+            ),
+        );
+        // SAFETY: as above.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    Ok(file)
 }
 
 /// Kernels downloaded, `tarpit` built, the test executables built and found.
@@ -433,6 +473,8 @@ fn guest_script(
     );
     let mut env: Vec<(String, String)> = vec![
         ("RUST_BACKTRACE".into(), "1".into()),
+        // The verifier's work at agent start is several times slower here.
+        ("TARPIT_TEST_AGENT_READY_SECS".into(), "180".into()),
         (
             "TARPIT_BIN".into(),
             bin.join("tarpit").display().to_string(),
