@@ -428,6 +428,22 @@ fn run_kernel(
     }
     let status = child.wait()?;
 
+    let ran = binaries
+        .iter()
+        .any(|b| out.join(format!("{}.rc", b.name)).exists());
+    if !ran {
+        // Nothing ran: say why once, not once per test executable.
+        let console = fs::read_to_string(out.join("console.log")).unwrap_or_default();
+        let why = console
+            .lines()
+            .find(|l| l.contains("Kernel panic") || l.contains("initramfs:"))
+            .map(|l| format!("the guest did not come up: {}", l.trim()))
+            .unwrap_or_else(|| {
+                format!("the guest ran nothing (qemu exit {status}; see console.log)")
+            });
+        outcome.fail(why);
+        return Ok(());
+    }
     for b in binaries {
         let log = fs::read_to_string(out.join(format!("{}.log", b.name))).unwrap_or_default();
         let rc = fs::read_to_string(out.join(format!("{}.rc", b.name)))
