@@ -39,6 +39,11 @@ pub fn after_segment(buf: &[u8; GREETING_BUF], n: usize, whole: bool) -> u32 {
     }
     let mut start = usize::MAX;
     for k in 1..GREETING_WINDOW {
+        // Opaque step: without it LLVM turns this early-exit scan into a
+        // loop whose per-byte states the verifiers of 5.10 and 6.1 cannot
+        // prune ("BPF program is too large", "the sequence of 8193 jumps
+        // is too complex").
+        let k = core::hint::black_box(k);
         if k > end {
             break;
         }
