@@ -16,7 +16,7 @@ use tarpit_tests::{
 };
 
 /// Scheduling, DNS on loopback, Postfix and the veth take well under this.
-const SLACK: Duration = Duration::from_millis(1500);
+const SLACK: Duration = Duration::from_millis(2500);
 
 fn v4(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(198, 51, 100, last))
