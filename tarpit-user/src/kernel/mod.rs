@@ -250,6 +250,17 @@ impl Kernel {
                 Ok(()) => {}
                 // Connection counting is worth having, not worth refusing
                 // to start over: older kernels lack helpers it uses.
+                // Without the egress program no greeting is ever seen, and
+                // every client would look like a pre-greet talker: switch
+                // pre-greet detection off rather than refuse to start.
+                Err(e) if name == TC_OUT_PROGRAM || name == TC_IN_PROGRAM => {
+                    let why = format!("{:#}", anyhow::Error::from(e));
+                    warn!(
+                        "{name} refused by this kernel's verifier: pre-greet detection in the \
+                         kernel is off ({why})"
+                    );
+                    self.degraded.push(("pregreet", why));
+                }
                 Err(e) if name == SOCKOPS_PROGRAM => {
                     let why = format!("{:#}", anyhow::Error::from(e));
                     warn!(
@@ -292,7 +303,19 @@ impl Kernel {
             self.hold(held, &mut keep);
         }
         let tcx = use_tcx(&cfg);
-        for iface in &cfg.interfaces {
+        let tc_ok = !self.degraded.iter().any(|(f, _)| *f == "pregreet");
+        if !tc_ok {
+            let mut s = settings_from(&cfg);
+            s.flags &= !names::SETTING_PREGREET;
+            let map = self
+                .ebpf
+                .map_mut(names::SETTINGS)
+                .context("the kernel object has no SETTINGS map")?;
+            Array::<_, Settings>::try_from(map)?
+                .set(0, s, 0)
+                .context("cannot write kernel settings")?;
+        }
+        for iface in cfg.interfaces.iter().filter(|_| tc_ok) {
             if !tcx {
                 let created = attach::ensure_clsact(netns, iface)?;
                 attach::record_netlink(
