@@ -13,7 +13,7 @@ mod packet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use kernel_env::{World, mac_of, read_until, send, send_frames};
+use kernel_env::{SLOW_PORT, World, mac_of, read_until, send, send_frames};
 use packet::{
     ACK, ETH_IPV4, ETH_IPV6, PSH, SYN, Tcp, V4, ether, ext_fragment, ext_options, ext_routing,
     v6_packet,
@@ -46,7 +46,7 @@ fn v6_frame(m: &Macs, ip: Vec<u8>) -> Vec<u8> {
 
 /// Broken IPv4 packets that all carry the flow's ports and client talk.
 fn broken_v4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, m: &Macs) -> Vec<Vec<u8>> {
-    let talk = Tcp::new(sport, 25, ACK | PSH, TALK);
+    let talk = Tcp::new(sport, SLOW_PORT, ACK | PSH, TALK);
     let seg = talk.v4_bytes(src, dst);
     let mut frames = Vec::new();
     // Truncated IPv4 header: the frame ends 10 bytes into it.
@@ -114,14 +114,14 @@ fn broken_v4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, m: &Macs) -> Vec<Vec<u8>>
         .packet(
             src,
             dst,
-            &Tcp::new(sport, 25, ACK | PSH, b"").v4_bytes(src, dst),
+            &Tcp::new(sport, SLOW_PORT, ACK | PSH, b"").v4_bytes(src, dst),
         ),
     ));
     frames
 }
 
 fn broken_v6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, m: &Macs) -> Vec<Vec<u8>> {
-    let talk = Tcp::new(sport, 25, ACK | PSH, TALK);
+    let talk = Tcp::new(sport, SLOW_PORT, ACK | PSH, TALK);
     let seg = talk.v6_bytes(src, dst);
     let mut frames = Vec::new();
     // Truncated IPv6 header.
@@ -162,7 +162,7 @@ fn broken_v6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, m: &Macs) -> Vec<Vec<u8>>
             dst,
             &[ext_options(0), ext_routing(), ext_options(60)],
             6,
-            &Tcp::new(sport, 25, ACK | PSH, b"").v6_bytes(src, dst),
+            &Tcp::new(sport, SLOW_PORT, ACK | PSH, b"").v6_bytes(src, dst),
         ),
     ));
     frames
@@ -170,7 +170,9 @@ fn broken_v6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, m: &Macs) -> Vec<Vec<u8>>
 
 fn check_flow_survives(w: &World, client: IpAddr, server: IpAddr, m: &Macs) {
     w.net.add_client_addr(client).unwrap();
-    let dst = SocketAddr::new(server, 25);
+    // The slow port greets after 8 s: the check below must see the flow
+    // still waiting for its greeting, however slow the frames are to send.
+    let dst = SocketAddr::new(server, SLOW_PORT);
     let mut c = w.connect(client, dst, Duration::from_secs(5)).unwrap();
     let me = c.local_addr().unwrap();
     assert_eq!(
