@@ -130,6 +130,23 @@ fn restart_keeps_state_and_replaces_every_program_in_place() {
         c.detach_on_exit = false;
         c.tc_attach = tarpit::config::TcAttachSetting::Tcx;
     };
+    // TCX exists from 6.6 on. Below it a forced `tc_attach = "tcx"` must be
+    // refused at load (not half-attached); the netlink path's in-place
+    // replacement is `netlink_tc_makes_and_removes_its_qdisc_and_never_stacks`.
+    if !aya::util::KernelVersion::current()
+        .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+    {
+        match World::with(persist) {
+            Err(err) => assert!(format!("{err:#}").contains("TCX"), "{err:#}"),
+            // A loader that degraded tc away (old verifier) attached no
+            // TCX link either: nothing half-attached.
+            Ok(w) => {
+                assert!(tcx_progs(&w, TcAttachType::Ingress).is_empty());
+                assert!(tcx_progs(&w, TcAttachType::Egress).is_empty());
+            }
+        }
+        return;
+    }
     let mut w = World::with(persist).expect("world");
     let bot = ip("198.51.100.110");
     let bot6 = ip("fd5b:1e00::110");
