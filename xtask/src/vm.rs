@@ -62,7 +62,7 @@ fn runs_in_vm(test_target: &str) -> bool {
         || test_target.starts_with("kernel_")
 }
 
-/// Where `cargo xtask test` runs the suite: `--kernel host,6.1` (default).
+/// Where `cargo xtask test` runs the suite: `--kernel host` (default), or with Debian kernels in qemu.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Targets {
     pub host: bool,
