@@ -155,14 +155,19 @@ fn established(
         // autotuning, which would otherwise raise the clamp again.
         let mut rcvbuf = settings.window_clamp as i32;
         let mut clamp = settings.window_clamp as i32;
-        let rc = unsafe {
+        let rc_buf = unsafe {
             bpf_setsockopt(
                 ctx.ops as *mut _,
                 SOL_SOCKET,
                 SO_RCVBUF,
                 &raw mut rcvbuf as *mut _,
                 4,
-            ) | bpf_setsockopt(
+            )
+        };
+        // TCP_WINDOW_CLAMP is settable from BPF only since 5.19; before it
+        // the small receive buffer alone keeps the advertised window down.
+        let rc_clamp = unsafe {
+            bpf_setsockopt(
                 ctx.ops as *mut _,
                 SOL_TCP,
                 TCP_WINDOW_CLAMP,
@@ -170,7 +175,7 @@ fn established(
                 4,
             )
         };
-        if rc == 0 {
+        if rc_buf == 0 || rc_clamp == 0 {
             flags |= IP_F_SLOWED;
             count(Counter::SockClamped);
         }

@@ -30,6 +30,9 @@ async fn agent(config: Config, daemon: &mut crate::ops::Daemon) -> Result<()> {
     crate::kernel_version::check_min_kernel()?;
     let held = crate::closed_loop::prepare(&config);
     let mut kernel = Kernel::load(&config.kernel)?;
+    for (feature, available) in kernel.features() {
+        crate::ops::metrics::kernel_feature(feature, available);
+    }
     crate::state::restore_at_start(&config.kernel.pin_path, &config.state.file);
     // Opened as root: scrapes and reloads use the maps after the drop.
     crate::ops::metrics::OpsMetrics::new(

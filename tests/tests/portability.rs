@@ -186,11 +186,6 @@ fn hooks(net: &TestNet, cgroup: &TestCgroup) -> Hooks {
         names.sort();
         names
     };
-    let bpftool = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(&cgroup.path)
-        .output()
-        .expect("bpftool");
     Hooks {
         clsact: in_server(net, "tc", &["qdisc", "show", "dev", dev]).contains("clsact"),
         netlink_ingress: names_in(&in_server(
@@ -206,8 +201,39 @@ fn hooks(net: &TestNet, cgroup: &TestCgroup) -> Hooks {
         tcx_ingress: tcx(TcAttachType::Ingress),
         tcx_egress: tcx(TcAttachType::Egress),
         xdp: in_server(net, "ip", &["-d", "link", "show", "dev", dev]).contains("prog/xdp"),
-        sock_ops: String::from_utf8_lossy(&bpftool.stdout).contains("sock_ops"),
+        sock_ops: sock_ops_on(cgroup),
     }
+}
+
+/// Whether a sock_ops program is attached to the cgroup. `bpftool cgroup
+/// show` sends a query that kernels before 6.0 refuse (it shows nothing
+/// there), so the cgroup links are looked at as well: aya attaches through
+/// a link from 5.7 on.
+fn sock_ops_on(cgroup: &TestCgroup) -> bool {
+    let show = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&cgroup.path)
+        .output()
+        .expect("bpftool");
+    if String::from_utf8_lossy(&show.stdout).contains("sock_ops") {
+        return true;
+    }
+    let ino = std::fs::metadata(&cgroup.path).map_or(0, |m| {
+        use std::os::unix::fs::MetadataExt;
+        m.ino()
+    });
+    let links = Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()
+        .expect("bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&links.stdout).unwrap_or_default();
+    v.as_array().is_some_and(|links| {
+        links.iter().any(|l| {
+            l["type"] == "cgroup"
+                && l["attach_type"] == "sock_ops"
+                && l["cgroup_id"].as_u64() == Some(ino)
+        })
+    })
 }
 
 fn nothing_attached() -> Hooks {

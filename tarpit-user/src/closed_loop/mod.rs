@@ -182,10 +182,16 @@ impl ClosedLoop {
             let mut s = SteerMaps::open(kernel.pin_path())?;
             s.set_settings(steer_settings(config))?;
             match s.take_mta(&config.bypass.mta_listeners) {
-                Ok(taken) => mta_inodes = taken.iter().map(|l| Some(l.inode)).collect(),
+                Ok(taken) => {
+                    mta_inodes = taken.iter().map(|l| Some(l.inode)).collect();
+                    crate::ops::metrics::kernel_feature("bypass", true);
+                }
                 // Without the MTA's socket nothing can be steered to it:
                 // every client goes to the agent, as without bypass.
-                Err(e) => warn!("bypass: {e:#}; trusted clients go through the agent"),
+                Err(e) => {
+                    warn!("bypass: {e:#}; trusted clients go through the agent");
+                    crate::ops::metrics::kernel_feature("bypass", false);
+                }
             }
             if config.kernel.detach_on_exit && config.bypass.fail_open {
                 warn!(

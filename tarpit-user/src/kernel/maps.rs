@@ -232,9 +232,29 @@ impl KernelMaps {
         net: IpNet,
         entry: ListEntry,
     ) -> Result<(), KernelError> {
-        trie.insert(&prefix::key_of(&net), entry, 0).map_err(|e| {
-            KernelError::from_map(format!("add {net} to {map}"), e, Some((map, key, cap)))
-        })
+        let k = prefix::key_of(&net);
+        let err =
+            |e| KernelError::from_map(format!("add {net} to {map}"), e, Some((map, key, cap)));
+        match trie.insert(&k, entry, 0) {
+            Ok(()) => Ok(()),
+            // Kernels before 6.13 check a full trie before looking for the
+            // key, so replacing an entry of a full list fails with ENOSPC.
+            // Make room by removing the old entry, then put it back if the
+            // new one still cannot go in (a racing add took the slot).
+            Err(e) if layout_errno(&e) == Some(libc::ENOSPC) => {
+                let Ok(old) = trie.get(&k, 0) else {
+                    return Err(err(e));
+                };
+                if trie.remove(&k).is_err() {
+                    return Err(err(e));
+                }
+                trie.insert(&k, entry, 0).map_err(|e| {
+                    let _ = trie.insert(&k, old, 0);
+                    err(e)
+                })
+            }
+            Err(e) => Err(err(e)),
+        }
     }
 
     fn list_del(trie: &mut Trie, map: &str, net: IpNet) -> Result<bool, KernelError> {

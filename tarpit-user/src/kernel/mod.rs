@@ -283,6 +283,15 @@ impl Kernel {
         &self.degraded
     }
 
+    /// Each kernel feature and whether it runs here: the agent exports
+    /// them as `tarpit_kernel_feature_available`.
+    pub fn features(&self) -> Vec<(&'static str, bool)> {
+        ["xdp", "pregreet", "sock_ops"]
+            .into_iter()
+            .map(|f| (f, !self.degraded.iter().any(|(d, _)| *d == f)))
+            .collect()
+    }
+
     fn attach_all(&mut self) -> Result<()> {
         let cfg = self.cfg.clone();
         let persist = !cfg.detach_on_exit;

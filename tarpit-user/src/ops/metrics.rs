@@ -24,6 +24,21 @@ type Labels = Vec<(&'static str, String)>;
 static BLOCKS_ADDED: AtomicU64 = AtomicU64::new(0);
 static BLOCKS_EXPIRED: AtomicU64 = AtomicU64::new(0);
 
+/// Kernel features and whether this kernel runs them, as found at start
+/// (a verifier that refuses a program degrades its feature, see
+/// [`crate::kernel::Kernel::features`]).
+static KERNEL_FEATURES: Mutex<Vec<(&'static str, bool)>> = Mutex::new(Vec::new());
+
+/// Records whether a kernel feature works on this kernel, for
+/// `tarpit_kernel_feature_available`.
+pub fn kernel_feature(name: &'static str, available: bool) {
+    let mut f = KERNEL_FEATURES.lock().unwrap_or_else(|p| p.into_inner());
+    match f.iter_mut().find(|(n, _)| *n == name) {
+        Some(e) => e.1 = available,
+        None => f.push((name, available)),
+    }
+}
+
 /// The agent put `n` entries on the kernel's block list.
 pub fn blocks_added(n: u64) {
     BLOCKS_ADDED.fetch_add(n, Relaxed);
@@ -105,6 +120,22 @@ impl OpsMetrics {
             c.inc_by(v.load(Relaxed));
             reg.register(name, help, c);
         }
+
+        let features = Family::<Labels, Gauge>::default();
+        for (name, ok) in KERNEL_FEATURES
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            features
+                .get_or_create(&vec![("feature", name.to_string())])
+                .set(i64::from(*ok));
+        }
+        reg.register(
+            "kernel_feature_available",
+            "1 when this kernel runs the feature, 0 when it was degraded at load (the log says why)",
+            features,
+        );
 
         let mut text = String::new();
         // Writing into a String cannot fail.
@@ -195,5 +226,18 @@ mod tests {
         let v: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(v >= 2);
         assert!(out.contains("tarpit_blocks_expired_total"), "{out}");
+        kernel_feature("pregreet", false);
+        kernel_feature("pregreet", true);
+        kernel_feature("sock_ops", false);
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(
+            out.contains("tarpit_kernel_feature_available{feature=\"pregreet\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("tarpit_kernel_feature_available{feature=\"sock_ops\"} 0"),
+            "{out}"
+        );
     }
 }
