@@ -112,6 +112,12 @@ fn per_ip_map_filled_past_its_size_keeps_the_newest_and_keeps_working() {
     assert_eq!(maps.counters().unwrap().get(Counter::IpStateFailed), 0);
 }
 
+/// Whether this kernel's LRU maps evict their oldest entries first even
+/// when tiny (6.16 stopped per-CPU reservations from starving small maps).
+fn lru_keeps_newest() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 16, 0))
+}
+
 #[test]
 fn lost_flow_entry_means_unknown_never_a_strike_never_a_drop() {
     if !require_root() {
@@ -130,16 +136,29 @@ fn lost_flow_entry_means_unknown_never_a_strike_never_a_drop() {
         // A server that greets late, so nothing touches the flows until
         // the flood has pushed them out.
         let dst = SocketAddr::new(server, SLOW_PORT);
+        let made = w.maps().counters().unwrap().get(Counter::TcFlowNew);
         let mut g = w.connect(good, dst, Duration::from_secs(5)).unwrap();
         let mut b = w.connect(bot, dst, Duration::from_secs(5)).unwrap();
         let (gme, bme) = (g.local_addr().unwrap(), b.local_addr().unwrap());
-        // The client's handshake ACK may still be on its way through the
-        // server's ingress when connect() returns (slow under emulation).
+        // Both SYNs made an entry...
+        assert!(
+            until(Duration::from_secs(3), || {
+                w.maps().counters().unwrap().get(Counter::TcFlowNew) >= made + 2
+            }),
+            "{:?}",
+            w.maps().counters().unwrap()
+        );
+        // ...which a kernel with a working LRU still holds. Before 6.16 an
+        // LRU map this small can recycle its newest entries at once (each
+        // CPU reserves up to 128 free entries and force-shrinks before it
+        // steals from another), so there the entry may be gone already:
+        // the very case this test is about. The handshake's last ACK may
+        // still be on its way through ingress when connect() returns.
         let tracked = until(Duration::from_secs(3), || {
             w.maps().flow_verdict(gme, dst).ok() == Some(PreGreetVerdict::AwaitingGreeting)
         });
         assert!(
-            tracked,
+            tracked || !lru_keeps_newest(),
             "{gme} not tracked before the flood: {:?}, {} flows, {:?}",
             w.maps().flow_verdict(gme, dst),
             w.maps().flow_count(),

@@ -230,7 +230,8 @@ fn sock_ops_on(cgroup: &TestCgroup) -> bool {
     v.as_array().is_some_and(|links| {
         links.iter().any(|l| {
             l["type"] == "cgroup"
-                && l["attach_type"] == "sock_ops"
+                // "sock_ops", or "cgroup_sock_ops" in older bpftool.
+                && l["attach_type"].as_str().is_some_and(|t| t.ends_with("sock_ops"))
                 && l["cgroup_id"].as_u64() == Some(ino)
         })
     })
