@@ -62,12 +62,7 @@ pub async fn start_agent(
 ) -> Result<tokio::task::JoinSet<()>> {
     let metrics = Arc::new(Metrics::new());
     let tls = config.tls.server_config()?.map(TlsAcceptor::from);
-    let reputation = crate::reputation::Reputation::new(
-        &config.dns,
-        &config.dnsbl,
-        &config.dnswl,
-        config.allow.hosts.clone(),
-    )?;
+    let reputation = crate::reputation::Reputation::from_config(config, Arc::default())?;
     let _ = metrics.reputation.set(reputation.metrics().clone());
     let greylist = crate::reputation::Greylist::open(
         &config.greylist,
@@ -94,18 +89,23 @@ pub async fn start_agent(
     let (shared_tx, shared_rx) = watch::channel(shared.clone());
     let server = Server::bind(&config.listen.addrs, shared).await?;
     tasks.spawn(server.with_updates(shared_rx).serve());
-    tasks.spawn(apply_reloads(updates, shared_tx));
+    tasks.spawn(apply_reloads(updates, shared_tx, Arc::new(config.clone())));
     Ok(tasks)
 }
 
 /// On every reload the daemon applied: rebuilds what sessions share from
-/// the new config (policy, MTA, limits, TLS) for the next session, keeping
-/// the long-lived parts (counters, caches), and writes the kernel's live
-/// settings. Sessions in flight keep what they started with.
+/// the new config (policy, MTA, limits, TLS, reputation checks, greylist
+/// timing) for the next session, keeping the long-lived parts (counters,
+/// metrics, the greylist table), and writes the kernel's live settings.
+/// Sessions in flight keep what they started with. `started` is the
+/// config the agent started with.
 async fn apply_reloads(
     mut updates: watch::Receiver<Arc<Config>>,
     shared: watch::Sender<Arc<Shared>>,
+    started: Arc<Config>,
 ) {
+    // The config the running reputation checks were built from.
+    let mut reputation_from = started;
     while updates.changed().await.is_ok() {
         let config = updates.borrow_and_update().clone();
         let tls = match config.tls.server_config() {
@@ -119,6 +119,35 @@ async fn apply_reloads(
             }
         };
         let mut next = (**shared.borrow()).clone();
+        if crate::reputation::Reputation::config_changed(&reputation_from, &config) {
+            // The reload checked that these build (`ops::reload::preflight`).
+            match crate::reputation::Reputation::from_config(
+                &config,
+                next.reputation.metrics().clone(),
+            ) {
+                Ok(r) => {
+                    next.reputation = r;
+                    reputation_from = config.clone();
+                    info!(
+                        target: "tarpit::ops::reload",
+                        lists = config.dnsbl.sites.len() + config.dnswl.sites.len(),
+                        "reputation checks rebuilt ([dns], [dnsbl], [dnswl], allow.hosts): \
+                         new sessions use them, with empty DNS caches"
+                    );
+                }
+                Err(e) => {
+                    error!(
+                        target: "tarpit::ops::reload",
+                        key = e.key().unwrap_or("-"),
+                        "reputation checks not rebuilt, new sessions keep the previous ones: {e}"
+                    );
+                }
+            }
+        }
+        next.greylist = next
+            .greylist
+            .as_ref()
+            .map(|g| g.reconfigure(&config.greylist));
         next.policy = Policy::new(&config);
         next.backend = config.backend.clone();
         next.limits = config.limits.clone();

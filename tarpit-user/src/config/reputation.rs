@@ -15,7 +15,7 @@ use super::ConfigError;
 use crate::reputation::dnsbl::{ListAction, Site};
 
 /// `[dns]`: the resolver used for DNSBL, DNSWL and host-name lookups.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Name servers as "IP" or "IP:port"; empty = the system's
@@ -88,7 +88,7 @@ impl DnsConfig {
 }
 
 /// `[dnsbl]`: block lists, weights, threshold and actions.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsblConfig {
     /// postscreen_dnsbl_sites syntax; weights default to 1 and may be
@@ -129,7 +129,7 @@ impl Default for DnsblConfig {
 /// `[dnswl]`: allow lists. Same syntax; a weight, when given, must be
 /// negative (postscreen's `list.dnswl.org=127.0.[0..255].[1..3]*-2` can be
 /// copied as it is); the default weight is -1.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnswlConfig {
     pub sites: Vec<String>,
@@ -239,7 +239,7 @@ pub enum GreylistMode {
 }
 
 /// `[greylist]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GreylistConfig {
     pub mode: GreylistMode,

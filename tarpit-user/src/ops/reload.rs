@@ -10,9 +10,19 @@
 //! values.
 //!
 //! Some keys describe what was bound, attached or dropped at start (listen
-//! addresses, interfaces, pin path, the user): changing them needs a
-//! restart. A reload keeps their running values, applies the rest, and
-//! names each such key in a warning.
+//! addresses, interfaces, pin path, the user, the greylist store and
+//! mode): changing them needs a restart. A reload keeps their running
+//! values, applies the rest, and names each such key in a warning.
+//!
+//! The reputation checks (`[dns]`, `[dnsbl]`, `[dnswl]`, `allow.hosts`)
+//! apply on reload: when they changed, the new checks are built here
+//! first, before the swap, so a config whose checks cannot be built (a
+//! resolver that cannot be set up) is refused as a whole, naming the key,
+//! exactly like an invalid file. The agent then builds them again for the
+//! next sessions (`run::apply_reloads`), with empty DNS caches (cached
+//! answers and allow-cache entries were judged by the old lists) and the
+//! same metrics. Greylisting's windows, size and prefixes apply too; its
+//! store and mode stay until a restart (`Greylist::reconfigure`).
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,21 +94,35 @@ impl ConfigWatch {
 
     /// Reads, validates and swaps in the file. On error nothing changes.
     pub fn reload(&self) -> Result<Reloaded, ConfigError> {
+        self.reload_with(preflight)
+    }
+
+    /// [`ConfigWatch::reload`] with the check of what the file asks to
+    /// build (`check(running, new)`, after the restart-only keys were put
+    /// back): its error refuses the whole reload.
+    fn reload_with(
+        &self,
+        check: impl Fn(&Config, &Config) -> Result<(), ConfigError>,
+    ) -> Result<Reloaded, ConfigError> {
+        let refuse = |e: ConfigError| {
+            self.counts.refused.fetch_add(1, Ordering::Relaxed);
+            GLOBAL_COUNTS.refused.fetch_add(1, Ordering::Relaxed);
+            error!(
+                target: "tarpit::ops::reload",
+                key = e.key().unwrap_or("-"),
+                "configuration reload refused, the running configuration stays in force: {e}"
+            );
+            Err(e)
+        };
         let mut new = match Config::load(&self.path) {
             Ok(c) => c,
-            Err(e) => {
-                self.counts.refused.fetch_add(1, Ordering::Relaxed);
-                GLOBAL_COUNTS.refused.fetch_add(1, Ordering::Relaxed);
-                error!(
-                    target: "tarpit::ops::reload",
-                    key = e.key().unwrap_or("-"),
-                    "configuration reload refused, the running configuration stays in force: {e}"
-                );
-                return Err(e);
-            }
+            Err(e) => return refuse(e),
         };
         let old = self.current();
         let restart_only = carry_restart_only(&old, &mut new);
+        if let Err(e) = check(&old, &new) {
+            return refuse(e);
+        }
         for key in &restart_only {
             warn!(
                 target: "tarpit::ops::reload",
@@ -137,6 +161,16 @@ impl ConfigWatch {
     }
 }
 
+/// What validation cannot know: can the agent build what the new config
+/// asks for? The reputation checks, when they changed (their resolver is
+/// set up from `dns.nameservers` or the system's configuration).
+fn preflight(old: &Config, new: &Config) -> Result<(), ConfigError> {
+    if crate::reputation::Reputation::config_changed(old, new) {
+        crate::reputation::Reputation::from_config(new, Arc::default())?;
+    }
+    Ok(())
+}
+
 /// Puts back the running value of every restart-only key that the new
 /// file changes, and names them. Compared through their Debug form, which
 /// every config type has and which shows every field.
@@ -168,10 +202,10 @@ fn carry_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!("kernel.slow_entries", kernel.slow_entries);
     keep!("kernel.events_bytes", kernel.events_bytes);
     keep!("limits.sessions", limits.sessions);
-    keep!("dns", dns);
-    keep!("dnsbl", dnsbl);
-    keep!("dnswl", dnswl);
-    keep!("greylist", greylist);
+    // The store is opened (and handed to the user) at start, before the
+    // privilege drop; turning greylisting on or off opens or closes it.
+    keep!("greylist.mode", greylist.mode);
+    keep!("greylist.store", greylist.store);
     keep!("daemon.user", daemon.user);
     keep!("daemon.group", daemon.group);
     keep!("daemon.pid_file", daemon.pid_file);
@@ -298,6 +332,63 @@ mod tests {
         assert_eq!(c.rcpt.threshold, 9, "live keys apply");
         assert_eq!(c.listen.addrs[0].port(), 2525, "bound address stays");
         assert_eq!(c.daemon.user, None);
+    }
+
+    #[tokio::test]
+    async fn reputation_and_greylist_timing_apply_store_and_mode_are_kept() {
+        let f = TmpConfig::new(
+            "reputation",
+            "[dns]\nnameservers = [\"127.0.0.1:5353\"]\n[dnsbl]\nsites = [\"a.test\"]\n",
+        );
+        let w = ConfigWatch::new(&f.0, Config::load(&f.0).unwrap());
+        f.write(
+            "[dns]\nnameservers = [\"127.0.0.1:5300\"]\ntimeout = \"2s\"\n\
+             [dnsbl]\nsites = [\"a.test\", \"b.test*2\"]\nthreshold = 2\n\
+             [dnsbl.actions]\n\"b.test\" = \"reject\"\n\
+             [allow]\nhosts = [\"*.partner.example\"]\n\
+             [greylist]\nmode = \"triplet\"\nstore = \"/nonexistent/g.db\"\nmin_wait = \"1m\"\n",
+        );
+        let r = w.reload().unwrap();
+        assert_eq!(r.restart_only, vec!["greylist.mode", "greylist.store"]);
+        let c = w.current();
+        assert_eq!(c.dns.nameservers, ["127.0.0.1:5300"]);
+        assert_eq!(c.dnsbl.sites.len(), 2);
+        assert_eq!(c.dnsbl.threshold, 2);
+        assert_eq!(c.allow.hosts.len(), 1);
+        assert_eq!(c.greylist.min_wait.as_secs(), 60, "timing applies");
+        assert_eq!(c.greylist.mode, crate::config::GreylistMode::Off);
+        assert_ne!(c.greylist.store, PathBuf::from("/nonexistent/g.db"));
+    }
+
+    #[test]
+    fn a_config_the_agent_cannot_build_is_refused_as_a_whole() {
+        let f = TmpConfig::new("unbuildable", "[greeting]\ndelay = \"5s\"\n");
+        let w = ConfigWatch::new(&f.0, Config::load(&f.0).unwrap());
+        f.write("[greeting]\ndelay = \"7s\"\n[dnsbl]\nsites = [\"a.test\"]\n");
+        let e = w
+            .reload_with(|old, new| {
+                assert_eq!(old.greeting.delay.as_secs(), 5);
+                assert_eq!(new.dnsbl.sites, ["a.test"]);
+                Err(ConfigError::invalid("dns.nameservers", "no resolver"))
+            })
+            .unwrap_err();
+        assert_eq!(e.key(), Some("dns.nameservers"));
+        let c = w.current();
+        assert_eq!(c.greeting.delay.as_secs(), 5, "nothing of the file applies");
+        assert!(c.dnsbl.sites.is_empty());
+        assert_eq!(w.counts().refused.load(Ordering::Relaxed), 1);
+        assert_eq!(w.counts().applied.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn preflight_builds_only_changed_checks() {
+        let old = Config::parse("").unwrap();
+        assert!(preflight(&old, &old).is_ok());
+        let new = Config::parse(
+            "[dns]\nnameservers = [\"127.0.0.1:5353\"]\n[dnsbl]\nsites = [\"a.test\"]\n",
+        )
+        .unwrap();
+        assert!(preflight(&old, &new).is_ok());
     }
 
     #[test]

@@ -288,6 +288,14 @@ impl GreyTable {
         });
     }
 
+    /// New windows and size (a reload): they apply to every later check,
+    /// also of keys recorded before (a pending key's first attempt and a
+    /// passed key's expiry stay as they were written).
+    pub fn set_limits(&mut self, windows: Windows, max_entries: usize) {
+        self.windows = windows;
+        self.max_entries = max_entries.max(1);
+    }
+
     /// Sets a key's state as read from the store.
     pub fn restore(&mut self, key: GreyKey, e: Entry) {
         self.entries.insert(key, e);
@@ -411,7 +419,8 @@ struct Writer {
     file: File,
     lines: usize,
     entries: HashMap<GreyKey, Entry>,
-    windows: Windows,
+    /// The running windows (a reload changes them), for compaction.
+    windows: Arc<Mutex<Windows>>,
 }
 
 impl Writer {
@@ -438,7 +447,8 @@ impl Writer {
             .map_err(|err| store_err(&self.path, err))?;
         self.lines += 1;
         if self.lines > 2 * self.entries.len() + 1000 {
-            let mut t = GreyTable::new(self.windows, usize::MAX);
+            let windows = *self.windows.lock().unwrap_or_else(|e| e.into_inner());
+            let mut t = GreyTable::new(windows, usize::MAX);
             t.entries = std::mem::take(&mut self.entries);
             t.sweep(now);
             self.entries = t.entries;
@@ -462,6 +472,8 @@ pub struct Greylist {
     v4_prefix: u8,
     v6_prefix: u8,
     table: Arc<Mutex<GreyTable>>,
+    /// The store thread's copy of the windows.
+    windows: Arc<Mutex<Windows>>,
     writer: std::sync::mpsc::SyncSender<Msg>,
     metrics: Arc<ReputationMetrics>,
 }
@@ -499,12 +511,13 @@ impl Greylist {
             .append(true)
             .open(&path)
             .map_err(|e| store_err(&path, e))?;
+        let shared_windows = Arc::new(Mutex::new(windows));
         let writer = Writer {
             path: path.clone(),
             file,
             lines: table.len(),
             entries: table.entries.clone(),
-            windows,
+            windows: shared_windows.clone(),
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(WRITE_QUEUE);
         std::thread::Builder::new()
@@ -517,9 +530,29 @@ impl Greylist {
             v4_prefix: cfg.ipv4_prefix,
             v6_prefix: cfg.ipv6_prefix,
             table: Arc::new(Mutex::new(table)),
+            windows: shared_windows,
             writer: tx,
             metrics,
         }))
+    }
+
+    /// A reload: the same table and store with `cfg`'s windows, size and
+    /// client prefixes. The windows and size apply at once to every check
+    /// (the table is shared); the prefixes to sessions that start from now
+    /// on (a session keeps the `Greylist` it started with). `mode` and
+    /// `store` are not read: they stay as opened (restart-only).
+    pub fn reconfigure(&self, cfg: &GreylistConfig) -> Greylist {
+        let windows = Windows::from(cfg);
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_limits(windows, cfg.max_entries);
+        *self.windows.lock().unwrap_or_else(|e| e.into_inner()) = windows;
+        Greylist {
+            v4_prefix: cfg.ipv4_prefix,
+            v6_prefix: cfg.ipv6_prefix,
+            ..self.clone()
+        }
     }
 
     pub fn mode(&self) -> GreylistMode {
@@ -810,6 +843,34 @@ mod tests {
             "{} lines",
             text.lines().count()
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn reconfigure_applies_windows_and_prefixes_to_the_same_table() {
+        let dir = tempdir("reconf");
+        let m = Arc::new(ReputationMetrics::default());
+        let g = Greylist::open(&cfg(&dir), m, T0).unwrap().unwrap();
+        let ip: IpAddr = "198.51.100.9".parse().unwrap();
+        let k = g.triplet_key(ip, "a@x", "b@y");
+        assert_eq!(g.check(&k, T0), GreyVerdict::TempFail { retry_in: MIN });
+        let shorter = GreylistConfig {
+            min_wait: Duration::from_secs(60),
+            ipv4_prefix: 32,
+            ..cfg(&dir)
+        };
+        let g2 = g.reconfigure(&shorter);
+        // The pending key kept its first attempt; the new wait applies.
+        assert_eq!(
+            g2.check(&k, T0 + 30),
+            GreyVerdict::TempFail { retry_in: 30 }
+        );
+        assert_eq!(g2.check(&k, T0 + 60), GreyVerdict::Pass);
+        assert_eq!(g2.len(), 1, "one table for old and new sessions");
+        // New sessions key on the new prefix; one that started before keeps /24.
+        assert_ne!(g2.triplet_key(ip, "a@x", "b@y"), k);
+        assert_eq!(g.triplet_key(ip, "a@x", "b@y"), k);
+        assert!(g2.flush(Duration::from_secs(5)));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

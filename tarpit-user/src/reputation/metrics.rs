@@ -1,8 +1,16 @@
 //! Counters and latency histograms of the reputation checks: plain atomics,
 //! rendered in the Prometheus text format by [`ReputationMetrics::render`]
 //! so that any metrics endpoint can append them.
+//!
+//! One [`ReputationMetrics`] lives as long as the agent: a reload that
+//! rebuilds the checks hands the same one to the new checks, so every
+//! family counts on across reloads. The per-list and per-site counters are
+//! created by name when a list first appears; a list a reload removes
+//! keeps its last counts (it is still rendered), one it adds back counts
+//! on from there.
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the lookup latency buckets.
@@ -71,10 +79,47 @@ pub struct SiteMetrics {
     pub hits: AtomicU64,
 }
 
+/// Metrics kept by name for the life of the process, in the order they
+/// first appeared.
+#[derive(Debug)]
+pub struct Named<T>(Mutex<Vec<Arc<T>>>);
+
+impl<T> Default for Named<T> {
+    fn default() -> Self {
+        Named(Mutex::new(Vec::new()))
+    }
+}
+
+impl<T> Named<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<T>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A snapshot of every entry so far.
+    pub fn iter(&self) -> std::vec::IntoIter<Arc<T>> {
+        self.lock().clone().into_iter()
+    }
+
+    fn find(&self, pred: impl Fn(&T) -> bool) -> Option<Arc<T>> {
+        self.lock().iter().find(|x| pred(x)).cloned()
+    }
+
+    /// The entry `pred` picks, or the one `make` builds (then kept).
+    fn get_or_insert(&self, pred: impl Fn(&T) -> bool, make: impl FnOnce() -> T) -> Arc<T> {
+        let mut v = self.lock();
+        if let Some(x) = v.iter().find(|x| pred(x)) {
+            return x.clone();
+        }
+        let x = Arc::new(make());
+        v.push(x.clone());
+        x
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct ReputationMetrics {
-    pub lists: Vec<ListMetrics>,
-    pub sites: Vec<SiteMetrics>,
+    pub lists: Named<ListMetrics>,
+    pub sites: Named<SiteMetrics>,
     /// Verdicts given.
     pub verdicts: AtomicU64,
     /// Verdicts by outcome.
@@ -129,28 +174,41 @@ fn hist(out: &mut String, name: &str, labels: &str, h: &Histogram) {
 
 impl ReputationMetrics {
     pub fn new(domains: &[String], specs: &[String]) -> Self {
-        ReputationMetrics {
-            lists: domains
-                .iter()
-                .map(|d| ListMetrics {
-                    domain: d.clone(),
-                    ..Default::default()
-                })
-                .collect(),
-            sites: specs
-                .iter()
-                .map(|s| SiteMetrics {
-                    spec: s.clone(),
-                    hits: AtomicU64::new(0),
-                })
-                .collect(),
-            ..Default::default()
+        let m = ReputationMetrics::default();
+        for d in domains {
+            m.list_or_insert(d);
         }
+        for s in specs {
+            m.site_or_insert(s);
+        }
+        m
     }
 
-    /// The counters of one list domain.
-    pub fn list(&self, domain: &str) -> Option<&ListMetrics> {
-        self.lists.iter().find(|l| l.domain == domain)
+    /// The counters of one list domain, if it was ever configured.
+    pub fn list(&self, domain: &str) -> Option<Arc<ListMetrics>> {
+        self.lists.find(|l| l.domain == domain)
+    }
+
+    /// The counters of one list domain, created at zero the first time.
+    pub fn list_or_insert(&self, domain: &str) -> Arc<ListMetrics> {
+        self.lists.get_or_insert(
+            |l| l.domain == domain,
+            || ListMetrics {
+                domain: domain.to_string(),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// The counters of one configured site, created at zero the first time.
+    pub fn site_or_insert(&self, spec: &str) -> Arc<SiteMetrics> {
+        self.sites.get_or_insert(
+            |s| s.spec == spec,
+            || SiteMetrics {
+                spec: spec.to_string(),
+                hits: AtomicU64::new(0),
+            },
+        )
     }
 
     /// Appends every counter in the OpenMetrics text format (counter
@@ -165,7 +223,7 @@ impl ReputationMetrics {
             out,
             "# HELP tarpit_dnsbl_queries DNS queries per list, by result.\n# TYPE tarpit_dnsbl_queries counter"
         );
-        for l in &self.lists {
+        for l in self.lists.iter() {
             let d = esc(&l.domain);
             for (result, v) in [
                 ("listed", &l.listed),
@@ -185,7 +243,7 @@ impl ReputationMetrics {
             out,
             "# HELP tarpit_dnsbl_site_hits Times a configured site counted toward a client's score.\n# TYPE tarpit_dnsbl_site_hits counter"
         );
-        for s in &self.sites {
+        for s in self.sites.iter() {
             let _ = writeln!(
                 out,
                 "tarpit_dnsbl_site_hits_total{{site=\"{}\"}} {}",
@@ -197,7 +255,7 @@ impl ReputationMetrics {
             out,
             "# HELP tarpit_dnsbl_lookup_seconds DNSBL/DNSWL query latency per list.\n# TYPE tarpit_dnsbl_lookup_seconds histogram"
         );
-        for l in &self.lists {
+        for l in self.lists.iter() {
             hist(
                 out,
                 "tarpit_dnsbl_lookup_seconds",
@@ -308,12 +366,25 @@ mod tests {
     #[test]
     fn render_names_lists_and_sites() {
         let m = ReputationMetrics::new(&["bl.test".into()], &["bl.test*3".into()]);
-        m.lists[0].listed.fetch_add(2, Relaxed);
-        m.sites[0].hits.fetch_add(1, Relaxed);
+        m.list_or_insert("bl.test").listed.fetch_add(2, Relaxed);
+        m.site_or_insert("bl.test*3").hits.fetch_add(1, Relaxed);
         let mut s = String::new();
         m.render(&mut s);
         assert!(s.contains("tarpit_dnsbl_queries_total{list=\"bl.test\",result=\"listed\"} 2"));
         assert!(s.contains("tarpit_dnsbl_site_hits_total{site=\"bl.test*3\"} 1"));
         assert!(s.contains("tarpit_dnsbl_lookup_seconds_bucket{list=\"bl.test\",le=\"+Inf\"} 0"));
+    }
+
+    #[test]
+    fn lists_are_kept_by_name_across_rebuilds() {
+        let m = ReputationMetrics::new(&["bl.test".into()], &[]);
+        m.list_or_insert("bl.test").queries.fetch_add(3, Relaxed);
+        // A rebuilt configuration asks for the same list and a new one.
+        let again = m.list_or_insert("bl.test");
+        assert_eq!(again.queries.load(Relaxed), 3, "counts on");
+        m.list_or_insert("new.test");
+        let names: Vec<String> = m.lists.iter().map(|l| l.domain.clone()).collect();
+        assert_eq!(names, ["bl.test", "new.test"]);
+        assert!(m.list("gone.test").is_none());
     }
 }

@@ -32,12 +32,12 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::config::{DnsConfig, DnsblConfig, DnswlConfig};
+use crate::config::{Config, ConfigError, DnsConfig, DnsblConfig, DnswlConfig};
 use cache::TtlCache;
 use dnsbl::{Hit, Judgement, ListAction, Scoring, Site};
 use fcrdns::{HostCheck, HostPattern};
 pub use greylist::{GreyKey, GreyVerdict, Greylist, unix_now};
-use metrics::ReputationMetrics;
+use metrics::{ListMetrics, ReputationMetrics, SiteMetrics};
 use resolver::{Answer, Dns, Failure};
 
 /// Why the reputation checks could not be set up.
@@ -143,6 +143,10 @@ struct Inner {
     /// address -> confirmed allow-listed host name (None: not allowed).
     hosts: Mutex<TtlCache<IpAddr, Option<String>>>,
     metrics: Arc<ReputationMetrics>,
+    /// The counters of `settings.domains` and `settings.sites`, by index
+    /// (shared with `metrics`, which keeps them across reloads).
+    lists: Vec<Arc<ListMetrics>>,
+    sites: Vec<Arc<SiteMetrics>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -217,6 +221,54 @@ impl Reputation {
         wl: &DnswlConfig,
         allow_hosts: Vec<HostPattern>,
     ) -> Result<Reputation, ReputationError> {
+        Self::with_metrics(
+            dns,
+            bl,
+            wl,
+            allow_hosts,
+            Arc::new(ReputationMetrics::default()),
+        )
+    }
+
+    /// The checks of a whole config, counting into `metrics` (the agent
+    /// passes the same one at start and at every reload, so the families
+    /// count on). Errors name the key: a resolver that cannot be built is
+    /// `dns.nameservers`' fault (with none given, the system's
+    /// configuration is read).
+    pub fn from_config(
+        config: &Config,
+        metrics: Arc<ReputationMetrics>,
+    ) -> Result<Reputation, ConfigError> {
+        Self::with_metrics(
+            &config.dns,
+            &config.dnsbl,
+            &config.dnswl,
+            config.allow.hosts.clone(),
+            metrics,
+        )
+        .map_err(|e| match e {
+            ReputationError::Config(e) => e,
+            ReputationError::Resolver(e) => ConfigError::invalid("dns.nameservers", e.to_string()),
+        })
+    }
+
+    /// Does `new` ask for other checks than `old`? (`[dns]`, `[dnsbl]`,
+    /// `[dnswl]`, `allow.hosts`: what [`Reputation::from_config`] reads.)
+    pub fn config_changed(old: &Config, new: &Config) -> bool {
+        old.dns != new.dns
+            || old.dnsbl != new.dnsbl
+            || old.dnswl != new.dnswl
+            || old.allow.hosts != new.allow.hosts
+    }
+
+    /// As [`Reputation::new`], counting into `metrics`.
+    pub fn with_metrics(
+        dns: &DnsConfig,
+        bl: &DnsblConfig,
+        wl: &DnswlConfig,
+        allow_hosts: Vec<HostPattern>,
+        metrics: Arc<ReputationMetrics>,
+    ) -> Result<Reputation, ReputationError> {
         dns.validate()?;
         bl.validate(wl)?;
         let sites = bl.all_sites(wl)?;
@@ -231,8 +283,11 @@ impl Reputation {
         } else {
             Some(Dns::new(&dns.nameserver_addrs(), dns.timeout)?)
         };
-        let specs: Vec<String> = sites.iter().map(|s| s.spec.clone()).collect();
-        let metrics = Arc::new(ReputationMetrics::new(&domains, &specs));
+        let lists = domains.iter().map(|d| metrics.list_or_insert(d)).collect();
+        let site_metrics = sites
+            .iter()
+            .map(|s| metrics.site_or_insert(&s.spec))
+            .collect();
         let settings = Settings {
             scoring: Scoring {
                 threshold: bl.threshold,
@@ -256,6 +311,8 @@ impl Reputation {
                 allow: Mutex::new(TtlCache::new(dns.cache_entries)),
                 hosts: Mutex::new(TtlCache::new(dns.cache_entries)),
                 metrics,
+                lists,
+                sites: site_metrics,
             }),
         })
     }
@@ -326,7 +383,7 @@ impl Inner {
         for (i, domain) in s.domains.iter().enumerate() {
             let cached = lock(&self.results).get(&(i, ip), now);
             if let Some(r) = cached {
-                m.lists[i].cache_hits.fetch_add(1, Relaxed);
+                self.lists[i].cache_hits.fetch_add(1, Relaxed);
                 if let Some(a) = r {
                     answers.insert(domain.clone(), a);
                 }
@@ -336,9 +393,9 @@ impl Inner {
             let (dns, name, me) = (dns.clone(), dnsbl::query_name(ip, domain), self.clone());
             tasks.spawn(async move {
                 let t0 = Instant::now();
-                me.metrics.lists[i].queries.fetch_add(1, Relaxed);
+                me.lists[i].queries.fetch_add(1, Relaxed);
                 let a = dns.a(&name).await;
-                me.metrics.lists[i].latency.observe(t0.elapsed());
+                me.lists[i].latency.observe(t0.elapsed());
                 Done::List(i, a)
             });
         }
@@ -367,7 +424,7 @@ impl Inner {
                 Ok(Some(Err(_))) => complete = false,
                 Ok(Some(Ok(Done::List(i, a)))) => {
                     pending[i] = false;
-                    let lm = &m.lists[i];
+                    let lm = &self.lists[i];
                     let now = Instant::now();
                     match a {
                         Answer::Found(addrs, ttl) => {
@@ -416,7 +473,7 @@ impl Inner {
                     complete = false;
                     for (i, p) in pending.iter().enumerate() {
                         if *p {
-                            m.lists[i].timeouts.fetch_add(1, Relaxed);
+                            self.lists[i].timeouts.fetch_add(1, Relaxed);
                             tracing::info!(client = %ip, list = %s.domains[i], "DNSBL lookup still unanswered at the deadline; treated as not listed");
                         }
                     }
@@ -430,7 +487,7 @@ impl Inner {
         }
         let score = dnsbl::score(&s.sites, &answers);
         for h in &score.hits {
-            if let Some(sm) = m.sites.iter().find(|x| x.spec == h.spec) {
+            if let Some(sm) = self.sites.iter().find(|x| x.spec == h.spec) {
                 sm.hits.fetch_add(1, Relaxed);
             }
         }
