@@ -157,6 +157,16 @@ fn allow_listed_clients_reach_the_mta_directly_until_removed_v4_and_v6() {
     let steer = SteerMaps::open(&pins.path).unwrap().counters().unwrap();
     assert!(steer.agent >= 3, "{steer:?}");
     assert_eq!(steer.allowed, 3, "{steer:?}");
+    // The agent's /metrics shows the same counts (read at scrape time).
+    let steered = |d: &str| {
+        metric_sum(
+            &net,
+            &format!("tarpit_bypass_steered_total{{decision=\"{d}\"}}"),
+        )
+    };
+    assert_eq!(steered("allowlisted"), Some(3.0));
+    assert_eq!(steered("agent"), Some(steer.agent as f64));
+    assert_eq!(steered("fail_open"), Some(0.0));
 }
 
 /// A client that authenticated (AUTH PLAIN through the agent, Dovecot

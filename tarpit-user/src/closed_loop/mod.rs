@@ -38,7 +38,8 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::kernel::{
-    AllowLookup, BlockSpec, EventKind, EventStream, HeldLink, Kernel, KernelMaps, SteerMaps,
+    AllowLookup, BlockSpec, EventKind, EventStream, HeldLink, Kernel, KernelMaps, SteerCounters,
+    SteerMaps,
 };
 use crate::policy::AuthenticatedIps;
 use crate::session::PreGreetVerdict;
@@ -103,6 +104,14 @@ pub fn authenticated_today(policy: &crate::policy::Policy, ip: IpAddr) -> bool {
     i.auth
         .last_authenticated(ip, tokio::time::Instant::now())
         .is_some()
+}
+
+/// The sk_lookup program's steering counts, read now; `None` when no
+/// bypass runs (`bypass.enabled` off, or no loop).
+pub fn steer_counters() -> Option<Result<SteerCounters>> {
+    let i = running()?;
+    let steer = i.steer.as_ref()?;
+    Some(steer.lock().unwrap_or_else(|e| e.into_inner()).counters())
 }
 
 /// A session ended: sessions the agent dropped for policy (a DNSBL

@@ -1,6 +1,7 @@
 //! The operational metrics that are not per session: the kernel's per-CPU
-//! counters and map fill levels (read from the maps at each scrape),
-//! block-list churn, config reloads and dropped log lines. Appended by
+//! counters and map fill levels (read from the maps at each scrape), the
+//! bypass steering counts (with `[bypass]` on), block-list churn, config
+//! reloads and dropped log lines. Appended by
 //! [`crate::metrics::Metrics::render`] to the agent's exposition.
 //!
 //! The kernel side is read through a [`KernelMaps`] opened at start, as
@@ -16,7 +17,7 @@ use prometheus_client::registry::Registry;
 use tarpit_common::lists::BlockReason;
 use tracing::debug;
 
-use crate::kernel::KernelMaps;
+use crate::kernel::{KernelMaps, SteerCounters};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -83,6 +84,11 @@ impl OpsMetrics {
     pub fn render(&self, out: &mut String) {
         let mut reg = Registry::with_prefix("tarpit");
         self.kernel_families(&mut reg);
+        match crate::closed_loop::steer_counters() {
+            Some(Ok(c)) => steer_family(&mut reg, &c),
+            Some(Err(e)) => debug!(target: "tarpit::ops", "cannot read steering counters: {e}"),
+            None => {}
+        }
 
         let reloads = Family::<Labels, Counter>::default();
         let counts = super::reload::counts();
@@ -198,6 +204,30 @@ impl OpsMetrics {
     }
 }
 
+/// `tarpit_bypass_steered_total{decision}`: what the sk_lookup program did
+/// with each new connection to a steered port. `allowlisted`,
+/// `authenticated`, `fail_open`: handed to the MTA's listener; `agent`:
+/// to the agent's; `passed`: left to the kernel's own lookup (no usable
+/// socket in the map).
+fn steer_family(reg: &mut Registry, c: &SteerCounters) {
+    let fam = Family::<Labels, Counter>::default();
+    for (decision, v) in [
+        ("allowlisted", c.allowed),
+        ("authenticated", c.authenticated),
+        ("agent", c.agent),
+        ("fail_open", c.fail_open),
+        ("passed", c.passed),
+    ] {
+        fam.get_or_create(&vec![("decision", decision.to_string())])
+            .inc_by(v);
+    }
+    reg.register(
+        "bypass_steered",
+        "Connections the sk_lookup program steered, by decision (bypass)",
+        fam,
+    );
+}
+
 /// The installed instance, if the agent made one.
 pub fn installed() -> Option<Arc<OpsMetrics>> {
     INSTALLED.get().cloned()
@@ -239,5 +269,42 @@ mod tests {
             out.contains("tarpit_kernel_feature_available{feature=\"sock_ops\"} 0"),
             "{out}"
         );
+        // Without a bypass (no closed loop here) there is no steering family.
+        assert!(!out.contains("bypass_steered"), "{out}");
+    }
+
+    #[test]
+    fn steering_counts_render_by_decision() {
+        let mut reg = Registry::with_prefix("tarpit");
+        steer_family(
+            &mut reg,
+            &SteerCounters {
+                allowed: 3,
+                authenticated: 2,
+                agent: 7,
+                fail_open: 1,
+                passed: 0,
+            },
+        );
+        let mut text = String::new();
+        encode(&mut text, &reg).unwrap();
+        assert!(
+            text.contains("# TYPE tarpit_bypass_steered counter"),
+            "{text}"
+        );
+        for (decision, v) in [
+            ("allowlisted", 3),
+            ("authenticated", 2),
+            ("agent", 7),
+            ("fail_open", 1),
+            ("passed", 0),
+        ] {
+            assert!(
+                text.contains(&format!(
+                    "tarpit_bypass_steered_total{{decision=\"{decision}\"}} {v}\n"
+                )),
+                "{decision}: {text}"
+            );
+        }
     }
 }
