@@ -5,8 +5,9 @@
 //! again. A reload whose lists are invalid is refused as a whole and the
 //! running lists stay; a session that started before a reload keeps the
 //! checks it started with; the DNSBL metrics count on across the rebuilds.
-//! Real agent, real Postfix, rbldnsd inside the test's server namespace,
-//! swaks as the client.
+//! Greylisting's wait applies on reload, its mode and store stay until a
+//! restart. Real agent, real Postfix, rbldnsd inside the test's server
+//! namespace, swaks as the client.
 mod ops_common;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -15,7 +16,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use ops_common::{config, sample, scrape};
 use tarpit_tests::smtp_client::{SmtpClient, agent_v4};
-use tarpit_tests::{Agent, PinDir, Postfix, Rbldnsd, SERVER_V4, SERVER_V6, TestNet, require_root};
+use tarpit_tests::{
+    Agent, CLIENT_V4, PinDir, Postfix, Rbldnsd, SERVER_V4, SERVER_V6, TestNet, require_root,
+    unique_id,
+};
 
 /// On 198.51.100.130 and fd5b:1e00::130 the reject zones answer 127.0.0.2.
 const LISTED_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 130));
@@ -58,6 +62,10 @@ struct Swaks {
 
 /// One swaks session from `src` to the agent, up to RCPT.
 fn swaks(net: &TestNet, src: IpAddr) -> Swaks {
+    swaks_to(net, src, "sink@tarpit.test")
+}
+
+fn swaks_to(net: &TestNet, src: IpAddr, rcpt: &str) -> Swaks {
     let (flag, server) = match src {
         IpAddr::V4(_) => ("-4", SERVER_V4.to_string()),
         IpAddr::V6(_) => ("-6", SERVER_V6.to_string()),
@@ -76,7 +84,7 @@ fn swaks(net: &TestNet, src: IpAddr) -> Swaks {
             "--from",
             "swaks@client.example",
             "--to",
-            "sink@tarpit.test",
+            rcpt,
             "--quit-after",
             "RCPT",
             "--timeout",
@@ -248,4 +256,76 @@ fn reload_adds_and_removes_a_dnsbl_reject_zone_for_new_sessions() {
     );
     let status = agent.stop().unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// A directory removed when the test ends.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn reload_applies_the_greylist_wait_and_keeps_mode_and_store() {
+    if !require_root() {
+        return;
+    }
+    let net = TestNet::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let _pf = Postfix::start(&net).expect("postfix");
+    let dir = TempDir(std::env::temp_dir().join(format!("tarpit-reload-grey-{}", unique_id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let store = dir.0.join("greylist.db");
+    let other_store = dir.0.join("other.db");
+    let greylist = |mode: &str, min_wait: &str, store: &std::path::Path| {
+        format!(
+            "[greeting]\ndelay = \"0s\"\n[greylist]\nmode = \"{mode}\"\n\
+             min_wait = \"{min_wait}\"\nretry_window = \"2h\"\nstore = \"{}\"\n",
+            store.display()
+        )
+    };
+    let agent = Agent::start(
+        &net,
+        &config(&net, &pins, &greylist("triplet", "1h", &store)),
+    )
+    .expect("agent");
+    let s = swaks(&net, CLIENT_V4.into());
+    let first = Instant::now();
+    assert!(!s.ok && s.out.contains("451 4.7.1 Greylisted"), "{}", s.out);
+
+    // An hour's wait becomes two seconds; the mode and the store change too.
+    std::fs::write(
+        &agent.config,
+        config(&net, &pins, &greylist("connect", "2s", &other_store)),
+    )
+    .unwrap();
+    agent.signal(Signal::SIGHUP).unwrap();
+    assert!(
+        wait_log_count(&agent, "configuration reloaded", 1),
+        "{}",
+        agent.log()
+    );
+    let log = agent.log();
+    for key in ["greylist.mode changed", "greylist.store changed"] {
+        assert!(log.contains(key), "{key}: {log}");
+    }
+    assert!(!log.contains("greylist.min_wait changed"), "{log}");
+
+    // The retry passes after the new wait, counted from the first attempt.
+    std::thread::sleep(Duration::from_millis(2300).saturating_sub(first.elapsed()));
+    let s = swaks(&net, CLIENT_V4.into());
+    assert!(s.ok, "retry after the reloaded wait: {}", s.out);
+    // Still per triplet (not at connect): a new recipient gets 451 at RCPT,
+    // after the banner.
+    let s = swaks_to(&net, CLIENT_V4.into(), "other@tarpit.test");
+    assert!(s.out.contains("<-  220"), "{}", s.out);
+    assert!(s.out.contains("451 4.7.1 Greylisted"), "{}", s.out);
+    // And the store is the one opened at start.
+    let status = agent.stop().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!other_store.exists());
+    let text = std::fs::read_to_string(&store).unwrap();
+    assert!(text.contains("other@tarpit.test"), "{text}");
 }
