@@ -1,6 +1,5 @@
 //! Facts about the test environment: root, ids, the binary under test.
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 /// True when the test can run (root). When it cannot: under `CI=true` the
 /// test fails loudly (CI must never pass by skipping); elsewhere it prints
@@ -17,15 +16,10 @@ pub fn require_root() -> bool {
     false
 }
 
-/// A short id, unique across the tests of all running test processes:
-/// the pid (hex) and a per-process counter, `<pid>-<n>`. Short because
-/// interface names are limited to 15 bytes; the pid lets the suite's leak
+/// A short id, unique across the tests of all running test processes
+/// (`<pid>-<n>`, see [`testkit::unique_id`]): the pid lets the suite's leak
 /// check tell a leftover of a finished test from one still in use.
-pub fn unique_id() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{:x}-{:x}", std::process::id(), n)
-}
+pub use testkit::unique_id;
 
 /// The `tarpit` binary under test: `TARPIT_BIN`, else target/debug/tarpit
 /// next to this test executable.
@@ -56,9 +50,5 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The shared peers directory (Postfix config templates, DNSBL zone). The
-/// project keeps its own copy under tests/peers so it does not depend on
-/// ../shared being present.
-pub fn peers_dir() -> PathBuf {
-    repo_root().join("tests/peers")
-}
+/// The shared peers directory (Postfix config templates, DNSBL zone).
+pub use testkit::postfix::peers_dir;

@@ -1,12 +1,16 @@
 //! The Postfix test instance of ../shared/peers (copied to tests/peers),
-//! templated into a temp dir and run inside a test's server namespace.
-use std::path::{Path, PathBuf};
+//! templated into a temp dir and run inside a test's server namespace
+//! (`testkit::postfix`, which the bench shares); the tests' listeners are
+//! the template's, also on the server veth addresses.
+use std::net::SocketAddr;
+use std::ops::Deref;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
+use testkit::postfix::Instance;
 
-use crate::env::{peers_dir, unique_id};
+use crate::env::unique_id;
 use crate::netns::{SERVER_V4, SERVER_V6, TestNet};
 use crate::wait;
 
@@ -17,37 +21,21 @@ pub const XCLIENT: u16 = 2545;
 pub const POSTSCREEN: u16 = 2526;
 pub const POSTSCREEN_PROXY: u16 = 2536;
 
-/// A running Postfix instance; Drop stops it and removes its directory.
-pub struct Postfix {
-    pub dir: PathBuf,
-    server_ns: String,
-}
+/// A running Postfix instance: the fields and methods of [`Instance`]
+/// (`dir`, `log()`, ...); Drop stops it and removes its directory.
+pub struct Postfix(Instance);
 
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+impl Deref for Postfix {
+    type Target = Instance;
+    fn deref(&self) -> &Instance {
+        &self.0
     }
-    Ok(())
-}
-
-/// main.cf: bind every address of the namespace, not only loopback.
-fn template_main(text: &str, dir: &Path) -> String {
-    text.replace("@DIR@", &dir.display().to_string())
-        .replace("inet_interfaces = loopback-only", "inet_interfaces = all")
 }
 
 /// master.cf: every `127.0.0.1:PORT` service (with its `-o` lines) is
 /// repeated on the server veth addresses, the clients' way in. postscreen
 /// copies get a cache file of their own (a btree cannot be shared).
-fn template_master(text: &str, dir: &Path) -> String {
-    let text = text.replace("@DIR@", &dir.display().to_string());
+fn template_master(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let mut out = String::new();
     let mut i = 0;
@@ -94,52 +82,18 @@ impl Postfix {
     /// (later settings override earlier ones).
     pub fn start_with(net: &TestNet, extra_main_cf: &str) -> Result<Postfix> {
         let dir = std::env::temp_dir().join(format!("tarpit-postfix-{}", unique_id()));
-        let pf = Postfix {
-            dir: dir.clone(),
-            server_ns: net.server_ns.clone(),
-        };
-        let conf = dir.join("conf");
-        std::fs::create_dir_all(&conf)?;
-        for name in ["main.cf", "master.cf"] {
-            let text = std::fs::read_to_string(peers_dir().join(name))?;
-            let text = if name == "main.cf" {
-                format!("{}\n{extra_main_cf}\n", template_main(&text, &dir))
-            } else {
-                template_master(&text, &dir)
-            };
-            std::fs::write(conf.join(name), text)?;
-        }
-        for sub in ["queue/etc", "data", "mail"] {
-            std::fs::create_dir_all(dir.join(sub))?;
-        }
-        run(Command::new("chown").arg("postfix").arg(dir.join("data")))?;
-        run(Command::new("chown")
-            .arg("65534:65534")
-            .arg(dir.join("mail")))?;
-        std::fs::write(dir.join("queue/etc/resolv.conf"), "nameserver 127.0.0.1\n")?;
-        let confs = conf.display().to_string();
-        run(net.server_cmd("postfix").args(["-c", &confs, "check"]))?;
-        run(net.server_cmd("postfix").args(["-c", &confs, "start"]))?;
+        let pf = Postfix(Instance::start(
+            dir,
+            &net.server_ns,
+            extra_main_cf,
+            template_master,
+        )?);
         // Ready when smtpd answers on the plain port.
-        let ready = wait::until(Duration::from_secs(20), || {
-            net.in_server(|| {
-                std::net::TcpStream::connect_timeout(
-                    &std::net::SocketAddr::from((SERVER_V4, PLAIN)),
-                    Duration::from_millis(200),
-                )
-                .is_ok()
-            })
-            .unwrap_or(false)
-        });
-        if !ready {
+        let plain = SocketAddr::from((SERVER_V4, PLAIN));
+        if !wait::until(Duration::from_secs(20), || pf.accepts(plain)) {
             bail!("Postfix did not start listening; log:\n{}", pf.log());
         }
         Ok(pf)
-    }
-
-    /// The instance's log (postlogd writes it).
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
     }
 
     /// Waits until the log contains `needle`.
@@ -168,21 +122,5 @@ impl Postfix {
         if let Ok(pid) = std::fs::read_to_string(self.dir.join("queue/pid/master.pid")) {
             let _ = Command::new("kill").args(["-9", pid.trim()]).status();
         }
-    }
-}
-
-impl Drop for Postfix {
-    fn drop(&mut self) {
-        let confs = self.dir.join("conf").display().to_string();
-        let _ = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", self.server_ns))
-            .args(["--", "postfix", "-c", &confs, "stop"])
-            .output();
-        // postfix stop returns before every child has gone; make sure.
-        let _ = Command::new("pkill")
-            .args(["-9", "-f", "--", &format!("-c {confs}")])
-            .status();
-        std::thread::sleep(Duration::from_millis(100));
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

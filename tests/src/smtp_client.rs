@@ -214,17 +214,20 @@ pub fn kill_postfix(net: &TestNet) {
 /// namespace) and returns the value of the sample named exactly `name`
 /// (with labels, e.g. `tarpit_sessions_total{outcome="quit"}`).
 pub fn metric(net: &TestNet, name: &str) -> Option<f64> {
-    let text = net
-        .in_server(|| -> Result<String> {
-            let mut s = TcpStream::connect(("127.0.0.1", 9325))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        })
-        .ok()?
-        .ok()?;
+    let text = scrape_metrics(net).ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The whole exposition of the agent's metrics endpoint (127.0.0.1:9325
+/// in the server namespace).
+pub fn scrape_metrics(net: &TestNet) -> Result<String> {
+    net.in_server(|| -> Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", 9325))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })?
 }

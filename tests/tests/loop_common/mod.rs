@@ -2,14 +2,13 @@
 //! config with the loop's keys, raw connection attempts, metrics sums.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use socket2::{Domain, Socket, Type};
 use tarpit::kernel::KernelMaps;
-use tarpit_tests::smtp_client::{SmtpClient, agent_v4, agent_v6};
+use tarpit_tests::smtp_client::{SmtpClient, agent_v4, agent_v6, scrape_metrics};
 use tarpit_tests::{PinDir, TestCgroup, TestNet};
 
 /// An agent config on the server veth (v4 and v6) in front of Postfix's
@@ -132,17 +131,7 @@ pub fn talk_first(net: &TestNet, src: IpAddr) -> Result<()> {
 /// Sum of every sample of a metric family (all label sets), from the
 /// agent's endpoint in the server namespace; `None` when unreachable.
 pub fn metric_sum(net: &TestNet, family: &str) -> Option<f64> {
-    let text = net
-        .in_server(|| -> Result<String> {
-            let mut s = TcpStream::connect(("127.0.0.1", 9325))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        })
-        .ok()?
-        .ok()?;
+    let text = scrape_metrics(net).ok()?;
     let mut sum = 0.0;
     for l in text.lines() {
         let Some(rest) = l.strip_prefix(family) else {

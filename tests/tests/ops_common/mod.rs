@@ -2,12 +2,11 @@
 //! full metrics text, and a plain SMTP exchange.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use tarpit_tests::smtp_client::{SmtpClient, agent_config, message, proxy_backend};
+use tarpit_tests::smtp_client::{SmtpClient, agent_config, message, proxy_backend, scrape_metrics};
 use tarpit_tests::{Agent, PinDir, Postfix, TestNet};
 
 pub struct World {
@@ -62,16 +61,7 @@ pub fn config(net: &TestNet, pins: &PinDir, rest: &str) -> String {
 
 /// The whole exposition of the agent's metrics endpoint.
 pub fn scrape(net: &TestNet) -> String {
-    net.in_server(|| -> Result<String> {
-        let mut s = TcpStream::connect(("127.0.0.1", 9325))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })
-    .expect("server namespace")
-    .expect("metrics endpoint")
+    scrape_metrics(net).expect("metrics endpoint")
 }
 
 /// The value of the sample named exactly `name` (labels included).

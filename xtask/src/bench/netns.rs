@@ -6,45 +6,20 @@
 //! itself are made on a thread that `setns()`ed into the namespace.
 //! Namespace names carry our pid, so a later run deletes what a killed
 //! run left behind (`sweep_stale`).
-use std::fs::File;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
+use std::ops::Deref;
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result, bail};
+use testkit::netns::{NetPair, delete_ns, nsenter};
 
-pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
-pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
-pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd5b, 0x1e00, 0, 0, 0, 0, 0, 1);
-pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd5b, 0x1e00, 0, 0, 0, 0, 0, 2);
+pub use testkit::netns::{SERVER_V4, SERVER_V6, is_test_address};
 
+/// Names of everything a bench run makes start with this (the tests use
+/// `tps-`/`tpc-`): the stale sweep deletes only these.
 const PREFIX: &str = "tpb-";
-
-pub fn unique_id() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{:x}-{:x}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("cannot run ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
 
 /// Feeds `ip -batch -` (one process for hundreds of addresses).
 fn ip_batch(ns: &str, lines: &str) -> Result<()> {
@@ -70,14 +45,6 @@ fn ip_batch(ns: &str, lines: &str) -> Result<()> {
     Ok(())
 }
 
-/// True for the addresses the project rule allows a benchmark to use.
-pub fn is_test_address(addr: IpAddr) -> bool {
-    match addr {
-        IpAddr::V4(v4) => v4.octets()[..3] == [198, 51, 100],
-        IpAddr::V6(v6) => v6.segments()[..4] == [0xfd5b, 0x1e00, 0, 0],
-    }
-}
-
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TcpExt {
     pub listen_overflows: u64,
@@ -95,60 +62,30 @@ impl TcpExt {
     }
 }
 
-pub struct BenchNet {
-    pub id: String,
-    pub server_ns: String,
-    pub client_ns: String,
-    pub server_if: String,
-    pub client_if: String,
+/// The bench's network: the fields and methods of [`NetPair`]
+/// (`server_ns`, `server_cmd`, `in_client`, ...), named `tpb-s-<id>` and
+/// `tpb-c-<id>`. Dropping it deletes both namespaces.
+pub struct BenchNet(NetPair);
+
+impl Deref for BenchNet {
+    type Target = NetPair;
+    fn deref(&self) -> &NetPair {
+        &self.0
+    }
 }
 
 impl BenchNet {
     pub fn new() -> Result<BenchNet> {
-        let id = unique_id();
+        let id = testkit::unique_id();
         let compact = id.replace('-', "");
-        let net = BenchNet {
+        let pair = NetPair {
             server_ns: format!("{PREFIX}s-{id}"),
             client_ns: format!("{PREFIX}c-{id}"),
             server_if: format!("tbs{compact}"),
             client_if: format!("tbc{compact}"),
             id,
         };
-        ip(&["netns", "add", &net.server_ns])?;
-        ip(&["netns", "add", &net.client_ns])?;
-        ip(&[
-            "link",
-            "add",
-            &net.server_if,
-            "netns",
-            &net.server_ns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &net.client_if,
-            "netns",
-            &net.client_ns,
-        ])?;
-        for (ns, dev, v4, v6) in [
-            (&net.server_ns, &net.server_if, SERVER_V4, SERVER_V6),
-            (&net.client_ns, &net.client_if, CLIENT_V4, CLIENT_V6),
-        ] {
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev])?;
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{v6}/64"),
-                "dev",
-                dev,
-                "nodad",
-            ])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-        }
-        Ok(net)
+        Ok(BenchNet(pair.create()?))
     }
 
     /// Adds client source addresses: 198.51.100.10.. and fd5b:1e00::a..;
@@ -185,22 +122,6 @@ impl BenchNet {
         }
         ip_batch(&self.client_ns, &batch)?;
         Ok(addrs)
-    }
-
-    pub fn server_cmd(&self, program: &str) -> Command {
-        nsenter(&self.server_ns, program)
-    }
-
-    pub fn client_cmd(&self, program: &str) -> Command {
-        nsenter(&self.client_ns, program)
-    }
-
-    pub fn in_server<T: Send, F: FnOnce() -> T + Send>(&self, f: F) -> Result<T> {
-        in_ns(&self.server_ns, f)
-    }
-
-    pub fn in_client<T: Send, F: FnOnce() -> T + Send>(&self, f: F) -> Result<T> {
-        in_ns(&self.client_ns, f)
     }
 
     /// TCP trouble counters of the server namespace.
@@ -293,112 +214,51 @@ fn parse_mac(s: &str) -> Result<[u8; 6]> {
         .map_err(|_| anyhow::anyhow!("bad MAC {s:?}"))
 }
 
-pub fn nsenter(ns: &str, program: &str) -> Command {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/var/run/netns/{ns}"))
-        .arg("--")
-        .arg(program);
-    cmd
-}
-
-/// Runs `f` on a thread that joined the namespace.
-pub fn in_ns<T: Send, F: FnOnce() -> T + Send>(ns: &str, f: F) -> Result<T> {
-    let file =
-        File::open(format!("/var/run/netns/{ns}")).with_context(|| format!("no namespace {ns}"))?;
-    std::thread::scope(|s| {
-        s.spawn(|| -> Result<T> {
-            // SAFETY: setns on a valid namespace fd affects only this thread.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns {ns}: {}", std::io::Error::last_os_error());
-            }
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in namespace {ns} panicked"))?
-    })
-}
-
-/// Kills every process in a namespace and deletes it.
-fn delete_ns(ns: &str) {
-    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            if let Ok(pid) = pid.parse::<i32>() {
-                // SAFETY: plain kill(2) of a pid that lives in our namespace.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-    let _ = Command::new("ip")
-        .args(["netns", "del", ns])
-        .stderr(Stdio::null())
-        .status();
-}
-
-impl Drop for BenchNet {
-    fn drop(&mut self) {
-        // Deleting the namespaces also deletes the veth pair and any XDP
-        // program attached to it.
-        delete_ns(&self.client_ns);
-        delete_ns(&self.server_ns);
-    }
-}
-
 /// Deletes namespaces, temp dirs and pin dirs of earlier bench runs
 /// whose process is gone (a run killed with SIGKILL cannot clean up after
 /// itself). Every name carries the run's pid in hex.
 pub fn sweep_stale() {
-    sweep_stale_namespaces();
+    for (name, id) in prefixed(Path::new("/var/run/netns"), PREFIX) {
+        // tpb-s-<pid hex>-<n>: the id follows the side letter.
+        if let Some(id) = id.get(2..)
+            && testkit::owner_alive(id) == Some(false)
+        {
+            eprintln!("bench: removing stale namespace {name}");
+            if let Err(e) = delete_ns(&name) {
+                eprintln!("bench: {e}");
+            }
+        }
+    }
     let tmp = std::env::temp_dir();
     for (dir, prefix) in [
         (tmp.as_path(), "tarpit-bench-postfix-"),
         (tmp.as_path(), "tarpit-bench-agent-"),
         (tmp.as_path(), "tarpit-bench-xtask-"),
-        (std::path::Path::new("/sys/fs/bpf"), "tarpit-bench-"),
+        (Path::new("/sys/fs/bpf"), "tarpit-bench-"),
     ] {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(rest) = name.strip_prefix(prefix) else {
-                continue;
-            };
-            let pid = rest
-                .split('-')
-                .next()
-                .and_then(|p| u32::from_str_radix(p, 16).ok());
-            if let Some(pid) = pid
-                && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-            {
-                eprintln!("bench: removing stale {}", e.path().display());
-                let _ = std::fs::remove_dir_all(e.path());
-                let _ = std::fs::remove_file(e.path());
+        for (name, id) in prefixed(dir, prefix) {
+            if testkit::owner_alive(&id) == Some(false) {
+                let path = dir.join(name);
+                eprintln!("bench: removing stale {}", path.display());
+                let _ = std::fs::remove_dir_all(&path);
+                let _ = std::fs::remove_file(&path);
             }
         }
     }
 }
 
-fn sweep_stale_namespaces() {
-    let Ok(dir) = std::fs::read_dir("/var/run/netns") else {
-        return;
+/// Entries of `dir` named `<prefix><rest>`: (name, rest).
+fn prefixed(dir: &Path, prefix: &str) -> Vec<(String, String)> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
     };
-    for entry in dir.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        // tpb-s-<pid hex>-<n>
-        let pid = rest
-            .get(2..)
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| u32::from_str_radix(p, 16).ok());
-        if let Some(pid) = pid
-            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        {
-            eprintln!("bench: removing stale namespace {name}");
-            delete_ns(&name);
-        }
-    }
+    rd.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rest = name.strip_prefix(prefix)?.to_string();
+            Some((name, rest))
+        })
+        .collect()
 }
 
 #[cfg(test)]

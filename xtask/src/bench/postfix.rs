@@ -4,15 +4,15 @@
 //! The template's loopback listeners are replaced by port-only services,
 //! which Postfix binds on every address of the namespace, IPv4 and IPv6,
 //! in ONE process per service (so postscreen's memory is one process's).
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::net::SocketAddr;
+use std::ops::Deref;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
+use testkit::postfix::Instance;
 
 use super::netns::{BenchNet, SERVER_V4};
 use super::{procstat, signal};
-use crate::paths;
 
 /// Plain smtpd: good mail delivered directly.
 pub const DIRECT: u16 = 2525;
@@ -34,57 +34,34 @@ pub const BYPASS_LOG: &str = "postfix/bypass/smtpd";
 /// How long the holding postscreen waits: longer than any hold phase.
 pub const PS_HOLD_WAIT: Duration = Duration::from_secs(300);
 
-pub struct Postfix {
-    pub dir: PathBuf,
-    conf: PathBuf,
-}
+/// A running instance: the fields and methods of [`Instance`] (`dir`,
+/// `log()`, ...); Drop stops it and removes its directory.
+pub struct Postfix(Instance);
 
-fn peers_dir() -> PathBuf {
-    let repo = paths::root().join("tests/peers");
-    if repo.join("main.cf").is_file() {
-        repo
-    } else {
-        PathBuf::from("/work/shared/peers")
+impl Deref for Postfix {
+    type Target = Instance;
+    fn deref(&self) -> &Instance {
+        &self.0
     }
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
-fn main_cf(template: &str, dir: &Path) -> String {
-    let mut text = template
-        .replace("@DIR@", &dir.display().to_string())
-        .replace("inet_interfaces = loopback-only", "inet_interfaces = all");
-    text.push_str(
-        "\n# --- bench overrides ---\n\
-         # many clients share a few source addresses: no per-client caps\n\
-         smtpd_client_connection_count_limit = 0\n\
-         postscreen_client_connection_count_limit = 0\n\
-         # postscreen refuses (421) clients beyond this many in triage; the\n\
-         # hold scenario keeps up to 15,000 there\n\
-         postscreen_pre_queue_limit = 30000\n\
-         default_process_limit = 100\n",
-    );
-    text
-}
+/// Appended to main.cf.
+const MAIN_CF_OVERRIDES: &str = "\
+# --- bench overrides ---
+# many clients share a few source addresses: no per-client caps
+smtpd_client_connection_count_limit = 0
+postscreen_client_connection_count_limit = 0
+# postscreen refuses (421) clients beyond this many in triage; the
+# hold scenario keeps up to 15,000 there
+postscreen_pre_queue_limit = 30000
+default_process_limit = 100
+";
 
 /// Keeps the template's internal services, replaces its listeners.
-fn master_cf(template: &str, dir: &Path) -> String {
-    let text = template.replace("@DIR@", &dir.display().to_string());
+fn master_cf(template: &str) -> String {
     let mut out = String::new();
     let mut skipping = false;
-    for line in text.lines() {
+    for line in template.lines() {
         if line.starts_with(' ') || line.starts_with('\t') {
             if !skipping {
                 out.push_str(line);
@@ -161,48 +138,17 @@ fn master_cf(template: &str, dir: &Path) -> String {
 impl Postfix {
     pub fn start(net: &BenchNet) -> Result<Postfix> {
         let dir = std::env::temp_dir().join(format!("tarpit-bench-postfix-{}", net.id));
-        let conf = dir.join("conf");
-        // From here on Drop stops the instance and removes the directory.
-        let pf = Postfix {
-            dir: dir.clone(),
-            conf: conf.clone(),
-        };
-        std::fs::create_dir_all(&conf)?;
-        let peers = peers_dir();
-        let main = std::fs::read_to_string(peers.join("main.cf"))
-            .with_context(|| format!("no Postfix template in {}", peers.display()))?;
-        let master = std::fs::read_to_string(peers.join("master.cf"))?;
-        std::fs::write(conf.join("main.cf"), main_cf(&main, &dir))?;
-        std::fs::write(conf.join("master.cf"), master_cf(&master, &dir))?;
-        for sub in ["queue/etc", "data", "mail"] {
-            std::fs::create_dir_all(dir.join(sub))?;
-        }
-        run(Command::new("chown").arg("postfix").arg(dir.join("data")))?;
-        run(Command::new("chown")
-            .arg("65534:65534")
-            .arg(dir.join("mail")))?;
-        std::fs::write(dir.join("queue/etc/resolv.conf"), "nameserver 127.0.0.1\n")?;
-        let c = conf.display().to_string();
-        run(net.server_cmd("postfix").args(["-c", &c, "check"]))?;
-        run(net.server_cmd("postfix").args(["-c", &c, "start"]))?;
-        let ready = signal::wait_until(Duration::from_secs(20), || {
-            net.in_server(|| {
-                std::net::TcpStream::connect_timeout(
-                    &(SERVER_V4, DIRECT).into(),
-                    Duration::from_millis(200),
-                )
-                .is_ok()
-            })
-            .unwrap_or(false)
-        })?;
-        if !ready {
+        let pf = Postfix(Instance::start(
+            dir,
+            &net.server_ns,
+            MAIN_CF_OVERRIDES,
+            master_cf,
+        )?);
+        let direct = SocketAddr::from((SERVER_V4, DIRECT));
+        if !signal::wait_until(Duration::from_secs(20), || pf.accepts(direct))? {
             bail!("Postfix did not start listening; log:\n{}", pf.log());
         }
         Ok(pf)
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
     }
 
     /// Occurrences of `needle` in the log.
@@ -263,16 +209,4 @@ fn listening_inodes(net: &BenchNet, port: u16) -> Vec<String> {
         .split_whitespace()
         .filter_map(|w| w.strip_prefix("ino:").map(str::to_string))
         .collect()
-}
-
-impl Drop for Postfix {
-    fn drop(&mut self) {
-        let _ = Command::new("postfix")
-            .args(["-c", &self.conf.display().to_string(), "stop"])
-            .output();
-        // postfix stop returns before master has exited; the namespace's
-        // Drop kills what is left, the directory can go now.
-        std::thread::sleep(Duration::from_millis(200));
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }

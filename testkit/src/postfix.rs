@@ -1,0 +1,119 @@
+//! The Postfix test instance of tests/peers (a copy of ../shared/peers),
+//! templated into a directory of its own and run inside a namespace. The
+//! tests and the bench differ only in the listeners (master.cf) and a few
+//! main.cf overrides; the rest is here.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::netns::{in_ns, nsenter};
+use crate::run::run;
+
+/// The peers directory: the Postfix config templates and the DNSBL zone.
+/// The project keeps its own copy under tests/peers so it does not depend
+/// on ../shared being present.
+pub fn peers_dir() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap_or(here).join("tests/peers")
+}
+
+/// A running Postfix; Drop stops it and removes its directory.
+pub struct Instance {
+    pub dir: PathBuf,
+    conf: PathBuf,
+    ns: String,
+}
+
+impl Instance {
+    /// Templates the peers' main.cf and master.cf into `dir/conf` (every
+    /// `@DIR@` replaced by `dir`), makes the queue, data and mail
+    /// directories and starts Postfix inside namespace `ns`.
+    ///
+    /// main.cf binds every address of the namespace, not only loopback,
+    /// and gets `main_extra` appended (later settings override earlier
+    /// ones); master.cf is what `master` makes of the template.
+    ///
+    /// Returns once `postfix start` did: wait for a listener with
+    /// [`Instance::accepts`]. On any error what was made is removed.
+    pub fn start(
+        dir: PathBuf,
+        ns: &str,
+        main_extra: &str,
+        master: impl FnOnce(&str) -> String,
+    ) -> Result<Instance> {
+        let conf = dir.join("conf");
+        // From here on Drop stops the instance and removes the directory.
+        let pf = Instance {
+            dir,
+            conf,
+            ns: ns.to_string(),
+        };
+        std::fs::create_dir_all(&pf.conf)?;
+        let peers = peers_dir();
+        let template = |name: &str| -> Result<String> {
+            let text = std::fs::read_to_string(peers.join(name))
+                .with_context(|| format!("no Postfix template {name} in {}", peers.display()))?;
+            Ok(text.replace("@DIR@", &pf.dir.display().to_string()))
+        };
+        let main = template("main.cf")?
+            .replace("inet_interfaces = loopback-only", "inet_interfaces = all");
+        std::fs::write(pf.conf.join("main.cf"), format!("{main}\n{main_extra}\n"))?;
+        std::fs::write(pf.conf.join("master.cf"), master(&template("master.cf")?))?;
+        for sub in ["queue/etc", "data", "mail"] {
+            std::fs::create_dir_all(pf.dir.join(sub))?;
+        }
+        run(Command::new("chown")
+            .arg("postfix")
+            .arg(pf.dir.join("data")))?;
+        run(Command::new("chown")
+            .arg("65534:65534")
+            .arg(pf.dir.join("mail")))?;
+        // Inside the namespace only a local resolver (rbldnsd, dnsmasq)
+        // can answer; never the machine's.
+        std::fs::write(
+            pf.dir.join("queue/etc/resolv.conf"),
+            "nameserver 127.0.0.1\n",
+        )?;
+        let c = pf.conf.display().to_string();
+        run(nsenter(&pf.ns, "postfix").args(["-c", &c, "check"]))?;
+        run(nsenter(&pf.ns, "postfix").args(["-c", &c, "start"]))?;
+        Ok(pf)
+    }
+
+    /// The config directory (`postfix -c`).
+    pub fn conf(&self) -> &Path {
+        &self.conf
+    }
+
+    /// The instance's log (postlogd writes it).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
+    }
+
+    /// True when something accepts a TCP connection on `addr`, seen from
+    /// inside the instance's namespace.
+    pub fn accepts(&self, addr: SocketAddr) -> bool {
+        in_ns(&self.ns, || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })
+        .unwrap_or(false)
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let c = self.conf.display().to_string();
+        let _ = nsenter(&self.ns, "postfix")
+            .args(["-c", &c, "stop"])
+            .output();
+        // postfix stop returns before every child has gone; make sure.
+        let _ = Command::new("pkill")
+            .args(["-9", "-f", "--", &format!("-c {c}")])
+            .status();
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
