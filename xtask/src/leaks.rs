@@ -63,11 +63,8 @@ fn entries(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// True when the test process that made `<pid>-<n>` has exited.
+/// True when the test process that made `<pid>-<n>` has exited (or the
+/// name holds no pid: nothing of ours is named so).
 fn owner_gone(id: &str) -> bool {
-    let pid = id.split('-').next().unwrap_or_default();
-    match u32::from_str_radix(pid, 16) {
-        Ok(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
-        Err(_) => true,
-    }
+    testkit::owner_alive(id) != Some(true)
 }

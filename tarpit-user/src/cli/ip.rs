@@ -341,6 +341,11 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// The policy for `ip` under the default config.
+    fn judge(ip: IpAddr, facts: Facts, now: SystemTime) -> Policy {
+        policy(ip, &facts, &Config::default(), now)
+    }
+
     fn row(net: &str, active: bool, all_ports: bool) -> ListRow {
         let now = SystemTime::now();
         ListRow {
@@ -355,47 +360,43 @@ mod tests {
 
     #[test]
     fn allow_beats_block_and_expired_entries_do_not_count() {
-        let c = Config::default();
         let ip: IpAddr = "198.51.100.7".parse().unwrap();
         let now = SystemTime::now();
         let allow = [row("198.51.100.0/24", true, false)];
         let block = [row("198.51.100.7/32", true, true)];
         assert_eq!(
-            policy(
+            judge(
                 ip,
-                &Facts {
+                Facts {
                     allow: allow.to_vec(),
                     block: block.to_vec(),
                     ..Default::default()
                 },
-                &c,
                 now
             )
             .verdict,
             "allow"
         );
         let expired_allow = [row("198.51.100.0/24", false, false)];
-        let p = policy(
+        let p = judge(
             ip,
-            &Facts {
+            Facts {
                 allow: expired_allow.to_vec(),
                 block: block.to_vec(),
                 ..Default::default()
             },
-            &c,
             now,
         );
         assert_eq!(p.verdict, "block");
         assert!(p.reason.contains("every port"), "{}", p.reason);
         let expired_block = [row("198.51.100.7/32", false, false)];
         assert_eq!(
-            policy(
+            judge(
                 ip,
-                &Facts {
+                Facts {
                     block: expired_block.to_vec(),
                     ..Default::default()
                 },
-                &c,
                 now
             )
             .verdict,
@@ -405,10 +406,9 @@ mod tests {
 
     #[test]
     fn internal_and_authenticated() {
-        let c = Config::default();
         let now = SystemTime::now();
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
-        assert_eq!(policy(lo, &Facts::default(), &c, now).verdict, "internal");
+        assert_eq!(judge(lo, Facts::default(), now).verdict, "internal");
         let ip: IpAddr = "fd5b:1e00::2".parse().unwrap();
         let auth = AuthRow {
             ip,
@@ -417,13 +417,12 @@ mod tests {
             active: true,
         };
         assert_eq!(
-            policy(
+            judge(
                 ip,
-                &Facts {
+                Facts {
                     auth: Some(auth),
                     ..Default::default()
                 },
-                &c,
                 now
             )
             .verdict,
@@ -433,7 +432,6 @@ mod tests {
 
     #[test]
     fn strikes_are_mentioned() {
-        let c = Config::default();
         let now = SystemTime::now();
         let ip: IpAddr = "198.51.100.9".parse().unwrap();
         let s = IpRow {
@@ -446,13 +444,12 @@ mod tests {
             strikes: 2,
             flags: vec!["pregreet"],
         };
-        let p = policy(
+        let p = judge(
             ip,
-            &Facts {
+            Facts {
                 state: Some(s),
                 ..Default::default()
             },
-            &c,
             now,
         );
         assert_eq!(p.verdict, "tarpit");
@@ -461,7 +458,6 @@ mod tests {
 
     #[test]
     fn a_clamped_window_is_mentioned_until_it_expires() {
-        let c = Config::default();
         let now = SystemTime::now();
         let ip: IpAddr = "198.51.100.9".parse().unwrap();
         let slowed = |active| AuthRow {
@@ -474,7 +470,7 @@ mod tests {
             slowed: Some(slowed(true)),
             ..Default::default()
         };
-        let p = policy(ip, &facts, &c, now);
+        let p = judge(ip, facts, now);
         assert!(
             p.reason.contains("TCP window is clamped until"),
             "{}",
@@ -484,6 +480,6 @@ mod tests {
             slowed: Some(slowed(false)),
             ..Default::default()
         };
-        assert!(!policy(ip, &facts, &c, now).reason.contains("clamped"));
+        assert!(!judge(ip, facts, now).reason.contains("clamped"));
     }
 }

@@ -139,6 +139,25 @@ pub struct Joined {
 }
 
 impl Joined {
+    /// A state-file entry the kernel does not hold (yet).
+    fn saved_only(
+        net: IpNet,
+        added_at: u64,
+        expires_at: Option<u64>,
+        all_ports: bool,
+        comment: &Option<String>,
+    ) -> Joined {
+        Joined {
+            net,
+            kernel: None,
+            saved: true,
+            comment: comment.clone(),
+            added: Some(state::from_unix(added_at)),
+            expires: expires_at.map(state::from_unix),
+            all_ports,
+        }
+    }
+
     /// Only what the kernel holds is in force.
     pub fn active(&self) -> bool {
         self.kernel.as_ref().is_some_and(|k| k.active)
@@ -228,36 +247,22 @@ pub fn joined(maps: &KernelMaps, st: &State, list: List, clock: &Clock) -> Resul
             }
         })
         .collect();
-    let saved_only: Vec<Joined> = match list {
+    let saved: Vec<Joined> = match list {
         List::Allow => st
             .allow
             .iter()
-            .filter(|e| !out.iter().any(|j| j.net == e.cidr))
-            .map(|e| Joined {
-                net: e.cidr,
-                kernel: None,
-                saved: true,
-                comment: e.comment.clone(),
-                added: Some(state::from_unix(e.added_at)),
-                expires: e.expires_at.map(state::from_unix),
-                all_ports: false,
-            })
+            .map(|e| Joined::saved_only(e.cidr, e.added_at, e.expires_at, false, &e.comment))
             .collect(),
         List::Block => st
             .block
             .iter()
-            .filter(|e| !out.iter().any(|j| j.net == e.cidr))
-            .map(|e| Joined {
-                net: e.cidr,
-                kernel: None,
-                saved: true,
-                comment: e.comment.clone(),
-                added: Some(state::from_unix(e.added_at)),
-                expires: e.expires_at.map(state::from_unix),
-                all_ports: e.all_ports,
-            })
+            .map(|e| Joined::saved_only(e.cidr, e.added_at, e.expires_at, e.all_ports, &e.comment))
             .collect(),
     };
+    let saved_only: Vec<Joined> = saved
+        .into_iter()
+        .filter(|s| !out.iter().any(|j| j.net == s.net))
+        .collect();
     out.extend(saved_only);
     out.sort_by_key(|j| j.net);
     Ok(out)

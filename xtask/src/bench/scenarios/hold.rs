@@ -3,18 +3,17 @@
 //! addresses. Resident memory per held session and CPU of the one process
 //! that holds them: the agent, against postscreen holding the same clients
 //! in its greet wait. Each side at each level gets a fresh world.
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
 use super::super::agent::{Agent, base_config};
-use super::super::netns::{BenchNet, SERVER_V4, SERVER_V6};
+use super::super::netns::BenchNet;
 use super::super::postfix::{self, Postfix};
 use super::super::report::{Aim, Scenario, Side};
 use super::super::worker::{self, Mode, Spec, Workers};
 use super::super::{Env, procstat, signal};
-use super::zero_delays;
+use super::{TcpTrouble, both_families, judging_pid, zero_delays};
 
 const AGENT_PORT: u16 = 25;
 /// Longer than any hold phase: nobody is let through while measured.
@@ -51,33 +50,25 @@ fn measure(env: &Env, holder: &Holder, level: u32) -> Result<Side> {
             )
         }
     };
-    // One short connection so that master has started postscreen.
-    let _ = net.in_client(|| {
-        std::net::TcpStream::connect_timeout(&(SERVER_V4, port).into(), Duration::from_secs(2))
-    });
-    signal::sleep(Duration::from_millis(500))?;
-    let pid = match &agent {
-        Some(a) => a.pid(),
-        None => pf.postscreen_for(&net, port),
-    };
-    let Some(pid) = pid else {
-        bail!("cannot find the process that holds the sessions");
-    };
+    let pid = judging_pid(
+        &net,
+        &pf,
+        agent.as_ref(),
+        port,
+        Duration::from_millis(500),
+        "holds the sessions",
+    )?;
     let rss0 = procstat::rss_bytes(pid).unwrap_or(0);
     let cpu0 = procstat::cpu_seconds(pid).unwrap_or(0.0);
     let spec = Spec {
         mode: Mode::Hold,
-        targets: vec![
-            SocketAddr::from((SERVER_V4, port)),
-            SocketAddr::from((SERVER_V6, port)),
-        ],
+        targets: both_families(port),
         sources,
         count: level,
         concurrency: CONNECT_CONCURRENCY,
         time_limit_ms: 120_000,
     };
-    let tcp0 = net.server_tcp_ext();
-    let ctcp0 = net.client_tcp_ext();
+    let trouble = TcpTrouble::before(&net);
     let mut workers = Workers::start(
         &env.self_exe,
         &net,
@@ -104,12 +95,8 @@ fn measure(env: &Env, holder: &Holder, level: u32) -> Result<Side> {
     let done = worker::sum(&workers.collect("done", Duration::from_secs(30))?);
     drop(workers);
 
-    let tcp = tcp0.since(&net.server_tcp_ext());
-    let ctcp = ctcp0.since(&net.client_tcp_ext());
     let mut s = Side::new(&name);
-    s.set("listen_overflows", tcp.listen_overflows as f64)
-        .set("syncookies_sent", tcp.syncookies_sent as f64)
-        .set("client_syn_retrans", ctcp.syn_retrans as f64);
+    trouble.set_since(&net, &mut s);
     s.set("target_sessions", level as f64)
         .set("connected", ready.connected as f64)
         .set("connect_failed", ready.failed as f64)

@@ -7,13 +7,13 @@ use std::time::Duration;
 use anyhow::Result;
 
 use super::super::agent::{Agent, base_config};
-use super::super::netns::{BenchNet, SERVER_V4, SERVER_V6};
+use super::super::netns::BenchNet;
 use super::super::postfix::{self, Postfix};
 use super::super::report::{Aim, Scenario, Side};
 use super::super::sink::SmtpSink;
 use super::super::worker::{self, Mode, Spec, Workers};
 use super::super::{Env, signal};
-use super::{quantile, zero_delays};
+use super::{TcpTrouble, both_families, quantile, zero_delays};
 
 const AGENT_PORT: u16 = 25;
 /// Connects in flight across all workers (as in the hold scenario).
@@ -59,25 +59,20 @@ fn measure(env: &Env, backend: Backend) -> Result<Side> {
         mode: Mode::Lateness {
             delay_ms: delay.as_millis() as u64,
         },
-        targets: vec![
-            SocketAddr::from((SERVER_V4, AGENT_PORT)),
-            SocketAddr::from((SERVER_V6, AGENT_PORT)),
-        ],
+        targets: both_families(AGENT_PORT),
         sources,
         count: p.lateness_sessions,
         concurrency: CONNECT_CONCURRENCY,
         time_limit_ms: 60_000,
     };
-    let tcp0 = net.server_tcp_ext();
-    let ctcp0 = net.client_tcp_ext();
+    let trouble = TcpTrouble::before(&net);
     let mut workers = Workers::start(&env.self_exe, &net, p.workers, &spec)?;
     let r = worker::sum(&workers.collect("done", delay + Duration::from_secs(120))?);
     drop(workers);
-    let tcp = tcp0.since(&net.server_tcp_ext());
-    let ctcp = ctcp0.since(&net.client_tcp_ext());
     let mut late = r.lateness_ms.clone();
     late.sort_by(|a, b| a.total_cmp(b));
     let mut s = Side::new(side_name(backend));
+    trouble.set_since(&net, &mut s);
     s.set("sessions", r.connected as f64)
         .set("failed", r.failed as f64)
         .set("early", r.early as f64)
@@ -95,10 +90,7 @@ fn measure(env: &Env, backend: Backend) -> Result<Side> {
     let mut conn = r.connect_ms.clone();
     conn.sort_by(|a, b| a.total_cmp(b));
     s.set("connect_p99_ms", quantile(&conn, 0.99))
-        .set("connect_max_ms", conn.last().copied().unwrap_or(f64::NAN))
-        .set("listen_overflows", tcp.listen_overflows as f64)
-        .set("syncookies_sent", tcp.syncookies_sent as f64)
-        .set("client_syn_retrans", ctcp.syn_retrans as f64);
+        .set("connect_max_ms", conn.last().copied().unwrap_or(f64::NAN));
     if let Some(e) = r.first_error {
         s.note(format!("first error: {e}"));
     }

@@ -7,10 +7,16 @@ mod lateness;
 mod pregreet;
 mod throughput;
 
-use anyhow::Result;
+use std::net::SocketAddr;
+use std::time::Duration;
 
-use super::Env;
-use super::report::Scenario;
+use anyhow::{Result, bail};
+
+use super::agent::Agent;
+use super::netns::{BenchNet, SERVER_V4, SERVER_V6, TcpExt};
+use super::postfix::Postfix;
+use super::report::{Scenario, Side};
+use super::{Env, signal};
 
 pub struct Def {
     pub ids: &'static [&'static str],
@@ -71,4 +77,68 @@ pub fn zero_delays(c: super::agent::AgentConfig) -> super::agent::AgentConfig {
         .want("reject.delay", "\"0s\"")
         .want("limits.sessions", "20000")
         .want("limits.per_ip", "20000")
+}
+
+/// The server's address on `port` in both families: what the workers aim
+/// at (IPv4 and IPv6 alike).
+pub fn both_families(port: u16) -> Vec<SocketAddr> {
+    vec![
+        SocketAddr::from((SERVER_V4, port)),
+        SocketAddr::from((SERVER_V6, port)),
+    ]
+}
+
+/// The one process whose cost a side measures on `port`: the agent when
+/// there is one, else the postscreen serving that port. `what` names its
+/// job in the error.
+///
+/// Master starts postscreen on the first client, so one short connection
+/// goes first, then `settle` for it to come up.
+pub fn judging_pid(
+    net: &BenchNet,
+    pf: &Postfix,
+    agent: Option<&Agent>,
+    port: u16,
+    settle: Duration,
+    what: &str,
+) -> Result<u32> {
+    let _ = net.in_client(|| {
+        std::net::TcpStream::connect_timeout(&(SERVER_V4, port).into(), Duration::from_secs(2))
+    });
+    signal::sleep(settle)?;
+    let pid = match agent {
+        Some(a) => a.pid(),
+        None => pf.postscreen_for(net, port),
+    };
+    match pid {
+        Some(pid) => Ok(pid),
+        None => bail!("cannot find the process that {what}"),
+    }
+}
+
+/// Both namespaces' TCP trouble counters, taken before a phase: a full
+/// accept queue shows in them, which explains slow or failed connects.
+pub struct TcpTrouble {
+    server: TcpExt,
+    client: TcpExt,
+}
+
+impl TcpTrouble {
+    pub fn before(net: &BenchNet) -> TcpTrouble {
+        TcpTrouble {
+            server: net.server_tcp_ext(),
+            client: net.client_tcp_ext(),
+        }
+    }
+
+    /// Sets on `s` what happened since [`TcpTrouble::before`]:
+    /// listen_overflows, syncookies_sent (server side) and
+    /// client_syn_retrans.
+    pub fn set_since(&self, net: &BenchNet, s: &mut Side) {
+        let server = self.server.since(&net.server_tcp_ext());
+        let client = self.client.since(&net.client_tcp_ext());
+        s.set("listen_overflows", server.listen_overflows as f64)
+            .set("syncookies_sent", server.syncookies_sent as f64)
+            .set("client_syn_retrans", client.syn_retrans as f64);
+    }
 }

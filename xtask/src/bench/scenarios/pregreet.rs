@@ -2,19 +2,18 @@
 //! fast as the generators go. Sessions judged (a 5xx verdict) per second
 //! and CPU per session: the agent (greeting delay, drop_pre_greet) against
 //! postscreen with `postscreen_greet_action = drop`.
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
 use super::super::agent::{Agent, base_config};
-use super::super::netns::{BenchNet, SERVER_V4, SERVER_V6};
+use super::super::netns::BenchNet;
 use super::super::postfix::{self, Postfix};
 use super::super::procstat::{self, GroupCpu};
 use super::super::report::{Aim, Scenario, Side};
 use super::super::worker::{self, Mode, Spec, Workers};
 use super::super::{Env, signal};
-use super::zero_delays;
+use super::{both_families, judging_pid, zero_delays};
 
 const AGENT_PORT: u16 = 25;
 /// Sessions in flight across all workers.
@@ -40,25 +39,19 @@ fn measure(env: &Env, agent_side: bool) -> Result<Side> {
     } else {
         (postfix::PS_DROP, None)
     };
-    let _ = net.in_client(|| {
-        std::net::TcpStream::connect_timeout(&(SERVER_V4, port).into(), Duration::from_secs(2))
-    });
-    signal::sleep(Duration::from_millis(300))?;
-    let pid = match &agent {
-        Some(a) => a.pid(),
-        None => pf.postscreen_for(&net, port),
-    };
-    let Some(pid) = pid else {
-        bail!("cannot find the process that judges the sessions");
-    };
+    let pid = judging_pid(
+        &net,
+        &pf,
+        agent.as_ref(),
+        port,
+        Duration::from_millis(300),
+        "judges the sessions",
+    )?;
     let cpu0 = procstat::cpu_seconds(pid).unwrap_or(0.0);
     let ns0 = GroupCpu::of_ns(&net.server_ns);
     let spec = Spec {
         mode: Mode::Pregreet,
-        targets: vec![
-            SocketAddr::from((SERVER_V4, port)),
-            SocketAddr::from((SERVER_V6, port)),
-        ],
+        targets: both_families(port),
         sources,
         count: p.pregreet_sessions,
         concurrency: CONCURRENCY,
