@@ -14,11 +14,10 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{ebpf, paths, shell};
+use crate::{paths, shell};
 
 /// Where the shipped unit expects things; rewritten for other prefixes.
 const UNIT_PREFIX: &str = "/usr/local";
@@ -46,7 +45,7 @@ pub fn run(args: InstallArgs) -> Result<()> {
     }
     let binary = match &args.binary {
         Some(b) => b.clone(),
-        None => build_release()?,
+        None => crate::release::build()?,
     };
     let destdir = args.destdir.clone().unwrap_or_else(|| PathBuf::from("/"));
     let report = install_files(&paths::root(), &binary, &args.prefix, &destdir)?;
@@ -73,19 +72,6 @@ pub fn run(args: InstallArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn build_release() -> Result<PathBuf> {
-    ebpf::build()?;
-    shell::run(Command::new("cargo").current_dir(paths::root()).args([
-        "build",
-        "--release",
-        "--package",
-        "tarpit-user",
-        "--bin",
-        "tarpit",
-    ]))?;
-    Ok(paths::root().join("target/release/tarpit"))
 }
 
 /// What an install wrote.

@@ -12,6 +12,7 @@ mod ebpf;
 mod install;
 mod leaks;
 mod paths;
+mod release;
 mod run;
 mod shell;
 mod test;

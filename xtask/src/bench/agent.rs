@@ -44,7 +44,7 @@ impl TarpitBin {
                 TarpitBin::Unavailable(format!("{} not built", p.display()))
             };
         }
-        match super::build_release_agent() {
+        match crate::release::build() {
             Ok(p) => TarpitBin::Ready(p),
             Err(e) => TarpitBin::Unavailable(format!("{e:#}")),
         }

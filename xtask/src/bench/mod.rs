@@ -32,7 +32,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{ebpf, paths, shell};
+use crate::{paths, shell};
 pub use profile::Profile;
 
 #[derive(Debug, clap::Args)]
@@ -156,22 +156,6 @@ pub struct Env {
     pub profile: Profile,
     pub tarpit: agent::TarpitBin,
     pub self_exe: PathBuf,
-}
-
-/// Builds the kernel object and the release agent; on failure the agent
-/// sides are reported "not available" with the build error.
-fn build_release_agent() -> Result<PathBuf> {
-    ebpf::build().context("building the kernel programs failed")?;
-    shell::run(Command::new("cargo").current_dir(paths::root()).args([
-        "build",
-        "--release",
-        "--package",
-        "tarpit-user",
-        "--bin",
-        "tarpit",
-    ]))
-    .context("building the release agent failed")?;
-    Ok(paths::root().join("target/release/tarpit"))
 }
 
 /// Says that a side could not run, as it happens.
