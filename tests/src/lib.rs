@@ -17,6 +17,8 @@ pub mod pins;
 pub mod postfix;
 pub mod rbldnsd;
 pub mod smtp_client;
+pub mod swaks;
+pub mod tempdir;
 pub mod wait;
 
 pub use agent::Agent;
@@ -25,3 +27,4 @@ pub use netns::{CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, TestNet};
 pub use pins::{PinDir, TestCgroup};
 pub use postfix::Postfix;
 pub use rbldnsd::Rbldnsd;
+pub use tempdir::TempDir;

@@ -12,9 +12,8 @@ use tarpit_tests::{require_root, tarpit_bin, unique_id};
 
 fn world() -> CliWorld {
     let mut w = CliWorld::new(Opts {
-        detach_on_exit: true,
         kernel: "allow_entries = 2\nblock_entries = 3",
-        ..Opts::default()
+        ..Opts::detached()
     });
     w.start_agent();
     w

@@ -72,9 +72,8 @@ fn ip_shows_the_strikes_a_pregreet_client_earned_and_json_matches() {
         return;
     }
     let mut w = CliWorld::new(Opts {
-        detach_on_exit: true,
         greeting: "1500ms",
-        ..Opts::default()
+        ..Opts::detached()
     });
     for a in ["198.51.100.70", "198.51.100.71", "fd5b:1e00::70"] {
         w.net.add_client_addr(ip(a)).unwrap();

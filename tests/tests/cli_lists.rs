@@ -178,10 +178,7 @@ fn saved_entries_come_back_when_the_agent_starts_on_empty_maps() {
     }
     // detach_on_exit = true: stopping the agent removes the maps, as a
     // reboot would.
-    let mut w = CliWorld::new(Opts {
-        detach_on_exit: true,
-        ..Opts::default()
-    });
+    let mut w = CliWorld::new(Opts::detached());
     w.net.add_client_addr(ip("198.51.100.61")).unwrap();
     w.net.add_client_addr(ip("fd5b:1e00::61")).unwrap();
     w.start_agent();
@@ -288,10 +285,7 @@ fn auth_entries_are_listed_seen_by_the_kernel_and_removed() {
     if !require_root() {
         return;
     }
-    let mut w = CliWorld::new(Opts {
-        detach_on_exit: true,
-        ..Opts::default()
-    });
+    let mut w = CliWorld::new(Opts::detached());
     w.start_agent();
     let client = "198.51.100.2";
     assert!(w.json(&["auth", "list"]).as_array().unwrap().is_empty());

@@ -39,10 +39,7 @@ fn stats_and_maps_follow_real_traffic_and_the_agent() {
     if !require_root() {
         return;
     }
-    let mut w = CliWorld::new(Opts {
-        detach_on_exit: true,
-        ..Opts::default()
-    });
+    let mut w = CliWorld::new(Opts::detached());
     w.start_agent();
     let bot = ip("198.51.100.85");
     w.net.add_client_addr(bot).unwrap();

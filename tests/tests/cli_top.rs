@@ -155,11 +155,10 @@ fn top_shows_live_numbers_change_and_quits_on_q_and_ctrl_c() {
         return;
     }
     let mut w = CliWorld::new(Opts {
-        detach_on_exit: true,
         greeting: "1s",
         // The agent blocks the bot after its third strike.
         extra: "[offenders]\npregreet_strikes = 3\nblock_ttl = \"10m\"\n",
-        ..Opts::default()
+        ..Opts::detached()
     });
     let bot = ip("198.51.100.75");
     w.net.add_client_addr(bot).unwrap();
@@ -247,10 +246,7 @@ fn top_refuses_without_a_terminal() {
     if !require_root() {
         return;
     }
-    let mut w = CliWorld::new(Opts {
-        detach_on_exit: true,
-        ..Opts::default()
-    });
+    let mut w = CliWorld::new(Opts::detached());
     w.start_agent();
     let err = w.fails(&["top"], 1);
     assert!(err.contains("needs a terminal"), "{err}");

@@ -16,10 +16,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use ops_common::{config, sample, scrape};
 use tarpit_tests::smtp_client::{SmtpClient, agent_v4};
-use tarpit_tests::{
-    Agent, CLIENT_V4, PinDir, Postfix, Rbldnsd, SERVER_V4, SERVER_V6, TestNet, require_root,
-    unique_id,
-};
+use tarpit_tests::swaks::Swaks;
+use tarpit_tests::{Agent, CLIENT_V4, PinDir, Postfix, Rbldnsd, TempDir, TestNet, require_root};
 
 /// On 198.51.100.130 and fd5b:1e00::130 the reject zones answer 127.0.0.2.
 const LISTED_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 130));
@@ -55,52 +53,13 @@ threshold = 3
 "reject6.test" = "reject"
 "#;
 
-struct Swaks {
-    ok: bool,
-    out: String,
-}
-
 /// One swaks session from `src` to the agent, up to RCPT.
 fn swaks(net: &TestNet, src: IpAddr) -> Swaks {
     swaks_to(net, src, "sink@tarpit.test")
 }
 
 fn swaks_to(net: &TestNet, src: IpAddr, rcpt: &str) -> Swaks {
-    let (flag, server) = match src {
-        IpAddr::V4(_) => ("-4", SERVER_V4.to_string()),
-        IpAddr::V6(_) => ("-6", SERVER_V6.to_string()),
-    };
-    let src = src.to_string();
-    let out = net
-        .client_cmd("swaks")
-        .args([
-            flag,
-            "--server",
-            &server,
-            "--port",
-            "25",
-            "--local-interface",
-            &src,
-            "--from",
-            "swaks@client.example",
-            "--to",
-            rcpt,
-            "--quit-after",
-            "RCPT",
-            "--timeout",
-            "30",
-        ])
-        .output()
-        .expect("swaks");
-    Swaks {
-        ok: out.status.success(),
-        out: format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .replace('\r', ""),
-    }
+    tarpit_tests::swaks::swaks(net, src, &["--to", rcpt, "--quit-after", "RCPT"])
 }
 
 /// Both clients at once.
@@ -258,15 +217,6 @@ fn reload_adds_and_removes_a_dnsbl_reject_zone_for_new_sessions() {
     assert!(status.success(), "{status}");
 }
 
-/// A directory removed when the test ends.
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn reload_applies_the_greylist_wait_and_keeps_mode_and_store() {
     if !require_root() {
@@ -275,10 +225,9 @@ fn reload_applies_the_greylist_wait_and_keeps_mode_and_store() {
     let net = TestNet::new().unwrap();
     let pins = PinDir::new().unwrap();
     let _pf = Postfix::start(&net).expect("postfix");
-    let dir = TempDir(std::env::temp_dir().join(format!("tarpit-reload-grey-{}", unique_id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
-    let store = dir.0.join("greylist.db");
-    let other_store = dir.0.join("other.db");
+    let dir = TempDir::new("reload-grey");
+    let store = dir.path.join("greylist.db");
+    let other_store = dir.path.join("other.db");
     let greylist = |mode: &str, min_wait: &str, store: &std::path::Path| {
         format!(
             "[greeting]\ndelay = \"0s\"\n[greylist]\nmode = \"{mode}\"\n\

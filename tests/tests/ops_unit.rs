@@ -6,24 +6,7 @@ use std::time::Duration;
 
 use tarpit::config::Config;
 use tarpit_tests::env::repo_root;
-use tarpit_tests::{tarpit_bin, unique_id};
-
-/// A temp dir removed on drop.
-struct TmpDir(PathBuf);
-
-impl TmpDir {
-    fn new(tag: &str) -> TmpDir {
-        let d = std::env::temp_dir().join(format!("tarpit-{tag}-{}", unique_id()));
-        std::fs::create_dir_all(&d).expect("temp dir");
-        TmpDir(d)
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use tarpit_tests::{TempDir, tarpit_bin};
 
 fn shipped_unit() -> String {
     std::fs::read_to_string(repo_root().join("config/tarpit.service"))
@@ -47,8 +30,8 @@ fn tool(name: &str) -> PathBuf {
 /// Runs `systemd-analyze verify --man=no` on `unit` saved as
 /// tarpit.service; returns (success, every line it printed).
 fn verify(unit: &str) -> (bool, String) {
-    let dir = TmpDir::new("unit");
-    let path = dir.0.join("tarpit.service");
+    let dir = TempDir::new("unit");
+    let path = dir.path.join("tarpit.service");
     std::fs::write(&path, unit).expect("write unit");
     let out = Command::new(tool("systemd-analyze"))
         .args(["verify", "--man=no"])
@@ -145,10 +128,10 @@ fn unit_matches_what_the_agent_does() {
 
 #[test]
 fn sysusers_entry_creates_the_tarpit_user() {
-    let root = TmpDir::new("sysusers");
-    std::fs::create_dir_all(root.0.join("etc")).expect("etc");
+    let root = TempDir::new("sysusers");
+    std::fs::create_dir_all(root.path.join("etc")).expect("etc");
     let out = Command::new(tool("systemd-sysusers"))
-        .arg(format!("--root={}", root.0.display()))
+        .arg(format!("--root={}", root.path.display()))
         .arg(repo_root().join("config/tarpit.sysusers"))
         .output()
         .expect("run systemd-sysusers");
@@ -157,7 +140,7 @@ fn sysusers_entry_creates_the_tarpit_user() {
         "systemd-sysusers: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let passwd = std::fs::read_to_string(root.0.join("etc/passwd")).expect("passwd");
+    let passwd = std::fs::read_to_string(root.path.join("etc/passwd")).expect("passwd");
     let line = passwd
         .lines()
         .find(|l| l.starts_with("tarpit:"))

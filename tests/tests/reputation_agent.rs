@@ -5,14 +5,13 @@
 //! does not answer delays nobody beyond the timeout, and greylisting
 //! defers, passes after the wait, and remembers across a restart.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tarpit_tests::dnsmasq::{Dnsmasq, DnsmasqConfig};
 use tarpit_tests::smtp_client::{agent_config, metric, proxy_backend};
+use tarpit_tests::swaks::{Swaks, swaks};
 use tarpit_tests::{
-    Agent, CLIENT_V4, CLIENT_V6, PinDir, Postfix, Rbldnsd, SERVER_V4, SERVER_V6, TestNet,
-    require_root, unique_id,
+    Agent, CLIENT_V4, CLIENT_V6, PinDir, Postfix, Rbldnsd, TempDir, TestNet, require_root,
 };
 
 /// Scheduling, DNS on loopback, Postfix and the veth take well under this.
@@ -20,69 +19,6 @@ const SLACK: Duration = Duration::from_millis(2500);
 
 fn v4(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(198, 51, 100, last))
-}
-
-struct Swaks {
-    out: String,
-    /// The server's time: the sum of swaks' "response in" lapses (banner
-    /// counted from connect), so perl's start-up on a busy box is not in it.
-    took: Duration,
-    /// Wall-clock time of the whole swaks run.
-    wall: Duration,
-    ok: bool,
-}
-
-/// One swaks session from `src` to the agent (port 25 of the server).
-fn swaks(net: &TestNet, src: IpAddr, extra: &[&str]) -> Swaks {
-    let (flag, server) = match src {
-        IpAddr::V4(_) => ("-4", SERVER_V4.to_string()),
-        IpAddr::V6(_) => ("-6", SERVER_V6.to_string()),
-    };
-    let src = src.to_string();
-    let mut args = vec![
-        flag,
-        "--server",
-        &server,
-        "--port",
-        "25",
-        "--local-interface",
-        &src,
-        "--to",
-        "sink@tarpit.test",
-        "--timeout",
-        "40",
-        "--show-time-lapse",
-    ];
-    if !extra.contains(&"--from") {
-        args.extend(["--from", "swaks@client.example"]);
-    }
-    args.extend(extra);
-    let t = Instant::now();
-    let out = net.client_cmd("swaks").args(&args).output().expect("swaks");
-    let wall = t.elapsed();
-    let ok = out.status.success();
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-    .replace("\r", "");
-    let took = out
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("=== response in ")?
-                .strip_suffix('s')?
-                .parse::<f64>()
-                .ok()
-        })
-        .map(Duration::from_secs_f64)
-        .sum();
-    Swaks {
-        took,
-        wall,
-        ok,
-        out,
-    }
 }
 
 #[track_caller]
@@ -94,23 +30,6 @@ fn assert_between(what: &str, took: Duration, min: Duration) {
         took + early >= min && took <= min + SLACK,
         "{what}: took {took:?}, expected {min:?} (+{SLACK:?})"
     );
-}
-
-/// A directory removed when the test ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        let d = std::env::temp_dir().join(format!("tarpit-rep-{}", unique_id()));
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 const BLACKLIST_DELAY: Duration = Duration::from_secs(2);
@@ -370,7 +289,7 @@ fn reputation_agent_greylisting_defers_passes_and_survives_a_restart() {
     }
     let pins = PinDir::new().unwrap();
     let pf = Postfix::start(&net).expect("postfix");
-    let dir = TempDir::new();
+    let dir = TempDir::new("rep");
     let rest = format!(
         r#"
 [greeting]
@@ -383,7 +302,7 @@ min_wait = "5s"
 retry_window = "1m"
 store = "{}"
 "#,
-        dir.0.join("greylist.db").display()
+        dir.path.join("greylist.db").display()
     );
     let config = agent_config(&net, &pins, &proxy_backend(), &rest);
     let agent = Agent::start(&net, &config).expect("agent");
@@ -433,7 +352,7 @@ fn reputation_agent_greylisting_at_connect() {
     let net = TestNet::new().unwrap();
     let pins = PinDir::new().unwrap();
     let pf = Postfix::start(&net).expect("postfix");
-    let dir = TempDir::new();
+    let dir = TempDir::new("rep");
     let rest = format!(
         r#"
 [greeting]
@@ -444,7 +363,7 @@ min_wait = "5s"
 retry_window = "1m"
 store = "{}"
 "#,
-        dir.0.join("greylist.db").display()
+        dir.path.join("greylist.db").display()
     );
     let _agent =
         Agent::start(&net, &agent_config(&net, &pins, &proxy_backend(), &rest)).expect("agent");

@@ -74,6 +74,17 @@ impl Default for Opts {
     }
 }
 
+impl Opts {
+    /// `detach_on_exit = true`: stopping the agent removes programs and
+    /// maps, as a reboot would; the rest as by default.
+    pub fn detached() -> Opts {
+        Opts {
+            detach_on_exit: true,
+            ..Opts::default()
+        }
+    }
+}
+
 impl CliWorld {
     /// A world with its config written; the agent is not started yet.
     pub fn new(opts: Opts) -> CliWorld {
