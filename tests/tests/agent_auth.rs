@@ -31,20 +31,8 @@ fn no_delay_after_a_successful_auth_and_a_failed_one_changes_nothing() {
     }
     let net = TestNet::new().unwrap();
     let pins = PinDir::new().unwrap();
-    let pf = Postfix::start(&net).unwrap();
     let dv = Dovecot::start().unwrap();
-    let main_cf = pf.dir.join("conf/main.cf");
-    let mut text = std::fs::read_to_string(&main_cf).unwrap();
-    text.push_str(&dv.postfix_main_cf());
-    std::fs::write(&main_cf, text).unwrap();
-    let conf = pf.dir.join("conf").display().to_string();
-    let out = net
-        .server_cmd("postfix")
-        .args(["-c", &conf, "reload"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    std::thread::sleep(Duration::from_secs(1));
+    let _pf = Postfix::start_with(&net, &dv.postfix_main_cf()).unwrap();
     let _agent = Agent::start(
         &net,
         &agent_config(

@@ -9,14 +9,11 @@
 mod common;
 
 use std::net::IpAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{agent_for, eventually, maps};
+use common::{agent_for, cli, eventually, maps};
 use tarpit_tests::smtp_client::SmtpClient;
-use tarpit_tests::{
-    Agent, CLIENT_V4, CLIENT_V6, PinDir, Postfix, TestNet, require_root, tarpit_bin,
-};
+use tarpit_tests::{Agent, CLIENT_V4, CLIENT_V6, PinDir, Postfix, TestNet, require_root};
 
 const GREETING: Duration = Duration::from_secs(2);
 
@@ -53,24 +50,15 @@ fn config_and_run_time_entries_are_one_list_for_kernel_and_agent_v4_and_v6() {
     assert!(maps(&pins).allow_match(configured).unwrap().is_some());
     assert!(banner_time(&net, configured) < GREETING);
 
-    let cli = |args: &[&str]| {
-        let out = Command::new(tarpit_bin())
-            .arg("-c")
-            .arg(&agent.config)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{args:?}: {out:?}");
-    };
     for (src, cidr) in [
         (IpAddr::from(CLIENT_V4), format!("{CLIENT_V4}/32")),
         (IpAddr::from(CLIENT_V6), format!("{CLIENT_V6}/128")),
     ] {
         assert!(banner_time(&net, src) >= GREETING, "{src}: not yet listed");
-        cli(&["allow", "add", &cidr]);
+        cli(&agent, &["allow", "add", &cidr]);
         let took = banner_time(&net, src);
         assert!(took < GREETING, "{src}: run-time entry ignored: {took:?}");
-        cli(&["allow", "del", &cidr]);
+        cli(&agent, &["allow", "del", &cidr]);
         let took = banner_time(&net, src);
         assert!(
             took >= GREETING,
@@ -79,7 +67,7 @@ fn config_and_run_time_entries_are_one_list_for_kernel_and_agent_v4_and_v6() {
     }
 
     // A run-time entry survives a reload; the dropped config entry leaves.
-    cli(&["allow", "add", &format!("{CLIENT_V6}/128")]);
+    cli(&agent, &["allow", "add", &format!("{CLIENT_V6}/128")]);
     std::fs::write(&agent.config, cfg_with("")).unwrap();
     agent.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
     eventually("the dropped config entry left the kernel", || {

@@ -12,16 +12,13 @@
 mod common;
 
 use std::net::IpAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Attempt, agent_for, attempt, eventually, maps, metric_sum};
+use common::{Attempt, agent_for, attempt, cli, eventually, maps, metric_sum};
 use tarpit::kernel::{BlockSpec, SteerMaps};
 use tarpit_common::BlockReason;
 use tarpit_tests::smtp_client::{SmtpClient, message};
-use tarpit_tests::{
-    Agent, CLIENT_V4, CLIENT_V6, PinDir, Postfix, TestNet, require_root, tarpit_bin,
-};
+use tarpit_tests::{Agent, CLIENT_V4, CLIENT_V6, PinDir, Postfix, TestNet, require_root};
 
 /// The agent's greeting delay: what a client going through it waits.
 const GREETING: Duration = Duration::from_secs(2);
@@ -120,23 +117,14 @@ fn allow_listed_clients_reach_the_mta_directly_until_removed_v4_and_v6() {
     // (tarpit allow del) sends the next connection through the agent.
     let extra: IpAddr = "198.51.100.40".parse().unwrap();
     net.add_client_addr(extra).unwrap();
-    let cli = |args: &[&str]| {
-        let out = Command::new(tarpit_bin())
-            .arg("-c")
-            .arg(&agent.config)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{args:?}: {out:?}");
-    };
-    cli(&["allow", "add", "198.51.100.40/32"]);
+    cli(&agent, &["allow", "add", "198.51.100.40/32"]);
     let (c, _, took) = banner(&net, extra);
     assert!(
         took < GREETING,
         "run-time allow entry not steered: {took:?}"
     );
     drop(c);
-    cli(&["allow", "del", "198.51.100.40/32"]);
+    cli(&agent, &["allow", "del", "198.51.100.40/32"]);
     let (mut c, _, took) = banner(&net, extra);
     assert!(took >= GREETING, "{took:?}: not through the agent");
     c.expect("QUIT", 221).unwrap();

@@ -9,7 +9,7 @@ use anyhow::Result;
 use socket2::{Domain, Socket, Type};
 use tarpit::kernel::KernelMaps;
 use tarpit_tests::smtp_client::{SmtpClient, agent_v4, agent_v6, scrape_metrics};
-use tarpit_tests::{PinDir, TestCgroup, TestNet};
+use tarpit_tests::{Agent, PinDir, TestCgroup, TestNet, tarpit_bin};
 
 /// An agent config on the server veth (v4 and v6) in front of Postfix's
 /// PROXY listener. `detach_on_exit = false` keeps programs and pins after
@@ -157,6 +157,19 @@ pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("timed out waiting until {what}");
+}
+
+/// Runs `tarpit -c <the agent's config> ARGS` (a run-time list change);
+/// the test fails unless it succeeds.
+#[track_caller]
+pub fn cli(agent: &Agent, args: &[&str]) {
+    let out = std::process::Command::new(tarpit_bin())
+        .arg("-c")
+        .arg(&agent.config)
+        .args(args)
+        .output()
+        .expect("run tarpit");
+    assert!(out.status.success(), "{args:?}: {out:?}");
 }
 
 pub fn maps(pins: &PinDir) -> KernelMaps {
