@@ -14,4 +14,4 @@ pub mod run;
 
 pub use id::{owner_alive, unique_id};
 pub use netns::{CLIENT_V4, CLIENT_V6, NetPair, SERVER_V4, SERVER_V6, is_test_address};
-pub use run::run;
+pub use run::{feed, run};

@@ -6,13 +6,12 @@
 //! itself are made on a thread that `setns()`ed into the namespace.
 //! Namespace names carry our pid, so a later run deletes what a killed
 //! run left behind (`sweep_stale`).
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Deref;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use testkit::netns::{NetPair, delete_ns, nsenter};
 
 pub use testkit::netns::{SERVER_V4, SERVER_V6, is_test_address};
@@ -23,26 +22,7 @@ const PREFIX: &str = "tpb-";
 
 /// Feeds `ip -batch -` (one process for hundreds of addresses).
 fn ip_batch(ns: &str, lines: &str) -> Result<()> {
-    let mut child = Command::new("ip")
-        .args(["-n", ns, "-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run ip -batch")?;
-    child
-        .stdin
-        .take()
-        .context("no stdin")?
-        .write_all(lines.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "ip -batch failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    testkit::feed(Command::new("ip").args(["-n", ns, "-batch", "-"]), lines)
 }
 
 #[derive(Debug, Clone, Copy, Default)]

@@ -3,9 +3,6 @@
 //! (the earliest and cheapest place nftables can drop, so the fairest
 //! opponent for XDP). The table lives in the bench's namespace and goes
 //! with it.
-use std::io::Write;
-use std::process::Stdio;
-
 use anyhow::{Context, Result, bail};
 
 use super::netns::BenchNet;
@@ -26,26 +23,8 @@ pub fn install(net: &BenchNet, port: u16) -> Result<()> {
          }}\n",
         BLOCK_V4.0, BLOCK_V4.1, BLOCK_V6.0, BLOCK_V6.1, net.server_if
     );
-    let mut child = net
-        .server_cmd("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run nft (apt-get install nftables)")?;
-    child
-        .stdin
-        .take()
-        .context("no stdin")?
-        .write_all(rules.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "nft refused the rules: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    testkit::feed(net.server_cmd("nft").args(["-f", "-"]), &rules)
+        .context("nft refused the rules (is nftables installed?)")
 }
 
 /// Packets dropped by the rules so far.
