@@ -113,7 +113,7 @@ impl Drop for Instance {
         let _ = Command::new("pkill")
             .args(["-9", "-f", "--", &format!("-c {c}")])
             .status();
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
