@@ -28,6 +28,28 @@ impl IpAddrKey {
         IpAddrKey { octets }
     }
 
+    /// The address of a socket as BPF socket contexts (sock_ops,
+    /// sk_lookup) give it: `family` AF_INET or AF_INET6, the IPv4 address
+    /// or the four IPv6 words, each in network order as a native u32.
+    #[inline(always)]
+    pub fn from_sock_words(family: u32, v4: u32, v6: [u32; 4]) -> Self {
+        const AF_INET: u32 = 2;
+        if family == AF_INET {
+            return IpAddrKey::from_v4_octets(v4.to_ne_bytes());
+        }
+        let mut o = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = v6[i].to_ne_bytes();
+            o[i * 4] = b[0];
+            o[i * 4 + 1] = b[1];
+            o[i * 4 + 2] = b[2];
+            o[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        IpAddrKey::from_v6_octets(o)
+    }
+
     /// True when this is an IPv4-mapped address.
     #[inline(always)]
     pub fn is_v4_mapped(&self) -> bool {
@@ -87,6 +109,20 @@ mod tests {
         assert_eq!(IpAddrKey::from(a), IpAddrKey::from(b));
         assert!(IpAddrKey::from(a).is_v4_mapped());
         assert_eq!(IpAddr::from(IpAddrKey::from(a)), a);
+    }
+
+    #[test]
+    fn socket_words_in_network_order_make_the_same_key() {
+        let v4 = u32::from_ne_bytes([198, 51, 100, 9]);
+        let k = IpAddrKey::from_sock_words(2, v4, [0; 4]);
+        assert_eq!(IpAddr::from(k), "198.51.100.9".parse::<IpAddr>().unwrap());
+        let o: [u8; 16] = "fd5b:1e00::2"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+        let k = IpAddrKey::from_sock_words(10, 0, [w(0), w(4), w(8), w(12)]);
+        assert_eq!(IpAddr::from(k), "fd5b:1e00::2".parse::<IpAddr>().unwrap());
     }
 
     #[test]

@@ -112,17 +112,25 @@ pub struct Settings {
     pub reserved: [u32; 6],
 }
 
+/// Whether `port` is one of `ports`, where 0 marks an unused slot (so
+/// port 0 is never listed). A fixed-size array and a plain counted loop, so
+/// that every kernel's verifier sees the bound.
+#[inline(always)]
+pub fn port_listed<const N: usize>(ports: &[u16; N], port: u16) -> bool {
+    let mut i = 0;
+    while i < N {
+        if ports[i] != 0 && ports[i] == port {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
 impl Settings {
     #[inline(always)]
     pub fn is_smtp_port(&self, port: u16) -> bool {
-        let mut i = 0;
-        while i < MAX_SMTP_PORTS {
-            if self.smtp_ports[i] != 0 && self.smtp_ports[i] == port {
-                return true;
-            }
-            i += 1;
-        }
-        false
+        port_listed(&self.smtp_ports, port)
     }
 
     #[inline(always)]

@@ -63,14 +63,7 @@ pub struct SteerSettings {
 impl SteerSettings {
     #[inline(always)]
     pub fn steers(&self, port: u16) -> bool {
-        let mut i = 0;
-        while i < MAX_STEER_PORTS {
-            if self.ports[i] != 0 && self.ports[i] == port {
-                return true;
-            }
-            i += 1;
-        }
-        false
+        crate::maps::port_listed(&self.ports, port)
     }
 
     #[inline(always)]

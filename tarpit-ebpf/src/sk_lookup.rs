@@ -67,21 +67,7 @@ fn steer(ctx: &SkLookupContext) {
         return;
     }
     let v4 = family == AF_INET;
-    let addr = if v4 {
-        IpAddrKey::from_v4_octets(r4.to_ne_bytes())
-    } else {
-        let mut o = [0u8; 16];
-        let mut i = 0;
-        while i < 4 {
-            let b = r6[i].to_ne_bytes();
-            o[i * 4] = b[0];
-            o[i * 4 + 1] = b[1];
-            o[i * 4 + 2] = b[2];
-            o[i * 4 + 3] = b[3];
-            i += 1;
-        }
-        IpAddrKey::from_v6_octets(o)
-    };
+    let addr = IpAddrKey::from_sock_words(family, r4, r6);
     let (mta, agent) = if v4 {
         (SLOT_MTA_V4, SLOT_AGENT_V4)
     } else {

@@ -52,7 +52,7 @@ fn handle(ctx: &SockOpsContext) {
     let r4 = ctx.remote_ip4();
     let r6 = ctx.remote_ip6();
     let local_port = ctx.local_port();
-    let addr = remote_addr(family, r4, r6);
+    let addr = IpAddrKey::from_sock_words(family, r4, r6);
     let Some(settings) = settings() else { return };
     if !settings.has(SETTING_CONNS) || !settings.is_smtp_port(local_port as u16) {
         return;
@@ -65,27 +65,6 @@ fn handle(ctx: &SockOpsContext) {
         established(ctx, sk, &addr, settings);
     } else if ctx.arg(1) == BPF_TCP_CLOSE {
         closed(sk, &addr);
-    }
-}
-
-#[inline(always)]
-fn remote_addr(family: u32, r4: u32, r6: [u32; 4]) -> IpAddrKey {
-    const AF_INET: u32 = 2;
-    if family == AF_INET {
-        // remote_ip4 is in network order: its in-memory bytes are the address.
-        IpAddrKey::from_v4_octets(r4.to_ne_bytes())
-    } else {
-        let mut o = [0u8; 16];
-        let mut i = 0;
-        while i < 4 {
-            let b = r6[i].to_ne_bytes();
-            o[i * 4] = b[0];
-            o[i * 4 + 1] = b[1];
-            o[i * 4 + 2] = b[2];
-            o[i * 4 + 3] = b[3];
-            i += 1;
-        }
-        IpAddrKey::from_v6_octets(o)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod dnsmasq;
 pub mod dovecot;
 pub mod env;
+pub mod hooks;
 pub mod netns;
 pub mod pins;
 pub mod postfix;

@@ -4,36 +4,9 @@
 //! interface, no sock_ops program on the cgroup, the pin directory is gone.
 mod cli_common;
 
-use std::process::Command;
-
 use cli_common::{CliWorld, Opts, Probe, ip};
+use tarpit_tests::hooks::{cgroup_progs, sock_ops_on, xdp_prog_id};
 use tarpit_tests::require_root;
-
-/// Program ids attached to an interface of the server namespace (XDP) or
-/// to the test's cgroup (sock_ops), as bpftool reports them.
-fn attached(w: &CliWorld) -> (String, String) {
-    let link = Command::new("ip")
-        .args([
-            "-n",
-            &w.net.server_ns,
-            "-d",
-            "link",
-            "show",
-            "dev",
-            &w.net.server_if,
-        ])
-        .output()
-        .unwrap();
-    let cgroup = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(&w.cgroup.path)
-        .output()
-        .expect("bpftool (apt-get install bpftool)");
-    (
-        String::from_utf8_lossy(&link.stdout).into_owned(),
-        String::from_utf8_lossy(&cgroup.stdout).into_owned(),
-    )
-}
 
 #[test]
 fn detach_takes_programs_off_at_once_even_with_the_agent_running() {
@@ -46,11 +19,11 @@ fn detach_takes_programs_off_at_once_even_with_the_agent_running() {
     w.start_agent();
     w.ok(&["block", "add", "198.51.100.65"]);
     assert_eq!(w.probe(bot), Probe::Dropped);
-    let (link, cgroup) = attached(&w);
-    assert!(link.contains("prog/xdp"), "XDP attached before:\n{link}");
+    assert!(xdp_prog_id(&w.net).is_some(), "no XDP attached before");
     assert!(
-        cgroup.contains("sock_ops"),
-        "sock_ops attached before:\n{cgroup}"
+        sock_ops_on(&w.cgroup),
+        "sock_ops not attached before: {:?}",
+        cgroup_progs(&w.cgroup)
     );
 
     let out = w.ok(&["detach"]);
@@ -61,11 +34,11 @@ fn detach_takes_programs_off_at_once_even_with_the_agent_running() {
         w.pins.entries()
     );
     assert!(!w.pins.path.exists());
-    let (link, cgroup) = attached(&w);
-    assert!(!link.contains("prog/xdp"), "XDP still attached:\n{link}");
+    assert_eq!(xdp_prog_id(&w.net), None, "XDP still attached");
     assert!(
-        !cgroup.contains("sock_ops"),
-        "sock_ops still attached:\n{cgroup}"
+        cgroup_progs(&w.cgroup).is_empty(),
+        "still on the cgroup: {:?}",
+        cgroup_progs(&w.cgroup)
     );
     // Nothing drops the bot any more; the agent still answers it.
     assert_eq!(w.probe(bot), Probe::Connected);

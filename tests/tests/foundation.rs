@@ -10,6 +10,7 @@ use std::time::Duration;
 use aya::maps::{HashMap, Map, MapData};
 use socket2::{Domain, Socket, Type};
 use tarpit_common::{IpAddrKey, maps::SYN_COUNT};
+use tarpit_tests::hooks::xdp_prog_id;
 use tarpit_tests::{Agent, PinDir, SERVER_V4, SERVER_V6, TestNet, require_root};
 
 fn config(net: &TestNet, pins: &PinDir) -> String {
@@ -48,30 +49,6 @@ fn connect_from(net: &TestNet, src: IpAddr, dst: SocketAddr, n: usize) {
         }
     })
     .expect("client namespace");
-}
-
-fn xdp_prog_id(net: &TestNet) -> Option<u32> {
-    let out = Command::new("ip")
-        .args([
-            "-n",
-            &net.server_ns,
-            "-d",
-            "link",
-            "show",
-            "dev",
-            &net.server_if,
-        ])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    // "prog/xdp id 123" (driver mode) or "prog/xdpgeneric id 123"
-    let at = text.find("prog/xdp")?;
-    text[at..]
-        .split_whitespace()
-        .skip_while(|w| *w != "id")
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 #[test]

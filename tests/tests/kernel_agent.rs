@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use kernel_env::{World, read_until, send};
 use tarpit::kernel::KernelMaps;
+use tarpit_tests::hooks::{cgroup_progs, sock_ops_on, xdp_prog_id};
 use tarpit_tests::{Agent, SERVER_V6, require_root, wait::until};
 
 #[test]
@@ -57,30 +58,20 @@ cgroup = "{cgroup}"
     let maps = KernelMaps::open(&w.pins.path).expect("maps of the running agent");
     assert_eq!(maps.ip_state(bot).unwrap().unwrap().strikes, 1);
     drop(maps);
+    assert!(xdp_prog_id(&w.net).is_some(), "no XDP while the agent runs");
+    assert!(
+        sock_ops_on(&w.cgroup),
+        "no sock_ops while the agent runs: {:?}",
+        cgroup_progs(&w.cgroup)
+    );
 
     let status = agent.stop().expect("agent stops");
     assert!(status.success(), "{status}");
     assert!(!w.pins.path.exists(), "pins left: {:?}", w.pins.entries());
-    let out = std::process::Command::new("ip")
-        .args([
-            "-n",
-            &w.net.server_ns,
-            "-d",
-            "link",
-            "show",
-            "dev",
-            &w.net.server_if,
-        ])
-        .output()
-        .unwrap();
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("prog/xdp"));
-    let cg = std::process::Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(&w.cgroup.path)
-        .output()
-        .unwrap();
+    assert_eq!(xdp_prog_id(&w.net), None, "XDP left on the interface");
     assert!(
-        !String::from_utf8_lossy(&cg.stdout).contains("tarpit"),
-        "sock_ops left on the cgroup"
+        cgroup_progs(&w.cgroup).is_empty(),
+        "left on the cgroup: {:?}",
+        cgroup_progs(&w.cgroup)
     );
 }

@@ -15,6 +15,7 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use kernel_env::{World, read_until, send};
 use tarpit::kernel::{BlockSpec, Kernel, KernelError, KernelMaps, detach, in_netns};
 use tarpit_common::{BlockReason, maps as names};
+use tarpit_tests::hooks;
 use tarpit_tests::{PinDir, SERVER_V4, SERVER_V6, require_root, wait::until};
 
 fn ip(s: &str) -> IpAddr {
@@ -22,26 +23,7 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn xdp_prog_id(w: &World) -> Option<u32> {
-    let out = Command::new("ip")
-        .args([
-            "-n",
-            &w.net.server_ns,
-            "-d",
-            "link",
-            "show",
-            "dev",
-            &w.net.server_if,
-        ])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let at = text.find("prog/xdp")?;
-    text[at..]
-        .split_whitespace()
-        .skip_while(|w| *w != "id")
-        .nth(1)?
-        .parse()
-        .ok()
+    hooks::xdp_prog_id(&w.net)
 }
 
 /// (name, id) of the TCX programs in one direction.
@@ -62,24 +44,7 @@ fn tcx_progs(w: &World, dir: TcAttachType) -> Vec<(String, u32)> {
 
 /// (name, id) of the programs attached to the test cgroup.
 fn cgroup_progs(w: &World) -> Vec<(String, u64)> {
-    let out = Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(&w.cgroup.path)
-        .output()
-        .expect("bpftool");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .map(|p| {
-                    (
-                        p["name"].as_str().unwrap_or("").to_string(),
-                        p["id"].as_u64().unwrap_or(0),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    hooks::cgroup_progs(&w.cgroup)
 }
 
 fn prog_loaded(id: u64) -> bool {

@@ -11,13 +11,13 @@
 //! them: older ones lose bounds through stack spills and refuse reads of
 //! stack slots written on another path); a refusal names the program and
 //! ends with the tail of its verifier log.
-use std::process::Command;
 
 use aya::{
     EbpfLoader,
     programs::{Program, SchedClassifier, tc::TcAttachType},
 };
 use tarpit::kernel_version::KernelVersion;
+use tarpit_tests::hooks;
 use tarpit_tests::{Agent, PinDir, TestCgroup, TestNet, env::repo_root, require_root, tarpit_bin};
 
 /// Lines of verifier log shown per refused program: the refusal is at the end.
@@ -200,41 +200,9 @@ fn hooks(net: &TestNet, cgroup: &TestCgroup) -> Hooks {
         )),
         tcx_ingress: tcx(TcAttachType::Ingress),
         tcx_egress: tcx(TcAttachType::Egress),
-        xdp: in_server(net, "ip", &["-d", "link", "show", "dev", dev]).contains("prog/xdp"),
-        sock_ops: sock_ops_on(cgroup),
+        xdp: hooks::xdp_prog_id(net).is_some(),
+        sock_ops: hooks::sock_ops_on(cgroup),
     }
-}
-
-/// Whether a sock_ops program is attached to the cgroup. `bpftool cgroup
-/// show` sends a query that kernels before 6.0 refuse (it shows nothing
-/// there), so the cgroup links are looked at as well: aya attaches through
-/// a link from 5.7 on.
-fn sock_ops_on(cgroup: &TestCgroup) -> bool {
-    let show = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(&cgroup.path)
-        .output()
-        .expect("bpftool");
-    if String::from_utf8_lossy(&show.stdout).contains("sock_ops") {
-        return true;
-    }
-    let ino = std::fs::metadata(&cgroup.path).map_or(0, |m| {
-        use std::os::unix::fs::MetadataExt;
-        m.ino()
-    });
-    let links = Command::new("bpftool")
-        .args(["-j", "link", "show"])
-        .output()
-        .expect("bpftool");
-    let v: serde_json::Value = serde_json::from_slice(&links.stdout).unwrap_or_default();
-    v.as_array().is_some_and(|links| {
-        links.iter().any(|l| {
-            l["type"] == "cgroup"
-                // "sock_ops", or "cgroup_sock_ops" in older bpftool.
-                && l["attach_type"].as_str().is_some_and(|t| t.ends_with("sock_ops"))
-                && l["cgroup_id"].as_u64() == Some(ino)
-        })
-    })
 }
 
 fn nothing_attached() -> Hooks {
