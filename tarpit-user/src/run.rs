@@ -87,7 +87,7 @@ pub async fn start_agent(
         tasks.spawn(crate::metrics::serve(l, metrics));
     }
     let (shared_tx, shared_rx) = watch::channel(shared.clone());
-    let server = Server::bind(&config.listen.addrs, shared).await?;
+    let server = Server::bind(&config.listen.addrs, config.listen.backlog, shared).await?;
     tasks.spawn(server.with_updates(shared_rx).serve());
     tasks.spawn(apply_reloads(updates, shared_tx, Arc::new(config.clone())));
     Ok(tasks)

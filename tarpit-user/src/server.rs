@@ -52,6 +52,19 @@ impl Drop for PerIpGuard {
     }
 }
 
+/// A listener as `TcpListener::bind` makes it (SO_REUSEADDR, the system's
+/// IPV6_V6ONLY default), with the configured queue instead of tokio's 1024.
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// The bound listeners of the agent.
 pub struct Server {
     listeners: Vec<TcpListener>,
@@ -61,12 +74,12 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds every address; any failure is an error naming the address.
-    pub async fn bind(addrs: &[SocketAddr], shared: Arc<Shared>) -> Result<Server> {
+    /// Binds every address with a listen queue of `backlog`; any failure is
+    /// an error naming the address.
+    pub async fn bind(addrs: &[SocketAddr], backlog: u32, shared: Arc<Shared>) -> Result<Server> {
         let mut listeners = Vec::new();
         for a in addrs {
-            let l = TcpListener::bind(a)
-                .await
+            let l = listen(*a, backlog)
                 .with_context(|| format!("cannot listen on {a} (listen.addrs)"))?;
             info!(addr = %l.local_addr().unwrap_or(*a), "listening for SMTP clients");
             listeners.push(l);

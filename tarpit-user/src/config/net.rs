@@ -13,12 +13,21 @@ pub struct ListenConfig {
     /// Addresses the agent accepts SMTP clients on. `[::]:25` also serves
     /// IPv4 on Linux unless `net.ipv6.bindv6only` is set.
     pub addrs: Vec<SocketAddr>,
+    /// Connections the kernel queues for each listener before the agent
+    /// accepts them. Bots connect in bursts; a short queue makes their SYNs
+    /// (and real senders' too) wait a retransmission (1 s, then 3 s...)
+    /// for nothing. The kernel caps it at `net.core.somaxconn`.
+    pub backlog: u32,
 }
+
+/// Default listen queue: `net.core.somaxconn`'s default since Linux 5.4.
+pub const DEFAULT_BACKLOG: u32 = 4096;
 
 impl Default for ListenConfig {
     fn default() -> Self {
         ListenConfig {
             addrs: vec![SocketAddr::from(([127, 0, 0, 1], 2525))],
+            backlog: DEFAULT_BACKLOG,
         }
     }
 }
@@ -29,6 +38,12 @@ impl ListenConfig {
             return Err(ConfigError::invalid(
                 "listen.addrs",
                 "at least one address is needed",
+            ));
+        }
+        if !(1..=65535).contains(&self.backlog) {
+            return Err(ConfigError::invalid(
+                "listen.backlog",
+                format!("{} is out of range: use 1 to 65535", self.backlog),
             ));
         }
         Ok(())
@@ -111,5 +126,22 @@ impl BackendConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn backlog_defaults_to_somaxconn_and_is_range_checked() {
+        let c = Config::parse("[listen]\naddrs = [\"127.0.0.1:2525\"]\n").unwrap();
+        assert_eq!(c.listen.backlog, super::DEFAULT_BACKLOG);
+        let c = Config::parse("[listen]\nbacklog = 512\n").unwrap();
+        assert_eq!(c.listen.backlog, 512);
+        for bad in ["0", "65536"] {
+            let e = Config::parse(&format!("[listen]\nbacklog = {bad}\n")).unwrap_err();
+            assert!(e.to_string().contains("listen.backlog"), "{e}");
+        }
     }
 }
