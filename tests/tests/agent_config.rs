@@ -26,6 +26,7 @@ fn bad_agent_keys_are_refused_by_check_config_and_run_alike() {
         ("[greeting]\ndelay = \"11m\"\n", "greeting.delay", "600s"),
         ("[rcpt]\nscaling = 0.5\n", "rcpt.scaling", "1.0"),
         ("[limits]\nline = 100\n", "limits.line", "512"),
+        ("[listen]\nbacklog = 0\n", "listen.backlog", "1 to 65535"),
         ("[tls]\ncert = \"/nonexistent.pem\"\n", "tls.key", "needed"),
         (
             "[backend]\nclient_address = \"proxy-v3\"\n",

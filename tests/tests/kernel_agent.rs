@@ -23,6 +23,7 @@ fn agent_logs_kernel_pregreet_diagnostics_and_detaches_on_exit() {
         r#"
 [listen]
 addrs = ["127.0.0.1:2999"]
+backlog = 777
 [backend]
 addr = "127.0.0.1:2998"
 [kernel]
@@ -37,6 +38,20 @@ cgroup = "{cgroup}"
         cgroup = w.cgroup.path.display(),
     );
     let agent = Agent::start_with(&w.net, &config, Some(&w.cgroup)).expect("agent starts");
+    // The listen queue is the configured one (ss shows it as Send-Q), not
+    // tokio's 1024: connect bursts must not cost SYN retransmissions.
+    let ss = w
+        .net
+        .server_cmd("ss")
+        .args(["-Hltn", "sport", "= :2999"])
+        .output()
+        .expect("ss");
+    let ss = String::from_utf8_lossy(&ss.stdout).into_owned();
+    assert_eq!(
+        ss.split_whitespace().nth(2),
+        Some("777"),
+        "listen queue of 127.0.0.1:2999: {ss}"
+    );
     let bot: IpAddr = "fd5b:1e00::150".parse().unwrap();
     w.net.add_client_addr(bot).unwrap();
     let mut s = w
