@@ -113,6 +113,14 @@ fn scripted_mix_of_sessions_shows_in_the_metrics() {
     );
     let capacity = sample(&text, "tarpit_map_capacity{map=\"IP_STATE\"}").unwrap_or(0.0);
     assert!(capacity >= 1024.0, "{text}");
+    // Every program loaded on this kernel: no feature switched off.
+    for f in ["xdp", "pregreet", "sock_ops"] {
+        let v = sample(
+            &text,
+            &format!("tarpit_kernel_feature_available{{feature=\"{f}\"}}"),
+        );
+        assert_eq!(v, Some(1.0), "{f}: {text}");
+    }
     assert!(
         text.trim_end().ends_with("# EOF"),
         "one EOF at the very end"
