@@ -177,6 +177,39 @@ fn helo_delay_and_rcpt_tarpit_securitygateway_example() {
 }
 
 #[test]
+fn total_delay_cap_ends_every_hold_of_the_session() {
+    if !require_root() {
+        return;
+    }
+    // 1 s greeting + 1 s EHLO leave 2 s of the 4 s budget: the 2nd RCPT
+    // gets 2 s instead of 5, every later one nothing.
+    let w = world(
+        "[greeting]\ndelay = \"1s\"\n[helo]\ndelay = \"1s\"\n\
+         [rcpt]\nthreshold = 1\ndelay = \"5s\"\nscaling = 1.0\n\
+         [limits]\nmax_total_delay = \"4s\"\n",
+    );
+    for src in [IpAddr::from(CLIENT_V4), IpAddr::from(CLIENT_V6)] {
+        let t = Instant::now();
+        let mut c = connect(&w, src);
+        c.reply().unwrap();
+        assert_delay("greeting", t.elapsed(), secs(1.0));
+        let (_, d) = c.cmd("EHLO client.example").unwrap();
+        assert_delay("EHLO", d, secs(1.0));
+        c.expect("MAIL FROM:<a@client.example>", 250).unwrap();
+        for (i, want) in [0.0, 2.0, 0.0, 0.0].into_iter().enumerate() {
+            let (r, d) = c.cmd(&format!("RCPT TO:<sink{i}@tarpit.test>")).unwrap();
+            assert_eq!(r.code, 250);
+            if want == 0.0 {
+                assert_no_delay(&format!("RCPT {} ({src})", i + 1), d);
+            } else {
+                assert_delay(&format!("RCPT {} ({src}), capped", i + 1), d, secs(want));
+            }
+        }
+        c.expect("QUIT", 221).unwrap();
+    }
+}
+
+#[test]
 fn reject_delay_holds_the_mtas_5xx() {
     if !require_root() {
         return;
