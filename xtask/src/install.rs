@@ -8,6 +8,8 @@
 //! - `D/P/lib/systemd/system/tarpit.service`, its paths rewritten to `P`
 //! - `D/P/lib/sysusers.d/tarpit.conf` (the unprivileged `tarpit` user)
 //! - `D/P/share/doc/tarpit/{operations.md,tarpit.toml}`
+//! - `D/P/share/man/man1/tarpit.1`, `tarpit-SUBCOMMAND.1`, ... (written by
+//!   the installed binary itself)
 //! - `D/etc/tarpit/tarpit.toml`, never overwritten: an operator's config
 //!   outlives upgrades; the new shipped one is in the doc directory.
 use std::fs;
@@ -48,7 +50,10 @@ pub fn run(args: InstallArgs) -> Result<()> {
         None => crate::release::build()?,
     };
     let destdir = args.destdir.clone().unwrap_or_else(|| PathBuf::from("/"));
-    let report = install_files(&paths::root(), &binary, &args.prefix, &destdir)?;
+    let mut report = install_files(&paths::root(), &binary, &args.prefix, &destdir)?;
+    let man_dir = staged(&destdir, &args.prefix.join("share/man/man1"));
+    write_man_pages(&staged(&destdir, &args.prefix.join("bin/tarpit")), &man_dir)?;
+    report.written.push(("manual pages", man_dir));
     for (what, path) in &report.written {
         shell::say("Installed", &format!("{what}: {}", path.display()));
     }
@@ -69,6 +74,25 @@ pub fn run(args: InstallArgs) -> Result<()> {
              $EDITOR /etc/tarpit/tarpit.toml   # [daemon] user = \"tarpit\", listen, backend, kernel.interfaces\n  \
              tarpit check-config -c /etc/tarpit/tarpit.toml\n  \
              systemctl daemon-reload && systemctl enable --now tarpit"
+        );
+    }
+    Ok(())
+}
+
+/// The installed binary writes its own manual pages (`tarpit man DIR`, a
+/// hidden subcommand): they come from the same definition as `--help`.
+fn write_man_pages(tarpit: &Path, dir: &Path) -> Result<()> {
+    let out = std::process::Command::new(tarpit)
+        .arg("man")
+        .arg(dir)
+        .output()
+        .with_context(|| format!("cannot run {}", tarpit.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} man {} failed: {}",
+            tarpit.display(),
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(())

@@ -215,3 +215,16 @@ EXAMPLES:
 ",
     files!()
 );
+
+pub const MAN: &str = "Writes one roff page per command, from the same text as --help:
+tarpit.1, tarpit-run.1, tarpit-block-add.1 and so on. Needs no root and no
+configuration.
+
+EXAMPLES:
+  tarpit man /usr/local/share/man/man1 && mandb -q
+  tarpit man /tmp/pages && man -l /tmp/pages/tarpit-block-add.1
+
+EXIT STATUS:
+  0  success
+  1  error: the directory cannot be created or a page cannot be written
+  2  usage error: no directory given";

@@ -15,6 +15,7 @@ mod help;
 mod ip;
 pub(crate) mod kernel_glue;
 mod lists;
+mod man;
 mod maps;
 pub mod output;
 mod stats;
@@ -130,6 +131,13 @@ pub enum Command {
     /// Remove every program, link, pin and qdisc of ours from the system.
     #[command(after_long_help = help::DETACH)]
     Detach(detach::DetachArgs),
+    /// Write the manual pages (tarpit.1, tarpit-SUBCOMMAND.1, ...) into DIR;
+    /// `cargo xtask install` puts them in PREFIX/share/man/man1.
+    #[command(hide = true, after_long_help = help::MAN)]
+    Man {
+        /// Directory to write the pages into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 /// Entry point of the binary; turns every error into one clear line and a
@@ -184,6 +192,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Stats(args) => stats::run(&ctx()?, args),
         Command::Top(args) => top::run(&ctx()?, args),
         Command::Detach(args) => detach::run(&ctx()?, args),
+        Command::Man { dir } => {
+            for page in man::write_pages(&dir)? {
+                println!("{}", page.display());
+            }
+            Ok(())
+        }
     }
 }
 
