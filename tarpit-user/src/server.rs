@@ -7,11 +7,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{info, warn};
 
 use crate::metrics::Outcome;
-use crate::session::{self, Shared};
+use crate::ops::summary::Tally;
+use crate::session::park::Holder;
+use crate::session::{self, Opened, Shared};
 
 const TOO_MANY_SESSIONS: &[u8] = b"421 4.3.2 Too many sessions, try again later\r\n";
 const TOO_MANY_PER_IP: &[u8] = b"421 4.7.0 Too many connections\r\n";
@@ -113,6 +115,7 @@ impl Server {
             .unwrap_or_else(|| watch::channel(self.shared.clone()).1);
         let sessions = Arc::new(Semaphore::new(self.shared.limits.sessions));
         let per_ip = Arc::new(PerIp::default());
+        let holder = Holder::start(crate::ops::shutdown::current());
         let mut tasks = tokio::task::JoinSet::new();
         for l in self.listeners {
             tasks.spawn(accept_loop(
@@ -120,6 +123,7 @@ impl Server {
                 updates.clone(),
                 sessions.clone(),
                 per_ip.clone(),
+                holder.clone(),
             ));
         }
         while tasks.join_next().await.is_some() {}
@@ -131,6 +135,7 @@ async fn accept_loop(
     updates: watch::Receiver<Arc<Shared>>,
     sessions: Arc<Semaphore>,
     per_ip: Arc<PerIp>,
+    holder: Holder,
 ) {
     let shutdown = crate::ops::shutdown::current();
     loop {
@@ -174,24 +179,116 @@ async fn accept_loop(
                 }
             }
         };
-        let shared = shared.clone();
-        let counted = shutdown.session();
-        tokio::spawn(async move {
-            let _counted = counted;
-            shared.metrics.sessions_active.inc();
-            // One summary line per session, whatever path it took.
-            // Boxed once here, so the task holds the session's future only
-            // once and not again inside each wrapper's state.
-            let session = Box::pin(session::run(&shared, stream, peer, local));
-            let (outcome, tally) = crate::ops::summary::scope(session).await;
-            crate::ops::summary::write(peer, &tally, outcome.as_str());
-            shared.metrics.sessions_active.dec();
-            shared.metrics.session_ended(outcome);
-            crate::closed_loop::session_ended(peer.ip(), outcome);
-            drop(guard);
-            drop(permit);
-        });
+        let end = End {
+            shared: shared.clone(),
+            guard,
+            permit,
+            _counted: shutdown.session(),
+        };
+        tokio::spawn(serve_client(end, stream, peer, local, holder.clone()));
     }
+}
+
+/// What a session holds until it ends, and what ends it.
+struct End {
+    shared: Arc<Shared>,
+    guard: Option<PerIpGuard>,
+    permit: OwnedSemaphorePermit,
+    _counted: crate::ops::shutdown::SessionGuard,
+}
+
+impl End {
+    /// One summary line per session, whatever path it took; then the
+    /// metrics and the limits let go of it.
+    fn finish(self, peer: SocketAddr, outcome: Outcome, tally: &Tally) {
+        crate::ops::summary::write(peer, tally, outcome.as_str());
+        self.shared.metrics.sessions_active.dec();
+        self.shared.metrics.session_ended(outcome);
+        crate::closed_loop::session_ended(peer.ip(), outcome);
+        drop(self.guard);
+        drop(self.permit);
+    }
+}
+
+/// One client: opened in this task; a client held in the greeting delay
+/// is parked with `holder` and goes on in a new task when its wait ends,
+/// so that while it waits it has no task and no future of its own.
+async fn serve_client(
+    end: End,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    holder: Holder,
+) {
+    end.shared.metrics.sessions_active.inc();
+    // Boxed once here, so the task holds the session's future only once
+    // and not again inside each wrapper's state.
+    let opened = Box::pin(session::open(&end.shared, stream, peer, local));
+    let (opened, tally) = crate::ops::summary::scope(opened).await;
+    match opened {
+        Opened::Done(outcome) => end.finish(peer, outcome, &tally),
+        Opened::Held(stream, greeting) => {
+            let deadline = greeting.deadline();
+            let kept = Kept::new(tally);
+            holder.park(
+                stream,
+                deadline,
+                Box::new(move |stream, woke| {
+                    tokio::spawn(async move {
+                        let peer = greeting.peer();
+                        let rest = Box::pin(greeting.resume(&end.shared, stream, woke));
+                        let (outcome, more) = crate::ops::summary::scope(rest).await;
+                        end.finish(peer, outcome, &merge(kept.into_tally(), more));
+                    });
+                }),
+            );
+        }
+    }
+}
+
+/// A session's tally while it is parked: nearly always the greeting delay
+/// alone (nothing else happens before the banner), kept without the
+/// `Tally`'s own allocation.
+enum Kept {
+    One(&'static str, u32, Duration),
+    Full(Box<Tally>),
+}
+
+impl Kept {
+    fn new(t: Tally) -> Kept {
+        match t.delays.as_slice() {
+            [(reason, n, d)] if t.helo.is_none() && t.rcpts == 0 => Kept::One(reason, *n, *d),
+            _ => Kept::Full(Box::new(t)),
+        }
+    }
+
+    fn into_tally(self) -> Tally {
+        match self {
+            Kept::One(reason, n, d) => Tally {
+                delays: vec![(reason, n, d)],
+                ..Tally::default()
+            },
+            Kept::Full(t) => *t,
+        }
+    }
+}
+
+/// A session's tally from before it was parked, and from after.
+fn merge(mut first: Tally, then: Tally) -> Tally {
+    if then.helo.is_some() {
+        first.helo = then.helo;
+    }
+    first.rcpts += then.rcpts;
+    for (reason, n, total) in then.delays {
+        match first.delays.iter_mut().find(|(r, _, _)| *r == reason) {
+            Some((_, m, sum)) => {
+                *m += n;
+                *sum += total;
+            }
+            None => first.delays.push((reason, n, total)),
+        }
+    }
+    first
 }
 
 async fn refuse(mut stream: TcpStream, reply: &'static [u8], shared: Arc<Shared>) {
@@ -201,4 +298,55 @@ async fn refuse(mut stream: TcpStream, reply: &'static [u8], shared: Arc<Shared>
     })
     .await;
     shared.metrics.session_ended(Outcome::Limit);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn greeting_only() -> Tally {
+        Tally {
+            delays: vec![("greeting", 1, Duration::from_secs(300))],
+            ..Tally::default()
+        }
+    }
+
+    #[test]
+    fn a_parked_tally_comes_back_as_it_was() {
+        for t in [
+            greeting_only(),
+            Tally::default(),
+            Tally {
+                helo: Some("bot".into()),
+                rcpts: 2,
+                delays: vec![("greeting", 1, Duration::from_secs(5))],
+            },
+        ] {
+            assert_eq!(Kept::new(t.clone()).into_tally(), t);
+        }
+        assert!(matches!(Kept::new(greeting_only()), Kept::One(..)));
+    }
+
+    #[test]
+    fn the_summary_counts_both_halves_of_a_parked_session() {
+        let then = Tally {
+            helo: Some("client.example".into()),
+            rcpts: 3,
+            delays: vec![
+                ("rcpt", 2, Duration::from_secs(20)),
+                ("greeting", 1, Duration::from_secs(1)),
+            ],
+        };
+        let t = merge(greeting_only(), then);
+        assert_eq!(t.helo.as_deref(), Some("client.example"));
+        assert_eq!(t.rcpts, 3);
+        assert_eq!(
+            t.delays,
+            vec![
+                ("greeting", 2, Duration::from_secs(301)),
+                ("rcpt", 2, Duration::from_secs(20)),
+            ]
+        );
+        assert_eq!(t.delays_text(), "greeting 2x150.5s, rcpt 2x10s");
+    }
 }

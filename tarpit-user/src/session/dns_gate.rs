@@ -4,7 +4,7 @@
 //!   waits for the banner.
 //! - During the greeting delay, a client that DNS allow-lists (DNSWL, or a
 //!   forward-confirmed name on `allow.hosts`) is let through at once
-//!   ([`exempt_known`]).
+//!   (`super::open` waits for the verdict before it parks the client).
 //! - After the delay, before the MTA is contacted ([`gate`]): `drop`
 //!   closes the connection; `delay` and `reject` mark the client
 //!   blacklisted, so the ORF blacklist delay holds every reply from MAIL
@@ -32,22 +32,17 @@ use crate::reputation::greylist::{CONNECT_REPLY, TRIPLET_REPLY};
 use crate::reputation::{GreyKey, GreyVerdict, ReputationHandle, unix_now};
 use crate::smtp::Reply;
 
+/// A session's lookups, if it has any. Boxed: the handle carries the
+/// verdict to come, and a client without lookups (no lists configured, or
+/// one the tarpit does not apply to) should not pay for it while held.
+pub(super) type Lookups = Option<Box<ReputationHandle>>;
+
 /// Starts the DNS lookups for a client the tarpit applies to.
-pub(super) fn start(shared: &Shared, state: &SessionState) -> Option<ReputationHandle> {
+pub(super) fn start(shared: &Shared, state: &SessionState) -> Lookups {
     if shared.policy.excluded(state) || !shared.reputation.is_active() {
         return None;
     }
-    Some(shared.reputation.start_lookups(state.client.ip))
-}
-
-/// Completes only if DNS allow-lists the client (never otherwise).
-pub(super) async fn exempt_known(rep: &mut Option<ReputationHandle>) {
-    if let Some(h) = rep.as_mut()
-        && h.verdict().await.exempt()
-    {
-        return;
-    }
-    std::future::pending::<()>().await
+    Some(Box::new(shared.reputation.start_lookups(state.client.ip)))
 }
 
 /// Never greylisted: internal, allow-listed (by IP or DNS), authenticated.
@@ -62,7 +57,7 @@ pub(super) async fn gate(
     state: &mut SessionState,
     stream: &mut TcpStream,
     peer: SocketAddr,
-    rep: &mut Option<ReputationHandle>,
+    rep: &mut Lookups,
 ) -> Result<(), Outcome> {
     if !shared.policy.enabled {
         return Ok(());
@@ -97,7 +92,7 @@ pub(super) async fn gate(
 }
 
 /// The `reject` reply, if the verdict asks for one (known by now).
-pub(super) async fn reject_reply(rep: &mut Option<ReputationHandle>) -> Option<String> {
+pub(super) async fn reject_reply(rep: &mut Lookups) -> Option<String> {
     let v = rep.as_mut()?.verdict().await;
     (v.action() == Some(ListAction::Reject)).then(|| v.reject_reply())
 }

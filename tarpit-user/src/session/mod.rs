@@ -14,14 +14,16 @@
 //! timer, with cancel-safe reads into [`LineBuf`]s, so a held session is a
 //! socket, two small buffers and a queue.
 mod dns_gate;
+pub mod park;
 pub mod pregreet;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncWriteExt, copy_bidirectional};
+use tokio::io::{AsyncWriteExt, ReadBuf, copy_bidirectional};
 use tokio::net::TcpStream;
 use tokio::time::{Duration, Instant, sleep_until, timeout};
 use tokio_rustls::TlsAcceptor;
@@ -33,6 +35,7 @@ use crate::metrics::{Metrics, Outcome};
 use crate::policy::{AuthenticatedIps, Delay, Policy, SessionState, Step, release_at};
 use crate::smtp::{Command, DotScanner, LineBuf, LineError, Reply, parse_command};
 use crate::tls::ClientStream;
+pub use park::Woke;
 pub use pregreet::{AgentPreGreet, PreGreetVerdict};
 
 /// Everything sessions share; built from the config at start and again on
@@ -61,24 +64,258 @@ const SHUTTING_DOWN: &str = "421 4.3.2 Service shutting down, try again later";
 /// given up (it does not read).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Runs one session to its end.
+/// Runs one session to its end, waiting out the greeting delay in its own
+/// task (the agent's server parks held clients instead: [`open`]).
 pub async fn run(
     shared: &Shared,
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
 ) -> Outcome {
+    match open(shared, stream, peer, local).await {
+        Opened::Done(outcome) => outcome,
+        Opened::Held(stream, greeting) => Box::pin(greeting.wait_here(shared, stream)).await,
+    }
+}
+
+/// How [`open`] left a session.
+pub enum Opened {
+    /// It ended (or never had to wait, and ran to its end).
+    Done(Outcome),
+    /// It waits in the greeting delay: park it ([`park::Holder`]) or wait
+    /// here ([`Greeting::wait_here`]), then [`Greeting::resume`] it.
+    Held(TcpStream, Greeting),
+}
+
+/// A session in the greeting delay: what it needs to go on, without its
+/// socket. Kept small, as thousands of held clients each have one.
+pub struct Greeting {
+    state: SessionState,
+    peer: SocketAddr,
+    local: SocketAddr,
+    rep: dns_gate::Lookups,
+    check_pre_greet: bool,
+    deadline: Instant,
+}
+
+/// The start of a session: classify the client, send the teaser, start
+/// the DNS lookups and wait for their verdict (it may let the client
+/// through early). A session with a greeting delay left comes back
+/// [`Opened::Held`]; one without runs to its end.
+///
+/// Everything past the delay (MTA, relay) or off the common path (teaser
+/// write, pre-greet answer) is boxed: a future is as large as its largest
+/// state, and this one is alive for every client being greeted.
+pub async fn open(
+    shared: &Shared,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Opened {
     let _ = stream.set_nodelay(true);
     let mut client = shared.policy.classify(peer.ip(), local.port());
     client.allowlisted |= crate::closed_loop::allowlisted(client.ip);
     let mut state = SessionState::new(client);
     state.authenticated = crate::closed_loop::authenticated_today(&shared.policy, state.client.ip);
-    let mut rep = dns_gate::start(shared, &state);
-    let (stream, backend, banner) =
-        match greet(shared, &mut state, stream, peer, local, &mut rep).await {
-            Ok(x) => x,
-            Err(outcome) => return outcome,
+    let rep = dns_gate::start(shared, &state);
+    let start = Instant::now();
+    let crate::policy::GreetingPlan {
+        delay,
+        check_pre_greet,
+        teaser,
+    } = shared.policy.greeting(&mut state);
+    if let Some(t) = teaser {
+        let teaser = format!("220-{t}\r\n");
+        if Box::pin(stream.write_all(teaser.as_bytes())).await.is_err() {
+            return Opened::Done(Outcome::ClientError);
+        }
+    }
+    let Some(d) = delay else {
+        return Opened::Done(
+            Box::pin(after_hold(
+                shared,
+                state,
+                stream,
+                peer,
+                local,
+                rep,
+                check_pre_greet,
+                false,
+            ))
+            .await,
+        );
+    };
+    shared.metrics.delayed(d.reason, d.duration);
+    let mut greeting = Greeting {
+        state,
+        peer,
+        local,
+        rep,
+        check_pre_greet,
+        deadline: start + d.duration,
+    };
+    if greeting.rep.is_some() {
+        // Wait here until the verdict is in, then park for the rest.
+        let deadline = greeting.deadline;
+        match hold(&stream, deadline, &mut greeting.rep).await {
+            Held::Known => {}
+            Held::Exempt => {
+                return Opened::Done(Box::pin(greeting.resume(shared, stream, Woke::Due)).await);
+            }
+            Held::Woke(w) => {
+                return Opened::Done(Box::pin(greeting.resume(shared, stream, w)).await);
+            }
+        }
+    }
+    Opened::Held(stream, greeting)
+}
+
+impl Greeting {
+    /// When the greeting delay ends.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Waits out the greeting delay in the caller's task, then resumes.
+    pub async fn wait_here(self, shared: &Shared, stream: TcpStream) -> Outcome {
+        let woke = match hold(&stream, self.deadline, &mut None).await {
+            Held::Woke(w) => w,
+            // Not without lookups; were it, the wait is over all the same.
+            Held::Exempt | Held::Known => Woke::Due,
         };
+        self.resume(shared, stream, woke).await
+    }
+
+    /// Goes on once the wait ended for `woke`: the drain answers 421, talk
+    /// before the banner is judged (pre-greet), and a client whose turn
+    /// came gets the MTA's banner.
+    pub async fn resume(self, shared: &Shared, mut stream: TcpStream, woke: Woke) -> Outcome {
+        let Greeting {
+            mut state,
+            peer,
+            local,
+            rep,
+            check_pre_greet,
+            deadline,
+        } = self;
+        let mut seen = false;
+        match woke {
+            Woke::Due => {}
+            Woke::Drain => {
+                say_and_close(&mut stream, &format!("{SHUTTING_DOWN}\r\n")).await;
+                return Outcome::Shutdown;
+            }
+            Woke::Closed => return Outcome::ClientClosed,
+            Woke::Error => return Outcome::ClientError,
+            Woke::Talked => {
+                seen = true;
+                if check_pre_greet && shared.pregreet.talked_first(peer, local, true) {
+                    return pre_greet(shared, &mut state, stream, peer).await;
+                }
+                // Talk is allowed here (the check is off): wait it out
+                // without reading, the MTA will see the bytes.
+                sleep_until(deadline).await;
+            }
+        }
+        Box::pin(after_hold(
+            shared,
+            state,
+            stream,
+            peer,
+            local,
+            rep,
+            check_pre_greet,
+            seen,
+        ))
+        .await
+    }
+}
+
+/// What ended a wait in the session's own task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    Woke(Woke),
+    /// DNS allow-lists the client: no need to wait longer.
+    Exempt,
+    /// The DNS verdict is in and does not exempt the client: the delay
+    /// goes on.
+    Known,
+}
+
+/// Waits in the session's own task: until the deadline, the drain, the
+/// client's talk or EOF, or (with lookups) the DNS verdict.
+///
+/// One poll function instead of a `select!` over four futures: the socket
+/// is watched with `poll_peek`, whose waker lives in the socket's own
+/// registration, and the drain with one waiter on a shared `Notify`.
+async fn hold(stream: &TcpStream, deadline: Instant, rep: &mut dns_gate::Lookups) -> Held {
+    let sleep = sleep_until(deadline);
+    let drain = crate::ops::shutdown::drain_waiter();
+    tokio::pin!(sleep, drain);
+    if crate::ops::shutdown::is_draining() {
+        return Held::Woke(Woke::Drain);
+    }
+    let mut verdict = rep
+        .as_mut()
+        .map(|h| Box::pin(async move { h.verdict().await.exempt() }));
+    std::future::poll_fn(|cx| {
+        if let Some(d) = drain.as_mut().as_pin_mut()
+            && d.poll(cx).is_ready()
+        {
+            return Poll::Ready(Held::Woke(Woke::Drain));
+        }
+        if sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Held::Woke(Woke::Due));
+        }
+        if let Some(v) = verdict.as_mut()
+            && let Poll::Ready(exempt) = v.as_mut().poll(cx)
+        {
+            return Poll::Ready(if exempt { Held::Exempt } else { Held::Known });
+        }
+        let mut probe = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut probe);
+        match stream.poll_peek(cx, &mut buf) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(0)) => Poll::Ready(Held::Woke(Woke::Closed)),
+            Poll::Ready(Ok(_)) => Poll::Ready(Held::Woke(Woke::Talked)),
+            Poll::Ready(Err(_)) => Poll::Ready(Held::Woke(Woke::Error)),
+        }
+    })
+    .await
+}
+
+/// Everything after the greeting delay: the pre-greet verdict, the DNS
+/// gate, the MTA's banner, then the relay.
+#[allow(clippy::too_many_arguments)]
+async fn after_hold(
+    shared: &Shared,
+    mut state: SessionState,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    mut rep: dns_gate::Lookups,
+    check_pre_greet: bool,
+    seen: bool,
+) -> Outcome {
+    let (stream, backend, banner) = match greet(
+        shared,
+        &mut state,
+        stream,
+        peer,
+        local,
+        &mut rep,
+        check_pre_greet,
+        seen,
+    )
+    .await
+    {
+        Ok(x) => x,
+        Err(outcome) => return outcome,
+    };
     if state.client.implicit_tls {
         // The client speaks TLS first: nothing to read in clear, relay it.
         let (mut client, mut backend) = (ClientStream::Plain(stream), backend);
@@ -86,8 +323,7 @@ pub async fn run(
     }
     let dnsbl_reject = dns_gate::reject_reply(&mut rep).await;
     // Boxed: a task's future is as large as its largest state, and the
-    // relay state is much larger than the greeting one. Thousands of
-    // clients held in the greeting delay then cost only the small one.
+    // relay state is much larger than the greeting one.
     Box::pin(relay(
         shared,
         peer,
@@ -146,57 +382,20 @@ async fn say_and_close<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, text: &str) 
     .await;
 }
 
-/// The greeting phase: delay, pre-greet check, MTA connection, banner.
+/// The end of the greeting phase, once the delay is over: pre-greet
+/// check, DNS gate, MTA connection, banner.
+#[allow(clippy::too_many_arguments)]
 async fn greet(
     shared: &Shared,
     state: &mut SessionState,
     mut stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    rep: &mut Option<crate::reputation::ReputationHandle>,
+    rep: &mut dns_gate::Lookups,
+    check_pre_greet: bool,
+    seen: bool,
 ) -> Result<(TcpStream, Backend, Reply), Outcome> {
-    let start = Instant::now();
-    let plan = shared.policy.greeting(state);
-    if let Some(t) = &plan.teaser
-        && stream
-            .write_all(format!("220-{t}\r\n").as_bytes())
-            .await
-            .is_err()
-    {
-        return Err(Outcome::ClientError);
-    }
-    let mut seen = false;
-    if let Some(d) = plan.delay {
-        shared.metrics.delayed(d.reason, d.duration);
-        let deadline = start + d.duration;
-        let mut probe = [0u8; 1];
-        let shutdown = crate::ops::shutdown::current();
-        tokio::select! {
-            _ = sleep_until(deadline) => {}
-            // SIGTERM: a client held in the greeting delay leaves at once.
-            _ = shutdown.draining() => {
-                say_and_close(&mut stream, &format!("{SHUTTING_DOWN}\r\n")).await;
-                return Err(Outcome::Shutdown);
-            }
-            _ = dns_gate::exempt_known(rep) => {}
-            r = stream.peek(&mut probe) => match r {
-                Ok(0) => return Err(Outcome::ClientClosed),
-                Ok(_) => {
-                    seen = true;
-                    if plan.check_pre_greet
-                        && shared.pregreet.talked_first(peer, local, true)
-                    {
-                        return Err(pre_greet(shared, state, stream, peer).await);
-                    }
-                    // Talk is allowed here (the check is off): wait it out
-                    // without reading, the MTA will see the bytes.
-                    sleep_until(deadline).await;
-                }
-                Err(_) => return Err(Outcome::ClientError),
-            },
-        }
-    }
-    if plan.check_pre_greet && pre_greet_now(shared, &stream, peer, local, seen).await {
+    if check_pre_greet && pre_greet_now(shared, &stream, peer, local, seen).await {
         return Err(pre_greet(shared, state, stream, peer).await);
     }
     dns_gate::gate(shared, state, &mut stream, peer, rep).await?;
@@ -213,7 +412,7 @@ async fn greet(
             return Err(Outcome::BackendError);
         }
     };
-    if plan.check_pre_greet && pre_greet_now(shared, &stream, peer, local, seen).await {
+    if check_pre_greet && pre_greet_now(shared, &stream, peer, local, seen).await {
         return Err(pre_greet(shared, state, stream, peer).await);
     }
     Ok((stream, backend, banner))

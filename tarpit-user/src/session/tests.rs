@@ -402,3 +402,70 @@ async fn bad_bdat_is_refused_by_the_agent() {
     let (r, _) = cmd(&mut c, "NOOP").await;
     assert_eq!(r, "250 ok\r\n");
 }
+
+/// The config of the greeting tests: a 30 s greeting delay, pre-greet on.
+const HOLD_30S: &str = "[greeting]\ndelay = \"30s\"\ndrop_pre_greet = true\n";
+
+#[tokio::test(start_paused = true)]
+async fn a_held_session_costs_little() {
+    let shared = shared(HOLD_30S, "127.0.0.1:9".parse().unwrap());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (server, peer) = l.accept().await.unwrap();
+    let local = server.local_addr().unwrap();
+    let wait = std::mem::size_of_val(&hold(&server, Instant::now(), &mut None));
+    let opening = std::mem::size_of_val(&open(&shared, server, peer, local));
+    let greeting = std::mem::size_of::<Greeting>();
+    eprintln!("parked greeting {greeting} B, wait in place {wait} B, open {opening} B");
+    // A parked client is its socket and this (the server adds its limits
+    // and tally); a client waiting in its own task holds the wait too.
+    // Both were one 1848 B future with a `select!` over four futures.
+    assert!(greeting <= 192, "a parked greeting grew to {greeting} B");
+    assert!(wait <= 320, "the wait in place grew to {wait} B");
+    assert!(opening <= 768, "the opening future grew to {opening} B");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_banner_waits_for_the_greeting_delay() {
+    let (mta, _seen) = fake_mta(vec![reply("QUIT", "221 bye\r\n")]).await;
+    let shared = shared(&format!("{HOLD_30S}teaser = \"mx.fake waits\"\n"), mta);
+    let t = Instant::now();
+    let (mut c, task) = session(shared.clone()).await;
+    let mut line = String::new();
+    c.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "220-mx.fake waits\r\n");
+    assert_eq!(t.elapsed(), Duration::ZERO, "the teaser goes out at once");
+    assert_eq!(read_reply(&mut c).await, "220 mx.fake ESMTP\r\n");
+    assert_eq!(t.elapsed(), Duration::from_secs(30));
+    cmd(&mut c, "QUIT").await;
+    assert_eq!(task.await.unwrap(), Outcome::Quit);
+}
+
+#[tokio::test(start_paused = true)]
+async fn talking_during_the_greeting_delay_gets_554() {
+    // An MTA that must never be contacted.
+    let mta = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let shared = shared(HOLD_30S, mta.local_addr().unwrap());
+    let (mut c, task) = session(shared.clone()).await;
+    c.get_mut().write_all(b"EHLO bot\r\n").await.unwrap();
+    let r = read_reply(&mut c).await;
+    assert!(r.starts_with("554 "), "{r}");
+    assert_eq!(task.await.unwrap(), Outcome::PreGreet);
+    assert_eq!(shared.metrics.pregreet_total.get(), 1);
+    let contacted = tokio::time::timeout(Duration::from_secs(60), mta.accept()).await;
+    assert!(contacted.is_err(), "the MTA was contacted");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_leaving_during_the_greeting_delay_ends_the_session_at_once() {
+    let (mta, _seen) = fake_mta(vec![]).await;
+    let shared = shared(HOLD_30S, mta);
+    let (c, task) = session(shared.clone()).await;
+    let t = Instant::now();
+    drop(c);
+    assert_eq!(task.await.unwrap(), Outcome::ClientClosed);
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "noticed only at the deadline"
+    );
+}
