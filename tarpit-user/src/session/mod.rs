@@ -2,7 +2,10 @@
 //!
 //! 1. Greeting: hold the banner (policy), watch for pre-greet talk, then
 //!    connect to the MTA, introduce the client (PROXY/XCLIENT) and relay
-//!    the MTA's banner.
+//!    the MTA's banner. The agent's server parks a client held in the
+//!    greeting delay ([`open`], [`park`]): while it waits it is a socket
+//!    and a [`Greeting`], with no task or future of its own, which is what
+//!    lets one small box hold tens of thousands of bots.
 //! 2. Relay: client commands go to the MTA as they come (pipelining
 //!    included); each MTA reply is matched to its command, held as policy
 //!    says (counted from the command's arrival) and sent in order. The
@@ -10,9 +13,9 @@
 //!    terminates TLS, XCLIENT from clients, and 4xx when the MTA fails.
 //!    It never makes up a positive reply to DATA or BDAT.
 //!
-//! All waiting happens in one `select!` over the client, the MTA and a
-//! timer, with cancel-safe reads into [`LineBuf`]s, so a held session is a
-//! socket, two small buffers and a queue.
+//! All relay waiting happens in one `select!` over the client, the MTA and
+//! a timer, with cancel-safe reads into [`LineBuf`]s, so a session held at
+//! a command is a socket, two small buffers and a queue.
 mod dns_gate;
 pub mod park;
 pub mod pregreet;
