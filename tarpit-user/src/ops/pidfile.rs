@@ -143,6 +143,15 @@ mod tests {
         let fake = d.join("tarpit-fake");
         std::fs::copy("/bin/sleep", &fake).unwrap();
         let mut child = std::process::Command::new(&fake).arg("30").spawn().unwrap();
+        // spawn() may return before the child's exec has renamed it: until
+        // then it carries the name of the test thread that forked it.
+        let comm = format!("/proc/{}/comm", child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read_to_string(&comm).map_or(true, |c| c.trim() != "tarpit-fake")
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let p = d.join("tarpit.pid");
         std::fs::write(&p, format!("{}\n", child.id())).unwrap();
         let e = PidFile::create(&p).unwrap_err();
