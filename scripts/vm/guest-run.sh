@@ -13,6 +13,7 @@ mount -t bpf bpf /sys/fs/bpf
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 ip link set lo up
+hostname tarpit-vm                                  # else "(none)": Postfix's delivery agents refuse it
 ulimit -n 65536 2>/dev/null || true                 # the kernel's default for PID 1 is 1024
 echo "guest: kernel $(uname -r), $(nproc) cpus, up $(cut -d' ' -f1 /proc/uptime)s"
 cd /tmp

@@ -112,6 +112,7 @@ fn slowed_address_gets_a_clamped_window_and_others_do_not() {
         return;
     }
     let w = World::with(|c| c.window_clamp = 1024).expect("world");
+    let mut clamped_conns = 0;
     for (slow, control) in [
         (ip("198.51.100.62"), ip("198.51.100.63")),
         (ip("fd5b:1e00::62"), ip("fd5b:1e00::63")),
@@ -123,11 +124,11 @@ fn slowed_address_gets_a_clamped_window_and_others_do_not() {
             .unwrap();
         w.maps().auth_add(control, None).unwrap();
         let dst = SocketAddr::new(server_for(slow), 25);
-        let mut windows = Vec::new();
-        for who in [slow, control] {
+        // The window the client last saw, after filling whatever the
+        // SYN-ACK offered.
+        let window_after_fill = |who: IpAddr| -> u64 {
             let mut s = w.connect(who, dst, Duration::from_secs(5)).unwrap();
             read_until(&mut s, "220 ").unwrap();
-            // Enough data to use up whatever window the SYN-ACK offered.
             s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
             let line = format!("X-Fill: {}\r\n", "y".repeat(1000));
             for _ in 0..200 {
@@ -136,20 +137,27 @@ fn slowed_address_gets_a_clamped_window_and_others_do_not() {
             read_until(&mut s, "250").unwrap();
             std::thread::sleep(Duration::from_millis(300));
             let wnd = client_tcp_info(&w.net, who, 25, "snd_wnd").expect("ss shows snd_wnd");
-            windows.push(wnd);
             send(&mut s, "QUIT").unwrap();
+            wnd
+        };
+        // Up to three connections: under emulation (the qemu runs of old
+        // kernels) one in a few has shown an unclamped window although the
+        // program clamped it (counted below). Never clamped still fails.
+        let mut slowed = Vec::new();
+        while slowed.len() < 3 && slowed.last().is_none_or(|w| *w > 2048) {
+            slowed.push(window_after_fill(slow));
         }
+        clamped_conns += slowed.len() as u64;
         assert!(
-            windows[0] <= 2048,
-            "slowed {slow}: window {} not clamped; {:?} {:?}",
-            windows[0],
+            slowed.last().is_some_and(|w| *w <= 2048),
+            "slowed {slow}: windows {slowed:?} not clamped; {:?} {:?}",
             w.maps().ip_state(slow).unwrap(),
             w.maps().counters().unwrap()
         );
+        let control_window = window_after_fill(control);
         assert!(
-            windows[1] >= 16 * 1024,
-            "control {control}: window {} unexpectedly small",
-            windows[1]
+            control_window >= 16 * 1024,
+            "control {control}: window {control_window} unexpectedly small"
         );
         let s = w.maps().ip_state(slow).unwrap().unwrap();
         assert!(s.flags & IP_F_SLOWED != 0, "{s:?}");
@@ -157,5 +165,9 @@ fn slowed_address_gets_a_clamped_window_and_others_do_not() {
         assert!(c.flags & IP_F_SLOWED == 0, "{c:?}");
         assert!(c.flags & IP_F_AUTHENTICATED != 0, "{c:?}");
     }
-    assert_eq!(w.maps().counters().unwrap().get(Counter::SockClamped), 2);
+    // Every connection from a slowed address was clamped, no other one.
+    assert_eq!(
+        w.maps().counters().unwrap().get(Counter::SockClamped),
+        clamped_conns
+    );
 }

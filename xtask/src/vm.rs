@@ -54,12 +54,16 @@ pub const KERNELS: &[Kernel] = &[
 ];
 
 /// Test executables of the `tarpit-tests` crate that run in the VMs: the
-/// ones about the kernel side. The rest (SMTP policy, CLI...) does not
-/// depend on the kernel version and runs on the host only.
+/// ones about the kernel side, and the closed loop between kernel and
+/// agent with the real Postfix (sk_lookup bypass and fail-open, the window
+/// clamp, the allow and block lists the agent writes). The rest (SMTP
+/// policy, CLI...) does not depend on the kernel version and runs on the
+/// host only.
 fn runs_in_vm(test_target: &str) -> bool {
     test_target == "foundation"
         || test_target == "portability"
         || test_target.starts_with("kernel_")
+        || test_target.starts_with("loop_")
 }
 
 /// Where `cargo xtask test` runs the suite: `--kernel host` (default), or with Debian kernels in qemu.
@@ -271,7 +275,9 @@ fn prepare(kernels: &[Kernel]) -> Result<Vec<TestBinary>> {
     let json = shell::output(&mut cmd).context("the kernel test executables do not build")?;
     let binaries = test_binaries(&json);
     if binaries.is_empty() {
-        bail!("no kernel test executables (tests/tests/foundation.rs, kernel_*.rs) were built");
+        bail!(
+            "no kernel test executables (tests/tests/foundation.rs, kernel_*.rs, loop_*.rs) were built"
+        );
     }
     snapshot(&binaries)
 }
