@@ -237,8 +237,9 @@ async fn serve_client(
                     tokio::spawn(async move {
                         let peer = greeting.peer();
                         let rest = Box::pin(greeting.resume(&end.shared, stream, woke));
-                        let (outcome, more) = crate::ops::summary::scope(rest).await;
-                        end.finish(peer, outcome, &merge(kept.into_tally(), more));
+                        let (outcome, tally) =
+                            crate::ops::summary::scope_from(kept.into_tally(), rest).await;
+                        end.finish(peer, outcome, &tally);
                     });
                 }),
             );
@@ -271,24 +272,6 @@ impl Kept {
             Kept::Full(t) => *t,
         }
     }
-}
-
-/// A session's tally from before it was parked, and from after.
-fn merge(mut first: Tally, then: Tally) -> Tally {
-    if then.helo.is_some() {
-        first.helo = then.helo;
-    }
-    first.rcpts += then.rcpts;
-    for (reason, n, total) in then.delays {
-        match first.delays.iter_mut().find(|(r, _, _)| *r == reason) {
-            Some((_, m, sum)) => {
-                *m += n;
-                *sum += total;
-            }
-            None => first.delays.push((reason, n, total)),
-        }
-    }
-    first
 }
 
 async fn refuse(mut stream: TcpStream, reply: &'static [u8], shared: Arc<Shared>) {
@@ -325,28 +308,5 @@ mod tests {
             assert_eq!(Kept::new(t.clone()).into_tally(), t);
         }
         assert!(matches!(Kept::new(greeting_only()), Kept::One(..)));
-    }
-
-    #[test]
-    fn the_summary_counts_both_halves_of_a_parked_session() {
-        let then = Tally {
-            helo: Some("client.example".into()),
-            rcpts: 3,
-            delays: vec![
-                ("rcpt", 2, Duration::from_secs(20)),
-                ("greeting", 1, Duration::from_secs(1)),
-            ],
-        };
-        let t = merge(greeting_only(), then);
-        assert_eq!(t.helo.as_deref(), Some("client.example"));
-        assert_eq!(t.rcpts, 3);
-        assert_eq!(
-            t.delays,
-            vec![
-                ("greeting", 2, Duration::from_secs(301)),
-                ("rcpt", 2, Duration::from_secs(20)),
-            ]
-        );
-        assert_eq!(t.delays_text(), "greeting 2x150.5s, rcpt 2x10s");
     }
 }

@@ -65,8 +65,14 @@ tokio::task_local! {
 
 /// Runs a session with a fresh tally; returns its result and the tally.
 pub async fn scope<F: Future>(session: F) -> (F::Output, Tally) {
+    scope_from(Tally::default(), session).await
+}
+
+/// Runs the rest of a session that began in another task (a client parked
+/// in the greeting delay) on with the tally it had there.
+pub async fn scope_from<F: Future>(tally: Tally, session: F) -> (F::Output, Tally) {
     TALLY
-        .scope(RefCell::new(Tally::default()), async {
+        .scope(RefCell::new(tally), async {
             let out = session.await;
             let tally = TALLY.with(|t| t.take());
             (out, tally)
@@ -142,6 +148,34 @@ mod tests {
         assert_eq!(t.rcpts, 2);
         assert_eq!(t.total_delay(), Duration::from_secs(35));
         assert_eq!(t.delays_text(), "greeting 5s, rcpt 3x10s");
+    }
+
+    #[tokio::test]
+    async fn a_parked_session_counts_both_halves_in_one_tally() {
+        let parked = Tally {
+            delays: vec![("greeting", 1, Duration::from_secs(300))],
+            ..Tally::default()
+        };
+        let ((), t) = scope_from(parked, async {
+            helo("client.example");
+            rcpt();
+            rcpt();
+            rcpt();
+            delayed("rcpt", Duration::from_secs(10));
+            delayed("greeting", Duration::from_secs(1));
+            delayed("rcpt", Duration::from_secs(10));
+        })
+        .await;
+        assert_eq!(t.helo.as_deref(), Some("client.example"));
+        assert_eq!(t.rcpts, 3);
+        assert_eq!(
+            t.delays,
+            vec![
+                ("greeting", 2, Duration::from_secs(301)),
+                ("rcpt", 2, Duration::from_secs(20)),
+            ]
+        );
+        assert_eq!(t.delays_text(), "greeting 2x150.5s, rcpt 2x10s");
     }
 
     #[test]

@@ -133,41 +133,27 @@ pub async fn open(
             return Opened::Done(Outcome::ClientError);
         }
     }
-    let Some(d) = delay else {
-        return Opened::Done(
-            Box::pin(after_hold(
-                shared,
-                state,
-                stream,
-                peer,
-                local,
-                rep,
-                check_pre_greet,
-                false,
-            ))
-            .await,
-        );
-    };
-    shared.metrics.delayed(d.reason, d.duration);
     let mut greeting = Greeting {
         state,
         peer,
         local,
         rep,
         check_pre_greet,
-        deadline: start + d.duration,
+        deadline: start + delay.map_or(Duration::ZERO, |d| d.duration),
     };
+    let Some(d) = delay else {
+        return Opened::Done(Box::pin(greeting.resume(shared, stream, Woke::Due)).await);
+    };
+    shared.metrics.delayed(d.reason, d.duration);
     if greeting.rep.is_some() {
         // Wait here until the verdict is in, then park for the rest.
-        let deadline = greeting.deadline;
-        match hold(&stream, deadline, &mut greeting.rep).await {
-            Held::Known => {}
-            Held::Exempt => {
-                return Opened::Done(Box::pin(greeting.resume(shared, stream, Woke::Due)).await);
-            }
-            Held::Woke(w) => {
-                return Opened::Done(Box::pin(greeting.resume(shared, stream, w)).await);
-            }
+        let woke = match hold(&stream, greeting.deadline, &mut greeting.rep).await {
+            Held::Known => None,
+            Held::Exempt => Some(Woke::Due),
+            Held::Woke(w) => Some(w),
+        };
+        if let Some(w) = woke {
+            return Opened::Done(Box::pin(greeting.resume(shared, stream, w)).await);
         }
     }
     Opened::Held(stream, greeting)

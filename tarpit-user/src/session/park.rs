@@ -136,7 +136,6 @@ struct Parked {
     free: Vec<usize>,
     timers: BinaryHeap<Reverse<(Instant, u64, usize)>>,
     seq: u64,
-    len: usize,
 }
 
 impl Parked {
@@ -148,7 +147,10 @@ impl Parked {
         }));
         // The first peek registers the waker with the socket.
         if let Some(w) = peek(&p.stream, &waker) {
-            self.free.push(key);
+            // Only a key of an existing slot goes back on the free list.
+            if key < self.slots.len() {
+                self.free.push(key);
+            }
             (p.then)(p.stream, w);
             return;
         }
@@ -165,13 +167,11 @@ impl Parked {
             self.slots[key] = Some(slot);
         }
         self.timers.push(Reverse((p.deadline, self.seq, key)));
-        self.len += 1;
     }
 
     fn release(&mut self, key: usize, woke: Woke) {
         if let Some(s) = self.slots.get_mut(key).and_then(Option::take) {
             self.free.push(key);
-            self.len -= 1;
             (s.then)(s.stream, woke);
         }
     }
@@ -212,12 +212,17 @@ impl Parked {
 
     /// Gives back the memory of a past crowd once nobody is parked.
     fn compact(&mut self) {
-        if self.len == 0 && !self.slots.is_empty() {
+        if self.len() == 0 && !self.slots.is_empty() {
             self.slots = Vec::new();
             self.free = Vec::new();
             // Only stale entries are left (their slots are gone).
             self.timers = BinaryHeap::new();
         }
+    }
+
+    /// Clients parked now: every slot not on the free list.
+    fn len(&self) -> usize {
+        self.slots.len() - self.free.len()
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -245,7 +250,7 @@ async fn hold(mut rx: mpsc::UnboundedReceiver<Park>, shutdown: Shutdown) {
         for key in keys {
             parked.check(key);
         }
-        if parked.len == 0 {
+        if parked.len() == 0 {
             if !open {
                 return;
             }
