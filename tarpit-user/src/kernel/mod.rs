@@ -288,8 +288,13 @@ impl Kernel {
     pub fn features(&self) -> Vec<(&'static str, bool)> {
         ["xdp", "pregreet", "sock_ops"]
             .into_iter()
-            .map(|f| (f, !self.degraded.iter().any(|(d, _)| *d == f)))
+            .map(|f| (f, !self.is_degraded(f)))
             .collect()
+    }
+
+    /// Whether the kernel refused `feature`'s program at load.
+    fn is_degraded(&self, feature: &str) -> bool {
+        self.degraded.iter().any(|(f, _)| *f == feature)
     }
 
     fn attach_all(&mut self) -> Result<()> {
@@ -312,7 +317,7 @@ impl Kernel {
             self.hold(held, &mut keep);
         }
         let tcx = use_tcx(&cfg);
-        let tc_ok = !self.degraded.iter().any(|(f, _)| *f == "pregreet");
+        let tc_ok = !self.is_degraded("pregreet");
         if !tc_ok {
             let mut s = settings_from(&cfg);
             s.flags &= !names::SETTING_PREGREET;
@@ -350,7 +355,7 @@ impl Kernel {
                 }
             }
         }
-        if cfg.count_connections && !self.degraded.iter().any(|(f, _)| *f == "sock_ops") {
+        if cfg.count_connections && !self.is_degraded("sock_ops") {
             let prog: &mut SockOps = self
                 .ebpf
                 .program_mut(SOCKOPS_PROGRAM)
