@@ -66,7 +66,8 @@ fn runs_in_vm(test_target: &str) -> bool {
         || test_target.starts_with("loop_")
 }
 
-/// Where `cargo xtask test` runs the suite: `--kernel host` (default), or with Debian kernels in qemu.
+/// Where `cargo xtask test` runs the suite: the host and Debian kernels in
+/// qemu (`--kernel host,6.1` by default).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Targets {
     pub host: bool,
