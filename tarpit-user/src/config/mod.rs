@@ -19,6 +19,7 @@ mod ops;
 mod rcpt;
 mod reject;
 mod reputation;
+mod smtp;
 mod state;
 mod tls;
 
@@ -43,6 +44,7 @@ pub use reject::RejectConfig;
 pub use reputation::{
     DnsConfig, DnsblConfig, DnswlConfig, GreylistConfig, GreylistMode, parse_nameserver,
 };
+pub use smtp::{BareLineEnding, SmtpConfig};
 pub use state::{DEFAULT_STATE_FILE, StateConfig};
 pub use tls::TlsConfig;
 
@@ -65,6 +67,7 @@ pub struct Config {
     pub exclude: ExcludeConfig,
     pub allow: AllowConfig,
     pub limits: LimitsConfig,
+    pub smtp: SmtpConfig,
     pub tls: TlsConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
@@ -95,6 +98,7 @@ impl Default for Config {
             exclude: ExcludeConfig::default(),
             allow: AllowConfig::default(),
             limits: LimitsConfig::default(),
+            smtp: SmtpConfig::default(),
             tls: TlsConfig::default(),
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
@@ -139,6 +143,7 @@ impl Config {
         self.blacklist.validate()?;
         self.allow.validate()?;
         self.limits.validate()?;
+        self.smtp.validate()?;
         self.tls.validate()?;
         self.metrics.validate()?;
         self.log.validate()?;

@@ -80,6 +80,23 @@ pub struct BackendConfig {
     pub reply_timeout: Duration,
     /// The name the agent gives in its own EHLO before XCLIENT.
     pub helo_name: String,
+    /// While the agent holds a reply, the MTA's session sits idle, and
+    /// Postfix's default `smtpd_timeout` is 10 s under stress (exactly
+    /// during a bot flood). Between commands the agent sends the MTA a
+    /// `NOOP` this often during a hold, so its session outlives the hold.
+    /// 0 = never (then `smtpd_timeout` must exceed every hold).
+    #[serde(with = "humantime_serde")]
+    pub keepalive: Duration,
+    /// How long one write to the MTA may block (the MTA does not read)
+    /// before the client gets a 4xx and both connections are closed.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// The MTA's implicit-TLS (wrapper-mode) listener, for clients on
+    /// `tls.implicit_ports` when the agent has no certificate: their bytes
+    /// are passed through to it untouched after the greeting delay. Unset:
+    /// `addr`. With a certificate the agent terminates TLS itself and
+    /// those clients go to `addr` in clear.
+    pub implicit_tls_addr: Option<SocketAddr>,
 }
 
 impl Default for BackendConfig {
@@ -90,6 +107,9 @@ impl Default for BackendConfig {
             connect_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(600),
             helo_name: "tarpit.localhost".to_string(),
+            keepalive: Duration::from_secs(8),
+            write_timeout: Duration::from_secs(60),
+            implicit_tls_addr: None,
         }
     }
 }
@@ -112,6 +132,24 @@ impl BackendConfig {
             return Err(ConfigError::invalid(
                 "backend.reply_timeout",
                 "must be from 1ms to 1h",
+            ));
+        }
+        if self.keepalive > Duration::from_secs(300) {
+            return Err(ConfigError::invalid(
+                "backend.keepalive",
+                "must be at most 300s (0 = off)",
+            ));
+        }
+        if self.write_timeout.is_zero() || self.write_timeout > Duration::from_secs(600) {
+            return Err(ConfigError::invalid(
+                "backend.write_timeout",
+                "must be from 1ms to 600s",
+            ));
+        }
+        if self.implicit_tls_addr.is_some_and(|a| a.port() == 0) {
+            return Err(ConfigError::invalid(
+                "backend.implicit_tls_addr",
+                "port 0 is not a TCP port",
             ));
         }
         if self.helo_name.is_empty()

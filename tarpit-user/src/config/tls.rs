@@ -23,6 +23,11 @@ pub struct TlsConfig {
     /// With a certificate the agent terminates TLS on them; without one
     /// those sessions are relayed opaquely after the greeting delay.
     pub implicit_ports: Vec<u16>,
+    /// With a certificate: AUTH is offered only after STARTTLS, and an AUTH
+    /// sent in clear gets `538 5.7.11` without reaching the MTA (Postfix's
+    /// `smtpd_tls_auth_only`), so no password crosses port 25 in clear.
+    /// Without a certificate the MTA decides.
+    pub auth_only: bool,
 }
 
 impl Default for TlsConfig {
@@ -31,6 +36,7 @@ impl Default for TlsConfig {
             cert: None,
             key: None,
             implicit_ports: vec![465],
+            auth_only: true,
         }
     }
 }
