@@ -19,6 +19,9 @@ pub fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
     // Log format and level, pid file: before anything privileged.
     let mut daemon = crate::ops::Daemon::start(config_path, &config)?;
+    for w in config.warnings() {
+        warn!(key = w.key, "{w}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

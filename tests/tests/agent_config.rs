@@ -33,6 +33,11 @@ fn bad_agent_keys_are_refused_by_check_config_and_run_alike() {
             "client_address",
             "proxy-v3",
         ),
+        (
+            "[listen]\naddrs = [\"127.0.0.1:465\"]\n[backend]\nclient_address = \"xclient\"\n",
+            "backend.client_address",
+            "implicit-TLS port 465",
+        ),
     ];
     for (text, key, reason) in cases {
         for cmd in ["check-config", "run"] {
@@ -43,4 +48,32 @@ fn bad_agent_keys_are_refused_by_check_config_and_run_alike() {
             );
         }
     }
+}
+
+/// A hold that real senders will not sit out is the operator's choice, so
+/// check-config accepts the file (exit 0, "ok") but says so on stderr.
+#[test]
+fn check_config_warns_of_holds_past_the_senders_timeout_and_still_accepts() {
+    let dir = std::env::temp_dir().join(format!("tarpit-agentcfg-{}", unique_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("long.toml");
+    std::fs::write(&file, "[blacklist]\ndelay = \"6m\"\n").unwrap();
+    let out = Command::new(tarpit_bin())
+        .args(["check-config", "-c"])
+        .arg(&file)
+        .output()
+        .expect("run tarpit");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("long.toml: ok"), "{stdout}");
+    let warning = stderr
+        .lines()
+        .find(|l| l.starts_with("warning: blacklist.delay: "))
+        .unwrap_or_else(|| panic!("no blacklist.delay warning: {stderr}"));
+    assert!(
+        warning.contains("6m") && warning.contains("RCPT"),
+        "{warning}"
+    );
 }

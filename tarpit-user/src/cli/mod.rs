@@ -85,7 +85,9 @@ pub enum Command {
     #[command(after_long_help = help::RUN)]
     Run,
     /// Validate a configuration file and exit: 0 if it is valid, 1 with the
-    /// key and the reason if it is not.
+    /// key and the reason if it is not. Valid settings that will cost real
+    /// senders (a hold longer than they wait for that reply) are printed as
+    /// `warning: KEY: ...` on stderr; the status stays 0.
     #[command(after_long_help = help::CHECK_CONFIG)]
     CheckConfig,
     /// Reload the running agent's configuration: checks the file first
@@ -173,7 +175,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             crate::run::run(&config_path)
         }
         Command::CheckConfig => {
-            Config::load(&config_path)?;
+            let config = Config::load(&config_path)?;
+            // Valid, so "ok" and exit 0; what will cost real senders goes
+            // to stderr, where scripts that only check the status ignore it.
+            for w in config.warnings() {
+                eprintln!("warning: {w}");
+            }
             println!("{}: ok", config_path.display());
             Ok(())
         }

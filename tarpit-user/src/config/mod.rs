@@ -22,6 +22,7 @@ mod reputation;
 mod smtp;
 mod state;
 mod tls;
+mod warnings;
 
 use std::path::Path;
 
@@ -47,6 +48,7 @@ pub use reputation::{
 pub use smtp::{BareLineEnding, SmtpConfig};
 pub use state::{DEFAULT_STATE_FILE, StateConfig};
 pub use tls::TlsConfig;
+pub use warnings::Warning;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -145,6 +147,7 @@ impl Config {
         self.limits.validate()?;
         self.smtp.validate()?;
         self.tls.validate()?;
+        self.tls.validate_listeners(&self.listen, &self.backend)?;
         self.metrics.validate()?;
         self.log.validate()?;
         self.daemon.validate()?;
@@ -154,6 +157,12 @@ impl Config {
         self.offenders.validate()?;
         self.bypass.validate()?;
         Ok(())
+    }
+
+    /// What is valid but will cost real senders (holds past the time they
+    /// wait for a reply): printed by `check-config`, logged by the agent.
+    pub fn warnings(&self) -> Vec<Warning> {
+        warnings::warnings(self)
     }
 }
 

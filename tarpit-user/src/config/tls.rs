@@ -7,7 +7,7 @@ use rustls::ServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use serde::Deserialize;
 
-use super::ConfigError;
+use super::{BackendConfig, ClientAddress, ConfigError, ListenConfig};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -44,6 +44,36 @@ impl Default for TlsConfig {
 impl TlsConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.server_config().map(|_| ())
+    }
+
+    /// Without a certificate, clients on an implicit-TLS port are passed
+    /// through to the MTA byte for byte: only a PROXY header can tell the
+    /// MTA who they are, since XCLIENT is an SMTP command and the client's
+    /// TLS handshake comes before any command.
+    pub fn validate_listeners(
+        &self,
+        listen: &ListenConfig,
+        backend: &BackendConfig,
+    ) -> Result<(), ConfigError> {
+        if self.cert.is_some() || backend.client_address != ClientAddress::Xclient {
+            return Ok(());
+        }
+        match listen
+            .addrs
+            .iter()
+            .map(|a| a.port())
+            .find(|p| self.implicit_ports.contains(p))
+        {
+            Some(port) => Err(ConfigError::invalid(
+                "backend.client_address",
+                format!(
+                    "XCLIENT is sent in-band and cannot precede the client's TLS handshake \
+                     on implicit-TLS port {port}: use proxy-v2 or proxy-v1, or give the \
+                     agent a certificate"
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// The rustls configuration, or `None` when no certificate is set.
@@ -85,5 +115,44 @@ impl TlsConfig {
                 ConfigError::invalid("tls.key", format!("does not fit the certificate: {e}"))
             })?;
         Ok(Some(Arc::new(config)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const XCLIENT_ON_465: &str = "[listen]\naddrs = [\"127.0.0.1:25\", \"127.0.0.1:465\"]\n\
+                                  [backend]\nclient_address = \"xclient\"\n";
+
+    #[test]
+    fn xclient_is_refused_for_an_implicit_tls_port_without_a_certificate() {
+        let e = Config::parse(XCLIENT_ON_465).unwrap_err();
+        assert_eq!(e.key(), Some("backend.client_address"), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("implicit-TLS port 465"), "{msg}");
+        assert!(msg.contains("proxy-v2"), "{msg}");
+    }
+
+    #[test]
+    fn xclient_passes_where_no_listener_is_implicit_tls() {
+        // 465 is no implicit port any more, or no listener is on one.
+        Config::parse(&format!("{XCLIENT_ON_465}[tls]\nimplicit_ports = []\n")).unwrap();
+        Config::parse(
+            "[listen]\naddrs = [\"127.0.0.1:25\"]\n[backend]\nclient_address = \"xclient\"\n",
+        )
+        .unwrap();
+        // A PROXY header precedes the handshake: fine on 465.
+        Config::parse("[listen]\naddrs = [\"127.0.0.1:465\"]\n").unwrap();
+    }
+
+    #[test]
+    fn xclient_passes_on_465_when_the_agent_terminates_tls() {
+        // With a certificate the agent speaks SMTP to the MTA in clear.
+        let mut c: Config = toml::from_str(XCLIENT_ON_465).unwrap();
+        c.tls.cert = Some("/etc/ssl/cert.pem".into());
+        c.tls.validate_listeners(&c.listen, &c.backend).unwrap();
+        c.tls.cert = None;
+        assert!(c.tls.validate_listeners(&c.listen, &c.backend).is_err());
     }
 }

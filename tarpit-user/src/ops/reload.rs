@@ -131,6 +131,9 @@ impl ConfigWatch {
             );
         }
         crate::logging::configure(&new.log);
+        for w in new.warnings() {
+            warn!(target: "tarpit::ops::reload", key = w.key, "{w}");
+        }
         self.tx.send_replace(Arc::new(new));
         self.counts.applied.fetch_add(1, Ordering::Relaxed);
         GLOBAL_COUNTS.applied.fetch_add(1, Ordering::Relaxed);
