@@ -6,7 +6,9 @@
 //! - `delays_total{reason}`, `delay_seconds{reason}` (histogram of holds);
 //! - `pregreet_total`, `limit_refusals_total{limit}`,
 //!   `backend_errors_total{kind}`, `starttls_passthrough_total`,
-//!   `authenticated_total`.
+//!   `authenticated_total`, `protocol_refusals_total{what}` (input the
+//!   strict reader refused: `bare_line_ending`, `bdat_without_chunking`,
+//!   `auth_in_clear`, `xclient`), `keepalives_total`, `abandoned_messages_total`.
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +55,9 @@ pub enum Outcome {
     DnsblDrop,
     /// Greylisted at connect: 421 4.7.1.
     Greylisted,
+    /// A message with bare line endings refused (`smtp.bare_line_ending =
+    /// "reject"`): 554 and closed, nothing passed to the MTA.
+    Protocol,
 }
 
 impl Outcome {
@@ -70,6 +75,7 @@ impl Outcome {
             Outcome::Shutdown => "shutdown",
             Outcome::DnsblDrop => "dnsbl_drop",
             Outcome::Greylisted => "greylisted",
+            Outcome::Protocol => "protocol",
         }
     }
 }
@@ -88,6 +94,12 @@ pub struct Metrics {
     backend_errors: Family<Labels, Counter>,
     pub starttls_passthrough_total: Counter,
     pub authenticated_total: Counter,
+    protocol_refusals: Family<Labels, Counter>,
+    /// NOOPs sent to keep the MTA's session alive during a hold.
+    pub keepalives_total: Counter,
+    /// Messages whose end of data never reached the MTA (the client left
+    /// during the end-of-data hold): nothing was queued.
+    pub abandoned_messages_total: Counter,
     /// The reputation module's counters, appended to the exposition.
     pub reputation: std::sync::OnceLock<Arc<crate::reputation::metrics::ReputationMetrics>>,
 }
@@ -149,7 +161,7 @@ impl Metrics {
         let starttls_passthrough_total = Counter::default();
         registry.register(
             "starttls_passthrough",
-            "Sessions relayed opaquely after STARTTLS went to the MTA",
+            "Sessions relayed opaquely: STARTTLS went to the MTA, or implicit TLS with the MTA",
             starttls_passthrough_total.clone(),
         );
         let authenticated_total = Counter::default();
@@ -158,8 +170,29 @@ impl Metrics {
             "Sessions the MTA answered 235 to AUTH",
             authenticated_total.clone(),
         );
+        let protocol_refusals = Family::<Labels, Counter>::default();
+        registry.register(
+            "protocol_refusals",
+            "Client input the strict reader refused and did not forward, by what",
+            protocol_refusals.clone(),
+        );
+        let keepalives_total = Counter::default();
+        registry.register(
+            "keepalives",
+            "NOOPs sent to the MTA to keep its session alive during a hold",
+            keepalives_total.clone(),
+        );
+        let abandoned_messages_total = Counter::default();
+        registry.register(
+            "abandoned_messages",
+            "Messages dropped before their end of data reached the MTA (client left during the hold)",
+            abandoned_messages_total.clone(),
+        );
         Metrics {
             registry,
+            protocol_refusals,
+            keepalives_total,
+            abandoned_messages_total,
             sessions_active,
             sessions_total,
             delays_total,
@@ -197,6 +230,12 @@ impl Metrics {
     pub fn limit_refused(&self, limit: &'static str) {
         self.limit_refusals
             .get_or_create(&vec![("limit", limit)])
+            .inc();
+    }
+
+    pub fn protocol_refused(&self, what: &'static str) {
+        self.protocol_refusals
+            .get_or_create(&vec![("what", what)])
             .inc();
     }
 

@@ -76,7 +76,9 @@ pub async fn start_agent(
         policy: Policy::new(config),
         backend: config.backend.clone(),
         limits: config.limits.clone(),
+        smtp: config.smtp.clone(),
         tls,
+        tls_auth_only: config.tls.auth_only,
         metrics: metrics.clone(),
         auth_store: crate::closed_loop::auth_store()
             .unwrap_or_else(|| Arc::new(MemoryAuthStore::new(AUTH_STORE_CAPACITY))),

@@ -69,23 +69,53 @@ impl Backend {
         local: SocketAddr,
     ) -> Result<(Backend, Reply), BackendError> {
         let t = cfg.connect_timeout;
-        let stream = timeout(t, TcpStream::connect(cfg.addr))
-            .await
-            .map_err(|_| BackendError::Timeout(t))?
-            .map_err(|source| BackendError::Connect {
-                addr: cfg.addr,
-                source,
-            })?;
-        let _ = stream.set_nodelay(true);
-        let mut b = Backend {
-            stream,
-            buf: LineBuf::new(MAX_REPLY_LINE),
-            replies: ReplyAssembler::default(),
-        };
+        let mut b = Backend::connect(cfg, cfg.addr).await?;
         let banner = timeout(t, b.introduce(cfg, client, local))
             .await
             .map_err(|_| BackendError::Timeout(t))??;
         Ok((b, banner))
+    }
+
+    /// Connects to `addr` and sends only the PROXY header: for an
+    /// implicit-TLS client whose TLS session is with the MTA, whose banner
+    /// is inside that session, so there is nothing to wait for. XCLIENT,
+    /// which is in-band, cannot work here (the configuration refuses it).
+    pub async fn open_opaque(
+        cfg: &BackendConfig,
+        addr: SocketAddr,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Backend, BackendError> {
+        let t = cfg.connect_timeout;
+        let mut b = Backend::connect(cfg, addr).await?;
+        let header = match cfg.client_address {
+            ClientAddress::ProxyV2 => proxy::v2_header(client, local)?,
+            ClientAddress::ProxyV1 => proxy::v1_header(client, local),
+            ClientAddress::Xclient => {
+                return Err(BackendError::Xclient(
+                    "XCLIENT cannot precede a TLS handshake: use PROXY for implicit-TLS ports"
+                        .to_string(),
+                ));
+            }
+        };
+        timeout(t, b.stream.write_all(&header))
+            .await
+            .map_err(|_| BackendError::Timeout(t))??;
+        Ok(b)
+    }
+
+    async fn connect(cfg: &BackendConfig, addr: SocketAddr) -> Result<Backend, BackendError> {
+        let t = cfg.connect_timeout;
+        let stream = timeout(t, TcpStream::connect(addr))
+            .await
+            .map_err(|_| BackendError::Timeout(t))?
+            .map_err(|source| BackendError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        Ok(Backend {
+            stream,
+            buf: LineBuf::new(MAX_REPLY_LINE),
+            replies: ReplyAssembler::default(),
+        })
     }
 
     async fn introduce(
@@ -178,7 +208,12 @@ impl Backend {
         self.buf.take_raw(usize::MAX)
     }
 
-    pub async fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(data).await
+    /// Writes to the MTA, giving up after `limit` (an MTA that stops
+    /// reading must not stall the session, its drain or its close).
+    pub async fn send(&mut self, data: &[u8], limit: Duration) -> Result<(), BackendError> {
+        timeout(limit, self.stream.write_all(data))
+            .await
+            .map_err(|_| BackendError::Timeout(limit))??;
+        Ok(())
     }
 }

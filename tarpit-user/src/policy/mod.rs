@@ -67,9 +67,9 @@ impl Delay {
         })
     }
 
-    /// The longer of two holds (they overlap, they do not add up: each is
-    /// counted from when the command arrived).
-    fn max(a: Option<Delay>, b: Option<Delay>) -> Option<Delay> {
+    /// The longer of two holds of one reply (they overlap, they do not add
+    /// up: each is counted from the same start).
+    pub fn longer(a: Option<Delay>, b: Option<Delay>) -> Option<Delay> {
         match (a, b) {
             (Some(x), Some(y)) => Some(if y.duration > x.duration { y } else { x }),
             (x, None) => x,
@@ -110,8 +110,12 @@ pub struct SessionState {
     pub helo_blacklisted: bool,
     /// The current transaction's sender is blacklisted.
     pub sender_blacklisted: bool,
-    /// The current transaction's sender is a callout probe: no blacklist delay.
+    /// The current transaction's sender is a callout probe: no blacklist
+    /// delay on its MAIL reply and first two RCPT replies.
     pub callout_sender: bool,
+    /// RCPT commands in the current transaction (since MAIL, RSET or HELO);
+    /// only the first few matter (callouts), and a held session stays small.
+    pub txn_rcpts: u16,
     pub authenticated: bool,
     /// The HELO delay was paid in this session (a second EHLO after
     /// STARTTLS does not pay again).
@@ -129,6 +133,7 @@ impl SessionState {
             helo_blacklisted: false,
             sender_blacklisted: false,
             callout_sender: false,
+            txn_rcpts: 0,
             authenticated: false,
             helo_paid: false,
             rcpts: 0,
@@ -225,11 +230,24 @@ impl Policy {
             || (s.authenticated && self.exclude_authenticated)
     }
 
-    /// Whether the blacklist delay applies to the current transaction.
+    /// Whether the client, its HELO name or the current sender is
+    /// blacklisted (internal hosts never are).
     pub fn blacklisted(&self, s: &SessionState) -> bool {
-        !s.client.internal
-            && !s.callout_sender
-            && (s.client.blacklisted || s.helo_blacklisted || s.sender_blacklisted)
+        !s.client.internal && (s.client.blacklisted || s.helo_blacklisted || s.sender_blacklisted)
+    }
+
+    /// ORF's callout exception: a sender verification probe (Postfix's
+    /// `double-bounce@`, Exim's null sender) sends MAIL and one or two RCPTs
+    /// (Exim's `callout/random` two) and never DATA, and gives up long
+    /// before a 60 s hold. Its MAIL reply and first two RCPT replies are
+    /// not held; anything more is no longer a callout and is held.
+    pub fn callout_spared(&self, s: &SessionState, step: Step<'_>) -> bool {
+        s.callout_sender
+            && match step {
+                Step::Mail(_) => true,
+                Step::Rcpt => s.txn_rcpts <= 2,
+                _ => false,
+            }
     }
 
     /// Greeting delay and pre-greet check; charges the delay to the budget.
@@ -261,15 +279,21 @@ impl Policy {
                 s.helo_blacklisted = self.blacklist_helos.matches(name);
                 s.sender_blacklisted = false;
                 s.callout_sender = false;
+                s.txn_rcpts = 0;
             }
             Step::Mail(sender) => {
                 s.sender_blacklisted = self.blacklist_senders.matches_sender(sender);
                 s.callout_sender = self.callout_senders.matches_sender(sender);
+                s.txn_rcpts = 0;
             }
-            Step::Rcpt => s.rcpts = s.rcpts.saturating_add(1),
+            Step::Rcpt => {
+                s.rcpts = s.rcpts.saturating_add(1);
+                s.txn_rcpts = s.txn_rcpts.saturating_add(1);
+            }
             Step::Rset => {
                 s.sender_blacklisted = false;
                 s.callout_sender = false;
+                s.txn_rcpts = 0;
             }
             Step::Data | Step::DataEnd | Step::Other => {}
         }
@@ -313,12 +337,14 @@ impl Policy {
             _ => None,
         };
         let blacklist = match step {
-            Step::Mail(_) | Step::Rcpt | Step::Data | Step::DataEnd if self.blacklisted(s) => {
+            Step::Mail(_) | Step::Rcpt | Step::Data | Step::DataEnd
+                if self.blacklisted(s) && !self.callout_spared(s, step) =>
+            {
                 Delay::new(self.blacklist_delay, Reason::Blacklist)
             }
             _ => None,
         };
-        Delay::max(own, blacklist)
+        Delay::longer(own, blacklist)
     }
 
     /// The final hold of a reply with `code`, counted from the arrival of
@@ -330,7 +356,7 @@ impl Policy {
         } else {
             None
         };
-        self.clamp(s, Delay::max(command, reject))
+        self.clamp(s, Delay::longer(command, reject))
     }
 
     fn clamp(&self, s: &mut SessionState, d: Option<Delay>) -> Option<Delay> {
@@ -345,10 +371,18 @@ impl Policy {
 #[cfg(test)]
 mod tests;
 
-/// When a reply may go out: its hold counts from when the command arrived
-/// (ORF's accounting: time the MTA or a lookup took is part of the delay),
-/// and a reply is never sent before it exists.
-pub fn release_at(arrival: Instant, ready: Instant, delay: Option<Delay>) -> Instant {
-    let held = arrival + delay.map_or(Duration::ZERO, |d| d.duration);
+/// When a reply may go out. Its hold counts from when its command arrived
+/// (ORF's accounting: time the MTA or a lookup took is part of the delay)
+/// or from when the reply before it went out, whichever is later: holds of
+/// pipelined commands add up as if the commands had been sent one by one.
+/// A reply is never sent before it exists.
+pub fn release_at(
+    arrival: Instant,
+    previous_release: Instant,
+    ready: Instant,
+    delay: Option<Delay>,
+) -> Instant {
+    let start = arrival.max(previous_release);
+    let held = start + delay.map_or(Duration::ZERO, |d| d.duration);
     held.max(ready)
 }

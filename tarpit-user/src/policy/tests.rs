@@ -250,7 +250,7 @@ fn blacklisted_sender_and_helo_patterns() {
 }
 
 #[test]
-fn callout_senders_skip_the_blacklist_delay() {
+fn callout_senders_skip_only_the_mail_and_first_two_rcpt_holds() {
     let p = policy("[blacklist]\nips = [\"198.51.100.0/24\"]\n");
     for sender in ["", "double-bounce@mx.example.org"] {
         let mut s = state(&p, BOT);
@@ -259,7 +259,16 @@ fn callout_senders_skip_the_blacklist_delay() {
             None,
             "{sender:?}"
         );
+        // a Postfix verify probe sends one RCPT, Exim's callout/random two
         assert_eq!(reply_hold(&p, &mut s, Step::Rcpt, 250), None, "{sender:?}");
+        assert_eq!(reply_hold(&p, &mut s, Step::Rcpt, 250), None, "{sender:?}");
+        // more is no longer a callout: held, and so are DATA and its end
+        assert_eq!(secs(reply_hold(&p, &mut s, Step::Rcpt, 250)), 60.0);
+        assert_eq!(secs(reply_hold(&p, &mut s, Step::Data, 354)), 60.0);
+        assert_eq!(secs(reply_hold(&p, &mut s, Step::DataEnd, 250)), 60.0);
+        // a new callout transaction starts its count again
+        assert_eq!(reply_hold(&p, &mut s, Step::Mail(sender), 250), None);
+        assert_eq!(reply_hold(&p, &mut s, Step::Rcpt, 250), None);
         // the next transaction with a real sender is delayed again
         assert_eq!(secs(reply_hold(&p, &mut s, Step::Mail("a@b"), 250)), 60.0);
     }
@@ -334,10 +343,29 @@ async fn orf_delay_counts_from_when_the_command_arrived() {
     tokio::time::advance(Duration::from_secs(20)).await;
     let d = p.settle(&mut s, c, 250);
     assert_eq!(
-        release_at(arrival, Instant::now(), d),
+        release_at(arrival, arrival, Instant::now(), d),
         arrival + Duration::from_secs(60)
     );
     // the MTA took 70 s: the reply goes out as soon as it exists
     tokio::time::advance(Duration::from_secs(50)).await;
-    assert_eq!(release_at(arrival, Instant::now(), d), Instant::now());
+    assert_eq!(
+        release_at(arrival, arrival, Instant::now(), d),
+        Instant::now()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn pipelined_holds_add_up() {
+    // RCPT threshold 2, 2 s, scaling 1.5: the 3rd, 4th and 5th RCPT are
+    // held 2, 3 and 4 s. Sent in one write, they still take 9 s in all.
+    let p = policy("[rcpt]\nthreshold = 2\ndelay = \"2s\"\nscaling = 1.5\n");
+    let mut s = state(&p, BOT);
+    let t0 = Instant::now();
+    let mut previous = t0;
+    for _ in 0..5 {
+        let d = reply_hold(&p, &mut s, Step::Rcpt, 250);
+        previous = release_at(t0, previous, t0, d);
+    }
+    assert_eq!(previous, t0 + Duration::from_secs(9));
+    assert_eq!(s.delay_spent, Duration::from_secs(9));
 }

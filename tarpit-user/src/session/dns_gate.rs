@@ -15,18 +15,19 @@
 //!   both in place of the MTA.
 //!
 //! Internal, allow-listed and authenticated clients are never looked up,
-//! rejected or greylisted; callout senders skip the reject as they skip
-//! the blacklist delay.
+//! rejected or greylisted. Callout senders are rejected like any other:
+//! their exception (ORF's) only lifts the first holds of the blacklist
+//! delay, so that a verification probe is not held past its timeout.
 use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 use tracing::info;
 
-use super::{Kind, Pending, Session, Shared, say_and_close};
+use super::relay::{Kind, Session};
+use super::{Shared, say_and_close};
 use crate::config::GreylistMode;
 use crate::metrics::Outcome;
-use crate::policy::{Delay, SessionState, release_at};
+use crate::policy::{Delay, SessionState};
 use crate::reputation::dnsbl::ListAction;
 use crate::reputation::greylist::{CONNECT_REPLY, TRIPLET_REPLY};
 use crate::reputation::{GreyKey, GreyVerdict, ReputationHandle, unix_now};
@@ -126,26 +127,10 @@ impl Session<'_> {
 
     /// A reply the agent makes in place of the MTA's, held as the MTA's
     /// reply to the same command would be (the blacklist delay, the 5xx
-    /// delay), counted from the command's arrival.
+    /// delay).
     pub(super) fn push_local_held(&mut self, text: &str, command_delay: Option<Delay>) {
         let code = text.get(..3).and_then(|c| c.parse().ok()).unwrap_or(451);
         let reply = Reply::local(code, text.get(4..).unwrap_or(""));
-        let now = Instant::now();
-        let hold = self
-            .shared
-            .policy
-            .settle(&mut self.state, command_delay, reply.code);
-        if let Some(d) = hold {
-            self.shared.metrics.delayed(d.reason, d.duration);
-        }
-        self.pending.push_back(Pending {
-            kind: Kind::Local,
-            arrival: now,
-            command_delay,
-            from_backend: false,
-            reply: Some(reply),
-            release: release_at(now, now, hold),
-            close: false,
-        });
+        self.push_reply(Kind::Local, reply, command_delay, false);
     }
 }

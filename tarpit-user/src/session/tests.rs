@@ -93,11 +93,17 @@ async fn fake_mta(script: Vec<Step>) -> (SocketAddr, tokio::task::JoinHandle<Vec
 fn shared(toml: &str, mta: SocketAddr) -> Arc<Shared> {
     let mut config = Config::parse(toml).expect("test config");
     config.backend.addr = mta;
+    if !toml.contains("keepalive") {
+        // The scripted MTAs expect exactly the client's commands.
+        config.backend.keepalive = Duration::ZERO;
+    }
     Arc::new(Shared {
         policy: Policy::new(&config),
         backend: config.backend.clone(),
         limits: config.limits.clone(),
+        smtp: config.smtp.clone(),
         tls: None,
+        tls_auth_only: config.tls.auth_only,
         metrics: Arc::new(Metrics::new()),
         auth_store: Arc::new(MemoryAuthStore::new(16)),
         pregreet: Arc::new(AgentPreGreet),
@@ -329,11 +335,11 @@ async fn pipelined_replies_keep_their_order_with_per_command_delays() {
         vec![
             ("250 ok".to_string(), 0),
             ("250 one".to_string(), 0),
-            // the 5xx hold (30 s) and the RCPT delay (5 s) overlap
+            // the 5xx hold (30 s) and the RCPT delay (5 s) of one reply overlap
             ("550 5.1.1 two unknown".to_string(), 30),
-            // counted from its own arrival (t=0): 5 s, already past
-            ("250 three".to_string(), 30),
-            ("354 go".to_string(), 30),
+            // holds of pipelined commands add up: 5 s from the reply before
+            ("250 three".to_string(), 35),
+            ("354 go".to_string(), 35),
         ]
     );
     let (r, _) = cmd(&mut c, "Subject: s\r\n\r\n..stuffed\r\nbody\r\n.").await;
@@ -393,14 +399,208 @@ async fn starttls_without_a_certificate_goes_to_the_mta_then_opaque() {
 
 #[tokio::test(start_paused = true)]
 async fn bad_bdat_is_refused_by_the_agent() {
-    let (mta, _seen) = fake_mta(vec![reply("NOOP", "250 ok\r\n")]).await;
+    let (mta, seen) = fake_mta(vec![
+        reply("EHLO", "250-mx.fake\r\n250 PIPELINING\r\n"),
+        reply("EHLO", "250-mx.fake\r\n250 CHUNKING\r\n"),
+        reply("NOOP", "250 ok\r\n"),
+    ])
+    .await;
     let shared = shared(NO_GREETING, mta);
     let (mut c, _task) = session(shared).await;
     read_reply(&mut c).await;
+    cmd(&mut c, "EHLO client").await;
+    // not offered: refused, nothing forwarded, the "chunk" is read as commands
+    let (r, _) = cmd(&mut c, "BDAT 5 LAST").await;
+    assert!(r.starts_with("502 5.5.1"), "{r}");
+    cmd(&mut c, "EHLO client").await;
     let (r, _) = cmd(&mut c, "BDAT lots").await;
     assert!(r.starts_with("501 5.5.4"), "{r}");
     let (r, _) = cmd(&mut c, "NOOP").await;
     assert_eq!(r, "250 ok\r\n");
+    drop(c);
+    assert_eq!(seen.await.unwrap(), ["EHLO client", "EHLO client", "NOOP"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_last_bdat_chunk_reaches_the_mta_after_its_hold() {
+    let (mta, seen) = fake_mta(vec![
+        reply("EHLO", "250-mx.fake\r\n250 CHUNKING\r\n"),
+        reply("MAIL", "250 ok\r\n"),
+        reply("RCPT", "250 ok\r\n"),
+        // the data goes as a chunk that is not the last...
+        reply("BDAT 5\r", "250 2.0.0 5 octets\r\n"),
+        reply("abc", ""),
+        // ... and the end only after the hold
+        Step::Reply("BDAT 0 LAST", Duration::ZERO, "250 2.0.0 queued\r\n"),
+    ])
+    .await;
+    let shared = shared(
+        &format!("{NO_GREETING}[blacklist]\nips = [\"198.51.100.0/24\"]\ndelay = \"10s\"\n"),
+        mta,
+    );
+    let (mut c, _task) = session(shared).await;
+    read_reply(&mut c).await;
+    cmd(&mut c, "EHLO client").await;
+    cmd(&mut c, "MAIL FROM:<a@b>").await;
+    cmd(&mut c, "RCPT TO:<c@d>").await;
+    let (r, d) = cmd(&mut c, "BDAT 5 LAST\r\nabc").await;
+    assert_eq!(
+        r, "250 2.0.0 queued\r\n",
+        "one reply for the client's one chunk"
+    );
+    assert_eq!(d, Duration::from_secs(10));
+    drop(c);
+    let seen = seen.await.unwrap();
+    assert_eq!(seen[3..], ["BDAT 5", "abc", "BDAT 0 LAST"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pipelined_rcpts_pay_the_sum_of_their_holds() {
+    let (mta, _seen) = fake_mta(vec![
+        reply("RCPT", "250 1\r\n"),
+        reply("RCPT", "250 2\r\n"),
+        reply("RCPT", "250 3\r\n"),
+        reply("RCPT", "250 4\r\n"),
+        reply("RCPT", "250 5\r\n"),
+    ])
+    .await;
+    let shared = shared(
+        &format!("{NO_GREETING}[rcpt]\nthreshold = 2\ndelay = \"2s\"\nscaling = 1.5\n"),
+        mta,
+    );
+    let (mut c, _task) = session(shared.clone()).await;
+    read_reply(&mut c).await;
+    let t = Instant::now();
+    let five: String = (1..=5).map(|i| format!("RCPT TO:<{i}@y>\r\n")).collect();
+    c.get_mut().write_all(five.as_bytes()).await.unwrap();
+    let mut at = Vec::new();
+    for _ in 0..5 {
+        read_reply(&mut c).await;
+        at.push(t.elapsed().as_secs());
+    }
+    // one by one they would take 2 + 3 + 4 s: pipelined, too
+    assert_eq!(at, [0, 0, 2, 5, 9]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_reply_is_not_idleness() {
+    let (mta, _seen) = fake_mta(vec![
+        reply("MAIL", "250 ok\r\n"),
+        reply("RCPT", "250 ok\r\n"),
+    ])
+    .await;
+    let shared = shared(
+        &format!(
+            "{NO_GREETING}[limits]\nidle = \"4s\"\n[blacklist]\nips = [\"198.51.100.0/24\"]\ndelay = \"8s\"\n[backend]\nkeepalive = \"0s\"\n"
+        ),
+        mta,
+    );
+    let (mut c, _task) = session(shared).await;
+    read_reply(&mut c).await;
+    let (r, d) = cmd(&mut c, "MAIL FROM:<a@b>").await;
+    assert_eq!((r.as_str(), d), ("250 ok\r\n", Duration::from_secs(8)));
+    // silent for 3 s after the held reply: within the idle limit
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (r, d) = cmd(&mut c, "RCPT TO:<c@d>").await;
+    assert_eq!((r.as_str(), d), ("250 ok\r\n", Duration::from_secs(8)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_mta_is_kept_alive_during_a_long_hold() {
+    let (mta, seen) = fake_mta(vec![
+        reply("MAIL", "250 ok\r\n"),
+        reply("NOOP", "250 2.0.0 Ok\r\n"),
+        reply("NOOP", "250 2.0.0 Ok\r\n"),
+        reply("QUIT", "221 bye\r\n"),
+    ])
+    .await;
+    let shared = shared(
+        &format!(
+            "{NO_GREETING}[blacklist]\nips = [\"198.51.100.0/24\"]\ndelay = \"20s\"\n[backend]\nkeepalive = \"8s\"\n"
+        ),
+        mta,
+    );
+    let (mut c, _task) = session(shared.clone()).await;
+    read_reply(&mut c).await;
+    let (r, d) = cmd(&mut c, "MAIL FROM:<a@b>").await;
+    assert_eq!((r.as_str(), d), ("250 ok\r\n", Duration::from_secs(20)));
+    let (r, _) = cmd(&mut c, "QUIT").await;
+    assert_eq!(r, "221 bye\r\n", "the NOOP replies never reach the client");
+    assert_eq!(
+        seen.await.unwrap(),
+        ["MAIL FROM:<a@b>", "NOOP", "NOOP", "QUIT"]
+    );
+    assert_eq!(shared.metrics.keepalives_total.get(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_gone_during_the_end_of_data_hold_leaves_nothing_queued() {
+    let (mta, seen) = fake_mta(vec![
+        reply("MAIL", "250 ok\r\n"),
+        reply("RCPT", "250 ok\r\n"),
+        reply("DATA", "354 go\r\n"),
+        Step::Body("250 2.0.0 queued\r\n"),
+    ])
+    .await;
+    let shared = shared(
+        &format!("{NO_GREETING}[blacklist]\nips = [\"198.51.100.0/24\"]\ndelay = \"10s\"\n"),
+        mta,
+    );
+    let (mut c, task) = session(shared.clone()).await;
+    read_reply(&mut c).await;
+    cmd(&mut c, "MAIL FROM:<a@b>").await;
+    cmd(&mut c, "RCPT TO:<c@d>").await;
+    cmd(&mut c, "DATA").await;
+    c.get_mut()
+        .write_all(b"Subject: s\r\n\r\nbody\r\n.\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    drop(c);
+    assert_eq!(task.await.unwrap(), Outcome::ClientClosed);
+    let seen = seen.await.unwrap();
+    assert_eq!(seen.len(), 3, "the MTA never got the end of data: {seen:?}");
+    assert_eq!(shared.metrics.abandoned_messages_total.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn command_lines_are_strict_and_forwarded_canonically() {
+    let (mta, seen) = fake_mta(vec![
+        reply("MAIL", "250 ok\r\n"),
+        reply("NOOP", "250 ok\r\n"),
+        reply("RCPT", "250 ok\r\n"),
+        reply("NOOP", "250 ok\r\n"),
+    ])
+    .await;
+    let shared = shared(NO_GREETING, mta);
+    let (mut c, _task) = session(shared).await;
+    read_reply(&mut c).await;
+    let (r, _) = cmd(&mut c, "  mail\tFROM:<a@b>").await;
+    assert_eq!(r, "250 ok\r\n");
+    // a bare LF ends no command: refused, nothing forwarded
+    c.get_mut()
+        .write_all(b"RCPT TO:<x@y>\nNOOP\r\n")
+        .await
+        .unwrap();
+    let r = read_reply(&mut c).await;
+    assert!(r.starts_with("500 5.5.2"), "{r}");
+    assert_eq!(read_reply(&mut c).await, "250 ok\r\n");
+    // nor a bare CR
+    let (r, _) = cmd(&mut c, "RCPT TO:<x@y>\rDATA").await;
+    assert!(r.starts_with("500 5.5.2"), "{r}");
+    let (r, _) = cmd(&mut c, "RCPT\tTO:<c@d>").await;
+    assert_eq!(r, "250 ok\r\n");
+    let (r, _) = cmd(&mut c, "XCLIENT\tADDR=1.2.3.4").await;
+    assert!(r.starts_with("550 5.7.0"), "{r}");
+    let (r, _) = cmd(&mut c, "NO\0OP").await;
+    assert!(r.starts_with("500 5.5.2"), "{r}");
+    let (r, _) = cmd(&mut c, "NOOP").await;
+    assert_eq!(r, "250 ok\r\n");
+    drop(c);
+    assert_eq!(
+        seen.await.unwrap(),
+        ["MAIL FROM:<a@b>", "NOOP", "RCPT TO:<c@d>", "NOOP"]
+    );
 }
 
 /// The config of the greeting tests: a 30 s greeting delay, pre-greet on.

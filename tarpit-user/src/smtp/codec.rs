@@ -105,6 +105,13 @@ impl LineBuf {
         out
     }
 
+    /// Drops the first `n` buffered bytes (at most all of them), once the
+    /// caller has used them from [`peek`](Self::peek).
+    pub fn advance(&mut self, n: usize) {
+        self.buf.advance(n.min(self.buf.len()));
+        self.shrink();
+    }
+
     /// The buffered bytes, unconsumed.
     pub fn peek(&self) -> &[u8] {
         &self.buf

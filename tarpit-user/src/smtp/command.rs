@@ -1,11 +1,20 @@
-//! Client commands, classified.
+//! Client commands: recognised leniently, forwarded canonically.
+//!
+//! MTAs split the verb from its arguments differently (Postfix accepts any
+//! white space and skips it before the verb, Exim wants one space). The
+//! agent recognises a verb wherever any of them might: leading white space
+//! skipped, the verb ending at any white space, any case. What it forwards
+//! is the [`canonical`] form of the line (verb upper-cased, one space, no
+//! white space around the arguments), which every MTA reads as the agent
+//! did, so no MTA can act on a command the agent did not classify.
 //!
 //! The parser never refuses a line: anything it does not recognise is
 //! [`Command::Other`] and goes to the MTA, whose reply is relayed. It only
 //! pulls out what the policies and the framing need (HELO name, envelope
-//! addresses, BDAT size).
+//! addresses, BDAT size, AUTH mechanism).
+use bytes::{BufMut, Bytes, BytesMut};
 
-/// One command line, without its line ending.
+/// One command line, classified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Helo(String),
@@ -13,29 +22,59 @@ pub enum Command {
     /// `MAIL FROM:<addr>`; the null sender is an empty string.
     Mail(String),
     Rcpt(String),
+    /// The verb DATA, whatever follows it: the session switches to body
+    /// mode only on the MTA's 354, so an MTA that accepts `DATA x` cannot
+    /// put the two readers out of step.
     Data,
     /// `BDAT size [LAST]`; `None` when the size or keyword is malformed,
     /// in which case the framing of what follows is unknown.
     Bdat(Option<(u64, bool)>),
     Rset,
     Quit,
-    Starttls,
+    /// STARTTLS; `true` when arguments followed the verb (a syntax error
+    /// for the MTA, which must not start TLS on it).
+    Starttls(bool),
     /// `AUTH mechanism [initial-response]`: the mechanism only (the rest
     /// is a credential and is never kept).
     Auth(String),
-    /// XCLIENT or XFORWARD: only the agent may send these to the MTA.
+    /// XCLIENT or XFORWARD, in any spelling: only the agent may send these
+    /// to the MTA.
     ProxyOverride,
     Noop,
     Other,
 }
 
-/// Splits off the verb (case-insensitive) and classifies the line.
-pub fn parse_command(line: &[u8]) -> Command {
-    let line = trim_line_end(line);
-    let (verb, rest) = match line.iter().position(|&b| b == b' ') {
-        Some(i) => (&line[..i], &line[i + 1..]),
+/// White space as the most lenient MTA reads it between words. CR, LF and
+/// NUL cannot reach here from a strict line; taking them as separators
+/// keeps [`parse_command`] and [`canonical`] in agreement on any input.
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | 0x0b | 0x0c | b'\r' | b'\n' | 0)
+}
+
+fn trim(s: &[u8]) -> &[u8] {
+    let mut s = trim_start(s);
+    while let [head @ .., last] = s {
+        if !is_ws(*last) {
+            break;
+        }
+        s = head;
+    }
+    s
+}
+
+/// The verb and the arguments (trimmed), as both the parser and the
+/// canonical form see them.
+fn split_verb(content: &[u8]) -> (&[u8], &[u8]) {
+    let line = trim(content);
+    match line.iter().position(|&b| is_ws(b)) {
+        Some(i) => (&line[..i], trim(&line[i..])),
         None => (line, &[][..]),
-    };
+    }
+}
+
+/// Classifies a command line's content (without its CRLF).
+pub fn parse_command(content: &[u8]) -> Command {
+    let (verb, rest) = split_verb(content);
     let verb = verb.to_ascii_uppercase();
     match verb.as_slice() {
         b"HELO" => Command::Helo(first_word(rest)),
@@ -48,11 +87,11 @@ pub fn parse_command(line: &[u8]) -> Command {
             Some(p) => Command::Rcpt(p),
             None => Command::Other,
         },
-        b"DATA" if rest.iter().all(|b| *b == b' ') => Command::Data,
+        b"DATA" => Command::Data,
         b"BDAT" => Command::Bdat(parse_bdat(rest)),
         b"RSET" => Command::Rset,
         b"QUIT" => Command::Quit,
-        b"STARTTLS" if rest.iter().all(|b| *b == b' ') => Command::Starttls,
+        b"STARTTLS" => Command::Starttls(!rest.is_empty()),
         b"AUTH" => Command::Auth(first_word(rest).to_ascii_uppercase()),
         b"XCLIENT" | b"XFORWARD" => Command::ProxyOverride,
         b"NOOP" => Command::Noop,
@@ -60,20 +99,37 @@ pub fn parse_command(line: &[u8]) -> Command {
     }
 }
 
-fn trim_line_end(mut line: &[u8]) -> &[u8] {
-    while let [head @ .., b'\r' | b'\n'] = line {
-        line = head;
+/// The line as the agent forwards it: verb upper-cased (ASCII), then, if
+/// anything but white space follows it, one space and the rest with
+/// leading and trailing white space removed; then CRLF. Never contains CR,
+/// LF or NUL except the final CRLF (a CR, LF or NUL inside the arguments,
+/// which a strict line cannot hold, becomes a space).
+pub fn canonical(content: &[u8]) -> Bytes {
+    let (verb, rest) = split_verb(content);
+    let mut out = BytesMut::with_capacity(verb.len() + rest.len() + 3);
+    out.extend(verb.iter().map(u8::to_ascii_uppercase));
+    if !rest.is_empty() {
+        out.put_u8(b' ');
+        out.extend(rest.iter().map(|&b| match b {
+            b'\r' | b'\n' | 0 => b' ',
+            b => b,
+        }));
     }
-    line
+    out.extend_from_slice(b"\r\n");
+    out.freeze()
+}
+
+/// White-space separated words, as [`is_ws`] separates them.
+fn words(s: &[u8]) -> impl Iterator<Item = &[u8]> {
+    s.split(|&b| is_ws(b)).filter(|w| !w.is_empty())
 }
 
 fn first_word(rest: &[u8]) -> String {
-    let s = String::from_utf8_lossy(rest);
-    s.split_ascii_whitespace().next().unwrap_or("").to_string()
+    String::from_utf8_lossy(words(rest).next().unwrap_or(b"")).into_owned()
 }
 
-/// The path of `MAIL FROM:` / `RCPT TO:`, lenient like Postfix: spaces
-/// around the colon are accepted, angle brackets are optional, and a quoted
+/// The path of `MAIL FROM:` / `RCPT TO:`, lenient like Postfix: white space
+/// around the colon is accepted, angle brackets are optional, and a quoted
 /// local part may contain `>` and spaces.
 fn path_after(rest: &[u8], keyword: &[u8]) -> Option<String> {
     let rest = trim_start(rest);
@@ -104,7 +160,7 @@ fn path_after(rest: &[u8], keyword: &[u8]) -> Option<String> {
     } else {
         let end = after_colon
             .iter()
-            .position(|&b| b == b' ')
+            .position(|&b| is_ws(b))
             .unwrap_or(after_colon.len());
         &after_colon[..end]
     };
@@ -117,26 +173,25 @@ fn path_after(rest: &[u8], keyword: &[u8]) -> Option<String> {
 }
 
 fn trim_start(mut s: &[u8]) -> &[u8] {
-    while let [b' ' | b'\t', tail @ ..] = s {
+    while let [first, tail @ ..] = s {
+        if !is_ws(*first) {
+            break;
+        }
         s = tail;
     }
     s
 }
 
 fn parse_bdat(rest: &[u8]) -> Option<(u64, bool)> {
-    let s = std::str::from_utf8(rest).ok()?;
-    let mut words = s.split_ascii_whitespace();
+    let mut words = words(rest);
     let size_word = words.next()?;
-    if size_word.is_empty()
-        || size_word.len() > 19
-        || !size_word.bytes().all(|b| b.is_ascii_digit())
-    {
+    if size_word.len() > 19 || !size_word.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let size = size_word.parse().ok()?;
+    let size = std::str::from_utf8(size_word).ok()?.parse().ok()?;
     let last = match words.next() {
         None => false,
-        Some(w) if w.eq_ignore_ascii_case("LAST") => true,
+        Some(w) if w.eq_ignore_ascii_case(b"LAST") => true,
         Some(_) => return None,
     };
     if words.next().is_some() {
@@ -158,7 +213,7 @@ mod tests {
         assert_eq!(parse_command(b"HeLo x"), Command::Helo("x".into()));
         assert_eq!(parse_command(b"quit\r\n"), Command::Quit);
         assert_eq!(parse_command(b"data\r\n"), Command::Data);
-        assert_eq!(parse_command(b"StartTLS\r\n"), Command::Starttls);
+        assert_eq!(parse_command(b"StartTLS\r\n"), Command::Starttls(false));
         assert_eq!(parse_command(b"rset"), Command::Rset);
         assert_eq!(parse_command(b"NOOP hello"), Command::Noop);
     }
@@ -242,6 +297,95 @@ mod tests {
         assert_eq!(parse_command(b""), Command::Other);
         assert_eq!(parse_command(b"\xff\xfe\r\n"), Command::Other);
         assert_eq!(parse_command(b"GET / HTTP/1.1"), Command::Other);
-        assert_eq!(parse_command(b"DATA now"), Command::Other);
+    }
+
+    #[test]
+    fn data_and_starttls_whatever_follows() {
+        assert_eq!(parse_command(b"DATA now"), Command::Data);
+        assert_eq!(parse_command(b"data\t"), Command::Data);
+        assert_eq!(parse_command(b"STARTTLS x"), Command::Starttls(true));
+        assert_eq!(parse_command(b"\tstarttls \t"), Command::Starttls(false));
+    }
+
+    /// Every white space any MTA might take as a separator, and leading
+    /// white space, are recognised (a verb the agent misses is a command
+    /// that skips its policies).
+    #[test]
+    fn lenient_spellings_are_recognised() {
+        let cases: &[(&[u8], Command)] = &[
+            (b"RCPT\tTO:<a@b>", Command::Rcpt("a@b".into())),
+            (b"RCPT TO:\t<a@b>", Command::Rcpt("a@b".into())),
+            (b"RCPT\x0bTO:<a@b>", Command::Rcpt("a@b".into())),
+            (b"rcpt\x0cto:\x0b<a@b>\x0c", Command::Rcpt("a@b".into())),
+            (b"  MAIL FROM:<a@b>", Command::Mail("a@b".into())),
+            (b"MAIL FROM:a@b\tSIZE=1", Command::Mail("a@b".into())),
+            (b"data\t", Command::Data),
+            (b"\x0bDATA", Command::Data),
+            (b"BDAT\t10 LAST", Command::Bdat(Some((10, true)))),
+            (b"BDAT\x0c10\x0bLAST", Command::Bdat(Some((10, true)))),
+            (b"AUTH\tPLAIN x", Command::Auth("PLAIN".into())),
+            (b"auth\x0bplain\x0cx", Command::Auth("PLAIN".into())),
+            (
+                b"EHLO\tclient.example",
+                Command::Ehlo("client.example".into()),
+            ),
+            (b"xclient\tADDR=1.2.3.4", Command::ProxyOverride),
+            (b"\tXFORWARD", Command::ProxyOverride),
+            (b"XcLiEnT\x0bNAME=x", Command::ProxyOverride),
+            (b"xForward\x0c", Command::ProxyOverride),
+            (b"QUIT\x0c", Command::Quit),
+            (b"rset\t", Command::Rset),
+        ];
+        for (line, want) in cases {
+            assert_eq!(
+                &parse_command(line),
+                want,
+                "{:?}",
+                line.escape_ascii().to_string()
+            );
+        }
+    }
+
+    #[test]
+    fn canonical_form() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (b"RCPT\tTO:<a@b>", b"RCPT TO:<a@b>\r\n"),
+            (b"rcpt TO:\t<a@b>", b"RCPT TO:\t<a@b>\r\n"),
+            (b"  MAIL FROM:<a@b>  ", b"MAIL FROM:<a@b>\r\n"),
+            (b"data\t", b"DATA\r\n"),
+            (b"Data x", b"DATA x\r\n"),
+            (b"BDAT\t10 LAST", b"BDAT 10 LAST\r\n"),
+            (b"AUTH\tPLAIN x", b"AUTH PLAIN x\r\n"),
+            (b"xclient\tADDR=1.2.3.4", b"XCLIENT ADDR=1.2.3.4\r\n"),
+            (b"\tXFORWARD", b"XFORWARD\r\n"),
+            (b"\x0bnoop\x0c\x0bhi\x0b", b"NOOP hi\r\n"),
+            (b"quit\x0c", b"QUIT\r\n"),
+            (b"", b"\r\n"),
+            (b" \t ", b"\r\n"),
+            (b"\xc3\xbc x", b"\xc3\xbc x\r\n"),
+            // not from strict lines, but never forwarded as line ends
+            (b"DATA\rQUIT", b"DATA QUIT\r\n"),
+            (
+                b"MAIL FROM:<a>\nRCPT TO:<b>\r",
+                b"MAIL FROM:<a> RCPT TO:<b>\r\n",
+            ),
+            (b"DA\0TA", b"DA TA\r\n"),
+        ];
+        for (line, want) in cases {
+            let got = canonical(line);
+            assert_eq!(&got[..], *want, "{:?}", line.escape_ascii().to_string());
+            // the MTA's reading of what is forwarded is the agent's reading
+            let content = &got[..got.len() - 2];
+            assert_eq!(parse_command(content), parse_command(line));
+        }
+    }
+
+    #[test]
+    fn separators_are_not_verb_bytes() {
+        // NUL, CR and LF never come from a strict line; if they did, they
+        // would separate words, in the parser as in the canonical form.
+        assert_eq!(parse_command(b"DATA\0"), Command::Data);
+        assert_eq!(parse_command(b"DA\0TA"), Command::Other);
+        assert_eq!(parse_command(b"\r\nQUIT\r\n"), Command::Quit);
     }
 }

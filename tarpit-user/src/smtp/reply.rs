@@ -99,8 +99,11 @@ impl Reply {
     /// the agent may use (`XCLIENT`, `XFORWARD`), and adds or drops
     /// `STARTTLS` according to `starttls` (`Some(true)`: the agent offers
     /// it; `Some(false)`: TLS is already on, nobody offers it; `None`: as
-    /// the MTA said). The first line (the greeting) is kept as it came.
-    pub fn rewrite_ehlo(&self, starttls: Option<bool>) -> Reply {
+    /// the MTA said). With `hide_auth`, `AUTH` is not offered (the agent
+    /// terminates TLS and the client has not started it: Postfix's
+    /// `smtpd_tls_auth_only`). The first line (the greeting) is kept as it
+    /// came.
+    pub fn rewrite_ehlo(&self, starttls: Option<bool>, hide_auth: bool) -> Reply {
         if self.code != 250 || self.lines.is_empty() {
             return self.clone();
         }
@@ -115,6 +118,7 @@ impl Reply {
             match verb {
                 "XCLIENT" | "XFORWARD" => continue,
                 "STARTTLS" if starttls.is_some() => continue,
+                v if hide_auth && (v == "AUTH" || v.starts_with("AUTH=")) => continue,
                 _ => {}
             }
             keywords.push(Bytes::copy_from_slice(l.text));
@@ -262,19 +266,31 @@ mod tests {
 
     #[test]
     fn ehlo_rewrite_hides_xclient_and_handles_starttls() {
-        let r = ehlo().rewrite_ehlo(None);
+        let r = ehlo().rewrite_ehlo(None, false);
         assert_eq!(
             &r.to_bytes()[..],
             b"250-mx.tarpit.test\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-STARTTLS\r\n250-8BITMIME\r\n250 CHUNKING\r\n"
         );
-        let r = ehlo().rewrite_ehlo(Some(false));
+        let r = ehlo().rewrite_ehlo(Some(false), false);
         assert!(!r.ehlo_keywords().contains(&"STARTTLS".to_string()));
         assert_eq!(r.ehlo_keywords().last().unwrap(), "CHUNKING");
         let plain = assemble(b"250 mx.tarpit.test\r\n").remove(0);
-        let r = plain.rewrite_ehlo(Some(true));
+        let r = plain.rewrite_ehlo(Some(true), false);
         assert_eq!(&r.to_bytes()[..], b"250-mx.tarpit.test\r\n250 STARTTLS\r\n");
         // a non-250 reply is relayed untouched
         let e = Reply::local(554, "no");
-        assert_eq!(e.rewrite_ehlo(Some(true)), e);
+        assert_eq!(e.rewrite_ehlo(Some(true), true), e);
+    }
+
+    #[test]
+    fn ehlo_rewrite_hides_auth_before_tls() {
+        let r = assemble(
+            b"250-mx.tarpit.test\r\n250-AUTH PLAIN LOGIN\r\n250-AUTH=PLAIN LOGIN\r\n250 8BITMIME\r\n",
+        )
+        .remove(0);
+        let hidden = r.rewrite_ehlo(Some(true), true);
+        assert_eq!(hidden.ehlo_keywords(), vec!["8BITMIME", "STARTTLS"]);
+        let shown = r.rewrite_ehlo(Some(false), false);
+        assert_eq!(shown.ehlo_keywords().len(), 3);
     }
 }
