@@ -17,6 +17,7 @@ pub mod netns;
 pub mod pins;
 pub mod postfix;
 pub mod rbldnsd;
+pub mod recording_mta;
 pub mod smtp_client;
 pub mod swaks;
 pub mod tempdir;
