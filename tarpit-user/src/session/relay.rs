@@ -225,10 +225,9 @@ impl<'a> Session<'a> {
             if self.client_eof && self.pending.is_empty() {
                 return Outcome::ClientClosed;
             }
-            let barrier = self.pending.iter().any(|p| p.kind.is_barrier());
             let read_client = !self.client_eof
                 && self.close_after_flush.is_none()
-                && (!barrier || self.reader.len() < READ_AHEAD)
+                && self.may_read_ahead()
                 && self.pending.len() < self.shared.limits.pipeline;
             let timer = self.next_deadline();
             let wake = {
@@ -287,6 +286,22 @@ impl<'a> Session<'a> {
                 return Outcome::ClientClosed;
             }
         }
+    }
+
+    /// Whether to read from the client now. Past a reply it must see first
+    /// the agent reads only a little ahead (enough to notice a client that
+    /// leaves during the end-of-data hold), and nothing past a STARTTLS:
+    /// those bytes belong to the TLS handshake, never to the clear session.
+    fn may_read_ahead(&self) -> bool {
+        let mut barrier = false;
+        for p in &self.pending {
+            match p.kind {
+                Kind::StarttlsLocal | Kind::StarttlsRelayed => return false,
+                k if k.is_barrier() => barrier = true,
+                _ => {}
+            }
+        }
+        !barrier || self.reader.len() < READ_AHEAD
     }
 
     /// When the front reply may go out, if it exists.

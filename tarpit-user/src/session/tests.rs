@@ -669,3 +669,59 @@ async fn a_client_leaving_during_the_greeting_delay_ends_the_session_at_once() {
         "noticed only at the deadline"
     );
 }
+
+/// A first message smuggling a second transaction behind "\n.\n".
+const SMUGGLED: &[u8] = b"Subject: first\r\n\r\nline\r\n\n.\nMAIL FROM:<forged@victim.example>\r\nRCPT TO:<c@d>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\n";
+
+#[tokio::test(start_paused = true)]
+async fn a_smuggled_end_of_data_stays_body() {
+    let (mta, seen) = fake_mta(vec![
+        reply("MAIL", "250 ok\r\n"),
+        reply("RCPT", "250 ok\r\n"),
+        reply("DATA", "354 go\r\n"),
+        Step::Body("250 2.0.0 queued\r\n"),
+        reply("QUIT", "221 bye\r\n"),
+    ])
+    .await;
+    let shared = shared(NO_GREETING, mta);
+    let (mut c, _task) = session(shared).await;
+    read_reply(&mut c).await;
+    cmd(&mut c, "MAIL FROM:<a@b>").await;
+    cmd(&mut c, "RCPT TO:<c@d>").await;
+    cmd(&mut c, "DATA").await;
+    c.get_mut().write_all(SMUGGLED).await.unwrap();
+    assert_eq!(read_reply(&mut c).await, "250 2.0.0 queued\r\n");
+    let (r, _) = cmd(&mut c, "QUIT").await;
+    assert_eq!(r, "221 bye\r\n", "one reply for one message");
+    // One transaction; the body is re-encoded: "\n" became "\r\n" and the
+    // lone dot went out dot-stuffed ("..\r\n"), 113 bytes in all.
+    let seen = seen.await.unwrap();
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert_eq!(seen[3], "BODY 113");
+}
+
+#[tokio::test(start_paused = true)]
+async fn bare_line_endings_in_a_body_can_be_refused() {
+    let (mta, seen) = fake_mta(vec![
+        reply("MAIL", "250 ok\r\n"),
+        reply("RCPT", "250 ok\r\n"),
+        reply("DATA", "354 go\r\n"),
+        Step::Body("250 2.0.0 queued\r\n"),
+    ])
+    .await;
+    let shared = shared(
+        &format!("{NO_GREETING}[smtp]\nbare_line_ending = \"reject\"\n"),
+        mta,
+    );
+    let (mut c, task) = session(shared.clone()).await;
+    read_reply(&mut c).await;
+    cmd(&mut c, "MAIL FROM:<a@b>").await;
+    cmd(&mut c, "RCPT TO:<c@d>").await;
+    cmd(&mut c, "DATA").await;
+    c.get_mut().write_all(SMUGGLED).await.unwrap();
+    let r = read_reply(&mut c).await;
+    assert!(r.starts_with("554 5.6.0"), "{r}");
+    assert_eq!(task.await.unwrap(), Outcome::Protocol);
+    let seen = seen.await.unwrap();
+    assert_eq!(seen.len(), 3, "the MTA never got an end of data: {seen:?}");
+}
