@@ -23,15 +23,40 @@ pub struct LineBuf {
     max_line: usize,
     /// Inside an over-long line: its bytes are dropped up to the next LF.
     discarding: bool,
+    /// Lines end only at CRLF (client commands): a bare LF is part of the
+    /// line, which the strict reader then refuses whole, so no MTA behind
+    /// the agent can take the text after it for a command of its own.
+    crlf_only: bool,
 }
 
 impl LineBuf {
+    /// Lines end at LF, with or without CR (the MTA's replies).
     pub fn new(max_line: usize) -> LineBuf {
         LineBuf {
             buf: BytesMut::new(),
             max_line,
             discarding: false,
+            crlf_only: false,
         }
+    }
+
+    /// Lines end only at CRLF (what clients send).
+    pub fn crlf(max_line: usize) -> LineBuf {
+        LineBuf {
+            crlf_only: true,
+            ..LineBuf::new(max_line)
+        }
+    }
+
+    /// Where the first complete line ends (the index of its LF).
+    fn line_end(&self) -> Option<usize> {
+        if !self.crlf_only {
+            return self.buf.iter().position(|&b| b == b'\n');
+        }
+        self.buf
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .map(|i| i + 1)
     }
 
     /// Reads what the peer has sent; `Ok(0)` is end of stream. Cancel-safe.
@@ -60,12 +85,13 @@ impl LineBuf {
         self.discarding = false;
     }
 
-    /// The next complete line with its line ending (LF or CRLF), or
+    /// The next complete line with its line ending (LF or CRLF; only CRLF
+    /// for a [`LineBuf::crlf`] buffer), or
     /// `TooLong` once for each over-long line (whose bytes are dropped),
     /// or `None` when no complete line is buffered yet.
     pub fn next_line(&mut self) -> Option<Result<Bytes, LineError>> {
         loop {
-            match self.buf.iter().position(|&b| b == b'\n') {
+            match self.line_end() {
                 Some(i) => {
                     if self.discarding {
                         self.buf.advance(i + 1);
@@ -85,10 +111,18 @@ impl LineBuf {
                 None => {
                     if self.buf.len() >= self.max_line {
                         // Keep nothing of it: a client cannot make us hold
-                        // more than one line's worth.
+                        // more than one line's worth (but a CR that may
+                        // start the CRLF ending it).
                         self.discarding = true;
+                        let cr = self.crlf_only && self.buf.last() == Some(&b'\r');
                         self.buf.clear();
+                        if cr {
+                            self.buf.extend_from_slice(b"\r");
+                        }
                         self.shrink();
+                        if cr {
+                            return None;
+                        }
                         continue;
                     }
                     return None;
@@ -167,6 +201,28 @@ mod tests {
         ok.extend_from_slice(b"\r\n");
         b.extend(&ok);
         assert_eq!(b.next_line().unwrap().unwrap().len(), 512);
+    }
+
+    #[test]
+    fn client_lines_end_only_at_crlf() {
+        let mut b = LineBuf::crlf(512);
+        b.extend(b"RCPT TO:<a@b>\nDATA\r\nQUIT\r");
+        assert_eq!(
+            &b.next_line().unwrap().unwrap()[..],
+            b"RCPT TO:<a@b>\nDATA\r\n"
+        );
+        assert!(b.next_line().is_none());
+        b.extend(b"\n");
+        assert_eq!(&b.next_line().unwrap().unwrap()[..], b"QUIT\r\n");
+        // an over-long line whose CR and LF come in different reads
+        let mut b = LineBuf::crlf(512);
+        let mut long = vec![b'a'; 600];
+        long.push(b'\r');
+        b.extend(&long);
+        assert!(b.next_line().is_none());
+        b.extend(b"\nNOOP\r\n");
+        assert_eq!(b.next_line(), Some(Err(LineError::TooLong(512))));
+        assert_eq!(&b.next_line().unwrap().unwrap()[..], b"NOOP\r\n");
     }
 
     #[test]

@@ -35,7 +35,7 @@ impl std::fmt::Display for LineFault {
 }
 
 /// A line as [`LineBuf::next_line`](super::LineBuf::next_line) frames it
-/// (ends with LF). `Ok(content without the CRLF)` only if it ends with CRLF
+/// (a client's lines end at CRLF, so a bare LF is inside). `Ok(content without the CRLF)` only if it ends with CRLF
 /// and holds no other CR, LF or NUL; else the first fault, left to right.
 /// A line with no LF at its end (never framed so) counts as `BareLf`.
 pub fn strict_line(line: &[u8]) -> Result<&[u8], LineFault> {
