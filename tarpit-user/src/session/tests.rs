@@ -533,24 +533,41 @@ async fn the_mta_is_kept_alive_during_a_long_hold() {
     assert_eq!(shared.metrics.keepalives_total.get(), 2);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_client_gone_during_the_end_of_data_hold_leaves_nothing_queued() {
-    let (mta, seen) = fake_mta(vec![
+/// A session at its DATA body, against a scripted MTA that takes one
+/// message (MAIL, RCPT, DATA, body) and then `after`.
+async fn at_data(
+    toml: &str,
+    after: Vec<Step>,
+) -> (
+    Arc<Shared>,
+    BufReader<TcpStream>,
+    tokio::task::JoinHandle<Outcome>,
+    tokio::task::JoinHandle<Vec<String>>,
+) {
+    let mut script = vec![
         reply("MAIL", "250 ok\r\n"),
         reply("RCPT", "250 ok\r\n"),
         reply("DATA", "354 go\r\n"),
         Step::Body("250 2.0.0 queued\r\n"),
-    ])
-    .await;
-    let shared = shared(
-        &format!("{NO_GREETING}[blacklist]\nips = [\"198.51.100.0/24\"]\ndelay = \"10s\"\n"),
-        mta,
-    );
+    ];
+    script.extend(after);
+    let (mta, seen) = fake_mta(script).await;
+    let shared = shared(toml, mta);
     let (mut c, task) = session(shared.clone()).await;
     read_reply(&mut c).await;
     cmd(&mut c, "MAIL FROM:<a@b>").await;
     cmd(&mut c, "RCPT TO:<c@d>").await;
     cmd(&mut c, "DATA").await;
+    (shared, c, task, seen)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_gone_during_the_end_of_data_hold_leaves_nothing_queued() {
+    let (shared, mut c, task, seen) = at_data(
+        &format!("{NO_GREETING}[blacklist]\nips = [\"198.51.100.0/24\"]\ndelay = \"10s\"\n"),
+        vec![],
+    )
+    .await;
     c.get_mut()
         .write_all(b"Subject: s\r\n\r\nbody\r\n.\r\n")
         .await
@@ -673,20 +690,8 @@ const SMUGGLED: &[u8] = b"Subject: first\r\n\r\nline\r\n\n.\nMAIL FROM:<forged@v
 
 #[tokio::test(start_paused = true)]
 async fn a_smuggled_end_of_data_stays_body() {
-    let (mta, seen) = fake_mta(vec![
-        reply("MAIL", "250 ok\r\n"),
-        reply("RCPT", "250 ok\r\n"),
-        reply("DATA", "354 go\r\n"),
-        Step::Body("250 2.0.0 queued\r\n"),
-        reply("QUIT", "221 bye\r\n"),
-    ])
-    .await;
-    let shared = shared(NO_GREETING, mta);
-    let (mut c, _task) = session(shared).await;
-    read_reply(&mut c).await;
-    cmd(&mut c, "MAIL FROM:<a@b>").await;
-    cmd(&mut c, "RCPT TO:<c@d>").await;
-    cmd(&mut c, "DATA").await;
+    let (_shared, mut c, _task, seen) =
+        at_data(NO_GREETING, vec![reply("QUIT", "221 bye\r\n")]).await;
     c.get_mut().write_all(SMUGGLED).await.unwrap();
     assert_eq!(read_reply(&mut c).await, "250 2.0.0 queued\r\n");
     let (r, _) = cmd(&mut c, "QUIT").await;
@@ -700,22 +705,11 @@ async fn a_smuggled_end_of_data_stays_body() {
 
 #[tokio::test(start_paused = true)]
 async fn bare_line_endings_in_a_body_can_be_refused() {
-    let (mta, seen) = fake_mta(vec![
-        reply("MAIL", "250 ok\r\n"),
-        reply("RCPT", "250 ok\r\n"),
-        reply("DATA", "354 go\r\n"),
-        Step::Body("250 2.0.0 queued\r\n"),
-    ])
-    .await;
-    let shared = shared(
+    let (_shared, mut c, task, seen) = at_data(
         &format!("{NO_GREETING}[smtp]\nbare_line_ending = \"reject\"\n"),
-        mta,
-    );
-    let (mut c, task) = session(shared.clone()).await;
-    read_reply(&mut c).await;
-    cmd(&mut c, "MAIL FROM:<a@b>").await;
-    cmd(&mut c, "RCPT TO:<c@d>").await;
-    cmd(&mut c, "DATA").await;
+        vec![],
+    )
+    .await;
     c.get_mut().write_all(SMUGGLED).await.unwrap();
     let r = read_reply(&mut c).await;
     assert!(r.starts_with("554 5.6.0"), "{r}");

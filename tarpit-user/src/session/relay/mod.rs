@@ -17,19 +17,22 @@
 //! All waiting happens in one `select!` over the client, the MTA and a
 //! timer, with cancel-safe reads, so a held session is a socket, two small
 //! buffers and two queues.
+mod client;
+mod mta;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::time::{Duration, Instant, sleep_until, timeout};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{BACKEND_LOST, IDLE, SHUTTING_DOWN, Shared, WRITE_TIMEOUT, passthrough};
 use crate::backend::{Backend, BackendError};
 use crate::metrics::Outcome;
-use crate::policy::{Delay, SessionState, Step, release_at};
-use crate::smtp::{ClientReader, Command, Expect, Item, Reply};
+use crate::policy::{Delay, SessionState, release_at};
+use crate::smtp::{ClientReader, Expect, Reply};
 use crate::tls::ClientStream;
 
 /// How many bytes the agent reads ahead of a reply the client must see
@@ -456,52 +459,17 @@ impl<'a> Session<'a> {
         self.backend_quit();
     }
 
-    /// Tells the MTA goodbye when the agent ends a session itself (never
-    /// inside a body: there it would be text, and the missing end of data
-    /// is what makes the MTA discard the message).
-    pub(super) fn backend_quit(&mut self) {
-        let in_body = matches!(self.reader.expecting(), Expect::Body | Expect::Chunk)
-            || self.pending.iter().any(|p| p.deferred.is_some());
-        if !self.backend_lost && !in_body {
-            self.to_backend.extend_from_slice(b"QUIT\r\n");
+    /// The policy's final hold of a reply with `code` (charged to the
+    /// session's budget), counted in the metrics.
+    pub(super) fn settle(&mut self, command_delay: Option<Delay>, code: u16) -> Option<Delay> {
+        let hold = self
+            .shared
+            .policy
+            .settle(&mut self.state, command_delay, code);
+        if let Some(d) = hold {
+            self.shared.metrics.delayed(d.reason, d.duration);
         }
-    }
-
-    /// Never write to the MTA again: it must not see the end of a message
-    /// the agent refused.
-    fn abandon_backend(&mut self) {
-        self.backend_lost = true;
-        self.to_backend.clear();
-        self.owed.clear();
-        for p in &mut self.pending {
-            p.deferred = None;
-        }
-    }
-
-    /// The MTA went away or failed. Replies it already gave still go out;
-    /// the first command without one gets a 4xx and the session ends. A
-    /// DATA or BDAT body in flight is read to its end first, so the client
-    /// is listening when the 4xx comes.
-    fn on_backend_lost(&mut self, err: Option<BackendError>) {
-        if self.backend_lost {
-            return;
-        }
-        self.backend_lost = true;
-        let err = err.unwrap_or(BackendError::Closed);
-        self.shared.metrics.backend_error(err.kind());
-        info!(client = %self.peer, "{err}");
-        self.to_backend.clear();
-        self.owed.clear();
-        if let Some(i) = self.pending.iter().position(|p| p.reply.is_none()) {
-            self.pending.truncate(i);
-        }
-        match self.reader.expecting() {
-            Expect::Body | Expect::Chunk => {} // answered at the end of the body
-            _ => {
-                self.push_local(BACKEND_LOST, Kind::Local, true);
-                self.close_after_flush = Some(Close(Outcome::BackendError));
-            }
-        }
+        hold
     }
 
     fn alloc_id(&mut self) -> u64 {
@@ -529,13 +497,7 @@ impl<'a> Session<'a> {
         close: bool,
     ) {
         let now = Instant::now();
-        let hold = self
-            .shared
-            .policy
-            .settle(&mut self.state, command_delay, reply.code);
-        if let Some(d) = hold {
-            self.shared.metrics.delayed(d.reason, d.duration);
-        }
+        let hold = self.settle(command_delay, reply.code);
         let id = self.alloc_id();
         self.pending.push_back(Pending {
             id,
@@ -577,355 +539,6 @@ impl<'a> Session<'a> {
             self.pending.pop_back();
             self.push_local(BACKEND_LOST, Kind::Local, true);
             self.close_after_flush = Some(Close(Outcome::BackendError));
-        }
-    }
-
-    /// The end of a message: its hold runs before `end` (the final dot, or
-    /// the last BDAT) is sent to the MTA, so a message is never queued for
-    /// a client that did not wait for its verdict.
-    fn end_of_data(&mut self, end: &'static [u8]) {
-        if self.backend_lost {
-            self.push_local(BACKEND_LOST, Kind::Local, true);
-            self.close_after_flush = Some(Close(Outcome::BackendError));
-            return;
-        }
-        let d = self.step(Step::DataEnd);
-        // Charged now: the client waits this long before the MTA even
-        // hears of the end.
-        let hold = self.shared.policy.settle(&mut self.state, d, 0);
-        if let Some(d) = hold {
-            self.shared.metrics.delayed(d.reason, d.duration);
-        }
-        let now = Instant::now();
-        let id = self.alloc_id();
-        self.pending.push_back(Pending {
-            id,
-            kind: Kind::DataEnd,
-            arrival: now,
-            command_delay: hold,
-            precharged: true,
-            reply: None,
-            ready: now,
-            hold: None,
-            close: false,
-            deferred: Some(Bytes::from_static(end)),
-        });
-    }
-
-    pub(super) fn step(&mut self, step: Step<'_>) -> Option<Delay> {
-        let policy = &self.shared.policy;
-        policy.observe(&mut self.state, step);
-        let delay = policy.command_delay(&mut self.state, step, self.last_auth, Instant::now());
-        // No tarpit while the agent stops: the session should finish.
-        delay.filter(|_| !crate::ops::shutdown::is_draining())
-    }
-
-    /// Consumes what the client sent, as far as the replies it waits for
-    /// allow.
-    fn process_client(&mut self) {
-        loop {
-            if self.close_after_flush.is_some() || self.pending.iter().any(|p| p.kind.is_barrier())
-            {
-                return;
-            }
-            let was = self.reader.expecting();
-            let Some(item) = self.reader.next(&mut self.to_backend) else {
-                return;
-            };
-            match item {
-                Item::Command(cmd, canonical) => self.command(cmd, canonical),
-                Item::AuthResponse(line) => self.push_command(Kind::Auth, &line, None),
-                Item::BadLine(_) | Item::TooLong if was == Expect::AuthResponse => {
-                    // The MTA waits for a SASL response: cancel the
-                    // exchange; its reply (501) is the client's answer.
-                    self.push_command(Kind::Auth, b"*\r\n", None);
-                }
-                Item::BadLine(fault) => {
-                    self.shared.metrics.protocol_refused("bare_line_ending");
-                    debug!(client = %self.peer, fault = fault.as_str(), "command line refused");
-                    let text = format!(
-                        "500 5.5.2 Error: {} in a command line: lines end with CRLF",
-                        fault.as_str()
-                    );
-                    self.push_local(&text, Kind::Local, false);
-                }
-                Item::TooLong => {
-                    self.shared.metrics.limit_refused("line");
-                    self.push_local("500 5.5.2 Error: line too long", Kind::Local, false);
-                }
-                Item::BodyEnd => self.end_of_data(b".\r\n"),
-                Item::BodyRefused(fault) => {
-                    self.shared.metrics.protocol_refused("bare_line_ending");
-                    info!(client = %self.peer, fault = fault.as_str(), "message refused: bare line ending in the body");
-                    self.abandon_backend();
-                    let text = format!(
-                        "554 5.6.0 Message refused: {} in the message, lines end with CRLF",
-                        fault.as_str()
-                    );
-                    self.push_local(&text, Kind::Local, true);
-                    self.close_after_flush = Some(Close(Outcome::Protocol));
-                }
-                Item::ChunkEnd => {
-                    if std::mem::take(&mut self.last_chunk) {
-                        self.end_of_data(b"BDAT 0 LAST\r\n");
-                    } else if self.backend_lost {
-                        self.push_local(BACKEND_LOST, Kind::Local, true);
-                        self.close_after_flush = Some(Close(Outcome::BackendError));
-                    }
-                }
-            }
-        }
-    }
-
-    /// One command line, read strictly and forwarded in `canonical` form.
-    fn command(&mut self, cmd: Command, canonical: Bytes) {
-        if crate::ops::shutdown::is_draining()
-            && !matches!(
-                cmd,
-                Command::Rcpt(_) | Command::Data | Command::Bdat(_) | Command::Quit
-            )
-        {
-            // Stopping: the transaction in progress may finish, no new one
-            // starts.
-            self.push_local(SHUTTING_DOWN, Kind::Local, true);
-            self.close_after_flush = Some(Close(Outcome::Shutdown));
-            self.backend_quit();
-            return;
-        }
-        match cmd {
-            Command::Helo(name) => {
-                crate::ops::summary::helo(&name);
-                let d = self.step(Step::Helo(&name));
-                self.push_command(Kind::Helo, &canonical, d);
-            }
-            Command::Ehlo(name) => {
-                crate::ops::summary::helo(&name);
-                let d = self.step(Step::Helo(&name));
-                self.push_command(Kind::Ehlo, &canonical, d);
-            }
-            Command::Mail(sender) => {
-                let d = self.step(Step::Mail(&sender));
-                self.push_command(Kind::Other, &canonical, d);
-                self.sender = sender;
-            }
-            Command::Rcpt(rcpt) => {
-                crate::ops::summary::rcpt();
-                let d = self.step(Step::Rcpt);
-                match self.rcpt_gate(&rcpt) {
-                    Some(text) => self.push_local_held(&text, d),
-                    None => self.push_command(Kind::Rcpt, &canonical, d),
-                }
-            }
-            Command::Data => {
-                let d = self.step(Step::Data);
-                self.push_command(Kind::Data, &canonical, d);
-            }
-            Command::Bdat(_) if !self.chunking => {
-                // The MTA did not offer it: nothing is forwarded, and what
-                // follows is read as commands, by the agent and the MTA alike.
-                self.shared
-                    .metrics
-                    .protocol_refused("bdat_without_chunking");
-                self.push_local("502 5.5.1 Error: BDAT without CHUNKING", Kind::Local, false);
-            }
-            Command::Bdat(Some((size, false))) => {
-                self.push_command(Kind::Other, &canonical, None);
-                if size > 0 {
-                    self.reader.expect_chunk(size);
-                }
-            }
-            Command::Bdat(Some((0, true))) => self.end_of_data(b"BDAT 0 LAST\r\n"),
-            Command::Bdat(Some((size, true))) => {
-                // The data goes to the MTA as it comes, as a chunk that is
-                // not the last; the empty last chunk follows after the hold.
-                if !self.backend_lost {
-                    let now = Instant::now();
-                    self.to_backend
-                        .extend_from_slice(format!("BDAT {size}\r\n").as_bytes());
-                    self.owed.push_back((Owed::Chunk, now));
-                    self.last_mta_write = now;
-                }
-                self.last_chunk = true;
-                self.reader.expect_chunk(size);
-            }
-            Command::Bdat(None) => {
-                self.push_local("501 5.5.4 Syntax: BDAT size [LAST]", Kind::Local, false);
-            }
-            Command::Rset => {
-                let d = self.step(Step::Rset);
-                self.push_command(Kind::Other, &canonical, d);
-            }
-            Command::Quit => self.push_command(Kind::Quit, &canonical, None),
-            Command::Starttls(args) => match (&self.shared.tls, self.client.is_tls(), args) {
-                (_, true, _) => {
-                    self.push_local("554 5.5.1 Error: TLS already active", Kind::Local, false)
-                }
-                (Some(_), false, true) => {
-                    self.push_local("501 5.5.4 Syntax: STARTTLS", Kind::Local, false)
-                }
-                (Some(_), false, false) => {
-                    self.push_local("220 2.0.0 Ready to start TLS", Kind::StarttlsLocal, false)
-                }
-                (None, false, _) => self.push_command(Kind::StarttlsRelayed, &canonical, None),
-            },
-            Command::Auth(_) if self.auth_needs_tls() => {
-                // No password crosses port 25 in clear (Postfix's
-                // smtpd_tls_auth_only): refused here, never forwarded.
-                self.shared.metrics.protocol_refused("auth_in_clear");
-                self.push_local(
-                    "538 5.7.11 Encryption required for requested authentication mechanism",
-                    Kind::Local,
-                    false,
-                );
-            }
-            Command::Auth(_) => self.push_command(Kind::Auth, &canonical, None),
-            Command::ProxyOverride => {
-                self.shared.metrics.protocol_refused("xclient");
-                self.push_local(
-                    "550 5.7.0 Error: insufficient authorization",
-                    Kind::Local,
-                    false,
-                );
-            }
-            Command::Noop | Command::Other => {
-                let d = self.step(Step::Other);
-                self.push_command(Kind::Other, &canonical, d);
-            }
-        }
-    }
-
-    /// AUTH is refused in clear: the agent terminates TLS and the client
-    /// has not started it.
-    fn auth_needs_tls(&self) -> bool {
-        self.shared.tls.is_some() && self.shared.tls_auth_only && !self.client.is_tls()
-    }
-
-    pub(super) async fn flush_backend(&mut self) -> bool {
-        if self.to_backend.is_empty() || self.backend_lost {
-            self.to_backend.clear();
-            return true;
-        }
-        let data = self.to_backend.split().freeze();
-        if self.to_backend.capacity() > 64 * 1024 {
-            self.to_backend = BytesMut::new();
-        }
-        match self
-            .backend
-            .send(&data, self.shared.backend.write_timeout)
-            .await
-        {
-            Ok(()) => true,
-            Err(e) => {
-                warn!(client = %self.peer, "writing to the MTA: {e}");
-                false
-            }
-        }
-    }
-
-    /// Matches the MTA's replies to what it owes, in order.
-    fn process_backend(&mut self) {
-        loop {
-            let reply = match self.backend.next_reply() {
-                Ok(Some(r)) => r,
-                Ok(None) => return,
-                Err(e) => {
-                    warn!(client = %self.peer, "{e}");
-                    self.on_backend_lost(Some(e));
-                    return;
-                }
-            };
-            let Some((owed, _)) = self.owed.pop_front() else {
-                if reply.code == 421 {
-                    // The MTA ends the session (its own timeout, shutdown).
-                    self.mta_ended(reply);
-                } else {
-                    debug!(client = %self.peer, code = reply.code, "reply without a command, dropped");
-                }
-                continue;
-            };
-            match owed {
-                Owed::Keepalive => {
-                    if reply.code == 421 {
-                        self.mta_ended(reply);
-                    }
-                }
-                Owed::Chunk => {
-                    if !reply.is_positive() {
-                        self.chunk_verdict = Some(reply);
-                    }
-                }
-                Owed::Client(id) => self.reply_for(id, reply),
-            }
-        }
-    }
-
-    /// The MTA said 421 on its own: replies in hand still go out, then
-    /// this one, and the session ends.
-    fn mta_ended(&mut self, reply: Reply) {
-        if let Some(i) = self.pending.iter().position(|p| p.reply.is_none()) {
-            self.pending.truncate(i);
-        }
-        self.owed.clear();
-        self.push_local_reply(reply, true);
-        self.close_after_flush = Some(Close(Outcome::BackendClosed));
-        self.backend_lost = true;
-    }
-
-    /// The MTA's reply to pending `id`: rewritten where it must be, and
-    /// given its final hold.
-    fn reply_for(&mut self, id: u64, reply: Reply) {
-        let now = Instant::now();
-        let Some(i) = self.pending.iter().position(|p| p.id == id) else {
-            // Cut by a graceful stop: the client gets a 421 instead.
-            return;
-        };
-        let kind = self.pending[i].kind;
-        let reply = match kind {
-            Kind::Ehlo => {
-                self.chunking =
-                    reply.code == 250 && reply.ehlo_keywords().iter().any(|k| k == "CHUNKING");
-                let starttls = match (&self.shared.tls, self.client.is_tls()) {
-                    (Some(_), tls) => Some(!tls),
-                    (None, true) => Some(false),
-                    (None, false) => None,
-                };
-                reply.rewrite_ehlo(starttls, self.auth_needs_tls())
-            }
-            Kind::Helo => {
-                self.chunking = false;
-                reply
-            }
-            Kind::DataEnd => self.chunk_verdict.take().unwrap_or(reply),
-            _ => reply,
-        };
-        let draining = crate::ops::shutdown::is_draining();
-        let p = &self.pending[i];
-        let (precharged, command_delay) = (p.precharged, p.command_delay);
-        let hold = if precharged {
-            let extra = self.shared.policy.settle(&mut self.state, None, reply.code);
-            if let Some(d) = extra {
-                self.shared.metrics.delayed(d.reason, d.duration);
-            }
-            Delay::longer(command_delay, extra)
-        } else {
-            let hold = self
-                .shared
-                .policy
-                .settle(&mut self.state, command_delay, reply.code);
-            if let Some(d) = hold {
-                self.shared.metrics.delayed(d.reason, d.duration);
-            }
-            hold
-        }
-        .filter(|_| !draining);
-        let code = reply.code;
-        let p = &mut self.pending[i];
-        p.hold = hold;
-        p.ready = now;
-        p.reply = Some(reply);
-        if code == 421 {
-            p.close = true;
-            self.close_after_flush = Some(Close(Outcome::BackendClosed));
         }
     }
 
@@ -1022,63 +635,5 @@ impl<'a> Session<'a> {
             _ => {}
         }
         None
-    }
-
-    /// The agent's own STARTTLS: the handshake, then a fresh session with
-    /// the MTA (RFC 3207 4.2: nothing learned before TLS is kept; the
-    /// MTA, which never saw the STARTTLS, would keep the HELO name and any
-    /// transaction, so it gets a new connection and the client's next EHLO).
-    async fn start_tls(&mut self) -> Option<Outcome> {
-        let acceptor = self.shared.tls.clone()?;
-        if !self.reader.is_empty() {
-            // Plaintext sent after STARTTLS would otherwise be taken as
-            // commands inside TLS (CVE-2011-0411).
-            warn!(client = %self.peer, bytes = self.reader.len(), "dropped bytes pipelined after STARTTLS");
-            self.reader.clear();
-        }
-        let plain = std::mem::replace(&mut self.client, ClientStream::Closed);
-        match timeout(self.shared.limits.idle, plain.upgrade(&acceptor)).await {
-            Ok(Ok(tls)) => {
-                self.client = tls;
-                self.last_activity = Instant::now();
-            }
-            _ => {
-                debug!(client = %self.peer, "TLS handshake failed");
-                self.backend_quit();
-                let _ = self.flush_backend().await;
-                return Some(Outcome::ClientError);
-            }
-        }
-        self.backend_quit();
-        let _ = self.flush_backend().await;
-        match Box::pin(Backend::open(&self.shared.backend, self.peer, self.local)).await {
-            Ok((backend, banner)) => {
-                self.backend = backend;
-                self.backend_lost = false;
-                self.owed.clear();
-                self.chunking = false;
-                self.last_mta_write = Instant::now();
-                if banner.code != 220 {
-                    // The MTA refuses the new session: the client hears why.
-                    self.push_local_reply(banner, true);
-                    self.close_after_flush = Some(Close(Outcome::BackendClosed));
-                }
-            }
-            Err(e) => {
-                warn!(client = %self.peer, "after STARTTLS: {e}");
-                self.shared.metrics.backend_error(e.kind());
-                self.backend_lost = true;
-                self.push_local(BACKEND_LOST, Kind::Local, true);
-                self.close_after_flush = Some(Close(Outcome::BackendError));
-            }
-        }
-        None
-    }
-
-    async fn go_opaque(&mut self) -> Outcome {
-        info!(client = %self.peer, "STARTTLS relayed to the MTA: the rest of the session is opaque");
-        self.reader.clear();
-        let to_client = self.backend.take_buffered();
-        passthrough(self.shared, &mut self.client, &mut self.backend, to_client).await
     }
 }
