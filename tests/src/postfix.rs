@@ -4,6 +4,7 @@
 //! the template's, also on the server veth addresses.
 use std::net::SocketAddr;
 use std::ops::Deref;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -20,6 +21,13 @@ pub const PROXY: u16 = 2535;
 pub const XCLIENT: u16 = 2545;
 pub const POSTSCREEN: u16 = 2526;
 pub const POSTSCREEN_PROXY: u16 = 2536;
+/// PROXY listener with `smtpd_timeout = 10s`: Postfix under stress, for
+/// the agent's keep-alive during long holds (2535, 2545 and 2565 have
+/// 900 s, as docs/mta-setup.md requires).
+pub const STRESSED: u16 = 2555;
+/// Implicit-TLS ("wrapper mode", port 465) listener behind a PROXY
+/// header; its certificate is what [`Postfix::install_wrapper_cert`] put.
+pub const WRAPPER: u16 = 2565;
 
 /// A running Postfix instance: the fields and methods of [`Instance`]
 /// (`dir`, `log()`, ...); Drop stops it and removes its directory.
@@ -115,6 +123,69 @@ impl Postfix {
     /// Waits until at least `n` messages were delivered.
     pub fn wait_delivered(&self, n: usize, timeout: Duration) -> bool {
         wait::until(timeout, || self.delivered() >= n)
+    }
+
+    /// Gives the wrapper-mode listener ([`WRAPPER`]) its certificate and
+    /// key (PEM files). smtpd reads them when a connection spawns it, so
+    /// this works on a running instance; master.cf names `@DIR@/tls`
+    /// because a test's certificate cannot be known when it is written.
+    pub fn install_wrapper_cert(&self, cert: &Path, key: &Path) -> Result<()> {
+        let dir = self.dir.join("tls");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(cert, dir.join("cert.pem"))?;
+        std::fs::copy(key, dir.join("key.pem"))?;
+        Ok(())
+    }
+
+    /// The delivered messages (sink Maildir), as text.
+    pub fn messages(&self) -> Vec<String> {
+        ["new", "cur"]
+            .iter()
+            .filter_map(|d| std::fs::read_dir(self.dir.join("mail/sink").join(d)).ok())
+            .flat_map(|rd| rd.flatten())
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .collect()
+    }
+
+    /// Files in the queue (maildrop, incoming, active, deferred, hold):
+    /// 0 when nothing is queued or being received.
+    pub fn queued(&self) -> usize {
+        fn count(dir: &Path) -> usize {
+            std::fs::read_dir(dir)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| match e.file_type() {
+                            Ok(t) if t.is_dir() => count(&e.path()),
+                            _ => 1,
+                        })
+                        .sum()
+                })
+                .unwrap_or(0)
+        }
+        ["maildrop", "incoming", "active", "deferred", "hold"]
+            .iter()
+            .map(|q| count(&self.dir.join("queue").join(q)))
+            .sum()
+    }
+
+    /// `postqueue -p` run inside the instance's namespace: Postfix's own
+    /// view of its queue ("Mail queue is empty" when nothing is queued).
+    pub fn postqueue(&self, net: &TestNet) -> String {
+        let out = net
+            .server_cmd("postqueue")
+            .arg("-c")
+            .arg(self.conf())
+            .arg("-p")
+            .output();
+        match out {
+            Ok(o) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("cannot run postqueue: {e}"),
+        }
     }
 
     /// Stops Postfix (kill -9 of the master, for "MTA died" tests).
