@@ -176,9 +176,11 @@ action = "delay"
     assert_eq!(m("tarpit_dnsbl_site_hits_total{site=\"w2.test*1\"}"), 1.0);
     assert!(m("tarpit_dnsbl_lookup_seconds_count{list=\"bl.test\"}") >= 10.0);
 
-    // The callout-verification sender (<>) skips the delay and the reject.
+    // The callout-verification sender (<>) skips the delay of its MAIL and
+    // first RCPT, not the reject: a listed bot gains nothing by using it.
     let s = swaks(&net, v4(130), &["--quit-after", "RCPT", "--from", "<>"]);
-    assert!(s.ok, "{}", s.out);
+    assert!(!s.ok, "{}", s.out);
+    assert!(s.out.contains("554 5.7.1"), "{}", s.out);
     assert_between("callout sender", s.took, greet);
 }
 
