@@ -21,6 +21,7 @@ pub mod recording_mta;
 pub mod smtp_client;
 pub mod swaks;
 pub mod tempdir;
+pub mod tls_cert;
 pub mod wait;
 
 pub use agent::Agent;

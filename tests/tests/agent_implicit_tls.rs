@@ -11,34 +11,11 @@ use std::time::Duration;
 
 use tarpit_tests::postfix::{PROXY, WRAPPER};
 use tarpit_tests::smtp_client::{agent_config, agent_v4, agent_v6};
+use tarpit_tests::tls_cert::make_cert;
 use tarpit_tests::{
     Agent, CLIENT_V4, CLIENT_V6, PinDir, Postfix, SERVER_V4, SERVER_V6, TempDir, TestNet,
     require_root, tarpit_bin,
 };
-
-/// A throw-away self-signed certificate and key for `cn`.
-fn make_cert(dir: &Path, cn: &str) -> (String, String) {
-    std::fs::create_dir_all(dir).unwrap();
-    let (cert, key) = (dir.join(format!("{cn}.pem")), dir.join(format!("{cn}.key")));
-    let out = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .arg("-subj")
-        .arg(format!("/CN={cn}"))
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert.display().to_string(), key.display().to_string())
-}
 
 /// The agent's config, also listening on port 465 (v4 and v6).
 fn config(net: &TestNet, pins: &PinDir, backend: &str, rest: &str) -> String {

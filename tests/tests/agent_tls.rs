@@ -1,34 +1,11 @@
 //! STARTTLS terminated by the agent: the policies keep working inside TLS
 //! and mail still reaches Postfix, once. Driven by Python's smtplib.
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use tarpit_tests::smtp_client::{agent_config, proxy_backend};
+use tarpit_tests::tls_cert::make_cert;
 use tarpit_tests::{Agent, CLIENT_V4, CLIENT_V6, PinDir, Postfix, SERVER_V4, SERVER_V6, TestNet};
 use tarpit_tests::{require_root, unique_id};
-
-/// A throw-away self-signed certificate and key.
-fn make_cert(dir: &Path) -> (String, String) {
-    std::fs::create_dir_all(dir).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let out = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args(["-subj", "/CN=mx.tarpit.test", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert.display().to_string(), key.display().to_string())
-}
 
 /// smtplib session: EHLO, STARTTLS, EHLO, MAIL, 3 RCPTs (timed), DATA.
 /// Prints one line per fact for the test to check.
@@ -61,7 +38,7 @@ fn starttls_terminated_by_the_agent_keeps_the_policies_working() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("tarpit-tls-{}", unique_id()));
-    let (cert, key) = make_cert(&dir);
+    let (cert, key) = make_cert(&dir, "mx.tarpit.test");
     let net = TestNet::new().unwrap();
     let pins = PinDir::new().unwrap();
     let pf = Postfix::start(&net).unwrap();

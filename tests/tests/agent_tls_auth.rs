@@ -4,37 +4,15 @@
 //! password on, and after its STARTTLS the MTA's session starts afresh
 //! (a new connection: no HELO name, no transaction of before, RFC 3207
 //! 4.2). Driven by Python's smtplib, IPv4 and IPv6.
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use tarpit_tests::dovecot::{Dovecot, PASSWORD, USER};
 use tarpit_tests::smtp_client::{agent_config, proxy_backend};
+use tarpit_tests::tls_cert::make_cert;
 use tarpit_tests::{
     Agent, CLIENT_V4, CLIENT_V6, PinDir, Postfix, SERVER_V4, SERVER_V6, TempDir, TestNet,
     require_root, wait,
 };
-
-/// A throw-away self-signed certificate and key.
-fn make_cert(dir: &Path) -> (String, String) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let out = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args(["-subj", "/CN=mx.tarpit.test", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert.display().to_string(), key.display().to_string())
-}
 
 /// EHLO pre.example, AUTH in clear, STARTTLS, EHLO post.example, AUTH,
 /// one message. One line per fact.
@@ -68,7 +46,7 @@ fn auth_only_inside_tls_and_nothing_of_before_starttls_kept_by_the_mta() {
         return;
     }
     let tmp = TempDir::new("tlsauth");
-    let (cert, key) = make_cert(&tmp.path);
+    let (cert, key) = make_cert(&tmp.path, "mx.tarpit.test");
     let net = TestNet::new().unwrap();
     let pins = PinDir::new().unwrap();
     let dv = Dovecot::start().unwrap();
