@@ -68,6 +68,24 @@ pub struct Reply {
     pub text: String,
 }
 
+/// A plain TCP connection from `src` (any address of the client
+/// namespace) to `dst`.
+pub fn tcp_connect(net: &TestNet, src: IpAddr, dst: SocketAddr) -> Result<TcpStream> {
+    net.in_client(|| -> Result<TcpStream> {
+        let domain = if src.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
+        let s = Socket::new(domain, Type::STREAM, None)?;
+        s.bind(&SocketAddr::new(src, 0).into())?;
+        s.connect_timeout(&dst.into(), Duration::from_secs(5))
+            .with_context(|| format!("connect {src} -> {dst}"))?;
+        Ok(s.into())
+    })
+    .context("client namespace")?
+}
+
 /// A client connection from a chosen source address in the client namespace.
 pub struct SmtpClient {
     reader: BufReader<TcpStream>,
@@ -77,20 +95,7 @@ pub struct SmtpClient {
 impl SmtpClient {
     /// Connects from `src` (any address of the client namespace) to `dst`.
     pub fn connect(net: &TestNet, src: IpAddr, dst: SocketAddr) -> Result<SmtpClient> {
-        let stream = net
-            .in_client(|| -> Result<TcpStream> {
-                let domain = if src.is_ipv4() {
-                    Domain::IPV4
-                } else {
-                    Domain::IPV6
-                };
-                let s = Socket::new(domain, Type::STREAM, None)?;
-                s.bind(&SocketAddr::new(src, 0).into())?;
-                s.connect_timeout(&dst.into(), Duration::from_secs(5))
-                    .with_context(|| format!("connect {src} -> {dst}"))?;
-                Ok(s.into())
-            })
-            .context("client namespace")??;
+        let stream = tcp_connect(net, src, dst)?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         stream.set_nodelay(true)?;
         let writer = stream.try_clone()?;

@@ -6,12 +6,13 @@
 //! only after its hold (a client that hangs up queues nothing), and the
 //! callout exception lifts only what a callout needs.
 use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Socket, Type};
 use tarpit_tests::postfix::{PROXY, STRESSED};
-use tarpit_tests::smtp_client::{SmtpClient, agent_config, agent_v4, agent_v6, message};
+use tarpit_tests::smtp_client::{
+    SmtpClient, agent_config, agent_v4, agent_v6, message, tcp_connect,
+};
 use tarpit_tests::{
     Agent, CLIENT_V4, CLIENT_V6, PinDir, Postfix, Rbldnsd, TestNet, require_root, wait,
 };
@@ -477,19 +478,7 @@ fn raw_connect(net: &TestNet, src: IpAddr) -> TcpStream {
     } else {
         agent_v6()
     };
-    net.in_client(move || -> std::io::Result<TcpStream> {
-        let domain = if src.is_ipv4() {
-            Domain::IPV4
-        } else {
-            Domain::IPV6
-        };
-        let s = Socket::new(domain, Type::STREAM, None)?;
-        s.bind(&SocketAddr::new(src, 0).into())?;
-        s.connect_timeout(&dst.into(), Duration::from_secs(5))?;
-        Ok(s.into())
-    })
-    .expect("client namespace")
-    .expect("connect")
+    tcp_connect(net, src, dst).expect("connect")
 }
 
 /// Reads one reply (all its lines); `None` at EOF or on an error.

@@ -24,19 +24,11 @@ impl Session<'_> {
         // Charged now: the client waits this long before the MTA even
         // hears of the end.
         let hold = self.settle(d, 0);
-        let now = Instant::now();
         let id = self.alloc_id();
         self.pending.push_back(Pending {
-            id,
-            kind: Kind::DataEnd,
-            arrival: now,
-            command_delay: hold,
             precharged: true,
-            reply: None,
-            ready: now,
-            hold: None,
-            close: false,
             deferred: Some(Bytes::from_static(end)),
+            ..Pending::new(id, Kind::DataEnd, hold)
         });
     }
 

@@ -105,6 +105,25 @@ pub(super) struct Pending {
     deferred: Option<Bytes>,
 }
 
+impl Pending {
+    /// A reply to a command that arrived now, not known yet.
+    fn new(id: u64, kind: Kind, command_delay: Option<Delay>) -> Pending {
+        let now = Instant::now();
+        Pending {
+            id,
+            kind,
+            arrival: now,
+            command_delay,
+            precharged: false,
+            reply: None,
+            ready: now,
+            hold: None,
+            close: false,
+            deferred: None,
+        }
+    }
+}
+
 /// A reply the MTA owes, in the order it will come, and since when.
 #[derive(Debug, Clone, Copy)]
 enum Owed {
@@ -496,20 +515,13 @@ impl<'a> Session<'a> {
         command_delay: Option<Delay>,
         close: bool,
     ) {
-        let now = Instant::now();
         let hold = self.settle(command_delay, reply.code);
         let id = self.alloc_id();
         self.pending.push_back(Pending {
-            id,
-            kind,
-            arrival: now,
-            command_delay,
-            precharged: false,
             reply: Some(reply),
-            ready: now,
             hold,
             close,
-            deferred: None,
+            ..Pending::new(id, kind, command_delay)
         });
     }
 
@@ -522,18 +534,8 @@ impl<'a> Session<'a> {
             self.owed.push_back((Owed::Client(id), now));
             self.last_mta_write = now;
         }
-        self.pending.push_back(Pending {
-            id,
-            kind,
-            arrival: now,
-            command_delay,
-            precharged: false,
-            reply: None,
-            ready: now,
-            hold: None,
-            close: false,
-            deferred: None,
-        });
+        self.pending
+            .push_back(Pending::new(id, kind, command_delay));
         if self.backend_lost {
             // Nobody will answer: the 4xx goes out in its place.
             self.pending.pop_back();
