@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use ipnet::IpNet;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -12,44 +13,131 @@ use tracing::{info, warn};
 
 use crate::metrics::Outcome;
 use crate::ops::summary::Tally;
+use crate::policy::Client;
+use crate::reputation::cache::network_of;
 use crate::session::park::Holder;
 use crate::session::{self, Opened, Shared};
 
 const TOO_MANY_SESSIONS: &[u8] = b"421 4.3.2 Too many sessions, try again later\r\n";
 const TOO_MANY_PER_IP: &[u8] = b"421 4.7.0 Too many connections\r\n";
+const TOO_MANY_PER_PREFIX: &[u8] = b"421 4.7.0 Too many connections from your network\r\n";
 
-/// Sessions per client address, decremented when a session ends.
+/// Sessions per client address and per client network (IPv4 /24, IPv6
+/// /64), decremented when a session ends. One lock for both, taken twice
+/// per session: at accept and at the end.
 #[derive(Default)]
-struct PerIp(Mutex<HashMap<IpAddr, usize>>);
+struct PerClient(Mutex<Counts>);
 
-struct PerIpGuard {
-    table: Arc<PerIp>,
-    ip: IpAddr,
+#[derive(Default)]
+struct Counts {
+    ips: HashMap<IpAddr, usize>,
+    nets: HashMap<IpNet, usize>,
 }
 
-impl PerIp {
-    fn try_enter(self: &Arc<Self>, ip: IpAddr, limit: usize) -> Option<PerIpGuard> {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_insert(0);
-        if *n >= limit {
-            return None;
+/// Which limit refused a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    PerIp,
+    PerPrefix,
+    Sessions,
+}
+
+impl Refused {
+    /// The label of `tarpit_limit_refusals_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Refused::PerIp => "per_ip",
+            Refused::PerPrefix => "per_prefix",
+            Refused::Sessions => "sessions",
         }
-        *n += 1;
-        Some(PerIpGuard {
+    }
+
+    fn reply(self) -> &'static [u8] {
+        match self {
+            Refused::PerIp => TOO_MANY_PER_IP,
+            Refused::PerPrefix => TOO_MANY_PER_PREFIX,
+            Refused::Sessions => TOO_MANY_SESSIONS,
+        }
+    }
+}
+
+struct PerClientGuard {
+    table: Arc<PerClient>,
+    ip: IpAddr,
+    net: IpNet,
+}
+
+/// `count` down by one, the entry gone at zero (the tables hold only
+/// clients with sessions open).
+fn leave<K: std::hash::Hash + Eq>(m: &mut HashMap<K, usize>, k: &K) {
+    if let Some(n) = m.get_mut(k) {
+        *n -= 1;
+        if *n == 0 {
+            m.remove(k);
+        }
+    }
+}
+
+impl PerClient {
+    /// Counts a session of `ip` unless its address already has `per_ip`
+    /// or its network `per_net` (0 = no cap) sessions open.
+    fn try_enter(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        per_ip: usize,
+        per_net: usize,
+    ) -> Result<PerClientGuard, Refused> {
+        let net = network_of(ip);
+        let mut c = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if c.ips.get(&ip).copied().unwrap_or(0) >= per_ip {
+            return Err(Refused::PerIp);
+        }
+        if per_net != 0 && c.nets.get(&net).copied().unwrap_or(0) >= per_net {
+            return Err(Refused::PerPrefix);
+        }
+        *c.ips.entry(ip).or_insert(0) += 1;
+        *c.nets.entry(net).or_insert(0) += 1;
+        Ok(PerClientGuard {
             table: self.clone(),
             ip,
+            net,
         })
     }
 }
 
-impl Drop for PerIpGuard {
+impl Drop for PerClientGuard {
     fn drop(&mut self) {
-        let mut m = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
+        let mut c = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
+        leave(&mut c.ips, &self.ip);
+        leave(&mut c.nets, &self.net);
+    }
+}
+
+/// The global session slots: `limits.sessions` in all, of which
+/// `limits.reserved_sessions` only internal and allow-listed clients may
+/// take. Two semaphores, so that taking a slot never waits on a lock:
+/// everyone draws from the open pool first, and only the site's own
+/// clients may go on to the reserve when it is empty.
+#[derive(Clone)]
+struct Slots {
+    open: Arc<Semaphore>,
+    reserve: Arc<Semaphore>,
+}
+
+impl Slots {
+    fn new(sessions: usize, reserved: usize) -> Slots {
+        let reserved = reserved.min(sessions);
+        Slots {
+            open: Arc::new(Semaphore::new(sessions - reserved)),
+            reserve: Arc::new(Semaphore::new(reserved)),
+        }
+    }
+
+    fn take(&self, privileged: bool) -> Option<OwnedSemaphorePermit> {
+        match self.open.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) if privileged => self.reserve.clone().try_acquire_owned().ok(),
+            Err(_) => None,
         }
     }
 }
@@ -113,16 +201,17 @@ impl Server {
         let updates = self
             .updates
             .unwrap_or_else(|| watch::channel(self.shared.clone()).1);
-        let sessions = Arc::new(Semaphore::new(self.shared.limits.sessions));
-        let per_ip = Arc::new(PerIp::default());
+        let limits = &self.shared.limits;
+        let slots = Slots::new(limits.sessions, limits.reserved());
+        let per_client = Arc::new(PerClient::default());
         let holder = Holder::start(crate::ops::shutdown::current());
         let mut tasks = tokio::task::JoinSet::new();
         for l in self.listeners {
             tasks.spawn(accept_loop(
                 l,
                 updates.clone(),
-                sessions.clone(),
-                per_ip.clone(),
+                slots.clone(),
+                per_client.clone(),
                 holder.clone(),
             ));
         }
@@ -133,8 +222,8 @@ impl Server {
 async fn accept_loop(
     l: TcpListener,
     updates: watch::Receiver<Arc<Shared>>,
-    sessions: Arc<Semaphore>,
-    per_ip: Arc<PerIp>,
+    slots: Slots,
+    per_client: Arc<PerClient>,
     holder: Holder,
 ) {
     let shutdown = crate::ops::shutdown::current();
@@ -158,25 +247,15 @@ async fn accept_loop(
             Ok(a) => a,
             Err(_) => continue,
         };
-        let Ok(permit) = sessions.clone().try_acquire_owned() else {
-            shared.metrics.limit_refused("sessions");
-            tokio::spawn(refuse(stream, TOO_MANY_SESSIONS, shared.clone()));
-            continue;
-        };
-        let mut client = shared.policy.classify(peer.ip(), local.port());
-        client.allowlisted |= crate::closed_loop::allowlisted(client.ip);
-        let guard = if client.internal || (client.allowlisted && shared.policy.exclude_allowlisted)
-        {
-            None
-        } else {
-            match per_ip.try_enter(client.ip, shared.limits.per_ip) {
-                Some(g) => Some(g),
-                None => {
-                    shared.metrics.limit_refused("per_ip");
-                    drop(permit);
-                    tokio::spawn(refuse(stream, TOO_MANY_PER_IP, shared.clone()));
-                    continue;
-                }
+        // Who the client is, asked once: the limits and the session
+        // (every policy rule) see the same answer.
+        let client = session::classify(&shared, peer, local);
+        let (guard, permit) = match admit(&shared, &client, &slots, &per_client) {
+            Ok(x) => x,
+            Err(r) => {
+                shared.metrics.limit_refused(r.label());
+                tokio::spawn(refuse(stream, r.reply(), shared.clone()));
+                continue;
             }
         };
         let end = End {
@@ -185,14 +264,50 @@ async fn accept_loop(
             permit,
             _counted: shutdown.session(),
         };
-        tokio::spawn(serve_client(end, stream, peer, local, holder.clone()));
+        tokio::spawn(serve_client(
+            end,
+            stream,
+            peer,
+            local,
+            client,
+            holder.clone(),
+        ));
     }
+}
+
+/// Takes what a new client needs to be served: a count against its
+/// address and network (unless exempt, as internal and allow-listed
+/// clients are), then a global slot (internal and allow-listed clients may
+/// take the reserve). `Err` says which limit refused it.
+fn admit(
+    shared: &Shared,
+    client: &Client,
+    slots: &Slots,
+    per_client: &Arc<PerClient>,
+) -> Result<(Option<PerClientGuard>, OwnedSemaphorePermit), Refused> {
+    let exempt = client.internal || (client.allowlisted && shared.policy.exclude_allowlisted);
+    let guard = if exempt {
+        None
+    } else {
+        let l = &shared.limits;
+        let per_net = if client.ip.is_ipv4() {
+            l.per_ipv4_prefix
+        } else {
+            l.per_ipv6_prefix
+        };
+        Some(per_client.try_enter(client.ip, l.per_ip, per_net)?)
+    };
+    // The guard, if any, is dropped with the refusal.
+    let permit = slots
+        .take(client.internal || client.allowlisted)
+        .ok_or(Refused::Sessions)?;
+    Ok((guard, permit))
 }
 
 /// What a session holds until it ends, and what ends it.
 struct End {
     shared: Arc<Shared>,
-    guard: Option<PerIpGuard>,
+    guard: Option<PerClientGuard>,
     permit: OwnedSemaphorePermit,
     _counted: crate::ops::shutdown::SessionGuard,
 }
@@ -218,12 +333,13 @@ async fn serve_client(
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
+    client: Client,
     holder: Holder,
 ) {
     end.shared.metrics.sessions_active.inc();
     // Boxed once here, so the task holds the session's future only once
     // and not again inside each wrapper's state.
-    let opened = Box::pin(session::open(&end.shared, stream, peer, local));
+    let opened = Box::pin(session::open(&end.shared, stream, peer, local, client));
     let (opened, tally) = crate::ops::summary::scope(opened).await;
     match opened {
         Opened::Done(outcome) => end.finish(peer, outcome, &tally),
@@ -292,6 +408,71 @@ mod tests {
             delays: vec![("greeting", 1, Duration::from_secs(300))],
             ..Tally::default()
         }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn one_slash_64_is_capped_however_many_addresses_it_uses() {
+        let t = Arc::new(PerClient::default());
+        let mut held = Vec::new();
+        for i in 0..5 {
+            let a = ip(&format!("fd5b:1e00:0:1::{:x}", i + 1));
+            held.push(t.try_enter(a, 2, 5).unwrap());
+        }
+        // A sixth address of the same /64: refused by the network's cap.
+        assert_eq!(
+            t.try_enter(ip("fd5b:1e00:0:1::ff"), 2, 5).err(),
+            Some(Refused::PerPrefix)
+        );
+        // The per-address limit still holds inside the cap.
+        let other = Arc::new(PerClient::default());
+        let a = ip("fd5b:1e00:0:2::1");
+        let g = (
+            other.try_enter(a, 2, 5).unwrap(),
+            other.try_enter(a, 2, 5).unwrap(),
+        );
+        assert_eq!(other.try_enter(a, 2, 5).err(), Some(Refused::PerIp));
+        drop(g);
+        // Another /64 is not affected; 0 means no cap.
+        assert!(t.try_enter(ip("fd5b:1e00:0:3::1"), 2, 5).is_ok());
+        assert!(t.try_enter(ip("fd5b:1e00:0:1::ff"), 2, 0).is_ok());
+        // A session that ends gives its network a slot back, and the
+        // tables forget clients with no session open.
+        held.pop();
+        assert!(t.try_enter(ip("fd5b:1e00:0:1::ff"), 2, 5).is_ok());
+        drop(held);
+        let c = t.0.lock().unwrap();
+        assert!(c.ips.is_empty() && c.nets.is_empty());
+    }
+
+    #[test]
+    fn ipv4_clients_count_per_slash_24() {
+        let t = Arc::new(PerClient::default());
+        let _a = t.try_enter(ip("198.51.100.1"), 1, 2).unwrap();
+        let _b = t.try_enter(ip("198.51.100.2"), 1, 2).unwrap();
+        assert_eq!(
+            t.try_enter(ip("198.51.100.3"), 1, 2).err(),
+            Some(Refused::PerPrefix)
+        );
+        assert!(t.try_enter(ip("198.51.101.3"), 1, 2).is_ok());
+    }
+
+    #[test]
+    fn the_reserve_is_for_the_sites_own_clients() {
+        let s = Slots::new(4, 2);
+        let open: Vec<_> = (0..2).map(|_| s.take(false).unwrap()).collect();
+        assert!(s.take(false).is_none(), "the open slots are taken");
+        let r1 = s.take(true).expect("an internal client takes the reserve");
+        let _r2 = s.take(true).unwrap();
+        assert!(s.take(true).is_none(), "never more than sessions");
+        drop(r1);
+        assert!(s.take(false).is_none(), "a reserve slot stays reserved");
+        assert!(s.take(true).is_some());
+        drop(open);
+        assert!(s.take(false).is_some());
     }
 
     #[test]

@@ -28,6 +28,15 @@ pub struct DnsConfig {
     /// Capacity of each per-address cache (list results, allow cache,
     /// host names); when full, new results are simply not cached.
     pub cache_entries: usize,
+    /// New look-ups one client network (IPv4 /24, IPv6 /64) may start per
+    /// minute, in bursts of as many; 0 = no budget. Answers stay cached per
+    /// address, so this only bites a network that keeps showing new
+    /// addresses: a rotating /64 costs at most this many queries per list
+    /// and minute instead of one per connection. A client over its
+    /// network's budget is "not looked up", as on a DNS timeout (not
+    /// listed, counted). 30 lets a sender's whole /24 farm (256 hosts) be
+    /// looked up in under ten minutes, each answer then cached for its TTL.
+    pub prefix_lookups_per_minute: u32,
 }
 
 impl Default for DnsConfig {
@@ -36,6 +45,7 @@ impl Default for DnsConfig {
             nameservers: Vec::new(),
             timeout: Duration::from_secs(5),
             cache_entries: 100_000,
+            prefix_lookups_per_minute: 30,
         }
     }
 }
@@ -73,6 +83,12 @@ impl DnsConfig {
             return Err(ConfigError::invalid(
                 "dns.cache_entries",
                 "must be at least 1",
+            ));
+        }
+        if self.prefix_lookups_per_minute > 100_000 {
+            return Err(ConfigError::invalid(
+                "dns.prefix_lookups_per_minute",
+                "must be at most 100000 (0 = no budget)",
             ));
         }
         Ok(())
@@ -364,6 +380,16 @@ mod tests {
         let d: DnsConfig = parse("nameservers = [\"localhost\"]");
         let e = d.validate().unwrap_err();
         assert_eq!(e.key(), Some("dns.nameservers[0]"));
+    }
+
+    #[test]
+    fn the_network_lookup_budget_defaults_to_30_and_is_bounded() {
+        assert_eq!(DnsConfig::default().prefix_lookups_per_minute, 30);
+        let d: DnsConfig = parse("prefix_lookups_per_minute = 0");
+        d.validate().unwrap();
+        let d: DnsConfig = parse("prefix_lookups_per_minute = 100001");
+        let e = d.validate().unwrap_err();
+        assert_eq!(e.key(), Some("dns.prefix_lookups_per_minute"));
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct ListMetrics {
     pub timeouts: AtomicU64,
     /// Answers taken from the per-address result cache.
     pub cache_hits: AtomicU64,
+    /// Queries not sent: the client's network (/24, /64) had spent its
+    /// look-up budget (`dns.prefix_lookups_per_minute`); not listed.
+    pub over_budget: AtomicU64,
     pub latency: Histogram,
 }
 
@@ -231,6 +234,7 @@ impl ReputationMetrics {
                 ("error", &l.errors),
                 ("timeout", &l.timeouts),
                 ("cached", &l.cache_hits),
+                ("over_budget", &l.over_budget),
             ] {
                 let _ = writeln!(
                     out,

@@ -33,7 +33,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::config::{Config, ConfigError, DnsConfig, DnsblConfig, DnswlConfig};
-use cache::TtlCache;
+use cache::{NetBudget, TtlCache};
 use dnsbl::{Hit, Judgement, ListAction, Scoring, Site};
 use fcrdns::{HostCheck, HostPattern};
 pub use greylist::{GreyKey, GreyVerdict, Greylist, unix_now};
@@ -142,6 +142,8 @@ struct Inner {
     allow: Mutex<TtlCache<IpAddr, Verdict>>,
     /// address -> confirmed allow-listed host name (None: not allowed).
     hosts: Mutex<TtlCache<IpAddr, Option<String>>>,
+    /// New look-ups per client network (`dns.prefix_lookups_per_minute`).
+    budget: Mutex<NetBudget>,
     metrics: Arc<ReputationMetrics>,
     /// The counters of `settings.domains` and `settings.sites`, by index
     /// (shared with `metrics`, which keeps them across reloads).
@@ -310,6 +312,10 @@ impl Reputation {
                 results: Mutex::new(TtlCache::new(dns.cache_entries)),
                 allow: Mutex::new(TtlCache::new(dns.cache_entries)),
                 hosts: Mutex::new(TtlCache::new(dns.cache_entries)),
+                budget: Mutex::new(NetBudget::new(
+                    dns.prefix_lookups_per_minute,
+                    dns.cache_entries,
+                )),
                 metrics,
                 lists,
                 sites: site_metrics,
@@ -378,19 +384,48 @@ impl Inner {
         };
         let s = &self.settings;
         let mut answers: HashMap<String, Vec<Ipv4Addr>> = HashMap::new();
-        let mut pending: Vec<bool> = vec![false; s.domains.len()];
-        let mut tasks: JoinSet<Done> = JoinSet::new();
+        let mut misses: Vec<usize> = Vec::new();
         for (i, domain) in s.domains.iter().enumerate() {
             let cached = lock(&self.results).get(&(i, ip), now);
-            if let Some(r) = cached {
-                self.lists[i].cache_hits.fetch_add(1, Relaxed);
-                if let Some(a) = r {
-                    answers.insert(domain.clone(), a);
+            match cached {
+                Some(r) => {
+                    self.lists[i].cache_hits.fetch_add(1, Relaxed);
+                    if let Some(a) = r {
+                        answers.insert(domain.clone(), a);
+                    }
                 }
-                continue;
+                None => misses.push(i),
             }
+        }
+        let mut allow_host = None;
+        let mut host_pending = false;
+        if !s.allow_hosts.is_empty() {
+            match lock(&self.hosts).get(&ip, now) {
+                Some(h) => allow_host = h,
+                None => host_pending = true,
+            }
+        }
+        let mut complete = true;
+        // Only what must go out costs budget: cached answers are free.
+        if (!misses.is_empty() || host_pending) && !lock(&self.budget).take(ip, now) {
+            // The network's budget is spent: not looked up, as on a DNS
+            // timeout (not listed, not cached, counted).
+            complete = false;
+            for i in misses.drain(..) {
+                self.lists[i].over_budget.fetch_add(1, Relaxed);
+            }
+            if host_pending {
+                host_pending = false;
+                m.fcrdns_errors.fetch_add(1, Relaxed);
+            }
+            tracing::debug!(client = %ip, network = %cache::network_of(ip), "the network's DNS look-up budget is spent; not looked up (treated as not listed)");
+        }
+        let mut pending: Vec<bool> = vec![false; s.domains.len()];
+        let mut tasks: JoinSet<Done> = JoinSet::new();
+        for i in misses {
             pending[i] = true;
-            let (dns, name, me) = (dns.clone(), dnsbl::query_name(ip, domain), self.clone());
+            let name = dnsbl::query_name(ip, &s.domains[i]);
+            let (dns, me) = (dns.clone(), self.clone());
             tasks.spawn(async move {
                 let t0 = Instant::now();
                 me.lists[i].queries.fetch_add(1, Relaxed);
@@ -399,25 +434,16 @@ impl Inner {
                 Done::List(i, a)
             });
         }
-        let mut allow_host = None;
-        let mut host_pending = false;
-        if !s.allow_hosts.is_empty() {
-            match lock(&self.hosts).get(&ip, now) {
-                Some(h) => allow_host = h,
-                None => {
-                    host_pending = true;
-                    let (dns, me) = (dns.clone(), self.clone());
-                    tasks.spawn(async move {
-                        let t0 = Instant::now();
-                        me.metrics.fcrdns_lookups.fetch_add(1, Relaxed);
-                        let (h, ttl) = fcrdns::check(&dns, ip, &me.settings.allow_hosts).await;
-                        me.metrics.fcrdns_latency.observe(t0.elapsed());
-                        Done::Host(h, ttl)
-                    });
-                }
-            }
+        if host_pending {
+            let (dns, me) = (dns.clone(), self.clone());
+            tasks.spawn(async move {
+                let t0 = Instant::now();
+                me.metrics.fcrdns_lookups.fetch_add(1, Relaxed);
+                let (h, ttl) = fcrdns::check(&dns, ip, &me.settings.allow_hosts).await;
+                me.metrics.fcrdns_latency.observe(t0.elapsed());
+                Done::Host(h, ttl)
+            });
         }
-        let mut complete = true;
         loop {
             match tokio::time::timeout_at(deadline, tasks.join_next()).await {
                 Ok(None) => break,
@@ -551,6 +577,38 @@ mod tests {
         let v = h.try_verdict().unwrap().clone();
         assert_eq!(v, Verdict::clean(true));
         assert_eq!(h.verdict().await.action(), None);
+    }
+
+    /// Six addresses of one /64 with a budget of three look-ups: three
+    /// queries go out, three clients are "not looked up" (incomplete, not
+    /// listed, counted); another /64 has a budget of its own. The name
+    /// server swallows every query, so each look-up ends at the timeout.
+    #[tokio::test]
+    async fn a_rotating_slash_64_spends_its_budget_and_no_more() {
+        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dns: DnsConfig = toml::from_str(&format!(
+            "nameservers = [\"{}\"]\ntimeout = \"100ms\"\nprefix_lookups_per_minute = 3",
+            sink.local_addr().unwrap()
+        ))
+        .unwrap();
+        let bl: DnsblConfig = toml::from_str("sites = [\"bl.test\"]").unwrap();
+        let r = Reputation::new(&dns, &bl, &DnswlConfig::default(), vec![]).unwrap();
+        let mut incomplete = 0;
+        for i in 1..=6 {
+            let ip: IpAddr = format!("fd5b:1e00:0:9::{i}").parse().unwrap();
+            let v = r.start_lookups(ip).verdict().await.clone();
+            assert_eq!(v.action(), None);
+            incomplete += usize::from(!v.complete);
+        }
+        let l = r.metrics().list("bl.test").unwrap();
+        assert_eq!(l.queries.load(Relaxed), 3);
+        assert_eq!(l.over_budget.load(Relaxed), 3);
+        assert_eq!(incomplete, 6, "timeouts and skipped look-ups alike");
+        r.start_lookups("fd5b:1e00:0:a::1".parse().unwrap())
+            .verdict()
+            .await;
+        assert_eq!(l.queries.load(Relaxed), 4, "another /64 is looked up");
+        assert_eq!(l.over_budget.load(Relaxed), 3);
     }
 
     #[tokio::test(start_paused = true)]

@@ -80,7 +80,8 @@ pub async fn run(
     peer: SocketAddr,
     local: SocketAddr,
 ) -> Outcome {
-    match open(shared, stream, peer, local).await {
+    let client = classify(shared, peer, local);
+    match open(shared, stream, peer, local, client).await {
         Opened::Done(outcome) => outcome,
         Opened::Held(stream, greeting) => Box::pin(greeting.wait_here(shared, stream)).await,
     }
@@ -106,10 +107,19 @@ pub struct Greeting {
     deadline: Instant,
 }
 
-/// The start of a session: classify the client, send the teaser, start
-/// the DNS lookups and wait for their verdict (it may let the client
-/// through early). A session with a greeting delay left comes back
-/// [`Opened::Held`]; one without runs to its end.
+/// Who the client is: the config's lists (`allow.internal`, `allow.ips`,
+/// `blacklist.ips`) and the kernel allow list. Asked once per connection;
+/// the server asks before its limits and hands the answer to [`open`].
+pub fn classify(shared: &Shared, peer: SocketAddr, local: SocketAddr) -> crate::policy::Client {
+    let mut client = shared.policy.classify(peer.ip(), local.port());
+    client.allowlisted |= crate::closed_loop::allowlisted(client.ip);
+    client
+}
+
+/// The start of a session (the client classified by [`classify`]): send
+/// the teaser, start the DNS lookups and wait for their verdict (it may
+/// let the client through early). A session with a greeting delay left
+/// comes back [`Opened::Held`]; one without runs to its end.
 ///
 /// Everything past the delay (MTA, relay) or off the common path (teaser
 /// write, pre-greet answer) is boxed: a future is as large as its largest
@@ -119,10 +129,9 @@ pub async fn open(
     mut stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
+    client: crate::policy::Client,
 ) -> Opened {
     let _ = stream.set_nodelay(true);
-    let mut client = shared.policy.classify(peer.ip(), local.port());
-    client.allowlisted |= crate::closed_loop::allowlisted(client.ip);
     let mut state = SessionState::new(client);
     state.authenticated = crate::closed_loop::authenticated_today(&shared.policy, state.client.ip);
     let rep = dns_gate::start(shared, &state);
