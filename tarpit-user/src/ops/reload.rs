@@ -205,6 +205,7 @@ fn carry_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!("kernel.slow_entries", kernel.slow_entries);
     keep!("kernel.events_bytes", kernel.events_bytes);
     keep!("limits.sessions", limits.sessions);
+    keep!("limits.reserved_sessions", limits.reserved_sessions);
     // The store is opened (and handed to the user) at start, before the
     // privilege drop; turning greylisting on or off opens or closes it.
     keep!("greylist.mode", greylist.mode);
