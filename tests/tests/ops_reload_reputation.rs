@@ -271,10 +271,13 @@ fn reload_applies_the_greylist_wait_and_keeps_mode_and_store() {
     let s = swaks_to(&net, CLIENT_V4.into(), "other@tarpit.test");
     assert!(s.out.contains("<-  220"), "{}", s.out);
     assert!(s.out.contains("451 4.7.1 Greylisted"), "{}", s.out);
-    // And the store is the one opened at start.
+    // And the store is the one opened at start: the first triplet's first
+    // attempt and pass, the new recipient's first attempt (hashed keys).
     let status = agent.stop().unwrap();
     assert!(status.success(), "{status}");
     assert!(!other_store.exists());
     let text = std::fs::read_to_string(&store).unwrap();
-    assert!(text.contains("other@tarpit.test"), "{text}");
+    assert!(text.starts_with("tarpit-greylist 2 "), "{text}");
+    let lines = |kind: &str| text.lines().filter(|l| l.starts_with(kind)).count();
+    assert_eq!((lines("P "), lines("A ")), (2, 1), "{text}");
 }

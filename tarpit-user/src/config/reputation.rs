@@ -276,10 +276,21 @@ pub struct GreylistConfig {
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
     /// The store (a log of changes, compacted by atomic rename); it must
-    /// survive restarts.
+    /// survive restarts. The site's hash key lives next to it
+    /// (`greylist.key` for `greylist.db`), created at the first start.
     pub store: PathBuf,
-    /// Entries kept at most; when full, unseen clients pass (fail open).
+    /// Known (passed) triplets or addresses kept at most; when full, the
+    /// least recently renewed go first (they are greylisted once more).
     pub max_entries: usize,
+    /// First attempts waiting for their retry, kept at most; when full,
+    /// the oldest go first. Nobody passes because a store is full.
+    pub max_pending: usize,
+    /// First attempts one client network (`ipv4_prefix`/`ipv6_prefix`)
+    /// may have waiting at once (each waits `retry_window` at most); the
+    /// network's further new attempts get the same 451 but are not
+    /// recorded, so a flood of random recipients from one network costs
+    /// no more than this.
+    pub pending_per_network: usize,
 }
 
 impl Default for GreylistConfig {
@@ -293,6 +304,8 @@ impl Default for GreylistConfig {
             ipv6_prefix: 64,
             store: PathBuf::from("/var/lib/tarpit/greylist.db"),
             max_entries: 1_000_000,
+            max_pending: 200_000,
+            pending_per_network: 500,
         }
     }
 }
@@ -339,6 +352,24 @@ impl GreylistConfig {
             return Err(ConfigError::invalid(
                 "greylist.max_entries",
                 "must be at least 1",
+            ));
+        }
+        if self.max_pending == 0 {
+            return Err(ConfigError::invalid(
+                "greylist.max_pending",
+                "must be at least 1",
+            ));
+        }
+        if self.pending_per_network == 0 || self.pending_per_network > self.max_pending {
+            return Err(ConfigError::invalid(
+                "greylist.pending_per_network",
+                "must lie between 1 and greylist.max_pending",
+            ));
+        }
+        if self.store.extension().is_some_and(|e| e == "key") {
+            return Err(ConfigError::invalid(
+                "greylist.store",
+                "must not end in .key (the name of the site's hash key next to it)",
             ));
         }
         Ok(())
@@ -463,5 +494,17 @@ mod tests {
         let g: GreylistConfig = parse("mode = \"connect\"\nstore = \"\"");
         assert_eq!(g.validate().unwrap_err().key(), Some("greylist.store"));
         assert!(toml::from_str::<GreylistConfig>("mode = \"on\"").is_err());
+        let g: GreylistConfig = parse("max_pending = 10\npending_per_network = 11");
+        assert_eq!(
+            g.validate().unwrap_err().key(),
+            Some("greylist.pending_per_network")
+        );
+        let g: GreylistConfig = parse("max_pending = 0");
+        assert_eq!(
+            g.validate().unwrap_err().key(),
+            Some("greylist.max_pending")
+        );
+        let g: GreylistConfig = parse("store = \"/var/lib/tarpit/greylist.key\"");
+        assert_eq!(g.validate().unwrap_err().key(), Some("greylist.store"));
     }
 }

@@ -141,11 +141,20 @@ pub struct ReputationMetrics {
     pub fcrdns_confirmed: AtomicU64,
     pub fcrdns_errors: AtomicU64,
     pub fcrdns_latency: Histogram,
-    /// Greylisting: deferred and passed checks, and checks that passed
-    /// because the store was full.
+    /// Greylisting: deferred and passed checks.
     pub greylist_tempfail: AtomicU64,
     pub greylist_pass: AtomicU64,
+    /// Checks that found a table full (its oldest entries were evicted;
+    /// nobody passes for it), and the entries evicted from each table.
     pub greylist_full: AtomicU64,
+    pub greylist_evicted_pending: AtomicU64,
+    pub greylist_evicted_known: AtomicU64,
+    /// First attempts refused unrecorded: their network had its share of
+    /// pending entries.
+    pub greylist_capped: AtomicU64,
+    /// Gauges: pending (awaiting a retry) and known (passed) entries.
+    pub greylist_pending: AtomicU64,
+    pub greylist_known: AtomicU64,
 }
 
 fn esc(s: &str) -> String {
@@ -345,9 +354,43 @@ impl ReputationMetrics {
         c(
             out,
             "tarpit_greylist_full_total",
-            "Greylisting checks passed because the store was full.",
+            "Greylisting checks that found a table full: its oldest entries were evicted (nobody passes for it).",
             &self.greylist_full,
         );
+        let _ = writeln!(
+            out,
+            "# HELP tarpit_greylist_evicted Greylist entries evicted from a full table, by table.\n# TYPE tarpit_greylist_evicted counter"
+        );
+        for (table, v) in [
+            ("pending", &self.greylist_evicted_pending),
+            ("known", &self.greylist_evicted_known),
+        ] {
+            let _ = writeln!(
+                out,
+                "tarpit_greylist_evicted_total{{table=\"{table}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+        c(
+            out,
+            "tarpit_greylist_network_capped_total",
+            "First attempts refused without being recorded: their client network had its share of pending entries.",
+            &self.greylist_capped,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tarpit_greylist_entries Greylist entries held, by table.\n# TYPE tarpit_greylist_entries gauge"
+        );
+        for (table, v) in [
+            ("pending", &self.greylist_pending),
+            ("known", &self.greylist_known),
+        ] {
+            let _ = writeln!(
+                out,
+                "tarpit_greylist_entries{{table=\"{table}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
     }
 }
 
