@@ -238,6 +238,15 @@ pub enum GreylistMode {
     Connect,
 }
 
+/// Default greylist store: in a directory of its own, below the state
+/// directory, so that the directory handed to the agent's user is not the
+/// one root writes the state file into.
+pub const DEFAULT_GREYLIST_STORE: &str = "/var/lib/tarpit/greylist/greylist.db";
+/// Where the store was by default before it got its own directory; moved
+/// to [`DEFAULT_GREYLIST_STORE`] at the first start that finds it there
+/// (`ops::privileges`).
+pub const OLD_DEFAULT_GREYLIST_STORE: &str = "/var/lib/tarpit/greylist.db";
+
 /// `[greylist]`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -260,7 +269,9 @@ pub struct GreylistConfig {
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
     /// The store (a log of changes, compacted by atomic rename); it must
-    /// survive restarts.
+    /// survive restarts. Its directory is handed to `daemon.user` and must
+    /// be the greylist's own: never the state file's directory, which root
+    /// writes (checked in [`crate::config::StateConfig::validate_with`]).
     pub store: PathBuf,
     /// Entries kept at most; when full, unseen clients pass (fail open).
     pub max_entries: usize,
@@ -275,7 +286,7 @@ impl Default for GreylistConfig {
             pass_ttl: Duration::from_secs(36 * 86400),
             ipv4_prefix: 24,
             ipv6_prefix: 64,
-            store: PathBuf::from("/var/lib/tarpit/greylist.db"),
+            store: PathBuf::from(DEFAULT_GREYLIST_STORE),
             max_entries: 1_000_000,
         }
     }
