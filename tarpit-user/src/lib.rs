@@ -18,6 +18,7 @@ pub mod ops;
 pub mod policy;
 pub mod reputation;
 pub mod run;
+pub mod safe_fs;
 pub mod server;
 pub mod session;
 pub mod smtp;

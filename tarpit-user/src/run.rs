@@ -36,16 +36,18 @@ async fn agent(config: Config, daemon: &mut crate::ops::Daemon) -> Result<()> {
     for (feature, available) in kernel.features() {
         crate::ops::metrics::kernel_feature(feature, available);
     }
-    crate::state::restore_at_start(&config.kernel.pin_path, &config.state.file);
+    crate::state::restore_at_start(&config.kernel.pin_path, &config.state.file)?;
     // Opened as root: scrapes and reloads use the maps after the drop.
     crate::ops::metrics::OpsMetrics::new(
         crate::kernel::KernelMaps::open(&config.kernel.pin_path).ok(),
     );
     let closed_loop = crate::closed_loop::ClosedLoop::start(&config, &mut kernel, held)?;
-    let mut agent = start_agent(&config, daemon.config()).await?;
+    let bound = bind_agent(&config, daemon.config()).await?;
     closed_loop.agent_listening(&config.listen.addrs)?;
     // Ports bound, programs attached, maps open: root is not needed any more.
     daemon.drop_privileges()?;
+    // Only now, on threads that all dropped, are clients accepted.
+    let mut agent = bound.serve()?;
     daemon.ready()?;
     info!("tarpit agent running; Ctrl-C or SIGTERM stops it");
     let signal = daemon.wait_for_stop().await?;
@@ -56,22 +58,26 @@ async fn agent(config: Config, daemon: &mut crate::ops::Daemon) -> Result<()> {
     kernel.shutdown()
 }
 
-/// Builds the sessions' shared state from the config, binds the SMTP and
-/// metrics listeners (failing loudly if one cannot be bound) and starts
-/// serving. Dropping or aborting the returned set stops everything.
-pub async fn start_agent(
-    config: &Config,
+/// The agent with its listeners bound and its sessions' shared state built
+/// (TLS key read as root), not yet accepting anyone.
+pub struct Bound {
+    server: Server,
+    metrics: Option<(tokio::net::TcpListener, Arc<Metrics>)>,
+    shared: watch::Sender<Arc<Shared>>,
     updates: watch::Receiver<Arc<Config>>,
-) -> Result<tokio::task::JoinSet<()>> {
+    config: Arc<Config>,
+}
+
+/// Builds the sessions' shared state from the config and binds the SMTP
+/// and metrics listeners (failing loudly if one cannot be bound).
+/// Nothing is accepted until [`Bound::serve`].
+pub async fn bind_agent(config: &Config, updates: watch::Receiver<Arc<Config>>) -> Result<Bound> {
     let metrics = Arc::new(Metrics::new());
     let tls = config.tls.server_config()?.map(TlsAcceptor::from);
     let reputation = crate::reputation::Reputation::from_config(config, Arc::default())?;
     let _ = metrics.reputation.set(reputation.metrics().clone());
-    let greylist = crate::reputation::Greylist::open(
-        &config.greylist,
-        reputation.metrics().clone(),
-        crate::reputation::unix_now(),
-    )?;
+    // Opened in `serve`, after the drop (see there).
+    let greylist = None;
     let shared = Arc::new(Shared {
         policy: Policy::new(config),
         backend: config.backend.clone(),
@@ -86,16 +92,50 @@ pub async fn start_agent(
         reputation,
         greylist,
     });
-    let mut tasks = tokio::task::JoinSet::new();
-    if let Some(addr) = config.metrics.listen {
-        let l = crate::metrics::bind(addr).await?;
-        tasks.spawn(crate::metrics::serve(l, metrics));
-    }
-    let (shared_tx, shared_rx) = watch::channel(shared.clone());
+    let metrics = match config.metrics.listen {
+        Some(addr) => Some((crate::metrics::bind(addr).await?, metrics)),
+        None => None,
+    };
+    let (shared_tx, _) = watch::channel(shared.clone());
     let server = Server::bind(&config.listen.addrs, config.listen.backlog, shared).await?;
-    tasks.spawn(server.with_updates(shared_rx).serve());
-    tasks.spawn(apply_reloads(updates, shared_tx, Arc::new(config.clone())));
-    Ok(tasks)
+    Ok(Bound {
+        server,
+        metrics,
+        shared: shared_tx,
+        updates,
+        config: Arc::new(config.clone()),
+    })
+}
+
+impl Bound {
+    /// Opens the greylist store and starts accepting SMTP and metrics
+    /// clients. Called after the privilege drop: no client is ever served
+    /// by a thread that still has root's privileges, and the store is
+    /// opened as the agent's user, in the directory handed to it, so a
+    /// link planted there can only reach what that user may write anyway.
+    /// Dropping or aborting the returned set stops everything.
+    pub fn serve(self) -> Result<tokio::task::JoinSet<()>> {
+        let greylist = crate::reputation::Greylist::open(
+            &self.config.greylist,
+            self.shared.borrow().reputation.metrics().clone(),
+            crate::reputation::unix_now(),
+        )?;
+        if greylist.is_some() {
+            self.shared.send_modify(|s| {
+                let mut with = (**s).clone();
+                with.greylist = greylist;
+                *s = Arc::new(with);
+            });
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some((l, metrics)) = self.metrics {
+            tasks.spawn(crate::metrics::serve(l, metrics));
+        }
+        let server = self.server.with_updates(self.shared.subscribe());
+        tasks.spawn(server.serve());
+        tasks.spawn(apply_reloads(self.updates, self.shared, self.config));
+        Ok(tasks)
+    }
 }
 
 /// On every reload the daemon applied: rebuilds what sessions share from

@@ -12,14 +12,21 @@
 //! fsynced. A crash leaves either the old file or the new one, never half
 //! of one. Concurrent writers (two admins, a script) are serialised by an
 //! advisory lock on a sibling `.lock` file, so no update is lost.
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::fd::AsRawFd;
+//!
+//! Root writes this file (the command line, the agent at start), so every
+//! access goes through [`crate::safe_fs`]: the directory is held open, no
+//! name in it is followed if it is a symbolic link, temporary names are
+//! unpredictable and created exclusively. A planted link is refused with
+//! [`StateError::Refused`], naming it, and nothing is written through it.
+use std::ffi::OsStr;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+
+use crate::safe_fs::{SafeDir, SafeFsError};
 
 /// Version of the file format; a file from a newer tarpit is refused rather
 /// than rewritten without the fields this version does not know.
@@ -45,6 +52,52 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A symbolic link where the state file, its lock, its temporary file
+    /// or its directory should be: someone tried to redirect root's write.
+    #[error("state file {}: {source}", path.display())]
+    Refused { path: PathBuf, source: SafeFsError },
+}
+
+impl StateError {
+    /// Tampering (a planted link) rather than damage: the agent refuses
+    /// to start on it.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, StateError::Refused { .. })
+    }
+}
+
+/// Mode of a new state file: the agent re-reads it on reload, after the
+/// privilege drop (`closed_loop::allow_sync`).
+const FILE_MODE: u32 = 0o644;
+/// Mode of a state directory the command line or the agent creates: the
+/// greylist's own directory may live below it and must be reachable by the
+/// agent's user.
+const DIR_MODE: u32 = 0o755;
+
+/// The error for `path` from a [`SafeFsError`]: a planted link is
+/// [`StateError::Refused`], anything else `wrap`'s kind of error.
+fn fs_err(
+    path: &Path,
+    wrap: fn(PathBuf, std::io::Error) -> StateError,
+) -> impl Fn(SafeFsError) -> StateError + '_ {
+    move |e| {
+        if e.is_symlink() {
+            StateError::Refused {
+                path: path.to_owned(),
+                source: e,
+            }
+        } else {
+            wrap(path.to_owned(), e.into())
+        }
+    }
+}
+
+fn read_err(path: PathBuf, source: std::io::Error) -> StateError {
+    StateError::Read { path, source }
+}
+
+fn write_err(path: PathBuf, source: std::io::Error) -> StateError {
+    StateError::Write { path, source }
 }
 
 /// A run-time allow-list entry.
@@ -114,16 +167,19 @@ impl State {
     /// added), an unreadable or malformed one is an error (never silently
     /// dropped, or the next write would lose its entries).
     pub fn load(path: &Path) -> Result<State, StateError> {
-        let text = match fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::new()),
-            Err(source) => {
-                return Err(StateError::Read {
-                    path: path.to_owned(),
-                    source,
-                });
-            }
+        let err = fs_err(path, read_err);
+        let dir = match SafeDir::open(parent_dir(path)) {
+            Ok(d) => d,
+            Err(e) if e.is_not_found() => return Ok(State::new()),
+            Err(e) => return Err(err(e)),
         };
+        let Some(bytes) = dir.read(file_name(path)).map_err(&err)? else {
+            return Ok(State::new());
+        };
+        let text = String::from_utf8(bytes).map_err(|_| StateError::Invalid {
+            path: path.to_owned(),
+            reason: "not UTF-8".into(),
+        })?;
         State::parse(&text).map_err(|e| match e {
             ParseError::Version(found) => StateError::Version {
                 path: path.to_owned(),
@@ -207,38 +263,13 @@ impl State {
 
     /// Writes the state to `path` atomically (see the module docs).
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
-        let err = |source| StateError::Write {
-            path: path.to_owned(),
-            source,
-        };
-        let dir = parent_dir(path);
-        fs::create_dir_all(dir).map_err(err)?;
-        let mut text =
-            serde_json::to_string_pretty(self).map_err(|e| err(std::io::Error::other(e)))?;
+        let err = fs_err(path, write_err);
+        let mut text = serde_json::to_string_pretty(self)
+            .map_err(|e| write_err(path.to_owned(), std::io::Error::other(e)))?;
         text.push('\n');
-        let tmp = dir.join(format!(
-            ".{}.tmp.{}",
-            path.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "state".into()),
-            std::process::id()
-        ));
-        let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            fs::rename(&tmp, path)?;
-            // The rename is durable only once the directory is on disk.
-            File::open(dir)?.sync_all()
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            err(e)
-        })
+        let dir = SafeDir::open_or_create(parent_dir(path), DIR_MODE).map_err(&err)?;
+        dir.replace(file_name(path), text.as_bytes(), FILE_MODE, None)
+            .map_err(&err)
     }
 }
 
@@ -261,34 +292,29 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
+/// The file's name in its directory (`state.file` is validated to have
+/// one; "state.json" only for a path like "/").
+fn file_name(path: &Path) -> &OsStr {
+    path.file_name().unwrap_or(OsStr::new("state.json"))
+}
+
 /// An exclusive lock on the state file for one read-modify-write cycle.
 /// Held until dropped; the lock file itself is left in place (removing it
 /// would race with a waiter that already opened it).
 pub struct StateLock {
-    _file: File,
+    _file: nix::fcntl::Flock<File>,
 }
 
 impl StateLock {
     pub fn acquire(path: &Path) -> Result<StateLock, StateError> {
-        let err = |source| StateError::Write {
-            path: path.to_owned(),
-            source,
-        };
-        fs::create_dir_all(parent_dir(path)).map_err(err)?;
-        let mut lock_name = path.as_os_str().to_owned();
+        let err = fs_err(path, write_err);
+        let dir = SafeDir::open_or_create(parent_dir(path), DIR_MODE).map_err(&err)?;
+        let mut lock_name = file_name(path).to_owned();
         lock_name.push(".lock");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(PathBuf::from(lock_name))
-            .map_err(err)?;
-        // SAFETY: flock on a file descriptor we own; blocks until granted.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        if rc != 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
+        let file = dir.open_lock(&lock_name, 0o600).map_err(&err)?;
+        // Blocks until granted; released when the descriptor closes.
+        let file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| write_err(path.to_owned(), e.into()))?;
         Ok(StateLock { _file: file })
     }
 }
@@ -329,8 +355,9 @@ pub fn restore(pin_path: &Path, state_file: &Path) -> anyhow::Result<RestoreRepo
     use tarpit_common::BlockReason;
 
     let mut report = RestoreReport::default();
-    // Nothing saved yet: no lock file or directory is made either.
-    if !state_file.exists() {
+    // Nothing saved yet: no lock file or directory is made either. (A
+    // link, even a dangling one, is something: loading it is refused.)
+    if state_file.symlink_metadata().is_err() {
         return Ok(report);
     }
     let _lock = StateLock::acquire(state_file)?;
@@ -377,10 +404,11 @@ pub fn restore(pin_path: &Path, state_file: &Path) -> anyhow::Result<RestoreRepo
     Ok(report)
 }
 
-/// [`restore`] for the agent's start: logs what happened and never stops
-/// the agent (mail must flow even when the state file is damaged; a
-/// damaged file is left untouched for the admin to repair).
-pub fn restore_at_start(pin_path: &Path, state_file: &Path) {
+/// [`restore`] for the agent's start: logs what happened and does not stop
+/// the agent for a damaged file (mail must flow; the file is left untouched
+/// for the admin to repair). A planted symbolic link is different: someone
+/// tried to make root write elsewhere, and the agent refuses to start.
+pub fn restore_at_start(pin_path: &Path, state_file: &Path) -> anyhow::Result<()> {
     match restore(pin_path, state_file) {
         Ok(r) => tracing::info!(
             file = %state_file.display(),
@@ -390,16 +418,26 @@ pub fn restore_at_start(pin_path: &Path, state_file: &Path) {
             failed = r.failed,
             "saved allow and block entries restored"
         ),
-        Err(e) => tracing::error!(
-            file = %state_file.display(),
-            "saved allow and block entries not restored: {e:#}"
-        ),
+        Err(e) => {
+            if let Some(refused) = e.downcast_ref::<StateError>()
+                && refused.is_refused()
+            {
+                return Err(e);
+            }
+            tracing::error!(
+                file = %state_file.display(),
+                "saved allow and block entries not restored: {e:#}"
+            )
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::symlink;
 
     fn tmpdir() -> PathBuf {
         use std::sync::atomic::{AtomicU32, Ordering};
@@ -528,6 +566,110 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(State::load(&path).unwrap().block.len(), 8, "no lost update");
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    /// A state with one entry, for the planted-link tests.
+    fn one_entry() -> State {
+        let mut s = State::new();
+        s.upsert_block(block("198.51.100.0/24", None));
+        s
+    }
+
+    fn victim(d: &Path) -> PathBuf {
+        let v = d.join("victim");
+        fs::write(&v, "precious\n").unwrap();
+        v
+    }
+
+    #[test]
+    fn a_link_at_the_state_file_is_refused_and_its_target_unchanged() {
+        let d = tmpdir();
+        let v = victim(&d);
+        let path = d.join("state/state.json");
+        fs::create_dir(d.join("state")).unwrap();
+        symlink(&v, &path).unwrap();
+        let e = State::load(&path).unwrap_err();
+        assert!(e.is_refused(), "{e}");
+        assert!(e.to_string().contains("state/state.json"), "{e}");
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        let e = one_entry().save(&path).unwrap_err();
+        assert!(e.is_refused(), "{e}");
+        let e = update(&path, |s| s.upsert_allow(allow("198.51.100.0/24", None))).unwrap_err();
+        assert!(e.is_refused(), "{e}");
+        assert_eq!(fs::read_to_string(&v).unwrap(), "precious\n");
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_link_at_the_lock_file_is_refused_and_its_target_unchanged() {
+        let d = tmpdir();
+        let v = victim(&d);
+        let path = d.join("state.json");
+        symlink(&v, d.join("state.json.lock")).unwrap();
+        let e = update(&path, |s| s.upsert_allow(allow("198.51.100.0/24", None))).unwrap_err();
+        assert!(e.is_refused(), "{e}");
+        assert!(e.to_string().contains("state.json.lock"), "{e}");
+        assert_eq!(fs::read_to_string(&v).unwrap(), "precious\n");
+        assert!(!path.exists());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn links_at_temporary_names_are_never_written_through() {
+        let d = tmpdir();
+        let v = victim(&d);
+        let path = d.join("state.json");
+        // the predictable names of earlier tarpits (".NAME.tmp.PID")
+        symlink(
+            &v,
+            d.join(format!(".state.json.tmp.{}", std::process::id())),
+        )
+        .unwrap();
+        for pid in 1..64 {
+            let _ = symlink(&v, d.join(format!(".state.json.tmp.{pid}")));
+        }
+        update(&path, |s| s.upsert_allow(allow("198.51.100.0/24", None))).unwrap();
+        assert_eq!(fs::read_to_string(&v).unwrap(), "precious\n");
+        assert_eq!(State::load(&path).unwrap().allow.len(), 1);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_linked_state_directory_is_refused() {
+        let d = tmpdir();
+        fs::create_dir(d.join("real")).unwrap();
+        symlink(d.join("real"), d.join("state")).unwrap();
+        let path = d.join("state/state.json");
+        let e = update(&path, |s| s.upsert_allow(allow("198.51.100.0/24", None))).unwrap_err();
+        assert!(e.is_refused(), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&d.join("state").display().to_string()),
+            "{e}"
+        );
+        let e = State::load(&path).unwrap_err();
+        assert!(e.is_refused(), "{e}");
+        assert_eq!(
+            fs::read_dir(d.join("real")).unwrap().count(),
+            0,
+            "nothing written"
+        );
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn restore_at_start_refuses_a_planted_link_but_not_damage() {
+        let d = tmpdir();
+        let v = victim(&d);
+        let path = d.join("state.json");
+        // damage: logged, the agent goes on (the pins are never reached)
+        fs::write(&path, "{").unwrap();
+        restore_at_start(&d.join("no-pins"), &path).unwrap();
+        fs::remove_file(&path).unwrap();
+        symlink(&v, &path).unwrap();
+        let e = restore_at_start(&d.join("no-pins"), &path).unwrap_err();
+        assert!(format!("{e:#}").contains("symbolic link"), "{e:#}");
         fs::remove_dir_all(d).unwrap();
     }
 }

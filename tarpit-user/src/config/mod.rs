@@ -43,7 +43,8 @@ pub use ops::{DaemonConfig, LogConfig, LogFormat, MAX_SHUTDOWN_TIMEOUT};
 pub use rcpt::RcptConfig;
 pub use reject::RejectConfig;
 pub use reputation::{
-    DnsConfig, DnsblConfig, DnswlConfig, GreylistConfig, GreylistMode, parse_nameserver,
+    DEFAULT_GREYLIST_STORE, DnsConfig, DnsblConfig, DnswlConfig, GreylistConfig, GreylistMode,
+    OLD_DEFAULT_GREYLIST_STORE, parse_nameserver,
 };
 pub use smtp::{BareLineEnding, SmtpConfig};
 pub use state::{DEFAULT_STATE_FILE, StateConfig};
@@ -154,6 +155,8 @@ impl Config {
         self.dns.validate()?;
         self.dnsbl.validate(&self.dnswl)?;
         self.greylist.validate()?;
+        self.state
+            .validate_with(&self.greylist, self.daemon.pid_file.as_deref())?;
         self.offenders.validate()?;
         self.bypass.validate()?;
         Ok(())

@@ -254,6 +254,15 @@ pub enum GreylistMode {
     Connect,
 }
 
+/// Default greylist store: in a directory of its own, below the state
+/// directory, so that the directory handed to the agent's user is not the
+/// one root writes the state file into.
+pub const DEFAULT_GREYLIST_STORE: &str = "/var/lib/tarpit/greylist/greylist.db";
+/// Where the store was by default before it got its own directory; moved
+/// to [`DEFAULT_GREYLIST_STORE`] at the first start that finds it there
+/// (`ops::privileges`).
+pub const OLD_DEFAULT_GREYLIST_STORE: &str = "/var/lib/tarpit/greylist.db";
+
 /// `[greylist]`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -277,7 +286,10 @@ pub struct GreylistConfig {
     pub ipv6_prefix: u8,
     /// The store (a log of changes, compacted by atomic rename); it must
     /// survive restarts. The site's hash key lives next to it
-    /// (`greylist.key` for `greylist.db`), created at the first start.
+    /// (`greylist.key` for `greylist.db`), created at the first start. Its
+    /// directory is handed to `daemon.user` and must be the greylist's own:
+    /// never the state file's directory, which root writes (checked in
+    /// [`crate::config::StateConfig::validate_with`]).
     pub store: PathBuf,
     /// Known (passed) triplets or addresses kept at most; when full, the
     /// least recently renewed go first (they are greylisted once more).
@@ -302,7 +314,7 @@ impl Default for GreylistConfig {
             pass_ttl: Duration::from_secs(36 * 86400),
             ipv4_prefix: 24,
             ipv6_prefix: 64,
-            store: PathBuf::from("/var/lib/tarpit/greylist.db"),
+            store: PathBuf::from(DEFAULT_GREYLIST_STORE),
             max_entries: 1_000_000,
             max_pending: 200_000,
             pending_per_network: 500,

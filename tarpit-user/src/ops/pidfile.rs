@@ -1,7 +1,14 @@
 //! The pid file: how `tarpit reload` finds the running agent, and how a
 //! second agent started by mistake on the same config finds the first.
-use std::io::Write;
+//!
+//! Root writes it at start, and `daemon.pid_file` may name any directory,
+//! so it goes through [`crate::safe_fs`]: the directory held open, the
+//! file written under an unpredictable temporary name and renamed into
+//! place, links refused (naming the path) and never followed.
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+
+use crate::safe_fs::SafeDir;
 
 use anyhow::{Context, Result, bail};
 use tracing::debug;
@@ -10,6 +17,8 @@ use tracing::debug;
 #[derive(Debug)]
 pub struct PidFile {
     path: PathBuf,
+    /// Held from the start: the removal at exit needs no path lookup.
+    dir: SafeDir,
 }
 
 impl PidFile {
@@ -18,6 +27,15 @@ impl PidFile {
     /// tarpit process: two agents on one config would fight over the port
     /// and the pins.
     pub fn create(path: &Path) -> Result<PidFile> {
+        if let Ok(m) = path.symlink_metadata()
+            && m.file_type().is_symlink()
+        {
+            bail!(
+                "pid file {} is a symbolic link: refusing to follow it (remove it and check \
+                 who could create it)",
+                path.display()
+            );
+        }
         if let Ok(pid) = read(path)
             && pid != std::process::id()
             && is_tarpit(pid)
@@ -27,23 +45,17 @@ impl PidFile {
                 path.display()
             );
         }
-        let dir = path
-            .parent()
-            .context("the pid file path has no directory")?;
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            writeln!(f, "{}", std::process::id())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
+        let (dir, name) = split(path)?;
+        let write = || {
+            let dir = SafeDir::open_or_create(dir, 0o755)?;
+            let pid = format!("{}\n", std::process::id());
+            dir.replace(name, pid.as_bytes(), 0o644, None)?;
+            Ok::<_, crate::safe_fs::SafeFsError>(dir)
         };
-        if let Err(e) = write() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e).with_context(|| format!("cannot write pid file {}", path.display()));
-        }
+        let dir = write().with_context(|| format!("cannot write pid file {}", path.display()))?;
         Ok(PidFile {
             path: path.to_owned(),
+            dir,
         })
     }
 
@@ -58,17 +70,36 @@ impl Drop for PidFile {
             // After the privilege drop the directory may not be ours to
             // change; systemd's RuntimeDirectory= cleans up then, and a
             // stale file is recognised as such at the next start.
-            if let Err(e) = std::fs::remove_file(&self.path) {
+            let name = self.path.file_name().unwrap_or(OsStr::new("tarpit.pid"));
+            if let Err(e) = self.dir.remove(name) {
                 debug!(target: "tarpit::ops", "pid file {} not removed: {e}", self.path.display());
             }
         }
     }
 }
 
-/// The pid written in `path`.
+/// The directory and the name of a pid file path.
+fn split(path: &Path) -> Result<(&Path, &OsStr)> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .context("the pid file path has no directory")?;
+    let name = path
+        .file_name()
+        .context("the pid file path has no file name")?;
+    Ok((dir, name))
+}
+
+/// The pid written in `path` (a link there is refused, not followed).
 pub fn read(path: &Path) -> Result<u32> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read pid file {}", path.display()))?;
+    let read = || -> Result<String> {
+        let (dir, name) = split(path)?;
+        let bytes = SafeDir::open(dir)?
+            .read(name)?
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    let text = read().with_context(|| format!("cannot read pid file {}", path.display()))?;
     let pid: u32 = text.trim().parse().with_context(|| {
         format!(
             "pid file {} holds no pid: {:?}",
@@ -166,6 +197,33 @@ mod tests {
         let f = PidFile::create(&p).unwrap();
         assert_eq!(read(&p).unwrap(), std::process::id());
         drop(f);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_planted_link_is_refused_and_its_target_unchanged() {
+        use std::os::unix::fs::symlink;
+        let d = tmpdir("link");
+        std::fs::create_dir_all(&d).unwrap();
+        let victim = d.join("victim");
+        std::fs::write(&victim, "precious\n").unwrap();
+        let p = d.join("tarpit.pid");
+        symlink(&victim, &p).unwrap();
+        let e = PidFile::create(&p).unwrap_err();
+        assert!(format!("{e:#}").contains("symbolic link"), "{e:#}");
+        assert!(format!("{e:#}").contains("tarpit.pid"), "{e:#}");
+        assert!(read(&p).is_err(), "read does not follow it either");
+        std::fs::remove_file(&p).unwrap();
+        // the temporary names of earlier tarpits
+        symlink(
+            &victim,
+            d.join(format!("tarpit.tmp.{}", std::process::id())),
+        )
+        .unwrap();
+        let f = PidFile::create(&p).unwrap();
+        assert_eq!(read(&p).unwrap(), std::process::id());
+        drop(f);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
         let _ = std::fs::remove_dir_all(&d);
     }
 
