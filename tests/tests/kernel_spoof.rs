@@ -38,11 +38,19 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
+/// The (server, client) MAC addresses of the test veth pair.
+type Macs = ([u8; 6], [u8; 6]);
+
+fn macs(net: &TestNet) -> Macs {
+    (
+        mac_of(&net.server_ns, &net.server_if).unwrap(),
+        mac_of(&net.client_ns, &net.client_if).unwrap(),
+    )
+}
+
 /// One forged segment from `src:sport` to `dst:dport`, as a frame for the
 /// client veth.
-fn forged(net: &TestNet, src: IpAddr, dst: IpAddr, t: &Tcp) -> Vec<u8> {
-    let server = mac_of(&net.server_ns, &net.server_if).unwrap();
-    let client = mac_of(&net.client_ns, &net.client_if).unwrap();
+fn forged((server, client): Macs, src: IpAddr, dst: IpAddr, t: &Tcp) -> Vec<u8> {
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => ether(
             server,
@@ -62,31 +70,31 @@ fn forged(net: &TestNet, src: IpAddr, dst: IpAddr, t: &Tcp) -> Vec<u8> {
 
 /// `rounds` forged SYN + data pairs from `victim` to `dst` (no handshake;
 /// guessed sequence and acknowledgment numbers, as a blind attacker must).
-fn spoof_pairs(net: &TestNet, victim: IpAddr, dst: SocketAddr, rounds: u16) -> Vec<Vec<u8>> {
+fn spoof_pairs(m: Macs, victim: IpAddr, dst: SocketAddr, rounds: u16) -> Vec<Vec<u8>> {
     let mut frames = Vec::new();
     for i in 0..rounds {
         let sport = 41000 + i;
         let isn = 1000u32.wrapping_mul(u32::from(i) + 7);
         let mut syn = Tcp::new(sport, dst.port(), SYN, b"");
         syn.seq = isn;
-        frames.push(forged(net, victim, dst.ip(), &syn));
+        frames.push(forged(m, victim, dst.ip(), &syn));
         let mut data = Tcp::new(sport, dst.port(), ACK | PSH, b"EHLO spoof.example\r\n");
         data.seq = isn.wrapping_add(1);
         data.ack = 0x5eed_0000u32.wrapping_add(u32::from(i) * 7919);
-        frames.push(forged(net, victim, dst.ip(), &data));
+        frames.push(forged(m, victim, dst.ip(), &data));
     }
     frames
 }
 
 /// Segments with the exact four-tuple of a live connection, but sequence
 /// and acknowledgment numbers a blind attacker has to guess.
-fn spoof_live(net: &TestNet, client: SocketAddr, dst: SocketAddr) -> Vec<Vec<u8>> {
+fn spoof_live(m: Macs, client: SocketAddr, dst: SocketAddr) -> Vec<Vec<u8>> {
     let mut frames = Vec::new();
     for guess in [0u32, 1, 0x8000_0000, 0xdead_beef, 0x1234_5678] {
         let mut data = Tcp::new(client.port(), dst.port(), ACK | PSH, b"EHLO spoof\r\n");
         data.seq = guess;
         data.ack = guess.rotate_left(7);
-        frames.push(forged(net, client.ip(), dst.ip(), &data));
+        frames.push(forged(m, client.ip(), dst.ip(), &data));
     }
     frames
 }
@@ -136,8 +144,9 @@ fn spoofed_syns_and_data_never_strike_the_real_client_v4_and_v6() {
     }
 
     // Forged SYN + data pairs with the victims' address, many times.
+    let m = macs(&net);
     for v in victims {
-        send_frames(&net, &spoof_pairs(&net, v, agent_for(v), 40)).unwrap();
+        send_frames(&net, &spoof_pairs(m, v, agent_for(v), 40)).unwrap();
     }
     std::thread::sleep(Duration::from_millis(500));
     let c = maps(&pins).counters().unwrap();
@@ -155,7 +164,7 @@ fn spoofed_syns_and_data_never_strike_the_real_client_v4_and_v6() {
         let mut s = tcp_connect(&net, v, agent_for(v)).expect("connects");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let me = s.local_addr().unwrap();
-        send_frames(&net, &spoof_live(&net, me, agent_for(v))).unwrap();
+        send_frames(&net, &spoof_live(m, me, agent_for(v))).unwrap();
         read_until(&mut s, "220 ").expect("greeted after the hold");
         send(&mut s, "QUIT").unwrap();
         read_until(&mut s, "221").expect("a normal session");
@@ -206,6 +215,7 @@ fn forged_syns_push_no_real_flow_out_and_forged_segments_change_none() {
     // A flow table of 16: forged SYNs that made entries would evict the
     // real one at once.
     let w = World::with(|c| c.flow_entries = 16).expect("world");
+    let m = macs(&w.net);
     for (client, server, victim) in [
         (
             ip("198.51.100.80"),
@@ -219,8 +229,11 @@ fn forged_syns_push_no_real_flow_out_and_forged_segments_change_none() {
         ),
     ] {
         w.net.add_client_addr(client).unwrap();
-        // The slow port greets after 8 s: the flow waits meanwhile.
+        // The slow port greets after 8 s: the flow waits meanwhile. The
+        // flood is built first (slow under emulation), the live segments
+        // once the port is known.
         let dst = SocketAddr::new(server, SLOW_PORT);
+        let mut frames = spoof_pairs(m, victim, dst, 100);
         let mut c = w.connect(client, dst, Duration::from_secs(5)).unwrap();
         let me = c.local_addr().unwrap();
         assert!(
@@ -230,8 +243,7 @@ fn forged_syns_push_no_real_flow_out_and_forged_segments_change_none() {
             "{me} not tracked: {:?}",
             w.maps().flow_verdict(me, dst)
         );
-        let mut frames = spoof_pairs(&w.net, victim, dst, 100);
-        frames.extend(spoof_live(&w.net, me, dst));
+        frames.extend(spoof_live(m, me, dst));
         send_frames(&w.net, &frames).unwrap();
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(
