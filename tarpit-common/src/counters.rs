@@ -21,11 +21,13 @@ pub enum Counter {
     XdpBlockOtherPort = 5,
     /// XDP: block-listed sources passed because blocking is switched off.
     XdpBlockDisabled = 6,
-    /// tc: flows created (client SYNs to a watched port).
+    /// Flows tracked: connections to a watched port the kernel accepted
+    /// (sock_ops; the name stays for continuity).
     TcFlowNew = 7,
     /// tc: flow entries that could not be created.
     TcFlowInsertFailed = 8,
-    /// tc: client payload on a flow with no entry ("unknown", never a strike).
+    /// tc: client payload on a flow with no entry ("unknown", never a
+    /// strike): forged, evicted, older than the programs, or not accepted.
     TcFlowUnknown = 9,
     /// tc: pre-greet talkers flagged.
     TcPregreet = 10,
@@ -33,7 +35,7 @@ pub enum Counter {
     TcPregreetTeaser = 11,
     /// tc: greetings completed.
     TcGreeted = 12,
-    /// tc: flows removed on FIN/RST.
+    /// Flows removed when their socket closed (sock_ops).
     TcFlowClosed = 13,
     /// Events dropped because the ring buffer was full.
     EventsLost = 14,
@@ -49,6 +51,12 @@ pub enum Counter {
     Unparsed = 19,
     /// Non-first fragments (no TCP header; passed unless an all-ports block).
     Fragments = 20,
+    /// tc: flows whose client acknowledged server bytes tc egress never
+    /// saw (replies routed around the egress program): unknown, no strike.
+    TcFlowUnseen = 21,
+    /// tc: client payload on a tracked flow with the wrong sequence number
+    /// or acknowledgment (forged or stray): ignored.
+    TcOutOfWindow = 22,
 }
 
 /// Drop counters per block reason start here (`DROP_REASON_BASE + code`).
@@ -57,7 +65,7 @@ pub const DROP_REASON_BASE: u32 = 32;
 pub const COUNTERS_LEN: u32 = DROP_REASON_BASE + MAX_REASONS;
 
 impl Counter {
-    pub const ALL: [Counter; 21] = [
+    pub const ALL: [Counter; 23] = [
         Counter::XdpPass,
         Counter::XdpDrop,
         Counter::XdpAllowed,
@@ -79,6 +87,8 @@ impl Counter {
         Counter::IpStateFailed,
         Counter::Unparsed,
         Counter::Fragments,
+        Counter::TcFlowUnseen,
+        Counter::TcOutOfWindow,
     ];
 
     pub const fn index(self) -> u32 {
@@ -109,6 +119,8 @@ impl Counter {
             Counter::IpStateFailed => "ip_state_failed",
             Counter::Unparsed => "unparsed",
             Counter::Fragments => "fragments",
+            Counter::TcFlowUnseen => "tc_flow_unseen",
+            Counter::TcOutOfWindow => "tc_out_of_window",
         }
     }
 }

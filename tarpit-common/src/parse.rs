@@ -49,6 +49,10 @@ pub struct Tcp {
     pub sport: u16,
     pub dport: u16,
     pub flags: u8,
+    /// Sequence number (host order).
+    pub seq: u32,
+    /// Acknowledgment number (host order; meaningful with `TCP_ACK`).
+    pub ack: u32,
     /// Offset of the payload from the start of the frame.
     pub payload_off: usize,
     pub payload_len: usize,
@@ -199,6 +203,8 @@ pub fn tcp(data: usize, data_end: usize, ip: &Ip) -> Option<Tcp> {
         sport: u16::from_be_bytes([t[0], t[1]]),
         dport: u16::from_be_bytes([t[2], t[3]]),
         flags: t[13],
+        seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+        ack: u32::from_be_bytes([t[8], t[9], t[10], t[11]]),
         payload_off: ip.l4_off + doff,
         payload_len: ip.l4_len - doff,
     })
@@ -278,6 +284,16 @@ mod tests {
         assert_eq!(t.payload_len, 8);
         assert_eq!(t.payload_off, ETH_HLEN + 20 + 20);
         assert!(!ip.fragment);
+    }
+
+    #[test]
+    fn sequence_and_acknowledgment_numbers_are_read() {
+        let mut seg = tcp_hdr(40000, 25, TCP_ACK, 5, b"x");
+        seg[4..8].copy_from_slice(&0xfedc_ba98u32.to_be_bytes());
+        seg[8..12].copy_from_slice(&7u32.to_be_bytes());
+        let f = v4(5, 0, None, &[], &seg);
+        let t = parse(&f).unwrap().1.unwrap();
+        assert_eq!((t.seq, t.ack), (0xfedc_ba98, 7));
     }
 
     #[test]

@@ -1,12 +1,19 @@
-//! sock_ops on a cgroup: live connections per address, and the TCP window
-//! clamp for slowed addresses.
+//! sock_ops on a cgroup: the flows tc judges, live connections per
+//! address, and the TCP window clamp for slowed addresses.
 //!
-//! Counted once per socket: the passive-established callback marks the
-//! socket in socket-local storage and asks for state callbacks; the close
-//! callback decrements only marked sockets. Sockets older than the program
-//! were never marked and are never decremented; a socket counted by an
-//! earlier copy of the program (same pinned maps) is decremented correctly
-//! after a restart. Counts use atomic adds and saturate at zero.
+//! Flows: when the kernel accepts a connection to a watched port (never
+//! 465), the passive-established callback makes its flow entry with the
+//! server's ISN + 1 and the client's next sequence number, and the close
+//! callback removes it. Only a completed handshake makes an entry, so
+//! forged SYNs neither strike nor push real flows out of the LRU map.
+//!
+//! Connections are counted once per socket: the passive-established
+//! callback marks the socket in socket-local storage and asks for state
+//! callbacks; the close callback decrements only marked sockets. Sockets
+//! older than the program were never marked and are never decremented; a
+//! socket counted by an earlier copy of the program (same pinned maps) is
+//! decremented correctly after a restart. Counts use atomic adds and
+//! saturate at zero.
 use aya_ebpf::{
     bindings::{
         BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
@@ -17,14 +24,17 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use tarpit_common::{
-    Counter, IpAddrKey,
-    maps::{SETTING_CONNS, SETTING_SLOWDOWN},
+    Counter, FlowKey, FlowState, IpAddrKey,
+    events::EVENT_FLOW_TABLE_FULL,
+    maps::{
+        SETTING_CONNS, SETTING_EVENTS, SETTING_PREGREET, SETTING_SLOWDOWN, SMTPS_PORT, Settings,
+    },
     state::{IP_F_ALLOWED, IP_F_AUTHENTICATED, IP_F_SLOWED},
 };
 
 use crate::maps::{
-    ALLOW, AUTH, IP_STATE, SLOW, SOCK_MARK, atomic_add_u64, count, ip_state, list_lookup, now_ns,
-    settings,
+    ALLOW, AUTH, EventArgs, FLOWS, IP_STATE, SLOW, SOCK_MARK, atomic_add_u64, count, emit,
+    ip_state, list_lookup, now_ns, settings,
 };
 
 const SOL_SOCKET: i32 = 1;
@@ -46,25 +56,85 @@ fn handle(ctx: &SockOpsContext) {
     if op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
         return;
     }
-    // Read every address field unconditionally: the verifier refuses ctx
+    // Read every ctx field unconditionally: the verifier refuses ctx
     // accesses that depend on the family branch.
     let family = ctx.family();
     let r4 = ctx.remote_ip4();
     let r6 = ctx.remote_ip6();
-    let local_port = ctx.local_port();
-    let addr = IpAddrKey::from_sock_words(family, r4, r6);
+    let l4 = ctx.local_ip4();
+    let l6 = ctx.local_ip6();
+    let local_port = ctx.local_port() as u16;
+    let remote_port = ctx.remote_port();
+    // SAFETY: plain reads of the context the kernel hands in.
+    let (snd_nxt, rcv_nxt) = unsafe { ((*ctx.ops).snd_nxt, (*ctx.ops).rcv_nxt) };
     let Some(settings) = settings() else { return };
-    if !settings.has(SETTING_CONNS) || !settings.is_smtp_port(local_port as u16) {
+    let conns = settings.has(SETTING_CONNS);
+    let flows = settings.has(SETTING_PREGREET) && local_port != SMTPS_PORT;
+    if !(conns || flows) || !settings.is_smtp_port(local_port) {
         return;
     }
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     if sk.is_null() {
         return;
     }
+    let addr = IpAddrKey::from_sock_words(family, r4, r6);
+    let key = FlowKey {
+        client: addr,
+        server: IpAddrKey::from_sock_words(family, l4, l6),
+        client_port: client_port(remote_port),
+        server_port: local_port,
+    };
     if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        established(ctx, sk, &addr, settings);
+        // State callbacks: the close removes the flow and the count.
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        if flows {
+            flow_open(&key, snd_nxt, rcv_nxt, settings);
+        }
+        if conns {
+            established(ctx, sk, &addr, settings);
+        }
     } else if ctx.arg(1) == BPF_TCP_CLOSE {
-        closed(sk, &addr);
+        if flows && FLOWS.remove(&key).is_ok() {
+            count(Counter::TcFlowClosed);
+        }
+        if conns {
+            closed(sk, &addr);
+        }
+    }
+}
+
+/// The client's port from sock_ops' `remote_port`: the port in network
+/// order, in the upper 16 bits on little-endian kernels (the lower ones
+/// elsewhere); a connected socket's port is never 0.
+#[inline(always)]
+fn client_port(raw: u32) -> u16 {
+    let p = if raw > 0xffff { raw >> 16 } else { raw };
+    u16::from_be(p as u16)
+}
+
+/// Makes the flow entry of a connection the kernel just accepted.
+/// `snd_nxt` is the server's ISN + 1 (the SYN-ACK is acknowledged, no data
+/// sent yet), `rcv_nxt` the client's next sequence number.
+#[inline(always)]
+fn flow_open(key: &FlowKey, snd_nxt: u32, rcv_nxt: u32, settings: &Settings) {
+    let now = now_ns();
+    match FLOWS.insert(key, FlowState::established(now, snd_nxt, rcv_nxt), 0) {
+        Ok(()) => count(Counter::TcFlowNew),
+        Err(e) => {
+            count(Counter::TcFlowInsertFailed);
+            if settings.has(SETTING_EVENTS) {
+                emit(EventArgs {
+                    now,
+                    kind: EVENT_FLOW_TABLE_FULL,
+                    flags: 0,
+                    addr: &key.client,
+                    client_port: key.client_port,
+                    server_port: key.server_port,
+                    server: Some(&key.server),
+                    value: e as i64 as u64,
+                });
+            }
+        }
     }
 }
 
@@ -91,7 +161,7 @@ fn established(
     ctx: &SockOpsContext,
     sk: *mut aya_ebpf::bindings::bpf_sock,
     addr: &IpAddrKey,
-    settings: &tarpit_common::maps::Settings,
+    settings: &Settings,
 ) {
     // Without a mark the socket is not counted at all: never decrement
     // what was not counted.
@@ -102,7 +172,6 @@ fn established(
         }
         *m = MARK_COUNTED;
     }
-    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     count(Counter::SockEstablished);
     let now = now_ns();
     let Some(s) = ip_state(addr, now) else { return };

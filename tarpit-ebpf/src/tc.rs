@@ -1,27 +1,34 @@
-//! tc ingress + egress: per-flow SMTP state and pre-greet detection.
+//! tc ingress + egress: pre-greet detection on connections the kernel
+//! accepted.
 //!
-//! A flow entry is made on the client's SYN to a watched port (never for
-//! 465, where the client always speaks first) and removed on FIN/RST.
-//! Egress watches the server's payload: the greeting is complete once a
-//! server segment ends in a line that is not a `220-` continuation; until
-//! then the flow waits for the greeting (or sits in the `220-` teaser
-//! state). Client payload while the flow waits is a pre-greet strike.
-//! Client payload on a flow with no entry is "unknown": counted, never a
-//! strike, because a missing record must never flag good mail.
+//! Flow entries are made by sock_ops when the kernel accepts a connection
+//! (never for 465, where the client always speaks first) with both sides'
+//! sequence numbers, and removed by sock_ops when the socket closes: tc
+//! never creates or removes one, so forged SYNs, segments, FINs and RSTs
+//! change no flow. Egress advances the server's next sequence number as
+//! the teaser or banner goes out and watches where the greeting ends: it
+//! is complete once a server segment ends in a line that is not a `220-`
+//! continuation. Ingress judges the client's first payload once: it counts
+//! only with the client's expected sequence number and an acknowledgment
+//! between the server's ISN + 1 and what egress saw go out. Then, if the
+//! greeting is not complete, it is a pre-greet strike. A client that
+//! acknowledges more than egress saw (replies leaving through another
+//! interface) makes the flow "unknown"; payload on a flow with no entry is
+//! "unknown" too: counted, never a strike.
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC, helpers::generated::bpf_skb_load_bytes, macros::classifier,
     programs::TcContext,
 };
 use aya_log_ebpf::info;
 use tarpit_common::{
-    Counter, FlowKey, FlowState,
-    events::{EVENT_F_TEASER, EVENT_FLOW_TABLE_FULL, EVENT_PREGREET},
+    Counter, FlowKey,
+    events::{EVENT_F_TEASER, EVENT_PREGREET},
     greeting,
     maps::{SETTING_EVENTS, SETTING_LOG, SETTING_PREGREET, SMTPS_PORT, Settings},
-    parse::{self, IPPROTO_TCP, Ip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp},
+    parse::{self, IPPROTO_TCP, Ip, TCP_ACK, TCP_RST, TCP_SYN, Tcp},
     state::{
-        FLOW_AWAIT_GREETING, FLOW_F_CLIENT_SPOKE, FLOW_F_PREGREET, FLOW_F_SERVER_SPOKE,
-        FLOW_F_TEASER, FLOW_GREETED, FLOW_TEASER, IP_F_PREGREET,
+        ClientSegment, FLOW_F_CLIENT_SPOKE, FLOW_F_PREGREET, FLOW_F_SERVER_SPOKE, FLOW_F_TEASER,
+        FLOW_F_UNSEEN, FLOW_GREETED, FLOW_TEASER, IP_F_PREGREET,
     },
 };
 
@@ -119,58 +126,45 @@ fn ingress(ctx: &TcContext) {
         // (or never): it is not classified.
         return;
     }
+    if tcp.payload_len == 0 {
+        // Handshakes, pure ACKs, FINs and RSTs: sock_ops makes and removes
+        // flows from what the kernel accepted. A SYN only dates the
+        // address's history (first and last seen); it earns no flow.
+        if tcp.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN {
+            let _ = ip_state(&ip.src, now_ns());
+        }
+        return;
+    }
     let key = FlowKey {
         client: ip.src,
         server: ip.dst,
         client_port: tcp.sport,
         server_port: tcp.dport,
     };
-    if tcp.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN {
-        let now = now_ns();
-        let flow = FlowState {
-            created_ns: now,
-            state: FLOW_AWAIT_GREETING,
-            flags: 0,
-        };
-        match FLOWS.insert(&key, flow, 0) {
-            Ok(()) => count(Counter::TcFlowNew),
-            Err(e) => {
-                count(Counter::TcFlowInsertFailed);
-                if settings.has(SETTING_EVENTS) {
-                    emit(EventArgs {
-                        now,
-                        kind: EVENT_FLOW_TABLE_FULL,
-                        flags: 0,
-                        addr: &ip.src,
-                        client_port: tcp.sport,
-                        server_port: tcp.dport,
-                        server: Some(&ip.dst),
-                        value: e as i64 as u64,
-                    });
-                }
-            }
-        }
-        let _ = ip_state(&ip.src, now);
+    let Some(flow) = FLOWS.get_ptr_mut(&key) else {
+        count(Counter::TcFlowUnknown);
+        return;
+    };
+    let flow = unsafe { &mut *flow };
+    if flow.flags & FLOW_F_CLIENT_SPOKE != 0 {
+        // Judged already: the one comparison every later segment pays.
         return;
     }
-    if tcp.payload_len > 0 {
-        match FLOWS.get_ptr_mut(&key) {
-            None => count(Counter::TcFlowUnknown),
-            Some(flow) => unsafe {
-                if (*flow).flags & FLOW_F_CLIENT_SPOKE == 0 {
-                    (*flow).flags |= FLOW_F_CLIENT_SPOKE;
-                    let state = (*flow).state;
-                    if state != FLOW_GREETED {
-                        let teaser = state == FLOW_TEASER;
-                        (*flow).flags |= FLOW_F_PREGREET | if teaser { FLOW_F_TEASER } else { 0 };
-                        strike(ctx, settings, &key, teaser);
-                    }
-                }
-            },
+    match flow.client_segment(tcp.flags & TCP_ACK != 0, tcp.seq, tcp.ack) {
+        ClientSegment::OutOfWindow => count(Counter::TcOutOfWindow),
+        ClientSegment::Unseen => {
+            flow.flags |= FLOW_F_CLIENT_SPOKE | FLOW_F_UNSEEN;
+            count(Counter::TcFlowUnseen);
         }
-    }
-    if tcp.flags & (TCP_FIN | TCP_RST) != 0 && FLOWS.remove(&key).is_ok() {
-        count(Counter::TcFlowClosed);
+        ClientSegment::InWindow => {
+            flow.flags |= FLOW_F_CLIENT_SPOKE;
+            let state = flow.state;
+            if state != FLOW_GREETED {
+                let teaser = state == FLOW_TEASER;
+                flow.flags |= FLOW_F_PREGREET | if teaser { FLOW_F_TEASER } else { 0 };
+                strike(ctx, settings, &key, teaser);
+            }
+        }
     }
 }
 
@@ -227,7 +221,7 @@ fn egress(ctx: &TcContext) {
     let Some((ip, tcp)) = parse_tcp(ctx) else {
         return;
     };
-    if !watched(settings, tcp.sport) || ip.fragment {
+    if !watched(settings, tcp.sport) || ip.fragment || tcp.payload_len == 0 {
         return;
     }
     let key = FlowKey {
@@ -236,22 +230,20 @@ fn egress(ctx: &TcContext) {
         client_port: tcp.dport,
         server_port: tcp.sport,
     };
-    if tcp.payload_len > 0 {
-        if let Some(flow) = FLOWS.get_ptr_mut(&key) {
-            unsafe {
-                (*flow).flags |= FLOW_F_SERVER_SPOKE;
-                if (*flow).state != FLOW_GREETED {
-                    let next = greeting_state(ctx, &tcp);
-                    (*flow).state = next;
-                    if next == FLOW_GREETED {
-                        count(Counter::TcGreeted);
-                    }
-                }
-            }
-        }
+    let Some(flow) = FLOWS.get_ptr_mut(&key) else {
+        return;
+    };
+    let flow = unsafe { &mut *flow };
+    if flow.state == FLOW_GREETED {
+        // The greeting is out: the one comparison every later segment pays.
+        return;
     }
-    if tcp.flags & (TCP_FIN | TCP_RST) != 0 && FLOWS.remove(&key).is_ok() {
-        count(Counter::TcFlowClosed);
+    flow.flags |= FLOW_F_SERVER_SPOKE;
+    flow.server_sent(tcp.seq, tcp.payload_len as u32);
+    let next = greeting_state(ctx, &tcp);
+    flow.state = next;
+    if next == FLOW_GREETED {
+        count(Counter::TcGreeted);
     }
 }
 

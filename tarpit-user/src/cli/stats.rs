@@ -35,13 +35,17 @@ fn describe(name: &str) -> &'static str {
         "xdp_allow_expired" => "XDP: expired allow entries ignored",
         "xdp_block_other_port" => "XDP: block-listed sources to a port not covered",
         "xdp_block_disabled" => "XDP: block-listed sources passed, blocking off",
-        "tc_flow_new" => "tc: SMTP flows seen (client SYNs)",
+        "tc_flow_new" => "SMTP flows tracked (connections the kernel accepted)",
         "tc_flow_insert_failed" => "tc: flows not tracked (flow table full)",
-        "tc_flow_unknown" => "tc: client payload on untracked flows (never a strike)",
+        "tc_flow_unknown" => "tc: client payload on untracked flows (unknown, never a strike)",
+        "tc_flow_unseen" => {
+            "tc: flows whose replies egress never saw (asymmetric route?): unknown, no strike"
+        }
+        "tc_out_of_window" => "tc: client payload out of sequence (forged or stray): ignored",
         "tc_pregreet" => "tc: pre-greet talkers flagged",
         "tc_pregreet_teaser" => "tc: ... of which after a 220- teaser",
         "tc_greeted" => "tc: greetings completed",
-        "tc_flow_closed" => "tc: flows closed (FIN/RST)",
+        "tc_flow_closed" => "SMTP flows closed (their socket closed)",
         "events_lost" => "events lost (ring buffer full)",
         "sock_established" => "sock_ops: SMTP connections established",
         "sock_closed" => "sock_ops: SMTP connections closed",

@@ -199,6 +199,44 @@ pub fn check(pin_path: &Path) -> Result<PinState, KernelError> {
     Ok(PinState::Compatible)
 }
 
+/// Maps whose entries live no longer than a connection: when the pinned
+/// copy has another key or value size (an older tarpit), it is unpinned so
+/// the loader makes a fresh one, instead of refusing the whole directory.
+/// Programs of the older tarpit keep their copy until they are replaced.
+pub const TRANSIENT: &[&str] = &[names::FLOWS];
+
+/// Unpins every transient map whose pinned layout differs from this
+/// tarpit's; returns the names it unpinned.
+pub fn recreate_transient(pin_path: &Path) -> Result<Vec<&'static str>, KernelError> {
+    let mut out = Vec::new();
+    for s in MAPS.iter().filter(|s| TRANSIENT.contains(&s.name)) {
+        let p = pin_path.join(s.name);
+        if !p.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&p)
+            .map_err(|e| KernelError::from_map(format!("cannot open {}", p.display()), e, None))?;
+        let same_type = info.map_type().is_ok_and(|t| t == s.map_type);
+        if same_type && info.key_size() == s.key_size && info.value_size() == s.value_size {
+            continue;
+        }
+        std::fs::remove_file(&p).map_err(|e| {
+            mismatch(
+                pin_path,
+                format!("{} has an older layout and cannot be unpinned: {e}", s.name),
+            )
+        })?;
+        tracing::info!(
+            map = s.name,
+            old_value_size = info.value_size(),
+            new_value_size = s.value_size,
+            "pinned map of an older layout replaced (its entries are per connection)"
+        );
+        out.push(s.name);
+    }
+    Ok(out)
+}
+
 fn read_marker(path: &Path) -> Result<u64, KernelError> {
     let data = MapData::from_pin(path)
         .map_err(|e| KernelError::from_map(format!("cannot open {}", path.display()), e, None))?;

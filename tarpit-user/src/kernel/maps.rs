@@ -13,7 +13,7 @@ use tarpit_common::{
     counters::{COUNTERS_LEN, drop_reason_index},
     lists::{LIST_F_ALL_PORTS, MAX_REASONS},
     maps::{self as names, Settings},
-    state::{FLOW_F_PREGREET, FLOW_F_TEASER, FLOW_GREETED},
+    state::{FLOW_F_PREGREET, FLOW_F_TEASER, FLOW_F_UNSEEN, FLOW_GREETED},
 };
 
 use super::{
@@ -73,8 +73,10 @@ impl TimedItem {
 /// The kernel's answer to "did this client talk before the greeting?".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PreGreetVerdict {
-    /// No record of the flow (evicted, closed, older than the programs, or
-    /// not a watched port): never treat as a strike.
+    /// No record of the flow (evicted, closed, older than the programs, not
+    /// a watched port, or a handshake the kernel did not complete), or the
+    /// client acknowledged server bytes tc egress never saw (replies routed
+    /// around it): never treat as a strike.
     Unknown,
     /// The greeting is not complete and the client has been quiet.
     AwaitingGreeting,
@@ -623,7 +625,9 @@ fn layout_errno(e: &aya::maps::MapError) -> Option<i32> {
 
 /// The verdict of a flow record (pure: unit-tested).
 pub fn verdict_of(flow: &FlowState) -> PreGreetVerdict {
-    if flow.flags & FLOW_F_PREGREET != 0 {
+    if flow.flags & FLOW_F_UNSEEN != 0 {
+        PreGreetVerdict::Unknown
+    } else if flow.flags & FLOW_F_PREGREET != 0 {
         PreGreetVerdict::PreGreet {
             teaser: flow.flags & FLOW_F_TEASER != 0,
         }
@@ -642,9 +646,9 @@ mod tests {
     #[test]
     fn verdicts() {
         let f = |state, flags| FlowState {
-            created_ns: 1,
             state,
             flags,
+            ..FlowState::established(1, 100, 200)
         };
         assert_eq!(
             verdict_of(&f(FLOW_AWAIT_GREETING, 0)),
@@ -662,6 +666,11 @@ mod tests {
         assert_eq!(
             verdict_of(&f(FLOW_GREETED, FLOW_F_PREGREET | FLOW_F_TEASER)),
             PreGreetVerdict::PreGreet { teaser: true }
+        );
+        // Replies egress never saw: unknown, whatever the state says.
+        assert_eq!(
+            verdict_of(&f(FLOW_AWAIT_GREETING, FLOW_F_UNSEEN)),
+            PreGreetVerdict::Unknown
         );
     }
 

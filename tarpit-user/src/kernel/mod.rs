@@ -133,6 +133,8 @@ impl Kernel {
         ensure_bpffs(&cfg.pin_path)?;
         std::fs::create_dir_all(cfg.pin_path.join(attach::LINKS_DIR))
             .with_context(|| format!("cannot create pin directory {}", cfg.pin_path.display()))?;
+        // Flows are transient: a flow map of an older layout is replaced.
+        layout::recreate_transient(&cfg.pin_path)?;
         // Refuse maps of another layout before aya would silently reuse them.
         let reused = layout::check(&cfg.pin_path)? == layout::PinState::Compatible;
 
@@ -264,10 +266,14 @@ impl Kernel {
                 Err(e) if name == SOCKOPS_PROGRAM => {
                     let why = format!("{:#}", anyhow::Error::from(e));
                     warn!(
-                        "sock_ops unavailable on this kernel: live connection counts and the \
-                         window clamp are off ({why})"
+                        "sock_ops unavailable on this kernel: live connection counts, the \
+                         window clamp and pre-greet detection in the kernel (which needs the \
+                         flows sock_ops makes) are off ({why})"
                     );
-                    self.degraded.push(("sock_ops", why));
+                    self.degraded.push(("sock_ops", why.clone()));
+                    if !self.is_degraded("pregreet") {
+                        self.degraded.push(("pregreet", why));
+                    }
                 }
                 Err(e) => {
                     return Err(e).with_context(|| format!("the verifier refused {name}"));
@@ -355,7 +361,8 @@ impl Kernel {
                 }
             }
         }
-        if cfg.count_connections && !self.is_degraded("sock_ops") {
+        // sock_ops also makes the flows tc judges for pre-greet talk.
+        if (cfg.count_connections || cfg.pregreet) && !self.is_degraded("sock_ops") {
             let prog: &mut SockOps = self
                 .ebpf
                 .program_mut(SOCKOPS_PROGRAM)
