@@ -22,9 +22,21 @@ pub const IP_STATE_ENTRIES: u32 = 262_144;
 pub const ALLOW: &str = "ALLOW";
 pub const ALLOW_ENTRIES: u32 = 16_384;
 
-/// Block list (LPM trie: prefix -> [`crate::ListEntry`]); dropped in XDP.
+/// Block list of the administrator (LPM trie: prefix -> [`crate::ListEntry`]);
+/// dropped in XDP. Only `tarpit block add` (and the state file it keeps)
+/// writes here, so a flood of offenders can never fill it.
 pub const BLOCK: &str = "BLOCK";
 pub const BLOCK_ENTRIES: u32 = 65_536;
+
+/// Automatic blocks (LPM trie: prefix -> [`crate::ListEntry`]): repeat
+/// offenders the agent blocked, checked by XDP after [`BLOCK`]. Apart from
+/// the admin's list so that offenders (or forged strikes) fill only their
+/// own room; when it is full the agent evicts its oldest entries, never an
+/// admin entry. A trie rather than an LRU hash: any prefix (a /64 of
+/// aggregated strikes) and the same eviction on every kernel (an LRU hash
+/// before 6.16 can recycle its newest entries long before it is full).
+pub const AUTO_BLOCK: &str = "AUTO_BLOCK";
+pub const AUTO_BLOCK_ENTRIES: u32 = 65_536;
 
 /// Authenticated addresses (LRU hash: IpAddrKey -> [`crate::TimedEntry`]),
 /// written by the agent on AUTH success.
@@ -54,7 +66,9 @@ pub const SCRATCH: &str = "SCRATCH";
 /// thing a loader or the CLI reads: maps from another layout are refused,
 /// never misread.
 pub const LAYOUT: &str = "LAYOUT";
-/// Bump on every change of a map's key, value or type.
+/// Bump on every change of a map's key, value or type. A new map is no
+/// such change: a loader creates its pin next to the old ones, and readers
+/// treat it as absent until then ([`AUTO_BLOCK`] came this way).
 pub const LAYOUT_VERSION: u32 = 2;
 /// "TRPT" in the high half, [`LAYOUT_VERSION`] in the low half.
 pub const LAYOUT_MAGIC: u64 = (0x5452_5054u64 << 32) | LAYOUT_VERSION as u64;

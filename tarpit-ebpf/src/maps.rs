@@ -14,8 +14,9 @@ use tarpit_common::{
     counters::COUNTERS_LEN,
     events::EVENT_IP_TABLE_FULL,
     maps::{
-        ALLOW_ENTRIES, ATTACHMENTS_ENTRIES, AUTH_ENTRIES, BLOCK_ENTRIES, EVENTS_BYTES,
-        FLOWS_ENTRIES, IP_STATE_ENTRIES, SETTING_EVENTS, SLOW_ENTRIES, SYN_COUNT_ENTRIES, Settings,
+        ALLOW_ENTRIES, ATTACHMENTS_ENTRIES, AUTH_ENTRIES, AUTO_BLOCK_ENTRIES, BLOCK_ENTRIES,
+        EVENTS_BYTES, FLOWS_ENTRIES, IP_STATE_ENTRIES, SETTING_EVENTS, SLOW_ENTRIES,
+        SYN_COUNT_ENTRIES, Settings,
     },
     steer::{STEER_COUNTERS_LEN, STEER_SLOTS, SteerSettings},
 };
@@ -39,6 +40,11 @@ pub static ALLOW: LpmTrie<[u8; 16], ListEntry, { ALLOW_ENTRIES as usize }> = Lpm
 
 #[btf_map]
 pub static BLOCK: LpmTrie<[u8; 16], ListEntry, { BLOCK_ENTRIES as usize }> = LpmTrie::new();
+
+/// The agent's automatic blocks (see `tarpit_common::maps::AUTO_BLOCK`).
+#[btf_map]
+pub static AUTO_BLOCK: LpmTrie<[u8; 16], ListEntry, { AUTO_BLOCK_ENTRIES as usize }> =
+    LpmTrie::new();
 
 #[btf_map]
 pub static AUTH: LruHashMap<IpAddrKey, TimedEntry, { AUTH_ENTRIES as usize }> = LruHashMap::new();

@@ -1,15 +1,16 @@
 //! XDP: the first look at every packet, before a socket exists.
 //!
-//! - Block list: sources on it are dropped on the SMTP ports (or on every
-//!   port when the entry says so) unless the allow list also matches; the
-//!   allow list is consulted only then, so an ordinary packet costs one
-//!   prefix lookup.
+//! - Block lists: sources on them are dropped on the SMTP ports (or on
+//!   every port when the entry says so) unless the allow list also
+//!   matches; the allow list is consulted only then. The admin's list is
+//!   looked up first, the agent's automatic blocks only when it has no
+//!   entry, so an ordinary packet costs two prefix lookups.
 //! - Counts connection attempts (SYN without ACK) to a watched SMTP port per
 //!   source address. Counting SYNs rather than packets keeps the figure
 //!   deterministic: ACKs, retransmits and GRO make packet counts vary.
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use tarpit_common::{
-    Counter,
+    Counter, ListEntry,
     counters::drop_reason_index,
     events::EVENT_BLOCK_HIT,
     maps::{SETTING_BLOCK, SETTING_EVENTS},
@@ -18,8 +19,8 @@ use tarpit_common::{
 };
 
 use crate::maps::{
-    ALLOW, BLOCK, EventArgs, IP_STATE, SYN_COUNT, count, count_index, emit, list_lookup, now_ns,
-    settings,
+    ALLOW, AUTO_BLOCK, BLOCK, EventArgs, IP_STATE, SYN_COUNT, count, count_index, emit,
+    list_lookup, now_ns, settings,
 };
 
 #[xdp]
@@ -58,11 +59,28 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
         }
     }
 
-    let Some(block) = list_lookup(&BLOCK, &ip.src, Counter::XdpBlockExpired) else {
+    // The admin's entry first; the automatic list only when the admin's
+    // has none that applies to this port (an all-ports offender inside an
+    // admin's SMTP-only prefix is still dropped on every port).
+    // Plain variables, always initialised (see above, 5.10).
+    let mut block = ListEntry::default();
+    let mut found = false;
+    if let Some(b) = list_lookup(&BLOCK, &ip.src, Counter::XdpBlockExpired) {
+        block = b;
+        found = true;
+    }
+    if !(found && applies(&block, smtp_port))
+        && let Some(a) = list_lookup(&AUTO_BLOCK, &ip.src, Counter::XdpBlockExpired)
+        && (!found || applies(&a, smtp_port))
+    {
+        block = a;
+        found = true;
+    }
+    if !found {
         count(Counter::XdpPass);
         return xdp_action::XDP_PASS;
-    };
-    if !(block.all_ports() || smtp_port) {
+    }
+    if !applies(&block, smtp_port) {
         count(Counter::XdpBlockOtherPort);
         return xdp_action::XDP_PASS;
     }
@@ -100,4 +118,10 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
         });
     }
     xdp_action::XDP_DROP
+}
+
+/// Whether a block entry covers this packet's port.
+#[inline(always)]
+fn applies(b: &ListEntry, smtp_port: bool) -> bool {
+    b.all_ports() || smtp_port
 }

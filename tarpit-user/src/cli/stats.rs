@@ -74,7 +74,15 @@ struct Tracked {
     /// Addresses with history (IP_STATE).
     addresses: u64,
     allow: u64,
+    /// Both parts of the block list.
     block: u64,
+    /// The admin's part (BLOCK) and its capacity.
+    block_admin: u64,
+    block_admin_capacity: u64,
+    /// The automatic part (AUTO_BLOCK: repeat offenders) and its capacity
+    /// (0 on pins of an older tarpit, until the agent creates it).
+    block_automatic: u64,
+    block_automatic_capacity: u64,
     authenticated: u64,
     slowed: u64,
 }
@@ -88,11 +96,20 @@ fn tracked(maps: &super::kernel_glue::KernelMaps) -> Result<Tracked> {
             .and_then(|r| r.entries)
             .unwrap_or(0)
     };
+    let cap = |name: &str| {
+        rows.iter()
+            .find(|r| r.name == name)
+            .map_or(0, |r| u64::from(r.capacity))
+    };
     Ok(Tracked {
         flows: n(names::FLOWS),
         addresses: n(names::IP_STATE),
         allow: n(names::ALLOW),
-        block: n(names::BLOCK),
+        block: n(names::BLOCK) + n(names::AUTO_BLOCK),
+        block_admin: n(names::BLOCK),
+        block_admin_capacity: cap(names::BLOCK),
+        block_automatic: n(names::AUTO_BLOCK),
+        block_automatic_capacity: cap(names::AUTO_BLOCK),
         authenticated: n(names::AUTH),
         slowed: n(names::SLOW),
     })
@@ -167,6 +184,7 @@ pub fn run(ctx: &Context, args: StatsArgs) -> Result<()> {
         now.authenticated,
         now.slowed
     );
+    println!("{}", block_parts(&now));
     println!();
     println!("kernel counters (since the maps were created, all CPUs)");
     let mut table = Table::new(&[
@@ -208,6 +226,32 @@ pub fn run(ctx: &Context, args: StatsArgs) -> Result<()> {
         ),
     }
     Ok(())
+}
+
+/// How full each part of the block list is: the admin's must never fill
+/// up by itself; the automatic one evicts its oldest entries when full.
+fn block_parts(t: &Tracked) -> String {
+    let part = |n: u64, cap: u64| {
+        let pct = if cap == 0 {
+            0.0
+        } else {
+            n as f64 * 100.0 / cap as f64
+        };
+        format!("{} of {} ({pct:.1}%)", output::count(n), output::count(cap))
+    };
+    let auto = if t.block_automatic_capacity == 0 {
+        "not created yet (pins of an older tarpit: the agent creates it at its next start)"
+            .to_string()
+    } else {
+        format!(
+            "{}, oldest evicted when full",
+            part(t.block_automatic, t.block_automatic_capacity)
+        )
+    };
+    format!(
+        "block list: admin {}, automatic {auto}",
+        part(t.block_admin, t.block_admin_capacity)
+    )
 }
 
 fn json_number(v: f64) -> serde_json::Value {
@@ -286,6 +330,31 @@ pub fn parse_metrics(text: &str) -> Vec<(String, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_parts_say_how_full_each_is() {
+        let t = Tracked {
+            flows: 0,
+            addresses: 0,
+            allow: 0,
+            block: 9,
+            block_admin: 1,
+            block_admin_capacity: 4,
+            block_automatic: 8,
+            block_automatic_capacity: 8,
+            authenticated: 0,
+            slowed: 0,
+        };
+        let line = block_parts(&t);
+        assert!(line.contains("admin 1 of 4 (25.0%)"), "{line}");
+        assert!(line.contains("automatic 8 of 8 (100.0%)"), "{line}");
+        let old = Tracked {
+            block_automatic_capacity: 0,
+            block_automatic: 0,
+            ..t
+        };
+        assert!(block_parts(&old).contains("not created yet"));
+    }
 
     #[test]
     fn parses_openmetrics_text() {

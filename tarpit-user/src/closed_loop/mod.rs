@@ -30,7 +30,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ipnet::IpNet;
 use tarpit_common::steer::{
     STEER_F_ALLOWED, STEER_F_AUTHENTICATED, STEER_F_FAIL_OPEN, SteerSettings,
 };
@@ -345,23 +344,38 @@ impl Inner {
         let oc = &config.offenders;
         match verdict {
             Verdict::Block {
+                net,
                 reason,
                 offence,
                 count,
             } if oc.enabled => {
-                let net = IpNet::from(ip);
+                let net = offenders::block_target(net, ip, &config.allow.internal);
                 let spec = BlockSpec {
                     ttl: Some(oc.block_ttl),
                     reason,
                     all_ports: oc.block_all_ports,
                 };
                 let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-                match maps.block_add(net, spec) {
-                    Ok(()) => {
-                        crate::ops::metrics::blocks_added(1);
+                // The automatic part of the block list: it makes its own
+                // room, the admin's list is never touched.
+                match maps.auto_block_add(net, spec) {
+                    Ok(added) => {
+                        if added.added {
+                            crate::ops::metrics::blocks_added(1);
+                        }
+                        if !added.evicted.is_empty() {
+                            crate::ops::metrics::blocks_evicted(added.evicted.len() as u64);
+                            warn!(
+                                evicted = added.evicted.len(),
+                                oldest = %added.evicted[0],
+                                "automatic block list full (kernel.auto_block_entries): its \
+                                 oldest entries made room"
+                            );
+                        }
                         let _ = maps.slow_del(ip);
                         warn!(
                             client = %ip,
+                            block = %net,
                             reason = reason.name(),
                             ttl = %humantime::format_duration(oc.block_ttl),
                             "repeat offender blocked in XDP: {count} {} within {}",
@@ -369,7 +383,7 @@ impl Inner {
                             humantime::format_duration(oc.window)
                         );
                     }
-                    Err(e) => warn!(client = %ip, "repeat offender not blocked: {e}"),
+                    Err(e) => warn!(client = %ip, block = %net, "repeat offender not blocked: {e}"),
                 }
             }
             Verdict::Block { count, offence, .. } => info!(

@@ -2,13 +2,20 @@
 //! slow-down. Pure bookkeeping (no maps, no clock reads): the caller
 //! passes the time, so the rules are unit-tested with a paused clock.
 //!
-//! Each address keeps the times of its recent offences per kind; those
+//! Each offender keeps the times of its recent offences per kind; those
 //! older than the window are forgotten. When one kind reaches its
-//! threshold the address is blocked and its record starts afresh (after
+//! threshold the offender is blocked and its record starts afresh (after
 //! the block's TTL it begins with a clean sheet). An offence below the
-//! threshold earns a slow-down when that is switched on.
+//! threshold earns a slow-down (of the address) when that is switched on.
+//!
+//! An offender is one address, or with `offenders.aggregate_ipv6_prefix`
+//! (`..._ipv4_prefix`) one network of that size: the strikes of all its
+//! addresses add up, and the block covers the network, so a bot rotating
+//! through its /64 is blocked as one.
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+
+use ipnet::IpNet;
 
 use tarpit_common::BlockReason;
 use tokio::time::{Duration, Instant};
@@ -59,8 +66,10 @@ pub enum Verdict {
     Nothing,
     /// Clamp its TCP window for a while.
     SlowDown { count: u32 },
-    /// Put it on the block list.
+    /// Put `net` on the block list (the address, or its network when
+    /// strikes aggregate per prefix).
     Block {
+        net: IpNet,
         reason: BlockReason,
         offence: Offence,
         count: u32,
@@ -80,6 +89,9 @@ pub struct Rules {
     pub window: Duration,
     pub slowdown: bool,
     pub max_tracked: usize,
+    /// Prefix lengths whose strikes add up (0 = per address).
+    pub aggregate_ipv6: u8,
+    pub aggregate_ipv4: u8,
 }
 
 impl Rules {
@@ -93,15 +105,47 @@ impl Rules {
             window: c.window,
             slowdown: c.slowdown,
             max_tracked: c.max_tracked,
+            aggregate_ipv6: c.aggregate_ipv6_prefix,
+            aggregate_ipv4: c.aggregate_ipv4_prefix,
         }
+    }
+
+    /// The offender an address's strikes count for: the address itself
+    /// (a /32 or /128), or its network when strikes aggregate.
+    pub fn offender(&self, ip: IpAddr) -> IpNet {
+        let ip = ip.to_canonical();
+        let len = match ip {
+            IpAddr::V4(_) => self.aggregate_ipv4,
+            IpAddr::V6(_) => self.aggregate_ipv6,
+        };
+        let host = IpNet::from(ip);
+        if len == 0 {
+            return host;
+        }
+        IpNet::new(ip, len.min(host.max_prefix_len()))
+            .map(|n| n.trunc())
+            .unwrap_or(host)
     }
 }
 
-/// Recent offences per address, bounded in size.
+/// The network to block for an offender, narrowed to the one address
+/// that struck last when the network overlaps one of `spared` (internal
+/// networks, which XDP's allow list does not hold): an aggregated block
+/// must never drop the site's own hosts.
+pub fn block_target(net: IpNet, ip: IpAddr, spared: &[IpNet]) -> IpNet {
+    let overlaps = |n: &IpNet| n.contains(&net.network()) || net.contains(&n.network());
+    if spared.iter().any(overlaps) {
+        IpNet::from(ip.to_canonical())
+    } else {
+        net
+    }
+}
+
+/// Recent offences per offender, bounded in size.
 #[derive(Debug)]
 pub struct Tracker {
     rules: Rules,
-    ips: HashMap<IpAddr, Record>,
+    ips: HashMap<IpNet, Record>,
 }
 
 impl Tracker {
@@ -112,7 +156,8 @@ impl Tracker {
         }
     }
 
-    /// New thresholds (reload); recorded offences are kept.
+    /// New thresholds (reload); recorded offences are kept (under the
+    /// offender they were counted for, should the aggregation change).
     pub fn set_rules(&mut self, rules: Rules) {
         self.rules = rules;
     }
@@ -121,9 +166,10 @@ impl Tracker {
         self.ips.len()
     }
 
-    /// Offences of `kind` by `ip` within the window before `now`.
+    /// Offences of `kind` counted for `ip`'s offender (the address or its
+    /// network) within the window before `now`.
     pub fn count(&self, ip: IpAddr, kind: Offence, now: Instant) -> u32 {
-        let Some(r) = self.ips.get(&ip.to_canonical()) else {
+        let Some(r) = self.ips.get(&self.rules.offender(ip)) else {
             return 0;
         };
         r.times[kind.index()]
@@ -134,7 +180,7 @@ impl Tracker {
 
     /// Records one offence and says what it earned.
     pub fn record(&mut self, ip: IpAddr, kind: Offence, now: Instant) -> Verdict {
-        let ip = ip.to_canonical();
+        let ip = self.rules.offender(ip);
         if !self.ips.contains_key(&ip) && self.ips.len() >= self.rules.max_tracked {
             self.make_room(now);
         }
@@ -154,6 +200,7 @@ impl Tracker {
         if threshold > 0 && count >= threshold {
             self.ips.remove(&ip);
             return Verdict::Block {
+                net: ip,
                 reason: kind.reason(),
                 offence: kind,
                 count,
@@ -214,7 +261,13 @@ mod tests {
             window: Duration::from_secs(600),
             slowdown,
             max_tracked: 100,
+            aggregate_ipv6: 0,
+            aggregate_ipv4: 0,
         }
+    }
+
+    fn host(s: &str) -> IpNet {
+        IpNet::from(ip(s).to_canonical())
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -237,6 +290,7 @@ mod tests {
         assert_eq!(
             t.record(a, Offence::PreGreet, Instant::now()),
             Verdict::Block {
+                net: host("198.51.100.9"),
                 reason: BlockReason::Pregreet,
                 offence: Offence::PreGreet,
                 count: 3
@@ -349,5 +403,86 @@ mod tests {
         tokio::time::advance(Duration::from_secs(600)).await;
         t.expire(Instant::now());
         assert_eq!(t.tracked(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn strikes_of_one_ipv6_network_add_up_to_a_block_of_the_network() {
+        let mut r = rules(3, 0, 0, false);
+        r.aggregate_ipv6 = 64;
+        let mut t = Tracker::new(r);
+        let now = Instant::now();
+        assert_eq!(
+            t.record(ip("fd5b:1e00:0:7::1"), Offence::PreGreet, now),
+            Verdict::Nothing
+        );
+        assert_eq!(
+            t.record(ip("fd5b:1e00:0:7::2"), Offence::PreGreet, now),
+            Verdict::Nothing
+        );
+        // Another /64 counts apart.
+        assert_eq!(
+            t.record(ip("fd5b:1e00:0:8::1"), Offence::PreGreet, now),
+            Verdict::Nothing
+        );
+        assert_eq!(
+            t.count(ip("fd5b:1e00:0:7::ffff"), Offence::PreGreet, now),
+            2
+        );
+        assert_eq!(
+            t.record(ip("fd5b:1e00:0:7:abcd::3"), Offence::PreGreet, now),
+            Verdict::Block {
+                net: "fd5b:1e00:0:7::/64".parse().unwrap(),
+                reason: BlockReason::Pregreet,
+                offence: Offence::PreGreet,
+                count: 3
+            }
+        );
+        assert_eq!(t.count(ip("fd5b:1e00:0:8::1"), Offence::PreGreet, now), 1);
+        // IPv4 stays per address while only IPv6 aggregates.
+        t.record(ip("198.51.100.1"), Offence::PreGreet, now);
+        t.record(ip("198.51.100.2"), Offence::PreGreet, now);
+        assert_eq!(t.count(ip("198.51.100.3"), Offence::PreGreet, now), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ipv4_aggregates_per_prefix_when_asked_mapped_addresses_included() {
+        let mut r = rules(2, 0, 0, false);
+        r.aggregate_ipv4 = 24;
+        let mut t = Tracker::new(r);
+        let now = Instant::now();
+        t.record(ip("198.51.100.7"), Offence::PreGreet, now);
+        assert!(matches!(
+            t.record(ip("::ffff:198.51.100.200"), Offence::PreGreet, now),
+            Verdict::Block { net, .. } if net == "198.51.100.0/24".parse::<IpNet>().unwrap()
+        ));
+    }
+
+    #[test]
+    fn offender_is_the_address_without_aggregation() {
+        let mut r = rules(3, 0, 0, false);
+        assert_eq!(r.offender(ip("fd5b:1e00::9")), host("fd5b:1e00::9"));
+        assert_eq!(r.offender(ip("::ffff:198.51.100.9")), host("198.51.100.9"));
+        r.aggregate_ipv6 = 128;
+        r.aggregate_ipv4 = 32;
+        assert_eq!(r.offender(ip("fd5b:1e00::9")), host("fd5b:1e00::9"));
+        assert_eq!(r.offender(ip("198.51.100.9")), host("198.51.100.9"));
+        r.aggregate_ipv6 = 48;
+        assert_eq!(
+            r.offender(ip("fd5b:1e00:0:7::1")),
+            "fd5b:1e00::/48".parse::<IpNet>().unwrap()
+        );
+    }
+
+    #[test]
+    fn an_aggregated_block_never_covers_an_internal_network() {
+        let net: IpNet = "fd5b:1e00:0:7::/64".parse().unwrap();
+        let bot = ip("fd5b:1e00:0:7::9");
+        assert_eq!(block_target(net, bot, &[]), net);
+        let far: IpNet = "10.0.0.0/8".parse().unwrap();
+        assert_eq!(block_target(net, bot, &[far]), net);
+        for inside in ["fd5b:1e00:0:7::25/128", "fd5b:1e00::/48"] {
+            let spared: IpNet = inside.parse().unwrap();
+            assert_eq!(block_target(net, bot, &[spared]), host("fd5b:1e00:0:7::9"));
+        }
     }
 }

@@ -53,6 +53,14 @@ pub struct OffendersConfig {
     pub sweep_interval: Duration,
     /// Addresses tracked at once; the stalest are forgotten beyond this.
     pub max_tracked: usize,
+    /// Strikes of every address in one IPv6 network of this prefix length
+    /// add up, and the block covers that network: a bot rotating through
+    /// its /64 is one offender, not 2^64. 0 = off (per address), else
+    /// 48..=128 (64 is the usual size of one site's network).
+    pub aggregate_ipv6_prefix: u8,
+    /// The same for IPv4 (e.g. 24); 0 = off, else 16..=32. Off by default
+    /// also where IPv6 is on: many unrelated hosts share an IPv4 /24.
+    pub aggregate_ipv4_prefix: u8,
 }
 
 impl Default for OffendersConfig {
@@ -69,6 +77,8 @@ impl Default for OffendersConfig {
             slowdown_ttl: Duration::from_secs(3600),
             sweep_interval: Duration::from_secs(60),
             max_tracked: 100_000,
+            aggregate_ipv6_prefix: 0,
+            aggregate_ipv4_prefix: 0,
         }
     }
 }
@@ -98,6 +108,21 @@ impl OffendersConfig {
             return Err(ConfigError::invalid(
                 "offenders.max_tracked",
                 "must be at least 1",
+            ));
+        }
+        // Shorter prefixes would block whole providers for one bot.
+        let p = self.aggregate_ipv6_prefix;
+        if p != 0 && !(48..=128).contains(&p) {
+            return Err(ConfigError::invalid(
+                "offenders.aggregate_ipv6_prefix",
+                "must be 0 (off) or between 48 and 128",
+            ));
+        }
+        let p = self.aggregate_ipv4_prefix;
+        if p != 0 && !(16..=32).contains(&p) {
+            return Err(ConfigError::invalid(
+                "offenders.aggregate_ipv4_prefix",
+                "must be 0 (off) or between 16 and 32",
             ));
         }
         Ok(())
@@ -197,6 +222,42 @@ mod tests {
         assert!(c.offenders.enabled);
         assert_eq!(c.offenders.pregreet_strikes, 3);
         assert!(!c.bypass.enabled);
+        assert_eq!(
+            c.offenders.aggregate_ipv6_prefix, 0,
+            "per address by default"
+        );
+        assert_eq!(c.offenders.aggregate_ipv4_prefix, 0);
+    }
+
+    #[test]
+    fn aggregation_prefixes_are_bounded() {
+        let c =
+            Config::parse("[offenders]\naggregate_ipv6_prefix = 64\naggregate_ipv4_prefix = 24\n")
+                .unwrap();
+        assert_eq!(c.offenders.aggregate_ipv6_prefix, 64);
+        assert_eq!(c.offenders.aggregate_ipv4_prefix, 24);
+        for (text, key) in [
+            (
+                "aggregate_ipv6_prefix = 32",
+                "offenders.aggregate_ipv6_prefix",
+            ),
+            (
+                "aggregate_ipv6_prefix = 129",
+                "offenders.aggregate_ipv6_prefix",
+            ),
+            (
+                "aggregate_ipv4_prefix = 8",
+                "offenders.aggregate_ipv4_prefix",
+            ),
+            (
+                "aggregate_ipv4_prefix = 33",
+                "offenders.aggregate_ipv4_prefix",
+            ),
+        ] {
+            let e = Config::parse(&format!("[offenders]\n{text}\n")).unwrap_err();
+            assert_eq!(e.key(), Some(key), "{text}: {e}");
+        }
+        assert!(Config::parse("[offenders]\naggregate_ipv6_prefix = -1\n").is_err());
     }
 
     #[test]

@@ -49,7 +49,11 @@ pub struct KernelConfig {
     pub flow_entries: u32,
     pub ip_state_entries: u32,
     pub allow_entries: u32,
+    /// The admin's block list (`tarpit block add`, the state file).
     pub block_entries: u32,
+    /// Automatic blocks (repeat offenders), apart from the admin's list:
+    /// when full, the agent evicts the oldest of them.
+    pub auto_block_entries: u32,
     pub auth_entries: u32,
     pub slow_entries: u32,
     /// Size of the event ring buffer in bytes (a power of two, >= 4096).
@@ -96,6 +100,7 @@ impl Default for KernelConfig {
             ip_state_entries: names::IP_STATE_ENTRIES,
             allow_entries: names::ALLOW_ENTRIES,
             block_entries: names::BLOCK_ENTRIES,
+            auto_block_entries: names::AUTO_BLOCK_ENTRIES,
             auth_entries: names::AUTH_ENTRIES,
             slow_entries: names::SLOW_ENTRIES,
             events_bytes: names::EVENTS_BYTES,
@@ -157,6 +162,7 @@ impl KernelConfig {
             ("kernel.ip_state_entries", self.ip_state_entries),
             ("kernel.allow_entries", self.allow_entries),
             ("kernel.block_entries", self.block_entries),
+            ("kernel.auto_block_entries", self.auto_block_entries),
             ("kernel.auth_entries", self.auth_entries),
             ("kernel.slow_entries", self.slow_entries),
         ] {
@@ -200,6 +206,15 @@ mod tests {
     fn zero_sized_map_names_its_key() {
         let e = Config::parse("[kernel]\nflow_entries = 0\n").unwrap_err();
         assert!(e.to_string().contains("kernel.flow_entries"), "{e}");
+    }
+
+    #[test]
+    fn automatic_blocks_have_their_own_size() {
+        let c = Config::parse("[kernel]\nauto_block_entries = 16\n").unwrap();
+        assert_eq!(c.kernel.auto_block_entries, 16);
+        assert_eq!(c.kernel.block_entries, names::BLOCK_ENTRIES);
+        let e = Config::parse("[kernel]\nauto_block_entries = 0\n").unwrap_err();
+        assert!(e.to_string().contains("kernel.auto_block_entries"), "{e}");
     }
 
     #[test]

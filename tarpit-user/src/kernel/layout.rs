@@ -2,6 +2,11 @@
 //! key/value sizes, checked before a loader reuses pins and before the CLI
 //! reads them, plus the layout marker. Maps from another tarpit version are
 //! refused, never misread.
+//!
+//! A map this table has but the pin directory lacks is not a mismatch: it
+//! is new in this version (pins made by an older one). The loader creates
+//! it next to the reused pins and [`upgrade`] moves what belongs in it;
+//! readers treat it as absent until then.
 use std::path::Path;
 
 use aya::maps::{Array, Map, MapData, MapType};
@@ -66,6 +71,13 @@ pub const MAPS: &[MapSpec] = &[
         20,
         size::<ListEntry>(),
         Some("block_entries"),
+    ),
+    spec(
+        names::AUTO_BLOCK,
+        MapType::LpmTrie,
+        20,
+        size::<ListEntry>(),
+        Some("auto_block_entries"),
     ),
     spec(
         names::AUTH,
@@ -237,6 +249,40 @@ pub fn recreate_transient(pin_path: &Path) -> Result<Vec<&'static str>, KernelEr
     Ok(out)
 }
 
+/// Maps of this layout not pinned at `pin_path` (new in this version),
+/// read before a loader creates them.
+pub fn missing(pin_path: &Path) -> Vec<&'static str> {
+    MAPS.iter()
+        .filter(|s| !pin_path.join(s.name).exists())
+        .map(|s| s.name)
+        .collect()
+}
+
+/// Brings reused pins of an older tarpit up to this layout, once the
+/// loader has created the maps that were `new` ([`missing`] before the
+/// load): automatic blocks move out of the admin's block list into their
+/// own part (admin entries stay). Logged; a failure leaves the admin's
+/// entries as they were and is not fatal.
+pub fn upgrade(pin_path: &Path, new: &[&str]) {
+    if !new.contains(&names::AUTO_BLOCK) {
+        return;
+    }
+    let res = super::KernelMaps::open(pin_path).and_then(|mut m| m.migrate_automatic_blocks());
+    match res {
+        Ok(r) if r.moved + r.dropped > 0 => tracing::info!(
+            moved = r.moved,
+            dropped = r.dropped,
+            "pins of an older tarpit: automatic blocks moved out of the admin's block list \
+             into {} (expired ones dropped); admin entries kept",
+            names::AUTO_BLOCK
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            "pins of an older tarpit: automatic blocks stay in the admin's block list ({e})"
+        ),
+    }
+}
+
 fn read_marker(path: &Path) -> Result<u64, KernelError> {
     let data = MapData::from_pin(path)
         .map_err(|e| KernelError::from_map(format!("cannot open {}", path.display()), e, None))?;
@@ -271,6 +317,7 @@ mod tests {
             names::IP_STATE,
             names::ALLOW,
             names::BLOCK,
+            names::AUTO_BLOCK,
             names::AUTH,
             names::SLOW,
             names::EVENTS,
@@ -282,7 +329,7 @@ mod tests {
         ] {
             assert!(spec_of(name).is_some(), "{name}");
         }
-        assert_eq!(MAPS.len(), 17);
+        assert_eq!(MAPS.len(), 18);
     }
 
     #[test]

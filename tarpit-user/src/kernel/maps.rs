@@ -34,6 +34,9 @@ pub struct ListItem {
     pub reason_code: u32,
     /// Block entry for every port, not only SMTP.
     pub all_ports: bool,
+    /// An automatic block (the agent's [`names::AUTO_BLOCK`] part), not
+    /// the admin's; always false on the allow list.
+    pub automatic: bool,
 }
 
 impl ListItem {
@@ -126,6 +129,56 @@ pub struct MapUsage {
     pub capacity: u32,
 }
 
+/// What [`KernelMaps::auto_block_add`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AutoBlockAdded {
+    /// False when an active admin entry for exactly this prefix is there
+    /// already (it stands; a second row would only confuse).
+    pub added: bool,
+    /// Automatic entries removed to make room, oldest first.
+    pub evicted: Vec<IpNet>,
+}
+
+/// Automatic blocks moved out of the admin's list by
+/// [`KernelMaps::migrate_automatic_blocks`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MigrateReport {
+    pub moved: usize,
+    /// Expired, or no room left: not moved, removed.
+    pub dropped: usize,
+}
+
+/// How many automatic entries one eviction removes at once: a scan of a
+/// full list costs about a second per million entries, so a flood pays it
+/// once per 1/64 of the list, not once per block.
+pub const fn evict_batch(capacity: u32) -> usize {
+    let n = (capacity / 64) as usize;
+    if n == 0 { 1 } else { n }
+}
+
+/// Which automatic entries make room for `want` new ones: every expired
+/// entry (the kernel ignores them already), then the oldest active ones by
+/// the time they were added (ties by prefix, so the choice is stable).
+/// `keep` (the prefix being written) is never chosen.
+pub fn eviction_victims(
+    items: &[ListItem],
+    now: BootInstant,
+    want: usize,
+    keep: Option<IpNet>,
+) -> Vec<IpNet> {
+    let mut candidates: Vec<&ListItem> = items.iter().filter(|i| Some(i.net) != keep).collect();
+    candidates.sort_by_key(|i| (i.is_active_at(now), i.added, i.net));
+    let expired = candidates
+        .iter()
+        .take_while(|i| !i.is_active_at(now))
+        .count();
+    candidates
+        .into_iter()
+        .take(expired.max(want))
+        .map(|i| i.net)
+        .collect()
+}
+
 /// Entries removed by [`KernelMaps::sweep_expired`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepReport {
@@ -146,11 +199,15 @@ pub struct KernelMaps {
     ip_state: HashMap<MapData, IpAddrKey, IpState>,
     allow: Trie,
     block: Trie,
+    /// `None` on pins made before the automatic part existed (an agent of
+    /// this version has not started there yet): everything is the admin's.
+    auto_block: Option<Trie>,
     auth: HashMap<MapData, IpAddrKey, TimedEntry>,
     slow: HashMap<MapData, IpAddrKey, TimedEntry>,
     counters: PerCpuArray<MapData, u64>,
     capacity_allow: u32,
     capacity_block: u32,
+    capacity_auto_block: u32,
 }
 
 fn open_map(pin_path: &Path, name: &str) -> Result<Map, KernelError> {
@@ -197,11 +254,17 @@ impl KernelMaps {
             ip_state: typed!(HashMap, pin_path, names::IP_STATE),
             allow: typed!(LpmTrie, pin_path, names::ALLOW),
             block: typed!(LpmTrie, pin_path, names::BLOCK),
+            auto_block: if pin_path.join(names::AUTO_BLOCK).exists() {
+                Some(typed!(LpmTrie, pin_path, names::AUTO_BLOCK))
+            } else {
+                None
+            },
             auth: typed!(HashMap, pin_path, names::AUTH),
             slow: typed!(HashMap, pin_path, names::SLOW),
             counters: typed!(PerCpuArray, pin_path, names::COUNTERS),
             capacity_allow: capacity(pin_path, names::ALLOW),
             capacity_block: capacity(pin_path, names::BLOCK),
+            capacity_auto_block: capacity(pin_path, names::AUTO_BLOCK),
         })
     }
 
@@ -271,7 +334,7 @@ impl KernelMaps {
         }
     }
 
-    fn list_all(trie: &Trie, map: &str) -> Result<Vec<ListItem>, KernelError> {
+    fn list_all(trie: &Trie, map: &str, automatic: bool) -> Result<Vec<ListItem>, KernelError> {
         let mut out = Vec::new();
         for item in trie.iter() {
             let (k, v) = item.map_err(|e| KernelError::from_map(format!("read {map}"), e, None))?;
@@ -281,6 +344,7 @@ impl KernelMaps {
                 expires: expiry_to_instant(v.expires_ns()),
                 reason_code: v.reason,
                 all_ports: v.all_ports(),
+                automatic,
             });
         }
         out.sort_by_key(|a| a.net);
@@ -323,7 +387,7 @@ impl KernelMaps {
     }
 
     pub fn allow_list(&self) -> Result<Vec<ListItem>, KernelError> {
-        Self::list_all(&self.allow, names::ALLOW)
+        Self::list_all(&self.allow, names::ALLOW, false)
     }
 
     /// The allow-list entry that covers `ip` now, if any.
@@ -331,16 +395,15 @@ impl KernelMaps {
         Ok(Self::list_match(self.allow_list()?, ip))
     }
 
-    /// Adds (or replaces) a block-list prefix.
+    /// Adds (or replaces) a block-list prefix. The admin's entries
+    /// ([`BlockReason::Manual`]) go to the admin's list and fail only when
+    /// that list is full; every other reason is an automatic block
+    /// ([`Self::auto_block_add`]), which makes its own room.
     pub fn block_add(&mut self, net: IpNet, spec: BlockSpec) -> Result<(), KernelError> {
-        let k = prefix::key_of(&net);
-        let entry = ListEntry::new(
-            k.prefix_len(),
-            BootInstant::now().0,
-            expiry_from_ttl(spec.ttl),
-            spec.reason.code(),
-            if spec.all_ports { LIST_F_ALL_PORTS } else { 0 },
-        );
+        if spec.reason != BlockReason::Manual && self.auto_block.is_some() {
+            return self.auto_block_add(net, spec).map(|_| ());
+        }
+        let entry = Self::block_entry(&net, BootInstant::now(), spec);
         Self::list_add(
             &mut self.block,
             names::BLOCK,
@@ -348,21 +411,159 @@ impl KernelMaps {
             self.capacity_block,
             net,
             entry,
+        )?;
+        // The admin's word stands: an automatic entry for the same prefix
+        // would only show twice.
+        if let Some(auto) = &mut self.auto_block {
+            Self::list_del(auto, names::AUTO_BLOCK, net)?;
+        }
+        Ok(())
+    }
+
+    fn block_entry(net: &IpNet, now: BootInstant, spec: BlockSpec) -> ListEntry {
+        ListEntry::new(
+            prefix::key_of(net).prefix_len(),
+            now.0,
+            expiry_from_ttl(spec.ttl),
+            spec.reason.code(),
+            if spec.all_ports { LIST_F_ALL_PORTS } else { 0 },
         )
     }
 
-    /// Removes a block-list prefix; `false` when it was not there.
-    pub fn block_del(&mut self, net: IpNet) -> Result<bool, KernelError> {
-        Self::list_del(&mut self.block, names::BLOCK, net)
+    /// Puts an automatic block on the agent's part of the block list. When
+    /// that part is full, its expired and then its oldest entries make
+    /// room ([`eviction_victims`], [`evict_batch`] at a time); the admin's
+    /// list is never touched, so `tarpit block add` never fails because of
+    /// a flood of offenders.
+    pub fn auto_block_add(
+        &mut self,
+        net: IpNet,
+        spec: BlockSpec,
+    ) -> Result<AutoBlockAdded, KernelError> {
+        let now = BootInstant::now();
+        let entry = Self::block_entry(&net, now, spec);
+        if self.admin_holds(&net, now) {
+            return Ok(AutoBlockAdded::default());
+        }
+        let evicted = self.auto_insert(net, entry, now)?;
+        Ok(AutoBlockAdded {
+            added: true,
+            evicted,
+        })
     }
 
+    /// Whether the admin's list has an active entry for exactly `net`.
+    fn admin_holds(&self, net: &IpNet, now: BootInstant) -> bool {
+        let k = prefix::key_of(net);
+        // An LPM lookup returns the longest match: exact when its own
+        // prefix length is the key's.
+        self.block.get(&k, 0).is_ok_and(|e| {
+            e.prefix_len == k.prefix_len() && (e.expires_ns() == 0 || now.0 < e.expires_ns())
+        })
+    }
+
+    /// Inserts into the automatic part, evicting when it is full; returns
+    /// what was evicted.
+    fn auto_insert(
+        &mut self,
+        net: IpNet,
+        entry: ListEntry,
+        now: BootInstant,
+    ) -> Result<Vec<IpNet>, KernelError> {
+        let cap = self.capacity_auto_block;
+        let Some(auto) = &mut self.auto_block else {
+            return Err(KernelError::Invalid(format!(
+                "no {} map at {}: start the agent once to create it",
+                names::AUTO_BLOCK,
+                self.pin_path.display()
+            )));
+        };
+        let add = |auto: &mut Trie| {
+            Self::list_add(
+                auto,
+                names::AUTO_BLOCK,
+                "auto_block_entries",
+                cap,
+                net,
+                entry,
+            )
+        };
+        match add(auto) {
+            Ok(()) => return Ok(Vec::new()),
+            Err(KernelError::MapFull { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let items = Self::list_all(auto, names::AUTO_BLOCK, true)?;
+        let mut evicted = Vec::new();
+        for victim in eviction_victims(&items, now, evict_batch(cap), Some(net)) {
+            if Self::list_del(auto, names::AUTO_BLOCK, victim)? {
+                evicted.push(victim);
+            }
+        }
+        add(auto)?;
+        Ok(evicted)
+    }
+
+    /// Removes a block-list prefix from both parts; `false` when it was in
+    /// neither.
+    pub fn block_del(&mut self, net: IpNet) -> Result<bool, KernelError> {
+        let admin = Self::list_del(&mut self.block, names::BLOCK, net)?;
+        let auto = match &mut self.auto_block {
+            Some(auto) => Self::list_del(auto, names::AUTO_BLOCK, net)?,
+            None => false,
+        };
+        Ok(admin || auto)
+    }
+
+    /// Both parts of the block list, sorted by prefix (automatic entries
+    /// say so in [`ListItem::automatic`]).
     pub fn block_list(&self) -> Result<Vec<ListItem>, KernelError> {
-        Self::list_all(&self.block, names::BLOCK)
+        let mut out = Self::list_all(&self.block, names::BLOCK, false)?;
+        if let Some(auto) = &self.auto_block {
+            out.extend(Self::list_all(auto, names::AUTO_BLOCK, true)?);
+            out.sort_by_key(|a| a.net);
+        }
+        Ok(out)
     }
 
     /// The block-list entry that covers `ip` now, if any.
     pub fn block_match(&self, ip: IpAddr) -> Result<Option<ListItem>, KernelError> {
         Ok(Self::list_match(self.block_list()?, ip))
+    }
+
+    /// Moves automatic blocks (any reason but manual) out of the admin's
+    /// list into the automatic part: pins of an older tarpit kept both in
+    /// one list. Admin entries stay where they are; expired ones, and any
+    /// the automatic part has no room for, are removed.
+    pub fn migrate_automatic_blocks(&mut self) -> Result<MigrateReport, KernelError> {
+        let mut report = MigrateReport::default();
+        if self.auto_block.is_none() {
+            return Ok(report);
+        }
+        let now = BootInstant::now();
+        let manual = BlockReason::Manual.code();
+        for item in Self::list_all(&self.block, names::BLOCK, false)? {
+            if item.reason_code == manual {
+                continue;
+            }
+            let moved = item.is_active_at(now) && {
+                let entry = ListEntry::new(
+                    prefix::key_of(&item.net).prefix_len(),
+                    item.added.0,
+                    item.expires.map_or(0, |e| e.0),
+                    item.reason_code,
+                    if item.all_ports { LIST_F_ALL_PORTS } else { 0 },
+                );
+                self.auto_insert(item.net, entry, now).is_ok()
+            };
+            Self::list_del(&mut self.block, names::BLOCK, item.net)?;
+            if moved {
+                report.moved += 1;
+            } else {
+                report.dropped += 1;
+            }
+        }
+        Ok(report)
     }
 
     // ---- authenticated and slowed addresses ----
@@ -472,7 +673,15 @@ impl KernelMaps {
             }
         }
         for item in self.block_list()? {
-            if !item.is_active_at(now) && self.block_del(item.net)? {
+            if item.is_active_at(now) {
+                continue;
+            }
+            // From its own part only: the same prefix may be active in the other.
+            let gone = match (&mut self.auto_block, item.automatic) {
+                (Some(auto), true) => Self::list_del(auto, names::AUTO_BLOCK, item.net)?,
+                _ => Self::list_del(&mut self.block, names::BLOCK, item.net)?,
+            };
+            if gone {
                 report.block += 1;
             }
         }
@@ -586,16 +795,24 @@ impl KernelMaps {
     pub fn usage(&self) -> Result<Vec<MapUsage>, KernelError> {
         let mut out = Vec::new();
         for spec in MAPS {
-            let info =
-                aya::maps::MapInfo::from_pin(self.pin_path.join(spec.name)).map_err(|e| {
-                    KernelError::from_map(format!("inspect map {}", spec.name), e, None)
-                })?;
+            let pin = self.pin_path.join(spec.name);
+            // A map new in this version, on pins of an older one.
+            if !pin.exists() {
+                continue;
+            }
+            let info = aya::maps::MapInfo::from_pin(&pin).map_err(|e| {
+                KernelError::from_map(format!("inspect map {}", spec.name), e, None)
+            })?;
             let entries = match spec.name {
                 names::SYN_COUNT => Some(self.syn_count.keys().filter(|k| k.is_ok()).count()),
                 names::FLOWS => Some(self.flow_count()),
                 names::IP_STATE => Some(self.ip_state.keys().filter(|k| k.is_ok()).count()),
                 names::ALLOW => Some(self.allow.keys().filter(|k| k.is_ok()).count()),
                 names::BLOCK => Some(self.block.keys().filter(|k| k.is_ok()).count()),
+                names::AUTO_BLOCK => self
+                    .auto_block
+                    .as_ref()
+                    .map(|t| t.keys().filter(|k| k.is_ok()).count()),
                 names::AUTH => Some(self.auth.keys().filter(|k| k.is_ok()).count()),
                 names::SLOW => Some(self.slow.keys().filter(|k| k.is_ok()).count()),
                 _ => None,
@@ -683,6 +900,7 @@ mod tests {
             expires,
             reason_code: 0,
             all_ports: false,
+            automatic: true,
         };
         let ip: IpAddr = "198.51.100.7".parse().unwrap();
         let items = vec![
@@ -699,5 +917,56 @@ mod tests {
         let m = KernelMaps::list_match(items, ip).unwrap();
         assert_eq!(m.net, "198.51.100.0/24".parse::<IpNet>().unwrap());
         assert!(KernelMaps::list_match(vec![item("fd5b:1e00::/64", None)], ip).is_none());
+    }
+
+    fn auto_item(net: &str, added: u64, expires: Option<u64>) -> ListItem {
+        ListItem {
+            net: net.parse().unwrap(),
+            added: BootInstant(added),
+            expires: expires.map(BootInstant),
+            reason_code: BlockReason::Pregreet.code(),
+            all_ports: false,
+            automatic: true,
+        }
+    }
+
+    #[test]
+    fn eviction_takes_expired_entries_then_the_oldest() {
+        let now = BootInstant(1_000);
+        let items = vec![
+            auto_item("198.51.100.3/32", 300, Some(5_000)),
+            auto_item("198.51.100.1/32", 100, Some(5_000)),
+            auto_item("fd5b:1e00::/64", 200, None),
+            auto_item("198.51.100.9/32", 900, Some(999)), // expired
+            auto_item("198.51.100.2/32", 100, Some(5_000)),
+        ];
+        let nets = |v: Vec<IpNet>| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        // The expired one is free room; the oldest by added time next, ties
+        // by prefix.
+        assert_eq!(
+            nets(eviction_victims(&items, now, 3, None)),
+            ["198.51.100.9/32", "198.51.100.1/32", "198.51.100.2/32"]
+        );
+        // Every expired entry goes, even beyond the batch.
+        assert_eq!(
+            nets(eviction_victims(&items, now, 0, None)),
+            ["198.51.100.9/32"]
+        );
+        // The prefix being written is never its own victim.
+        let keep = "198.51.100.1/32".parse().ok();
+        assert_eq!(
+            nets(eviction_victims(&items, now, 2, keep)),
+            ["198.51.100.9/32", "198.51.100.2/32"]
+        );
+        assert_eq!(eviction_victims(&items, now, 99, None).len(), 5);
+        assert!(eviction_victims(&[], now, 1, None).is_empty());
+    }
+
+    #[test]
+    fn eviction_batches_are_a_sixty_fourth_and_at_least_one() {
+        assert_eq!(evict_batch(1), 1);
+        assert_eq!(evict_batch(8), 1);
+        assert_eq!(evict_batch(128), 2);
+        assert_eq!(evict_batch(65_536), 1024);
     }
 }

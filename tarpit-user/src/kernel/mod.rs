@@ -50,8 +50,8 @@ pub use ipnet::IpNet;
 pub use layout::{MAPS, MapSpec, spec_of};
 pub use lookup::AllowLookup;
 pub use maps::{
-    BlockSpec, KernelCounters, KernelMaps, ListItem, MapUsage, PreGreetVerdict, SweepReport,
-    TimedItem,
+    AutoBlockAdded, BlockSpec, KernelCounters, KernelMaps, ListItem, MapUsage, MigrateReport,
+    PreGreetVerdict, SweepReport, TimedItem, evict_batch, eviction_victims,
 };
 pub use netns::in_netns;
 pub use steering::{
@@ -137,6 +137,11 @@ impl Kernel {
         layout::recreate_transient(&cfg.pin_path)?;
         // Refuse maps of another layout before aya would silently reuse them.
         let reused = layout::check(&cfg.pin_path)? == layout::PinState::Compatible;
+        let new_maps = if reused {
+            layout::missing(&cfg.pin_path)
+        } else {
+            Vec::new()
+        };
 
         let pins: Vec<(&str, PathBuf)> = MAPS
             .iter()
@@ -149,6 +154,7 @@ impl Kernel {
             (names::IP_STATE, cfg.ip_state_entries),
             (names::ALLOW, cfg.allow_entries),
             (names::BLOCK, cfg.block_entries),
+            (names::AUTO_BLOCK, cfg.auto_block_entries),
             (names::AUTH, cfg.auth_entries),
             (names::SLOW, cfg.slow_entries),
             (names::EVENTS, cfg.events_bytes),
@@ -170,6 +176,7 @@ impl Kernel {
             ebpf.map_mut(names::LAYOUT)
                 .context("the kernel object has no LAYOUT map")?,
         )?;
+        layout::upgrade(&cfg.pin_path, &new_maps);
 
         let mut kernel = Kernel {
             ebpf,
@@ -431,6 +438,7 @@ fn warn_resized(cfg: &KernelConfig) {
             "ip_state_entries" => cfg.ip_state_entries,
             "allow_entries" => cfg.allow_entries,
             "block_entries" => cfg.block_entries,
+            "auto_block_entries" => cfg.auto_block_entries,
             "auth_entries" => cfg.auth_entries,
             "slow_entries" => cfg.slow_entries,
             "events_bytes" => cfg.events_bytes,

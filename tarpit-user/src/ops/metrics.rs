@@ -24,6 +24,7 @@ type Labels = Vec<(&'static str, String)>;
 /// Block-list churn, counted by whoever adds or sweeps entries.
 static BLOCKS_ADDED: AtomicU64 = AtomicU64::new(0);
 static BLOCKS_EXPIRED: AtomicU64 = AtomicU64::new(0);
+static BLOCKS_EVICTED: AtomicU64 = AtomicU64::new(0);
 
 /// Kernel features and whether this kernel runs them, as found at start
 /// (a verifier that refuses a program degrades its feature, see
@@ -48,6 +49,12 @@ pub fn blocks_added(n: u64) {
 /// `n` expired block-list entries were swept from the kernel's map.
 pub fn blocks_expired(n: u64) {
     BLOCKS_EXPIRED.fetch_add(n, Relaxed);
+}
+
+/// `n` automatic blocks were evicted to make room for newer ones (the
+/// automatic part of the block list was full).
+pub fn blocks_evicted(n: u64) {
+    BLOCKS_EVICTED.fetch_add(n, Relaxed);
 }
 
 /// Scrape-time source of the operational metrics.
@@ -121,6 +128,12 @@ impl OpsMetrics {
                 "Expired block-list entries swept from the kernel's map",
                 &BLOCKS_EXPIRED,
             ),
+            (
+                "blocks_evicted",
+                "Automatic blocks evicted, oldest first, when their part of the block list \
+                 (kernel.auto_block_entries) was full",
+                &BLOCKS_EVICTED,
+            ),
         ] {
             let c = Counter::<u64>::default();
             c.inc_by(v.load(Relaxed));
@@ -192,6 +205,8 @@ impl OpsMetrics {
                     }
                     capacity.get_or_create(&l).set(i64::from(u.capacity));
                 }
+                // BLOCK is the admin's part of the block list, AUTO_BLOCK
+                // the automatic one: each has its own fill.
                 reg.register("map_entries", "Entries in each kernel map", entries);
                 reg.register(
                     "map_capacity",
@@ -256,6 +271,14 @@ mod tests {
         let v: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(v >= 2);
         assert!(out.contains("tarpit_blocks_expired_total"), "{out}");
+        blocks_evicted(3);
+        let mut out = String::new();
+        m.render(&mut out);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("tarpit_blocks_evicted_total "))
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(line.rsplit(' ').next().unwrap().parse::<u64>().unwrap() >= 3);
         kernel_feature("pregreet", false);
         kernel_feature("pregreet", true);
         kernel_feature("sock_ops", false);

@@ -201,6 +201,7 @@ fn carry_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!("kernel.ip_state_entries", kernel.ip_state_entries);
     keep!("kernel.allow_entries", kernel.allow_entries);
     keep!("kernel.block_entries", kernel.block_entries);
+    keep!("kernel.auto_block_entries", kernel.auto_block_entries);
     keep!("kernel.auth_entries", kernel.auth_entries);
     keep!("kernel.slow_entries", kernel.slow_entries);
     keep!("kernel.events_bytes", kernel.events_bytes);
