@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use socket2::{Domain, Socket, Type};
+use socket2::Socket;
 use tarpit::config::KernelConfig;
 use tarpit::kernel::{Kernel, KernelMaps};
 use tarpit_tests::{PinDir, TestCgroup, TestNet};
@@ -206,19 +206,9 @@ pub fn connect_from(
     dst: SocketAddr,
     timeout: Duration,
 ) -> Result<TcpStream> {
-    net.in_client(|| -> Result<TcpStream> {
-        let domain = if src.is_ipv4() {
-            Domain::IPV4
-        } else {
-            Domain::IPV6
-        };
-        let s = Socket::new(domain, Type::STREAM, None)?;
-        s.bind(&SocketAddr::new(src, 0).into())?;
-        s.connect_timeout(&dst.into(), timeout)?;
-        let s: TcpStream = s.into();
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(s)
-    })?
+    let s = tarpit_tests::smtp_client::tcp_connect_within(net, src, dst, timeout)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(s)
 }
 
 /// Reads CRLF lines until one starts with `prefix` (returns it).

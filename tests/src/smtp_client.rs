@@ -69,8 +69,18 @@ pub struct Reply {
 }
 
 /// A plain TCP connection from `src` (any address of the client
-/// namespace) to `dst`.
+/// namespace) to `dst`, given 5 s.
 pub fn tcp_connect(net: &TestNet, src: IpAddr, dst: SocketAddr) -> Result<TcpStream> {
+    tcp_connect_within(net, src, dst, Duration::from_secs(5))
+}
+
+/// [`tcp_connect`], given `timeout`.
+pub fn tcp_connect_within(
+    net: &TestNet,
+    src: IpAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream> {
     net.in_client(|| -> Result<TcpStream> {
         let domain = if src.is_ipv4() {
             Domain::IPV4
@@ -79,7 +89,7 @@ pub fn tcp_connect(net: &TestNet, src: IpAddr, dst: SocketAddr) -> Result<TcpStr
         };
         let s = Socket::new(domain, Type::STREAM, None)?;
         s.bind(&SocketAddr::new(src, 0).into())?;
-        s.connect_timeout(&dst.into(), Duration::from_secs(5))
+        s.connect_timeout(&dst.into(), timeout)
             .with_context(|| format!("connect {src} -> {dst}"))?;
         Ok(s.into())
     })
