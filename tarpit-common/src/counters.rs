@@ -57,6 +57,27 @@ pub enum Counter {
     /// tc: client payload on a tracked flow with the wrong sequence number
     /// or acknowledgment (forged or stray): ignored.
     TcOutOfWindow = 22,
+    /// XDP hold: SYNs from held addresses answered with a zero-window
+    /// SYN-ACK (a SYN cookie; no socket).
+    HoldSynAnswered = 23,
+    /// XDP hold: handshakes completed (the ACK carried a valid cookie).
+    HoldHandshakes = 24,
+    /// XDP hold: data segments and window probes answered with a
+    /// zero-window ACK that acknowledges nothing new.
+    HoldProbesAnswered = 25,
+    /// XDP hold: payload bytes held bots sent into the void (every
+    /// segment, retransmissions too).
+    HoldBytesVoid = 26,
+    /// XDP hold: replies refused by the per-source or total cap (the
+    /// packet is dropped).
+    HoldRateLimited = 27,
+    /// XDP hold: packets of held addresses dropped because the hold
+    /// program is not there (kernel before 6.0, or XDP_TX cannot work on
+    /// an interface).
+    HoldUnavailable = 28,
+    /// XDP hold: packets of held addresses dropped without a reply: FIN,
+    /// RST, IP options or IPv6 extension headers, fragments, failures.
+    HoldDropped = 29,
 }
 
 /// Drop counters per block reason start here (`DROP_REASON_BASE + code`).
@@ -65,7 +86,7 @@ pub const DROP_REASON_BASE: u32 = 32;
 pub const COUNTERS_LEN: u32 = DROP_REASON_BASE + MAX_REASONS;
 
 impl Counter {
-    pub const ALL: [Counter; 23] = [
+    pub const ALL: [Counter; 30] = [
         Counter::XdpPass,
         Counter::XdpDrop,
         Counter::XdpAllowed,
@@ -89,6 +110,13 @@ impl Counter {
         Counter::Fragments,
         Counter::TcFlowUnseen,
         Counter::TcOutOfWindow,
+        Counter::HoldSynAnswered,
+        Counter::HoldHandshakes,
+        Counter::HoldProbesAnswered,
+        Counter::HoldBytesVoid,
+        Counter::HoldRateLimited,
+        Counter::HoldUnavailable,
+        Counter::HoldDropped,
     ];
 
     pub const fn index(self) -> u32 {
@@ -121,6 +149,13 @@ impl Counter {
             Counter::Fragments => "fragments",
             Counter::TcFlowUnseen => "tc_flow_unseen",
             Counter::TcOutOfWindow => "tc_out_of_window",
+            Counter::HoldSynAnswered => "hold_syn_answered",
+            Counter::HoldHandshakes => "hold_handshakes",
+            Counter::HoldProbesAnswered => "hold_probes_answered",
+            Counter::HoldBytesVoid => "hold_bytes_void",
+            Counter::HoldRateLimited => "hold_rate_limited",
+            Counter::HoldUnavailable => "hold_unavailable",
+            Counter::HoldDropped => "hold_dropped",
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod addr;
 pub mod counters;
 pub mod events;
 pub mod greeting;
+pub mod hold;
 pub mod lists;
 pub mod maps;
 pub mod parse;

@@ -13,6 +13,11 @@ pub const V4_MAPPED_PREFIX: u32 = 96;
 
 /// `ListEntry::flags`: a block entry that drops every port, not only SMTP.
 pub const LIST_F_ALL_PORTS: u32 = 1 << 0;
+/// `ListEntry::flags`: a block entry whose TCP connections to the SMTP
+/// ports are held in the kernel with a zero window instead of dropped
+/// (see [`crate::hold`]). Kernels or programs that know nothing of it
+/// drop, which is what the entry did before.
+pub const LIST_F_HOLD: u32 = 1 << 1;
 
 /// Value of an allow or block list entry. Only 4-byte fields: an LPM trie
 /// stores the value right after its 20-byte key, so it must not need
@@ -76,6 +81,12 @@ impl ListEntry {
     #[inline(always)]
     pub fn all_ports(&self) -> bool {
         self.flags & LIST_F_ALL_PORTS != 0
+    }
+
+    /// Held in the kernel rather than dropped (SMTP ports only).
+    #[inline(always)]
+    pub fn hold(&self) -> bool {
+        self.flags & LIST_F_HOLD != 0
     }
 }
 

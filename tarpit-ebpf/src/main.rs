@@ -7,6 +7,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod hold;
 mod maps;
 mod sk_lookup;
 mod sockops;

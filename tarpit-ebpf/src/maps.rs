@@ -3,8 +3,8 @@
 //! the loader overrides from the agent's configuration.
 use aya_ebpf::{
     btf_maps::{
-        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SkStorage, SockMap,
-        lpm_trie::Key,
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SkStorage,
+        SockMap, lpm_trie::Key,
     },
     helpers::bpf_ktime_get_boot_ns,
     macros::btf_map,
@@ -13,6 +13,7 @@ use tarpit_common::{
     AttachKey, Counter, Event, FlowKey, FlowState, IpAddrKey, IpState, ListEntry, TimedEntry,
     counters::COUNTERS_LEN,
     events::EVENT_IP_TABLE_FULL,
+    hold::{HOLD_RATE_ENTRIES, HoldSettings},
     maps::{
         ALLOW_ENTRIES, ATTACHMENTS_ENTRIES, AUTH_ENTRIES, AUTO_BLOCK_ENTRIES, BLOCK_ENTRIES,
         EVENTS_BYTES, FLOWS_ENTRIES, IP_STATE_ENTRIES, SETTING_EVENTS, SLOW_ENTRIES,
@@ -89,6 +90,25 @@ pub static STEER_SETTINGS: Array<SteerSettings, 1> = Array::new();
 #[btf_map]
 pub static STEER_COUNTERS: PerCpuArray<u64, { STEER_COUNTERS_LEN as usize }> = PerCpuArray::new();
 
+/// The kernel hold (see `tarpit_common::hold`): the hold program's slot,
+/// its reply caps and the state of the caps.
+#[btf_map]
+pub static HOLD_PROGS: ProgramArray<1> = ProgramArray::new();
+
+#[btf_map]
+pub static HOLD_SETTINGS: Array<HoldSettings, 1> = Array::new();
+
+#[btf_map]
+pub static HOLD_RATE: LruHashMap<IpAddrKey, u64, { HOLD_RATE_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static HOLD_CPU_RATE: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// The hold program's header buffers (kernel only).
+#[btf_map]
+pub static HOLD_SCRATCH: PerCpuArray<crate::hold::HoldScratch, 1> = PerCpuArray::new();
+
 /// The live settings; all-zero (no SMTP port watched) until the loader
 /// writes them, which makes a freshly loaded program a no-op.
 #[inline(always)]
@@ -104,6 +124,14 @@ pub fn now_ns() -> u64 {
 #[inline(always)]
 pub fn count(c: Counter) {
     count_index(c.index());
+}
+
+/// Adds `n` to this CPU's slot of a counter.
+#[inline(always)]
+pub fn count_add(c: Counter, n: u64) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c.index()) {
+        unsafe { *p += n };
+    }
 }
 
 /// Adds one to this CPU's slot of a counter and returns the new value.

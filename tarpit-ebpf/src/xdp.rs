@@ -5,6 +5,8 @@
 //!   matches; the allow list is consulted only then. The admin's list is
 //!   looked up first, the agent's automatic blocks only when it has no
 //!   entry, so an ordinary packet costs two prefix lookups.
+//! - Held sources (block entries with the hold flag) are handed to the
+//!   hold program (`hold`) on the SMTP ports by a tail call.
 //! - Counts connection attempts (SYN without ACK) to a watched SMTP port per
 //!   source address. Counting SYNs rather than packets keeps the figure
 //!   deterministic: ACKs, retransmits and GRO make packet counts vary.
@@ -91,6 +93,13 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
     if !settings.has(SETTING_BLOCK) {
         count(Counter::XdpBlockDisabled);
         return xdp_action::XDP_PASS;
+    }
+    // Held addresses: the hold program answers on the SMTP ports (it does
+    // not come back). No hold program (kernel before 6.0, XDP_TX not
+    // possible): dropped as any block.
+    if block.hold() && smtp_port {
+        crate::hold::enter(&ctx);
+        count(Counter::HoldUnavailable);
     }
     count(Counter::XdpDrop);
     let n = count_index(drop_reason_index(block.reason));

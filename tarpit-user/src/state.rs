@@ -392,6 +392,7 @@ pub fn restore(pin_path: &Path, state_file: &Path) -> anyhow::Result<RestoreRepo
             ttl: ttl_of(e.expires_at),
             reason: BlockReason::Manual,
             all_ports: e.all_ports,
+            hold: false,
         };
         match maps.block_add(e.cidr, spec) {
             Ok(()) => report.block += 1,

@@ -45,6 +45,7 @@ fn per_packet_cost_of_each_program() {
                 ttl: None,
                 reason: BlockReason::Manual,
                 all_ports: false,
+                hold: false,
             },
         )
         .unwrap();
@@ -164,6 +165,7 @@ fn in_kernel_cost_per_packet_by_test_run() {
                 ttl: None,
                 reason: BlockReason::Manual,
                 all_ports: false,
+                hold: false,
             },
         )
         .unwrap();

@@ -140,6 +140,7 @@ fn restart_keeps_state_and_replaces_every_program_in_place() {
                 ttl: Some(Duration::from_secs(3600)),
                 reason: BlockReason::Dnsbl,
                 all_ports: false,
+                hold: false,
             },
         )
         .unwrap();

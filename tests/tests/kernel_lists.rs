@@ -58,6 +58,7 @@ fn block(w: &World, n: &str, ttl: Option<Duration>, all_ports: bool) {
                 ttl,
                 reason: BlockReason::Manual,
                 all_ports,
+                hold: false,
             },
         )
         .unwrap();
@@ -84,6 +85,7 @@ fn blocked_source_cannot_reach_smtp_ports_but_other_ports_work() {
                     ttl: Some(Duration::from_secs(600)),
                     reason: BlockReason::Pregreet,
                     all_ports: false,
+                    hold: false,
                 },
             )
             .unwrap();
@@ -287,6 +289,7 @@ fn full_lists_refuse_new_entries_with_a_clear_error() {
                 ttl: None,
                 reason: BlockReason::Manual,
                 all_ports: false,
+                hold: false,
             },
         )
         .unwrap();
@@ -311,6 +314,7 @@ fn full_lists_refuse_new_entries_with_a_clear_error() {
                 ttl: None,
                 reason: BlockReason::Manual,
                 all_ports: false,
+                hold: false,
             },
         )
         .unwrap_err();

@@ -261,6 +261,7 @@ fn tcp_behind_ipv6_extension_headers_is_parsed_and_blocked() {
             ttl: None,
             reason: BlockReason::Manual,
             all_ports: false,
+            hold: false,
         },
     )
     .unwrap();

@@ -271,6 +271,7 @@ fn pins_of_an_older_tarpit_keep_admin_entries_and_move_automatic_ones() {
                 ttl: Some(Duration::from_secs(600)),
                 reason,
                 all_ports: false,
+                hold: false,
             },
         )
         .unwrap();

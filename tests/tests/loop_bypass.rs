@@ -254,6 +254,7 @@ fn a_killed_agent_fails_open_to_the_mta_and_a_restarted_one_takes_over_v4_and_v6
                 ttl: None,
                 reason: BlockReason::Manual,
                 all_ports: false,
+                hold: false,
             },
         )
         .unwrap();

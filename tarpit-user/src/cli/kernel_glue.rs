@@ -176,6 +176,7 @@ impl KernelMaps {
                     ttl,
                     reason,
                     all_ports,
+                    hold: false,
                 },
             )?,
         }

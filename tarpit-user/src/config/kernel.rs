@@ -58,6 +58,17 @@ pub struct KernelConfig {
     pub slow_entries: u32,
     /// Size of the event ring buffer in bytes (a power of two, >= 4096).
     pub events_bytes: u32,
+    /// Kernel hold (block entries that say `hold`): replies per second
+    /// XDP sends to one source address, SYN-ACKs and ACKs together. A
+    /// forged SYN flood with a held source gets no more than this.
+    pub hold_rate_per_source: u32,
+    /// Replies one source may get at once after a quiet spell.
+    pub hold_burst_per_source: u32,
+    /// Replies per second of the kernel hold in total, split evenly over
+    /// the CPUs (each CPU keeps its own share).
+    pub hold_rate_total: u32,
+    /// Burst of the total, split the same way.
+    pub hold_burst_total: u32,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -104,6 +115,10 @@ impl Default for KernelConfig {
             auth_entries: names::AUTH_ENTRIES,
             slow_entries: names::SLOW_ENTRIES,
             events_bytes: names::EVENTS_BYTES,
+            hold_rate_per_source: 20,
+            hold_burst_per_source: 40,
+            hold_rate_total: 20_000,
+            hold_burst_total: 40_000,
         }
     }
 }
@@ -181,6 +196,19 @@ impl KernelConfig {
                 "kernel.events_bytes",
                 "must be a power of two between 4096 and 1073741824",
             ));
+        }
+        for (key, v) in [
+            ("kernel.hold_rate_per_source", self.hold_rate_per_source),
+            ("kernel.hold_burst_per_source", self.hold_burst_per_source),
+            ("kernel.hold_rate_total", self.hold_rate_total),
+            ("kernel.hold_burst_total", self.hold_burst_total),
+        ] {
+            if v == 0 || v > 1_000_000_000 {
+                return Err(ConfigError::invalid(
+                    key,
+                    "must be between 1 and 1000000000 (block entries without `hold` send nothing)",
+                ));
+            }
         }
         if self.window_clamp > 1 << 30 {
             return Err(ConfigError::invalid(

@@ -12,6 +12,7 @@ use std::path::Path;
 use aya::maps::{Array, Map, MapData, MapType};
 use tarpit_common::{
     AttachKey, Event, FlowKey, FlowState, IpAddrKey, IpState, ListEntry, TimedEntry,
+    hold,
     maps::{self as names, LAYOUT_MAGIC, LAYOUT_VERSION, Settings},
     steer,
 };
@@ -119,6 +120,7 @@ pub const MAPS: &[MapSpec] = &[
         None,
     ),
     spec(steer::STEER_COUNTERS, MapType::PerCpuArray, 4, 8, None),
+    spec(hold::HOLD_PROGS, MapType::ProgramArray, 4, 4, None),
 ];
 
 const fn spec(
@@ -329,7 +331,7 @@ mod tests {
         ] {
             assert!(spec_of(name).is_some(), "{name}");
         }
-        assert_eq!(MAPS.len(), 18);
+        assert_eq!(MAPS.len(), 19);
     }
 
     #[test]

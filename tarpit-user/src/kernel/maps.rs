@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use tarpit_common::{
     BlockReason, Counter, FlowKey, FlowState, IpAddrKey, IpState, ListEntry, TimedEntry,
     counters::{COUNTERS_LEN, drop_reason_index},
-    lists::{LIST_F_ALL_PORTS, MAX_REASONS},
+    lists::{LIST_F_ALL_PORTS, LIST_F_HOLD, MAX_REASONS},
     maps::{self as names, Settings},
     state::{FLOW_F_PREGREET, FLOW_F_TEASER, FLOW_F_UNSEEN, FLOW_GREETED},
 };
@@ -37,6 +37,8 @@ pub struct ListItem {
     /// An automatic block (the agent's [`names::AUTO_BLOCK`] part), not
     /// the admin's; always false on the allow list.
     pub automatic: bool,
+    /// Held in the kernel (zero window, no socket) rather than dropped.
+    pub hold: bool,
 }
 
 impl ListItem {
@@ -57,6 +59,9 @@ pub struct BlockSpec {
     pub reason: BlockReason,
     /// Drop every port, not only the SMTP ports.
     pub all_ports: bool,
+    /// Hold TCP connections to the SMTP ports in the kernel (zero window,
+    /// no socket) instead of dropping them (`tarpit_common::hold`).
+    pub hold: bool,
 }
 
 /// An entry of the authenticated or slowed map.
@@ -345,6 +350,7 @@ impl KernelMaps {
                 reason_code: v.reason,
                 all_ports: v.all_ports(),
                 automatic,
+                hold: v.hold(),
             });
         }
         out.sort_by_key(|a| a.net);
@@ -426,7 +432,8 @@ impl KernelMaps {
             now.0,
             expiry_from_ttl(spec.ttl),
             spec.reason.code(),
-            if spec.all_ports { LIST_F_ALL_PORTS } else { 0 },
+            if spec.all_ports { LIST_F_ALL_PORTS } else { 0 }
+                | if spec.hold { LIST_F_HOLD } else { 0 },
         )
     }
 
@@ -552,7 +559,8 @@ impl KernelMaps {
                     item.added.0,
                     item.expires.map_or(0, |e| e.0),
                     item.reason_code,
-                    if item.all_ports { LIST_F_ALL_PORTS } else { 0 },
+                    if item.all_ports { LIST_F_ALL_PORTS } else { 0 }
+                        | if item.hold { LIST_F_HOLD } else { 0 },
                 );
                 self.auto_insert(item.net, entry, now).is_ok()
             };
@@ -901,6 +909,7 @@ mod tests {
             reason_code: 0,
             all_ports: false,
             automatic: true,
+            hold: false,
         };
         let ip: IpAddr = "198.51.100.7".parse().unwrap();
         let items = vec![
@@ -927,6 +936,7 @@ mod tests {
             reason_code: BlockReason::Pregreet.code(),
             all_ports: false,
             automatic: true,
+            hold: false,
         }
     }
 

@@ -14,6 +14,7 @@ mod bpffs;
 pub mod clock;
 mod error;
 mod events;
+mod hold;
 mod layout;
 mod listener;
 mod lookup;
@@ -23,6 +24,7 @@ mod object;
 mod prefix;
 mod steering;
 mod sys;
+mod xdp_tx;
 
 use std::path::{Path, PathBuf};
 
@@ -45,6 +47,7 @@ pub use bpffs::ensure_bpffs;
 pub use clock::BootInstant;
 pub use error::KernelError;
 pub use events::{EventKind, EventStream, KernelEvent};
+pub use hold::{HOLD_PROGRAM, settings_from as hold_settings_from};
 /// Prefixes in the list APIs (re-exported so callers need no own ipnet).
 pub use ipnet::IpNet;
 pub use layout::{MAPS, MapSpec, spec_of};
@@ -208,7 +211,13 @@ impl Kernel {
     /// `kernel.bpf_stats_enabled` sysctl is 1.
     pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
         let mut out = Vec::new();
-        for name in [XDP_PROGRAM, TC_IN_PROGRAM, TC_OUT_PROGRAM, SOCKOPS_PROGRAM] {
+        for name in [
+            XDP_PROGRAM,
+            HOLD_PROGRAM,
+            TC_IN_PROGRAM,
+            TC_OUT_PROGRAM,
+            SOCKOPS_PROGRAM,
+        ] {
             let Some(prog) = self.ebpf.program(name) else {
                 continue;
             };
@@ -287,6 +296,15 @@ impl Kernel {
                 }
             }
         }
+        // The hold needs the raw SYN-cookie helpers (Linux 6.0): without
+        // them held addresses are dropped, as any block entry.
+        if let Err(why) = hold::load(&mut self.ebpf) {
+            warn!(
+                "kernel hold unavailable on this kernel (needs Linux 6.0 or newer): held \
+                 addresses are dropped instead ({why})"
+            );
+            self.degraded.push(("hold", why));
+        }
         Ok(())
     }
 
@@ -299,7 +317,7 @@ impl Kernel {
     /// Each kernel feature and whether it runs here: the agent exports
     /// them as `tarpit_kernel_feature_available`.
     pub fn features(&self) -> Vec<(&'static str, bool)> {
-        ["xdp", "pregreet", "sock_ops"]
+        ["xdp", "pregreet", "sock_ops", "hold"]
             .into_iter()
             .map(|f| (f, !self.is_degraded(f)))
             .collect()
@@ -329,6 +347,20 @@ impl Kernel {
             let held = attach::xdp(xdp, &cfg.pin_path, netns, iface, mode, persist)?;
             self.hold(held, &mut keep);
         }
+        if !self.is_degraded("hold")
+            && let Some(why) = cfg
+                .interfaces
+                .iter()
+                .find_map(|i| xdp_tx::blocker(netns, i, cfg.xdp_mode))
+        {
+            warn!(
+                "kernel hold off: {why}; held addresses are dropped instead (give the peer an \
+                 XDP program, or set kernel.xdp_mode = \"skb\")"
+            );
+            self.degraded.push(("hold", why));
+        }
+        let hold_on = !self.is_degraded("hold");
+        hold::install(&mut self.ebpf, &cfg, hold_on)?;
         let tcx = use_tcx(&cfg);
         let tc_ok = !self.is_degraded("pregreet");
         if !tc_ok {
