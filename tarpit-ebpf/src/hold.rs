@@ -125,11 +125,22 @@ fn hold(ctx: &XdpContext) -> Option<u32> {
     } else {
         load(ctx, ETH_HLEN as u32, &mut sc.iph, IPV6_HLEN as u32)?;
     }
-    let th_len = (doff as u32) & (TCP_BUF as u32 - 1);
-    if th_len < 20 || th_len as usize != doff {
+    if !(20..=60).contains(&doff) {
         return None;
     }
-    load(ctx, l4 as u32, &mut sc.th, th_len)?;
+    // The fixed header, then the options one 32-bit word at a time: every
+    // load has a constant size (kernels before about 6.8 lose the bounds
+    // of a variable size the compiler spilled to the stack, and
+    // bpf_xdp_load_bytes refuses a size that might be zero).
+    load(ctx, l4 as u32, &mut sc.th, 20)?;
+    let mut w = 20usize;
+    for _ in 0..10 {
+        if w >= doff {
+            break;
+        }
+        load_word(ctx, (l4 + w) as u32, &mut sc.th, w)?;
+        w += 4;
+    }
     let (ts, tsecr) = find_timestamp(&sc.th, doff);
     let tsval = (unsafe { bpf_ktime_get_ns() } / 1_000_000) as u32;
 
@@ -145,6 +156,11 @@ fn hold(ctx: &XdpContext) -> Option<u32> {
             count(Counter::HoldRateLimited);
             return Some(xdp_action::XDP_DROP);
         }
+        // The header length as the helper wants it (equal to its data
+        // offset), computed from the copied header so that its bounds,
+        // 20..=80, come from the arithmetic itself: 6.1 refuses a size
+        // whose lower bound it lost in a stack spill.
+        let th_len = 20 + ((((sc.th[12] >> 4) as u32).wrapping_sub(5)) & 15) * 4;
         let iphp = sc.iph.as_mut_ptr();
         let thp = sc.th.as_mut_ptr() as *mut tcphdr;
         let r = unsafe {
@@ -230,6 +246,17 @@ fn load<const N: usize>(ctx: &XdpContext, off: u32, buf: &mut [u8; N], len: u32)
     (r == 0).then_some(())
 }
 
+/// Copies the 4 bytes at `off` into `buf[at..at + 4]`.
+#[inline(always)]
+fn load_word(ctx: &XdpContext, off: u32, buf: &mut [u8; TCP_BUF], at: usize) -> Option<()> {
+    if at > TCP_BUF - 4 {
+        return None;
+    }
+    let p = unsafe { buf.as_mut_ptr().add(at) };
+    let r = unsafe { bpf_xdp_load_bytes(ctx.ctx, off, p as *mut _, 4) };
+    (r == 0).then_some(())
+}
+
 #[inline(always)]
 fn store<const N: usize>(ctx: &XdpContext, off: u32, buf: &mut [u8; N], len: u32) -> Option<()> {
     if len as usize > N {
@@ -244,33 +271,44 @@ fn store<const N: usize>(ctx: &XdpContext, off: u32, buf: &mut [u8; N], len: u32
 fn find_timestamp(th: &[u8; TCP_BUF], doff: usize) -> (bool, u32) {
     let m = TCP_BUF - 1;
     let mut i = 20usize;
-    // At most 40 option bytes, each at least one byte long.
-    for _ in 0..40 {
-        if i + 1 >= doff {
+    // Eight options (NOPs count) cover every stack's SYN and segment
+    // layout (Linux: MSS, SACK-permitted, TS; BSD/macOS: MSS, NOP, WS,
+    // NOP, NOP, TS; segments: NOP, NOP, TS). Each step can fork the
+    // verifier's paths, so the walk stays short: a timestamp further back
+    // is not echoed, and the peer then just runs without timestamps.
+    // Bounds are compared against precomputed limits, never as `i + k`:
+    // the 6.12 verifier mistracks a register linked to another by a
+    // constant offset here ("REG INVARIANTS VIOLATION") and then refuses
+    // the read that follows.
+    let last_kind = doff - 1; // kind and length both fit before doff
+    let last_ts = doff - 10; // the whole timestamp option fits
+    for _ in 0..8 {
+        let at = i & m;
+        if at >= last_kind {
             break;
         }
-        let kind = th[i & m];
+        let kind = th[at];
         if kind == 0 {
             break;
         }
         if kind == TCP_OPT_NOP {
-            i += 1;
+            i = at + 1;
             continue;
         }
-        let len = th[(i + 1) & m] as usize;
+        let len = th[(at + 1) & m] as usize;
         if len < 2 {
             break;
         }
-        if kind == TCP_OPT_TS && len == 10 && i + 10 <= doff {
+        if kind == TCP_OPT_TS && len == 10 && at <= last_ts {
             let v = u32::from_be_bytes([
-                th[(i + 2) & m],
-                th[(i + 3) & m],
-                th[(i + 4) & m],
-                th[(i + 5) & m],
+                th[(at + 2) & m],
+                th[(at + 3) & m],
+                th[(at + 4) & m],
+                th[(at + 5) & m],
             ]);
             return (true, v);
         }
-        i += len;
+        i = at + len;
     }
     (false, 0)
 }
@@ -423,6 +461,12 @@ fn send(
         store(ctx, ETH_HLEN as u32, &mut sc.ip, IPV6_HLEN as u32)?;
     }
     let off = (ETH_HLEN + ip_len) as u32;
-    store(ctx, off, &mut sc.tcp, (tcp_len as u32) & 63)?;
+    // Constant sizes again (see the loads).
+    match tcp_len {
+        20 => store(ctx, off, &mut sc.tcp, 20)?,
+        24 => store(ctx, off, &mut sc.tcp, 24)?,
+        32 => store(ctx, off, &mut sc.tcp, 32)?,
+        _ => store(ctx, off, &mut sc.tcp, 36)?,
+    }
     Some(xdp_action::XDP_TX)
 }

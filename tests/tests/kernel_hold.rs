@@ -168,7 +168,7 @@ fn nothing_arrived(s: &mut TcpStream) -> bool {
 }
 
 #[test]
-fn held_waiters_and_talkers_have_no_socket_on_the_server_v4_and_v6() {
+fn xdp_hold_waiters_and_talkers_have_no_socket_on_the_server_v4_and_v6() {
     if !require_root() {
         return;
     }
@@ -240,7 +240,7 @@ fn held_waiters_and_talkers_have_no_socket_on_the_server_v4_and_v6() {
 }
 
 #[test]
-fn an_allow_listed_address_in_a_held_network_is_never_held_v4_and_v6() {
+fn xdp_hold_never_holds_an_allow_listed_address_v4_and_v6() {
     if !require_root() {
         return;
     }
@@ -318,7 +318,7 @@ fn flood(w: &World, frames: &[Vec<u8>], rate: u64, burst: u64) -> (u64, u64, u64
 }
 
 #[test]
-fn a_forged_syn_flood_gets_replies_within_the_caps() {
+fn xdp_hold_replies_to_a_forged_syn_flood_stay_within_the_caps() {
     if !require_root() {
         return;
     }
@@ -331,7 +331,9 @@ fn a_forged_syn_flood_gets_replies_within_the_caps() {
     let (w, _peer) = world_with(tweak);
     hold(&w, "198.51.100.128/25".parse().unwrap());
     hold(&w, "fd5b:1e00::8000:0/112".parse().unwrap());
-    if !hold_runs(&w, ip("198.51.100.130")) {
+    let probe = ip("198.51.100.129");
+    w.net.add_client_addr(probe).unwrap();
+    if !hold_runs(&w, probe) {
         return;
     }
     let mut cfg = w.config();
@@ -385,7 +387,7 @@ fn a_forged_syn_flood_gets_replies_within_the_caps() {
 }
 
 #[test]
-fn without_xdp_on_the_veth_peer_the_hold_falls_back_to_drop() {
+fn xdp_hold_falls_back_to_drop_without_xdp_on_the_veth_peer() {
     if !require_root() {
         return;
     }
