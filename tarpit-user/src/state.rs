@@ -124,6 +124,10 @@ pub struct BlockEntry {
     /// Drop every port, not only the SMTP ports.
     #[serde(default)]
     pub all_ports: bool,
+    /// Hold connections to the SMTP ports in the kernel (zero window, no
+    /// socket) instead of dropping them. Absent in older files: drop.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold: bool,
     #[serde(default)]
     pub comment: Option<String>,
 }
@@ -392,7 +396,7 @@ pub fn restore(pin_path: &Path, state_file: &Path) -> anyhow::Result<RestoreRepo
             ttl: ttl_of(e.expires_at),
             reason: BlockReason::Manual,
             all_ports: e.all_ports,
-            hold: false,
+            hold: e.hold,
         };
         match maps.block_add(e.cidr, spec) {
             Ok(()) => report.block += 1,
@@ -467,6 +471,7 @@ mod tests {
             added_at: 100,
             expires_at,
             all_ports: true,
+            hold: false,
             comment: None,
         }
     }

@@ -61,6 +61,7 @@ pub fn run(ctx: &Context, cmd: AllowCommand) -> Result<()> {
                 ttl,
                 comment,
                 all_ports: false,
+                hold: false,
             },
         ),
         AllowCommand::Del { cidr } => lists::del(ctx, List::Allow, cidr),

@@ -31,6 +31,12 @@ pub enum BlockCommand {
         /// Drop every port, not only the SMTP ports (kernel.smtp_ports).
         #[arg(long)]
         all_ports: bool,
+        /// Hold TCP connections to the SMTP ports in the kernel instead of
+        /// dropping them: XDP answers with a zero window and a SYN cookie,
+        /// the bot keeps its socket and waits, this host keeps nothing
+        /// (Linux 6.0+; elsewhere dropped as without it).
+        #[arg(long)]
+        hold: bool,
         /// Why the entry is there (kept in the state file, shown by `list`).
         #[arg(long, value_name = "TEXT")]
         comment: Option<String>,
@@ -61,6 +67,7 @@ pub fn run(ctx: &Context, cmd: BlockCommand) -> Result<()> {
             cidr,
             ttl,
             all_ports,
+            hold,
             comment,
         } => lists::add(
             ctx,
@@ -70,6 +77,7 @@ pub fn run(ctx: &Context, cmd: BlockCommand) -> Result<()> {
                 ttl,
                 comment,
                 all_ports,
+                hold,
             },
         ),
         BlockCommand::Del { cidr } => lists::del(ctx, List::Block, cidr),

@@ -107,13 +107,18 @@ EXAMPLES:
 pub const BLOCK: &str = concat!(
     "Block-listed sources are dropped by XDP on the SMTP ports (on every port
 with --all-ports) before a socket, a SYN cookie or a process exists. An
-allow-list entry wins over a block entry. Entries with a --ttl expire in the
+allow-list entry wins over a block entry. With --hold, XDP instead answers
+the source's connections to the SMTP ports itself with a zero window and a
+SYN cookie: the bot's connect() succeeds and it waits for a banner that
+never comes, while this host keeps no socket (Linux 6.0+; dropped on older
+kernels). Entries with a --ttl expire in the
 kernel by themselves, with or without the agent. Changes take effect at
 once and are written to the state file, so they survive a reboot.
 
 EXAMPLES:
   tarpit block add 203.0.113.0/24 --ttl 1d --comment \"botnet C&C\"
   tarpit block add 2001:db8:bad::/48 --all-ports
+  tarpit block add 203.0.113.66 --hold --ttl 12h
   tarpit block del 203.0.113.0/24
   tarpit block list
   tarpit block list --json | jq -r '.[] | select(.reason == \"pregreet\") | .cidr'

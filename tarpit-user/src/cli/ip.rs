@@ -98,6 +98,23 @@ pub fn policy(ip: IpAddr, facts: &Facts, config: &Config, now: SystemTime) -> Po
             .expires
             .map(|e| format!("until {}", human_time_rel(e, now)))
             .unwrap_or_else(|| "with no expiry".into());
+        if b.hold {
+            let others = if b.all_ports {
+                "its other packets are dropped"
+            } else {
+                "other ports pass"
+            };
+            return Policy {
+                verdict: "hold",
+                reason: format!(
+                    "held in kernel by {} ({}) {until}: XDP answers its connections to the SMTP \
+                     ports with a zero window and keeps no socket (dropped where the kernel \
+                     cannot); {others}",
+                    b.net,
+                    b.reason.as_deref().unwrap_or("manual")
+                ),
+            };
+        }
         let ports = if b.all_ports {
             "every port"
         } else {
@@ -253,6 +270,9 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
         if e.all_ports == Some(true) {
             s += ", all ports";
         }
+        if e.action == Some("hold") {
+            s += ", held in kernel";
+        }
         if let Some(c) = &e.comment {
             s += &format!(" ({c})");
         }
@@ -355,7 +375,37 @@ mod tests {
             active,
             reason: Some("manual".into()),
             all_ports,
+            hold: false,
         }
+    }
+
+    #[test]
+    fn a_hold_entry_says_held_in_kernel_and_allow_still_wins() {
+        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        let now = SystemTime::now();
+        let mut held = row("198.51.100.0/24", true, false);
+        held.hold = true;
+        let p = judge(
+            ip,
+            Facts {
+                block: vec![held.clone()],
+                ..Default::default()
+            },
+            now,
+        );
+        assert_eq!(p.verdict, "hold");
+        assert!(p.reason.contains("held in kernel"), "{}", p.reason);
+        let allow = row("198.51.100.7/32", true, false);
+        let p = judge(
+            ip,
+            Facts {
+                allow: vec![allow],
+                block: vec![held],
+                ..Default::default()
+            },
+            now,
+        );
+        assert_eq!(p.verdict, "allow");
     }
 
     #[test]

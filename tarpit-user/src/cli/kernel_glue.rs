@@ -50,6 +50,8 @@ pub struct ListRow {
     /// Block list only.
     pub reason: Option<String>,
     pub all_ports: bool,
+    /// Block list only: held in the kernel rather than dropped.
+    pub hold: bool,
 }
 
 /// One authenticated address.
@@ -167,6 +169,7 @@ impl KernelMaps {
         ttl: Option<Duration>,
         reason: BlockReason,
         all_ports: bool,
+        hold: bool,
     ) -> Result<()> {
         match list {
             List::Allow => self.inner.allow_add(*net, ttl)?,
@@ -176,7 +179,7 @@ impl KernelMaps {
                     ttl,
                     reason,
                     all_ports,
-                    hold: false,
+                    hold,
                 },
             )?,
         }
@@ -285,6 +288,7 @@ fn list_row(list: List, i: &ListItem, clock: &Clock) -> ListRow {
         active: i.is_active_at(BootInstant(clock.boot_ns)),
         reason: (list == List::Block).then(|| reason_name(i.reason_code)),
         all_ports: i.all_ports,
+        hold: i.hold,
     }
 }
 

@@ -23,6 +23,8 @@ pub struct AddRequest {
     pub ttl: Option<Duration>,
     pub comment: Option<String>,
     pub all_ports: bool,
+    /// Block list: hold in the kernel instead of dropping.
+    pub hold: bool,
 }
 
 fn list_word(list: List) -> &'static str {
@@ -37,7 +39,14 @@ pub fn add(ctx: &Context, list: List, req: AddRequest) -> Result<()> {
     let _lock = StateLock::acquire(&ctx.state_file)?;
     let mut st = State::load(&ctx.state_file)?;
     let clock = Clock::now();
-    maps.insert(list, &req.net, req.ttl, BlockReason::Manual, req.all_ports)?;
+    maps.insert(
+        list,
+        &req.net,
+        req.ttl,
+        BlockReason::Manual,
+        req.all_ports,
+        req.hold,
+    )?;
     let added_at = state::unix(clock.wall);
     let expires_at = req.ttl.map(|t| state::unix(clock.wall + t));
     match list {
@@ -52,6 +61,7 @@ pub fn add(ctx: &Context, list: List, req: AddRequest) -> Result<()> {
             added_at,
             expires_at,
             all_ports: req.all_ports,
+            hold: req.hold,
             comment: req.comment.clone(),
         }),
     }
@@ -70,9 +80,11 @@ pub fn add(ctx: &Context, list: List, req: AddRequest) -> Result<()> {
         ),
         None => "with no expiry".to_string(),
     };
-    let scope = match (list, req.all_ports) {
-        (List::Block, true) => ", all ports",
-        (List::Block, false) => ", SMTP ports",
+    let scope = match (list, req.all_ports, req.hold) {
+        (List::Block, true, true) => ", SMTP ports held in the kernel, other ports dropped",
+        (List::Block, false, true) => ", SMTP ports held in the kernel",
+        (List::Block, true, false) => ", all ports",
+        (List::Block, false, false) => ", SMTP ports",
         _ => "",
     };
     println!("{}: added {} {until}{scope}", list_word(list), req.net);
@@ -124,6 +136,9 @@ pub struct EntryJson {
     pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub all_ports: Option<bool>,
+    /// Block list: `drop` or `hold` (held in the kernel, no socket).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<&'static str>,
     pub comment: Option<String>,
 }
 
@@ -136,6 +151,7 @@ pub struct Joined {
     pub added: Option<SystemTime>,
     pub expires: Option<SystemTime>,
     pub all_ports: bool,
+    pub hold: bool,
 }
 
 impl Joined {
@@ -145,6 +161,7 @@ impl Joined {
         added_at: u64,
         expires_at: Option<u64>,
         all_ports: bool,
+        hold: bool,
         comment: &Option<String>,
     ) -> Joined {
         Joined {
@@ -155,6 +172,7 @@ impl Joined {
             added: Some(state::from_unix(added_at)),
             expires: expires_at.map(state::from_unix),
             all_ports,
+            hold,
         }
     }
 
@@ -213,6 +231,7 @@ impl Joined {
                 List::Allow => None,
             },
             all_ports: (list == List::Block).then_some(self.all_ports),
+            action: (list == List::Block).then_some(if self.hold { "hold" } else { "drop" }),
             comment: self.comment.clone(),
         }
     }
@@ -243,6 +262,7 @@ pub fn joined(maps: &KernelMaps, st: &State, list: List, clock: &Clock) -> Resul
                 added: Some(k.added),
                 expires: k.expires,
                 all_ports: k.all_ports,
+                hold: k.hold,
                 kernel: Some(k),
             }
         })
@@ -251,12 +271,21 @@ pub fn joined(maps: &KernelMaps, st: &State, list: List, clock: &Clock) -> Resul
         List::Allow => st
             .allow
             .iter()
-            .map(|e| Joined::saved_only(e.cidr, e.added_at, e.expires_at, false, &e.comment))
+            .map(|e| Joined::saved_only(e.cidr, e.added_at, e.expires_at, false, false, &e.comment))
             .collect(),
         List::Block => st
             .block
             .iter()
-            .map(|e| Joined::saved_only(e.cidr, e.added_at, e.expires_at, e.all_ports, &e.comment))
+            .map(|e| {
+                Joined::saved_only(
+                    e.cidr,
+                    e.added_at,
+                    e.expires_at,
+                    e.all_ports,
+                    e.hold,
+                    &e.comment,
+                )
+            })
             .collect(),
     };
     let saved_only: Vec<Joined> = saved
@@ -317,7 +346,17 @@ pub fn list(ctx: &Context, list: List, json: bool) -> Result<()> {
                     .and_then(|k| k.reason.clone())
                     .unwrap_or_else(|| "manual".into()),
             );
-            row.push(if e.all_ports { "all" } else { "smtp" }.into());
+            // Held entries say so where the ports are: an extra column
+            // would change the table every script reads.
+            row.push(
+                match (e.all_ports, e.hold) {
+                    (false, false) => "smtp",
+                    (true, false) => "all",
+                    (false, true) => "smtp (hold)",
+                    (true, true) => "all (smtp hold)",
+                }
+                .into(),
+            );
         }
         row.push(status(e).into());
         row.push(e.source(list, &ctx.config).into());
@@ -353,12 +392,14 @@ mod tests {
                 active: true,
                 reason: reason.map(String::from),
                 all_ports: false,
+                hold: false,
             }),
             saved,
             comment: None,
             added: Some(now),
             expires: None,
             all_ports: false,
+            hold: false,
         }
     }
 

@@ -354,7 +354,7 @@ impl Inner {
                     ttl: Some(oc.block_ttl),
                     reason,
                     all_ports: oc.block_all_ports,
-                    hold: false,
+                    hold: oc.action == crate::config::OffenderAction::Hold,
                 };
                 let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
                 // The automatic part of the block list: it makes its own

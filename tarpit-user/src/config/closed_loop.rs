@@ -40,6 +40,12 @@ pub struct OffendersConfig {
     pub block_ttl: Duration,
     /// Block every port of an offender, not only the SMTP ports.
     pub block_all_ports: bool,
+    /// What a block does to the offender's connections to the SMTP ports:
+    /// `drop` (XDP drops them: the bot retries and moves on within
+    /// seconds) or `hold` (XDP answers with a zero window and keeps no
+    /// socket: the bot waits minutes for a banner that never comes; Linux
+    /// 6.0+, dropped elsewhere).
+    pub action: OffenderAction,
     /// Addresses with offences below the block threshold get the kernel's
     /// TCP window clamp (`kernel.window_clamp`), so what they send crawls.
     pub slowdown: bool,
@@ -73,6 +79,7 @@ impl Default for OffendersConfig {
             window: Duration::from_secs(600),
             block_ttl: Duration::from_secs(3600),
             block_all_ports: false,
+            action: OffenderAction::Drop,
             slowdown: true,
             slowdown_ttl: Duration::from_secs(3600),
             sweep_interval: Duration::from_secs(60),
@@ -81,6 +88,15 @@ impl Default for OffendersConfig {
             aggregate_ipv4_prefix: 0,
         }
     }
+}
+
+/// `offenders.action`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OffenderAction {
+    #[default]
+    Drop,
+    Hold,
 }
 
 fn check_ttl(key: &str, d: Duration) -> Result<(), ConfigError> {

@@ -30,7 +30,7 @@ use serde::Deserialize;
 
 pub use allow::{AllowConfig, ExcludeConfig};
 pub use blacklist::BlacklistConfig;
-pub use closed_loop::{BypassConfig, MAX_OFFENDER_TTL, OffendersConfig};
+pub use closed_loop::{BypassConfig, MAX_OFFENDER_TTL, OffenderAction, OffendersConfig};
 pub use delays::MAX_DELAY;
 pub use error::ConfigError;
 pub use greeting::GreetingConfig;
