@@ -97,7 +97,9 @@ mod tests {
         assert!(!gcra_admit(&mut tat, t0 + 100_000_000, 10, 3));
         // After a long quiet spell, the burst again and no more.
         let later = t0 + 60_000_000_000;
-        let admitted = (0..10).filter(|_| gcra_admit(&mut tat, later, 10, 3)).count();
+        let admitted = (0..10)
+            .filter(|_| gcra_admit(&mut tat, later, 10, 3))
+            .count();
         assert_eq!(admitted, 3);
     }
 

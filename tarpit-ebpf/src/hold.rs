@@ -323,7 +323,12 @@ fn admit(src: &IpAddrKey) -> bool {
     let now = now_ns();
     match HOLD_RATE.get_ptr_mut(src) {
         Some(tat) => {
-            if !gcra_admit(unsafe { &mut *tat }, now, s.per_source_rate, s.per_source_burst) {
+            if !gcra_admit(
+                unsafe { &mut *tat },
+                now,
+                s.per_source_rate,
+                s.per_source_burst,
+            ) {
                 return false;
             }
         }

@@ -107,7 +107,10 @@ fn hold_runs(w: &World, probe_src: IpAddr) -> bool {
         "the hold must run on {release}: {:?}",
         k.degraded()
     );
-    eprintln!("kernel {release}: no hold ({:?}); checking the drop", k.degraded());
+    eprintln!(
+        "kernel {release}: no hold ({:?}); checking the drop",
+        k.degraded()
+    );
     let before = counter(w, Counter::HoldUnavailable);
     assert!(
         w.connect(probe_src, smtp(probe_src), Duration::from_secs(2))
@@ -121,7 +124,11 @@ fn hold_runs(w: &World, probe_src: IpAddr) -> bool {
 /// `inuse` of the TCP line of `/proc/net/sockstat` in the server
 /// namespace: sockets of that namespace.
 fn server_tcp_inuse(net: &TestNet) -> u64 {
-    let out = net.server_cmd("cat").arg("/proc/net/sockstat").output().unwrap();
+    let out = net
+        .server_cmd("cat")
+        .arg("/proc/net/sockstat")
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().find(|l| l.starts_with("TCP:")).unwrap();
     let mut words = line.split_whitespace();
@@ -341,15 +348,23 @@ fn xdp_hold_replies_to_a_forged_syn_flood_stay_within_the_caps() {
     let s = hold_settings_from(&cfg);
     let cpus = aya::util::nr_cpus().unwrap() as u64;
 
-    // One victim, many SYNs: its own cap.
+    // One victim, many SYNs: its own cap. At least the burst gets
+    // through (or this CPU's share of the total, if smaller: the frames
+    // may all land on one CPU), once the shares have refilled.
+    let least = 10.min(u64::from(s.cpu_burst));
     for victim in [ip("198.51.100.200"), ip("fd5b:1e00::8000:200")] {
+        std::thread::sleep(Duration::from_secs(2));
         let frames: Vec<_> = (0..200).map(|i| syn_from(&w, victim, 30_000 + i)).collect();
         let (answered, refused, cap) = flood(&w, &frames, 5, 10);
         assert!(
-            (10..=cap).contains(&answered),
+            (least..=cap).contains(&answered),
             "{victim}: {answered} replies to 200 forged SYNs (cap {cap})"
         );
-        assert_eq!(answered + refused, 200, "{victim}: every SYN answered or refused");
+        assert_eq!(
+            answered + refused,
+            200,
+            "{victim}: every SYN answered or refused"
+        );
     }
 
     // Many victims, one SYN each: the total cap (each CPU's share).

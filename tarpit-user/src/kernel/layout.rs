@@ -11,8 +11,7 @@ use std::path::Path;
 
 use aya::maps::{Array, Map, MapData, MapType};
 use tarpit_common::{
-    AttachKey, Event, FlowKey, FlowState, IpAddrKey, IpState, ListEntry, TimedEntry,
-    hold,
+    AttachKey, Event, FlowKey, FlowState, IpAddrKey, IpState, ListEntry, TimedEntry, hold,
     maps::{self as names, LAYOUT_MAGIC, LAYOUT_VERSION, Settings},
     steer,
 };

@@ -227,8 +227,8 @@ fn parse_link(b: &[u8]) -> Result<LinkInfo> {
                         _ => {}
                     }
                 }
-                info.native_xdp = attached == XDP_ATTACHED_DRV
-                    || (attached == XDP_ATTACHED_MULTI && drv_id != 0);
+                info.native_xdp =
+                    attached == XDP_ATTACHED_DRV || (attached == XDP_ATTACHED_MULTI && drv_id != 0);
             }
             _ => {}
         }
