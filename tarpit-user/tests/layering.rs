@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use proc_macro2::{Delimiter, Spacing, Span, TokenStream, TokenTree};
+use proc_macro2::{Spacing, Span, TokenStream, TokenTree};
 use syn::visit::Visit;
 
 /// The crates only `kernel` may name.
@@ -274,12 +274,11 @@ impl FileVisitor<'_> {
         let Some(first) = segs.first() else { return };
         let line = span.start().line;
         let written = segs.join("::");
-        if KERNEL_ONLY_CRATES.contains(&first.as_str())
-            && !self
-                .module
-                .as_ref()
-                .is_some_and(|m| m.first().is_some_and(|t| t == KERNEL_MODULE))
-        {
+        let in_kernel = self
+            .module
+            .as_ref()
+            .is_some_and(|m| m.first().is_some_and(|t| t == KERNEL_MODULE));
+        if KERNEL_ONLY_CRATES.contains(&first.as_str()) && !in_kernel {
             self.out.aya.push(Site {
                 file: self.file.to_string(),
                 line,
