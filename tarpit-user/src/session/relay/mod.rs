@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Duration, Instant, sleep_until, timeout};
 use tracing::{info, warn};
 
@@ -258,7 +258,7 @@ impl<'a> Session<'a> {
                 let backend = &mut self.backend;
                 let lost = self.backend_lost;
                 tokio::select! {
-                    r = reader.fill(client), if read_client => Wake::Client(r),
+                    r = client.read_buf(reader.spare()), if read_client => Wake::Client(r),
                     r = backend.fill(), if !lost => Wake::Backend(r),
                     _ = sleep_until(timer) => Wake::Timer,
                     _ = shutdown.draining(), if !drain_seen => Wake::Drain,
