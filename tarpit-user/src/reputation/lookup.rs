@@ -16,14 +16,14 @@ use super::dnsbl::{self, Judgement, ListAction};
 use super::fcrdns::{self, HostCheck};
 use super::metrics::{ListMetrics, ReputationMetrics, SiteMetrics};
 use super::resolver::{Answer, Dns, Failure};
-use super::{DnsVerdict, Settings, lock};
+use super::{CheckSettings, DnsVerdict, lock};
 
 /// One list's A records for one address; `None`: not listed.
 type ListResult = Option<Vec<Ipv4Addr>>;
 
 /// The configured checks and their caches, shared by every look-up.
 pub(super) struct Checks {
-    pub(super) settings: Settings,
+    pub(super) settings: CheckSettings,
     pub(super) dns: Option<Dns>,
     /// (domain index, address) -> the list's A records (None: not listed).
     pub(super) results: Mutex<TtlCache<(usize, IpAddr), ListResult>>,

@@ -60,7 +60,7 @@ pub enum ReputationError {
 }
 
 /// The settings the checks run with, taken from the config sections.
-struct Settings {
+struct CheckSettings {
     sites: Vec<Site>,
     /// Unique list domains, in site order: one query each.
     domains: Vec<String>,
@@ -72,7 +72,7 @@ struct Settings {
     allow_ttl: Duration,
 }
 
-impl Settings {
+impl CheckSettings {
     fn clamp_ttl(&self, ttl: Option<u32>) -> Duration {
         let t = ttl.map_or(self.min_ttl, |s| Duration::from_secs(u64::from(s)));
         t.clamp(self.min_ttl, self.max_ttl)
@@ -166,7 +166,7 @@ impl Reputation {
             .iter()
             .map(|s| metrics.site_or_insert(&s.spec))
             .collect();
-        let settings = Settings {
+        let settings = CheckSettings {
             scoring: Scoring {
                 threshold: bl.threshold,
                 allow_threshold: wl.threshold,
