@@ -538,6 +538,12 @@ fn tarpit_user_layers_have_no_cycles_and_only_kernel_uses_aya() {
     let mut files = Vec::new();
     read_tree(&src, &src, &mut files);
     let findings = check(&files);
+    // `LAYERING_GRAPH=1 cargo test --test layering` lists every edge.
+    if std::env::var_os("LAYERING_GRAPH").is_some() {
+        for ((from, to), (site, n)) in &findings.edges {
+            println!("{from} -> {to}: {site} ({n} in all)");
+        }
+    }
     let report = findings.report();
     assert!(
         report.is_empty(),

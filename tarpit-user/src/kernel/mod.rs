@@ -5,7 +5,9 @@
 //!   replaces programs in place on restart, and undoes it all on exit when
 //!   the config says so.
 //! - [`KernelMaps`]: a typed handle over the pinned maps, opened from the
-//!   pin directory without loading anything (agent, CLI, tests).
+//!   pin directory without loading anything (agent, CLI, tests); with
+//!   [`MapUsage`], everything the CLI shows about a map, so the CLI itself
+//!   needs no aya.
 //! - [`EventStream`]: the kernel's rare events, async.
 //! - [`detach`]: removes every program, link, pin and qdisc of ours.
 //! - [`clock`]: the kernel's boot clock and wall time.
