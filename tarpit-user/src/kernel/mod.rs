@@ -66,7 +66,7 @@ pub use steering::{
 pub struct Kernel {
     ebpf: Ebpf,
     cfg: KernelConfig,
-    held: Vec<attach::Held>,
+    held: Vec<attach::Attachment>,
     logger: Option<tokio::task::JoinHandle<()>>,
     /// Features this kernel refused at load, each with its reason.
     degraded: Vec<(&'static str, String)>,
@@ -384,8 +384,8 @@ impl Kernel {
         Ok(())
     }
 
-    fn hold(&mut self, held: attach::Held, keep: &mut Vec<PathBuf>) {
-        if let attach::Held::Pinned(p) = &held {
+    fn hold(&mut self, held: attach::Attachment, keep: &mut Vec<PathBuf>) {
+        if let attach::Attachment::Pinned(p) = &held {
             keep.push(p.clone());
         }
         self.held.push(held);
@@ -411,7 +411,7 @@ impl Kernel {
             );
         } else {
             for h in held {
-                if let attach::Held::Netlink(link) = h {
+                if let attach::Attachment::Netlink(link) = h {
                     std::mem::forget(link);
                 }
             }
