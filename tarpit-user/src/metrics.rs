@@ -273,16 +273,24 @@ impl Default for Metrics {
     }
 }
 
-/// Binds the endpoint; serve it with [`serve`].
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
+/// Binds the endpoint, with no runtime needed (the agent binds before its
+/// runtime starts, see `ops::privileges`); serve it with [`serve`].
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .with_context(|| format!("cannot listen for metrics on {addr}"))
 }
 
 /// Serves `GET /metrics` until the task is dropped. One short-lived task
 /// per request; requests are tiny and bounded.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("metrics endpoint lost: {e}");
+            return;
+        }
+    };
     if let Ok(a) = listener.local_addr() {
         info!(addr = %a, "metrics endpoint listening");
     }
@@ -368,7 +376,7 @@ mod tests {
 
     #[tokio::test]
     async fn endpoint_answers_get_metrics() {
-        let l = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = l.local_addr().unwrap();
         let m = Arc::new(Metrics::new());
         m.sessions_active.set(3);

@@ -22,16 +22,32 @@ pub fn run(config_path: &Path) -> Result<()> {
     for w in config.warnings() {
         warn!(key = w.key, "{w}");
     }
+    let root = privileged(&config, &daemon)?;
+    // Ports bound, programs attached, maps open: root is not needed any
+    // more. Dropped on this, the only thread: capabilities belong to
+    // threads, and the runtime's threads, started next, inherit the
+    // reduced sets (ops::privileges).
+    daemon.drop_privileges()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(agent(config, &mut daemon))
+    runtime.block_on(agent(root, &mut daemon))
 }
 
-async fn agent(config: Config, daemon: &mut crate::ops::Daemon) -> Result<()> {
+/// What the agent sets up as root, before its runtime starts.
+struct Privileged {
+    kernel: Kernel,
+    closed_loop: crate::closed_loop::ClosedLoop,
+    bound: Bound,
+}
+
+/// Loads and attaches the kernel side, opens its maps, binds the ports and
+/// reads the TLS key: everything that needs root, on one thread, with no
+/// async runtime (see [`run`]).
+fn privileged(config: &Config, daemon: &crate::ops::Daemon) -> Result<Privileged> {
     crate::kernel_version::check_min_kernel()?;
-    let held = crate::closed_loop::prepare(&config);
+    let held = crate::closed_loop::prepare(config);
     let mut kernel = Kernel::load(&config.kernel)?;
     for (feature, available) in kernel.features() {
         crate::ops::metrics::kernel_feature(feature, available);
@@ -41,11 +57,24 @@ async fn agent(config: Config, daemon: &mut crate::ops::Daemon) -> Result<()> {
     crate::ops::metrics::OpsMetrics::new(
         crate::kernel::KernelMaps::open(&config.kernel.pin_path).ok(),
     );
-    let closed_loop = crate::closed_loop::ClosedLoop::start(&config, &mut kernel, held)?;
-    let bound = bind_agent(&config, daemon.config()).await?;
+    let closed_loop = crate::closed_loop::ClosedLoop::attach(config, &mut kernel, held)?;
+    let bound = bind_agent(config, daemon.config())?;
     closed_loop.agent_listening(&config.listen.addrs)?;
-    // Ports bound, programs attached, maps open: root is not needed any more.
-    daemon.drop_privileges()?;
+    Ok(Privileged {
+        kernel,
+        closed_loop,
+        bound,
+    })
+}
+
+async fn agent(root: Privileged, daemon: &mut crate::ops::Daemon) -> Result<()> {
+    let Privileged {
+        mut kernel,
+        mut closed_loop,
+        bound,
+    } = root;
+    kernel.relay_log();
+    closed_loop.run(kernel.pin_path());
     // Only now, on threads that all dropped, are clients accepted.
     let mut agent = bound.serve()?;
     daemon.ready()?;
@@ -62,16 +91,16 @@ async fn agent(config: Config, daemon: &mut crate::ops::Daemon) -> Result<()> {
 /// (TLS key read as root), not yet accepting anyone.
 pub struct Bound {
     server: Server,
-    metrics: Option<(tokio::net::TcpListener, Arc<Metrics>)>,
+    metrics: Option<(std::net::TcpListener, Arc<Metrics>)>,
     shared: watch::Sender<Arc<Shared>>,
     updates: watch::Receiver<Arc<Config>>,
     config: Arc<Config>,
 }
 
 /// Builds the sessions' shared state from the config and binds the SMTP
-/// and metrics listeners (failing loudly if one cannot be bound).
-/// Nothing is accepted until [`Bound::serve`].
-pub async fn bind_agent(config: &Config, updates: watch::Receiver<Arc<Config>>) -> Result<Bound> {
+/// and metrics listeners (failing loudly if one cannot be bound), without
+/// a runtime. Nothing is accepted until [`Bound::serve`].
+pub fn bind_agent(config: &Config, updates: watch::Receiver<Arc<Config>>) -> Result<Bound> {
     let metrics = Arc::new(Metrics::new());
     let tls = config.tls.server_config()?.map(TlsAcceptor::from);
     let reputation = crate::reputation::Reputation::from_config(config, Arc::default())?;
@@ -93,11 +122,11 @@ pub async fn bind_agent(config: &Config, updates: watch::Receiver<Arc<Config>>) 
         greylist,
     });
     let metrics = match config.metrics.listen {
-        Some(addr) => Some((crate::metrics::bind(addr).await?, metrics)),
+        Some(addr) => Some((crate::metrics::bind(addr)?, metrics)),
         None => None,
     };
     let (shared_tx, _) = watch::channel(shared.clone());
-    let server = Server::bind(&config.listen.addrs, config.listen.backlog, shared).await?;
+    let server = Server::bind(&config.listen.addrs, config.listen.backlog, shared)?;
     Ok(Bound {
         server,
         metrics,

@@ -143,21 +143,26 @@ impl Slots {
 }
 
 /// A listener as `TcpListener::bind` makes it (SO_REUSEADDR, the system's
-/// IPV6_V6ONLY default), with the configured queue instead of tokio's 1024.
-fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(backlog)
+/// IPV6_V6ONLY default, close-on-exec, non-blocking), with the configured
+/// queue instead of tokio's 1024. A std listener: the agent binds as root
+/// before its runtime starts (see `ops::privileges`); [`Server::serve`]
+/// hands it to tokio.
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(socket.into())
 }
 
 /// The bound listeners of the agent.
 pub struct Server {
-    listeners: Vec<TcpListener>,
+    listeners: Vec<std::net::TcpListener>,
     shared: Arc<Shared>,
     /// Rebuilt on every config reload; each new session takes the latest.
     updates: Option<watch::Receiver<Arc<Shared>>>,
@@ -165,8 +170,8 @@ pub struct Server {
 
 impl Server {
     /// Binds every address with a listen queue of `backlog`; any failure is
-    /// an error naming the address.
-    pub async fn bind(addrs: &[SocketAddr], backlog: u32, shared: Arc<Shared>) -> Result<Server> {
+    /// an error naming the address. Needs no runtime.
+    pub fn bind(addrs: &[SocketAddr], backlog: u32, shared: Arc<Shared>) -> Result<Server> {
         let mut listeners = Vec::new();
         for a in addrs {
             let l = listen(*a, backlog)
@@ -207,6 +212,13 @@ impl Server {
         let holder = Holder::start(crate::ops::shutdown::current());
         let mut tasks = tokio::task::JoinSet::new();
         for l in self.listeners {
+            let l = match TcpListener::from_std(l) {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!("listener lost: {e}");
+                    continue;
+                }
+            };
             tasks.spawn(accept_loop(
                 l,
                 updates.clone(),

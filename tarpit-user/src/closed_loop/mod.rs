@@ -165,10 +165,11 @@ pub fn steer_settings(config: &Config) -> SteerSettings {
 }
 
 impl ClosedLoop {
-    /// Starts the loop over a loaded kernel side: syncs the allow list,
-    /// attaches steering when configured, and starts reading events.
-    /// Must run inside the tokio runtime.
-    pub fn start(
+    /// Sets the loop up over a loaded kernel side: syncs the allow list and
+    /// attaches steering when configured. Needs root, no runtime (it runs
+    /// before the privilege drop, see `ops::privileges`); [`ClosedLoop::run`]
+    /// starts reading events.
+    pub fn attach(
         config: &Config,
         kernel: &mut Kernel,
         held: Option<HeldLink>,
@@ -229,16 +230,23 @@ impl ClosedLoop {
                 }
             },
         });
-        let mut tasks = tokio::task::JoinSet::new();
-        match EventStream::open(kernel.pin_path()) {
+        *RUNNING.write().unwrap_or_else(|e| e.into_inner()) = Some(inner.clone());
+        Ok(ClosedLoop {
+            inner,
+            tasks: tokio::task::JoinSet::new(),
+        })
+    }
+
+    /// Starts reading the kernel's events (from the pins under
+    /// `pin_path`) and sweeping; inside the tokio runtime.
+    pub fn run(&mut self, pin_path: &std::path::Path) {
+        match EventStream::open(pin_path) {
             Ok(stream) => {
-                tasks.spawn(read_events(inner.clone(), stream));
+                self.tasks.spawn(read_events(self.inner.clone(), stream));
             }
             Err(e) => warn!("kernel events not read: {e}"),
         }
-        tasks.spawn(sweep(inner.clone()));
-        *RUNNING.write().unwrap_or_else(|e| e.into_inner()) = Some(inner.clone());
-        Ok(ClosedLoop { inner, tasks })
+        self.tasks.spawn(sweep(self.inner.clone()));
     }
 
     /// The agent's listeners are bound: put them into the steering map so
