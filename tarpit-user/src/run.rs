@@ -9,10 +9,13 @@ use std::sync::Arc;
 
 use tokio_rustls::TlsAcceptor;
 
+use crate::closed_loop::{ClosedLoop, LoopHandle};
 use crate::metrics::Metrics;
-use crate::policy::{MemoryAuthStore, Policy};
+use crate::policy::Policy;
+use crate::policy::ports::Ports;
 use crate::server::Server;
-use crate::session::{AgentPreGreet, Shared};
+use crate::session::Shared;
+use crate::shutdown::Shutdown;
 use crate::{config::Config, kernel::Kernel};
 
 pub fn run(config_path: &Path) -> Result<()> {
@@ -37,12 +40,18 @@ async fn agent(config: Config, daemon: &mut crate::ops::Daemon) -> Result<()> {
         crate::ops::metrics::kernel_feature(feature, available);
     }
     crate::state::restore_at_start(&config.kernel.pin_path, &config.state.file)?;
+    let closed_loop = ClosedLoop::start(&config, &mut kernel, held)?;
     // Opened as root: scrapes and reloads use the maps after the drop.
     crate::ops::metrics::OpsMetrics::new(
         crate::kernel::KernelMaps::open(&config.kernel.pin_path).ok(),
+        Some(closed_loop.handle()),
     );
-    let closed_loop = crate::closed_loop::ClosedLoop::start(&config, &mut kernel, held)?;
-    let bound = bind_agent(&config, daemon.config()).await?;
+    let handles = Handles {
+        ports: closed_loop.ports(),
+        shutdown: daemon.shutdown(),
+        closed_loop: Some(closed_loop.handle()),
+    };
+    let bound = bind_agent(&config, daemon.config(), handles).await?;
     closed_loop.agent_listening(&config.listen.addrs)?;
     // Ports bound, programs attached, maps open: root is not needed any more.
     daemon.drop_privileges()?;
@@ -58,6 +67,30 @@ async fn agent(config: Config, daemon: &mut crate::ops::Daemon) -> Result<()> {
     kernel.shutdown()
 }
 
+/// What the agent hands down to its sessions and reloads instead of
+/// process-wide state.
+#[derive(Clone)]
+pub struct Handles {
+    /// The policy's ports: the closed loop's, or [`Ports::standalone`].
+    pub ports: Ports,
+    /// The agent's stop, watched by the server and every session.
+    pub shutdown: Shutdown,
+    /// The running loop, told about reloads (none without a kernel side).
+    pub closed_loop: Option<LoopHandle>,
+}
+
+impl Handles {
+    /// Without a kernel loop or a daemon: standalone ports, a stop that
+    /// never comes.
+    pub fn standalone() -> Handles {
+        Handles {
+            ports: Ports::standalone(),
+            shutdown: Shutdown::default(),
+            closed_loop: None,
+        }
+    }
+}
+
 /// The agent with its listeners bound and its sessions' shared state built
 /// (TLS key read as root), not yet accepting anyone.
 pub struct Bound {
@@ -66,12 +99,17 @@ pub struct Bound {
     shared: watch::Sender<Arc<Shared>>,
     updates: watch::Receiver<Arc<Config>>,
     config: Arc<Config>,
+    closed_loop: Option<LoopHandle>,
 }
 
 /// Builds the sessions' shared state from the config and binds the SMTP
 /// and metrics listeners (failing loudly if one cannot be bound).
 /// Nothing is accepted until [`Bound::serve`].
-pub async fn bind_agent(config: &Config, updates: watch::Receiver<Arc<Config>>) -> Result<Bound> {
+pub async fn bind_agent(
+    config: &Config,
+    updates: watch::Receiver<Arc<Config>>,
+    handles: Handles,
+) -> Result<Bound> {
     let metrics = Arc::new(Metrics::new());
     let tls = config.tls.server_config()?.map(TlsAcceptor::from);
     let reputation = crate::reputation::Reputation::from_config(config, Arc::default())?;
@@ -86,9 +124,8 @@ pub async fn bind_agent(config: &Config, updates: watch::Receiver<Arc<Config>>) 
         tls,
         tls_auth_only: config.tls.auth_only,
         metrics: metrics.clone(),
-        auth_store: crate::closed_loop::auth_store()
-            .unwrap_or_else(|| Arc::new(MemoryAuthStore::new(AUTH_STORE_CAPACITY))),
-        pregreet: crate::closed_loop::pregreet().unwrap_or_else(|| Arc::new(AgentPreGreet)),
+        ports: handles.ports,
+        shutdown: handles.shutdown,
         reputation,
         greylist,
     });
@@ -104,6 +141,7 @@ pub async fn bind_agent(config: &Config, updates: watch::Receiver<Arc<Config>>) 
         shared: shared_tx,
         updates,
         config: Arc::new(config.clone()),
+        closed_loop: handles.closed_loop,
     })
 }
 
@@ -133,7 +171,12 @@ impl Bound {
         }
         let server = self.server.with_updates(self.shared.subscribe());
         tasks.spawn(server.serve());
-        tasks.spawn(apply_reloads(self.updates, self.shared, self.config));
+        tasks.spawn(apply_reloads(
+            self.updates,
+            self.shared,
+            self.config,
+            self.closed_loop,
+        ));
         Ok(tasks)
     }
 }
@@ -148,6 +191,7 @@ async fn apply_reloads(
     mut updates: watch::Receiver<Arc<Config>>,
     shared: watch::Sender<Arc<Shared>>,
     started: Arc<Config>,
+    closed_loop: Option<LoopHandle>,
 ) {
     // The config the running reputation checks were built from.
     let mut reputation_from = started;
@@ -198,7 +242,9 @@ async fn apply_reloads(
         next.limits = config.limits.clone();
         next.tls = tls;
         shared.send_replace(Arc::new(next));
-        crate::closed_loop::reload(&config);
+        if let Some(l) = &closed_loop {
+            l.reload(&config);
+        }
         if let Some(ops) = crate::ops::metrics::installed()
             && let Err(e) = ops.apply_kernel_settings(&config.kernel)
         {
@@ -206,6 +252,3 @@ async fn apply_reloads(
         }
     }
 }
-
-/// Addresses remembered for the "HELO delay once per day" rule.
-const AUTH_STORE_CAPACITY: usize = 100_000;

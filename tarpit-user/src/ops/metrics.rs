@@ -60,6 +60,7 @@ pub fn blocks_evicted(n: u64) {
 /// Scrape-time source of the operational metrics.
 pub struct OpsMetrics {
     kernel: Option<Mutex<KernelMaps>>,
+    steer: Option<crate::closed_loop::LoopHandle>,
 }
 
 static INSTALLED: OnceLock<Arc<OpsMetrics>> = OnceLock::new();
@@ -67,9 +68,13 @@ static INSTALLED: OnceLock<Arc<OpsMetrics>> = OnceLock::new();
 impl OpsMetrics {
     /// Opens the pinned maps for reading (None when the kernel side is not
     /// there, e.g. in unit tests). Call before the privilege drop.
-    pub fn new(kernel: Option<KernelMaps>) -> Arc<OpsMetrics> {
+    pub fn new(
+        kernel: Option<KernelMaps>,
+        steer: Option<crate::closed_loop::LoopHandle>,
+    ) -> Arc<OpsMetrics> {
         let m = Arc::new(OpsMetrics {
             kernel: kernel.map(Mutex::new),
+            steer,
         });
         let _ = INSTALLED.set(m.clone());
         m
@@ -91,7 +96,7 @@ impl OpsMetrics {
     pub fn render(&self, out: &mut String) {
         let mut reg = Registry::with_prefix("tarpit");
         self.kernel_families(&mut reg);
-        match crate::closed_loop::steer_counters() {
+        match self.steer.as_ref().and_then(|l| l.steer_counters()) {
             Some(Ok(c)) => steer_family(&mut reg, &c),
             Some(Err(e)) => debug!(target: "tarpit::ops", "cannot read steering counters: {e}"),
             None => {}
@@ -254,7 +259,10 @@ mod tests {
 
     #[test]
     fn renders_without_kernel() {
-        let m = OpsMetrics { kernel: None };
+        let m = OpsMetrics {
+            kernel: None,
+            steer: None,
+        };
         blocks_added(2);
         let mut out = String::new();
         m.render(&mut out);

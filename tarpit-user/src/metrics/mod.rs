@@ -26,6 +26,8 @@ use tracing::{debug, info, warn};
 
 use crate::policy::Reason;
 
+pub mod summary;
+
 type Labels = Vec<(&'static str, &'static str)>;
 
 /// How a session ended; a metric label and a log field.
@@ -219,12 +221,22 @@ impl Metrics {
     }
 
     pub fn delayed(&self, reason: Reason, d: Duration) {
-        crate::ops::summary::delayed(reason.as_str(), d);
+        summary::delayed(reason.as_str(), d);
         let l = vec![("reason", reason.as_str())];
         self.delays_total.get_or_create(&l).inc();
         self.delay_seconds
             .get_or_create(&l)
             .observe(d.as_secs_f64());
+    }
+
+    /// The client said HELO/EHLO: noted in the session's summary line.
+    pub fn helo(&self, name: &str) {
+        summary::helo(name);
+    }
+
+    /// The client sent a RCPT: noted in the session's summary line.
+    pub fn rcpt(&self) {
+        summary::rcpt();
     }
 
     pub fn limit_refused(&self, limit: &'static str) {
