@@ -11,6 +11,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::closed_loop::{ClosedLoop, LoopHandle};
 use crate::metrics::Metrics;
+use crate::ops::metrics::KernelScrape;
 use crate::policy::Policy;
 use crate::policy::ports::Ports;
 use crate::server::Server;
@@ -35,21 +36,30 @@ pub fn run(config_path: &Path) -> Result<()> {
 async fn agent(config: Config, daemon: &mut crate::ops::Daemon) -> Result<()> {
     crate::kernel_version::check_min_kernel()?;
     let held = crate::closed_loop::prepare(&config);
+    let metrics = Arc::new(Metrics::new());
     let mut kernel = Kernel::load(&config.kernel)?;
     for (feature, available) in kernel.features() {
-        crate::ops::metrics::kernel_feature(feature, available);
+        metrics.kernel_feature(feature, available);
     }
     crate::state::restore_at_start(&config.kernel.pin_path, &config.state.file)?;
-    let closed_loop = ClosedLoop::start(&config, &mut kernel, held)?;
+    let closed_loop = ClosedLoop::start(&config, &mut kernel, held, &metrics)?;
     // Opened as root: scrapes and reloads use the maps after the drop.
-    crate::ops::metrics::OpsMetrics::new(
-        crate::kernel::KernelMaps::open(&config.kernel.pin_path).ok(),
-        Some(closed_loop.handle()),
-    );
+    let kernel_scrape = crate::kernel::KernelMaps::open(&config.kernel.pin_path)
+        .ok()
+        .map(|maps| Arc::new(KernelScrape::new(maps)));
+    let reloads = daemon.config_watch().counts();
+    metrics.register(|r| {
+        reloads.register(r);
+        if let Some(k) = &kernel_scrape {
+            r.register_collector(Box::new(k.clone()));
+        }
+    });
     let handles = Handles {
         ports: closed_loop.ports(),
         shutdown: daemon.shutdown(),
         closed_loop: Some(closed_loop.handle()),
+        metrics,
+        kernel: kernel_scrape,
     };
     let bound = bind_agent(&config, daemon.config(), handles).await?;
     closed_loop.agent_listening(&config.listen.addrs)?;
@@ -77,6 +87,10 @@ pub struct Handles {
     pub shutdown: Shutdown,
     /// The running loop, told about reloads (none without a kernel side).
     pub closed_loop: Option<LoopHandle>,
+    /// The one registry's owner: every part registers into it.
+    pub metrics: Arc<Metrics>,
+    /// The kernel's maps as opened at start: reloads write its settings.
+    pub kernel: Option<Arc<KernelScrape>>,
 }
 
 impl Handles {
@@ -87,6 +101,8 @@ impl Handles {
             ports: Ports::standalone(),
             shutdown: Shutdown::default(),
             closed_loop: None,
+            metrics: Arc::new(Metrics::new()),
+            kernel: None,
         }
     }
 }
@@ -100,6 +116,7 @@ pub struct Bound {
     updates: watch::Receiver<Arc<Config>>,
     config: Arc<Config>,
     closed_loop: Option<LoopHandle>,
+    kernel: Option<Arc<KernelScrape>>,
 }
 
 /// Builds the sessions' shared state from the config and binds the SMTP
@@ -110,10 +127,11 @@ pub async fn bind_agent(
     updates: watch::Receiver<Arc<Config>>,
     handles: Handles,
 ) -> Result<Bound> {
-    let metrics = Arc::new(Metrics::new());
+    let metrics = handles.metrics;
     let tls = config.tls.server_config()?.map(TlsAcceptor::from);
     let reputation = crate::reputation::Reputation::from_config(config, Arc::default())?;
-    let _ = metrics.reputation.set(reputation.metrics().clone());
+    // Once: reloads hand the same counters to the rebuilt checks.
+    metrics.register(|r| reputation.metrics().register(r));
     // Opened in `serve`, after the drop (see there).
     let greylist = None;
     let shared = Arc::new(Shared {
@@ -142,6 +160,7 @@ pub async fn bind_agent(
         updates,
         config: Arc::new(config.clone()),
         closed_loop: handles.closed_loop,
+        kernel: handles.kernel,
     })
 }
 
@@ -176,6 +195,7 @@ impl Bound {
             self.shared,
             self.config,
             self.closed_loop,
+            self.kernel,
         ));
         Ok(tasks)
     }
@@ -192,6 +212,7 @@ async fn apply_reloads(
     shared: watch::Sender<Arc<Shared>>,
     started: Arc<Config>,
     closed_loop: Option<LoopHandle>,
+    kernel: Option<Arc<KernelScrape>>,
 ) {
     // The config the running reputation checks were built from.
     let mut reputation_from = started;
@@ -245,8 +266,8 @@ async fn apply_reloads(
         if let Some(l) = &closed_loop {
             l.reload(&config);
         }
-        if let Some(ops) = crate::ops::metrics::installed()
-            && let Err(e) = ops.apply_kernel_settings(&config.kernel)
+        if let Some(k) = &kernel
+            && let Err(e) = k.apply_kernel_settings(&config.kernel)
         {
             warn!(target: "tarpit::ops::reload", "kernel settings not updated: {e:#}");
         }

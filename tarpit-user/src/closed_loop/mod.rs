@@ -41,8 +41,13 @@ use crate::kernel::{
     AllowLookup, BlockSpec, EventKind, EventStream, HeldLink, Kernel, KernelMaps, SteerCounters,
     SteerMaps,
 };
+use crate::metrics::{Metrics, encode_family};
 use crate::policy::ports::{AllowList, OffenceSink, Ports};
 pub use offenders::{Offence, Sanction};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 /// What the sessions, the event reader and the sweeper share: the kernel's
 /// maps, the running config, the offenders' record and the steering maps.
@@ -56,6 +61,15 @@ struct LoopState {
     pregreet: Arc<verdict::KernelPreGreet>,
     auth: Arc<auth::KernelAuthStore>,
     allow: Option<AllowLookup>,
+    /// Block-list churn, counted into the agent's registry.
+    blocks: BlockCounters,
+}
+
+/// The block-list churn counters (the agent's `tarpit_blocks_*_total`).
+struct BlockCounters {
+    added: Counter,
+    expired: Counter,
+    evicted: Counter,
 }
 
 /// The running loop as sessions, reloads and scrapes see it: cheap to
@@ -156,6 +170,7 @@ impl ClosedLoop {
         config: &Config,
         kernel: &mut Kernel,
         held: Option<HeldLink>,
+        metrics: &Metrics,
     ) -> Result<ClosedLoop> {
         let mut maps = kernel.maps().context("cannot open the kernel's maps")?;
         allow_sync::sync(&mut maps, config);
@@ -176,13 +191,13 @@ impl ClosedLoop {
             match s.take_mta(&config.bypass.mta_listeners) {
                 Ok(taken) => {
                     mta_inodes = taken.iter().map(|l| Some(l.inode)).collect();
-                    crate::ops::metrics::kernel_feature("bypass", true);
+                    metrics.kernel_feature("bypass", true);
                 }
                 // Without the MTA's socket nothing can be steered to it:
                 // every client goes to the agent, as without bypass.
                 Err(e) => {
                     warn!("bypass: {e:#}; trusted clients go through the agent");
-                    crate::ops::metrics::kernel_feature("bypass", false);
+                    metrics.kernel_feature("bypass", false);
                 }
             }
             if config.kernel.detach_on_exit && config.bypass.fail_open {
@@ -205,6 +220,11 @@ impl ClosedLoop {
             ))),
             steer,
             mta_inodes: Mutex::new(mta_inodes),
+            blocks: BlockCounters {
+                added: metrics.blocks_added.clone(),
+                expired: metrics.blocks_expired.clone(),
+                evicted: metrics.blocks_evicted.clone(),
+            },
             allow: match AllowLookup::open(kernel.pin_path()) {
                 Ok(a) => Some(a),
                 Err(e) => {
@@ -221,6 +241,10 @@ impl ClosedLoop {
             Err(e) => warn!("kernel events not read: {e}"),
         }
         tasks.spawn(sweep(state.clone()));
+        if state.steer.is_some() {
+            let scrape = SteerScrape(LoopHandle(state.clone()));
+            metrics.register(|r| r.register_collector(Box::new(scrape)));
+        }
         Ok(ClosedLoop { state, tasks })
     }
 
@@ -342,10 +366,10 @@ impl LoopState {
                 match maps.auto_block_add(net, spec) {
                     Ok(added) => {
                         if added.added {
-                            crate::ops::metrics::blocks_added(1);
+                            self.blocks.added.inc();
                         }
                         if !added.evicted.is_empty() {
-                            crate::ops::metrics::blocks_evicted(added.evicted.len() as u64);
+                            self.blocks.evicted.inc_by(added.evicted.len() as u64);
                             warn!(
                                 evicted = added.evicted.len(),
                                 oldest = %added.evicted[0],
@@ -435,7 +459,7 @@ async fn sweep(inner: Arc<LoopState>) {
         };
         match res {
             Ok(r) if r.allow + r.block + r.auth + r.slow > 0 => {
-                crate::ops::metrics::blocks_expired(r.block as u64);
+                inner.blocks.expired.inc_by(r.block as u64);
                 info!(
                     block = r.block,
                     allow = r.allow,
@@ -482,9 +506,99 @@ impl LoopState {
     }
 }
 
+/// `tarpit_bypass_steered_total{decision}`, read from the sk_lookup
+/// program's counters at each scrape (registered with a bypass only).
+struct SteerScrape(LoopHandle);
+
+impl std::fmt::Debug for SteerScrape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SteerScrape")
+    }
+}
+
+impl Collector for SteerScrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        match self.0.steer_counters() {
+            Some(Ok(c)) => encode_family(
+                &mut encoder,
+                "bypass_steered",
+                "Connections the sk_lookup program steered, by decision (bypass)",
+                &steer_family(&c),
+            ),
+            Some(Err(e)) => {
+                debug!(target: "tarpit::ops", "cannot read steering counters: {e}");
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// What the sk_lookup program did with each new connection to a steered
+/// port. `allowlisted`, `authenticated`, `fail_open`: handed to the MTA's
+/// listener; `agent`: to the agent's; `passed`: left to the kernel's own
+/// lookup (no usable socket in the map).
+fn steer_family(c: &SteerCounters) -> Family<Vec<(&'static str, &'static str)>, Counter> {
+    let fam = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+    for (decision, v) in [
+        ("allowlisted", c.allowed),
+        ("authenticated", c.authenticated),
+        ("agent", c.agent),
+        ("fail_open", c.fail_open),
+        ("passed", c.passed),
+    ] {
+        fam.get_or_create(&vec![("decision", decision)]).inc_by(v);
+    }
+    fam
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steering_counts_render_by_decision() {
+        #[derive(Debug)]
+        struct Fixed(SteerCounters);
+        impl Collector for Fixed {
+            fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+                encode_family(
+                    &mut encoder,
+                    "bypass_steered",
+                    "Steered",
+                    &steer_family(&self.0),
+                )
+            }
+        }
+        let m = Metrics::new();
+        let fixed = Fixed(SteerCounters {
+            allowed: 3,
+            authenticated: 2,
+            agent: 7,
+            fail_open: 1,
+            passed: 0,
+        });
+        m.register(|r| r.register_collector(Box::new(fixed)));
+        let text = m.render();
+        assert!(
+            text.contains("# TYPE tarpit_bypass_steered counter"),
+            "{text}"
+        );
+        for (decision, v) in [
+            ("allowlisted", 3),
+            ("authenticated", 2),
+            ("agent", 7),
+            ("fail_open", 1),
+            ("passed", 0),
+        ] {
+            assert!(
+                text.contains(&format!(
+                    "tarpit_bypass_steered_total{{decision=\"{decision}\"}} {v}\n"
+                )),
+                "{decision}: {text}"
+            );
+        }
+    }
 
     fn parse(text: &str) -> Config {
         Config::parse(text).unwrap()
