@@ -20,6 +20,7 @@
 //! | cap on the total delay of a session | [`Policy::settle`] |
 pub mod auth_store;
 pub mod pattern;
+pub mod ports;
 
 use std::net::IpAddr;
 
