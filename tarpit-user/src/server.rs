@@ -285,8 +285,7 @@ fn admit(
     slots: &Slots,
     per_client: &Arc<PerClient>,
 ) -> Result<(Option<PerClientGuard>, OwnedSemaphorePermit), Refused> {
-    let exempt = client.internal || (client.allowlisted && shared.policy.exclude_allowlisted);
-    let guard = if exempt {
+    let guard = if shared.policy.precedence.limits_exempt(client) {
         None
     } else {
         let l = &shared.limits;
@@ -299,7 +298,7 @@ fn admit(
     };
     // The guard, if any, is dropped with the refusal.
     let permit = slots
-        .take(client.internal || client.allowlisted)
+        .take(shared.policy.precedence.may_use_reserve(client))
         .ok_or(Refused::Sessions)?;
     Ok((guard, permit))
 }

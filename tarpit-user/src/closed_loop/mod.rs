@@ -96,7 +96,7 @@ pub fn allowlisted(ip: IpAddr) -> bool {
 /// agent restart: the AUTH map is pinned), exactly as sk_lookup steers it
 /// past the agent when bypass is on. With the flag off it pays again.
 pub fn authenticated_today(policy: &crate::policy::Policy, ip: IpAddr) -> bool {
-    if !(policy.auth_once_per_day && policy.exclude_authenticated) {
+    if !policy.auth_spares_new_sessions() {
         return false;
     }
     let Some(i) = running() else { return false };

@@ -60,7 +60,7 @@ pub(super) async fn gate(
     peer: SocketAddr,
     rep: &mut Lookups,
 ) -> Result<(), Outcome> {
-    if !shared.policy.enabled {
+    if !shared.policy.enabled() {
         return Ok(());
     }
     if let Some(h) = rep.as_mut() {
@@ -102,7 +102,7 @@ impl Session<'_> {
     /// The reply the agent gives to a RCPT itself, if any.
     pub(super) fn rcpt_gate(&mut self, rcpt: &str) -> Option<String> {
         let policy = &self.shared.policy;
-        if !policy.enabled {
+        if !policy.enabled() {
             return None;
         }
         if let Some(r) = &self.dnsbl_reject

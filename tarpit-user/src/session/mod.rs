@@ -88,6 +88,9 @@ pub async fn run(
 }
 
 /// How [`open`] left a session.
+// `Held` is the common case (most clients are held bots), and boxing it
+// would cost each of them an allocation; `Done` is rare and short-lived.
+#[allow(clippy::large_enum_variant)]
 pub enum Opened {
     /// It ended (or never had to wait, and ran to its end).
     Done(Outcome),
@@ -132,29 +135,30 @@ pub async fn open(
     client: crate::policy::Client,
 ) -> Opened {
     let _ = stream.set_nodelay(true);
-    let mut state = SessionState::new(client);
+    let mut greeting = Greeting {
+        state: SessionState::new(client),
+        peer,
+        local,
+        rep: None,
+        check_pre_greet: false,
+        deadline: Instant::now(),
+    };
+    let state = &mut greeting.state;
     state.authenticated = crate::closed_loop::authenticated_today(&shared.policy, state.client.ip);
-    let rep = dns_gate::start(shared, &state);
-    let start = Instant::now();
+    greeting.rep = dns_gate::start(shared, &greeting.state);
     let crate::policy::GreetingPlan {
         delay,
         check_pre_greet,
         teaser,
-    } = shared.policy.greeting(&mut state);
+    } = shared.policy.greeting(&mut greeting.state);
+    greeting.check_pre_greet = check_pre_greet;
+    greeting.deadline += delay.map_or(Duration::ZERO, |d| d.duration);
     if let Some(t) = teaser {
         let teaser = format!("220-{t}\r\n");
         if Box::pin(stream.write_all(teaser.as_bytes())).await.is_err() {
             return Opened::Done(Outcome::ClientError);
         }
     }
-    let mut greeting = Greeting {
-        state,
-        peer,
-        local,
-        rep,
-        check_pre_greet,
-        deadline: start + delay.map_or(Duration::ZERO, |d| d.duration),
-    };
     let Some(d) = delay else {
         return Opened::Done(Box::pin(greeting.resume(shared, stream, Woke::Due)).await);
     };
