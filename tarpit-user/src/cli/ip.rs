@@ -12,8 +12,9 @@ use super::args::parse_ip;
 use super::auth::AuthJson;
 use super::kernel_glue::{AuthRow, Clock, IpRow, List, ListRow};
 use super::lists::{EntryJson, Joined, joined};
-use super::output::{self, human_duration, human_time_rel};
+use super::output::{self, human_time_rel};
 use crate::config::Config;
+use crate::policy::{Blocked, Facts, Policy};
 
 #[derive(Debug, Args)]
 pub struct IpArgs {
@@ -37,7 +38,7 @@ struct IpJson {
     /// SYNs to an SMTP port seen by XDP (dropped ones included).
     syns: u64,
     state: Option<StateJson>,
-    policy: Policy,
+    policy: PolicyJson,
 }
 
 #[derive(Debug, Serialize)]
@@ -51,10 +52,12 @@ struct StateJson {
     flags: Vec<&'static str>,
 }
 
-/// What applies to the address now, most decisive rule first.
+/// `policy` in `tarpit ip --json`: [`crate::policy::Policy::explain`]'s
+/// verdict and reason.
 #[derive(Debug, Serialize, PartialEq, Eq)]
-pub struct Policy {
-    /// `allow`, `block`, `internal`, `authenticated`, `tarpit`.
+pub struct PolicyJson {
+    /// `allow`, `block`, `off`, `internal`, `authenticated`, `dnsbl`,
+    /// `blacklisted`, `greylist`, `tarpit`.
     pub verdict: &'static str,
     /// One sentence for people.
     pub reason: String,
@@ -62,7 +65,7 @@ pub struct Policy {
 
 /// What the kernel's maps say about one address.
 #[derive(Debug, Default)]
-pub struct Facts {
+pub struct KernelView {
     /// Matching allow-list entries, longest prefix first.
     pub allow: Vec<ListRow>,
     /// Matching block-list entries, longest prefix first.
@@ -72,101 +75,47 @@ pub struct Facts {
     pub state: Option<IpRow>,
 }
 
-/// The rule order of the kernel and the agent: the allow list beats the
-/// block list (XDP), internal networks are never tarpitted, authenticated
-/// clients skip the delays, everyone else is tarpitted.
-pub fn policy(ip: IpAddr, facts: &Facts, config: &Config, now: SystemTime) -> Policy {
-    let Facts {
-        allow,
-        block,
-        auth,
-        slowed,
-        state,
-    } = facts;
-    if let Some(a) = allow.iter().find(|r| r.active) {
-        return Policy {
-            verdict: "allow",
-            reason: format!(
-                "allow-listed by {}: XDP passes it even if a block entry matches, and the agent \
-                 applies no delay",
-                a.net
-            ),
-        };
-    }
-    if let Some(b) = block.iter().find(|r| r.active) {
-        let until = b
-            .expires
-            .map(|e| format!("until {}", human_time_rel(e, now)))
-            .unwrap_or_else(|| "with no expiry".into());
-        let ports = if b.all_ports {
-            "every port"
-        } else {
-            "the SMTP ports"
-        };
-        return Policy {
-            verdict: "block",
-            reason: format!(
-                "blocked by {} ({}) {until}: XDP drops its packets to {ports}",
-                b.net,
-                b.reason.as_deref().unwrap_or("manual")
-            ),
-        };
-    }
-    if let Some(net) = config.allow.internal.iter().find(|n| n.contains(&ip)) {
-        return Policy {
-            verdict: "internal",
-            reason: format!("internal network {net} (allow.internal): never tarpitted"),
-        };
-    }
-    if let Some(net) = config.allow.ips.iter().find(|n| n.contains(&ip))
-        && config.exclude.allowlisted
-    {
-        return Policy {
-            verdict: "allow",
-            reason: format!("allow-listed by the configuration ({net} in allow.ips): no delay"),
-        };
-    }
-    if let Some(a) = auth.as_ref().filter(|a| a.active)
-        && config.exclude.authenticated
-    {
-        let until = a
-            .expires
-            .map(|e| format!(" until {}", human_time_rel(e, now)))
-            .unwrap_or_default();
-        return Policy {
-            verdict: "authenticated",
-            reason: format!("authenticated{until}: the tarpit delays are skipped"),
-        };
-    }
-    let greeting = human_duration(config.greeting.delay);
-    let strikes = state.as_ref().map(|s| s.strikes).unwrap_or(0);
-    let history = if strikes > 0 {
-        format!(
-            "; it talked before the greeting {strikes} time{}",
-            if strikes == 1 { "" } else { "s" }
-        )
-    } else {
-        String::new()
-    };
-    let drop = if config.greeting.drop_pre_greet {
-        ", a talker is dropped with 554"
-    } else {
-        ""
-    };
-    let clamp = match slowed.as_ref().filter(|s| s.active) {
-        Some(s) => format!(
-            "; its TCP window is clamped{}",
-            s.expires
-                .map(|e| format!(" until {}", human_time_rel(e, now)))
-                .unwrap_or_default()
-        ),
-        None => String::new(),
-    };
-    Policy {
-        verdict: "tarpit",
-        reason: format!(
-            "tarpitted like any client: greeting held {greeting}{drop}{history}{clamp}"
-        ),
+/// The policy's facts about `ip` from the kernel's view (expiries in
+/// words, relative to `now`). The DNS and greylist facts are left
+/// unknown here: [`dns_facts`] fills them.
+pub fn facts(ip: IpAddr, k: &KernelView, now: SystemTime) -> Facts {
+    let until = |e: Option<SystemTime>| e.map(|e| format!("until {}", human_time_rel(e, now)));
+    let mut f = Facts::new(ip, false);
+    f.kernel_allow = k.allow.iter().find(|r| r.active).map(|r| r.net);
+    f.kernel_block = k.block.iter().find(|r| r.active).map(|b| Blocked {
+        net: b.net,
+        reason: b.reason.clone().unwrap_or_else(|| "manual".into()),
+        until: until(b.expires).unwrap_or_else(|| "with no expiry".into()),
+        all_ports: b.all_ports,
+    });
+    f.auth_note = k
+        .auth
+        .as_ref()
+        .filter(|a| a.active)
+        .map(|a| until(a.expires).unwrap_or_default());
+    f.clamped = k
+        .slowed
+        .as_ref()
+        .filter(|s| s.active)
+        .map(|s| until(s.expires).unwrap_or_default());
+    f.pregreet_strikes = k.state.as_ref().map_or(0, |s| s.strikes);
+    f
+}
+
+/// Where `tarpit ip` learns what DNS and greylisting say of the address
+/// (`Facts::dns`, `Facts::greylist`), as the agent would at connect.
+/// Today nothing is asked: both stay unknown, and the verdict is what
+/// applies before the agent's DNS look-ups answer.
+// TODO(lead): the agent's look-ups (crate::reputation, the config's
+// resolvers, a short timeout, `--no-dns` to skip) and the greylist store.
+fn dns_facts(_config: &Config, _f: &mut Facts) {}
+
+/// What applies to the address now, by the agent's own precedence.
+pub fn explain(config: &Config, f: &Facts) -> PolicyJson {
+    let e = Policy::new(config).explain(f);
+    PolicyJson {
+        verdict: e.verdict,
+        reason: e.reason,
     }
 }
 
@@ -191,22 +140,24 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
     let block_joined = covering(List::Block)?;
     let rows =
         |v: &[Joined]| -> Vec<ListRow> { v.iter().filter_map(|j| j.kernel.clone()).collect() };
-    let facts = Facts {
+    let view = KernelView {
         allow: rows(&allow_joined),
         block: rows(&block_joined),
         auth: maps.auth_get(ip, &clock)?,
         slowed: maps.slow_get(ip, &clock)?,
         state: maps.ip_state(ip, &clock)?,
     };
-    let policy = policy(ip, &facts, &ctx.config, now);
+    let mut known = facts(ip, &view, now);
+    dns_facts(&ctx.config, &mut known);
+    let policy = explain(&ctx.config, &known);
     let syns = maps.syn_count(ip)?;
-    let Facts {
+    let KernelView {
         allow,
         block,
         auth,
         slowed,
         state,
-    } = facts;
+    } = view;
     let allow_json: Vec<EntryJson> = allow_joined
         .iter()
         .map(|j| j.json(List::Allow, &ctx.config, now))
@@ -342,8 +293,8 @@ mod tests {
     use std::time::Duration;
 
     /// The policy for `ip` under the default config.
-    fn judge(ip: IpAddr, facts: Facts, now: SystemTime) -> Policy {
-        policy(ip, &facts, &Config::default(), now)
+    fn judge(ip: IpAddr, view: KernelView, now: SystemTime) -> PolicyJson {
+        explain(&Config::default(), &facts(ip, &view, now))
     }
 
     fn row(net: &str, active: bool, all_ports: bool) -> ListRow {
@@ -367,7 +318,7 @@ mod tests {
         assert_eq!(
             judge(
                 ip,
-                Facts {
+                KernelView {
                     allow: allow.to_vec(),
                     block: block.to_vec(),
                     ..Default::default()
@@ -380,7 +331,7 @@ mod tests {
         let expired_allow = [row("198.51.100.0/24", false, false)];
         let p = judge(
             ip,
-            Facts {
+            KernelView {
                 allow: expired_allow.to_vec(),
                 block: block.to_vec(),
                 ..Default::default()
@@ -393,7 +344,7 @@ mod tests {
         assert_eq!(
             judge(
                 ip,
-                Facts {
+                KernelView {
                     block: expired_block.to_vec(),
                     ..Default::default()
                 },
@@ -408,7 +359,7 @@ mod tests {
     fn internal_and_authenticated() {
         let now = SystemTime::now();
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
-        assert_eq!(judge(lo, Facts::default(), now).verdict, "internal");
+        assert_eq!(judge(lo, KernelView::default(), now).verdict, "internal");
         let ip: IpAddr = "fd5b:1e00::2".parse().unwrap();
         let auth = AuthRow {
             ip,
@@ -419,7 +370,7 @@ mod tests {
         assert_eq!(
             judge(
                 ip,
-                Facts {
+                KernelView {
                     auth: Some(auth),
                     ..Default::default()
                 },
@@ -446,7 +397,7 @@ mod tests {
         };
         let p = judge(
             ip,
-            Facts {
+            KernelView {
                 state: Some(s),
                 ..Default::default()
             },
@@ -466,7 +417,7 @@ mod tests {
             expires: Some(now + Duration::from_secs(600)),
             active,
         };
-        let facts = Facts {
+        let facts = KernelView {
             slowed: Some(slowed(true)),
             ..Default::default()
         };
@@ -476,10 +427,28 @@ mod tests {
             "{}",
             p.reason
         );
-        let facts = Facts {
+        let facts = KernelView {
             slowed: Some(slowed(false)),
             ..Default::default()
         };
         assert!(!judge(ip, facts, now).reason.contains("clamped"));
+    }
+
+    #[test]
+    fn the_master_switch_and_the_blacklist_are_the_agents() {
+        let now = SystemTime::now();
+        let ip: IpAddr = "198.51.100.9".parse().unwrap();
+        let off = Config::parse("enabled = false\n").unwrap();
+        let p = explain(&off, &facts(ip, &KernelView::default(), now));
+        assert_eq!(p.verdict, "off", "{}", p.reason);
+        let bl = Config::parse("[blacklist]\nips = [\"198.51.100.0/24\"]\n").unwrap();
+        let p = explain(&bl, &facts(ip, &KernelView::default(), now));
+        assert_eq!(p.verdict, "blacklisted", "{}", p.reason);
+        // a kernel block still comes first: XDP drops it before the agent
+        let view = KernelView {
+            block: vec![row("198.51.100.9/32", true, false)],
+            ..Default::default()
+        };
+        assert_eq!(explain(&off, &facts(ip, &view, now)).verdict, "block");
     }
 }
