@@ -21,6 +21,7 @@ pub mod run;
 pub mod safe_fs;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod smtp;
 pub mod state;
 pub mod tls;

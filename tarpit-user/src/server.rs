@@ -12,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{info, warn};
 
 use crate::metrics::Outcome;
-use crate::ops::summary::Tally;
+use crate::metrics::summary::Tally;
 use crate::policy::Client;
 use crate::reputation::cache::network_of;
 use crate::session::park::Holder;
@@ -196,7 +196,7 @@ impl Server {
     }
 
     /// Accepts clients until the returned future is dropped or the agent
-    /// stops (`crate::ops::shutdown`), which closes the listeners.
+    /// stops (the shared state's `shutdown`), which closes the listeners.
     pub async fn serve(self) {
         let updates = self
             .updates
@@ -204,7 +204,7 @@ impl Server {
         let limits = &self.shared.limits;
         let slots = Slots::new(limits.sessions, limits.reserved());
         let per_client = Arc::new(PerClient::default());
-        let holder = Holder::start(crate::ops::shutdown::current());
+        let holder = Holder::start(self.shared.shutdown.clone());
         let mut tasks = tokio::task::JoinSet::new();
         for l in self.listeners {
             tasks.spawn(accept_loop(
@@ -226,7 +226,8 @@ async fn accept_loop(
     per_client: Arc<PerClient>,
     holder: Holder,
 ) {
-    let shutdown = crate::ops::shutdown::current();
+    // Every `Shared` carries the same stop token (reloads keep it).
+    let shutdown = updates.borrow().shutdown.clone();
     loop {
         let accepted = tokio::select! {
             r = l.accept() => r,
@@ -308,17 +309,20 @@ struct End {
     shared: Arc<Shared>,
     guard: Option<PerClientGuard>,
     permit: OwnedSemaphorePermit,
-    _counted: crate::ops::shutdown::SessionGuard,
+    _counted: crate::shutdown::SessionGuard,
 }
 
 impl End {
     /// One summary line per session, whatever path it took; then the
     /// metrics and the limits let go of it.
     fn finish(self, peer: SocketAddr, outcome: Outcome, tally: &Tally) {
-        crate::ops::summary::write(peer, tally, outcome.as_str());
+        crate::metrics::summary::write(peer, tally, outcome.as_str());
         self.shared.metrics.sessions_active.dec();
         self.shared.metrics.session_ended(outcome);
-        crate::closed_loop::session_ended(peer.ip(), outcome);
+        self.shared
+            .ports
+            .offences
+            .session_ended(peer.ip(), outcome.as_str());
         drop(self.guard);
         drop(self.permit);
     }
@@ -339,7 +343,7 @@ async fn serve_client(
     // Boxed once here, so the task holds the session's future only once
     // and not again inside each wrapper's state.
     let opened = Box::pin(session::open(&end.shared, stream, peer, local, client));
-    let (opened, tally) = crate::ops::summary::scope(opened).await;
+    let (opened, tally) = crate::metrics::summary::scope(opened).await;
     match opened {
         Opened::Done(outcome) => end.finish(peer, outcome, &tally),
         Opened::Held(stream, greeting) => {
@@ -353,7 +357,7 @@ async fn serve_client(
                         let peer = greeting.peer();
                         let rest = Box::pin(greeting.resume(&end.shared, stream, woke));
                         let (outcome, tally) =
-                            crate::ops::summary::scope_from(kept.into_tally(), rest).await;
+                            crate::metrics::summary::scope_from(kept.into_tally(), rest).await;
                         end.finish(peer, outcome, &tally);
                     });
                 }),

@@ -10,7 +10,7 @@ use super::greylist::GreyAsk;
 use super::offenders::{self, Sent};
 use super::qmail::PRE_GREET_REPLY;
 use super::{Delay, Policy, SessionState, Step};
-use crate::closed_loop::Offence;
+use super::ports::Offence;
 
 /// Something that happened in a session.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -208,7 +208,7 @@ fn offences_are_rejected_sessions_and_unknown_recipients() {
         })
     };
     let o = |s: &mut SessionState, e| p.decide(s, e).offence;
-    use crate::closed_loop::Offence;
+    use super::ports::Offence;
     assert_eq!(
         o(&mut s, sent(554, false, true, false)),
         Some(Offence::Rejected)

@@ -34,6 +34,7 @@ pub mod greylist;
 pub mod offenders;
 pub mod orf;
 pub mod pattern;
+pub mod ports;
 pub mod precedence;
 pub mod qmail;
 pub mod securitygateway;

@@ -7,7 +7,7 @@
 //! - A RCPT answered 550 is an unknown recipient (directory harvest).
 //! - A DNSBL `drop` is a rejected session too; it is counted when the
 //!   session ends (`OffenceSink::session_ended`).
-use crate::closed_loop::Offence;
+use super::ports::Offence;
 
 /// A reply that went out to the client, as far as offences go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,7 +18,6 @@
 mod dns_gate;
 mod opaque;
 pub mod park;
-pub mod pregreet;
 mod relay;
 
 use std::net::SocketAddr;
@@ -35,12 +34,13 @@ use tracing::{debug, info, warn};
 use crate::backend::Backend;
 use crate::config::{BackendConfig, LimitsConfig, SmtpConfig};
 use crate::metrics::{Metrics, Outcome};
-use crate::policy::{AuthenticatedIps, Policy, SessionState};
+use crate::policy::ports::Ports;
+use crate::policy::{Policy, SessionState};
+use crate::shutdown::Shutdown;
 use crate::smtp::Reply;
 use crate::tls::ClientStream;
 use opaque::passthrough;
 pub use park::Woke;
-pub use pregreet::{AgentPreGreet, PreGreetVerdict};
 use relay::Session;
 
 /// Everything sessions share; built from the config at start and again on
@@ -55,8 +55,11 @@ pub struct Shared {
     /// With `tls`: AUTH only inside TLS (`tls.auth_only`).
     pub tls_auth_only: bool,
     pub metrics: Arc<Metrics>,
-    pub auth_store: Arc<dyn AuthenticatedIps>,
-    pub pregreet: Arc<dyn PreGreetVerdict>,
+    /// The kernel's allow list, authenticated addresses, pre-greet
+    /// verdict and offence sink (the closed loop's, or standalone ones).
+    pub ports: Ports,
+    /// The agent's stop, watched by every session.
+    pub shutdown: Shutdown,
     /// DNSBL/DNSWL and host-name checks (issue 8).
     pub reputation: crate::reputation::Reputation,
     pub greylist: Option<crate::reputation::Greylist>,
@@ -66,7 +69,7 @@ const PRE_GREET: &str = "554 5.5.1 SMTP protocol violation\r\n";
 const NO_SERVICE: &str = "421 4.3.2 Service not available, try again later\r\n";
 const BACKEND_LOST: &str = "421 4.4.2 Lost connection to the mail server, try again later";
 const IDLE: &str = "421 4.4.2 Idle timeout, closing connection";
-/// The agent stops (SIGTERM): see `crate::ops::shutdown`.
+/// The agent stops (SIGTERM): see `crate::shutdown`.
 const SHUTTING_DOWN: &str = "421 4.3.2 Service shutting down, try again later";
 /// How long a reply to the client may take to write before the client is
 /// given up (it does not read).
@@ -115,7 +118,7 @@ pub struct Greeting {
 /// the server asks before its limits and hands the answer to [`open`].
 pub fn classify(shared: &Shared, peer: SocketAddr, local: SocketAddr) -> crate::policy::Client {
     let mut client = shared.policy.classify(peer.ip(), local.port());
-    client.allowlisted |= crate::closed_loop::allowlisted(client.ip);
+    client.allowlisted |= shared.ports.allow.allowlisted(client.ip);
     client
 }
 
@@ -144,7 +147,12 @@ pub async fn open(
         deadline: Instant::now(),
     };
     let state = &mut greeting.state;
-    state.authenticated = crate::closed_loop::authenticated_today(&shared.policy, state.client.ip);
+    state.authenticated = shared.policy.auth_spares_new_sessions()
+        && shared
+            .ports
+            .auth
+            .last_authenticated(state.client.ip, Instant::now())
+            .is_some();
     greeting.rep = dns_gate::start(shared, &greeting.state);
     let crate::policy::GreetingPlan {
         delay,
@@ -165,7 +173,14 @@ pub async fn open(
     shared.metrics.delayed(d.reason, d.duration);
     if greeting.rep.is_some() {
         // Wait here until the verdict is in, then park for the rest.
-        let woke = match hold(&stream, greeting.deadline, &mut greeting.rep).await {
+        let woke = match hold(
+            &shared.shutdown,
+            &stream,
+            greeting.deadline,
+            &mut greeting.rep,
+        )
+        .await
+        {
             Held::Known => None,
             Held::Exempt => Some(Woke::Due),
             Held::Woke(w) => Some(w),
@@ -189,7 +204,7 @@ impl Greeting {
 
     /// Waits out the greeting delay in the caller's task, then resumes.
     pub async fn wait_here(self, shared: &Shared, stream: TcpStream) -> Outcome {
-        let woke = match hold(&stream, self.deadline, &mut None).await {
+        let woke = match hold(&shared.shutdown, &stream, self.deadline, &mut None).await {
             Held::Woke(w) => w,
             // Not without lookups; were it, the wait is over all the same.
             Held::Exempt | Held::Known => Woke::Due,
@@ -220,7 +235,7 @@ impl Greeting {
             Woke::Error => return Outcome::ClientError,
             Woke::Talked => {
                 seen = true;
-                if check_pre_greet && shared.pregreet.talked_first(peer, local, true) {
+                if check_pre_greet && shared.ports.pregreet.talked_first(peer, local, true) {
                     return pre_greet(shared, &mut state, stream, peer).await;
                 }
                 // Talk is allowed here (the check is off): wait it out
@@ -259,20 +274,23 @@ enum Held {
 /// One poll function instead of a `select!` over four futures: the socket
 /// is watched with `poll_peek`, whose waker lives in the socket's own
 /// registration, and the drain with one waiter on a shared `Notify`.
-async fn hold(stream: &TcpStream, deadline: Instant, rep: &mut dns_gate::Lookups) -> Held {
+async fn hold(
+    shutdown: &Shutdown,
+    stream: &TcpStream,
+    deadline: Instant,
+    rep: &mut dns_gate::Lookups,
+) -> Held {
     let sleep = sleep_until(deadline);
-    let drain = crate::ops::shutdown::drain_waiter();
+    let drain = shutdown.drain_waiter();
     tokio::pin!(sleep, drain);
-    if crate::ops::shutdown::is_draining() {
+    if shutdown.is_draining() {
         return Held::Woke(Woke::Drain);
     }
     let mut verdict = rep
         .as_mut()
         .map(|h| Box::pin(async move { h.verdict().await.exempt() }));
     std::future::poll_fn(|cx| {
-        if let Some(d) = drain.as_mut().as_pin_mut()
-            && d.poll(cx).is_ready()
-        {
+        if drain.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Held::Woke(Woke::Drain));
         }
         if sleep.as_mut().poll(cx).is_ready() {
@@ -356,7 +374,8 @@ async fn relay(
     dnsbl_reject: Option<String>,
 ) -> Outcome {
     let last_auth = shared
-        .auth_store
+        .ports
+        .auth
         .last_authenticated(state.client.ip, Instant::now());
     let mut s = Session::new(
         shared,
@@ -402,7 +421,7 @@ async fn greet(
         return Err(pre_greet(shared, state, stream, peer).await);
     }
     dns_gate::gate(shared, state, &mut stream, peer, rep).await?;
-    if crate::ops::shutdown::is_draining() {
+    if shared.shutdown.is_draining() {
         say_and_close(&mut stream, &format!("{SHUTTING_DOWN}\r\n")).await;
         return Err(Outcome::Shutdown);
     }
@@ -439,7 +458,7 @@ async fn pre_greet_now(
             timeout(Duration::ZERO, stream.peek(&mut probe)).await,
             Ok(Ok(n)) if n > 0
         );
-    shared.pregreet.talked_first(peer, local, seen)
+    shared.ports.pregreet.talked_first(peer, local, seen)
 }
 
 async fn pre_greet(
@@ -453,10 +472,9 @@ async fn pre_greet(
     let hold = shared.policy.settle(state, None, 554);
     if let Some(d) = hold {
         shared.metrics.delayed(d.reason, d.duration);
-        let shutdown = crate::ops::shutdown::current();
         tokio::select! {
             _ = tokio::time::sleep(d.duration) => {}
-            _ = shutdown.draining() => {}
+            _ = shared.shutdown.draining() => {}
         }
     }
     say_and_close(&mut stream, PRE_GREET).await;

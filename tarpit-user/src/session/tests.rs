@@ -9,7 +9,6 @@ use tokio::time::{Duration, Instant};
 
 use super::*;
 use crate::config::Config;
-use crate::policy::MemoryAuthStore;
 
 /// What the scripted MTA does with one command line.
 #[derive(Clone)]
@@ -105,8 +104,8 @@ fn shared(toml: &str, mta: SocketAddr) -> Arc<Shared> {
         tls: None,
         tls_auth_only: config.tls.auth_only,
         metrics: Arc::new(Metrics::new()),
-        auth_store: Arc::new(MemoryAuthStore::new(16)),
-        pregreet: Arc::new(AgentPreGreet),
+        ports: crate::policy::ports::Ports::standalone_with_auth_capacity(16),
+        shutdown: crate::shutdown::Shutdown::default(),
         reputation: crate::reputation::Reputation::new(
             &config.dns,
             &config.dnsbl,
@@ -201,7 +200,8 @@ async fn authenticated_session_is_not_tarpitted_after_235() {
     let ip = "198.51.100.9".parse().unwrap();
     assert!(
         shared
-            .auth_store
+            .ports
+            .auth
             .last_authenticated(ip, Instant::now())
             .is_some()
     );
@@ -227,7 +227,8 @@ async fn failed_auth_changes_nothing() {
     let ip = "198.51.100.9".parse().unwrap();
     assert!(
         shared
-            .auth_store
+            .ports
+            .auth
             .last_authenticated(ip, Instant::now())
             .is_none()
     );
@@ -628,7 +629,7 @@ async fn a_held_session_costs_little() {
     let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
     let (server, peer) = l.accept().await.unwrap();
     let local = server.local_addr().unwrap();
-    let wait = std::mem::size_of_val(&hold(&server, Instant::now(), &mut None));
+    let wait = std::mem::size_of_val(&hold(&shared.shutdown, &server, Instant::now(), &mut None));
     let client = classify(&shared, peer, local);
     let opening = std::mem::size_of_val(&open(&shared, server, peer, local, client));
     let greeting = std::mem::size_of::<Greeting>();

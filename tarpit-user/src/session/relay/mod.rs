@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use super::{BACKEND_LOST, IDLE, SHUTTING_DOWN, Shared, WRITE_TIMEOUT, passthrough};
 use crate::backend::{Backend, BackendError};
 use crate::metrics::Outcome;
+use crate::policy::ports::Offence;
 use crate::policy::{Delay, SessionState, release_at};
 use crate::smtp::{ClientReader, Expect, Reply};
 use crate::tls::ClientStream;
@@ -228,7 +229,7 @@ impl<'a> Session<'a> {
     pub(super) async fn relay(&mut self, banner: Reply) -> Outcome {
         let close = banner.code == 421;
         self.push_local_reply(banner, close);
-        let shutdown = crate::ops::shutdown::current();
+        let shutdown = self.shared.shutdown.clone();
         let (mut drain_seen, mut close_seen) = (false, false);
         loop {
             if let Some(outcome) = self.release_ready().await {
@@ -599,10 +600,10 @@ impl<'a> Session<'a> {
     async fn after_reply(&mut self, kind: Kind, code: u16, close: bool) -> Option<Outcome> {
         if close {
             if (500..600).contains(&code) {
-                crate::closed_loop::offence(
-                    self.state.client.ip,
-                    crate::closed_loop::Offence::Rejected,
-                );
+                self.shared
+                    .ports
+                    .offences
+                    .offence(self.state.client.ip, Offence::Rejected);
             }
             let outcome = match self.close_after_flush {
                 Some(Close(o)) => o,
@@ -616,15 +617,17 @@ impl<'a> Session<'a> {
         match (kind, code) {
             (Kind::Data, 354) => self.reader.expect_body(),
             (Kind::Auth, 334) => self.reader.expect_auth_response(),
-            (Kind::Rcpt, 550) => crate::closed_loop::offence(
-                self.state.client.ip,
-                crate::closed_loop::Offence::UnknownRecipient,
-            ),
+            (Kind::Rcpt, 550) => self
+                .shared
+                .ports
+                .offences
+                .offence(self.state.client.ip, Offence::UnknownRecipient),
             (Kind::Auth, 235) => {
                 self.state.authenticated = true;
                 self.shared.metrics.authenticated_total.inc();
                 self.shared
-                    .auth_store
+                    .ports
+                    .auth
                     .record(self.state.client.ip, Instant::now());
                 info!(client = %self.peer, "authenticated (MTA said 235)");
             }
