@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::metrics::Outcome;
 use crate::metrics::summary::Tally;
-use crate::policy::Client;
+use crate::policy::{Client, SessionState};
 use crate::reputation::cache::network_of;
 use crate::session::park::Holder;
 use crate::session::{self, Opened, Shared};
@@ -250,8 +250,8 @@ async fn accept_loop(
         };
         // Who the client is, asked once: the limits and the session
         // (every policy rule) see the same answer.
-        let client = session::classify(&shared, peer, local);
-        let (guard, permit) = match admit(&shared, &client, &slots, &per_client) {
+        let state = session::classify(&shared, peer, local);
+        let (guard, permit) = match admit(&shared, &state.client, &slots, &per_client) {
             Ok(x) => x,
             Err(r) => {
                 shared.metrics.limit_refused(r.label());
@@ -270,7 +270,7 @@ async fn accept_loop(
             stream,
             peer,
             local,
-            client,
+            state,
             holder.clone(),
         ));
     }
@@ -336,13 +336,13 @@ async fn serve_client(
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    client: Client,
+    state: SessionState,
     holder: Holder,
 ) {
     end.shared.metrics.sessions_active.inc();
     // Boxed once here, so the task holds the session's future only once
     // and not again inside each wrapper's state.
-    let opened = Box::pin(session::open(&end.shared, stream, peer, local, client));
+    let opened = Box::pin(session::open(&end.shared, stream, peer, local, state));
     let (opened, tally) = crate::metrics::summary::scope(opened).await;
     match opened {
         Opened::Done(outcome) => end.finish(peer, outcome, &tally),

@@ -225,11 +225,23 @@ impl Policy {
         self.precedence.auth_spares_new_sessions
     }
 
+    /// What is known of a client that connected to `local_port` from `ip`
+    /// before anything is asked (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn facts(&self, ip: IpAddr, local_port: u16) -> Facts {
+        let implicit = self.precedence.implicit_tls_ports.contains(&local_port);
+        Facts::new(ip, implicit)
+    }
+
+    /// Whether a rule reads when the client last authenticated
+    /// ([`Facts::last_auth`]): only `helo.authenticated_once_per_day`.
+    pub fn wants_last_auth(&self) -> bool {
+        self.securitygateway.auth_once_per_day
+    }
+
     /// Classifies a new client (IPv4-mapped IPv6 addresses count as IPv4)
     /// from the config's networks alone.
     pub fn classify(&self, ip: IpAddr, local_port: u16) -> Client {
-        let implicit = self.precedence.implicit_tls_ports.contains(&local_port);
-        self.client(&Facts::new(ip, implicit))
+        self.client(&self.facts(ip, local_port))
     }
 
     /// A client from its facts and the config's networks.
