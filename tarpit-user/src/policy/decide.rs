@@ -8,9 +8,9 @@ use tokio::time::Instant;
 use super::facts::Dns;
 use super::greylist::GreyAsk;
 use super::offenders::{self, Sent};
+use super::ports::Offence;
 use super::qmail::PRE_GREET_REPLY;
 use super::{Delay, Policy, SessionState, Step};
-use super::ports::Offence;
 
 /// Something that happened in a session.
 #[derive(Debug, Clone, Copy, PartialEq)]
