@@ -24,6 +24,10 @@ pub struct IpArgs {
     /// Print JSON (one object; fields in docs/cli.md).
     #[arg(long)]
     pub json: bool,
+    /// Skip the DNS look-ups (DNSBL, DNSWL, `allow.hosts`) the agent would
+    /// make: the verdict is then what applies before their answer.
+    #[arg(long)]
+    pub no_dns: bool,
 }
 
 /// `tarpit ip --json` (docs/cli.md).
@@ -102,13 +106,38 @@ pub fn facts(ip: IpAddr, k: &KernelView, now: SystemTime) -> Facts {
     f
 }
 
-/// Where `tarpit ip` learns what DNS and greylisting say of the address
-/// (`Facts::dns`, `Facts::greylist`), as the agent would at connect.
-/// Today nothing is asked: both stay unknown, and the verdict is what
-/// applies before the agent's DNS look-ups answer.
-// TODO(lead): the agent's look-ups (crate::reputation, the config's
-// resolvers, a short timeout, `--no-dns` to skip) and the greylist store.
-fn dns_facts(_config: &Config, _f: &mut Facts) {}
+/// Longest wait for the DNS look-ups (the agent's own deadline,
+/// `dns.timeout`, applies too).
+const DNS_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// What DNS says of the address (`Facts::dns`): the look-ups the agent
+/// makes at connect (`crate::reputation`, the config's resolvers and
+/// lists), when any list or `allow.hosts` is configured. A look-up that
+/// fails or times out counts as "not listed", as it does for the agent.
+///
+/// The greylist store is not read (`Facts::greylist` stays unknown: in
+/// connect mode the verdict assumes the address did not pass).
+fn dns_facts(config: &Config, f: &mut Facts) {
+    let Some(ip) = f.ip else { return };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    let verdict = rt.block_on(async {
+        let rep = crate::reputation::Reputation::from_config(config, Default::default()).ok()?;
+        if !rep.is_active() {
+            return None;
+        }
+        let mut h = rep.start_lookups(ip);
+        let v = tokio::time::timeout(DNS_WAIT, h.verdict()).await.ok()?;
+        Some(crate::session::dns_facts(v))
+    });
+    if let Some(dns) = verdict {
+        f.dns = dns;
+    }
+}
 
 /// What applies to the address now, by the agent's own precedence.
 pub fn explain(config: &Config, f: &Facts) -> PolicyJson {
@@ -148,7 +177,9 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
         state: maps.ip_state(ip, &clock)?,
     };
     let mut known = facts(ip, &view, now);
-    dns_facts(&ctx.config, &mut known);
+    if !args.no_dns {
+        dns_facts(&ctx.config, &mut known);
+    }
     let policy = explain(&ctx.config, &known);
     let syns = maps.syn_count(ip)?;
     let KernelView {
@@ -450,5 +481,24 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(explain(&off, &facts(ip, &view, now)).verdict, "block");
+    }
+
+    #[test]
+    fn dns_look_ups_only_with_lists_and_a_silent_server_is_not_a_listing() {
+        let ip: IpAddr = "198.51.100.9".parse().unwrap();
+        let mut f = Facts::new(ip, false);
+        dns_facts(&Config::default(), &mut f);
+        assert_eq!(f.dns, crate::policy::Dns::Unknown);
+        // A name server on loopback that never answers.
+        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let config = Config::parse(&format!(
+            "[dns]\nnameservers = [\"{}\"]\ntimeout = \"200ms\"\n\
+             [dnsbl]\nsites = [\"bl.example\"]\n",
+            sink.local_addr().unwrap()
+        ))
+        .unwrap();
+        dns_facts(&config, &mut f);
+        assert_eq!(f.dns, crate::policy::Dns::Clean);
+        assert_eq!(explain(&config, &f).verdict, "tarpit");
     }
 }

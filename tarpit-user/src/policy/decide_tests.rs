@@ -324,6 +324,8 @@ fn explain_greylisting_and_the_agent_agree() {
     );
     f.greylist = Grey::Passed;
     assert_eq!(p.explain(&f).verdict, "tarpit");
+    f.greylist = Grey::Unknown;
+    assert_eq!(p.explain(&f).verdict, "greylist");
     let p = policy("[greylist]\nmode = \"triplet\"\n");
     assert_eq!(p.explain(&facts(BOT)).verdict, "greylist");
     assert_eq!(p.explain(&facts("127.0.0.1")).verdict, "internal");

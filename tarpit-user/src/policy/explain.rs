@@ -143,6 +143,14 @@ impl Policy {
                         .into(),
                 );
             }
+            (GreylistMode::Connect, Grey::Unknown) => {
+                return says(
+                    "greylist",
+                    "greylisting at connect: unless the address passed before (the store was \
+                     not read), it gets 421 4.7.1 after the greeting delay"
+                        .into(),
+                );
+            }
             (GreylistMode::Triplet, _) => {
                 return says(
                     "greylist",

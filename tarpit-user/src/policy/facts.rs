@@ -77,7 +77,8 @@ pub enum Dns {
 /// What greylisting says about a client.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Grey {
-    /// Not asked (greylisting off, or no store at hand).
+    /// Not asked (greylisting off, or no store at hand): in connect mode
+    /// [`super::Policy::explain`] assumes the address did not pass.
     #[default]
     Unknown,
     /// Connect mode: the address passed before.

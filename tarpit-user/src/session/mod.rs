@@ -1,20 +1,31 @@
-//! One client connection, from accept to close.
+//! One client connection, from accept to close. The session decides
+//! nothing: it tells the policy what happened (`crate::policy::Event`) and
+//! carries out what it is told (`crate::policy::Action`: holds, replies in
+//! place of the MTA, drops, greylist questions, offences), reaching the
+//! world outside only through the handles in [`Shared`] (ports, shutdown,
+//! metrics).
 //!
-//! 1. Greeting: hold the banner (policy), watch for pre-greet talk, then
-//!    connect to the MTA, introduce the client (PROXY/XCLIENT) and relay
-//!    the MTA's banner. The agent's server parks a client held in the
-//!    greeting delay ([`open`], [`park`]): while it waits it is a socket
-//!    and a [`Greeting`], with no task or future of its own, which is what
-//!    lets one small box hold tens of thousands of bots.
-//! 2. Relay ([`relay`]): client commands, read strictly and forwarded in
+//! 1. Opening and parking ([`open`](open()), `park`): the server classifies
+//!    the client once ([`classify`]); the banner is held as the policy
+//!    says, the DNS look-ups run meanwhile (`dns_gate`), and a held client
+//!    is parked: while it waits it is a socket and a [`Greeting`], with no
+//!    task or future of its own, which is what lets one small box hold
+//!    tens of thousands of bots.
+//! 2. Pre-greet (`pregreet`): talk before the banner, judged by the
+//!    pre-greet source, answered as the policy says.
+//! 3. After the delay (`dns_gate`, [`run`]'s `greet`): the DNS verdict and
+//!    connect greylisting take effect, then the MTA is connected, the
+//!    client introduced (PROXY/XCLIENT) and its banner relayed.
+//! 4. Relay (`relay`): client commands, read strictly and forwarded in
 //!    canonical form, go to the MTA as they come (pipelining included);
-//!    each MTA reply is matched to its command, held as policy says and
-//!    sent in order. The agent answers only what it must: limits,
+//!    each MTA reply is matched to its command, held as the policy says
+//!    and sent in order. The agent answers only what it must: limits,
 //!    pre-greet, malformed lines, STARTTLS when it terminates TLS, XCLIENT
 //!    from clients, and 4xx when the MTA fails. It never makes up a
 //!    positive reply to DATA or BDAT.
-//! 3. Opaque relay ([`opaque`]): STARTTLS relayed to the MTA, or an
-//!    implicit-TLS client whose TLS session is with the MTA.
+//! 5. STARTTLS and opaque relay (`relay::mta`, `opaque`): STARTTLS relayed
+//!    to the MTA, or an implicit-TLS client whose TLS session is with the
+//!    MTA.
 mod dns_gate;
 mod opaque;
 mod open;
@@ -40,6 +51,7 @@ use crate::policy::{Policy, SessionState};
 use crate::shutdown::Shutdown;
 use crate::smtp::Reply;
 use crate::tls::ClientStream;
+pub use dns_gate::facts as dns_facts;
 use opaque::passthrough;
 #[cfg(test)]
 use open::hold;
