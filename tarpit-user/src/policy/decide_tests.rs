@@ -349,3 +349,14 @@ fn exclusions_off_leave_allow_listed_clients_to_the_tarpit() {
     });
     assert_eq!(p.explain(&f).verdict, "tarpit");
 }
+
+#[test]
+fn internal_and_allow_listed_addresses_are_never_sanctioned() {
+    let p = policy("[allow]\nips = [\"198.51.100.0/28\"]\n[exclude]\nallowlisted = false\n");
+    let ip = |s: &str| s.parse().unwrap();
+    let never = |s: &str, k| p.precedence.never_sanctioned(ip(s), k);
+    assert_eq!(never("::ffff:127.0.0.1", false), Some("internal"));
+    assert_eq!(never(BOT, false), Some("allow-listed"));
+    assert_eq!(never("198.51.100.99", true), Some("allow-listed"));
+    assert_eq!(never("198.51.100.99", false), None);
+}

@@ -174,6 +174,20 @@ impl Precedence {
         c.internal || (c.allowlisted && self.exclude_allowlisted)
     }
 
+    /// Never blocked or slowed by the closed loop, whatever its offences:
+    /// internal and allow-listed addresses (`allow.ips` or the kernel's
+    /// list, `kernel_allow`), whatever `[exclude]` says. Names the reason.
+    pub fn never_sanctioned(&self, ip: IpAddr, kernel_allow: bool) -> Option<&'static str> {
+        let ip = ip.to_canonical();
+        if self.internal_net(ip).is_some() {
+            Some("internal")
+        } else if kernel_allow || self.allow_net(ip).is_some() {
+            Some("allow-listed")
+        } else {
+            None
+        }
+    }
+
     /// May take the reserved session slots: internal and allow-listed
     /// clients.
     pub fn may_use_reserve(&self, c: &Client) -> bool {
