@@ -93,20 +93,6 @@ pub struct Handles {
     pub kernel: Option<Arc<KernelScrape>>,
 }
 
-impl Handles {
-    /// Without a kernel loop or a daemon: standalone ports, a stop that
-    /// never comes.
-    pub fn standalone() -> Handles {
-        Handles {
-            ports: Ports::standalone(),
-            shutdown: Shutdown::default(),
-            closed_loop: None,
-            metrics: Arc::new(Metrics::new()),
-            kernel: None,
-        }
-    }
-}
-
 /// The agent with its listeners bound and its sessions' shared state built
 /// (TLS key read as root), not yet accepting anyone.
 pub struct Bound {

@@ -62,17 +62,35 @@ impl Level {
 
 /// A latency histogram over [`LATENCY_BUCKETS`], in seconds.
 #[derive(Debug, Clone)]
-pub struct Latency(Histogram);
+pub struct Latency {
+    histogram: Histogram,
+    /// Observations, for [`Latency::count`] (prometheus-client does not
+    /// read a histogram back outside its own tests); not registered.
+    observed: Counter,
+}
 
 impl Default for Latency {
     fn default() -> Self {
-        Latency(latency_histogram())
+        Latency::of(latency_histogram())
     }
 }
 
 impl Latency {
+    fn of(histogram: Histogram) -> Latency {
+        Latency {
+            histogram,
+            observed: Counter::default(),
+        }
+    }
+
     pub fn observe(&self, d: Duration) {
-        self.0.observe(d.as_secs_f64());
+        self.histogram.observe(d.as_secs_f64());
+        self.observed.inc();
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.observed.get()
     }
 }
 
@@ -291,7 +309,7 @@ impl ReputationMetrics {
                     timeouts: result("timeout"),
                     cache_hits: result("cached"),
                     over_budget: result("over_budget"),
-                    latency: Latency(
+                    latency: Latency::of(
                         f.lookup_seconds
                             .get_or_create(&label("list", domain))
                             .clone(),
@@ -311,6 +329,16 @@ impl ReputationMetrics {
                 hits: count(&f.site_hits, label("site", spec)),
             },
         )
+    }
+
+    /// These families alone in the text format, without `# EOF` (for
+    /// tools and tests: the agent's `/metrics` encodes its one registry,
+    /// into which [`ReputationMetrics::register`] put them).
+    pub fn render(&self, out: &mut String) {
+        let mut registry = Registry::with_prefix("tarpit");
+        self.register(&mut registry);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode_registry(out, &registry);
     }
 
     /// Registers every family into `registry` (the agent's, prefixed
@@ -371,7 +399,7 @@ impl ReputationMetrics {
         registry.register(
             "fcrdns_lookup_seconds",
             "Host-name check latency",
-            self.fcrdns_latency.0.clone(),
+            self.fcrdns_latency.histogram.clone(),
         );
         for (name, help, c) in [
             (
@@ -446,6 +474,7 @@ mod tests {
             );
         }
         assert!(s.contains("tarpit_fcrdns_lookup_seconds_count 2\n"), "{s}");
+        assert_eq!(m.fcrdns_latency.count(), 2);
         assert!(
             s.contains("# TYPE tarpit_fcrdns_lookup_seconds histogram"),
             "{s}"
@@ -459,6 +488,13 @@ mod tests {
         m.site_or_insert("bl.test*3").hits.fetch_add(1, Relaxed);
         m.greylist_pending.store(4, Relaxed);
         let s = render(&m);
+        let mut alone = String::new();
+        m.render(&mut alone);
+        assert_eq!(
+            s,
+            format!("{alone}# EOF\n"),
+            "one encoding, with or without EOF"
+        );
         assert!(s.contains("tarpit_dnsbl_queries_total{list=\"bl.test\",result=\"listed\"} 2"));
         assert!(s.contains("tarpit_dnsbl_queries_total{list=\"bl.test\",result=\"timeout\"} 0"));
         assert!(s.contains("tarpit_dnsbl_site_hits_total{site=\"bl.test*3\"} 1"));
