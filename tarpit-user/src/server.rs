@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::metrics::Outcome;
 use crate::metrics::summary::Tally;
-use crate::policy::Client;
+use crate::policy::{Client, SessionState};
 use crate::reputation::cache::network_of;
 use crate::session::park::Holder;
 use crate::session::{self, Opened, Shared};
@@ -262,8 +262,8 @@ async fn accept_loop(
         };
         // Who the client is, asked once: the limits and the session
         // (every policy rule) see the same answer.
-        let client = session::classify(&shared, peer, local);
-        let (guard, permit) = match admit(&shared, &client, &slots, &per_client) {
+        let state = session::classify(&shared, peer, local);
+        let (guard, permit) = match admit(&shared, &state.client, &slots, &per_client) {
             Ok(x) => x,
             Err(r) => {
                 shared.metrics.limit_refused(r.label());
@@ -282,7 +282,7 @@ async fn accept_loop(
             stream,
             peer,
             local,
-            client,
+            state,
             holder.clone(),
         ));
     }
@@ -298,8 +298,7 @@ fn admit(
     slots: &Slots,
     per_client: &Arc<PerClient>,
 ) -> Result<(Option<PerClientGuard>, OwnedSemaphorePermit), Refused> {
-    let exempt = client.internal || (client.allowlisted && shared.policy.exclude_allowlisted);
-    let guard = if exempt {
+    let guard = if shared.policy.precedence.limits_exempt(client) {
         None
     } else {
         let l = &shared.limits;
@@ -312,7 +311,7 @@ fn admit(
     };
     // The guard, if any, is dropped with the refusal.
     let permit = slots
-        .take(client.internal || client.allowlisted)
+        .take(shared.policy.precedence.may_use_reserve(client))
         .ok_or(Refused::Sessions)?;
     Ok((guard, permit))
 }
@@ -332,10 +331,9 @@ impl End {
         crate::metrics::summary::write(peer, tally, outcome.as_str());
         self.shared.metrics.sessions_active.dec();
         self.shared.metrics.session_ended(outcome);
-        self.shared
-            .ports
-            .offences
-            .session_ended(peer.ip(), outcome.as_str());
+        if let Some(o) = crate::policy::offenders::ended(outcome.as_str()) {
+            self.shared.ports.offences.offence(peer.ip(), o);
+        }
         drop(self.guard);
         drop(self.permit);
     }
@@ -349,13 +347,13 @@ async fn serve_client(
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    client: Client,
+    state: SessionState,
     holder: Holder,
 ) {
     end.shared.metrics.sessions_active.inc();
     // Boxed once here, so the task holds the session's future only once
     // and not again inside each wrapper's state.
-    let opened = Box::pin(session::open(&end.shared, stream, peer, local, client));
+    let opened = Box::pin(session::open(&end.shared, stream, peer, local, state));
     let (opened, tally) = crate::metrics::summary::scope(opened).await;
     match opened {
         Opened::Done(outcome) => end.finish(peer, outcome, &tally),

@@ -316,15 +316,16 @@ impl LoopState {
         }
     }
 
-    /// Allow-listed and internal addresses are never blocked or slowed.
+    /// Allow-listed and internal addresses are never blocked or slowed:
+    /// the policy's rule (`Precedence::never_sanctioned`), asked first
+    /// without the kernel's allow list, which is read only when the
+    /// configuration does not settle it.
     fn exempt(&self, ip: IpAddr, config: &Config) -> Option<&'static str> {
+        let rule = crate::policy::precedence::Precedence::new(config);
+        if let Some(why) = rule.never_sanctioned(ip, false) {
+            return Some(why);
+        }
         let ip = ip.to_canonical();
-        if config.allow.internal.iter().any(|n| n.contains(&ip)) {
-            return Some("internal");
-        }
-        if config.allow.ips.iter().any(|n| n.contains(&ip)) {
-            return Some("allow-listed");
-        }
         let listed = match &self.allow {
             Some(a) => a.contains(ip).map_err(|e| e.to_string()),
             None => {
@@ -335,8 +336,7 @@ impl LoopState {
             }
         };
         match listed {
-            Ok(true) => Some("allow-listed"),
-            Ok(false) => None,
+            Ok(listed) => rule.never_sanctioned(ip, listed),
             // Cannot tell: do not block.
             Err(_) => Some("allow list unreadable"),
         }

@@ -68,15 +68,6 @@ impl Offence {
 pub trait OffenceSink: Send + Sync {
     /// Reports an offence seen by a session.
     fn offence(&self, ip: IpAddr, offence: Offence);
-    /// A session ended with `outcome` (the `outcome` label of
-    /// `tarpit_sessions_total`): sessions the agent dropped for policy
-    /// (`dnsbl_drop`) count as rejected sessions. (The pre-greet 554 is
-    /// counted from the kernel's event, never twice.)
-    fn session_ended(&self, ip: IpAddr, outcome: &str) {
-        if outcome == "dnsbl_drop" {
-            self.offence(ip, Offence::Rejected);
-        }
-    }
 }
 
 /// Nothing is allow-listed (no kernel list to read).
@@ -134,26 +125,6 @@ impl std::fmt::Debug for Ports {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
-
-    #[derive(Default)]
-    struct Seen(Mutex<Vec<(IpAddr, Offence)>>);
-
-    impl OffenceSink for Seen {
-        fn offence(&self, ip: IpAddr, offence: Offence) {
-            self.0.lock().unwrap().push((ip, offence));
-        }
-    }
-
-    #[test]
-    fn a_dnsbl_drop_counts_as_a_rejected_session_other_ends_do_not() {
-        let s = Seen::default();
-        let ip: IpAddr = "198.51.100.9".parse().unwrap();
-        s.session_ended(ip, "quit");
-        s.session_ended(ip, "pregreet");
-        s.session_ended(ip, "dnsbl_drop");
-        assert_eq!(*s.0.lock().unwrap(), vec![(ip, Offence::Rejected)]);
-    }
 
     #[test]
     fn standalone_spares_nobody_and_trusts_the_agents_own_eyes() {

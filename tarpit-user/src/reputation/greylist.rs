@@ -38,11 +38,6 @@ pub use site_key::{SiteKey, key_path, load_or_create_key};
 pub use store::{HEADER_BYTES, KNOWN_BYTES, PENDING_BYTES, StoreError};
 pub use table::{GreyTable, GreyVerdict, Limits, Outcome, Record, Windows};
 
-/// The reply to an unseen triplet (at RCPT).
-pub const TRIPLET_REPLY: &str = "451 4.7.1 Greylisted, please try again later";
-/// The reply to an unseen client at connect (the session closes after it).
-pub const CONNECT_REPLY: &str = "421 4.7.1 Greylisted, please try again later";
-
 impl From<&GreylistConfig> for Windows {
     fn from(c: &GreylistConfig) -> Self {
         Windows {

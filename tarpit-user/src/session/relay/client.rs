@@ -32,12 +32,9 @@ impl Session<'_> {
         });
     }
 
+    /// The hold of a command's reply, as the policy says.
     pub(super) fn step(&mut self, step: Step<'_>) -> Option<Delay> {
-        let policy = &self.shared.policy;
-        policy.observe(&mut self.state, step);
-        let delay = policy.command_delay(&mut self.state, step, self.last_auth, Instant::now());
-        // No tarpit while the agent stops: the session should finish.
-        delay.filter(|_| !self.shared.shutdown.is_draining())
+        self.command_policy(step).hold
     }
 
     /// Consumes what the client sent, as far as the replies it waits for
@@ -130,10 +127,9 @@ impl Session<'_> {
             }
             Command::Rcpt(rcpt) => {
                 self.shared.metrics.rcpt();
-                let d = self.step(Step::Rcpt);
-                match self.rcpt_gate(&rcpt) {
-                    Some(text) => self.push_local_held(&text, d),
-                    None => self.push_command(Kind::Rcpt, &canonical, d),
+                match self.rcpt(&rcpt) {
+                    (d, Some(text)) => self.push_local_held(&text, d),
+                    (d, None) => self.push_command(Kind::Rcpt, &canonical, d),
                 }
             }
             Command::Data => {
