@@ -36,7 +36,7 @@ mod table;
 pub use grey_key::GreyKey;
 pub use site_key::{SiteKey, key_path, load_or_create_key};
 pub use store::{HEADER_BYTES, KNOWN_BYTES, PENDING_BYTES, StoreError};
-pub use table::{GreyTable, GreyVerdict, Limits, Outcome, Record, Windows};
+pub use table::{GreyCheck, GreyTable, GreyVerdict, Limits, Record, Windows};
 
 impl From<&GreylistConfig> for Windows {
     fn from(c: &GreylistConfig) -> Self {

@@ -45,11 +45,6 @@ use metrics::ReputationMetrics;
 use resolver::Dns;
 pub use verdict::{DnsVerdict, ReputationHandle};
 
-/// The old name of [`DnsVerdict`], kept for the end-to-end test
-/// `tests/reputation_dns.rs` (it must pass unchanged); new code says
-/// `DnsVerdict`, which cannot be confused with the offenders' verdict.
-pub type Verdict = DnsVerdict;
-
 /// Why the reputation checks could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ReputationError {

@@ -23,7 +23,7 @@ use super::relay::{Kind, Session};
 use super::{Shared, say_and_close};
 use crate::metrics::Outcome;
 use crate::policy::{Delay, Dns, Event, SessionState, Step};
-use crate::reputation::{GreyKey, GreyVerdict, ReputationHandle, Verdict, unix_now};
+use crate::reputation::{DnsVerdict, GreyKey, GreyVerdict, ReputationHandle, unix_now};
 use crate::smtp::Reply;
 
 /// A session's look-ups, if it has any. Boxed: the handle carries the
@@ -41,7 +41,7 @@ pub(super) fn start(shared: &Shared, ip: IpAddr, look_up: bool) -> Lookups {
 }
 
 /// The look-ups' verdict as the policy's facts.
-pub fn facts(v: &Verdict) -> Dns {
+pub fn facts(v: &DnsVerdict) -> Dns {
     if v.exempt() {
         return Dns::Allowed(match &v.allow_host {
             Some(host) => format!("forward-confirmed name {host} on allow.hosts"),

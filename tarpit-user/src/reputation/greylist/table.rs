@@ -46,7 +46,7 @@ pub enum GreyVerdict {
 
 /// What one check did, for the store and the counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outcome {
+pub struct GreyCheck {
     pub verdict: GreyVerdict,
     /// The key's new state, when it must be written down.
     pub write: Option<Record>,
@@ -56,9 +56,9 @@ pub struct Outcome {
     pub evicted: (usize, usize),
 }
 
-impl Outcome {
+impl GreyCheck {
     fn new(verdict: GreyVerdict, write: Option<Record>) -> Self {
-        Outcome {
+        GreyCheck {
             verdict,
             write,
             capped: false,
@@ -164,7 +164,7 @@ impl GreyTable {
     }
 
     /// Decides one attempt at `now` for key `id` from network `net`.
-    pub fn check(&mut self, id: &Id, net: NetId, now: u64) -> Outcome {
+    pub fn check(&mut self, id: &Id, net: NetId, now: u64) -> GreyCheck {
         let w = self.limits.windows;
         if now >= self.last_sweep.saturating_add(SWEEP_EVERY) {
             self.sweep(now);
@@ -179,7 +179,7 @@ impl GreyTable {
                         id: *id,
                         until: renewed,
                     });
-                return Outcome::new(GreyVerdict::Pass, write);
+                return GreyCheck::new(GreyVerdict::Pass, write);
             }
             self.known.remove(id);
         }
@@ -187,7 +187,7 @@ impl GreyTable {
             if self.pending_live(&p, now) {
                 let ready = p.first.saturating_add(w.min_wait);
                 if now < ready {
-                    return Outcome::new(
+                    return GreyCheck::new(
                         GreyVerdict::TempFail {
                             retry_in: ready - now,
                         },
@@ -196,7 +196,7 @@ impl GreyTable {
                 }
                 // The retry came in time: the key becomes known.
                 self.remove_pending(id);
-                let mut out = Outcome::new(GreyVerdict::Pass, None);
+                let mut out = GreyCheck::new(GreyVerdict::Pass, None);
                 out.evicted.1 = self.make_room_known(now);
                 let until = now.saturating_add(w.pass_ttl);
                 self.known.insert(*id, until);
@@ -215,12 +215,12 @@ impl GreyTable {
             // Its own expired entries may still count: look once more.
             self.sweep(now);
             if at_cap(self) {
-                let mut out = Outcome::new(fail, None);
+                let mut out = GreyCheck::new(fail, None);
                 out.capped = true;
                 return out;
             }
         }
-        let mut out = Outcome::new(fail, None);
+        let mut out = GreyCheck::new(fail, None);
         out.evicted.0 = self.make_room_pending(now);
         let p = Pending { first: now, net };
         self.insert_pending(*id, p);

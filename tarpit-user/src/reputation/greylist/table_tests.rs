@@ -25,7 +25,7 @@ fn id(n: u32) -> Id {
     i
 }
 
-fn tempfail(o: &Outcome) -> bool {
+fn tempfail(o: &GreyCheck) -> bool {
     matches!(o.verdict, GreyVerdict::TempFail { .. })
 }
 
