@@ -8,7 +8,8 @@
 //! 1. `config` (the TOML file, validated at load, DNS list syntax
 //!    included), `smtp` (parsing and canonical forwarding, no I/O: the
 //!    session and the backend read into its buffers), `safe_fs` (files root
-//!    writes), `kernel_version`, `tls`;
+//!    writes), `kernel_version`, `tls`, `shutdown` (the drain token the
+//!    agent hands down to the server and every session);
 //! 2. `kernel` (the only module that touches aya: loading, attaching, the
 //!    pinned maps), `logging`, `policy` (pure tarpit decisions),
 //!    `reputation` (DNSBL/DNSWL, FCrDNS, greylisting), `backend` (the
