@@ -132,7 +132,7 @@ fn dns_facts(config: &Config, f: &mut Facts) {
         }
         let mut h = rep.start_lookups(ip);
         let v = tokio::time::timeout(DNS_WAIT, h.verdict()).await.ok()?;
-        Some(crate::session::dns_facts(v))
+        Some(v.facts())
     });
     if let Some(dns) = verdict {
         f.dns = dns;

@@ -8,6 +8,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::dnsbl::{Hit, ListAction};
+use crate::policy::Dns;
 
 /// Everything DNS said about one client.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -29,6 +30,25 @@ pub struct DnsVerdict {
 }
 
 impl DnsVerdict {
+    /// The verdict as the policy's facts (`policy::Dns`): what the
+    /// agent's sessions and `tarpit ip` hand to the one precedence.
+    pub fn facts(&self) -> Dns {
+        if self.exempt() {
+            return Dns::Allowed(match &self.allow_host {
+                Some(host) => format!("forward-confirmed name {host} on allow.hosts"),
+                None => format!("DNSWL score {}", self.score),
+            });
+        }
+        match self.listed {
+            Some(action) => Dns::Listed {
+                score: self.score,
+                action,
+                reply: self.reject_reply(),
+            },
+            None => Dns::Clean,
+        }
+    }
+
     /// A client no DNS rule applies to (no lists configured, or DNS gave
     /// nothing in time).
     pub(super) fn clean(complete: bool) -> DnsVerdict {

@@ -23,7 +23,7 @@ use super::relay::{Kind, Session};
 use super::{Shared, say_and_close};
 use crate::metrics::Outcome;
 use crate::policy::{Delay, Dns, Event, SessionState, Step};
-use crate::reputation::{DnsVerdict, GreyKey, GreyVerdict, ReputationHandle, unix_now};
+use crate::reputation::{GreyKey, GreyVerdict, ReputationHandle, unix_now};
 use crate::smtp::Reply;
 
 /// A session's look-ups, if it has any. Boxed: the handle carries the
@@ -40,28 +40,10 @@ pub(super) fn start(shared: &Shared, ip: IpAddr, look_up: bool) -> Lookups {
     Some(Box::new(shared.reputation.start_lookups(ip)))
 }
 
-/// The look-ups' verdict as the policy's facts.
-pub fn facts(v: &DnsVerdict) -> Dns {
-    if v.exempt() {
-        return Dns::Allowed(match &v.allow_host {
-            Some(host) => format!("forward-confirmed name {host} on allow.hosts"),
-            None => format!("DNSWL score {}", v.score),
-        });
-    }
-    match v.listed {
-        Some(action) => Dns::Listed {
-            score: v.score,
-            action,
-            reply: v.reject_reply(),
-        },
-        None => Dns::Clean,
-    }
-}
-
 /// The verdict, waited for (after the greeting delay it is known).
 pub(super) async fn verdict(rep: &mut Lookups) -> Dns {
     match rep.as_mut() {
-        Some(h) => facts(h.verdict().await),
+        Some(h) => h.verdict().await.facts(),
         None => Dns::Unknown,
     }
 }

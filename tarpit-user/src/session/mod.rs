@@ -51,7 +51,6 @@ use crate::policy::{Policy, SessionState};
 use crate::shutdown::Shutdown;
 use crate::smtp::Reply;
 use crate::tls::ClientStream;
-pub use dns_gate::facts as dns_facts;
 use opaque::passthrough;
 #[cfg(test)]
 use open::hold;
