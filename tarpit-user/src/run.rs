@@ -9,10 +9,14 @@ use std::sync::Arc;
 
 use tokio_rustls::TlsAcceptor;
 
+use crate::closed_loop::{ClosedLoop, LoopHandle};
 use crate::metrics::Metrics;
-use crate::policy::{MemoryAuthStore, Policy};
+use crate::ops::metrics::KernelScrape;
+use crate::policy::Policy;
+use crate::policy::ports::Ports;
 use crate::server::Server;
-use crate::session::{AgentPreGreet, Shared};
+use crate::session::Shared;
+use crate::shutdown::Shutdown;
 use crate::{config::Config, kernel::Kernel};
 
 pub fn run(config_path: &Path) -> Result<()> {
@@ -22,30 +26,74 @@ pub fn run(config_path: &Path) -> Result<()> {
     for w in config.warnings() {
         warn!(key = w.key, "{w}");
     }
+    let root = privileged(&config, &daemon)?;
+    // Ports bound, programs attached, maps open: root is not needed any
+    // more. Dropped on this, the only thread: capabilities belong to
+    // threads, and the runtime's threads, started next, inherit the
+    // reduced sets (ops::privileges).
+    daemon.drop_privileges()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(agent(config, &mut daemon))
+    runtime.block_on(agent(root, &mut daemon))
 }
 
-async fn agent(config: Config, daemon: &mut crate::ops::Daemon) -> Result<()> {
+/// What the agent sets up as root, before its runtime starts.
+struct Privileged {
+    kernel: Kernel,
+    closed_loop: crate::closed_loop::ClosedLoop,
+    bound: Bound,
+}
+
+/// Loads and attaches the kernel side, opens its maps, binds the ports and
+/// reads the TLS key: everything that needs root, on one thread, with no
+/// async runtime (see [`run`]).
+fn privileged(config: &Config, daemon: &crate::ops::Daemon) -> Result<Privileged> {
     crate::kernel_version::check_min_kernel()?;
-    let held = crate::closed_loop::prepare(&config);
+    let held = crate::closed_loop::prepare(config);
+    let metrics = Arc::new(Metrics::new());
     let mut kernel = Kernel::load(&config.kernel)?;
     for (feature, available) in kernel.features() {
-        crate::ops::metrics::kernel_feature(feature, available);
+        metrics.kernel_feature(feature, available);
     }
     crate::state::restore_at_start(&config.kernel.pin_path, &config.state.file)?;
     // Opened as root: scrapes and reloads use the maps after the drop.
-    crate::ops::metrics::OpsMetrics::new(
-        crate::kernel::KernelMaps::open(&config.kernel.pin_path).ok(),
-    );
-    let closed_loop = crate::closed_loop::ClosedLoop::start(&config, &mut kernel, held)?;
-    let bound = bind_agent(&config, daemon.config()).await?;
+    let closed_loop = ClosedLoop::attach(config, &mut kernel, held, &metrics)?;
+    let kernel_scrape = crate::kernel::KernelMaps::open(&config.kernel.pin_path)
+        .ok()
+        .map(|maps| Arc::new(KernelScrape::new(maps)));
+    let reloads = daemon.config_watch().counts();
+    metrics.register(|r| {
+        reloads.register(r);
+        if let Some(k) = &kernel_scrape {
+            r.register_collector(Box::new(k.clone()));
+        }
+    });
+    let handles = Handles {
+        ports: closed_loop.ports(),
+        shutdown: daemon.shutdown(),
+        closed_loop: Some(closed_loop.handle()),
+        metrics,
+        kernel: kernel_scrape,
+    };
+    let bound = bind_agent(config, daemon.config(), handles)?;
     closed_loop.agent_listening(&config.listen.addrs)?;
-    // Ports bound, programs attached, maps open: root is not needed any more.
-    daemon.drop_privileges()?;
+    Ok(Privileged {
+        kernel,
+        closed_loop,
+        bound,
+    })
+}
+
+async fn agent(root: Privileged, daemon: &mut crate::ops::Daemon) -> Result<()> {
+    let Privileged {
+        mut kernel,
+        mut closed_loop,
+        bound,
+    } = root;
+    kernel.relay_log();
+    closed_loop.run(kernel.pin_path());
     // Only now, on threads that all dropped, are clients accepted.
     let mut agent = bound.serve()?;
     daemon.ready()?;
@@ -58,24 +106,47 @@ async fn agent(config: Config, daemon: &mut crate::ops::Daemon) -> Result<()> {
     kernel.shutdown()
 }
 
+/// What the agent hands down to its sessions and reloads instead of
+/// process-wide state.
+#[derive(Clone)]
+pub struct Handles {
+    /// The policy's ports: the closed loop's, or [`Ports::standalone`].
+    pub ports: Ports,
+    /// The agent's stop, watched by the server and every session.
+    pub shutdown: Shutdown,
+    /// The running loop, told about reloads (none without a kernel side).
+    pub closed_loop: Option<LoopHandle>,
+    /// The one registry's owner: every part registers into it.
+    pub metrics: Arc<Metrics>,
+    /// The kernel's maps as opened at start: reloads write its settings.
+    pub kernel: Option<Arc<KernelScrape>>,
+}
+
 /// The agent with its listeners bound and its sessions' shared state built
 /// (TLS key read as root), not yet accepting anyone.
 pub struct Bound {
     server: Server,
-    metrics: Option<(tokio::net::TcpListener, Arc<Metrics>)>,
+    metrics: Option<(std::net::TcpListener, Arc<Metrics>)>,
     shared: watch::Sender<Arc<Shared>>,
     updates: watch::Receiver<Arc<Config>>,
     config: Arc<Config>,
+    closed_loop: Option<LoopHandle>,
+    kernel: Option<Arc<KernelScrape>>,
 }
 
 /// Builds the sessions' shared state from the config and binds the SMTP
-/// and metrics listeners (failing loudly if one cannot be bound).
-/// Nothing is accepted until [`Bound::serve`].
-pub async fn bind_agent(config: &Config, updates: watch::Receiver<Arc<Config>>) -> Result<Bound> {
-    let metrics = Arc::new(Metrics::new());
+/// and metrics listeners (failing loudly if one cannot be bound), without
+/// a runtime. Nothing is accepted until [`Bound::serve`].
+pub fn bind_agent(
+    config: &Config,
+    updates: watch::Receiver<Arc<Config>>,
+    handles: Handles,
+) -> Result<Bound> {
+    let metrics = handles.metrics;
     let tls = config.tls.server_config()?.map(TlsAcceptor::from);
     let reputation = crate::reputation::Reputation::from_config(config, Arc::default())?;
-    let _ = metrics.reputation.set(reputation.metrics().clone());
+    // Once: reloads hand the same counters to the rebuilt checks.
+    metrics.register(|r| reputation.metrics().register(r));
     // Opened in `serve`, after the drop (see there).
     let greylist = None;
     let shared = Arc::new(Shared {
@@ -86,24 +157,25 @@ pub async fn bind_agent(config: &Config, updates: watch::Receiver<Arc<Config>>) 
         tls,
         tls_auth_only: config.tls.auth_only,
         metrics: metrics.clone(),
-        auth_store: crate::closed_loop::auth_store()
-            .unwrap_or_else(|| Arc::new(MemoryAuthStore::new(AUTH_STORE_CAPACITY))),
-        pregreet: crate::closed_loop::pregreet().unwrap_or_else(|| Arc::new(AgentPreGreet)),
+        ports: handles.ports,
+        shutdown: handles.shutdown,
         reputation,
         greylist,
     });
     let metrics = match config.metrics.listen {
-        Some(addr) => Some((crate::metrics::bind(addr).await?, metrics)),
+        Some(addr) => Some((crate::metrics::bind(addr)?, metrics)),
         None => None,
     };
     let (shared_tx, _) = watch::channel(shared.clone());
-    let server = Server::bind(&config.listen.addrs, config.listen.backlog, shared).await?;
+    let server = Server::bind(&config.listen.addrs, config.listen.backlog, shared)?;
     Ok(Bound {
         server,
         metrics,
         shared: shared_tx,
         updates,
         config: Arc::new(config.clone()),
+        closed_loop: handles.closed_loop,
+        kernel: handles.kernel,
     })
 }
 
@@ -133,7 +205,13 @@ impl Bound {
         }
         let server = self.server.with_updates(self.shared.subscribe());
         tasks.spawn(server.serve());
-        tasks.spawn(apply_reloads(self.updates, self.shared, self.config));
+        tasks.spawn(apply_reloads(
+            self.updates,
+            self.shared,
+            self.config,
+            self.closed_loop,
+            self.kernel,
+        ));
         Ok(tasks)
     }
 }
@@ -148,6 +226,8 @@ async fn apply_reloads(
     mut updates: watch::Receiver<Arc<Config>>,
     shared: watch::Sender<Arc<Shared>>,
     started: Arc<Config>,
+    closed_loop: Option<LoopHandle>,
+    kernel: Option<Arc<KernelScrape>>,
 ) {
     // The config the running reputation checks were built from.
     let mut reputation_from = started;
@@ -198,14 +278,13 @@ async fn apply_reloads(
         next.limits = config.limits.clone();
         next.tls = tls;
         shared.send_replace(Arc::new(next));
-        crate::closed_loop::reload(&config);
-        if let Some(ops) = crate::ops::metrics::installed()
-            && let Err(e) = ops.apply_kernel_settings(&config.kernel)
+        if let Some(l) = &closed_loop {
+            l.reload(&config);
+        }
+        if let Some(k) = &kernel
+            && let Err(e) = k.apply_kernel_settings(&config.kernel)
         {
             warn!(target: "tarpit::ops::reload", "kernel settings not updated: {e:#}");
         }
     }
 }
-
-/// Addresses remembered for the "HELO delay once per day" rule.
-const AUTH_STORE_CAPACITY: usize = 100_000;

@@ -12,8 +12,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{info, warn};
 
 use crate::metrics::Outcome;
-use crate::ops::summary::Tally;
-use crate::policy::Client;
+use crate::metrics::summary::Tally;
+use crate::policy::{Client, SessionState};
 use crate::reputation::cache::network_of;
 use crate::session::park::Holder;
 use crate::session::{self, Opened, Shared};
@@ -143,21 +143,26 @@ impl Slots {
 }
 
 /// A listener as `TcpListener::bind` makes it (SO_REUSEADDR, the system's
-/// IPV6_V6ONLY default), with the configured queue instead of tokio's 1024.
-fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(backlog)
+/// IPV6_V6ONLY default, close-on-exec, non-blocking), with the configured
+/// queue instead of tokio's 1024. A std listener: the agent binds as root
+/// before its runtime starts (see `ops::privileges`); [`Server::serve`]
+/// hands it to tokio.
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(socket.into())
 }
 
 /// The bound listeners of the agent.
 pub struct Server {
-    listeners: Vec<TcpListener>,
+    listeners: Vec<std::net::TcpListener>,
     shared: Arc<Shared>,
     /// Rebuilt on every config reload; each new session takes the latest.
     updates: Option<watch::Receiver<Arc<Shared>>>,
@@ -165,8 +170,8 @@ pub struct Server {
 
 impl Server {
     /// Binds every address with a listen queue of `backlog`; any failure is
-    /// an error naming the address.
-    pub async fn bind(addrs: &[SocketAddr], backlog: u32, shared: Arc<Shared>) -> Result<Server> {
+    /// an error naming the address. Needs no runtime.
+    pub fn bind(addrs: &[SocketAddr], backlog: u32, shared: Arc<Shared>) -> Result<Server> {
         let mut listeners = Vec::new();
         for a in addrs {
             let l = listen(*a, backlog)
@@ -196,7 +201,7 @@ impl Server {
     }
 
     /// Accepts clients until the returned future is dropped or the agent
-    /// stops (`crate::ops::shutdown`), which closes the listeners.
+    /// stops (the shared state's `shutdown`), which closes the listeners.
     pub async fn serve(self) {
         let updates = self
             .updates
@@ -204,9 +209,16 @@ impl Server {
         let limits = &self.shared.limits;
         let slots = Slots::new(limits.sessions, limits.reserved());
         let per_client = Arc::new(PerClient::default());
-        let holder = Holder::start(crate::ops::shutdown::current());
+        let holder = Holder::start(self.shared.shutdown.clone());
         let mut tasks = tokio::task::JoinSet::new();
         for l in self.listeners {
+            let l = match TcpListener::from_std(l) {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!("listener lost: {e}");
+                    continue;
+                }
+            };
             tasks.spawn(accept_loop(
                 l,
                 updates.clone(),
@@ -226,7 +238,8 @@ async fn accept_loop(
     per_client: Arc<PerClient>,
     holder: Holder,
 ) {
-    let shutdown = crate::ops::shutdown::current();
+    // Every `Shared` carries the same stop token (reloads keep it).
+    let shutdown = updates.borrow().shutdown.clone();
     loop {
         let accepted = tokio::select! {
             r = l.accept() => r,
@@ -249,8 +262,8 @@ async fn accept_loop(
         };
         // Who the client is, asked once: the limits and the session
         // (every policy rule) see the same answer.
-        let client = session::classify(&shared, peer, local);
-        let (guard, permit) = match admit(&shared, &client, &slots, &per_client) {
+        let state = session::classify(&shared, peer, local);
+        let (guard, permit) = match admit(&shared, &state.client, &slots, &per_client) {
             Ok(x) => x,
             Err(r) => {
                 shared.metrics.limit_refused(r.label());
@@ -269,7 +282,7 @@ async fn accept_loop(
             stream,
             peer,
             local,
-            client,
+            state,
             holder.clone(),
         ));
     }
@@ -285,8 +298,7 @@ fn admit(
     slots: &Slots,
     per_client: &Arc<PerClient>,
 ) -> Result<(Option<PerClientGuard>, OwnedSemaphorePermit), Refused> {
-    let exempt = client.internal || (client.allowlisted && shared.policy.exclude_allowlisted);
-    let guard = if exempt {
+    let guard = if shared.policy.precedence.limits_exempt(client) {
         None
     } else {
         let l = &shared.limits;
@@ -299,7 +311,7 @@ fn admit(
     };
     // The guard, if any, is dropped with the refusal.
     let permit = slots
-        .take(client.internal || client.allowlisted)
+        .take(shared.policy.precedence.may_use_reserve(client))
         .ok_or(Refused::Sessions)?;
     Ok((guard, permit))
 }
@@ -309,17 +321,19 @@ struct End {
     shared: Arc<Shared>,
     guard: Option<PerClientGuard>,
     permit: OwnedSemaphorePermit,
-    _counted: crate::ops::shutdown::SessionGuard,
+    _counted: crate::shutdown::SessionGuard,
 }
 
 impl End {
     /// One summary line per session, whatever path it took; then the
     /// metrics and the limits let go of it.
     fn finish(self, peer: SocketAddr, outcome: Outcome, tally: &Tally) {
-        crate::ops::summary::write(peer, tally, outcome.as_str());
+        crate::metrics::summary::write(peer, tally, outcome.as_str());
         self.shared.metrics.sessions_active.dec();
         self.shared.metrics.session_ended(outcome);
-        crate::closed_loop::session_ended(peer.ip(), outcome);
+        if let Some(o) = crate::policy::offenders::ended(outcome.as_str()) {
+            self.shared.ports.offences.offence(peer.ip(), o);
+        }
         drop(self.guard);
         drop(self.permit);
     }
@@ -333,14 +347,14 @@ async fn serve_client(
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    client: Client,
+    state: SessionState,
     holder: Holder,
 ) {
     end.shared.metrics.sessions_active.inc();
     // Boxed once here, so the task holds the session's future only once
     // and not again inside each wrapper's state.
-    let opened = Box::pin(session::open(&end.shared, stream, peer, local, client));
-    let (opened, tally) = crate::ops::summary::scope(opened).await;
+    let opened = Box::pin(session::open(&end.shared, stream, peer, local, state));
+    let (opened, tally) = crate::metrics::summary::scope(opened).await;
     match opened {
         Opened::Done(outcome) => end.finish(peer, outcome, &tally),
         Opened::Held(stream, greeting) => {
@@ -354,7 +368,7 @@ async fn serve_client(
                         let peer = greeting.peer();
                         let rest = Box::pin(greeting.resume(&end.shared, stream, woke));
                         let (outcome, tally) =
-                            crate::ops::summary::scope_from(kept.into_tally(), rest).await;
+                            crate::metrics::summary::scope_from(kept.into_tally(), rest).await;
                         end.finish(peer, outcome, &tally);
                     });
                 }),

@@ -318,11 +318,15 @@ fn auth_entries_are_listed_seen_by_the_kernel_and_removed() {
     );
 
     // A new connection from the authenticated client is marked by the
-    // kernel (sock_ops reads the map), and `tarpit ip` says the tarpit
-    // delays are skipped.
+    // kernel (sock_ops reads the map). `tarpit ip` says what the agent
+    // does: with `helo.authenticated_once_per_day` off (the default) a new
+    // session is tarpitted until the client authenticates again, and the
+    // reason says it authenticated.
     assert_eq!(w.probe(ip(client)), Probe::Connected);
     let ipj = w.json(&["ip", client]);
-    assert_eq!(ipj["policy"]["verdict"], "authenticated", "{ipj}");
+    assert_eq!(ipj["policy"]["verdict"], "tarpit", "{ipj}");
+    let reason = ipj["policy"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("it authenticated"), "{ipj}");
     let flags = &ipj["state"]["flags"];
     assert!(
         flags
@@ -334,7 +338,10 @@ fn auth_entries_are_listed_seen_by_the_kernel_and_removed() {
     );
 
     w.ok(&["auth", "del", client]);
-    assert_eq!(w.json(&["ip", client])["policy"]["verdict"], "tarpit");
+    let ipj = w.json(&["ip", client]);
+    assert_eq!(ipj["policy"]["verdict"], "tarpit");
+    let reason = ipj["policy"]["reason"].as_str().unwrap_or_default();
+    assert!(!reason.contains("authenticated"), "{ipj}");
     let err = w.fails(&["auth", "del", client], 1);
     assert!(err.contains("not an authenticated address"), "{err}");
     assert_eq!(w.json(&["auth", "list"]).as_array().unwrap().len(), 1);

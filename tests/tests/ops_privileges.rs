@@ -39,8 +39,13 @@ fn assert_dropped(who: &str, st: &ProcStatus, keep: CapSet) {
 }
 
 /// Runs in a child process (this test binary again): the drop is
-/// irreversible, so it must not happen in the test runner itself. Busy
-/// threads and a tokio runtime exist before the drop, as in the agent.
+/// irreversible, so it must not happen in the test runner itself. As in
+/// the agent (`tarpit run`), the drop comes before the tokio runtime and
+/// any other thread: capabilities belong to threads, and threads started
+/// afterwards (runtime workers, busy threads) inherit the dropped sets.
+/// With other threads already running the drop is refused and changes
+/// nothing. libtest runs each test on a thread of its own, so the
+/// single-threaded start is a fork of that thread.
 #[test]
 #[ignore = "helper: run by drop_reaches_every_thread in a child process"]
 fn privilege_drop_child() {
@@ -48,6 +53,49 @@ fn privilege_drop_child() {
         return;
     }
     let detach: bool = std::env::var(CHILD_ENV).unwrap() == "detach";
+    let mut config = Config::default();
+    config.daemon.user = Some("nobody".into());
+    config.kernel.detach_on_exit = detach;
+    let keep = if detach {
+        CapSet::of(&[CAP_BPF, CAP_NET_ADMIN])
+    } else {
+        CapSet::of(&[CAP_BPF])
+    };
+    // libtest's main thread and this one, plus a sleeper: refused.
+    let sleeper = std::thread::spawn(|| std::thread::sleep(Duration::from_secs(1)));
+    let e = privileges::drop_privileges(&config).expect_err("refused with threads running");
+    assert!(format!("{e:#}").contains("threads"), "{e:#}");
+    for (tid, st) in threads() {
+        assert_eq!(st.uid, [0; 4], "thread {tid} changed by a refused drop");
+    }
+    sleeper.join().unwrap();
+
+    // SAFETY: the child has this thread only; it runs the checks below
+    // and leaves with exit(), never returning into libtest.
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => {
+            let ok = std::panic::catch_unwind(|| drop_then_start_threads(&config, keep)).is_ok();
+            std::process::exit(if ok { 0 } else { 1 });
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            let status = nix::sys::wait::waitpid(child, None).expect("waitpid");
+            assert_eq!(
+                status,
+                nix::sys::wait::WaitStatus::Exited(child, 0),
+                "the forked child failed (its panic is above)"
+            );
+        }
+    }
+    println!("CHILD-OK");
+}
+
+/// In a process of one thread: the drop, then a tokio runtime and busy
+/// threads, all of them `nobody` with exactly `keep`.
+fn drop_then_start_threads(config: &Config, keep: CapSet) {
+    let dropped = privileges::drop_privileges(config)
+        .expect("drop")
+        .expect("a user was configured");
+    assert_eq!(dropped.kept, keep);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -64,33 +112,18 @@ fn privilege_drop_child() {
             })
         })
         .collect();
-    let sleeper = std::thread::spawn(|| std::thread::sleep(Duration::from_secs(3)));
-    let mut config = Config::default();
-    config.daemon.user = Some("nobody".into());
-    config.kernel.detach_on_exit = detach;
-    let keep = if detach {
-        CapSet::of(&[CAP_BPF, CAP_NET_ADMIN])
-    } else {
-        CapSet::of(&[CAP_BPF])
-    };
-    // from inside the runtime, as run.rs does it
-    let dropped = runtime
-        .block_on(async { privileges::drop_privileges(&config) })
-        .expect("drop")
-        .expect("a user was configured");
-    assert_eq!(dropped.kept, keep);
     let all = threads();
-    assert!(all.len() >= 6, "threads: {}", all.len());
+    assert!(all.len() >= 5, "threads: {}", all.len());
     for (tid, st) in &all {
         assert_dropped(&format!("thread {tid}"), st, keep);
     }
-    // threads born after the drop inherit it; root is out of reach
-    let later = std::thread::spawn(threads).join().unwrap();
+    // threads born later, from a worker, inherit it too; root is out of reach
+    let later = runtime.block_on(async { tokio::task::spawn_blocking(threads).await.unwrap() });
     for (tid, st) in &later {
         assert_dropped(&format!("later thread {tid}"), st, keep);
     }
     assert!(nix::unistd::setuid(nix::unistd::Uid::from_raw(0)).is_err());
-    // the runtime still works
+    // the runtime works
     assert_eq!(
         runtime.block_on(async { tokio::spawn(async { 7 }).await.unwrap() }),
         7
@@ -99,8 +132,6 @@ fn privilege_drop_child() {
     for s in spinners {
         s.join().unwrap();
     }
-    sleeper.join().unwrap();
-    println!("CHILD-OK");
 }
 
 fn run_child(mode: &str) {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tarpit::config::Config;
 use tarpit::reputation::dnsbl::ListAction;
 use tarpit::reputation::fcrdns::HostPattern;
-use tarpit::reputation::{Reputation, Verdict};
+use tarpit::reputation::{DnsVerdict, Reputation};
 use tarpit_tests::dnsmasq::{Dnsmasq, DnsmasqConfig};
 use tarpit_tests::{Rbldnsd, TestNet, require_root, wait};
 
@@ -32,7 +32,7 @@ fn reputation(toml: &str, hosts: &[&str]) -> Reputation {
     Reputation::new(&c.dns, &c.dnsbl, &c.dnswl, hosts).expect("reputation")
 }
 
-async fn verdict(r: &Reputation, addr: &str) -> Verdict {
+async fn verdict(r: &Reputation, addr: &str) -> DnsVerdict {
     r.start_lookups(ip(addr)).verdict().await.clone()
 }
 
@@ -190,7 +190,7 @@ fn reputation_fcrdns_confirms_and_refuses() {
     net.in_server(|| {
         block_on(async {
             let r = reputation(toml, &["*.partner.example", "gw.exact.example"]);
-            let host = |v: &Verdict| v.allow_host.clone();
+            let host = |v: &DnsVerdict| v.allow_host.clone();
             let v = verdict(&r, "198.51.100.20").await;
             assert_eq!(host(&v).as_deref(), Some("mx.partner.example"), "{v:?}");
             assert!(v.exempt() && v.complete);

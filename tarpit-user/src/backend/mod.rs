@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
@@ -180,7 +180,7 @@ impl Backend {
             if let Some(r) = self.next_reply()? {
                 return Ok(r);
             }
-            if self.buf.fill(&mut self.stream).await? == 0 {
+            if self.stream.read_buf(self.buf.spare()).await? == 0 {
                 return Err(BackendError::Closed);
             }
         }
@@ -188,7 +188,7 @@ impl Backend {
 
     /// Reads what the MTA sent; `Ok(0)` is end of stream. Cancel-safe.
     pub async fn fill(&mut self) -> std::io::Result<usize> {
-        self.buf.fill(&mut self.stream).await
+        self.stream.read_buf(self.buf.spare()).await
     }
 
     /// The next complete reply among the bytes read, if any.

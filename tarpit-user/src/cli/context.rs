@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-use super::kernel_glue::KernelMaps;
+use super::kernel_glue::AdminMaps;
 use crate::config::Config;
 
 /// Resolved settings of one command-line invocation.
@@ -41,12 +41,12 @@ impl Context {
 
     /// Opens the pinned maps for reading and writing, after checking the
     /// privileges, that the maps exist, and that their layout is ours.
-    pub fn open(&self) -> Result<KernelMaps> {
+    pub fn open(&self) -> Result<AdminMaps> {
         check_privileges()?;
         if let Some(hint) = bpffs_hint(&self.pin_path) {
             bail!("{} ({hint})", no_maps_message(&self.pin_path));
         }
-        KernelMaps::open(&self.pin_path)
+        AdminMaps::open(&self.pin_path)
     }
 }
 

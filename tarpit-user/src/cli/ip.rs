@@ -12,8 +12,9 @@ use super::args::parse_ip;
 use super::auth::AuthJson;
 use super::kernel_glue::{AuthRow, Clock, IpRow, List, ListRow};
 use super::lists::{EntryJson, Joined, joined};
-use super::output::{self, human_duration, human_time_rel};
+use super::output::{self, human_time_rel};
 use crate::config::Config;
+use crate::policy::{Blocked, Facts, Policy};
 
 #[derive(Debug, Args)]
 pub struct IpArgs {
@@ -23,6 +24,10 @@ pub struct IpArgs {
     /// Print JSON (one object; fields in docs/cli.md).
     #[arg(long)]
     pub json: bool,
+    /// Skip the DNS look-ups (DNSBL, DNSWL, `allow.hosts`) the agent would
+    /// make: the verdict is then what applies before their answer.
+    #[arg(long)]
+    pub no_dns: bool,
 }
 
 /// `tarpit ip --json` (docs/cli.md).
@@ -37,7 +42,7 @@ struct IpJson {
     /// SYNs to an SMTP port seen by XDP (dropped ones included).
     syns: u64,
     state: Option<StateJson>,
-    policy: Policy,
+    policy: PolicyJson,
 }
 
 #[derive(Debug, Serialize)]
@@ -51,10 +56,12 @@ struct StateJson {
     flags: Vec<&'static str>,
 }
 
-/// What applies to the address now, most decisive rule first.
+/// `policy` in `tarpit ip --json`: [`crate::policy::Policy::explain`]'s
+/// verdict and reason.
 #[derive(Debug, Serialize, PartialEq, Eq)]
-pub struct Policy {
-    /// `allow`, `block`, `internal`, `authenticated`, `tarpit`.
+pub struct PolicyJson {
+    /// `allow`, `block`, `off`, `internal`, `authenticated`, `dnsbl`,
+    /// `blacklisted`, `greylist`, `tarpit`.
     pub verdict: &'static str,
     /// One sentence for people.
     pub reason: String,
@@ -62,7 +69,7 @@ pub struct Policy {
 
 /// What the kernel's maps say about one address.
 #[derive(Debug, Default)]
-pub struct Facts {
+pub struct KernelView {
     /// Matching allow-list entries, longest prefix first.
     pub allow: Vec<ListRow>,
     /// Matching block-list entries, longest prefix first.
@@ -72,118 +79,73 @@ pub struct Facts {
     pub state: Option<IpRow>,
 }
 
-/// The rule order of the kernel and the agent: the allow list beats the
-/// block list (XDP), internal networks are never tarpitted, authenticated
-/// clients skip the delays, everyone else is tarpitted.
-pub fn policy(ip: IpAddr, facts: &Facts, config: &Config, now: SystemTime) -> Policy {
-    let Facts {
-        allow,
-        block,
-        auth,
-        slowed,
-        state,
-    } = facts;
-    if let Some(a) = allow.iter().find(|r| r.active) {
-        return Policy {
-            verdict: "allow",
-            reason: format!(
-                "allow-listed by {}: XDP passes it even if a block entry matches, and the agent \
-                 applies no delay",
-                a.net
-            ),
-        };
-    }
-    if let Some(b) = block.iter().find(|r| r.active) {
-        let until = b
-            .expires
-            .map(|e| format!("until {}", human_time_rel(e, now)))
-            .unwrap_or_else(|| "with no expiry".into());
-        if b.hold {
-            let others = if b.all_ports {
-                "its other packets are dropped"
-            } else {
-                "other ports pass"
-            };
-            return Policy {
-                verdict: "hold",
-                reason: format!(
-                    "held in kernel by {} ({}) {until}: XDP answers its connections to the SMTP \
-                     ports with a zero window and keeps no socket (dropped where the kernel \
-                     cannot); {others}",
-                    b.net,
-                    b.reason.as_deref().unwrap_or("manual")
-                ),
-            };
+/// The policy's facts about `ip` from the kernel's view (expiries in
+/// words, relative to `now`). The DNS and greylist facts are left
+/// unknown here: [`dns_facts`] fills them.
+pub fn facts(ip: IpAddr, k: &KernelView, now: SystemTime) -> Facts {
+    let until = |e: Option<SystemTime>| e.map(|e| format!("until {}", human_time_rel(e, now)));
+    let mut f = Facts::new(ip, false);
+    f.kernel_allow = k.allow.iter().find(|r| r.active).map(|r| r.net);
+    f.kernel_block = k.block.iter().find(|r| r.active).map(|b| Blocked {
+        net: b.net,
+        reason: b.reason.clone().unwrap_or_else(|| "manual".into()),
+        until: until(b.expires).unwrap_or_else(|| "with no expiry".into()),
+        all_ports: b.all_ports,
+        hold: b.hold,
+    });
+    f.auth_note = k
+        .auth
+        .as_ref()
+        .filter(|a| a.active)
+        .map(|a| until(a.expires).unwrap_or_default());
+    f.clamped = k
+        .slowed
+        .as_ref()
+        .filter(|s| s.active)
+        .map(|s| until(s.expires).unwrap_or_default());
+    f.pregreet_strikes = k.state.as_ref().map_or(0, |s| s.strikes);
+    f
+}
+
+/// Longest wait for the DNS look-ups (the agent's own deadline,
+/// `dns.timeout`, applies too).
+const DNS_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// What DNS says of the address (`Facts::dns`): the look-ups the agent
+/// makes at connect (`crate::reputation`, the config's resolvers and
+/// lists), when any list or `allow.hosts` is configured. A look-up that
+/// fails or times out counts as "not listed", as it does for the agent.
+///
+/// The greylist store is not read (`Facts::greylist` stays unknown: in
+/// connect mode the verdict assumes the address did not pass).
+fn dns_facts(config: &Config, f: &mut Facts) {
+    let Some(ip) = f.ip else { return };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    let verdict = rt.block_on(async {
+        let rep = crate::reputation::Reputation::from_config(config, Default::default()).ok()?;
+        if !rep.is_active() {
+            return None;
         }
-        let ports = if b.all_ports {
-            "every port"
-        } else {
-            "the SMTP ports"
-        };
-        return Policy {
-            verdict: "block",
-            reason: format!(
-                "blocked by {} ({}) {until}: XDP drops its packets to {ports}",
-                b.net,
-                b.reason.as_deref().unwrap_or("manual")
-            ),
-        };
+        let mut h = rep.start_lookups(ip);
+        let v = tokio::time::timeout(DNS_WAIT, h.verdict()).await.ok()?;
+        Some(v.facts())
+    });
+    if let Some(dns) = verdict {
+        f.dns = dns;
     }
-    if let Some(net) = config.allow.internal.iter().find(|n| n.contains(&ip)) {
-        return Policy {
-            verdict: "internal",
-            reason: format!("internal network {net} (allow.internal): never tarpitted"),
-        };
-    }
-    if let Some(net) = config.allow.ips.iter().find(|n| n.contains(&ip))
-        && config.exclude.allowlisted
-    {
-        return Policy {
-            verdict: "allow",
-            reason: format!("allow-listed by the configuration ({net} in allow.ips): no delay"),
-        };
-    }
-    if let Some(a) = auth.as_ref().filter(|a| a.active)
-        && config.exclude.authenticated
-    {
-        let until = a
-            .expires
-            .map(|e| format!(" until {}", human_time_rel(e, now)))
-            .unwrap_or_default();
-        return Policy {
-            verdict: "authenticated",
-            reason: format!("authenticated{until}: the tarpit delays are skipped"),
-        };
-    }
-    let greeting = human_duration(config.greeting.delay);
-    let strikes = state.as_ref().map(|s| s.strikes).unwrap_or(0);
-    let history = if strikes > 0 {
-        format!(
-            "; it talked before the greeting {strikes} time{}",
-            if strikes == 1 { "" } else { "s" }
-        )
-    } else {
-        String::new()
-    };
-    let drop = if config.greeting.drop_pre_greet {
-        ", a talker is dropped with 554"
-    } else {
-        ""
-    };
-    let clamp = match slowed.as_ref().filter(|s| s.active) {
-        Some(s) => format!(
-            "; its TCP window is clamped{}",
-            s.expires
-                .map(|e| format!(" until {}", human_time_rel(e, now)))
-                .unwrap_or_default()
-        ),
-        None => String::new(),
-    };
-    Policy {
-        verdict: "tarpit",
-        reason: format!(
-            "tarpitted like any client: greeting held {greeting}{drop}{history}{clamp}"
-        ),
+}
+
+/// What applies to the address now, by the agent's own precedence.
+pub fn explain(config: &Config, f: &Facts) -> PolicyJson {
+    let e = Policy::new(config).explain(f);
+    PolicyJson {
+        verdict: e.verdict,
+        reason: e.reason,
     }
 }
 
@@ -208,22 +170,26 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
     let block_joined = covering(List::Block)?;
     let rows =
         |v: &[Joined]| -> Vec<ListRow> { v.iter().filter_map(|j| j.kernel.clone()).collect() };
-    let facts = Facts {
+    let view = KernelView {
         allow: rows(&allow_joined),
         block: rows(&block_joined),
         auth: maps.auth_get(ip, &clock)?,
         slowed: maps.slow_get(ip, &clock)?,
         state: maps.ip_state(ip, &clock)?,
     };
-    let policy = policy(ip, &facts, &ctx.config, now);
+    let mut known = facts(ip, &view, now);
+    if !args.no_dns {
+        dns_facts(&ctx.config, &mut known);
+    }
+    let policy = explain(&ctx.config, &known);
     let syns = maps.syn_count(ip)?;
-    let Facts {
+    let KernelView {
         allow,
         block,
         auth,
         slowed,
         state,
-    } = facts;
+    } = view;
     let allow_json: Vec<EntryJson> = allow_joined
         .iter()
         .map(|j| j.json(List::Allow, &ctx.config, now))
@@ -362,8 +328,8 @@ mod tests {
     use std::time::Duration;
 
     /// The policy for `ip` under the default config.
-    fn judge(ip: IpAddr, facts: Facts, now: SystemTime) -> Policy {
-        policy(ip, &facts, &Config::default(), now)
+    fn judge(ip: IpAddr, view: KernelView, now: SystemTime) -> PolicyJson {
+        explain(&Config::default(), &facts(ip, &view, now))
     }
 
     fn row(net: &str, active: bool, all_ports: bool) -> ListRow {
@@ -385,27 +351,19 @@ mod tests {
         let now = SystemTime::now();
         let mut held = row("198.51.100.0/24", true, false);
         held.hold = true;
-        let p = judge(
-            ip,
-            Facts {
-                block: vec![held.clone()],
-                ..Default::default()
-            },
-            now,
-        );
+        let view = KernelView {
+            block: vec![held.clone()],
+            ..Default::default()
+        };
+        let p = judge(ip, view, now);
         assert_eq!(p.verdict, "hold");
         assert!(p.reason.contains("held in kernel"), "{}", p.reason);
-        let allow = row("198.51.100.7/32", true, false);
-        let p = judge(
-            ip,
-            Facts {
-                allow: vec![allow],
-                block: vec![held],
-                ..Default::default()
-            },
-            now,
-        );
-        assert_eq!(p.verdict, "allow");
+        let view = KernelView {
+            allow: vec![row("198.51.100.7/32", true, false)],
+            block: vec![held],
+            ..Default::default()
+        };
+        assert_eq!(judge(ip, view, now).verdict, "allow");
     }
 
     #[test]
@@ -417,7 +375,7 @@ mod tests {
         assert_eq!(
             judge(
                 ip,
-                Facts {
+                KernelView {
                     allow: allow.to_vec(),
                     block: block.to_vec(),
                     ..Default::default()
@@ -430,7 +388,7 @@ mod tests {
         let expired_allow = [row("198.51.100.0/24", false, false)];
         let p = judge(
             ip,
-            Facts {
+            KernelView {
                 allow: expired_allow.to_vec(),
                 block: block.to_vec(),
                 ..Default::default()
@@ -443,7 +401,7 @@ mod tests {
         assert_eq!(
             judge(
                 ip,
-                Facts {
+                KernelView {
                     block: expired_block.to_vec(),
                     ..Default::default()
                 },
@@ -458,7 +416,7 @@ mod tests {
     fn internal_and_authenticated() {
         let now = SystemTime::now();
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
-        assert_eq!(judge(lo, Facts::default(), now).verdict, "internal");
+        assert_eq!(judge(lo, KernelView::default(), now).verdict, "internal");
         let ip: IpAddr = "fd5b:1e00::2".parse().unwrap();
         let auth = AuthRow {
             ip,
@@ -469,13 +427,24 @@ mod tests {
         assert_eq!(
             judge(
                 ip,
-                Facts {
-                    auth: Some(auth),
+                KernelView {
+                    auth: Some(auth.clone()),
                     ..Default::default()
                 },
                 now
             )
             .verdict,
+            "tarpit",
+            "with the default config (no once-per-day rule) the agent tarpits a new session"
+        );
+        let mut once = Config::default();
+        once.helo.authenticated_once_per_day = true;
+        let view = KernelView {
+            auth: Some(auth),
+            ..Default::default()
+        };
+        assert_eq!(
+            explain(&once, &facts(ip, &view, now)).verdict,
             "authenticated"
         );
     }
@@ -496,7 +465,7 @@ mod tests {
         };
         let p = judge(
             ip,
-            Facts {
+            KernelView {
                 state: Some(s),
                 ..Default::default()
             },
@@ -516,7 +485,7 @@ mod tests {
             expires: Some(now + Duration::from_secs(600)),
             active,
         };
-        let facts = Facts {
+        let facts = KernelView {
             slowed: Some(slowed(true)),
             ..Default::default()
         };
@@ -526,10 +495,47 @@ mod tests {
             "{}",
             p.reason
         );
-        let facts = Facts {
+        let facts = KernelView {
             slowed: Some(slowed(false)),
             ..Default::default()
         };
         assert!(!judge(ip, facts, now).reason.contains("clamped"));
+    }
+
+    #[test]
+    fn the_master_switch_and_the_blacklist_are_the_agents() {
+        let now = SystemTime::now();
+        let ip: IpAddr = "198.51.100.9".parse().unwrap();
+        let off = Config::parse("enabled = false\n").unwrap();
+        let p = explain(&off, &facts(ip, &KernelView::default(), now));
+        assert_eq!(p.verdict, "off", "{}", p.reason);
+        let bl = Config::parse("[blacklist]\nips = [\"198.51.100.0/24\"]\n").unwrap();
+        let p = explain(&bl, &facts(ip, &KernelView::default(), now));
+        assert_eq!(p.verdict, "blacklisted", "{}", p.reason);
+        // a kernel block still comes first: XDP drops it before the agent
+        let view = KernelView {
+            block: vec![row("198.51.100.9/32", true, false)],
+            ..Default::default()
+        };
+        assert_eq!(explain(&off, &facts(ip, &view, now)).verdict, "block");
+    }
+
+    #[test]
+    fn dns_look_ups_only_with_lists_and_a_silent_server_is_not_a_listing() {
+        let ip: IpAddr = "198.51.100.9".parse().unwrap();
+        let mut f = Facts::new(ip, false);
+        dns_facts(&Config::default(), &mut f);
+        assert_eq!(f.dns, crate::policy::Dns::Unknown);
+        // A name server on loopback that never answers.
+        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let config = Config::parse(&format!(
+            "[dns]\nnameservers = [\"{}\"]\ntimeout = \"200ms\"\n\
+             [dnsbl]\nsites = [\"bl.example\"]\n",
+            sink.local_addr().unwrap()
+        ))
+        .unwrap();
+        dns_facts(&config, &mut f);
+        assert_eq!(f.dns, crate::policy::Dns::Clean);
+        assert_eq!(explain(&config, &f).verdict, "tarpit");
     }
 }

@@ -90,8 +90,11 @@ pub struct MapRow {
     pub id: u32,
 }
 
-/// The pinned maps of a running (or stopped, not detached) tarpit.
-pub struct KernelMaps {
+/// The admin's view of the pinned maps of a running (or stopped, not
+/// detached) tarpit: [`kernel::KernelMaps`] with boot-clock stamps turned
+/// into wall-clock rows (named apart so the two types never meet under one
+/// name).
+pub struct AdminMaps {
     inner: kernel::KernelMaps,
 }
 
@@ -139,11 +142,11 @@ fn flag_names(flags: u32) -> Vec<&'static str> {
     v
 }
 
-impl KernelMaps {
+impl AdminMaps {
     /// Opens the maps. Errors: no maps ("start the agent"), no rights,
     /// another layout (refused, never misread).
-    pub fn open(pin_path: &Path) -> Result<KernelMaps> {
-        Ok(KernelMaps {
+    pub fn open(pin_path: &Path) -> Result<AdminMaps> {
+        Ok(AdminMaps {
             inner: kernel::KernelMaps::open(pin_path)?,
         })
     }
@@ -264,16 +267,14 @@ impl KernelMaps {
     pub fn map_rows(&self) -> Result<Vec<MapRow>> {
         let mut rows = Vec::new();
         for u in self.inner.usage()? {
-            let info = aya::maps::MapInfo::from_pin(self.pin_path().join(u.name))
-                .with_context(|| format!("cannot inspect the map {}", u.name))?;
             rows.push(MapRow {
                 name: u.name.to_string(),
-                kind: kind_name(&format!("{:?}", u.map_type)),
+                kind: u.kind(),
                 entries: u.entries.map(u64::from),
                 capacity: u.capacity,
-                key_size: info.key_size(),
-                value_size: info.value_size(),
-                id: info.id(),
+                key_size: u.key_size,
+                value_size: u.value_size,
+                id: u.id,
             });
         }
         Ok(rows)
@@ -290,27 +291,6 @@ fn list_row(list: List, i: &ListItem, clock: &Clock) -> ListRow {
         all_ports: i.all_ports,
         hold: i.hold,
     }
-}
-
-/// `LruHash` -> `lru_hash`, `PerCpuArray` -> `percpu_array`: bpftool's names.
-fn kind_name(debug: &str) -> String {
-    match debug {
-        "Hash" => "hash",
-        "Array" => "array",
-        "LruHash" => "lru_hash",
-        "LruPerCpuHash" => "lru_percpu_hash",
-        "PerCpuHash" => "percpu_hash",
-        "PerCpuArray" => "percpu_array",
-        "LpmTrie" => "lpm_trie",
-        "RingBuf" => "ringbuf",
-        "SkStorage" => "sk_storage",
-        "SockMap" => "sockmap",
-        "SockHash" => "sockhash",
-        "ProgramArray" => "prog_array",
-        "PerfEventArray" => "perf_event_array",
-        other => return other.to_ascii_lowercase(),
-    }
-    .to_string()
 }
 
 fn auth_row(i: &TimedItem, clock: &Clock) -> AuthRow {
@@ -358,13 +338,5 @@ mod tests {
             c.wall - Duration::from_secs(5)
         );
         assert_eq!(c.wall_of(c.boot_ns), c.wall);
-    }
-
-    #[test]
-    fn kind_names_follow_bpftool() {
-        assert_eq!(kind_name("LruHash"), "lru_hash");
-        assert_eq!(kind_name("LpmTrie"), "lpm_trie");
-        assert_eq!(kind_name("PerCpuArray"), "percpu_array");
-        assert_eq!(kind_name("SkStorage"), "sk_storage");
     }
 }

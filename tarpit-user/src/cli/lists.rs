@@ -12,7 +12,7 @@ use serde::Serialize;
 use tarpit_common::lists::BlockReason;
 
 use super::Context;
-use super::kernel_glue::{Clock, KernelMaps, List, ListRow};
+use super::kernel_glue::{AdminMaps, Clock, List, ListRow};
 use super::output::{self, Align, Table};
 use crate::config::Config;
 use crate::state::{self, AllowEntry, BlockEntry, State, StateLock};
@@ -240,7 +240,7 @@ impl Joined {
 /// The kernel's entries joined with the state file's comments, plus the
 /// saved entries the kernel lacks (not restored yet: the agent restores
 /// them at its next start).
-pub fn joined(maps: &KernelMaps, st: &State, list: List, clock: &Clock) -> Result<Vec<Joined>> {
+pub fn joined(maps: &AdminMaps, st: &State, list: List, clock: &Clock) -> Result<Vec<Joined>> {
     let rows = maps.list(list, clock)?;
     let mut out: Vec<Joined> = rows
         .into_iter()

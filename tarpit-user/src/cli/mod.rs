@@ -69,11 +69,11 @@ pub struct Cli {
     pub pin_path: Option<PathBuf>,
 
     #[command(subcommand)]
-    pub command: Command,
+    pub command: CliCommand,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub enum CliCommand {
     /// Run the agent: load and attach the kernel programs, pin their maps,
     /// and serve SMTP clients in front of the MTA.
     ///
@@ -163,7 +163,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     // The inspection commands' settings, resolved only for them.
     let ctx = || Context::new(&config_path, explicit_config, pin_path.clone());
     match cli.command {
-        Command::Run => {
+        CliCommand::Run => {
             if pin_path.is_some() {
                 anyhow::bail!(
                     "--pin-path is for the inspection commands; the agent pins where \
@@ -174,7 +174,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             crate::logging::init();
             crate::run::run(&config_path)
         }
-        Command::CheckConfig => {
+        CliCommand::CheckConfig => {
             let config = Config::load(&config_path)?;
             // Valid, so "ok" and exit 0; what will cost real senders goes
             // to stderr, where scripts that only check the status ignore it.
@@ -184,22 +184,22 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("{}: ok", config_path.display());
             Ok(())
         }
-        Command::Reload { pid_file } => {
+        CliCommand::Reload { pid_file } => {
             let pid = crate::ops::reload::signal_agent(&config_path, pid_file.as_deref())?;
             println!(
                 "sent SIGHUP to the tarpit agent (pid {pid}); its log says whether it applied the file"
             );
             Ok(())
         }
-        Command::Ip(args) => ip::run(&ctx()?, args),
-        Command::Allow(cmd) => allow::run(&ctx()?, cmd),
-        Command::Block(cmd) => block::run(&ctx()?, cmd),
-        Command::Auth(cmd) => auth::run(&ctx()?, cmd),
-        Command::Maps(args) => maps::run(&ctx()?, args),
-        Command::Stats(args) => stats::run(&ctx()?, args),
-        Command::Top(args) => top::run(&ctx()?, args),
-        Command::Detach(args) => detach::run(&ctx()?, args),
-        Command::Man { dir } => {
+        CliCommand::Ip(args) => ip::run(&ctx()?, args),
+        CliCommand::Allow(cmd) => allow::run(&ctx()?, cmd),
+        CliCommand::Block(cmd) => block::run(&ctx()?, cmd),
+        CliCommand::Auth(cmd) => auth::run(&ctx()?, cmd),
+        CliCommand::Maps(args) => maps::run(&ctx()?, args),
+        CliCommand::Stats(args) => stats::run(&ctx()?, args),
+        CliCommand::Top(args) => top::run(&ctx()?, args),
+        CliCommand::Detach(args) => detach::run(&ctx()?, args),
+        CliCommand::Man { dir } => {
             for page in man::write_pages(&dir)? {
                 println!("{}", page.display());
             }

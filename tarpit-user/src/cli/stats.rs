@@ -87,7 +87,7 @@ struct Tracked {
     slowed: u64,
 }
 
-fn tracked(maps: &super::kernel_glue::KernelMaps) -> Result<Tracked> {
+fn tracked(maps: &super::kernel_glue::AdminMaps) -> Result<Tracked> {
     use tarpit_common::maps as names;
     let rows = maps.map_rows()?;
     let n = |name: &str| {

@@ -19,7 +19,7 @@ use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table};
 
 use super::Context;
 use super::args::parse_interval;
-use super::kernel_glue::{Clock, IpRow, KernelMaps, List};
+use super::kernel_glue::{AdminMaps, Clock, IpRow, List};
 use super::output::{count, relative};
 
 #[derive(Debug, Args)]
@@ -90,7 +90,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn read(maps: &KernelMaps) -> Result<Snapshot> {
+    pub fn read(maps: &AdminMaps) -> Result<Snapshot> {
         let clock = Clock::now();
         Ok(Snapshot {
             at: Instant::now(),

@@ -16,23 +16,22 @@
 //!   clients to the MTA's plain listener and every client there when the
 //!   agent is gone (`kernel::steering`).
 //!
-//! The sessions reach the loop through the seams the agent keeps for it
-//! ([`pregreet`], [`auth_store`], [`offence`]): when no loop runs (no
-//! kernel side, unit tests), they are `None` and the agent's own
-//! detectors apply.
+//! The sessions reach the loop through the ports the policy declares
+//! (`policy::ports`): [`LoopHandle`] implements them over the kernel's maps
+//! and [`ClosedLoop::ports`] hands them out; the agent puts them into the
+//! sessions' shared state. Without a loop (no kernel side, unit tests) the
+//! sessions get `Ports::standalone()` and the agent's own detectors apply.
 pub mod allow_sync;
 pub mod auth;
 pub mod offenders;
+pub mod steering;
 pub mod verdict;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tarpit_common::steer::{
-    STEER_F_ALLOWED, STEER_F_AUTHENTICATED, STEER_F_FAIL_OPEN, SteerSettings,
-};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
@@ -40,12 +39,16 @@ use crate::kernel::{
     AllowLookup, BlockSpec, EventKind, EventStream, HeldLink, Kernel, KernelMaps, SteerCounters,
     SteerMaps,
 };
-use crate::policy::AuthenticatedIps;
-use crate::session::PreGreetVerdict;
-pub use offenders::{Offence, Verdict};
+use crate::metrics::Metrics;
+use crate::policy::ports::{AllowList, OffenceSink, Ports};
+pub use offenders::{Offence, Sanction};
+use prometheus_client::metrics::counter::Counter;
+use steering::SteerScrape;
+pub use steering::steer_settings;
 
-/// What the sessions and the event reader share.
-struct Inner {
+/// What the sessions, the event reader and the sweeper share: the kernel's
+/// maps, the running config, the offenders' record and the steering maps.
+struct LoopState {
     maps: Arc<Mutex<KernelMaps>>,
     config: Mutex<Arc<Config>>,
     tracker: Mutex<offenders::Tracker>,
@@ -55,83 +58,75 @@ struct Inner {
     pregreet: Arc<verdict::KernelPreGreet>,
     auth: Arc<auth::KernelAuthStore>,
     allow: Option<AllowLookup>,
+    /// Block-list churn, counted into the agent's registry.
+    blocks: BlockCounters,
 }
 
-static RUNNING: RwLock<Option<Arc<Inner>>> = RwLock::new(None);
-
-fn running() -> Option<Arc<Inner>> {
-    RUNNING.read().unwrap_or_else(|e| e.into_inner()).clone()
+/// The block-list churn counters (the agent's `tarpit_blocks_*_total`).
+struct BlockCounters {
+    added: Counter,
+    expired: Counter,
+    evicted: Counter,
 }
 
-/// The kernel's pre-greet verdict, when the loop runs.
-pub fn pregreet() -> Option<Arc<dyn PreGreetVerdict>> {
-    running().map(|i| i.pregreet.clone() as Arc<dyn PreGreetVerdict>)
+/// The running loop as sessions, reloads and scrapes see it: cheap to
+/// clone, and what implements the policy's ports ([`LoopHandle::ports`]).
+#[derive(Clone)]
+pub struct LoopHandle(Arc<LoopState>);
+
+impl LoopHandle {
+    /// The ports the sessions use: the kernel's allow list, AUTH map and
+    /// pre-greet verdict, and this loop as the offence sink.
+    pub fn ports(&self) -> Ports {
+        Ports {
+            allow: Arc::new(self.clone()),
+            auth: self.0.auth.clone(),
+            pregreet: self.0.pregreet.clone(),
+            offences: Arc::new(self.clone()),
+        }
+    }
+
+    /// Applies a reloaded configuration: allow list, thresholds, steering.
+    pub fn reload(&self, config: &Config) {
+        self.0.reload(config);
+    }
+
+    /// The sk_lookup program's steering counts, read now; `None` when no
+    /// bypass runs (`bypass.enabled` off).
+    pub fn steer_counters(&self) -> Option<Result<SteerCounters>> {
+        let steer = self.0.steer.as_ref()?;
+        Some(steer.lock().unwrap_or_else(|e| e.into_inner()).counters())
+    }
 }
 
-/// The kernel's authenticated-address map, when the loop runs.
-pub fn auth_store() -> Option<Arc<dyn AuthenticatedIps>> {
-    running().map(|i| i.auth.clone() as Arc<dyn AuthenticatedIps>)
-}
-
-/// Is `ip` on the kernel's allow list (config or run-time entry)? The
-/// agent asks on every connection, so one list spares a client in XDP,
-/// sk_lookup and the agent alike. `false` without a loop or on a read
-/// error (the config's own `allow.ips` still apply).
-pub fn allowlisted(ip: IpAddr) -> bool {
-    let Some(i) = running() else { return false };
-    let Some(allow) = &i.allow else { return false };
-    match allow.contains(ip) {
-        Ok(b) => b,
-        Err(e) => {
-            debug!(client = %ip, "allow list not readable: {e}");
-            false
+impl AllowList for LoopHandle {
+    /// Is `ip` on the kernel's allow list (config or run-time entry)? The
+    /// agent asks on every connection, so one list spares a client in XDP,
+    /// sk_lookup and the agent alike. `false` on a read error (the
+    /// config's own `allow.ips` still apply).
+    fn allowlisted(&self, ip: IpAddr) -> bool {
+        let Some(allow) = &self.0.allow else {
+            return false;
+        };
+        match allow.contains(ip) {
+            Ok(b) => b,
+            Err(e) => {
+                debug!(client = %ip, "allow list not readable: {e}");
+                false
+            }
         }
     }
 }
 
-/// Did `ip` authenticate within 24 h, and does that spare its new session
-/// from the tarpit? Only with `helo.authenticated_once_per_day` (and
-/// `exclude.authenticated`): then a client that authenticated is treated
-/// as authenticated from the start of its next connections (also after an
-/// agent restart: the AUTH map is pinned), exactly as sk_lookup steers it
-/// past the agent when bypass is on. With the flag off it pays again.
-pub fn authenticated_today(policy: &crate::policy::Policy, ip: IpAddr) -> bool {
-    if !(policy.auth_once_per_day && policy.exclude_authenticated) {
-        return false;
-    }
-    let Some(i) = running() else { return false };
-    i.auth
-        .last_authenticated(ip, tokio::time::Instant::now())
-        .is_some()
-}
-
-/// The sk_lookup program's steering counts, read now; `None` when no
-/// bypass runs (`bypass.enabled` off, or no loop).
-pub fn steer_counters() -> Option<Result<SteerCounters>> {
-    let i = running()?;
-    let steer = i.steer.as_ref()?;
-    Some(steer.lock().unwrap_or_else(|e| e.into_inner()).counters())
-}
-
-/// A session ended: sessions the agent dropped for policy (a DNSBL
-/// `drop`) count as rejected sessions. (The pre-greet 554 is counted from
-/// the kernel's event, never twice.)
-pub fn session_ended(ip: IpAddr, outcome: crate::metrics::Outcome) {
-    if outcome == crate::metrics::Outcome::DnsblDrop {
-        offence(ip, Offence::Rejected);
-    }
-}
-
-/// Reports an offence seen by a session (no-op without a loop).
-pub fn offence(ip: IpAddr, kind: Offence) {
-    if let Some(i) = running() {
-        i.offend(ip, kind);
+impl OffenceSink for LoopHandle {
+    fn offence(&self, ip: IpAddr, offence: Offence) {
+        self.0.offend(ip, offence);
     }
 }
 
 /// The running loop; [`ClosedLoop::stop`] (or drop) ends its tasks.
 pub struct ClosedLoop {
-    inner: Arc<Inner>,
+    state: Arc<LoopState>,
     tasks: tokio::task::JoinSet<()>,
 }
 
@@ -143,35 +138,16 @@ pub fn prepare(config: &Config) -> Option<HeldLink> {
     crate::kernel::hold_steering_link(&config.kernel.pin_path, config.kernel.netns.as_deref())
 }
 
-/// The steering settings a config asks for.
-pub fn steer_settings(config: &Config) -> SteerSettings {
-    let mut s = SteerSettings::default();
-    if !config.bypass.enabled {
-        return s;
-    }
-    for (slot, port) in s.ports.iter_mut().zip(&config.bypass.ports) {
-        *slot = *port;
-    }
-    if config.bypass.allowlisted && config.exclude.allowlisted {
-        s.flags |= STEER_F_ALLOWED;
-    }
-    if config.bypass.authenticated && config.helo.authenticated_once_per_day {
-        s.flags |= STEER_F_AUTHENTICATED;
-    }
-    if config.bypass.fail_open {
-        s.flags |= STEER_F_FAIL_OPEN;
-    }
-    s
-}
-
 impl ClosedLoop {
-    /// Starts the loop over a loaded kernel side: syncs the allow list,
-    /// attaches steering when configured, and starts reading events.
-    /// Must run inside the tokio runtime.
-    pub fn start(
+    /// Sets the loop up over a loaded kernel side: syncs the allow list and
+    /// attaches steering when configured. Needs root, no runtime (it runs
+    /// before the privilege drop, see `ops::privileges`); [`ClosedLoop::run`]
+    /// starts reading events.
+    pub fn attach(
         config: &Config,
         kernel: &mut Kernel,
         held: Option<HeldLink>,
+        metrics: &Metrics,
     ) -> Result<ClosedLoop> {
         let mut maps = kernel.maps().context("cannot open the kernel's maps")?;
         allow_sync::sync(&mut maps, config);
@@ -192,13 +168,13 @@ impl ClosedLoop {
             match s.take_mta(&config.bypass.mta_listeners) {
                 Ok(taken) => {
                     mta_inodes = taken.iter().map(|l| Some(l.inode)).collect();
-                    crate::ops::metrics::kernel_feature("bypass", true);
+                    metrics.kernel_feature("bypass", true);
                 }
                 // Without the MTA's socket nothing can be steered to it:
                 // every client goes to the agent, as without bypass.
                 Err(e) => {
                     warn!("bypass: {e:#}; trusted clients go through the agent");
-                    crate::ops::metrics::kernel_feature("bypass", false);
+                    metrics.kernel_feature("bypass", false);
                 }
             }
             if config.kernel.detach_on_exit && config.bypass.fail_open {
@@ -211,7 +187,7 @@ impl ClosedLoop {
         } else {
             None
         };
-        let inner = Arc::new(Inner {
+        let state = Arc::new(LoopState {
             pregreet: Arc::new(verdict::KernelPreGreet::new(maps.clone())),
             auth: Arc::new(auth::KernelAuthStore::new(maps.clone())),
             maps,
@@ -221,6 +197,11 @@ impl ClosedLoop {
             ))),
             steer,
             mta_inodes: Mutex::new(mta_inodes),
+            blocks: BlockCounters {
+                added: metrics.blocks_added.clone(),
+                expired: metrics.blocks_expired.clone(),
+                evicted: metrics.blocks_evicted.clone(),
+            },
             allow: match AllowLookup::open(kernel.pin_path()) {
                 Ok(a) => Some(a),
                 Err(e) => {
@@ -229,23 +210,43 @@ impl ClosedLoop {
                 }
             },
         });
-        let mut tasks = tokio::task::JoinSet::new();
-        match EventStream::open(kernel.pin_path()) {
+        if state.steer.is_some() {
+            let scrape = SteerScrape(LoopHandle(state.clone()));
+            metrics.register(|r| r.register_collector(Box::new(scrape)));
+        }
+        Ok(ClosedLoop {
+            state,
+            tasks: tokio::task::JoinSet::new(),
+        })
+    }
+
+    /// Starts reading the kernel's events (from the pins under
+    /// `pin_path`) and sweeping; inside the tokio runtime.
+    pub fn run(&mut self, pin_path: &std::path::Path) {
+        match EventStream::open(pin_path) {
             Ok(stream) => {
-                tasks.spawn(read_events(inner.clone(), stream));
+                self.tasks.spawn(read_events(self.state.clone(), stream));
             }
             Err(e) => warn!("kernel events not read: {e}"),
         }
-        tasks.spawn(sweep(inner.clone()));
-        *RUNNING.write().unwrap_or_else(|e| e.into_inner()) = Some(inner.clone());
-        Ok(ClosedLoop { inner, tasks })
+        self.tasks.spawn(sweep(self.state.clone()));
+    }
+
+    /// A handle on the loop for reloads and scrapes.
+    pub fn handle(&self) -> LoopHandle {
+        LoopHandle(self.state.clone())
+    }
+
+    /// The ports the sessions use (see [`LoopHandle::ports`]).
+    pub fn ports(&self) -> Ports {
+        self.handle().ports()
     }
 
     /// The agent's listeners are bound: put them into the steering map so
     /// untrusted clients go to the agent (until now, with fail-open, they
     /// went to the MTA).
     pub fn agent_listening(&self, addrs: &[SocketAddr]) -> Result<()> {
-        let Some(steer) = &self.inner.steer else {
+        let Some(steer) = &self.state.steer else {
             return Ok(());
         };
         let mut s = steer.lock().unwrap_or_else(|e| e.into_inner());
@@ -256,28 +257,16 @@ impl ClosedLoop {
 
     /// Applies a reloaded configuration: allow list, thresholds, steering.
     pub fn reload(&self, config: &Config) {
-        self.inner.reload(config);
+        self.state.reload(config);
     }
 
     /// Ends the loop's tasks (the kernel side stays as configured).
     pub fn stop(mut self) {
         self.tasks.abort_all();
-        let mut r = RUNNING.write().unwrap_or_else(|e| e.into_inner());
-        if r.as_ref().is_some_and(|i| Arc::ptr_eq(i, &self.inner)) {
-            *r = None;
-        }
     }
 }
 
-/// Applies a reloaded configuration to the running loop, if any (for the
-/// reload path, which does not hold the [`ClosedLoop`]).
-pub fn reload(config: &Config) {
-    if let Some(i) = running() {
-        i.reload(config);
-    }
-}
-
-impl Inner {
+impl LoopState {
     fn config(&self) -> Arc<Config> {
         self.config
             .lock()
@@ -303,15 +292,16 @@ impl Inner {
         }
     }
 
-    /// Allow-listed and internal addresses are never blocked or slowed.
+    /// Allow-listed and internal addresses are never blocked or slowed:
+    /// the policy's rule (`Precedence::never_sanctioned`), asked first
+    /// without the kernel's allow list, which is read only when the
+    /// configuration does not settle it.
     fn exempt(&self, ip: IpAddr, config: &Config) -> Option<&'static str> {
+        let rule = crate::policy::precedence::Precedence::new(config);
+        if let Some(why) = rule.never_sanctioned(ip, false) {
+            return Some(why);
+        }
         let ip = ip.to_canonical();
-        if config.allow.internal.iter().any(|n| n.contains(&ip)) {
-            return Some("internal");
-        }
-        if config.allow.ips.iter().any(|n| n.contains(&ip)) {
-            return Some("allow-listed");
-        }
         let listed = match &self.allow {
             Some(a) => a.contains(ip).map_err(|e| e.to_string()),
             None => {
@@ -322,8 +312,7 @@ impl Inner {
             }
         };
         match listed {
-            Ok(true) => Some("allow-listed"),
-            Ok(false) => None,
+            Ok(listed) => rule.never_sanctioned(ip, listed),
             // Cannot tell: do not block.
             Err(_) => Some("allow list unreadable"),
         }
@@ -336,14 +325,14 @@ impl Inner {
             debug!(client = %ip, offence = kind.as_str(), "offence not acted on: {why}");
             return;
         }
-        let verdict = self
+        let sanction = self
             .tracker
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .record(ip, kind, tokio::time::Instant::now());
         let oc = &config.offenders;
-        match verdict {
-            Verdict::Block {
+        match sanction {
+            Sanction::Block {
                 net,
                 reason,
                 offence,
@@ -362,10 +351,10 @@ impl Inner {
                 match maps.auto_block_add(net, spec) {
                     Ok(added) => {
                         if added.added {
-                            crate::ops::metrics::blocks_added(1);
+                            self.blocks.added.inc();
                         }
                         if !added.evicted.is_empty() {
-                            crate::ops::metrics::blocks_evicted(added.evicted.len() as u64);
+                            self.blocks.evicted.inc_by(added.evicted.len() as u64);
                             warn!(
                                 evicted = added.evicted.len(),
                                 oldest = %added.evicted[0],
@@ -387,12 +376,12 @@ impl Inner {
                     Err(e) => warn!(client = %ip, block = %net, "repeat offender not blocked: {e}"),
                 }
             }
-            Verdict::Block { count, offence, .. } => info!(
+            Sanction::Block { count, offence, .. } => info!(
                 client = %ip,
                 "repeat offender ({count} {}) not blocked: offenders.enabled is off",
                 offence.as_str()
             ),
-            Verdict::SlowDown { count } if oc.slowdown => {
+            Sanction::SlowDown { count } if oc.slowdown => {
                 let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
                 match maps.slow_add(ip, Some(oc.slowdown_ttl)) {
                     Ok(()) => info!(
@@ -404,13 +393,13 @@ impl Inner {
                     Err(e) => warn!(client = %ip, "offender not slowed down: {e}"),
                 }
             }
-            Verdict::SlowDown { .. } | Verdict::Nothing => {}
+            Sanction::SlowDown { .. } | Sanction::Nothing => {}
         }
     }
 }
 
 /// Reads the kernel's events for as long as the loop runs.
-async fn read_events(inner: Arc<Inner>, mut stream: EventStream) {
+async fn read_events(inner: Arc<LoopState>, mut stream: EventStream) {
     loop {
         let ev = match stream.next().await {
             Ok(ev) => ev,
@@ -445,7 +434,7 @@ async fn read_events(inner: Arc<Inner>, mut stream: EventStream) {
 }
 
 /// Removes expired entries from the kernel's lists now and then.
-async fn sweep(inner: Arc<Inner>) {
+async fn sweep(inner: Arc<LoopState>) {
     loop {
         let every = inner.config().offenders.sweep_interval;
         tokio::time::sleep(every.max(Duration::from_secs(1))).await;
@@ -455,7 +444,7 @@ async fn sweep(inner: Arc<Inner>) {
         };
         match res {
             Ok(r) if r.allow + r.block + r.auth + r.slow > 0 => {
-                crate::ops::metrics::blocks_expired(r.block as u64);
+                inner.blocks.expired.inc_by(r.block as u64);
                 info!(
                     block = r.block,
                     allow = r.allow,
@@ -473,75 +462,5 @@ async fn sweep(inner: Arc<Inner>) {
             .unwrap_or_else(|e| e.into_inner())
             .expire(tokio::time::Instant::now());
         inner.retake_mta();
-    }
-}
-
-impl Inner {
-    /// A restarted MTA listens on new sockets; the old ones left the
-    /// sockmap when they closed. Take the new ones (needs the rights the
-    /// agent had at start: after a privilege drop this fails and says so).
-    fn retake_mta(&self) {
-        let Some(steer) = &self.steer else { return };
-        let addrs = self.config().bypass.mta_listeners.clone();
-        let now = SteerMaps::listener_inodes(&addrs);
-        let mut known = self.mta_inodes.lock().unwrap_or_else(|e| e.into_inner());
-        if *known == now || now.iter().any(|i| i.is_none()) {
-            return;
-        }
-        let mut s = steer.lock().unwrap_or_else(|e| e.into_inner());
-        match s.take_mta(&addrs) {
-            Ok(taken) => {
-                *known = taken.iter().map(|l| Some(l.inode)).collect();
-                info!("bypass: the MTA's listeners changed (MTA restarted); taken again");
-            }
-            Err(e) => warn!(
-                "bypass: the MTA's listeners changed and cannot be taken again ({e:#}); \
-                 restart the agent to steer trusted clients and fail open"
-            ),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str) -> Config {
-        Config::parse(text).unwrap()
-    }
-
-    const BYPASS: &str = "[bypass]\nenabled = true\nmta_listeners = [\"127.0.0.1:10026\"]\n";
-
-    #[test]
-    fn nothing_is_steered_without_bypass() {
-        assert_eq!(steer_settings(&parse("")), SteerSettings::default());
-    }
-
-    #[test]
-    fn allow_listed_clients_are_steered_only_when_the_agent_would_spare_them() {
-        let s = steer_settings(&parse(BYPASS));
-        assert_eq!(s.ports[0], 25);
-        assert!(s.has(STEER_F_ALLOWED) && s.has(STEER_F_FAIL_OPEN));
-        let s = steer_settings(&parse(&format!("{BYPASS}[exclude]\nallowlisted = false\n")));
-        assert!(!s.has(STEER_F_ALLOWED));
-    }
-
-    #[test]
-    fn authenticated_clients_are_steered_only_with_once_per_day() {
-        assert!(!steer_settings(&parse(BYPASS)).has(STEER_F_AUTHENTICATED));
-        let on = format!("{BYPASS}[helo]\nauthenticated_once_per_day = true\n");
-        assert!(steer_settings(&parse(&on)).has(STEER_F_AUTHENTICATED));
-        // bypass.authenticated = false wins over the HELO rule.
-        let c = parse(
-            "[bypass]\nenabled = true\nmta_listeners = [\"127.0.0.1:10026\"]\n\
-             authenticated = false\n[helo]\nauthenticated_once_per_day = true\n",
-        );
-        assert!(!steer_settings(&c).has(STEER_F_AUTHENTICATED));
-    }
-
-    #[test]
-    fn fail_open_can_be_switched_off() {
-        let c = parse(&format!("{BYPASS}fail_open = false\n"));
-        assert!(!steer_settings(&c).has(STEER_F_FAIL_OPEN));
     }
 }

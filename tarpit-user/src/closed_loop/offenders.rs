@@ -22,46 +22,29 @@ use tokio::time::{Duration, Instant};
 
 use crate::config::OffendersConfig;
 
-/// Something an address did that counts towards a block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Offence {
-    /// Talked before the greeting (seen by the kernel).
-    PreGreet,
-    /// A session the agent or the MTA ended with a 5xx and a drop.
-    Rejected,
-    /// A recipient the MTA did not know (`550 5.1.1`): directory harvest.
-    UnknownRecipient,
+pub use crate::policy::ports::Offence;
+
+/// The block-list reason an offence's block carries.
+pub fn block_reason(kind: Offence) -> BlockReason {
+    match kind {
+        Offence::PreGreet => BlockReason::Pregreet,
+        Offence::Rejected => BlockReason::Rejected,
+        Offence::UnknownRecipient => BlockReason::Harvest,
+    }
 }
 
-impl Offence {
-    pub fn reason(self) -> BlockReason {
-        match self {
-            Offence::PreGreet => BlockReason::Pregreet,
-            Offence::Rejected => BlockReason::Rejected,
-            Offence::UnknownRecipient => BlockReason::Harvest,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Offence::PreGreet => "pre-greet strikes",
-            Offence::Rejected => "rejected sessions",
-            Offence::UnknownRecipient => "unknown recipients",
-        }
-    }
-
-    fn index(self) -> usize {
-        match self {
-            Offence::PreGreet => 0,
-            Offence::Rejected => 1,
-            Offence::UnknownRecipient => 2,
-        }
+/// Where an offence's times are kept in a [`Record`].
+fn slot(kind: Offence) -> usize {
+    match kind {
+        Offence::PreGreet => 0,
+        Offence::Rejected => 1,
+        Offence::UnknownRecipient => 2,
     }
 }
 
 /// What the caller must do about an offence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Sanction {
     /// Nothing (below the threshold, slow-down off).
     Nothing,
     /// Clamp its TCP window for a while.
@@ -172,14 +155,14 @@ impl Tracker {
         let Some(r) = self.ips.get(&self.rules.offender(ip)) else {
             return 0;
         };
-        r.times[kind.index()]
+        r.times[slot(kind)]
             .iter()
             .filter(|t| now.saturating_duration_since(**t) < self.rules.window)
             .count() as u32
     }
 
     /// Records one offence and says what it earned.
-    pub fn record(&mut self, ip: IpAddr, kind: Offence, now: Instant) -> Verdict {
+    pub fn record(&mut self, ip: IpAddr, kind: Offence, now: Instant) -> Sanction {
         let ip = self.rules.offender(ip);
         if !self.ips.contains_key(&ip) && self.ips.len() >= self.rules.max_tracked {
             self.make_room(now);
@@ -187,7 +170,7 @@ impl Tracker {
         let window = self.rules.window;
         let r = self.ips.entry(ip).or_default();
         r.last = Some(now);
-        let q = &mut r.times[kind.index()];
+        let q = &mut r.times[slot(kind)];
         while q
             .front()
             .is_some_and(|t| now.saturating_duration_since(*t) >= window)
@@ -196,12 +179,12 @@ impl Tracker {
         }
         q.push_back(now);
         let count = q.len() as u32;
-        let threshold = self.rules.thresholds[kind.index()];
+        let threshold = self.rules.thresholds[slot(kind)];
         if threshold > 0 && count >= threshold {
             self.ips.remove(&ip);
-            return Verdict::Block {
+            return Sanction::Block {
                 net: ip,
-                reason: kind.reason(),
+                reason: block_reason(kind),
                 offence: kind,
                 count,
             };
@@ -216,9 +199,9 @@ impl Tracker {
             q.pop_front();
         }
         if self.rules.slowdown {
-            Verdict::SlowDown { count }
+            Sanction::SlowDown { count }
         } else {
-            Verdict::Nothing
+            Sanction::Nothing
         }
     }
 
@@ -280,16 +263,16 @@ mod tests {
         let a = ip("198.51.100.9");
         assert_eq!(
             t.record(a, Offence::PreGreet, Instant::now()),
-            Verdict::SlowDown { count: 1 }
+            Sanction::SlowDown { count: 1 }
         );
         tokio::time::advance(Duration::from_secs(100)).await;
         assert_eq!(
             t.record(a, Offence::PreGreet, Instant::now()),
-            Verdict::SlowDown { count: 2 }
+            Sanction::SlowDown { count: 2 }
         );
         assert_eq!(
             t.record(a, Offence::PreGreet, Instant::now()),
-            Verdict::Block {
+            Sanction::Block {
                 net: host("198.51.100.9"),
                 reason: BlockReason::Pregreet,
                 offence: Offence::PreGreet,
@@ -299,7 +282,7 @@ mod tests {
         assert_eq!(t.count(a, Offence::PreGreet, Instant::now()), 0);
         assert_eq!(
             t.record(a, Offence::PreGreet, Instant::now()),
-            Verdict::SlowDown { count: 1 }
+            Sanction::SlowDown { count: 1 }
         );
     }
 
@@ -312,7 +295,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(600)).await;
         assert_eq!(
             t.record(a, Offence::PreGreet, Instant::now()),
-            Verdict::Nothing
+            Sanction::Nothing
         );
         assert_eq!(t.count(a, Offence::PreGreet, Instant::now()), 1);
     }
@@ -325,11 +308,11 @@ mod tests {
         t.record(a, Offence::PreGreet, Instant::now());
         assert_eq!(
             t.record(a, Offence::Rejected, Instant::now()),
-            Verdict::Nothing
+            Sanction::Nothing
         );
         assert!(matches!(
             t.record(a, Offence::Rejected, Instant::now()),
-            Verdict::Block {
+            Sanction::Block {
                 reason: BlockReason::Rejected,
                 ..
             }
@@ -338,7 +321,7 @@ mod tests {
         for _ in 0..200 {
             assert_eq!(
                 t.record(b, Offence::UnknownRecipient, Instant::now()),
-                Verdict::Nothing
+                Sanction::Nothing
             );
         }
     }
@@ -350,12 +333,12 @@ mod tests {
         for i in 1..5 {
             assert_eq!(
                 t.record(a, Offence::UnknownRecipient, Instant::now()),
-                Verdict::SlowDown { count: i }
+                Sanction::SlowDown { count: i }
             );
         }
         assert!(matches!(
             t.record(a, Offence::UnknownRecipient, Instant::now()),
-            Verdict::Block {
+            Sanction::Block {
                 reason: BlockReason::Harvest,
                 count: 5,
                 ..
@@ -373,7 +356,7 @@ mod tests {
                 Offence::PreGreet,
                 Instant::now()
             ),
-            Verdict::Block { .. }
+            Sanction::Block { .. }
         ));
     }
 
@@ -413,16 +396,16 @@ mod tests {
         let now = Instant::now();
         assert_eq!(
             t.record(ip("fd5b:1e00:0:7::1"), Offence::PreGreet, now),
-            Verdict::Nothing
+            Sanction::Nothing
         );
         assert_eq!(
             t.record(ip("fd5b:1e00:0:7::2"), Offence::PreGreet, now),
-            Verdict::Nothing
+            Sanction::Nothing
         );
         // Another /64 counts apart.
         assert_eq!(
             t.record(ip("fd5b:1e00:0:8::1"), Offence::PreGreet, now),
-            Verdict::Nothing
+            Sanction::Nothing
         );
         assert_eq!(
             t.count(ip("fd5b:1e00:0:7::ffff"), Offence::PreGreet, now),
@@ -430,7 +413,7 @@ mod tests {
         );
         assert_eq!(
             t.record(ip("fd5b:1e00:0:7:abcd::3"), Offence::PreGreet, now),
-            Verdict::Block {
+            Sanction::Block {
                 net: "fd5b:1e00:0:7::/64".parse().unwrap(),
                 reason: BlockReason::Pregreet,
                 offence: Offence::PreGreet,
@@ -453,7 +436,7 @@ mod tests {
         t.record(ip("198.51.100.7"), Offence::PreGreet, now);
         assert!(matches!(
             t.record(ip("::ffff:198.51.100.200"), Offence::PreGreet, now),
-            Verdict::Block { net, .. } if net == "198.51.100.0/24".parse::<IpNet>().unwrap()
+            Sanction::Block { net, .. } if net == "198.51.100.0/24".parse::<IpNet>().unwrap()
         ));
     }
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use tracing::{debug, warn};
 
 use crate::kernel::{KernelMaps, PreGreetVerdict as FlowVerdict};
-use crate::session::PreGreetVerdict;
+use crate::policy::ports::PreGreetSource;
 
 /// Where the answers came from (for logs and tests).
 #[derive(Debug, Default)]
@@ -46,7 +46,7 @@ pub fn decide(kernel: Option<FlowVerdict>, seen_by_agent: bool) -> (bool, bool) 
     }
 }
 
-impl PreGreetVerdict for KernelPreGreet {
+impl PreGreetSource for KernelPreGreet {
     fn talked_first(&self, client: SocketAddr, local: SocketAddr, seen_by_agent: bool) -> bool {
         let answer = {
             let maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());

@@ -19,7 +19,7 @@ pub struct AllowConfig {
     pub callout_senders: Vec<String>,
     /// Allow-listed host names: exact (`mx.partner.example`) or `*.suffix`,
     /// matched against the client's forward-confirmed PTR name (FCrDNS).
-    pub hosts: Vec<crate::reputation::fcrdns::HostPattern>,
+    pub hosts: Vec<super::HostPattern>,
 }
 
 impl Default for AllowConfig {

@@ -2,8 +2,8 @@
 //! about a client from DNS, and the temporary failures of greylisting.
 //!
 //! Site strings use Postfix postscreen's syntax (`zone=127.0.0.[2..11]*3`),
-//! parsed and checked by `crate::reputation::dnsbl` so that config errors
-//! and run-time scoring share one parser.
+//! parsed and checked by `super::dns_lists`, the one parser that config
+//! errors and run-time scoring (`reputation::dnsbl`) share.
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::ConfigError;
-use crate::reputation::dnsbl::{ListAction, Site};
+use super::{ListAction, Site};
 
 /// `[dns]`: the resolver used for DNSBL, DNSWL and host-name lookups.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

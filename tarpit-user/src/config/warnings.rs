@@ -34,7 +34,7 @@ impl fmt::Display for Warning {
 
 /// A reply a sender waits for, and for how long at least.
 #[derive(Debug, Clone, Copy)]
-struct Reply {
+struct AwaitedReply {
     what: &'static str,
     timeout: Duration,
 }
@@ -44,35 +44,35 @@ const fn minutes(m: u64) -> Duration {
 }
 
 /// RFC 5321 4.5.3.2.1.
-const GREETING: Reply = Reply {
+const GREETING: AwaitedReply = AwaitedReply {
     what: "the greeting",
     timeout: minutes(5),
 };
 /// RFC 5321 names no EHLO timeout; senders use the greeting's 5 minutes
 /// (Postfix's `smtp_helo_timeout` is 300s).
-const EHLO: Reply = Reply {
+const EHLO: AwaitedReply = AwaitedReply {
     what: "EHLO",
     timeout: minutes(5),
 };
 /// RFC 5321 4.5.3.2.2.
-const MAIL: Reply = Reply {
+const MAIL: AwaitedReply = AwaitedReply {
     what: "MAIL",
     timeout: minutes(5),
 };
 /// RFC 5321 4.5.3.2.3.
-const RCPT: Reply = Reply {
+const RCPT: AwaitedReply = AwaitedReply {
     what: "RCPT",
     timeout: minutes(5),
 };
 /// RFC 5321 4.5.3.2.4: the 354 (or a 5xx) to DATA.
-const DATA: Reply = Reply {
+const DATA: AwaitedReply = AwaitedReply {
     what: "DATA",
     timeout: minutes(2),
 };
 /// RFC 5321 4.5.3.2.6. The end of data reaches the MTA only after its
 /// hold, so the MTA's own time comes on top: reaching 10 minutes is enough
 /// to lose the sender (and a sender that gives up here sends again).
-const DATA_END: Reply = Reply {
+const DATA_END: AwaitedReply = AwaitedReply {
     what: "the end of data",
     timeout: minutes(10),
 };
@@ -191,10 +191,10 @@ fn hold_warning(
     delay: Duration,
     room: Duration,
     subject: &str,
-    replies: &[Reply],
+    replies: &[AwaitedReply],
 ) -> Option<Warning> {
     let held = delay.min(room);
-    let reached: Vec<Reply> = replies
+    let reached: Vec<AwaitedReply> = replies
         .iter()
         .copied()
         .filter(|r| !held.is_zero() && held >= r.timeout)
@@ -276,7 +276,7 @@ fn capped(held: Duration, configured: Duration) -> String {
 }
 
 /// "at least as long as senders wait for MAIL (5m) and DATA (2m) ...".
-fn too_long(replies: &[Reply]) -> String {
+fn too_long(replies: &[AwaitedReply]) -> String {
     let items: Vec<String> = replies
         .iter()
         .map(|r| format!("{} ({})", r.what, fmt_duration(r.timeout)))

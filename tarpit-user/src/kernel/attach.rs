@@ -46,7 +46,7 @@ const TC_HANDLE: TcHandle = TcHandle::new(0, 0x7470);
 pub const LINKS_DIR: &str = "links";
 
 /// Something attached that this process must undo (or leave) on exit.
-pub enum Held {
+pub enum Attachment {
     /// A link owned by this process only: detached when dropped.
     Owned(#[allow(dead_code, reason = "held to keep the link attached")] FdLink),
     /// A pinned link: outlives the process; removed by detach.
@@ -82,7 +82,7 @@ pub fn attach_or_replace(
     persist: bool,
     what: &str,
     fresh: impl FnOnce() -> Result<FdLink>,
-) -> Result<Held> {
+) -> Result<Attachment> {
     if pin.exists() {
         match sys::obj_get(pin).and_then(|link| sys::link_update(link.as_fd(), prog_fd)) {
             Ok(()) => {
@@ -90,7 +90,7 @@ pub fn attach_or_replace(
                     "{what}: program replaced in place (pinned link {})",
                     pin.display()
                 );
-                return Ok(Held::Pinned(pin.to_owned()));
+                return Ok(Attachment::Pinned(pin.to_owned()));
             }
             Err(e) => {
                 warn!(
@@ -106,10 +106,10 @@ pub fn attach_or_replace(
         link.pin(pin)
             .with_context(|| format!("{what}: cannot pin link at {}", pin.display()))?;
         info!("{what}: attached, link pinned at {}", pin.display());
-        Ok(Held::Pinned(pin.to_owned()))
+        Ok(Attachment::Pinned(pin.to_owned()))
     } else {
         info!("{what}: attached");
-        Ok(Held::Owned(link))
+        Ok(Attachment::Owned(link))
     }
 }
 
@@ -120,7 +120,7 @@ pub fn xdp(
     iface: &str,
     mode: XdpMode,
     persist: bool,
-) -> Result<Held> {
+) -> Result<Attachment> {
     let pin = link_pin(pin_path, "xdp", netns, iface);
     let fd = prog.fd()?.try_clone()?;
     attach_or_replace(
@@ -144,7 +144,7 @@ pub fn tcx(
     iface: &str,
     dir: TcAttachType,
     persist: bool,
-) -> Result<Held> {
+) -> Result<Attachment> {
     let kind = if dir == TcAttachType::Ingress {
         "tc_in"
     } else {
@@ -209,7 +209,7 @@ pub fn tc_netlink(
     iface: &str,
     dir: TcAttachType,
     persist: bool,
-) -> Result<Option<Held>> {
+) -> Result<Option<Attachment>> {
     let opts = || {
         TcAttachOptions::Netlink(NlOptions {
             priority: TC_PRIORITY,
@@ -238,11 +238,16 @@ pub fn tc_netlink(
         std::mem::forget(link);
         Ok(None)
     } else {
-        Ok(Some(Held::Netlink(link)))
+        Ok(Some(Attachment::Netlink(link)))
     }
 }
 
-pub fn sock_ops(prog: &mut SockOps, pin_path: &Path, cgroup: &Path, persist: bool) -> Result<Held> {
+pub fn sock_ops(
+    prog: &mut SockOps,
+    pin_path: &Path,
+    cgroup: &Path,
+    persist: bool,
+) -> Result<Attachment> {
     let dir = File::open(cgroup)
         .with_context(|| format!("cannot open cgroup {} (kernel.cgroup)", cgroup.display()))?;
     let id = dir.metadata()?.ino();

@@ -5,7 +5,9 @@
 //!   replaces programs in place on restart, and undoes it all on exit when
 //!   the config says so.
 //! - [`KernelMaps`]: a typed handle over the pinned maps, opened from the
-//!   pin directory without loading anything (agent, CLI, tests).
+//!   pin directory without loading anything (agent, CLI, tests); with
+//!   [`MapUsage`], everything the CLI shows about a map, so the CLI itself
+//!   needs no aya.
 //! - [`EventStream`]: the kernel's rare events, async.
 //! - [`detach`]: removes every program, link, pin and qdisc of ours.
 //! - [`clock`]: the kernel's boot clock and wall time.
@@ -67,8 +69,12 @@ pub use steering::{
 pub struct Kernel {
     ebpf: Ebpf,
     cfg: KernelConfig,
-    held: Vec<attach::Held>,
+    held: Vec<attach::Attachment>,
     logger: Option<tokio::task::JoinHandle<()>>,
+    /// The programs' log channel, opened at load when no runtime was there
+    /// to read it yet (`tarpit run` loads before its runtime starts, see
+    /// `ops::privileges`); [`Kernel::relay_log`] starts the reader.
+    log_channel: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Features this kernel refused at load, each with its reason.
     degraded: Vec<(&'static str, String)>,
 }
@@ -186,13 +192,15 @@ impl Kernel {
             cfg: cfg.clone(),
             held: Vec::new(),
             logger: None,
+            log_channel: None,
             degraded: Vec::new(),
         };
         kernel.write_settings(cfg)?;
         kernel.load_programs()?;
         // Only after loading: the log map must stay open while programs
         // that use it are verified.
-        kernel.logger = start_logger(&mut kernel.ebpf);
+        kernel.log_channel = open_log_channel(&mut kernel.ebpf);
+        kernel.relay_log();
         kernel.attach_all()?;
         Ok(kernel)
     }
@@ -414,8 +422,8 @@ impl Kernel {
         Ok(())
     }
 
-    fn hold(&mut self, held: attach::Held, keep: &mut Vec<PathBuf>) {
-        if let attach::Held::Pinned(p) = &held {
+    fn hold(&mut self, held: attach::Attachment, keep: &mut Vec<PathBuf>) {
+        if let attach::Attachment::Pinned(p) = &held {
             keep.push(p.clone());
         }
         self.held.push(held);
@@ -441,7 +449,7 @@ impl Kernel {
             );
         } else {
             for h in held {
-                if let attach::Held::Netlink(link) = h {
+                if let attach::Attachment::Netlink(link) = h {
                     std::mem::forget(link);
                 }
             }
@@ -489,16 +497,36 @@ fn warn_resized(cfg: &KernelConfig) {
     }
 }
 
-/// Relays the programs' aya-log records into tracing, when a tokio
-/// runtime is there to drive it.
-fn start_logger(ebpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
-    let logger = match aya_log::EbpfLogger::init(ebpf) {
-        Ok(l) => l,
+/// Opens the programs' aya-log channel (after loading: the log map must
+/// stay open while programs that use it are verified).
+fn open_log_channel(ebpf: &mut Ebpf) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+    match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => Some(l),
         Err(e) => {
             debug!("no kernel log channel: {e}");
-            return None;
+            None
         }
-    };
+    }
+}
+
+impl Kernel {
+    /// Relays the programs' aya-log records into tracing, once a tokio
+    /// runtime is there to drive it (otherwise the channel waits for the
+    /// next call). Called by [`Kernel::load`] and again inside the runtime.
+    pub fn relay_log(&mut self) {
+        if self.logger.is_some() || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        if let Some(channel) = self.log_channel.take() {
+            self.logger = start_logger(channel);
+        }
+    }
+}
+
+/// Reads `logger`'s ring buffer on the current runtime.
+fn start_logger(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+) -> Option<tokio::task::JoinHandle<()>> {
     let handle = tokio::runtime::Handle::try_current().ok()?;
     let _guard = handle.enter();
     // SAFETY: the logger owns its ring buffer fd for as long as AsyncFd holds it.

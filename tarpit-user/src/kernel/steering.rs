@@ -249,7 +249,7 @@ impl Kernel {
                     }
                     info!("sk_lookup: program replaced in place ({})", h.pin.display());
                     if persist {
-                        self.held.push(attach::Held::Pinned(h.pin));
+                        self.held.push(attach::Attachment::Pinned(h.pin));
                         return Ok(());
                     }
                     // Not persistent any more: let it go with this process.

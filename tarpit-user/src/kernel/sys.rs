@@ -1,7 +1,8 @@
 //! The few system calls aya 0.14 does not offer: opening a pinned link as
 //! a plain fd, swapping the program behind a link in place
 //! (`BPF_LINK_UPDATE`, for XDP, TCX and cgroup links alike) and deleting a
-//! clsact qdisc over rtnetlink.
+//! clsact qdisc over rtnetlink (with `netlink-packet-route`), plus the
+//! interface index lookup (nix's `if_nametoindex`).
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -58,99 +59,61 @@ pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
 }
 
-const RTM_DELQDISC: u16 = 37;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLMSG_ERROR: u16 = 2;
-const TCA_KIND: u16 = 1;
-const TC_H_CLSACT: u32 = 0xffff_fff1;
-const TC_H_CLSACT_HANDLE: u32 = 0xffff_0000;
-
 /// Deletes the clsact qdisc of an interface (in the calling thread's
 /// network namespace). `Ok(false)` when there was none.
+///
+/// aya 0.14 can add a clsact qdisc (`tc::qdisc_add_clsact`) and take its
+/// filters off (`tc::qdisc_detach_program`) but has no call to delete it,
+/// so the request is built with `netlink-packet-route` and sent over a
+/// `netlink-sys` socket: `tc qdisc del dev IF clsact`.
 pub fn delete_clsact(ifindex: u32) -> io::Result<bool> {
-    let mut msg = Vec::with_capacity(48);
-    let kind = b"clsact\0";
-    let attr_len = 4 + kind.len();
-    let total = 16 + 20 + attr_len.div_ceil(4) * 4;
-    // nlmsghdr
-    msg.extend_from_slice(&(total as u32).to_ne_bytes());
-    msg.extend_from_slice(&RTM_DELQDISC.to_ne_bytes());
-    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    // tcmsg
-    msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
-    msg.extend_from_slice(&(ifindex as i32).to_ne_bytes());
-    msg.extend_from_slice(&TC_H_CLSACT_HANDLE.to_ne_bytes());
-    msg.extend_from_slice(&TC_H_CLSACT.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes());
-    // TCA_KIND = "clsact"
-    msg.extend_from_slice(&(attr_len as u16).to_ne_bytes());
-    msg.extend_from_slice(&TCA_KIND.to_ne_bytes());
-    msg.extend_from_slice(kind);
-    msg.resize(total, 0);
+    use netlink_packet_core::{
+        NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    };
+    use netlink_packet_route::RouteNetlinkMessage;
+    use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage};
+    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
-    // SAFETY: plain socket syscalls on buffers we own.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
+    let index = i32::try_from(ifindex)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface index too large"))?;
+    let mut tc = TcMessage::with_index(index);
+    // handle ffff:0, parent ffff:fff1: what `tc qdisc add ... clsact` made
+    tc.header.handle = TcHandle {
+        major: 0xffff,
+        minor: 0,
     };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a new socket we own.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as u16;
-    let sent = unsafe {
-        libc::sendto(
-            sock.as_raw_fd(),
-            msg.as_ptr().cast(),
-            msg.len(),
-            0,
-            (&raw const addr).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut buf = [0u8; 4096];
-    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = n as usize;
-    if n < 20 {
-        return Err(io::Error::other("short netlink reply"));
-    }
-    let ty = u16::from_ne_bytes([buf[4], buf[5]]);
-    if ty != NLMSG_ERROR {
-        return Err(io::Error::other(format!(
-            "unexpected netlink reply type {ty}"
-        )));
-    }
-    let errno = -i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
-    match errno {
-        0 => Ok(true),
-        libc::ENOENT | libc::EINVAL => Ok(false),
-        e => Err(io::Error::from_raw_os_error(e)),
+    tc.header.parent = TcHandle::CLSACT;
+    tc.attributes.push(TcAttribute::Kind("clsact".into()));
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    header.sequence_number = 1;
+    let mut req = NetlinkMessage::new(
+        header,
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelQueueDiscipline(tc)),
+    );
+    req.finalize();
+    let mut buf = vec![0u8; req.buffer_len()];
+    req.serialize(&mut buf);
+
+    let sock = Socket::new(NETLINK_ROUTE)?;
+    sock.send_to(&buf, &SocketAddr::new(0, 0), 0)?;
+    let (reply, _) = sock.recv_from_full()?;
+    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply)
+        .map_err(|e| io::Error::other(format!("bad netlink reply: {e}")))?;
+    match reply.payload {
+        NetlinkPayload::Error(e) => match e.raw_code().abs() {
+            0 => Ok(true),
+            libc::ENOENT | libc::EINVAL => Ok(false),
+            errno => Err(io::Error::from_raw_os_error(errno)),
+        },
+        other => Err(io::Error::other(format!(
+            "unexpected netlink reply type {}",
+            other.message_type()
+        ))),
     }
 }
 
 /// The index of an interface in the calling thread's network namespace.
 pub fn ifindex(name: &str) -> io::Result<u32> {
-    let c = CString::new(name)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in interface name"))?;
-    // SAFETY: valid C string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if i == 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(i)
-    }
+    nix::net::if_::if_nametoindex(name).map_err(io::Error::from)
 }

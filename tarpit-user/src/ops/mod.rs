@@ -23,7 +23,6 @@ pub mod privileges;
 pub mod reload;
 pub mod sdnotify;
 pub mod shutdown;
-pub mod summary;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -61,7 +60,6 @@ impl Daemon {
             .map(PidFile::create)
             .transpose()?;
         let controller = ShutdownController::new();
-        shutdown::install(controller.token());
         Ok(Daemon {
             notifier: Notifier::from_env(),
             pid_file,

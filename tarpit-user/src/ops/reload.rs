@@ -25,9 +25,11 @@
 //! store and mode stay until a restart (`Greylist::reconfigure`).
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -35,21 +37,36 @@ use super::pidfile;
 use super::sdnotify::Notifier;
 use crate::config::{Config, ConfigError};
 
-/// Reload attempts since the start, by result (for metrics).
-#[derive(Debug, Default)]
+/// Reload attempts since the start, by result: the agent's
+/// `tarpit_config_reloads_total{result}` ([`ReloadCounts::register`]).
+#[derive(Debug, Clone)]
 pub struct ReloadCounts {
-    pub applied: AtomicU64,
-    pub refused: AtomicU64,
+    family: Family<Vec<(&'static str, &'static str)>, Counter>,
+    pub applied: Counter,
+    pub refused: Counter,
 }
 
-static GLOBAL_COUNTS: ReloadCounts = ReloadCounts {
-    applied: AtomicU64::new(0),
-    refused: AtomicU64::new(0),
-};
+impl Default for ReloadCounts {
+    fn default() -> Self {
+        let family = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+        let result = |r| family.get_or_create(&vec![("result", r)]).clone();
+        ReloadCounts {
+            applied: result("applied"),
+            refused: result("refused"),
+            family,
+        }
+    }
+}
 
-/// Reloads of this process, by result (the metrics' source).
-pub fn counts() -> &'static ReloadCounts {
-    &GLOBAL_COUNTS
+impl ReloadCounts {
+    /// Puts the counts into the agent's registry (once).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP), by result",
+            self.family.clone(),
+        );
+    }
 }
 
 /// Owner of the running configuration.
@@ -105,8 +122,7 @@ impl ConfigWatch {
         check: impl Fn(&Config, &Config) -> Result<(), ConfigError>,
     ) -> Result<Reloaded, ConfigError> {
         let refuse = |e: ConfigError| {
-            self.counts.refused.fetch_add(1, Ordering::Relaxed);
-            GLOBAL_COUNTS.refused.fetch_add(1, Ordering::Relaxed);
+            self.counts.refused.inc();
             error!(
                 target: "tarpit::ops::reload",
                 key = e.key().unwrap_or("-"),
@@ -135,8 +151,7 @@ impl ConfigWatch {
             warn!(target: "tarpit::ops::reload", key = w.key, "{w}");
         }
         self.tx.send_replace(Arc::new(new));
-        self.counts.applied.fetch_add(1, Ordering::Relaxed);
-        GLOBAL_COUNTS.applied.fetch_add(1, Ordering::Relaxed);
+        self.counts.applied.inc();
         info!(target: "tarpit::ops::reload", path = %self.path.display(), "configuration reloaded");
         Ok(Reloaded { restart_only })
     }
@@ -316,8 +331,16 @@ mod tests {
         assert!(w.reload().is_err());
         assert_eq!(w.current().greeting.delay.as_secs(), 7);
         let c = w.counts();
-        assert_eq!(c.applied.load(Ordering::Relaxed), 1);
-        assert_eq!(c.refused.load(Ordering::Relaxed), 2);
+        assert_eq!(c.applied.get(), 1);
+        assert_eq!(c.refused.get(), 2);
+        let mut reg = Registry::with_prefix("tarpit");
+        c.register(&mut reg);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        assert!(
+            text.contains("tarpit_config_reloads_total{result=\"refused\"} 2\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -381,8 +404,8 @@ mod tests {
         let c = w.current();
         assert_eq!(c.greeting.delay.as_secs(), 5, "nothing of the file applies");
         assert!(c.dnsbl.sites.is_empty());
-        assert_eq!(w.counts().refused.load(Ordering::Relaxed), 1);
-        assert_eq!(w.counts().applied.load(Ordering::Relaxed), 0);
+        assert_eq!(w.counts().refused.get(), 1);
+        assert_eq!(w.counts().applied.get(), 0);
     }
 
     #[test]

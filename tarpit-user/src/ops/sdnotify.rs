@@ -1,5 +1,5 @@
-//! systemd's readiness protocol (`sd_notify(3)`), without libsystemd: one
-//! datagram per state change to the socket named by `$NOTIFY_SOCKET`.
+//! systemd's readiness protocol (`sd_notify(3)`): one datagram per state
+//! change to the socket named by `$NOTIFY_SOCKET`.
 //!
 //! With `Type=notify` systemd considers the agent started only once it says
 //! `READY=1` (after the programs are attached and the ports are open), shows
@@ -7,12 +7,22 @@
 //! with `WatchdogSec=` restarts it if the `WATCHDOG=1` pings stop - which
 //! they do when the async runtime is wedged, since they are sent from it.
 //! Outside systemd (no `$NOTIFY_SOCKET`) every call does nothing.
+//!
+//! The vocabulary ([`NotifyState`]), the monotonic clock a reload carries
+//! and the watchdog's `$WATCHDOG_USEC`/`$WATCHDOG_PID` come from the
+//! `sd-notify` crate. The datagram itself is sent here, because
+//! `sd_notify::notify` (0.5) cannot do two things the agent does: reach an
+//! abstract socket (`$NOTIFY_SOCKET` starting with `@`, as container
+//! managers hand out), and send the states joined by newlines without a
+//! trailing one (`WATCHDOG=1`, byte for byte, as libsystemd sends it and as
+//! the end-to-end test expects).
 use std::io;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use sd_notify::NotifyState;
 use tracing::debug;
 
 /// Where notifications go.
@@ -45,54 +55,62 @@ impl Notifier {
         self.addr.is_some()
     }
 
-    /// Sends `state` (newline-separated `KEY=VALUE` lines). Ok(false) when
-    /// there is no socket.
-    pub fn notify(&self, state: &str) -> io::Result<bool> {
+    /// Sends `states` in one datagram. Ok(false) when there is no socket.
+    pub fn notify(&self, states: &[NotifyState<'_>]) -> io::Result<bool> {
         let Some(addr) = &self.addr else {
             return Ok(false);
         };
+        let msg = states
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
         let sock = UnixDatagram::unbound()?;
         let addr = match addr {
             NotifyAddr::Path(p) => SocketAddr::from_pathname(p)?,
             NotifyAddr::Abstract(name) => SocketAddr::from_abstract_name(name)?,
         };
-        let sent = sock.send_to_addr(state.as_bytes(), &addr)?;
-        if sent != state.len() {
+        if sock.send_to_addr(msg.as_bytes(), &addr)? != msg.len() {
             return Err(io::Error::other("short write to NOTIFY_SOCKET"));
         }
-        debug!(target: "tarpit::ops", state = %state.replace('\n', " "), "sd_notify");
+        debug!(target: "tarpit::ops", state = %msg.replace('\n', " "), "sd_notify");
         Ok(true)
     }
 
     /// Startup finished: ports open, programs attached, privileges dropped.
     pub fn ready(&self, status: &str) {
-        self.send(&format!("READY=1\nSTATUS={status}"));
+        self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
     }
 
-    /// A reload began; systemd wants the monotonic time with it.
+    /// A reload began; systemd (v253 on) wants the monotonic time with it.
     pub fn reloading(&self) {
-        self.send(&format!(
-            "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading the configuration",
-            monotonic_usec()
-        ));
+        let now = NotifyState::monotonic_usec_now().unwrap_or(NotifyState::MonotonicUsec(0));
+        self.send(&[
+            NotifyState::Reloading,
+            now,
+            NotifyState::Status("reloading the configuration"),
+        ]);
     }
 
     pub fn stopping(&self) {
-        self.send("STOPPING=1\nSTATUS=stopping: draining sessions");
+        self.send(&[
+            NotifyState::Stopping,
+            NotifyState::Status("stopping: draining sessions"),
+        ]);
     }
 
     pub fn status(&self, status: &str) {
-        self.send(&format!("STATUS={status}"));
+        self.send(&[NotifyState::Status(status)]);
     }
 
     pub fn watchdog(&self) {
-        self.send("WATCHDOG=1");
+        self.send(&[NotifyState::Watchdog]);
     }
 
     /// Failures to notify are logged, never fatal: the agent's work matters
     /// more than systemd's view of it.
-    fn send(&self, state: &str) {
-        if let Err(e) = self.notify(state) {
+    fn send(&self, states: &[NotifyState<'_>]) {
+        if let Err(e) = self.notify(states) {
             tracing::warn!(target: "tarpit::ops", "cannot notify systemd: {e}");
         }
     }
@@ -112,27 +130,11 @@ fn parse_addr(raw: &[u8]) -> Option<NotifyAddr> {
 }
 
 /// How often to ping the watchdog: half of `$WATCHDOG_USEC`, when it is set
-/// for this process (`$WATCHDOG_PID` absent or ours).
+/// (and not zero) for this process (`$WATCHDOG_PID` absent or ours).
 pub fn watchdog_interval() -> Option<Duration> {
-    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
-    if let Ok(pid) = std::env::var("WATCHDOG_PID")
-        && pid.trim().parse::<u32>().ok()? != std::process::id()
-    {
-        return None;
-    }
-    (usec > 0).then(|| Duration::from_micros(usec / 2))
-}
-
-fn monotonic_usec() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec, which lives across the call.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
-        return 0;
-    }
-    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
+    sd_notify::watchdog_enabled()
+        .filter(|d| !d.is_zero())
+        .map(|d| d / 2)
 }
 
 #[cfg(test)]
@@ -191,7 +193,7 @@ mod tests {
             UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
                 .unwrap();
         let n = Notifier::new(NotifyAddr::Abstract(name.into_bytes()));
-        assert!(n.notify("WATCHDOG=1").unwrap());
+        assert!(n.notify(&[NotifyState::Watchdog]).unwrap());
         let mut buf = [0u8; 64];
         let len = server.recv(&mut buf).unwrap();
         assert_eq!(&buf[..len], b"WATCHDOG=1");
@@ -201,6 +203,6 @@ mod tests {
     fn without_socket_nothing_happens() {
         let n = Notifier::default();
         assert!(!n.enabled());
-        assert!(!n.notify("READY=1").unwrap());
+        assert!(!n.notify(&[NotifyState::Ready]).unwrap());
     }
 }

@@ -1,34 +1,55 @@
 //! The tarpit policies as pure decisions: no sockets, no clock reads.
 //!
-//! The session asks three questions, each answered from the configuration
-//! and the session's state alone:
-//! - [`Policy::greeting`]: how long to hold the banner, and whether talking
-//!   first is a violation;
-//! - [`Policy::command_delay`]: when a command arrives, how long its reply
-//!   must be held (counted from that arrival);
-//! - [`Policy::settle`]: when the reply is known, the final hold (5xx
-//!   replies may add the reject delay), clamped to the session's budget.
+//! One place decides: [`Policy::decide`] takes every event of a session
+//! ([`Event`]: connect, DNS verdict, pre-greet talk, each command, each
+//! reply, ...) and returns what to do ([`Action`]: hold, reply in place of
+//! the MTA, drop, ask the greylist, report an offence, exempt). The
+//! session carries the actions out. [`Policy::explain`] says, from the same
+//! precedence code, what `tarpit ip` prints.
 //!
-//! | rule (origin) | where |
-//! | --- | --- |
-//! | greeting delay, pre-greet drop (qmail) | [`Policy::greeting`] |
-//! | master switch, exclusions (SecurityGateway) | [`Policy::excluded`] |
-//! | HELO delay, once a day for authenticated IPs (SecurityGateway) | [`Policy::command_delay`] |
-//! | RCPT threshold, delay, scaling (SecurityGateway) | [`Policy::rcpt_delay`] |
-//! | 5xx delay (Exchange `TarpitTime`) | [`Policy::settle`] |
-//! | blacklist delay from MAIL FROM on, callout exceptions, internal (ORF) | [`Policy::command_delay`] |
-//! | cap on the total delay of a session | [`Policy::settle`] |
+//! One file per origin, each compiled from its own config section:
+//!
+//! | rule (origin) | file | config |
+//! | --- | --- | --- |
+//! | who is spared, in which order (all) | [`precedence`] | `enabled`, `[exclude]`, `[allow]` |
+//! | greeting delay, pre-greet drop, teaser (qmail) | [`qmail`] | `[greeting]` |
+//! | HELO delay, once a day for authenticated IPs; RCPT threshold, delay, scaling (SecurityGateway) | [`securitygateway`] | `[helo]`, `[rcpt]` |
+//! | 5xx delay (Exchange `TarpitTime`) | [`exchange`] | `[reject]` |
+//! | blacklist delay from MAIL FROM on, callout exceptions, internal never blacklisted (ORF) | [`orf`] | `[blacklist]`, `allow.callout_senders` |
+//! | DNSBL drop/reject/delay, DNSWL and `allow.hosts` allow (postscreen) | [`dnsbl`] | the verdict's action |
+//! | greylisting at connect or per triplet | [`greylist`] | `[greylist]` |
+//! | which outcomes are offences (closed loop) | [`offenders`] | - |
+//! | cap on the total delay of a session | [`Policy::settle`] | `limits.max_total_delay` |
+//!
+//! A new timing rule is one config section, one file here (its struct, its
+//! `new` from the section, its decision), a line in [`Policy`] and in
+//! [`Policy::decide`], its unit tests, and docs.
 pub mod auth_store;
+mod decide;
+pub mod dnsbl;
+pub mod exchange;
+mod explain;
+pub mod facts;
+pub mod greylist;
+pub mod offenders;
+pub mod orf;
 pub mod pattern;
+pub mod ports;
+pub mod precedence;
+pub mod qmail;
+pub mod securitygateway;
 
 use std::net::IpAddr;
 
-use ipnet::IpNet;
 use tokio::time::{Duration, Instant};
 
 use crate::config::{Config, MAX_DELAY};
 pub use auth_store::{AUTH_TTL, AuthenticatedIps, MemoryAuthStore};
-use pattern::PatternList;
+pub use decide::{Action, Event};
+pub use explain::Explanation;
+pub use facts::{Blocked, Dns, Facts, Grey};
+pub use greylist::GreyAsk;
+pub use offenders::Sent;
 
 /// Why a reply was held; a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,7 +81,8 @@ pub struct Delay {
 }
 
 impl Delay {
-    fn new(duration: Duration, reason: Reason) -> Option<Delay> {
+    /// A hold of `duration` (at most [`MAX_DELAY`]); none if zero.
+    pub fn new(duration: Duration, reason: Reason) -> Option<Delay> {
         (!duration.is_zero()).then_some(Delay {
             duration: duration.min(MAX_DELAY),
             reason,
@@ -78,12 +100,16 @@ impl Delay {
     }
 }
 
-/// What the agent knows about a client when it connects.
+/// What a session knows of its client, in short (from [`Facts`] and the
+/// config's networks).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Client {
     pub ip: IpAddr,
     pub internal: bool,
+    /// On an allow list: the kernel's, `allow.ips`, or DNS (DNSWL,
+    /// `allow.hosts`) once the verdict is in.
     pub allowlisted: bool,
+    /// On `blacklist.ips`, or a DNSBL `delay`/`reject` verdict.
     pub blacklisted: bool,
     /// Connected to an implicit-TLS port (465): it speaks first.
     pub implicit_tls: bool,
@@ -117,6 +143,9 @@ pub struct SessionState {
     /// only the first few matter (callouts), and a held session stays small.
     pub txn_rcpts: u16,
     pub authenticated: bool,
+    /// When the client's address last authenticated (within a day), for
+    /// the HELO delay's once-a-day rule.
+    pub last_auth: Option<Instant>,
     /// The HELO delay was paid in this session (a second EHLO after
     /// STARTTLS does not pay again).
     pub helo_paid: bool,
@@ -124,6 +153,9 @@ pub struct SessionState {
     pub rcpts: u32,
     /// Total hold given so far.
     pub delay_spent: Duration,
+    /// The DNSBL `reject` action's reply, for this client's RCPTs (boxed:
+    /// thousands of held clients each have a state).
+    pub dnsbl_reject: Option<Box<str>>,
 }
 
 impl SessionState {
@@ -135,9 +167,11 @@ impl SessionState {
             callout_sender: false,
             txn_rcpts: 0,
             authenticated: false,
+            last_auth: None,
             helo_paid: false,
             rcpts: 0,
             delay_spent: Duration::ZERO,
+            dnsbl_reject: None,
         }
     }
 }
@@ -152,102 +186,104 @@ pub struct GreetingPlan {
     pub teaser: Option<String>,
 }
 
-/// The configuration, compiled for fast decisions.
+/// The configuration, compiled for fast decisions: one part per origin.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    pub enabled: bool,
-    pub greeting_delay: Duration,
-    pub drop_pre_greet: bool,
-    pub teaser: Option<String>,
-    pub helo_delay: Duration,
-    pub auth_once_per_day: bool,
-    pub rcpt_threshold: u32,
-    pub rcpt_delay: Duration,
-    pub rcpt_scaling: f64,
-    pub reject_delay: Duration,
-    pub blacklist_delay: Duration,
-    pub blacklist_ips: Vec<IpNet>,
-    pub blacklist_senders: PatternList,
-    pub blacklist_helos: PatternList,
-    pub exclude_allowlisted: bool,
-    pub exclude_authenticated: bool,
-    pub allow_ips: Vec<IpNet>,
-    pub internal: Vec<IpNet>,
-    pub callout_senders: PatternList,
+    pub precedence: precedence::Precedence,
+    pub qmail: qmail::Qmail,
+    pub securitygateway: securitygateway::SecurityGateway,
+    pub exchange: exchange::Exchange,
+    pub orf: orf::Orf,
+    pub postscreen: dnsbl::Postscreen,
+    pub greylisting: greylist::Greylisting,
+    /// `limits.max_total_delay`: the session's budget of holds.
     pub max_total_delay: Duration,
-    pub implicit_tls_ports: Vec<u16>,
-}
-
-fn contains(nets: &[IpNet], ip: IpAddr) -> bool {
-    nets.iter().any(|n| n.contains(&ip))
 }
 
 impl Policy {
     pub fn new(c: &Config) -> Policy {
         Policy {
-            enabled: c.enabled,
-            greeting_delay: c.greeting.delay,
-            drop_pre_greet: c.greeting.drop_pre_greet,
-            teaser: c.greeting.teaser.clone(),
-            helo_delay: c.helo.delay,
-            auth_once_per_day: c.helo.authenticated_once_per_day,
-            rcpt_threshold: c.rcpt.threshold,
-            rcpt_delay: c.rcpt.delay,
-            rcpt_scaling: c.rcpt.scaling,
-            reject_delay: c.reject.delay,
-            blacklist_delay: c.blacklist.delay,
-            blacklist_ips: c.blacklist.ips.clone(),
-            blacklist_senders: PatternList::new(&c.blacklist.senders),
-            blacklist_helos: PatternList::new(&c.blacklist.helos),
-            exclude_allowlisted: c.exclude.allowlisted,
-            exclude_authenticated: c.exclude.authenticated,
-            allow_ips: c.allow.ips.clone(),
-            internal: c.allow.internal.clone(),
-            callout_senders: PatternList::new(&c.allow.callout_senders),
+            precedence: precedence::Precedence::new(c),
+            qmail: qmail::Qmail::new(&c.greeting),
+            securitygateway: securitygateway::SecurityGateway::new(&c.helo, &c.rcpt),
+            exchange: exchange::Exchange::new(&c.reject),
+            orf: orf::Orf::new(&c.blacklist, &c.allow),
+            postscreen: dnsbl::Postscreen,
+            greylisting: greylist::Greylisting::new(&c.greylist),
             max_total_delay: c.limits.max_total_delay,
-            implicit_tls_ports: c.tls.implicit_ports.clone(),
         }
     }
 
-    /// Classifies a new client (IPv4-mapped IPv6 addresses count as IPv4).
+    /// The master switch (`enabled`).
+    pub fn enabled(&self) -> bool {
+        self.precedence.enabled
+    }
+
+    /// A recent AUTH spares the address's next sessions from their start
+    /// (`helo.authenticated_once_per_day` with `exclude.authenticated`).
+    pub fn auth_spares_new_sessions(&self) -> bool {
+        self.precedence.auth_spares_new_sessions
+    }
+
+    /// What is known of a client that connected to `local_port` from `ip`
+    /// before anything is asked (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn facts(&self, ip: IpAddr, local_port: u16) -> Facts {
+        let implicit = self.precedence.implicit_tls_ports.contains(&local_port);
+        Facts::new(ip, implicit)
+    }
+
+    /// Whether a rule reads when the client last authenticated
+    /// ([`Facts::last_auth`]): only `helo.authenticated_once_per_day`.
+    pub fn wants_last_auth(&self) -> bool {
+        self.securitygateway.auth_once_per_day
+    }
+
+    /// Classifies a new client (IPv4-mapped IPv6 addresses count as IPv4)
+    /// from the config's networks alone.
     pub fn classify(&self, ip: IpAddr, local_port: u16) -> Client {
-        let ip = ip.to_canonical();
+        self.client(&self.facts(ip, local_port))
+    }
+
+    /// A client from its facts and the config's networks.
+    pub fn client(&self, f: &Facts) -> Client {
+        let ip =
+            f.ip.map_or(IpAddr::from([0, 0, 0, 0]), |ip| ip.to_canonical());
         Client {
             ip,
-            internal: contains(&self.internal, ip),
-            allowlisted: contains(&self.allow_ips, ip),
-            blacklisted: contains(&self.blacklist_ips, ip),
-            implicit_tls: self.implicit_tls_ports.contains(&local_port),
+            internal: self.precedence.internal_net(ip).is_some(),
+            allowlisted: f.kernel_allow.is_some()
+                || self.precedence.allow_net(ip).is_some()
+                || matches!(f.dns, Dns::Allowed(_)),
+            blacklisted: self.orf.ip_net(ip).is_some(),
+            implicit_tls: f.implicit_tls,
         }
+    }
+
+    /// The state of a session that starts with these facts: a recent AUTH
+    /// counts from the start with [`Policy::auth_spares_new_sessions`].
+    pub fn session(&self, f: &Facts) -> SessionState {
+        let mut s = SessionState::new(self.client(f));
+        s.last_auth = f.last_auth;
+        s.authenticated = f.last_auth.is_some() && self.auth_spares_new_sessions();
+        s
     }
 
     /// No tarpit at all for this session (from now on): the master switch
-    /// is off, or the client is internal, allow-listed or authenticated.
+    /// is off, or the client is internal, allow-listed or authenticated
+    /// ([`precedence`]).
     pub fn excluded(&self, s: &SessionState) -> bool {
-        !self.enabled
-            || s.client.internal
-            || (s.client.allowlisted && self.exclude_allowlisted)
-            || (s.authenticated && self.exclude_authenticated)
+        self.precedence.excluded(s)
     }
 
     /// Whether the client, its HELO name or the current sender is
     /// blacklisted (internal hosts never are).
     pub fn blacklisted(&self, s: &SessionState) -> bool {
-        !s.client.internal && (s.client.blacklisted || s.helo_blacklisted || s.sender_blacklisted)
+        self.orf.blacklisted(s)
     }
 
-    /// ORF's callout exception: a sender verification probe (Postfix's
-    /// `double-bounce@`, Exim's null sender) sends MAIL and one or two RCPTs
-    /// (Exim's `callout/random` two) and never DATA, and gives up long
-    /// before a 60 s hold. Its MAIL reply and first two RCPT replies are
-    /// not held; anything more is no longer a callout and is held.
+    /// ORF's callout exception ([`orf::Orf::callout_spared`]).
     pub fn callout_spared(&self, s: &SessionState, step: Step<'_>) -> bool {
-        s.callout_sender
-            && match step {
-                Step::Mail(_) => true,
-                Step::Rcpt => s.txn_rcpts <= 2,
-                _ => false,
-            }
+        self.orf.callout_spared(s, step)
     }
 
     /// Greeting delay and pre-greet check; charges the delay to the budget.
@@ -259,15 +295,11 @@ impl Policy {
                 teaser: None,
             };
         }
-        let delay = self.clamp(s, Delay::new(self.greeting_delay, Reason::Greeting));
+        let delay = self.clamp(s, self.qmail.greeting_delay());
         GreetingPlan {
             delay,
-            check_pre_greet: self.drop_pre_greet && !s.client.implicit_tls,
-            teaser: if s.client.implicit_tls {
-                None
-            } else {
-                self.teaser.clone()
-            },
+            check_pre_greet: self.qmail.watch_pre_greet(s.client.implicit_tls),
+            teaser: self.qmail.teaser(s.client.implicit_tls),
         }
     }
 
@@ -275,39 +307,19 @@ impl Policy {
     /// [`Policy::command_delay`] for the same command.
     pub fn observe(&self, s: &mut SessionState, step: Step<'_>) {
         match step {
-            Step::Helo(name) => {
-                s.helo_blacklisted = self.blacklist_helos.matches(name);
-                s.sender_blacklisted = false;
-                s.callout_sender = false;
-                s.txn_rcpts = 0;
-            }
-            Step::Mail(sender) => {
-                s.sender_blacklisted = self.blacklist_senders.matches_sender(sender);
-                s.callout_sender = self.callout_senders.matches_sender(sender);
-                s.txn_rcpts = 0;
-            }
+            Step::Helo(_) | Step::Mail(_) | Step::Rset => s.txn_rcpts = 0,
             Step::Rcpt => {
                 s.rcpts = s.rcpts.saturating_add(1);
                 s.txn_rcpts = s.txn_rcpts.saturating_add(1);
             }
-            Step::Rset => {
-                s.sender_blacklisted = false;
-                s.callout_sender = false;
-                s.txn_rcpts = 0;
-            }
             Step::Data | Step::DataEnd | Step::Other => {}
         }
+        self.orf.observe(s, step);
     }
 
     /// The k-th RCPT of a session (1-based): SecurityGateway's rule.
     pub fn rcpt_delay(&self, k: u32) -> Option<Delay> {
-        if k <= self.rcpt_threshold {
-            return None;
-        }
-        let beyond = f64::from(k - self.rcpt_threshold - 1);
-        let factor = 1.0 + beyond * (self.rcpt_scaling - 1.0);
-        let secs = (self.rcpt_delay.as_secs_f64() * factor).min(MAX_DELAY.as_secs_f64());
-        Delay::new(Duration::from_secs_f64(secs), Reason::Rcpt)
+        self.securitygateway.rcpt_delay(k)
     }
 
     /// The hold for the reply to a command that just arrived.
@@ -323,38 +335,21 @@ impl Policy {
             return None;
         }
         let own = match step {
-            Step::Helo(_) => {
-                let recently =
-                    last_auth.is_some_and(|t| now.saturating_duration_since(t) < AUTH_TTL);
-                if s.helo_paid || (self.auth_once_per_day && recently) {
-                    None
-                } else {
-                    s.helo_paid = true;
-                    Delay::new(self.helo_delay, Reason::Helo)
-                }
-            }
-            Step::Rcpt => self.rcpt_delay(s.rcpts),
+            Step::Helo(_) => self.securitygateway.helo_delay(s, last_auth, now),
+            Step::Rcpt => self.securitygateway.rcpt_delay(s.rcpts),
             _ => None,
         };
-        let blacklist = match step {
-            Step::Mail(_) | Step::Rcpt | Step::Data | Step::DataEnd
-                if self.blacklisted(s) && !self.callout_spared(s, step) =>
-            {
-                Delay::new(self.blacklist_delay, Reason::Blacklist)
-            }
-            _ => None,
-        };
-        Delay::longer(own, blacklist)
+        Delay::longer(own, self.orf.command_delay(s, step))
     }
 
     /// The final hold of a reply with `code`, counted from the arrival of
     /// its command: the command's own delay, or the 5xx delay if longer,
     /// within what is left of the session's budget (which it then uses).
     pub fn settle(&self, s: &mut SessionState, command: Option<Delay>, code: u16) -> Option<Delay> {
-        let reject = if (500..600).contains(&code) && !self.excluded(s) {
-            Delay::new(self.reject_delay, Reason::Reject)
-        } else {
+        let reject = if self.excluded(s) {
             None
+        } else {
+            self.exchange.reply_delay(code)
         };
         self.clamp(s, Delay::longer(command, reject))
     }
@@ -370,6 +365,9 @@ impl Policy {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod decide_tests;
 
 /// When a reply may go out. Its hold counts from when its command arrived
 /// (ORF's accounting: time the MTA or a lookup took is part of the delay)

@@ -5,11 +5,7 @@
 //! that name resolve back to the address. So a name counts only when its
 //! A (or AAAA) records contain the client address, as in SecurityGateway's
 //! host-name allow list and Postfix's `reject_unknown_client_hostname`.
-use std::fmt;
 use std::net::IpAddr;
-use std::str::FromStr;
-
-use serde::Deserialize;
 
 use super::resolver::{Answer, Dns, Failure};
 
@@ -18,75 +14,9 @@ const MAX_PTR_NAMES: usize = 10;
 /// At most this many matching names are forward-confirmed.
 const MAX_CONFIRM: usize = 4;
 
-/// `mail.example.org` (that name only) or `*.example.org` (any name below
-/// example.org, not example.org itself).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
-pub enum HostPattern {
-    Exact(String),
-    /// The suffix with its leading dot: `.example.org`.
-    Suffix(String),
-}
-
-impl HostPattern {
-    pub fn matches(&self, name: &str) -> bool {
-        let name = name.trim_end_matches('.');
-        match self {
-            HostPattern::Exact(n) => name.eq_ignore_ascii_case(n),
-            HostPattern::Suffix(s) => {
-                name.len() > s.len()
-                    && name.is_char_boundary(name.len() - s.len())
-                    && name[name.len() - s.len()..].eq_ignore_ascii_case(s)
-            }
-        }
-    }
-}
-
-impl FromStr for HostPattern {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let t = s.trim().trim_end_matches('.').to_ascii_lowercase();
-        let (body, suffix) = match t.strip_prefix("*.") {
-            Some(rest) => (rest.to_string(), true),
-            None => (t.clone(), false),
-        };
-        if body.is_empty() {
-            return Err(format!("`{s}` has no name"));
-        }
-        let ok = body.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-        if !ok {
-            return Err(format!(
-                "`{s}` is not a host name or `*.domain` pattern (a `*` only as the first label)"
-            ));
-        }
-        Ok(if suffix {
-            HostPattern::Suffix(format!(".{body}"))
-        } else {
-            HostPattern::Exact(body)
-        })
-    }
-}
-
-impl TryFrom<String> for HostPattern {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl fmt::Display for HostPattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HostPattern::Exact(n) => f.write_str(n),
-            HostPattern::Suffix(s) => write!(f, "*{s}"),
-        }
-    }
-}
+/// The patterns are config syntax, parsed at load; re-exported for the
+/// code that matched them here before.
+pub use crate::config::HostPattern;
 
 /// What FCrDNS found for one address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,42 +73,5 @@ pub async fn check(dns: &Dns, ip: IpAddr, patterns: &[HostPattern]) -> (HostChec
         // A forward lookup failed: nothing is known, do not cache.
         Some(f) => (HostCheck::Failed(f), None),
         None => (HostCheck::NotAllowed, Some(ttl)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn p(s: &str) -> HostPattern {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn exact_names_match_only_themselves() {
-        let pat = p("Mail.Partner.Example.");
-        assert!(pat.matches("mail.partner.example"));
-        assert!(pat.matches("MAIL.partner.example."));
-        assert!(!pat.matches("xmail.partner.example"));
-        assert!(!pat.matches("mail.partner.example.evil"));
-        assert_eq!(pat.to_string(), "mail.partner.example");
-    }
-
-    #[test]
-    fn suffix_patterns_match_names_below_only() {
-        let pat = p("*.partner.example");
-        assert!(pat.matches("mx1.partner.example"));
-        assert!(pat.matches("a.b.PARTNER.example"));
-        assert!(!pat.matches("partner.example"));
-        assert!(!pat.matches("evilpartner.example"));
-        assert!(!pat.matches("mx1.partner.example.evil"));
-        assert_eq!(pat.to_string(), "*.partner.example");
-    }
-
-    #[test]
-    fn bad_patterns_are_refused() {
-        for bad in ["", "*.", "mail.*.example", "a b.example", "*", "**.x"] {
-            assert!(bad.parse::<HostPattern>().is_err(), "{bad:?}");
-        }
     }
 }

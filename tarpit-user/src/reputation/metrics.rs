@@ -1,85 +1,130 @@
-//! Counters and latency histograms of the reputation checks: plain atomics,
-//! rendered in the Prometheus text format by [`ReputationMetrics::render`]
-//! so that any metrics endpoint can append them.
+//! Counters and latency histograms of the reputation checks, as
+//! prometheus-client metrics that [`ReputationMetrics::register`] puts into
+//! the agent's one registry.
 //!
 //! One [`ReputationMetrics`] lives as long as the agent: a reload that
 //! rebuilds the checks hands the same one to the new checks, so every
 //! family counts on across reloads. The per-list and per-site counters are
 //! created by name when a list first appears; a list a reload removes
-//! keeps its last counts (it is still rendered), one it adds back counts
+//! keeps its last counts (it is still exported), one it adds back counts
 //! on from there.
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+//!
+//! The checks count with `fetch_add(n, Relaxed)`, read with `load` and set
+//! gauges with `store`, as they did when these were plain atomics: the
+//! small [`Count`], [`Level`] and [`Latency`] wrappers keep those calls and
+//! write into the registered metrics (the ordering argument is ignored:
+//! prometheus-client's metrics are atomics of their own).
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 /// Upper bounds (seconds) of the lookup latency buckets.
 pub const LATENCY_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
-/// A cumulative latency histogram.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+type Labels = Vec<(&'static str, String)>;
+
+/// A counter, counted like the atomic it replaced.
+#[derive(Debug, Clone, Default)]
+pub struct Count(Counter);
+
+impl Count {
+    /// Adds `n`; returns the previous value.
+    pub fn fetch_add(&self, n: u64, _order: Ordering) -> u64 {
+        self.0.inc_by(n)
+    }
+
+    pub fn load(&self, _order: Ordering) -> u64 {
+        self.0.get()
+    }
 }
 
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
-            if secs <= *le {
-                self.buckets[i].fetch_add(1, Relaxed);
-            }
+/// A gauge, set like the atomic it replaced.
+#[derive(Debug, Clone, Default)]
+pub struct Level(Gauge);
+
+impl Level {
+    pub fn store(&self, v: u64, _order: Ordering) {
+        self.0.set(i64::try_from(v).unwrap_or(i64::MAX));
+    }
+
+    pub fn load(&self, _order: Ordering) -> u64 {
+        u64::try_from(self.0.get()).unwrap_or(0)
+    }
+}
+
+/// A latency histogram over [`LATENCY_BUCKETS`], in seconds.
+#[derive(Debug, Clone)]
+pub struct Latency {
+    histogram: Histogram,
+    /// Observations, for [`Latency::count`] (prometheus-client does not
+    /// read a histogram back outside its own tests); not registered.
+    observed: Counter,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency::of(latency_histogram())
+    }
+}
+
+impl Latency {
+    fn of(histogram: Histogram) -> Latency {
+        Latency {
+            histogram,
+            observed: Counter::default(),
         }
-        self.count.fetch_add(1, Relaxed);
-        self.sum_micros
-            .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Relaxed);
     }
 
+    pub fn observe(&self, d: Duration) {
+        self.histogram.observe(d.as_secs_f64());
+        self.observed.inc();
+    }
+
+    /// Observations so far.
     pub fn count(&self) -> u64 {
-        self.count.load(Relaxed)
+        self.observed.get()
     }
+}
 
-    /// Observations at or below `LATENCY_BUCKETS[i]`.
-    pub fn bucket(&self, i: usize) -> u64 {
-        self.buckets.get(i).map_or(0, |b| b.load(Relaxed))
-    }
-
-    pub fn sum(&self) -> Duration {
-        Duration::from_micros(self.sum_micros.load(Relaxed))
-    }
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
 }
 
 /// Per list domain: what its queries did.
 #[derive(Debug, Default)]
 pub struct ListMetrics {
     pub domain: String,
-    /// Queries sent.
-    pub queries: AtomicU64,
+    /// Queries sent (not exported; tests read it).
+    pub queries: Count,
     /// Answers with records (the address is on the list, before filters).
-    pub listed: AtomicU64,
+    pub listed: Count,
     /// NXDOMAIN / no records: not on the list.
-    pub not_listed: AtomicU64,
+    pub not_listed: Count,
     /// Failed queries (refused, network down, SERVFAIL), treated as not listed.
-    pub errors: AtomicU64,
+    pub errors: Count,
     /// Queries still unanswered at the session's DNS deadline.
-    pub timeouts: AtomicU64,
+    pub timeouts: Count,
     /// Answers taken from the per-address result cache.
-    pub cache_hits: AtomicU64,
+    pub cache_hits: Count,
     /// Queries not sent: the client's network (/24, /64) had spent its
     /// look-up budget (`dns.prefix_lookups_per_minute`); not listed.
-    pub over_budget: AtomicU64,
-    pub latency: Histogram,
+    pub over_budget: Count,
+    pub latency: Latency,
 }
 
 /// Per configured site: how often it counted toward a client's score.
 #[derive(Debug, Default)]
 pub struct SiteMetrics {
     pub spec: String,
-    pub hits: AtomicU64,
+    pub hits: Count,
 }
 
 /// Metrics kept by name for the life of the process, in the order they
@@ -119,69 +164,111 @@ impl<T> Named<T> {
     }
 }
 
-#[derive(Debug, Default)]
+/// The labelled families behind the per-list, per-site and per-outcome
+/// counters (what [`ReputationMetrics::register`] registers).
+#[derive(Debug)]
+struct Families {
+    queries: Family<Labels, Counter>,
+    lookup_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    site_hits: Family<Labels, Counter>,
+    verdicts: Family<Labels, Counter>,
+    greylist_evicted: Family<Labels, Counter>,
+    greylist_entries: Family<Labels, Gauge>,
+}
+
+impl Default for Families {
+    fn default() -> Self {
+        Families {
+            queries: Family::default(),
+            lookup_seconds: Family::new_with_constructor(latency_histogram),
+            site_hits: Family::default(),
+            verdicts: Family::default(),
+            greylist_evicted: Family::default(),
+            greylist_entries: Family::default(),
+        }
+    }
+}
+
+fn label(name: &'static str, value: &str) -> Labels {
+    vec![(name, value.to_string())]
+}
+
+/// The counter of `labels` in `family`, created at zero.
+fn count(family: &Family<Labels, Counter>, labels: Labels) -> Count {
+    Count(family.get_or_create(&labels).clone())
+}
+
+#[derive(Debug)]
 pub struct ReputationMetrics {
+    families: Families,
     pub lists: Named<ListMetrics>,
     pub sites: Named<SiteMetrics>,
-    /// Verdicts given.
-    pub verdicts: AtomicU64,
+    /// Verdicts given (`tarpit_dnsbl_checks_total`).
+    pub verdicts: Count,
     /// Verdicts by outcome.
-    pub listed_log: AtomicU64,
-    pub listed_delay: AtomicU64,
-    pub listed_reject: AtomicU64,
-    pub listed_drop: AtomicU64,
-    pub dnswl: AtomicU64,
+    pub listed_log: Count,
+    pub listed_delay: Count,
+    pub listed_reject: Count,
+    pub listed_drop: Count,
+    pub dnswl: Count,
     /// Verdicts with at least one lookup failed or timed out (DNS down or
     /// silent): the client was treated as not listed.
-    pub incomplete: AtomicU64,
+    pub incomplete: Count,
     /// Verdicts served by the temporary allow cache (no query at all).
-    pub allow_cache_hits: AtomicU64,
+    pub allow_cache_hits: Count,
     /// Host-name allow list: PTR lookups, and names confirmed.
-    pub fcrdns_lookups: AtomicU64,
-    pub fcrdns_confirmed: AtomicU64,
-    pub fcrdns_errors: AtomicU64,
-    pub fcrdns_latency: Histogram,
+    pub fcrdns_lookups: Count,
+    pub fcrdns_confirmed: Count,
+    pub fcrdns_errors: Count,
+    pub fcrdns_latency: Latency,
     /// Greylisting: deferred and passed checks.
-    pub greylist_tempfail: AtomicU64,
-    pub greylist_pass: AtomicU64,
+    pub greylist_tempfail: Count,
+    pub greylist_pass: Count,
     /// Checks that found a table full (its oldest entries were evicted;
     /// nobody passes for it), and the entries evicted from each table.
-    pub greylist_full: AtomicU64,
-    pub greylist_evicted_pending: AtomicU64,
-    pub greylist_evicted_known: AtomicU64,
+    pub greylist_full: Count,
+    pub greylist_evicted_pending: Count,
+    pub greylist_evicted_known: Count,
     /// First attempts refused unrecorded: their network had its share of
     /// pending entries.
-    pub greylist_capped: AtomicU64,
+    pub greylist_capped: Count,
     /// Gauges: pending (awaiting a retry) and known (passed) entries.
-    pub greylist_pending: AtomicU64,
-    pub greylist_known: AtomicU64,
+    pub greylist_pending: Level,
+    pub greylist_known: Level,
 }
 
-fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"")
-}
-
-fn hist(out: &mut String, name: &str, labels: &str, h: &Histogram) {
-    let sep = if labels.is_empty() { "" } else { "," };
-    for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {}",
-            h.bucket(i)
-        );
+impl Default for ReputationMetrics {
+    fn default() -> Self {
+        let f = Families::default();
+        let outcome = |o: &str| count(&f.verdicts, label("outcome", o));
+        let evicted = |t: &str| count(&f.greylist_evicted, label("table", t));
+        let entries = |t: &str| Level(f.greylist_entries.get_or_create(&label("table", t)).clone());
+        ReputationMetrics {
+            listed_log: outcome("log"),
+            listed_delay: outcome("delay"),
+            listed_reject: outcome("reject"),
+            listed_drop: outcome("drop"),
+            dnswl: outcome("dnswl"),
+            greylist_evicted_pending: evicted("pending"),
+            greylist_evicted_known: evicted("known"),
+            greylist_pending: entries("pending"),
+            greylist_known: entries("known"),
+            lists: Named::default(),
+            sites: Named::default(),
+            verdicts: Count::default(),
+            incomplete: Count::default(),
+            allow_cache_hits: Count::default(),
+            fcrdns_lookups: Count::default(),
+            fcrdns_confirmed: Count::default(),
+            fcrdns_errors: Count::default(),
+            fcrdns_latency: Latency::default(),
+            greylist_tempfail: Count::default(),
+            greylist_pass: Count::default(),
+            greylist_full: Count::default(),
+            greylist_capped: Count::default(),
+            families: f,
+        }
     }
-    let _ = writeln!(
-        out,
-        "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
-        h.count()
-    );
-    let l = if labels.is_empty() {
-        String::new()
-    } else {
-        format!("{{{labels}}}")
-    };
-    let _ = writeln!(out, "{name}_sum{l} {}", h.sum().as_secs_f64());
-    let _ = writeln!(out, "{name}_count{l} {}", h.count());
 }
 
 impl ReputationMetrics {
@@ -203,211 +290,195 @@ impl ReputationMetrics {
 
     /// The counters of one list domain, created at zero the first time.
     pub fn list_or_insert(&self, domain: &str) -> Arc<ListMetrics> {
+        let f = &self.families;
         self.lists.get_or_insert(
             |l| l.domain == domain,
-            || ListMetrics {
-                domain: domain.to_string(),
-                ..Default::default()
+            || {
+                let result = |r: &'static str| {
+                    count(
+                        &f.queries,
+                        vec![("list", domain.to_string()), ("result", r.to_string())],
+                    )
+                };
+                ListMetrics {
+                    domain: domain.to_string(),
+                    queries: Count::default(),
+                    listed: result("listed"),
+                    not_listed: result("not_listed"),
+                    errors: result("error"),
+                    timeouts: result("timeout"),
+                    cache_hits: result("cached"),
+                    over_budget: result("over_budget"),
+                    latency: Latency::of(
+                        f.lookup_seconds
+                            .get_or_create(&label("list", domain))
+                            .clone(),
+                    ),
+                }
             },
         )
     }
 
     /// The counters of one configured site, created at zero the first time.
     pub fn site_or_insert(&self, spec: &str) -> Arc<SiteMetrics> {
+        let f = &self.families;
         self.sites.get_or_insert(
             |s| s.spec == spec,
             || SiteMetrics {
                 spec: spec.to_string(),
-                hits: AtomicU64::new(0),
+                hits: count(&f.site_hits, label("site", spec)),
             },
         )
     }
 
-    /// Appends every counter in the OpenMetrics text format (counter
-    /// families named without `_total`, samples with it), before `# EOF`.
+    /// These families alone in the text format, without `# EOF` (for
+    /// tools and tests: the agent's `/metrics` encodes its one registry,
+    /// into which [`ReputationMetrics::register`] put them).
     pub fn render(&self, out: &mut String) {
-        let c = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
-            let family = name.strip_suffix("_total").unwrap_or(name);
-            let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} counter");
-            let _ = writeln!(out, "{name} {}", v.load(Relaxed));
-        };
-        let _ = writeln!(
-            out,
-            "# HELP tarpit_dnsbl_queries DNS queries per list, by result.\n# TYPE tarpit_dnsbl_queries counter"
+        let mut registry = Registry::with_prefix("tarpit");
+        self.register(&mut registry);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode_registry(out, &registry);
+    }
+
+    /// Registers every family into `registry` (the agent's, prefixed
+    /// `tarpit`). Once per instance: the families count on across
+    /// reloads, and lists added later appear in them.
+    pub fn register(&self, registry: &mut Registry) {
+        let f = &self.families;
+        registry.register(
+            "dnsbl_queries",
+            "DNS queries per list, by result",
+            f.queries.clone(),
         );
-        for l in self.lists.iter() {
-            let d = esc(&l.domain);
-            for (result, v) in [
-                ("listed", &l.listed),
-                ("not_listed", &l.not_listed),
-                ("error", &l.errors),
-                ("timeout", &l.timeouts),
-                ("cached", &l.cache_hits),
-                ("over_budget", &l.over_budget),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "tarpit_dnsbl_queries_total{{list=\"{d}\",result=\"{result}\"}} {}",
-                    v.load(Relaxed)
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP tarpit_dnsbl_site_hits Times a configured site counted toward a client's score.\n# TYPE tarpit_dnsbl_site_hits counter"
+        registry.register(
+            "dnsbl_site_hits",
+            "Times a configured site counted toward a client's score",
+            f.site_hits.clone(),
         );
-        for s in self.sites.iter() {
-            let _ = writeln!(
-                out,
-                "tarpit_dnsbl_site_hits_total{{site=\"{}\"}} {}",
-                esc(&s.spec),
-                s.hits.load(Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP tarpit_dnsbl_lookup_seconds DNSBL/DNSWL query latency per list.\n# TYPE tarpit_dnsbl_lookup_seconds histogram"
+        registry.register(
+            "dnsbl_lookup_seconds",
+            "DNSBL/DNSWL query latency per list",
+            f.lookup_seconds.clone(),
         );
-        for l in self.lists.iter() {
-            hist(
-                out,
-                "tarpit_dnsbl_lookup_seconds",
-                &format!("list=\"{}\"", esc(&l.domain)),
-                &l.latency,
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP tarpit_dnsbl_verdicts Reputation verdicts by outcome.\n# TYPE tarpit_dnsbl_verdicts counter"
+        registry.register(
+            "dnsbl_verdicts",
+            "Reputation verdicts by outcome",
+            f.verdicts.clone(),
         );
-        for (o, v) in [
-            ("log", &self.listed_log),
-            ("delay", &self.listed_delay),
-            ("reject", &self.listed_reject),
-            ("drop", &self.listed_drop),
-            ("dnswl", &self.dnswl),
+        for (name, help, c) in [
+            ("dnsbl_checks", "Clients checked", &self.verdicts),
+            (
+                "dnsbl_incomplete",
+                "Checks with a failed or timed-out lookup (treated as not listed)",
+                &self.incomplete,
+            ),
+            (
+                "dnsbl_allow_cache_hits",
+                "Checks answered by the temporary allow cache",
+                &self.allow_cache_hits,
+            ),
+            (
+                "fcrdns_lookups",
+                "PTR lookups for the host-name allow list",
+                &self.fcrdns_lookups,
+            ),
+            (
+                "fcrdns_confirmed",
+                "Clients allow-listed by a forward-confirmed host name",
+                &self.fcrdns_confirmed,
+            ),
+            (
+                "fcrdns_errors",
+                "Host-name checks that failed in DNS",
+                &self.fcrdns_errors,
+            ),
         ] {
-            let _ = writeln!(
-                out,
-                "tarpit_dnsbl_verdicts_total{{outcome=\"{o}\"}} {}",
-                v.load(Relaxed)
-            );
+            registry.register(name, help, c.0.clone());
         }
-        c(
-            out,
-            "tarpit_dnsbl_checks_total",
-            "Clients checked.",
-            &self.verdicts,
+        registry.register(
+            "fcrdns_lookup_seconds",
+            "Host-name check latency",
+            self.fcrdns_latency.histogram.clone(),
         );
-        c(
-            out,
-            "tarpit_dnsbl_incomplete_total",
-            "Checks with a failed or timed-out lookup (treated as not listed).",
-            &self.incomplete,
-        );
-        c(
-            out,
-            "tarpit_dnsbl_allow_cache_hits_total",
-            "Checks answered by the temporary allow cache.",
-            &self.allow_cache_hits,
-        );
-        c(
-            out,
-            "tarpit_fcrdns_lookups_total",
-            "PTR lookups for the host-name allow list.",
-            &self.fcrdns_lookups,
-        );
-        c(
-            out,
-            "tarpit_fcrdns_confirmed_total",
-            "Clients allow-listed by a forward-confirmed host name.",
-            &self.fcrdns_confirmed,
-        );
-        c(
-            out,
-            "tarpit_fcrdns_errors_total",
-            "Host-name checks that failed in DNS.",
-            &self.fcrdns_errors,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP tarpit_fcrdns_lookup_seconds Host-name check latency.\n# TYPE tarpit_fcrdns_lookup_seconds histogram"
-        );
-        hist(
-            out,
-            "tarpit_fcrdns_lookup_seconds",
-            "",
-            &self.fcrdns_latency,
-        );
-        c(
-            out,
-            "tarpit_greylist_tempfail_total",
-            "Greylisting deferrals (4xx).",
-            &self.greylist_tempfail,
-        );
-        c(
-            out,
-            "tarpit_greylist_pass_total",
-            "Greylisting checks passed.",
-            &self.greylist_pass,
-        );
-        c(
-            out,
-            "tarpit_greylist_full_total",
-            "Greylisting checks that found a table full: its oldest entries were evicted (nobody passes for it).",
-            &self.greylist_full,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP tarpit_greylist_evicted Greylist entries evicted from a full table, by table.\n# TYPE tarpit_greylist_evicted counter"
-        );
-        for (table, v) in [
-            ("pending", &self.greylist_evicted_pending),
-            ("known", &self.greylist_evicted_known),
+        for (name, help, c) in [
+            (
+                "greylist_tempfail",
+                "Greylisting deferrals (4xx)",
+                &self.greylist_tempfail,
+            ),
+            (
+                "greylist_pass",
+                "Greylisting checks passed",
+                &self.greylist_pass,
+            ),
+            (
+                "greylist_full",
+                "Greylisting checks that found a table full: its oldest entries were evicted \
+                 (nobody passes for it)",
+                &self.greylist_full,
+            ),
         ] {
-            let _ = writeln!(
-                out,
-                "tarpit_greylist_evicted_total{{table=\"{table}\"}} {}",
-                v.load(Relaxed)
-            );
+            registry.register(name, help, c.0.clone());
         }
-        c(
-            out,
-            "tarpit_greylist_network_capped_total",
-            "First attempts refused without being recorded: their client network had its share of pending entries.",
-            &self.greylist_capped,
+        registry.register(
+            "greylist_evicted",
+            "Greylist entries evicted from a full table, by table",
+            f.greylist_evicted.clone(),
         );
-        let _ = writeln!(
-            out,
-            "# HELP tarpit_greylist_entries Greylist entries held, by table.\n# TYPE tarpit_greylist_entries gauge"
+        registry.register(
+            "greylist_network_capped",
+            "First attempts refused without being recorded: their client network had its \
+             share of pending entries",
+            self.greylist_capped.0.clone(),
         );
-        for (table, v) in [
-            ("pending", &self.greylist_pending),
-            ("known", &self.greylist_known),
-        ] {
-            let _ = writeln!(
-                out,
-                "tarpit_greylist_entries{{table=\"{table}\"}} {}",
-                v.load(Relaxed)
-            );
-        }
+        registry.register(
+            "greylist_entries",
+            "Greylist entries held, by table",
+            f.greylist_entries.clone(),
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    fn render(m: &ReputationMetrics) -> String {
+        let mut reg = Registry::with_prefix("tarpit");
+        m.register(&mut reg);
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &reg).unwrap();
+        s
+    }
 
     #[test]
     fn histogram_is_cumulative() {
-        let h = Histogram::default();
-        h.observe(Duration::from_micros(500));
-        h.observe(Duration::from_millis(30));
-        assert_eq!(h.count(), 2);
-        assert_eq!(h.bucket(0), 1); // <= 1 ms
-        assert_eq!(h.bucket(4), 1); // <= 25 ms
-        assert_eq!(h.bucket(5), 2); // <= 50 ms
-        assert_eq!(h.bucket(11), 2);
+        let m = ReputationMetrics::default();
+        m.fcrdns_latency.observe(Duration::from_micros(500));
+        m.fcrdns_latency.observe(Duration::from_millis(30));
+        let s = render(&m);
+        for (le, n) in [
+            ("0.001", 1),
+            ("0.025", 1),
+            ("0.05", 2),
+            ("5.0", 2),
+            ("+Inf", 2),
+        ] {
+            assert!(
+                s.contains(&format!(
+                    "tarpit_fcrdns_lookup_seconds_bucket{{le=\"{le}\"}} {n}\n"
+                )),
+                "{le}: {s}"
+            );
+        }
+        assert!(s.contains("tarpit_fcrdns_lookup_seconds_count 2\n"), "{s}");
+        assert_eq!(m.fcrdns_latency.count(), 2);
+        assert!(
+            s.contains("# TYPE tarpit_fcrdns_lookup_seconds histogram"),
+            "{s}"
+        );
     }
 
     #[test]
@@ -415,11 +486,36 @@ mod tests {
         let m = ReputationMetrics::new(&["bl.test".into()], &["bl.test*3".into()]);
         m.list_or_insert("bl.test").listed.fetch_add(2, Relaxed);
         m.site_or_insert("bl.test*3").hits.fetch_add(1, Relaxed);
-        let mut s = String::new();
-        m.render(&mut s);
+        m.greylist_pending.store(4, Relaxed);
+        let s = render(&m);
+        let mut alone = String::new();
+        m.render(&mut alone);
+        assert_eq!(
+            s,
+            format!("{alone}# EOF\n"),
+            "one encoding, with or without EOF"
+        );
         assert!(s.contains("tarpit_dnsbl_queries_total{list=\"bl.test\",result=\"listed\"} 2"));
+        assert!(s.contains("tarpit_dnsbl_queries_total{list=\"bl.test\",result=\"timeout\"} 0"));
         assert!(s.contains("tarpit_dnsbl_site_hits_total{site=\"bl.test*3\"} 1"));
-        assert!(s.contains("tarpit_dnsbl_lookup_seconds_bucket{list=\"bl.test\",le=\"+Inf\"} 0"));
+        assert!(s.contains("tarpit_dnsbl_lookup_seconds_bucket{le=\"+Inf\",list=\"bl.test\"} 0"));
+        assert!(s.contains("# TYPE tarpit_dnsbl_queries counter"), "{s}");
+        assert!(s.contains("# HELP tarpit_dnsbl_queries DNS queries per list, by result.\n"));
+        assert!(
+            s.contains("tarpit_dnsbl_verdicts_total{outcome=\"dnswl\"} 0"),
+            "{s}"
+        );
+        assert!(s.contains("tarpit_dnsbl_checks_total 0"), "{s}");
+        assert!(
+            s.contains("tarpit_greylist_evicted_total{table=\"known\"} 0"),
+            "{s}"
+        );
+        assert!(s.contains("tarpit_greylist_network_capped_total 0"), "{s}");
+        assert!(s.contains("# TYPE tarpit_greylist_entries gauge"), "{s}");
+        assert!(
+            s.contains("tarpit_greylist_entries{table=\"pending\"} 4"),
+            "{s}"
+        );
     }
 
     #[test]
@@ -433,5 +529,12 @@ mod tests {
         let names: Vec<String> = m.lists.iter().map(|l| l.domain.clone()).collect();
         assert_eq!(names, ["bl.test", "new.test"]);
         assert!(m.list("gone.test").is_none());
+        // A list added after registration is exported all the same.
+        let mut reg = Registry::with_prefix("tarpit");
+        m.register(&mut reg);
+        m.list_or_insert("late.test");
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &reg).unwrap();
+        assert!(s.contains("list=\"late.test\""), "{s}");
     }
 }

@@ -96,7 +96,7 @@ pub(super) async fn passthrough(
     let mut down = vec![0u8; CHUNK];
     let (mut client_open, mut backend_open) = (true, true);
     let idle = shared.limits.idle;
-    let shutdown = crate::ops::shutdown::current();
+    let shutdown = &shared.shutdown;
     while client_open || backend_open {
         tokio::select! {
             r = client.read(&mut up), if client_open => match r {

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, sleep_until};
 
-use crate::ops::shutdown::Shutdown;
+use crate::shutdown::Shutdown;
 
 /// Why a parked client is handed back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,7 +282,7 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
-    use crate::ops::shutdown::ShutdownController;
+    use crate::shutdown::ShutdownController;
 
     /// Parks the server side of a fresh loopback connection; returns the
     /// client side and what the holder handed back, with when.

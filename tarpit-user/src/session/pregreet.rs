@@ -1,22 +1,55 @@
-//! Who talked first. Today the agent watches its own socket; the kernel's
-//! per-flow flag (tc program) replaces it behind the same trait, so there
-//! is one verdict source.
+//! Pre-greet: a client that talks before the banner. The verdict comes
+//! from the pre-greet source (`Ports::pregreet`: the kernel's per-flow
+//! flag, or the agent's own socket); what follows is the policy's
+//! (`Event::TalkedFirst`: a held 554, then close).
 use std::net::SocketAddr;
 
-/// The pre-greet verdict for one connection.
-pub trait PreGreetVerdict: Send + Sync {
-    /// Asked while the banner is held and just before it goes out.
-    /// `seen_by_agent`: client bytes arrived on the agent's socket before
-    /// the final `220 ` (after a `220-` teaser counts too).
-    fn talked_first(&self, client: SocketAddr, local: SocketAddr, seen_by_agent: bool) -> bool;
+use tokio::net::TcpStream;
+use tokio::time::{Duration, timeout};
+use tracing::info;
+
+use super::{Shared, say_and_close};
+use crate::metrics::Outcome;
+use crate::policy::{Event, SessionState};
+
+/// Asks the verdict source just before the banner goes out.
+pub(super) async fn talked_first(
+    shared: &Shared,
+    stream: &TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    seen: bool,
+) -> bool {
+    let mut probe = [0u8; 1];
+    // One poll of the socket: data already there counts, nothing waits.
+    let seen = seen
+        || matches!(
+            timeout(Duration::ZERO, stream.peek(&mut probe)).await,
+            Ok(Ok(n)) if n > 0
+        );
+    shared.ports.pregreet.talked_first(peer, local, seen)
 }
 
-/// The agent's own detector: bytes on the socket before the banner.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct AgentPreGreet;
-
-impl PreGreetVerdict for AgentPreGreet {
-    fn talked_first(&self, _client: SocketAddr, _local: SocketAddr, seen_by_agent: bool) -> bool {
-        seen_by_agent
+/// Answers a client that talked first as the policy says, and closes.
+pub(super) async fn answer(
+    shared: &Shared,
+    state: &mut SessionState,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Outcome {
+    shared.metrics.pregreet_total.inc();
+    info!(client = %peer, "pre-greet talk: 554 and close");
+    let action = shared.policy.decide(state, Event::TalkedFirst);
+    if let Some(d) = action.hold {
+        shared.metrics.delayed(d.reason, d.duration);
+        tokio::select! {
+            _ = tokio::time::sleep(d.duration) => {}
+            _ = shared.shutdown.draining() => {}
+        }
     }
+    if let Some(text) = action.reply {
+        say_and_close(&mut stream, &format!("{text}\r\n")).await;
+    }
+    shared.metrics.drops_554_total.inc();
+    Outcome::PreGreet
 }

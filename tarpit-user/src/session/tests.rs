@@ -9,7 +9,6 @@ use tokio::time::{Duration, Instant};
 
 use super::*;
 use crate::config::Config;
-use crate::policy::MemoryAuthStore;
 
 /// What the scripted MTA does with one command line.
 #[derive(Clone)]
@@ -105,8 +104,8 @@ fn shared(toml: &str, mta: SocketAddr) -> Arc<Shared> {
         tls: None,
         tls_auth_only: config.tls.auth_only,
         metrics: Arc::new(Metrics::new()),
-        auth_store: Arc::new(MemoryAuthStore::new(16)),
-        pregreet: Arc::new(AgentPreGreet),
+        ports: crate::policy::ports::Ports::standalone_with_auth_capacity(16),
+        shutdown: crate::shutdown::Shutdown::default(),
         reputation: crate::reputation::Reputation::new(
             &config.dns,
             &config.dnsbl,
@@ -201,7 +200,8 @@ async fn authenticated_session_is_not_tarpitted_after_235() {
     let ip = "198.51.100.9".parse().unwrap();
     assert!(
         shared
-            .auth_store
+            .ports
+            .auth
             .last_authenticated(ip, Instant::now())
             .is_some()
     );
@@ -227,7 +227,8 @@ async fn failed_auth_changes_nothing() {
     let ip = "198.51.100.9".parse().unwrap();
     assert!(
         shared
-            .auth_store
+            .ports
+            .auth
             .last_authenticated(ip, Instant::now())
             .is_none()
     );
@@ -628,7 +629,7 @@ async fn a_held_session_costs_little() {
     let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
     let (server, peer) = l.accept().await.unwrap();
     let local = server.local_addr().unwrap();
-    let wait = std::mem::size_of_val(&hold(&server, Instant::now(), &mut None));
+    let wait = std::mem::size_of_val(&hold(&shared.shutdown, &server, Instant::now(), &mut None));
     let client = classify(&shared, peer, local);
     let opening = std::mem::size_of_val(&open(&shared, server, peer, local, client));
     let greeting = std::mem::size_of::<Greeting>();
@@ -719,4 +720,70 @@ async fn bare_line_endings_in_a_body_can_be_refused() {
     assert_eq!(task.await.unwrap(), Outcome::Protocol);
     let seen = seen.await.unwrap();
     assert_eq!(seen.len(), 3, "the MTA never got an end of data: {seen:?}");
+}
+
+/// Ports that count what the session asks and record what it reports.
+#[derive(Default)]
+struct Counting {
+    allow: std::sync::atomic::AtomicUsize,
+    auth: std::sync::atomic::AtomicUsize,
+    offences: std::sync::Mutex<Vec<crate::policy::ports::Offence>>,
+}
+
+impl crate::policy::ports::AllowList for Counting {
+    fn allowlisted(&self, _ip: std::net::IpAddr) -> bool {
+        self.allow
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        false
+    }
+}
+
+impl crate::policy::AuthenticatedIps for Counting {
+    fn last_authenticated(&self, _ip: std::net::IpAddr, _now: Instant) -> Option<Instant> {
+        self.auth.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        None
+    }
+    fn record(&self, _ip: std::net::IpAddr, _at: Instant) {}
+}
+
+impl crate::policy::ports::OffenceSink for Counting {
+    fn offence(&self, _ip: std::net::IpAddr, offence: crate::policy::ports::Offence) {
+        self.offences.lock().unwrap().push(offence);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_is_classified_once_and_its_offences_go_to_the_port() {
+    let (mta, _seen) = fake_mta(vec![
+        reply("EHLO", "250 mx.fake\r\n"),
+        reply("MAIL", "250 ok\r\n"),
+        reply("RCPT", "550 5.1.1 no such user\r\n"),
+        reply("QUIT", "221 bye\r\n"),
+    ])
+    .await;
+    let counting = Arc::new(Counting::default());
+    let mut with = (*shared(
+        &format!("{NO_GREETING}[helo]\ndelay = \"2s\"\nauthenticated_once_per_day = true\n"),
+        mta,
+    ))
+    .clone();
+    with.ports.allow = counting.clone();
+    with.ports.auth = counting.clone();
+    with.ports.offences = counting.clone();
+    let (mut c, task) = session(Arc::new(with)).await;
+    read_reply(&mut c).await;
+    let (_, d) = cmd(&mut c, "EHLO client").await;
+    assert_eq!(d, Duration::from_secs(2));
+    cmd(&mut c, "MAIL FROM:<a@b>").await;
+    let (r, _) = cmd(&mut c, "RCPT TO:<nobody@y>").await;
+    assert!(r.starts_with("550"), "{r}");
+    cmd(&mut c, "QUIT").await;
+    assert_eq!(task.await.unwrap(), Outcome::Quit);
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(counting.allow.load(Relaxed), 1, "one allow-list look-up");
+    assert_eq!(counting.auth.load(Relaxed), 1, "one AUTH look-up");
+    assert_eq!(
+        *counting.offences.lock().unwrap(),
+        vec![crate::policy::ports::Offence::UnknownRecipient]
+    );
 }

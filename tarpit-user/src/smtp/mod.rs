@@ -11,9 +11,10 @@
 //! stays the judge of syntax: unknown commands are forwarded, and their
 //! replies relayed.
 //!
-//! Nothing here does I/O beyond the cancel-safe reads into a [`LineBuf`],
-//! and nothing depends on the kernel object, so the fuzz target and the
-//! unit tests build it alone.
+//! Nothing here does I/O: the session and the backend read into a
+//! [`LineBuf`]'s spare room (`read_buf(buf.spare())`, cancel-safe) and hand
+//! the bytes over, and nothing depends on the kernel object, so the fuzz
+//! target and the unit tests build it alone, without a runtime.
 pub mod body;
 pub mod codec;
 pub mod command;

@@ -32,12 +32,9 @@ impl Session<'_> {
         });
     }
 
+    /// The hold of a command's reply, as the policy says.
     pub(super) fn step(&mut self, step: Step<'_>) -> Option<Delay> {
-        let policy = &self.shared.policy;
-        policy.observe(&mut self.state, step);
-        let delay = policy.command_delay(&mut self.state, step, self.last_auth, Instant::now());
-        // No tarpit while the agent stops: the session should finish.
-        delay.filter(|_| !crate::ops::shutdown::is_draining())
+        self.command_policy(step).hold
     }
 
     /// Consumes what the client sent, as far as the replies it waits for
@@ -99,7 +96,7 @@ impl Session<'_> {
 
     /// One command line, read strictly and forwarded in `canonical` form.
     pub(super) fn command(&mut self, cmd: Command, canonical: Bytes) {
-        if crate::ops::shutdown::is_draining()
+        if self.shared.shutdown.is_draining()
             && !matches!(
                 cmd,
                 Command::Rcpt(_) | Command::Data | Command::Bdat(_) | Command::Quit
@@ -114,12 +111,12 @@ impl Session<'_> {
         }
         match cmd {
             Command::Helo(name) => {
-                crate::ops::summary::helo(&name);
+                self.shared.metrics.helo(&name);
                 let d = self.step(Step::Helo(&name));
                 self.push_command(Kind::Helo, &canonical, d);
             }
             Command::Ehlo(name) => {
-                crate::ops::summary::helo(&name);
+                self.shared.metrics.helo(&name);
                 let d = self.step(Step::Helo(&name));
                 self.push_command(Kind::Ehlo, &canonical, d);
             }
@@ -129,11 +126,10 @@ impl Session<'_> {
                 self.sender = sender;
             }
             Command::Rcpt(rcpt) => {
-                crate::ops::summary::rcpt();
-                let d = self.step(Step::Rcpt);
-                match self.rcpt_gate(&rcpt) {
-                    Some(text) => self.push_local_held(&text, d),
-                    None => self.push_command(Kind::Rcpt, &canonical, d),
+                self.shared.metrics.rcpt();
+                match self.rcpt(&rcpt) {
+                    (d, Some(text)) => self.push_local_held(&text, d),
+                    (d, None) => self.push_command(Kind::Rcpt, &canonical, d),
                 }
             }
             Command::Data => {

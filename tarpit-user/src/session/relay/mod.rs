@@ -19,13 +19,14 @@
 //! buffers and two queues.
 mod client;
 mod mta;
+mod replies;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
-use tokio::time::{Duration, Instant, sleep_until, timeout};
+use tokio::io::AsyncReadExt;
+use tokio::time::{Duration, Instant, sleep_until};
 use tracing::{info, warn};
 
 use super::{BACKEND_LOST, IDLE, SHUTTING_DOWN, Shared, WRITE_TIMEOUT, passthrough};
@@ -151,7 +152,6 @@ pub(super) struct Session<'a> {
     pub(super) pending: VecDeque<Pending>,
     owed: VecDeque<(Owed, Instant)>,
     next_id: u64,
-    pub(super) last_auth: Option<Instant>,
     /// The later of the last bytes from the client and the last reply to
     /// it: a held reply is not idleness.
     pub(super) last_activity: Instant,
@@ -165,8 +165,6 @@ pub(super) struct Session<'a> {
     pub(super) close_after_flush: Option<Close>,
     /// The current transaction's sender (for greylisting triplets).
     pub(super) sender: String,
-    /// The DNSBL `reject` action's reply, for this client's RCPTs.
-    pub(super) dnsbl_reject: Option<String>,
     /// The MTA's last EHLO reply offered CHUNKING (BDAT).
     chunking: bool,
     /// The BDAT chunk being read is the last: its end is the end of data.
@@ -186,7 +184,6 @@ enum Wake {
 }
 
 impl<'a> Session<'a> {
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         shared: &'a Shared,
         peer: SocketAddr,
@@ -194,8 +191,6 @@ impl<'a> Session<'a> {
         state: SessionState,
         client: ClientStream,
         backend: Backend,
-        last_auth: Option<Instant>,
-        dnsbl_reject: Option<String>,
     ) -> Session<'a> {
         let now = Instant::now();
         Session {
@@ -209,7 +204,6 @@ impl<'a> Session<'a> {
             pending: VecDeque::new(),
             owed: VecDeque::new(),
             next_id: 0,
-            last_auth,
             last_activity: now,
             last_release: now,
             last_mta_write: now,
@@ -218,7 +212,6 @@ impl<'a> Session<'a> {
             client_eof: false,
             close_after_flush: None,
             sender: String::new(),
-            dnsbl_reject,
             chunking: false,
             last_chunk: false,
             chunk_verdict: None,
@@ -228,7 +221,7 @@ impl<'a> Session<'a> {
     pub(super) async fn relay(&mut self, banner: Reply) -> Outcome {
         let close = banner.code == 421;
         self.push_local_reply(banner, close);
-        let shutdown = crate::ops::shutdown::current();
+        let shutdown = self.shared.shutdown.clone();
         let (mut drain_seen, mut close_seen) = (false, false);
         loop {
             if let Some(outcome) = self.release_ready().await {
@@ -258,7 +251,7 @@ impl<'a> Session<'a> {
                 let backend = &mut self.backend;
                 let lost = self.backend_lost;
                 tokio::select! {
-                    r = reader.fill(client), if read_client => Wake::Client(r),
+                    r = client.read_buf(reader.spare()), if read_client => Wake::Client(r),
                     r = backend.fill(), if !lost => Wake::Backend(r),
                     _ = sleep_until(timer) => Wake::Timer,
                     _ = shutdown.draining(), if !drain_seen => Wake::Drain,
@@ -432,210 +425,5 @@ impl<'a> Session<'a> {
             self.last_mta_write = now;
             self.shared.metrics.keepalives_total.inc();
         }
-    }
-
-    /// The agent is stopping (`closing`: and its drain time is up). A reply
-    /// held by a tarpit delay is not held any longer: the verdict on a
-    /// message goes out at once, as the MTA gives it (its end of data is
-    /// sent now), so nothing accepted is lost; any other held reply is
-    /// replaced by a 421 and the session ends. A session waiting for its
-    /// next command gets the 421 now; one whose command is with the MTA
-    /// finishes it (new transactions are refused by [`Session::command`])
-    /// unless the drain time is up.
-    fn on_stop(&mut self, closing: bool) {
-        if self.close_after_flush.is_some() {
-            return;
-        }
-        let now = Instant::now();
-        let mut cut = None;
-        let mut previous = self.last_release;
-        for (i, p) in self.pending.iter_mut().enumerate() {
-            if p.kind == Kind::DataEnd {
-                p.command_delay = None;
-                p.hold = None;
-                continue;
-            }
-            if p.reply.is_some() && release_at(p.arrival, previous, p.ready, p.hold) > now {
-                cut = Some(i);
-                break;
-            }
-            previous = previous.max(p.ready);
-        }
-        let idle = self.pending.is_empty() && self.reader.expecting() == Expect::Command;
-        if let Some(i) = cut {
-            self.pending.truncate(i);
-        } else if !(idle || closing) {
-            return;
-        }
-        if closing {
-            // Only replies already in hand still go out before the 421.
-            if let Some(i) = self.pending.iter().position(|p| p.reply.is_none()) {
-                self.pending.truncate(i);
-            }
-        }
-        self.push_local(SHUTTING_DOWN, Kind::Local, true);
-        self.close_after_flush = Some(Close(Outcome::Shutdown));
-        self.backend_quit();
-    }
-
-    /// The policy's final hold of a reply with `code` (charged to the
-    /// session's budget), counted in the metrics.
-    pub(super) fn settle(&mut self, command_delay: Option<Delay>, code: u16) -> Option<Delay> {
-        let hold = self
-            .shared
-            .policy
-            .settle(&mut self.state, command_delay, code);
-        if let Some(d) = hold {
-            self.shared.metrics.delayed(d.reason, d.duration);
-        }
-        hold
-    }
-
-    fn alloc_id(&mut self) -> u64 {
-        self.next_id += 1;
-        self.next_id
-    }
-
-    pub(super) fn push_local(&mut self, text: &str, kind: Kind, close: bool) {
-        let code = text.get(..3).and_then(|c| c.parse().ok()).unwrap_or(421);
-        let reply = Reply::local(code, text.get(4..).unwrap_or(""));
-        self.push_reply(kind, reply, None, close);
-    }
-
-    pub(super) fn push_local_reply(&mut self, reply: Reply, close: bool) {
-        self.push_reply(Kind::Local, reply, None, close);
-    }
-
-    /// A reply the agent makes itself, held as policy says: the command's
-    /// own delay (`command_delay`), or the 5xx delay.
-    pub(super) fn push_reply(
-        &mut self,
-        kind: Kind,
-        reply: Reply,
-        command_delay: Option<Delay>,
-        close: bool,
-    ) {
-        let hold = self.settle(command_delay, reply.code);
-        let id = self.alloc_id();
-        self.pending.push_back(Pending {
-            reply: Some(reply),
-            hold,
-            close,
-            ..Pending::new(id, kind, command_delay)
-        });
-    }
-
-    /// Queues a command sent to the MTA at once.
-    pub(super) fn push_command(&mut self, kind: Kind, line: &[u8], command_delay: Option<Delay>) {
-        let now = Instant::now();
-        let id = self.alloc_id();
-        if !self.backend_lost {
-            self.to_backend.extend_from_slice(line);
-            self.owed.push_back((Owed::Client(id), now));
-            self.last_mta_write = now;
-        }
-        self.pending
-            .push_back(Pending::new(id, kind, command_delay));
-        if self.backend_lost {
-            // Nobody will answer: the 4xx goes out in its place.
-            self.pending.pop_back();
-            self.push_local(BACKEND_LOST, Kind::Local, true);
-            self.close_after_flush = Some(Close(Outcome::BackendError));
-        }
-    }
-
-    /// Sends every reply whose time has come, in order, and acts on it.
-    async fn release_ready(&mut self) -> Option<Outcome> {
-        let now = Instant::now();
-        let mut out = BytesMut::new();
-        let mut effects = Vec::new();
-        while let Some(p) = self.pending.front() {
-            match self.release_time(p) {
-                Some(at) if at <= now => self.last_release = at,
-                _ => break,
-            }
-            let Some(p) = self.pending.pop_front() else {
-                break;
-            };
-            let Some(reply) = p.reply else { break };
-            for l in &reply.lines {
-                out.extend_from_slice(l);
-            }
-            effects.push((p.kind, reply.code, p.close));
-            if p.close
-                || matches!(
-                    p.kind,
-                    Kind::StarttlsLocal | Kind::StarttlsRelayed | Kind::Quit
-                )
-            {
-                break;
-            }
-        }
-        if out.is_empty() {
-            return None;
-        }
-        match timeout(WRITE_TIMEOUT, self.client.write_all(&out)).await {
-            Ok(Ok(())) => {}
-            _ => return Some(Outcome::ClientError),
-        }
-        // A reply just went out: the client's silence counts from here.
-        self.last_activity = Instant::now();
-        for (kind, code, close) in effects {
-            if let Some(outcome) = self.after_reply(kind, code, close).await {
-                return Some(outcome);
-            }
-        }
-        // A barrier lifted may free buffered commands.
-        if !self.reader.is_empty() && self.close_after_flush.is_none() {
-            self.process_client();
-            if !self.flush_backend().await {
-                self.on_backend_lost(None);
-            }
-        }
-        None
-    }
-
-    /// What a reply the client just got means for the session.
-    async fn after_reply(&mut self, kind: Kind, code: u16, close: bool) -> Option<Outcome> {
-        if close {
-            if (500..600).contains(&code) {
-                crate::closed_loop::offence(
-                    self.state.client.ip,
-                    crate::closed_loop::Offence::Rejected,
-                );
-            }
-            let outcome = match self.close_after_flush {
-                Some(Close(o)) => o,
-                None => Outcome::BackendClosed,
-            };
-            self.backend_quit();
-            let _ = self.flush_backend().await;
-            let _ = timeout(Duration::from_secs(5), self.client.shutdown()).await;
-            return Some(outcome);
-        }
-        match (kind, code) {
-            (Kind::Data, 354) => self.reader.expect_body(),
-            (Kind::Auth, 334) => self.reader.expect_auth_response(),
-            (Kind::Rcpt, 550) => crate::closed_loop::offence(
-                self.state.client.ip,
-                crate::closed_loop::Offence::UnknownRecipient,
-            ),
-            (Kind::Auth, 235) => {
-                self.state.authenticated = true;
-                self.shared.metrics.authenticated_total.inc();
-                self.shared
-                    .auth_store
-                    .record(self.state.client.ip, Instant::now());
-                info!(client = %self.peer, "authenticated (MTA said 235)");
-            }
-            (Kind::Quit, _) => {
-                let _ = timeout(Duration::from_secs(5), self.client.shutdown()).await;
-                return Some(Outcome::Quit);
-            }
-            (Kind::StarttlsLocal, _) => return self.start_tls().await,
-            (Kind::StarttlsRelayed, 220) => return Some(self.go_opaque().await),
-            _ => {}
-        }
-        None
     }
 }

@@ -217,7 +217,7 @@ impl Session<'_> {
             Kind::DataEnd => self.chunk_verdict.take().unwrap_or(reply),
             _ => reply,
         };
-        let draining = crate::ops::shutdown::is_draining();
+        let draining = self.shared.shutdown.is_draining();
         let p = &self.pending[i];
         let (precharged, command_delay) = (p.precharged, p.command_delay);
         let hold = if precharged {

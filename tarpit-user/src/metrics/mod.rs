@@ -1,21 +1,34 @@
-//! The agent's counters and a minimal HTTP endpoint serving them.
+//! The agent's metrics, on one prometheus-client [`Registry`], and a
+//! minimal HTTP endpoint serving them.
 //!
-//! Prometheus text (OpenMetrics) at `GET /metrics` on `metrics.listen`.
-//! Names (all prefixed `tarpit_`):
+//! Prometheus text (OpenMetrics) at `GET /metrics` on `metrics.listen`: one
+//! `encode` of the one registry. [`Metrics`] registers the sessions'
+//! families, the kernel feature gauge, the block-list churn counters and
+//! the dropped log lines; the other parts of the agent register their own
+//! families and scrape-time collectors into it with [`Metrics::register`]
+//! (the reputation checks, the kernel maps' counters and fill levels, the
+//! bypass steering counts, config reloads), so this module depends on
+//! none of them.
+//!
+//! Session names (all prefixed `tarpit_`):
 //! - `sessions_active` (gauge), `sessions_total{outcome}`;
 //! - `delays_total{reason}`, `delay_seconds{reason}` (histogram of holds);
 //! - `pregreet_total`, `limit_refusals_total{limit}`,
 //!   `backend_errors_total{kind}`, `starttls_passthrough_total`,
 //!   `authenticated_total`, `protocol_refusals_total{what}` (input the
 //!   strict reader refused: `bare_line_ending`, `bdat_without_chunking`,
-//!   `auth_in_clear`, `xclient`), `keepalives_total`, `abandoned_messages_total`.
+//!   `auth_in_clear`, `xclient`), `keepalives_total`, `abandoned_messages_total`;
+//! - `kernel_feature_available{feature}` (gauge), `blocks_added_total`,
+//!   `blocks_expired_total`, `blocks_evicted_total`, `log_lines_dropped_total`.
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -25,6 +38,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use crate::policy::Reason;
+
+pub mod summary;
 
 type Labels = Vec<(&'static str, &'static str)>;
 
@@ -80,9 +95,11 @@ impl Outcome {
     }
 }
 
-/// Every counter of the agent, registered once.
+/// Every metric of the agent, in one registry.
 pub struct Metrics {
-    registry: Registry,
+    /// Behind a lock so that parts built after the sessions' metrics (the
+    /// reputation checks, the closed loop) can still register theirs.
+    registry: Mutex<Registry>,
     pub sessions_active: Gauge,
     sessions_total: Family<Labels, Counter>,
     delays_total: Family<Labels, Counter>,
@@ -100,8 +117,13 @@ pub struct Metrics {
     /// Messages whose end of data never reached the MTA (the client left
     /// during the end-of-data hold): nothing was queued.
     pub abandoned_messages_total: Counter,
-    /// The reputation module's counters, appended to the exposition.
-    pub reputation: std::sync::OnceLock<Arc<crate::reputation::metrics::ReputationMetrics>>,
+    /// Entries the agent put on the kernel's block list.
+    pub blocks_added: Counter,
+    /// Expired block-list entries swept from the kernel's map.
+    pub blocks_expired: Counter,
+    /// Automatic blocks evicted to make room for newer ones.
+    pub blocks_evicted: Counter,
+    kernel_features: Family<Labels, Gauge>,
 }
 
 fn delay_histogram() -> Histogram {
@@ -188,8 +210,39 @@ impl Metrics {
             "Messages dropped before their end of data reached the MTA (client left during the hold)",
             abandoned_messages_total.clone(),
         );
+        let kernel_features = Family::<Labels, Gauge>::default();
+        registry.register(
+            "kernel_feature_available",
+            "1 when this kernel runs the feature, 0 when it was degraded at load (the log says why)",
+            kernel_features.clone(),
+        );
+        let [blocks_added, blocks_expired, blocks_evicted] = [
+            (
+                "blocks_added",
+                "Entries the agent put on the kernel's block list",
+            ),
+            (
+                "blocks_expired",
+                "Expired block-list entries swept from the kernel's map",
+            ),
+            (
+                "blocks_evicted",
+                "Automatic blocks evicted, oldest first, when their part of the block list \
+                 (kernel.auto_block_entries) was full",
+            ),
+        ]
+        .map(|(name, help)| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        });
+        registry.register_collector(Box::new(DroppedLogLines));
         Metrics {
-            registry,
+            registry: Mutex::new(registry),
+            blocks_added,
+            blocks_expired,
+            blocks_evicted,
+            kernel_features,
             protocol_refusals,
             keepalives_total,
             abandoned_messages_total,
@@ -203,13 +256,22 @@ impl Metrics {
             backend_errors,
             starttls_passthrough_total,
             authenticated_total,
-            reputation: std::sync::OnceLock::new(),
         }
     }
 
-    /// The registry, for later issues that add their own metrics.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
+    /// Lets another part of the agent register its families or
+    /// collectors (each once: the registry keeps what it is given).
+    pub fn register(&self, f: impl FnOnce(&mut Registry)) {
+        f(&mut self.registry.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Records whether a kernel feature works on this kernel, for
+    /// `tarpit_kernel_feature_available` (a verifier that refuses a
+    /// program degrades its feature, see `kernel::Kernel::features`).
+    pub fn kernel_feature(&self, name: &'static str, available: bool) {
+        self.kernel_features
+            .get_or_create(&vec![("feature", name)])
+            .set(i64::from(available));
     }
 
     pub fn session_ended(&self, outcome: Outcome) {
@@ -219,12 +281,22 @@ impl Metrics {
     }
 
     pub fn delayed(&self, reason: Reason, d: Duration) {
-        crate::ops::summary::delayed(reason.as_str(), d);
+        summary::delayed(reason.as_str(), d);
         let l = vec![("reason", reason.as_str())];
         self.delays_total.get_or_create(&l).inc();
         self.delay_seconds
             .get_or_create(&l)
             .observe(d.as_secs_f64());
+    }
+
+    /// The client said HELO/EHLO: noted in the session's summary line.
+    pub fn helo(&self, name: &str) {
+        summary::helo(name);
+    }
+
+    /// The client sent a RCPT: noted in the session's summary line.
+    pub fn rcpt(&self) {
+        summary::rcpt();
     }
 
     pub fn limit_refused(&self, limit: &'static str) {
@@ -245,25 +317,46 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition.
+    /// The text exposition: the one registry, encoded once.
     pub fn render(&self) -> String {
         let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        if let Some(r) = self.reputation.get() {
-            let eof = out.rfind("# EOF").unwrap_or(out.len());
-            out.truncate(eof);
-            r.render(&mut out);
-            out.push_str("# EOF\n");
-        }
-        // Kernel counters, map fill levels, reloads, dropped log lines.
-        if let Some(o) = crate::ops::metrics::installed() {
-            let eof = out.rfind("# EOF").unwrap_or(out.len());
-            out.truncate(eof);
-            o.render(&mut out);
-            out.push_str("# EOF\n");
-        }
+        let _ = encode(&mut out, &registry);
         out
+    }
+}
+
+/// Encodes one family from a [`Collector`] as the registry encodes a
+/// registered one: the help ends with a full stop, and a family with
+/// nothing in it is left out.
+pub fn encode_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: &impl EncodeMetric,
+) -> std::fmt::Result {
+    if metric.is_empty() {
+        return Ok(());
+    }
+    let help = format!("{help}.");
+    let e = encoder.encode_descriptor(name, &help, None, metric.metric_type())?;
+    metric.encode(e)
+}
+
+/// `tarpit_log_lines_dropped_total`, read from the log's own count at
+/// each scrape.
+#[derive(Debug)]
+struct DroppedLogLines;
+
+impl Collector for DroppedLogLines {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        encode_family(
+            &mut encoder,
+            "log_lines_dropped",
+            "Log lines dropped by the rate limit ([log] rate_limit)",
+            &ConstCounter::new(crate::logging::dropped_total()),
+        )
     }
 }
 
@@ -273,16 +366,24 @@ impl Default for Metrics {
     }
 }
 
-/// Binds the endpoint; serve it with [`serve`].
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
+/// Binds the endpoint, with no runtime needed (the agent binds before its
+/// runtime starts, see `ops::privileges`); serve it with [`serve`].
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .with_context(|| format!("cannot listen for metrics on {addr}"))
 }
 
 /// Serves `GET /metrics` until the task is dropped. One short-lived task
 /// per request; requests are tiny and bounded.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("metrics endpoint lost: {e}");
+            return;
+        }
+    };
     if let Ok(a) = listener.local_addr() {
         info!(addr = %a, "metrics endpoint listening");
     }
@@ -364,11 +465,41 @@ mod tests {
             text.contains("tarpit_delay_seconds_sum{reason=\"rcpt\"} 10"),
             "{text}"
         );
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn loop_and_log_families_are_in_the_one_registry() {
+        let m = Metrics::new();
+        m.blocks_added.inc_by(2);
+        m.kernel_feature("pregreet", false);
+        m.kernel_feature("pregreet", true);
+        m.kernel_feature("sock_ops", false);
+        let text = m.render();
+        for want in [
+            "tarpit_blocks_added_total 2\n",
+            "tarpit_blocks_expired_total 0\n",
+            "tarpit_blocks_evicted_total 0\n",
+            "# TYPE tarpit_log_lines_dropped counter\n",
+            "# HELP tarpit_log_lines_dropped Log lines dropped by the rate limit ([log] rate_limit).\n",
+            "tarpit_kernel_feature_available{feature=\"pregreet\"} 1\n",
+            "tarpit_kernel_feature_available{feature=\"sock_ops\"} 0\n",
+        ] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
+        assert!(text.contains("tarpit_log_lines_dropped_total "), "{text}");
+        // Registered later, by another part of the agent.
+        let late = Counter::<u64>::default();
+        late.inc();
+        m.register(|r| r.register("late", "Registered after the start", late.clone()));
+        let text = m.render();
+        assert!(text.contains("tarpit_late_total 1\n"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 
     #[tokio::test]
     async fn endpoint_answers_get_metrics() {
-        let l = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = l.local_addr().unwrap();
         let m = Arc::new(Metrics::new());
         m.sessions_active.set(3);

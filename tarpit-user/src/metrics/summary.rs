@@ -4,11 +4,13 @@
 //! INFO tarpit::session: session client=198.51.100.7 helo="bot.example" rcpts=12 delays="greeting 5s, rcpt 7x10s" delay_s=75.0 outcome="quit"
 //! ```
 //!
-//! What a session did is gathered in a task-local tally while it runs (the
-//! HELO name, recipients, each hold and its reason: the points that decide
-//! them call [`helo`], [`rcpt`], [`delayed`]), and written by [`write`]
-//! once it ended, whatever the path it took (pre-greet drop, limit, QUIT,
-//! error). The line goes through `session_summary!`, so it is rate-limited
+//! What a session did is gathered in a tally while it runs (the HELO name,
+//! recipients, each hold and its reason: the session reports them through
+//! its metrics handle, `Metrics::helo`, `rcpt`, `delayed`), and written by
+//! [`write`] once it ended, whatever the path it took (pre-greet drop,
+//! limit, QUIT, error). The server gives each session its tally with
+//! [`scope`]: a task-local scoped to that session's future, so no session
+//! sees another's and none reaches a process-wide value. The line goes through `session_summary!`, so it is rate-limited
 //! with the other per-session lines under a flood.
 use std::cell::RefCell;
 use std::future::Future;
@@ -87,18 +89,18 @@ fn with(f: impl FnOnce(&mut Tally)) {
 
 /// The client said HELO/EHLO (the last one counts). Kept short: it is the
 /// client's text.
-pub fn helo(name: &str) {
+pub(super) fn helo(name: &str) {
     let name: String = name.chars().take(64).collect();
     with(|t| t.helo = Some(name));
 }
 
 /// The client sent a RCPT.
-pub fn rcpt() {
+pub(super) fn rcpt() {
     with(|t| t.rcpts += 1);
 }
 
 /// A reply was held `d` for `reason`.
-pub fn delayed(reason: &'static str, d: Duration) {
+pub(super) fn delayed(reason: &'static str, d: Duration) {
     with(
         |t| match t.delays.iter_mut().find(|(r, _, _)| *r == reason) {
             Some((_, n, total)) => {

@@ -1,0 +1,245 @@
+//! Opening a session and holding it in the greeting delay: the client is
+//! classified once ([`classify`]), the policy says what its connect means
+//! (banner hold, teaser, pre-greet watch, DNS look-ups), and a held client
+//! is handed back [`Opened::Held`] to be parked (`super::park`) or to wait
+//! in its own task ([`Greeting::wait_here`]).
+use std::net::SocketAddr;
+use std::task::Poll;
+
+use tokio::io::{AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep_until};
+
+use super::park::Woke;
+use super::{SHUTTING_DOWN, Shared, after_hold, dns_gate, pregreet, say_and_close};
+use crate::metrics::Outcome;
+use crate::policy::{Event, SessionState};
+use crate::shutdown::Shutdown;
+
+/// How [`open`] left a session.
+// `Held` is the common case (most clients are held bots), and boxing it
+// would cost each of them an allocation; `Done` is rare and short-lived.
+#[allow(clippy::large_enum_variant)]
+pub enum Opened {
+    /// It ended (or never had to wait, and ran to its end).
+    Done(Outcome),
+    /// It waits in the greeting delay: park it (`park::Holder`) or wait
+    /// here ([`Greeting::wait_here`]), then [`Greeting::resume`] it.
+    Held(TcpStream, Greeting),
+}
+
+/// A session in the greeting delay: what it needs to go on, without its
+/// socket. Kept small, as thousands of held clients each have one.
+pub struct Greeting {
+    state: SessionState,
+    peer: SocketAddr,
+    local: SocketAddr,
+    rep: dns_gate::Lookups,
+    check_pre_greet: bool,
+    deadline: Instant,
+}
+
+/// Who the client is, asked once per connection, before the server's
+/// limits: the policy's facts (the config's networks, the kernel allow
+/// list, when the address last authenticated) made into the session's
+/// state, which the server hands to [`open`].
+pub fn classify(shared: &Shared, peer: SocketAddr, local: SocketAddr) -> SessionState {
+    let policy = &shared.policy;
+    let mut facts = policy.facts(peer.ip(), local.port());
+    let ip = facts.ip.unwrap_or(peer.ip());
+    if shared.ports.allow.allowlisted(ip) {
+        facts.kernel_allow = Some(ip.into());
+    }
+    if policy.wants_last_auth() {
+        facts.last_auth = shared.ports.auth.last_authenticated(ip, Instant::now());
+    }
+    policy.session(&facts)
+}
+
+/// The start of a session (its client classified by [`classify`]): what
+/// the policy makes of the connect (teaser, DNS look-ups, banner hold),
+/// then, with look-ups, a wait for their verdict (it may let the client
+/// through early). A session with a greeting delay left comes back
+/// [`Opened::Held`]; one without runs to its end.
+///
+/// Everything past the delay (MTA, relay) or off the common path (teaser
+/// write, pre-greet answer) is boxed: a future is as large as its largest
+/// state, and this one is alive for every client being greeted.
+pub async fn open(
+    shared: &Shared,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    state: SessionState,
+) -> Opened {
+    let _ = stream.set_nodelay(true);
+    let start = Instant::now();
+    let mut greeting = Greeting {
+        state,
+        peer,
+        local,
+        rep: None,
+        check_pre_greet: false,
+        deadline: start,
+    };
+    let action = shared.policy.decide(&mut greeting.state, Event::Connect);
+    greeting.rep = dns_gate::start(shared, greeting.state.client.ip, action.look_up);
+    greeting.check_pre_greet = action.watch_pre_greet;
+    if let Some(d) = action.hold {
+        greeting.deadline += d.duration;
+    }
+    if let Some(t) = action.reply {
+        let teaser = format!("{t}\r\n");
+        if Box::pin(stream.write_all(teaser.as_bytes())).await.is_err() {
+            return Opened::Done(Outcome::ClientError);
+        }
+    }
+    let Some(d) = action.hold else {
+        return Opened::Done(Box::pin(greeting.resume(shared, stream, Woke::Due)).await);
+    };
+    shared.metrics.delayed(d.reason, d.duration);
+    if greeting.rep.is_some() {
+        // Wait here until the verdict is in, then park for the rest.
+        let woke = match hold(
+            &shared.shutdown,
+            &stream,
+            greeting.deadline,
+            &mut greeting.rep,
+        )
+        .await
+        {
+            Held::Known => {
+                let dns = dns_gate::verdict(&mut greeting.rep).await;
+                let a = shared
+                    .policy
+                    .decide(&mut greeting.state, Event::DnsKnown(&dns));
+                a.exempt.then_some(Woke::Due)
+            }
+            Held::Woke(w) => Some(w),
+        };
+        if let Some(w) = woke {
+            return Opened::Done(Box::pin(greeting.resume(shared, stream, w)).await);
+        }
+    }
+    Opened::Held(stream, greeting)
+}
+
+impl Greeting {
+    /// When the greeting delay ends.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Waits out the greeting delay in the caller's task, then resumes.
+    pub async fn wait_here(self, shared: &Shared, stream: TcpStream) -> Outcome {
+        let woke = match hold(&shared.shutdown, &stream, self.deadline, &mut None).await {
+            Held::Woke(w) => w,
+            // Not without look-ups; were it, the wait is over all the same.
+            Held::Known => Woke::Due,
+        };
+        self.resume(shared, stream, woke).await
+    }
+
+    /// Goes on once the wait ended for `woke`: the drain answers 421, talk
+    /// before the banner is judged (pre-greet), and a client whose turn
+    /// came gets the MTA's banner.
+    pub async fn resume(self, shared: &Shared, mut stream: TcpStream, woke: Woke) -> Outcome {
+        let Greeting {
+            mut state,
+            peer,
+            local,
+            rep,
+            check_pre_greet,
+            deadline,
+        } = self;
+        let mut seen = false;
+        match woke {
+            Woke::Due => {}
+            Woke::Drain => {
+                say_and_close(&mut stream, &format!("{SHUTTING_DOWN}\r\n")).await;
+                return Outcome::Shutdown;
+            }
+            Woke::Closed => return Outcome::ClientClosed,
+            Woke::Error => return Outcome::ClientError,
+            Woke::Talked => {
+                seen = true;
+                if check_pre_greet && shared.ports.pregreet.talked_first(peer, local, true) {
+                    return pregreet::answer(shared, &mut state, stream, peer).await;
+                }
+                // Talk is allowed here (the check is off): wait it out
+                // without reading, the MTA will see the bytes.
+                sleep_until(deadline).await;
+            }
+        }
+        Box::pin(after_hold(
+            shared,
+            state,
+            stream,
+            peer,
+            local,
+            rep,
+            check_pre_greet,
+            seen,
+        ))
+        .await
+    }
+}
+
+/// What ended a wait in the session's own task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Held {
+    Woke(Woke),
+    /// The DNS verdict is in: the policy says whether the wait goes on.
+    Known,
+}
+
+/// Waits in the session's own task: until the deadline, the drain, the
+/// client's talk or EOF, or (with look-ups) the DNS verdict.
+///
+/// One poll function instead of a `select!` over four futures: the socket
+/// is watched with `poll_peek`, whose waker lives in the socket's own
+/// registration, and the drain with one waiter on a shared `Notify`.
+pub(super) async fn hold(
+    shutdown: &Shutdown,
+    stream: &TcpStream,
+    deadline: Instant,
+    rep: &mut dns_gate::Lookups,
+) -> Held {
+    let sleep = sleep_until(deadline);
+    let drain = shutdown.drain_waiter();
+    tokio::pin!(sleep, drain);
+    if shutdown.is_draining() {
+        return Held::Woke(Woke::Drain);
+    }
+    let mut verdict = rep.as_mut().map(|h| {
+        Box::pin(async move {
+            h.verdict().await;
+        })
+    });
+    std::future::poll_fn(|cx| {
+        if drain.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Held::Woke(Woke::Drain));
+        }
+        if sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Held::Woke(Woke::Due));
+        }
+        if let Some(v) = verdict.as_mut()
+            && v.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Held::Known);
+        }
+        let mut probe = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut probe);
+        match stream.poll_peek(cx, &mut buf) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(0)) => Poll::Ready(Held::Woke(Woke::Closed)),
+            Poll::Ready(Ok(_)) => Poll::Ready(Held::Woke(Woke::Talked)),
+            Poll::Ready(Err(_)) => Poll::Ready(Held::Woke(Woke::Error)),
+        }
+    })
+    .await
+}
