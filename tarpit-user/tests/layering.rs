@@ -604,7 +604,7 @@ fn inline_paths_in_types_patterns_and_macros_count() {
         "pub fn f() { println!(\"{}\", { let v = (crate :: high :: V); v }); }",
         "#[derive(serde::Deserialize)] pub struct S { #[serde(with = \"crate::high::ser\")] x: u8 }",
         "macro_rules! m { () => { $crate::high::f() } }",
-        "pub fn f() { let crate::high::P(x) = todo!(); }",
+        "pub fn f() { let crate::high::P(x) = make(); }",
     ]
     .into_iter()
     .enumerate()

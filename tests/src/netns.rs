@@ -13,6 +13,15 @@ use crate::env::unique_id;
 
 pub use testkit::netns::{CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6};
 
+/// The server's address in the family of `client`.
+pub fn server_for(client: IpAddr) -> IpAddr {
+    if client.is_ipv4() {
+        SERVER_V4.into()
+    } else {
+        SERVER_V6.into()
+    }
+}
+
 /// A test's own little network: the fields and methods of [`NetPair`]
 /// (`server_ns`, `client_if`, `server_cmd`, `in_client`, ...). Dropping it
 /// deletes both namespaces, which also removes the veth pair and every

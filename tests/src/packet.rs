@@ -196,6 +196,34 @@ pub fn ether(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<
 pub const ETH_IPV4: u16 = 0x0800;
 pub const ETH_IPV6: u16 = 0x86dd;
 
+/// The Ethernet frame of TCP segment `t` from `src` to `dst` (one family),
+/// between the MACs `dst_mac` and `src_mac`: what a forging client writes
+/// to its veth.
+pub fn tcp_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    t: &Tcp,
+) -> Vec<u8> {
+    use std::net::IpAddr;
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ether(
+            dst_mac,
+            src_mac,
+            ETH_IPV4,
+            &V4::default().packet(s, d, &t.v4_bytes(s, d)),
+        ),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ether(
+            dst_mac,
+            src_mac,
+            ETH_IPV6,
+            &v6_packet(s, d, &[], 6, &t.v6_bytes(s, d)),
+        ),
+        _ => panic!("tcp_frame: {src} and {dst} are of two families"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,18 +14,10 @@ use tarpit_common::{
     Counter,
     state::{IP_F_AUTHENTICATED, IP_F_SLOWED},
 };
-use tarpit_tests::{SERVER_V4, SERVER_V6, require_root, wait::until};
+use tarpit_tests::{SERVER_V4, require_root, server_for, wait::until};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
-}
-
-fn server_for(client: IpAddr) -> IpAddr {
-    if client.is_ipv4() {
-        SERVER_V4.into()
-    } else {
-        SERVER_V6.into()
-    }
 }
 
 fn live(w: &World, who: IpAddr) -> u64 {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use kernel_env::{OTHER_PORT, World, block_on, read_until};
 use tarpit::kernel::{BlockSpec, EventKind, EventStream, IpNet, KernelError};
 use tarpit_common::{BlockReason, Counter, state::IP_F_BLOCKED};
-use tarpit_tests::{SERVER_V4, SERVER_V6, require_root};
+use tarpit_tests::{SERVER_V4, require_root, server_for};
 
 const SHORT: Duration = Duration::from_millis(1500);
 
@@ -23,14 +23,6 @@ fn ip(s: &str) -> IpAddr {
 
 fn net(s: &str) -> IpNet {
     s.parse().unwrap()
-}
-
-fn server_for(client: IpAddr) -> IpAddr {
-    if client.is_ipv4() {
-        SERVER_V4.into()
-    } else {
-        SERVER_V6.into()
-    }
 }
 
 /// True when a handshake from `src` to `port` completes (and the server

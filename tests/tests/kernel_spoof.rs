@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use common::{agent_for, eventually, maps, talk_first};
 use kernel_env::{SLOW_PORT, World, mac_of, read_until, send, send_frames};
-use packet::{ACK, ETH_IPV4, ETH_IPV6, PSH, SYN, Tcp, V4, ether, v6_packet};
+use packet::{ACK, PSH, SYN, Tcp, tcp_frame};
 use tarpit::kernel::PreGreetVerdict;
 use tarpit_common::{Counter, FlowState, maps as names};
 use tarpit_tests::smtp_client::{SmtpClient, message, tcp_connect};
@@ -51,21 +51,7 @@ fn macs(net: &TestNet) -> Macs {
 /// One forged segment from `src:sport` to `dst:dport`, as a frame for the
 /// client veth.
 fn forged((server, client): Macs, src: IpAddr, dst: IpAddr, t: &Tcp) -> Vec<u8> {
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => ether(
-            server,
-            client,
-            ETH_IPV4,
-            &V4::default().packet(s, d, &t.v4_bytes(s, d)),
-        ),
-        (IpAddr::V6(s), IpAddr::V6(d)) => ether(
-            server,
-            client,
-            ETH_IPV6,
-            &v6_packet(s, d, &[], 6, &t.v6_bytes(s, d)),
-        ),
-        _ => unreachable!("one family"),
-    }
+    tcp_frame(server, client, src, dst, t)
 }
 
 /// `rounds` forged SYN + data pairs from `victim` to `dst` (no handshake;

@@ -11,7 +11,7 @@
 //! - `log`: nothing but the log line and the metric.
 //!
 //! The thresholds and weights are the look-ups' business
-//! (`crate::reputation`); the policy acts on the action they name.
+//! (the reputation module); the policy acts on the action they name.
 use super::facts::Dns;
 use super::{Action, SessionState};
 use crate::config::ListAction;

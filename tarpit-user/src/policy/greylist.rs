@@ -4,7 +4,7 @@
 //! reply). Internal, allow-listed (by IP or DNS) and authenticated clients
 //! are never greylisted ([`super::precedence::Precedence::never_greylisted`]).
 //!
-//! The store (`crate::reputation::Greylist`) remembers who passed; the
+//! The store (the reputation module's greylist) remembers who passed; the
 //! policy says when to ask it ([`super::Action::greylist`]) and what a
 //! "not yet" means.
 use crate::config::{GreylistConfig, GreylistMode};
