@@ -11,6 +11,7 @@ pub mod id;
 pub mod netns;
 pub mod postfix;
 pub mod run;
+pub mod xdp_pass;
 
 pub use id::{owner_alive, unique_id};
 pub use netns::{CLIENT_V4, CLIENT_V6, NetPair, SERVER_V4, SERVER_V6, is_test_address};

@@ -18,6 +18,7 @@ const SCENARIOS: &[&str] = &[
     "pregreet_flood",
     "blocklist_drops",
     "delay_lateness",
+    "kernel_hold",
 ];
 
 fn xtask_bin() -> PathBuf {
@@ -138,6 +139,14 @@ fn bench_smoke_writes_a_well_formed_report() {
     let nft = side(by_id("blocklist_drops"), "nftables");
     assert!(figure(nft, "dropped") > 0.0);
     assert!(figure(nft, "dropped") <= figure(nft, "sent"));
+
+    // The kernel hold held every bot, and the server kept no socket for
+    // any (the agent runs next to it; the hold needs Linux 6.0, as here).
+    let xdp = side(by_id("kernel_hold"), "xdp@400");
+    assert_eq!(figure(xdp, "client_established_after_window"), 400.0);
+    assert_eq!(figure(xdp, "server_established"), 0.0);
+    assert_eq!(figure(xdp, "banner_bytes_received"), 0.0);
+    assert!(figure(xdp, "hold_syn_answered") >= 400.0);
 
     // Nothing of the bench's is left: namespaces and pin directories carry
     // its pid.

@@ -3,8 +3,6 @@
 //! no banner, the agent never sees it), `block list` and `tarpit ip` say
 //! so, `tarpit stats` counts it, and the state file keeps the action.
 mod cli_common;
-#[path = "../src/xdp_pass.rs"]
-mod xdp_pass;
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
@@ -21,7 +19,7 @@ fn block_add_hold_holds_the_address_and_says_so() {
     }
     let mut w = CliWorld::new(Opts::default());
     // Native XDP on a veth replies only when the peer has a program too.
-    let _peer = xdp_pass::attach(&w.net.client_ns, &w.net.client_if).expect("XDP on peer");
+    let _peer = testkit::xdp_pass::attach(&w.net.client_ns, &w.net.client_if).expect("XDP on peer");
     w.start_agent();
     let bot = ip("198.51.100.76");
     w.net.add_client_addr(bot).unwrap();

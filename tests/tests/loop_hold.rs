@@ -6,8 +6,6 @@
 //! hold degrades to the drop of before.
 #[path = "loop_common/mod.rs"]
 mod common;
-#[path = "../src/xdp_pass.rs"]
-mod xdp_pass;
 
 use std::io::Read;
 use std::net::IpAddr;
@@ -27,7 +25,7 @@ fn xdp_hold_for_offenders_with_action_hold_v4_and_v6() {
     let pins = PinDir::new().expect("pins");
     let _pf = Postfix::start(&net).expect("postfix");
     // Native XDP on a veth replies only when the peer has a program too.
-    let _peer = xdp_pass::attach(&net.client_ns, &net.client_if).expect("XDP on peer");
+    let _peer = testkit::xdp_pass::attach(&net.client_ns, &net.client_if).expect("XDP on peer");
     let rest = "[greeting]\ndelay = \"1s\"\n[offenders]\npregreet_strikes = 1\n\
                 block_ttl = \"60s\"\nslowdown = false\naction = \"hold\"\n";
     let _agent = Agent::start(&net, &common::config(&net, &pins, None, true, rest)).expect("agent");

@@ -45,7 +45,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub smoke: bool,
     /// Run only the scenarios whose id contains this string
-    /// (throughput, hold, pregreet, blocklist, kernel_cost, lateness).
+    /// (throughput, hold, pregreet, blocklist, kernel_cost, lateness,
+    /// kernel_hold).
     #[arg(long)]
     pub only: Option<String>,
     /// Directory for report.md and report.json (default target/bench).

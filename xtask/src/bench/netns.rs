@@ -174,6 +174,79 @@ impl BenchNet {
     }
 }
 
+/// The client namespace's side of its connections to one server port.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClientConns {
+    /// ESTABLISHED connections to the port.
+    pub established: u64,
+    /// Of those, how many have unacknowledged data in their Send-Q.
+    pub with_send_q: u64,
+    /// Bytes the client has received on them (the banner, if any came).
+    pub recv_q_bytes: u64,
+}
+
+impl BenchNet {
+    /// TCP sockets in use in the server namespace: `inuse` of the `TCP:`
+    /// line of /proc/net/sockstat plus the `TCP6:` line of sockstat6 (IPv6
+    /// sockets are counted only there). Every socket the kernel holds
+    /// there, of any state, listeners included.
+    pub fn server_tcp_inuse(&self) -> Result<u64> {
+        let out = self
+            .server_cmd("cat")
+            .args(["/proc/net/sockstat", "/proc/net/sockstat6"])
+            .output()
+            .context("cannot read the server's /proc/net/sockstat")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v4 = parse_sockstat_inuse(&text, "TCP:").context("no TCP inuse in sockstat")?;
+        let v6 = parse_sockstat_inuse(&text, "TCP6:").context("no TCP6 inuse in sockstat6")?;
+        Ok(v4 + v6)
+    }
+
+    /// What the clients hold towards the server's `port` (`ss` in the
+    /// client namespace).
+    pub fn client_conns_to(&self, port: u16) -> Result<ClientConns> {
+        let out = self
+            .client_cmd("ss")
+            .args([
+                "-Htn",
+                "state",
+                "established",
+                &format!("( dport = :{port} )"),
+            ])
+            .output()
+            .context("cannot run ss in the client namespace")?;
+        Ok(parse_client_conns(&String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
+fn parse_sockstat_inuse(text: &str, tag: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(tag))?;
+    let mut words = line.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "inuse" {
+            return words.next()?.parse().ok();
+        }
+    }
+    None
+}
+
+/// `ss -Htn state established`: "Recv-Q Send-Q Local Peer" per line.
+fn parse_client_conns(text: &str) -> ClientConns {
+    let mut c = ClientConns::default();
+    for l in text.lines() {
+        let mut f = l.split_whitespace();
+        let (Some(r), Some(q)) = (f.next(), f.next()) else {
+            continue;
+        };
+        c.established += 1;
+        c.recv_q_bytes += r.parse::<u64>().unwrap_or(0);
+        if q.parse::<u64>().unwrap_or(0) > 0 {
+            c.with_send_q += 1;
+        }
+    }
+    c
+}
+
 /// The MAC as `ip -br link` prints it, which is reliable across namespaces.
 pub fn link_mac(ns: &str, dev: &str) -> Result<[u8; 6]> {
     let out = Command::new("ip")
@@ -244,6 +317,20 @@ fn prefixed(dir: &Path, prefix: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_sockstat_and_client_connections() {
+        let sockstat = "sockets: used 12\nTCP: inuse 7 orphan 0 tw 0 alloc 9 mem 1\n\
+                        UDP: inuse 0 mem 0\nTCP6: inuse 5\nUDP6: inuse 1\n";
+        assert_eq!(parse_sockstat_inuse(sockstat, "TCP:"), Some(7));
+        assert_eq!(parse_sockstat_inuse(sockstat, "TCP6:"), Some(5));
+        assert_eq!(parse_sockstat_inuse("UDP: inuse 3\n", "TCP:"), None);
+        let ss = "0      21     198.51.100.10:40000  198.51.100.1:25\n\
+                  0      0      [fd5b:1e00::10]:40001  [fd5b:1e00::1]:25\n\
+                  5      0      198.51.100.11:40002  198.51.100.1:25\n";
+        let c = parse_client_conns(ss);
+        assert_eq!((c.established, c.with_send_q, c.recv_q_bytes), (3, 1, 5));
+    }
 
     #[test]
     fn parses_tcp_counters() {

@@ -25,6 +25,12 @@ pub struct Profile {
     /// Scenario 6: sessions in the greeting delay, and the delay.
     pub lateness_sessions: u32,
     pub lateness_delay: Duration,
+    /// Scenario 7 (kernel hold): bots held in all, of which this many
+    /// talk first (their probes measure the cost per probe), and how long
+    /// they are watched once all are in.
+    pub kernel_hold_bots: u32,
+    pub kernel_hold_talkers: u32,
+    pub kernel_hold_window: Duration,
     /// Client worker processes (sockets are spread over them).
     pub workers: u32,
     /// Source addresses the clients are spread over (per family).
@@ -47,6 +53,9 @@ impl Profile {
             syn_time: Duration::from_secs(2),
             lateness_sessions: 20,
             lateness_delay: Duration::from_secs(1),
+            kernel_hold_bots: 400,
+            kernel_hold_talkers: 100,
+            kernel_hold_window: Duration::from_secs(2),
             workers: 2,
             source_addrs: 4,
         }
@@ -67,6 +76,9 @@ impl Profile {
             syn_time: Duration::from_secs(5),
             lateness_sessions: 2000,
             lateness_delay: Duration::from_secs(3),
+            kernel_hold_bots: 20_000,
+            kernel_hold_talkers: 4000,
+            kernel_hold_window: Duration::from_secs(20),
             workers: 2,
             source_addrs: 64,
         }
@@ -87,6 +99,9 @@ impl Profile {
             syn_time: Duration::from_secs(10),
             lateness_sessions: 10_000,
             lateness_delay: Duration::from_secs(5),
+            kernel_hold_bots: 100_000,
+            kernel_hold_talkers: 20_000,
+            kernel_hold_window: Duration::from_secs(120),
             workers: 4,
             source_addrs: 200,
         }

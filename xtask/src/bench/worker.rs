@@ -44,7 +44,15 @@ pub struct Spec {
     pub concurrency: u32,
     /// Bound of the whole run (Hold: of the connect phase).
     pub time_limit_ms: u64,
+    /// Hold: write an EHLO line right after connecting, as a pre-greet
+    /// talker does (against the kernel hold its data stays unacknowledged
+    /// and its stack probes the zero window).
+    #[serde(default)]
+    pub talk: bool,
 }
+
+/// What a talking held bot writes.
+const TALK: &[u8] = b"EHLO bot.bench.test\r\n";
 
 /// Everything a worker reports.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -170,7 +178,11 @@ async fn hold(spec: &Spec) -> Report {
         let tx = tx.clone();
         let spec = spec.clone();
         tokio::spawn(async move {
-            let r = connect(&spec, i).await.map_err(|e| e.to_string());
+            let r = match connect(&spec, i).await {
+                Ok(mut s) if spec.talk => s.write_all(TALK).await.map(|()| s),
+                r => r,
+            }
+            .map_err(|e| e.to_string());
             drop(permit);
             let _ = tx.send(r);
         });

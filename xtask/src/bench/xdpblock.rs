@@ -1,5 +1,6 @@
-//! Putting the flood's prefixes on the agent's XDP block list and reading
-//! how many packets XDP dropped, through tarpit's own command line
+//! Putting the flood's prefixes on the agent's XDP block list (or the
+//! bots' on its kernel hold) and reading the kernel's counters, through
+//! tarpit's own command line
 //! (`tarpit block add`, `tarpit stats --json`), as an operator would.
 use std::process::Command;
 
@@ -15,7 +16,21 @@ pub struct XdpBlock {
 }
 
 impl XdpBlock {
+    /// Blocks the SYN flood's prefixes (dropped in XDP).
     pub fn install(env: &Env, agent: &Agent) -> Result<XdpBlock> {
+        let nets = [
+            format!("{}/{}", BLOCK_V4.0, BLOCK_V4.1),
+            format!("{}/{}", BLOCK_V6.0, BLOCK_V6.1),
+        ];
+        XdpBlock::add(env, agent, &nets, false)
+    }
+
+    /// Holds `nets` in the kernel (`tarpit block add --hold`).
+    pub fn hold(env: &Env, agent: &Agent, nets: &[String]) -> Result<XdpBlock> {
+        XdpBlock::add(env, agent, nets, true)
+    }
+
+    fn add(env: &Env, agent: &Agent, nets: &[String], hold: bool) -> Result<XdpBlock> {
         let cmds = env.tarpit.subcommands();
         for needed in ["block", "stats"] {
             if !cmds.iter().any(|c| c == needed) {
@@ -30,11 +45,18 @@ impl XdpBlock {
             bin: env.tarpit.path()?.clone(),
             config: agent.config.clone(),
         };
-        for net in [
-            format!("{}/{}", BLOCK_V4.0, BLOCK_V4.1),
-            format!("{}/{}", BLOCK_V6.0, BLOCK_V6.1),
-        ] {
-            b.tarpit(&["block", "add", &net, "--comment", "cargo xtask bench"])?;
+        for net in nets {
+            let mut args = vec![
+                "block",
+                "add",
+                net.as_str(),
+                "--comment",
+                "cargo xtask bench",
+            ];
+            if hold {
+                args.push("--hold");
+            }
+            b.tarpit(&args)?;
         }
         Ok(b)
     }
@@ -58,11 +80,16 @@ impl XdpBlock {
 
     /// Packets XDP dropped for the block list (all reasons, all CPUs).
     pub fn dropped(&self) -> Result<u64> {
+        self.counter("xdp_drop")
+    }
+
+    /// One kernel counter (summed over the CPUs), as `tarpit stats` shows it.
+    pub fn counter(&self, name: &str) -> Result<u64> {
         let text = self.tarpit(&["stats", "--json", "--kernel-only"])?;
         let v: serde_json::Value =
             serde_json::from_str(&text).context("tarpit stats --json is not JSON")?;
-        v["kernel"]["xdp_drop"]
+        v["kernel"][name]
             .as_u64()
-            .context("tarpit stats --json has no kernel.xdp_drop counter")
+            .with_context(|| format!("tarpit stats --json has no kernel.{name} counter"))
     }
 }

@@ -67,6 +67,7 @@ fn measure(env: &Env, holder: &Holder, level: u32) -> Result<Side> {
         count: level,
         concurrency: CONNECT_CONCURRENCY,
         time_limit_ms: 120_000,
+        talk: false,
     };
     let trouble = TcpTrouble::before(&net);
     let mut workers = Workers::start(

@@ -64,6 +64,7 @@ fn measure(env: &Env, backend: Backend) -> Result<Side> {
         count: p.lateness_sessions,
         concurrency: CONNECT_CONCURRENCY,
         time_limit_ms: 60_000,
+        talk: false,
     };
     let trouble = TcpTrouble::before(&net);
     let mut workers = Workers::start(&env.self_exe, &net, p.workers, &spec)?;

@@ -1,8 +1,9 @@
-//! The scenarios of issue 10, each in its own module. A scenario returns
+//! The scenarios of issue 10 (and the kernel hold's), each in its own module. A scenario returns
 //! one report object per scenario id it measures (the good-mail run also
 //! yields the kernel cost, measured during it).
 mod blocklist;
 mod hold;
+mod kernel_hold;
 mod lateness;
 mod pregreet;
 mod throughput;
@@ -43,6 +44,10 @@ pub const ALL: &[Def] = &[
     Def {
         ids: &["delay_lateness"],
         run: lateness::run,
+    },
+    Def {
+        ids: &["kernel_hold"],
+        run: kernel_hold::run,
     },
 ];
 

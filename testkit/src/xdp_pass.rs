@@ -4,11 +4,11 @@
 //! the peer has an XDP program of its own (its receive ring exists only
 //! then). The kernel hold answers with XDP_TX, so its tests give the
 //! client veth this two-instruction program (`r0 = XDP_PASS; exit`),
-//! loaded with bpf(2) directly: no object file needed. The link lives as
+//! loaded with bpf(2) directly: no object file needed, so the bench can
+//! use it before the eBPF object is built. The link lives as
 //! long as the returned descriptor (and goes with the namespace anyway).
 //!
-//! Included by the tests that need it with `#[path]`.
-#![allow(dead_code)]
+//! The kernel-hold tests and the bench's kernel-hold scenario use it.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 
@@ -38,7 +38,7 @@ fn put(attr: &mut [u8; 128], at: usize, bytes: &[u8]) {
 /// detached when the descriptor is dropped.
 pub fn attach(ns: &str, ifname: &str) -> Result<OwnedFd> {
     let ifname = ifname.to_string();
-    testkit::netns::in_ns(ns, move || -> Result<OwnedFd> {
+    crate::netns::in_ns(ns, move || -> Result<OwnedFd> {
         // mov64 r0, XDP_PASS ; exit
         let mut insns = [0u8; 16];
         insns[0] = 0xb7;
