@@ -12,6 +12,13 @@
 //!   stored), a zero window, the MSS option (the value the cookie encodes,
 //!   as Linux's own SYN cookies do) and the timestamp option echoed when
 //!   the SYN had one. No window scaling, no SACK: both are optional.
+//!   The cookie always encodes the top MSS of the kernel's cookie table
+//!   (the helper is shown the SYN with MSS 65535): a window probe's
+//!   sequence number is one below the handshake ACK's, and checked as a
+//!   handshake ACK it shifts the cookie's MSS index up by one. With the
+//!   top index that lands outside the table, so a probe can never pass for
+//!   the handshake's ACK (and go unanswered until the bot gives up). We
+//!   accept no data, so the MSS we advertise does not matter.
 //! - The handshake's ACK (valid cookie, no payload): nothing to answer.
 //! - Data and window probes: an ACK with a zero window that acknowledges
 //!   nothing new (the sender's first unacknowledged byte), so the bot's
@@ -66,12 +73,20 @@ pub struct HoldScratch {
     ip: [u8; IPV6_HLEN],
     th: [u8; TCP_BUF],
     tcp: [u8; TCP_OUT],
+    /// The SYN as the cookie helper sees it: the fixed header with one
+    /// option, MSS 65535.
+    syn: [u8; SYN_FOR_COOKIE],
 }
+
+/// Length of [`HoldScratch::syn`]: 20 bytes of header and the MSS option.
+const SYN_FOR_COOKIE: usize = 24;
 
 /// Hands the packet to the hold program. Returns only when there is none
 /// (empty slot): the caller drops.
 #[inline(always)]
 pub fn enter(ctx: &XdpContext) {
+    // SAFETY: a tail call with the context we were given; on success it
+    // does not return, on failure (empty slot) nothing has changed.
     unsafe { HOLD_PROGS.tail_call(ctx, HOLD_PROG_INDEX) };
 }
 
@@ -111,6 +126,8 @@ fn hold(ctx: &XdpContext) -> Option<u32> {
     if ip.fragment {
         return None;
     }
+    // SAFETY: this CPU's own slot of a per-CPU array; XDP does not nest on
+    // a CPU, so nothing else touches it while this runs.
     let sc = unsafe { &mut *HOLD_SCRATCH.get_ptr_mut(0)? };
     load(ctx, 0, &mut sc.eth, ETH_HLEN as u32)?;
     let v4 = u16::from_be_bytes([sc.eth[12], sc.eth[13]]) == ETH_P_IP;
@@ -142,6 +159,7 @@ fn hold(ctx: &XdpContext) -> Option<u32> {
         w += 4;
     }
     let (ts, tsecr) = find_timestamp(&sc.th, doff);
+    // SAFETY: a helper without arguments.
     let tsval = (unsafe { bpf_ktime_get_ns() } / 1_000_000) as u32;
 
     let flags = t.flags;
@@ -156,18 +174,28 @@ fn hold(ctx: &XdpContext) -> Option<u32> {
             count(Counter::HoldRateLimited);
             return Some(xdp_action::XDP_DROP);
         }
-        // The header length as the helper wants it (equal to its data
-        // offset), computed from the copied header so that its bounds,
-        // 20..=80, come from the arithmetic itself: 6.1 refuses a size
-        // whose lower bound it lost in a stack spill.
-        let th_len = 20 + ((((sc.th[12] >> 4) as u32).wrapping_sub(5)) & 15) * 4;
+        // The fixed header with one option, MSS 65535, and the data offset
+        // to match: the helper then encodes the top index of its MSS table
+        // whatever the bot asked for (see the module's doc).
+        let mut i = 0;
+        while i < 20 {
+            sc.syn[i] = sc.th[i];
+            i += 1;
+        }
+        sc.syn[12] = (((SYN_FOR_COOKIE / 4) as u8) << 4) | (sc.th[12] & 0x0f);
+        sc.syn[20] = TCP_OPT_MSS;
+        sc.syn[21] = 4;
+        sc.syn[22] = 0xff;
+        sc.syn[23] = 0xff;
         let iphp = sc.iph.as_mut_ptr();
-        let thp = sc.th.as_mut_ptr() as *mut tcphdr;
+        let thp = sc.syn.as_mut_ptr() as *mut tcphdr;
+        // SAFETY: both pointers are into the per-CPU scratch value, which
+        // holds a full IP header and SYN_FOR_COOKIE bytes of TCP header.
         let r = unsafe {
             if v4 {
-                bpf_tcp_raw_gen_syncookie_ipv4(iphp as *mut iphdr, thp, th_len)
+                bpf_tcp_raw_gen_syncookie_ipv4(iphp as *mut iphdr, thp, SYN_FOR_COOKIE as u32)
             } else {
-                bpf_tcp_raw_gen_syncookie_ipv6(iphp as *mut ipv6hdr, thp, th_len)
+                bpf_tcp_raw_gen_syncookie_ipv6(iphp as *mut ipv6hdr, thp, SYN_FOR_COOKIE as u32)
             }
         };
         if r < 0 {
@@ -189,6 +217,8 @@ fn hold(ctx: &XdpContext) -> Option<u32> {
         if t.payload_len == 0 {
             let iphp = sc.iph.as_mut_ptr();
             let thp = sc.th.as_mut_ptr() as *mut tcphdr;
+            // SAFETY: pointers into the per-CPU scratch value, which holds
+            // a full IP header and a TCP header of at least 20 bytes.
             let r = unsafe {
                 if v4 {
                     bpf_tcp_raw_check_syncookie_ipv4(iphp as *mut iphdr, thp)
@@ -242,6 +272,8 @@ fn load<const N: usize>(ctx: &XdpContext, off: u32, buf: &mut [u8; N], len: u32)
     if len as usize > N {
         return None;
     }
+    // SAFETY: `len <= N` was checked above, so the helper writes inside
+    // `buf`; it checks `off + len` against the packet itself.
     let r = unsafe { bpf_xdp_load_bytes(ctx.ctx, off, buf.as_mut_ptr() as *mut _, len) };
     (r == 0).then_some(())
 }
@@ -252,7 +284,10 @@ fn load_word(ctx: &XdpContext, off: u32, buf: &mut [u8; TCP_BUF], at: usize) -> 
     if at > TCP_BUF - 4 {
         return None;
     }
+    // SAFETY: `at + 4 <= TCP_BUF` was checked above: the word is inside
+    // `buf`, and the helper writes exactly 4 bytes there.
     let p = unsafe { buf.as_mut_ptr().add(at) };
+    // SAFETY: as above; the helper checks `off` against the packet.
     let r = unsafe { bpf_xdp_load_bytes(ctx.ctx, off, p as *mut _, 4) };
     (r == 0).then_some(())
 }
@@ -262,6 +297,8 @@ fn store<const N: usize>(ctx: &XdpContext, off: u32, buf: &mut [u8; N], len: u32
     if len as usize > N {
         return None;
     }
+    // SAFETY: `len <= N` was checked above; the helper reads `len` bytes of
+    // `buf` and checks `off + len` against the packet.
     let r = unsafe { bpf_xdp_store_bytes(ctx.ctx, off, buf.as_mut_ptr() as *mut _, len) };
     (r == 0).then_some(())
 }
@@ -323,6 +360,9 @@ fn admit(src: &IpAddrKey) -> bool {
     let now = now_ns();
     match HOLD_RATE.get_ptr_mut(src) {
         Some(tat) => {
+            // SAFETY: a value of the LRU hash; a concurrent update from
+            // another CPU can only make the rate a little loose, never
+            // unsound (plain u64 stores).
             if !gcra_admit(
                 unsafe { &mut *tat },
                 now,
@@ -344,6 +384,7 @@ fn admit(src: &IpAddrKey) -> bool {
         }
     }
     match HOLD_CPU_RATE.get_ptr_mut(0) {
+        // SAFETY: this CPU's own slot of a per-CPU array.
         Some(tat) => gcra_admit(unsafe { &mut *tat }, now, s.cpu_rate, s.cpu_burst),
         None => false,
     }
@@ -456,6 +497,9 @@ fn send(
 
     let new_len = ETH_HLEN + ip_len + tcp_len;
     let delta = new_len as i64 - frame_len as i64;
+    // SAFETY: the helper checks the new length against the buffer; no
+    // packet pointer is held across it (the reply is written with
+    // bpf_xdp_store_bytes afterwards).
     if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta as i32) } != 0 {
         return None;
     }

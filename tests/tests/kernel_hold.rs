@@ -163,6 +163,19 @@ fn client_conn(net: &TestNet, src: IpAddr) -> Option<(String, u64)> {
     Some((state, send_q))
 }
 
+/// The client's zero-window probes in a row that got no answer: the last
+/// field of `timer:(persist,<when>,<probes>)` in `ss -o` (the kernel's
+/// icsk_probes_out, which every answer resets to 0). `None` when the
+/// connection is not probing.
+fn unanswered_probes(net: &TestNet, src: IpAddr) -> Option<u32> {
+    let mut cmd = net.client_cmd("ss");
+    cmd.arg("-o");
+    let lines = ss_lines(cmd, src);
+    let l = lines.first()?;
+    let timer = l.split("timer:(persist,").nth(1)?;
+    timer.split(')').next()?.rsplit(',').next()?.parse().ok()
+}
+
 /// True when nothing at all has arrived on `s` (no banner, no FIN).
 fn nothing_arrived(s: &mut TcpStream) -> bool {
     s.set_nonblocking(true).unwrap();
@@ -227,6 +240,21 @@ fn xdp_hold_waiters_and_talkers_have_no_socket_on_the_server_v4_and_v6() {
                 send_q,
                 TALK.len() as u64,
                 "{a}: the talker's data stays unacknowledged"
+            );
+            // Each family's probes are answered, not only counted in
+            // total: an unanswered probe shows as a count above 0 (a
+            // probe in flight for microseconds aside, hence a retry).
+            let answered = (0..3).any(|_| {
+                let n = unanswered_probes(&w.net, *a);
+                n == Some(0) || {
+                    std::thread::sleep(Duration::from_millis(300));
+                    false
+                }
+            });
+            assert!(
+                answered,
+                "{a}: the talker is probing and its probes are answered: {:?}",
+                unanswered_probes(&w.net, *a)
             );
         } else {
             assert_eq!(send_q, 0, "{a}: the waiter sent nothing");

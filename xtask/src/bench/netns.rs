@@ -183,6 +183,11 @@ pub struct ClientConns {
     pub with_send_q: u64,
     /// Bytes the client has received on them (the banner, if any came).
     pub recv_q_bytes: u64,
+    /// Of those, how many probe a zero window (`timer:(persist,...)`).
+    pub probing: u64,
+    /// Of the probing ones, how many have probes without an answer (the
+    /// timer's last field, icsk_probes_out, which every answer resets).
+    pub probes_unanswered: u64,
 }
 
 impl BenchNet {
@@ -208,7 +213,7 @@ impl BenchNet {
         let out = self
             .client_cmd("ss")
             .args([
-                "-Htn",
+                "-Htno",
                 "state",
                 "established",
                 &format!("( dport = :{port} )"),
@@ -230,7 +235,8 @@ fn parse_sockstat_inuse(text: &str, tag: &str) -> Option<u64> {
     None
 }
 
-/// `ss -Htn state established`: "Recv-Q Send-Q Local Peer" per line.
+/// `ss -Htno state established`: "Recv-Q Send-Q Local Peer [timer:(...)]"
+/// per line.
 fn parse_client_conns(text: &str) -> ClientConns {
     let mut c = ClientConns::default();
     for l in text.lines() {
@@ -242,6 +248,13 @@ fn parse_client_conns(text: &str) -> ClientConns {
         c.recv_q_bytes += r.parse::<u64>().unwrap_or(0);
         if q.parse::<u64>().unwrap_or(0) > 0 {
             c.with_send_q += 1;
+        }
+        if let Some(t) = l.split("timer:(persist,").nth(1) {
+            c.probing += 1;
+            let probes = t.split(')').next().and_then(|t| t.rsplit(',').next());
+            if probes.and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) > 0 {
+                c.probes_unanswered += 1;
+            }
         }
     }
     c
@@ -325,11 +338,13 @@ mod tests {
         assert_eq!(parse_sockstat_inuse(sockstat, "TCP:"), Some(7));
         assert_eq!(parse_sockstat_inuse(sockstat, "TCP6:"), Some(5));
         assert_eq!(parse_sockstat_inuse("UDP: inuse 3\n", "TCP:"), None);
-        let ss = "0      21     198.51.100.10:40000  198.51.100.1:25\n\
+        let ss = "0      21     198.51.100.10:40000  198.51.100.1:25 timer:(persist,1.2sec,0)\n\
+                  0      21     198.51.100.12:40000  198.51.100.1:25 timer:(persist,6.4sec,5)\n\
                   0      0      [fd5b:1e00::10]:40001  [fd5b:1e00::1]:25\n\
                   5      0      198.51.100.11:40002  198.51.100.1:25\n";
         let c = parse_client_conns(ss);
-        assert_eq!((c.established, c.with_send_q, c.recv_q_bytes), (3, 1, 5));
+        assert_eq!((c.established, c.with_send_q, c.recv_q_bytes), (4, 2, 5));
+        assert_eq!((c.probing, c.probes_unanswered), (2, 1));
     }
 
     #[test]

@@ -284,6 +284,11 @@ fn measure(env: &Env, holder: Holder) -> Result<Side> {
             clients2.established as f64,
         )
         .set("client_send_q_after_window", clients2.with_send_q as f64)
+        .set("client_probing_after_window", clients2.probing as f64)
+        .set(
+            "client_probes_unanswered_after_window",
+            clients2.probes_unanswered as f64,
+        )
         .set("banner_bytes_received", clients2.recv_q_bytes as f64)
         .set("closed_early", done.closed_early as f64)
         .set("server_established", server_est1.max(server_est2) as f64)
@@ -410,6 +415,12 @@ pub fn run(env: &Env) -> Result<Vec<Scenario>> {
         "client_send_q_after_window",
         Aim::at_least(p.kernel_hold_talkers as f64),
     );
+    sc.absolute(
+        &xdp,
+        "client_probes_unanswered_after_window",
+        Aim::at_most(0.0),
+    );
+    sc.absolute(&xdp, "closed_early", Aim::at_most(0.0));
     sc.absolute(&xdp, "xdp_ns_per_syn", None);
     sc.absolute(&xdp, "xdp_ns_per_probe", None);
     sc.absolute(&agent, "server_sockets_per_bot", None);
