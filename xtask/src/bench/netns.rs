@@ -115,6 +115,51 @@ impl BenchNet {
     }
 }
 
+/// Packets a device dropped on transmit (`ip -s link`): on a veth, a full
+/// receive ring of its peer.
+pub fn tx_dropped(ns: &str, dev: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-s", "-j", "link", "show", "dev", dev])
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    serde_json::from_slice::<serde_json::Value>(&out)
+        .ok()
+        .and_then(|v| v[0]["stats64"]["tx"]["dropped"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Every counter of /proc/net/snmp and /proc/net/netstat in a namespace,
+/// named `Group.Name` (`Tcp.EstabResets`, `TcpExt.TCPAbortOnTimeout`).
+pub fn snmp_counters(ns: &str) -> std::collections::BTreeMap<String, u64> {
+    let text = nsenter(ns, "cat")
+        .args(["/proc/net/snmp", "/proc/net/netstat"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    parse_snmp(&text)
+}
+
+/// Pairs of lines, "Group: Name Name ..." then "Group: 1 2 ...".
+fn parse_snmp(text: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.chunks(2) {
+        let [names, values] = pair else { continue };
+        let (Some((group, names)), Some((_, values))) =
+            (names.split_once(':'), values.split_once(':'))
+        else {
+            continue;
+        };
+        for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
+            if let Ok(v) = v.parse::<i64>() {
+                out.insert(format!("{group}.{n}"), v.max(0) as u64);
+            }
+        }
+    }
+    out
+}
+
 /// Counters of /proc/net/netstat as seen inside a namespace.
 fn tcp_ext(ns: &str) -> TcpExt {
     let text = nsenter(ns, "cat")
@@ -345,6 +390,15 @@ mod tests {
         let c = parse_client_conns(ss);
         assert_eq!((c.established, c.with_send_q, c.recv_q_bytes), (4, 2, 5));
         assert_eq!((c.probing, c.probes_unanswered), (2, 1));
+    }
+
+    #[test]
+    fn parses_snmp_pairs() {
+        let text =
+            "Tcp: RtoAlgorithm EstabResets\nTcp: 1 4\nTcpExt: TCPAbortOnTimeout\nTcpExt: 9\n";
+        let c = parse_snmp(text);
+        assert_eq!(c.get("Tcp.EstabResets"), Some(&4));
+        assert_eq!(c.get("TcpExt.TCPAbortOnTimeout"), Some(&9));
     }
 
     #[test]

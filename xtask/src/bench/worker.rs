@@ -49,6 +49,11 @@ pub struct Spec {
     /// and its stack probes the zero window).
     #[serde(default)]
     pub talk: bool,
+    /// Hold: new connects per second at most (0: as fast as the
+    /// concurrency allows). Bots that connect in one burst probe in
+    /// bursts ever after, which no real botnet does.
+    #[serde(default)]
+    pub connect_rate: u32,
 }
 
 /// What a talking held bot writes.
@@ -171,6 +176,10 @@ async fn hold(spec: &Spec) -> Report {
     let sem = std::sync::Arc::new(Semaphore::new(spec.concurrency.max(1) as usize));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<TcpStream, String>>();
     for i in 0..spec.count {
+        if spec.connect_rate > 0 {
+            let due = start + Duration::from_secs_f64(f64::from(i) / f64::from(spec.connect_rate));
+            tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+        }
         let permit = sem.clone().acquire_owned().await;
         if Instant::now() >= deadline {
             break;
@@ -502,6 +511,7 @@ impl Workers {
             let mut s = spec.clone();
             s.count = spec.count / n + u32::from(k < spec.count % n);
             s.concurrency = (spec.concurrency / n).max(1);
+            s.connect_rate = spec.connect_rate.div_ceil(n);
             // Rotate the address list so workers start on different sources.
             let shift = (k as usize * spec.sources.len() / n as usize) % spec.sources.len().max(1);
             s.sources.rotate_left(shift);

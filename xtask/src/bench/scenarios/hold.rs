@@ -68,6 +68,7 @@ fn measure(env: &Env, holder: &Holder, level: u32) -> Result<Side> {
         concurrency: CONNECT_CONCURRENCY,
         time_limit_ms: 120_000,
         talk: false,
+        connect_rate: 0,
     };
     let trouble = TcpTrouble::before(&net);
     let mut workers = Workers::start(

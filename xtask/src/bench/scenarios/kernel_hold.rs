@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use super::super::agent::{Agent, base_config};
-use super::super::netns::{BenchNet, ClientConns};
+use super::super::netns::{BenchNet, ClientConns, snmp_counters, tx_dropped};
 use super::super::postfix::{self, Postfix};
 use super::super::procstat::MachineCpu;
 use super::super::report::{Aim, Scenario, Side};
@@ -39,6 +39,8 @@ const GREETING_DELAY: &str = "\"600s\"";
 const CONNECT_CONCURRENCY: u32 = 512;
 /// Sockets per worker process: its 20,000 descriptors minus headroom.
 const PER_WORKER: u32 = 18_000;
+/// Connects per second of the talkers (see [`start_bots`]).
+const TALKER_CONNECTS_PER_S: u32 = 2_000;
 /// What the bots come from: the client namespace's addresses (the
 /// server's are destinations at its XDP hook, never sources).
 const HELD_NETS: [&str; 2] = ["198.51.100.0/24", "fd5b:1e00::/64"];
@@ -117,6 +119,10 @@ fn start_bots(
         concurrency: CONNECT_CONCURRENCY,
         time_limit_ms: 240_000,
         talk,
+        // Talkers probe on a schedule counted from their connect: paced,
+        // their probes come spread out, as a botnet's do, instead of in
+        // one burst of thousands that overflows the veth's 256-slot ring.
+        connect_rate: if talk { TALKER_CONNECTS_PER_S } else { 0 },
     };
     Workers::start(&env.self_exe, net, count.div_ceil(PER_WORKER), &spec).map(Some)
 }
@@ -222,6 +228,11 @@ fn measure(env: &Env, holder: Holder) -> Result<Side> {
     let hold0 = HoldCounters::read(block.as_ref())?;
     let xdp0 = xdp_run(&ids);
     let trouble = TcpTrouble::before(&net);
+    let snmp0 = (snmp_counters(&net.client_ns), snmp_counters(&net.server_ns));
+    let drops0 = (
+        tx_dropped(&net.client_ns, &net.client_if),
+        tx_dropped(&net.server_ns, &net.server_if),
+    );
     let m0 = MachineCpu::now();
 
     let mut silent = start_bots(env, &net, &sources, bots - talkers, false)?;
@@ -255,6 +266,11 @@ fn measure(env: &Env, holder: Holder) -> Result<Side> {
     let rss2 = procstat::rss_bytes(pid).unwrap_or(0);
     let clients2: ClientConns = net.client_conns_to(PORT)?;
     let server_est2 = net.established_on(PORT)?;
+    let snmp2 = (snmp_counters(&net.client_ns), snmp_counters(&net.server_ns));
+    let drops2 = (
+        tx_dropped(&net.client_ns, &net.client_if),
+        tx_dropped(&net.server_ns, &net.server_if),
+    );
     drop(stats);
 
     let mut done = Vec::new();
@@ -324,6 +340,33 @@ fn measure(env: &Env, holder: Holder) -> Result<Side> {
             "agent_rss_bytes_per_bot",
             rss1.max(rss2).saturating_sub(rss0) as f64 / held,
         );
+    // Why a bot lost its connection, as the two stacks count it.
+    for (side, key) in [
+        ("client", "Tcp.EstabResets"),
+        ("client", "TcpExt.TCPAbortOnTimeout"),
+        ("client", "Tcp.InErrs"),
+        ("client", "TcpExt.PAWSEstab"),
+        ("server", "Tcp.OutRsts"),
+    ] {
+        let (a, b) = match side {
+            "client" => (&snmp0.0, &snmp2.0),
+            _ => (&snmp0.1, &snmp2.1),
+        };
+        let d = b
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(a.get(key).copied().unwrap_or(0));
+        s.set(&format!("{side}_{}", key.replace('.', "_")), d as f64);
+    }
+    s.set(
+        "client_veth_tx_dropped",
+        drops2.0.saturating_sub(drops0.0) as f64,
+    )
+    .set(
+        "server_veth_tx_dropped",
+        drops2.1.saturating_sub(drops0.1) as f64,
+    );
     let (connect_hold, window_hold) = (hold0.since(&hold1), hold1.since(&hold2));
     let all = hold0.since(&hold2);
     if holder == Holder::Kernel {

@@ -65,6 +65,7 @@ fn measure(env: &Env, backend: Backend) -> Result<Side> {
         concurrency: CONNECT_CONCURRENCY,
         time_limit_ms: 60_000,
         talk: false,
+        connect_rate: 0,
     };
     let trouble = TcpTrouble::before(&net);
     let mut workers = Workers::start(&env.self_exe, &net, p.workers, &spec)?;

@@ -57,6 +57,7 @@ fn measure(env: &Env, agent_side: bool) -> Result<Side> {
         concurrency: CONCURRENCY,
         time_limit_ms: p.pregreet_time.as_millis() as u64,
         talk: false,
+        connect_rate: 0,
     };
     let mut workers = Workers::start(&env.self_exe, &net, p.workers, &spec)?;
     let r = worker::sum(&workers.collect("done", p.pregreet_time + Duration::from_secs(40))?);
