@@ -100,6 +100,32 @@ fn raise_nofile() {
     }
 }
 
+/// Gives the client veth a packet queue. A veth has none by default: when
+/// its peer's 256-slot receive ring is full the packet is dropped at
+/// once, and the sending stack sees a local drop, which for a window probe
+/// means a retry every 500 ms and one more strike each time, not the
+/// exponential back-off of a probe lost on the way: thousands of talkers
+/// probing together then give up within seconds, an artefact of the rig
+/// no bot on a real network meets. With a queue, veth (Linux 6.16 and
+/// later) stops the queue while the ring is full instead.
+fn client_queue(net: &BenchNet) -> Result<()> {
+    let ok = std::process::Command::new("tc")
+        .args([
+            "-n",
+            &net.client_ns,
+            "qdisc",
+            "replace",
+            "dev",
+            &net.client_if,
+        ])
+        .args(["root", "pfifo", "limit", "100000"])
+        .status()
+        .context("cannot run tc")?
+        .success();
+    anyhow::ensure!(ok, "tc could not give the client veth a queue");
+    Ok(())
+}
+
 /// One group of held bots: silent or talking, spread over workers.
 fn start_bots(
     env: &Env,
@@ -191,6 +217,7 @@ fn measure(env: &Env, holder: Holder) -> Result<Side> {
     // who holds.
     let _peer = testkit::xdp_pass::attach(&net.client_ns, &net.client_if)
         .context("cannot attach XDP to the client veth")?;
+    client_queue(&net)?;
     if holder == Holder::Agent {
         raise_nofile();
     }
@@ -367,6 +394,12 @@ fn measure(env: &Env, holder: Holder) -> Result<Side> {
         "server_veth_tx_dropped",
         drops2.1.saturating_sub(drops0.1) as f64,
     );
+    if holder == Holder::Agent {
+        s.set(
+            "holder_cpu_ns_per_bot_setup",
+            (agent_cpu1 - agent_cpu0) * 1e9 / held,
+        );
+    }
     let (connect_hold, window_hold) = (hold0.since(&hold1), hold1.since(&hold2));
     let all = hold0.since(&hold2);
     if holder == Holder::Kernel {
@@ -389,7 +422,9 @@ fn measure(env: &Env, holder: Holder) -> Result<Side> {
         if connect_hold.syn > 0 {
             // Every packet of the phase (SYN, the handshake's ACK, the
             // talkers' first probes) per SYN answered.
-            s.set("xdp_ns_per_syn", t_connect as f64 / connect_hold.syn as f64);
+            let per_syn = t_connect as f64 / connect_hold.syn as f64;
+            s.set("xdp_ns_per_syn", per_syn)
+                .set("holder_cpu_ns_per_bot_setup", per_syn);
         }
         if window_hold.probes > 0 {
             s.set(
@@ -441,9 +476,10 @@ pub fn run(env: &Env) -> Result<Vec<Scenario>> {
     sc.ratio(
         &xdp,
         &agent,
-        "machine_busy_ns_per_bot_setup",
+        "holder_cpu_ns_per_bot_setup",
         Aim::at_most(1.0),
     );
+    sc.ratio(&xdp, &agent, "machine_busy_ns_per_bot_setup", None);
     sc.ratio(&xdp, &agent, "machine_busy_pct_while_holding", None);
     sc.ratio(&xdp, &agent, "server_sockets_per_bot", Aim::at_most(0.0));
     sc.absolute(
@@ -479,7 +515,10 @@ pub fn run(env: &Env) -> Result<Vec<Scenario>> {
          included through the tail call) over the connect phase, per SYN the hold answered: it \
          covers the SYN, the handshake's ACK and the talkers' first probes. xdp_ns_per_probe: its \
          run time over the window per probe answered (in the window only the talkers send). \
-         The XDP_TX transmit itself runs in the veth's NAPI, outside the program's time; \
+         The XDP_TX transmit itself runs in the veth's NAPI, outside the program's time. \
+         holder_cpu_ns_per_bot_setup is the holder's own code: that XDP time per SYN, against \
+         the agent process's CPU per bot accepted (the kernel's handshake and accept work for \
+         it, in softirq, are not in it); \
          machine_busy_ns_per_bot_setup counts everything, the clients' own connects included, \
          the same on both sides."
             .into(),
