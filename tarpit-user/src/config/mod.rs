@@ -40,7 +40,7 @@ pub use helo::HeloConfig;
 pub use kernel::{KernelConfig, TcAttachSetting, XdpModeSetting};
 pub use limits::LimitsConfig;
 pub use metrics::MetricsConfig;
-pub use net::{BackendConfig, ClientAddress, ListenConfig};
+pub use net::{BackendConfig, ClientAddress, ConnectMode, ListenConfig};
 pub use ops::{DaemonConfig, LogConfig, LogFormat, MAX_SHUTDOWN_TIMEOUT};
 pub use rcpt::RcptConfig;
 pub use reject::RejectConfig;

@@ -41,7 +41,9 @@ impl Session<'_> {
     /// allow.
     pub(super) fn process_client(&mut self) {
         loop {
-            if self.close_after_flush.is_some() || self.pending.iter().any(|p| p.kind.is_barrier())
+            if self.close_after_flush.is_some()
+                || self.opening()
+                || self.pending.iter().any(|p| p.kind.is_barrier())
             {
                 return;
             }
@@ -107,6 +109,9 @@ impl Session<'_> {
             self.push_local(SHUTTING_DOWN, Kind::Local, true);
             self.close_after_flush = Some(Close(Outcome::Shutdown));
             self.backend_quit();
+            return;
+        }
+        if self.backend.is_none() && self.lazy_command(&cmd, &canonical) {
             return;
         }
         match cmd {

@@ -1,0 +1,272 @@
+//! `backend.connect = "at-transaction"`: the agent speaks the banner and
+//! EHLO itself, and the MTA is connected only when a transaction starts.
+use bytes::Bytes;
+
+use super::*;
+use crate::backend::probe::Learned;
+
+const LAZY: &str = "[greeting]\ndelay = \"0s\"\n[backend]\nconnect = \"at-transaction\"\n";
+
+fn lines(code: u16, l: &[&str]) -> Reply {
+    Reply {
+        code,
+        lines: l.iter().map(|x| Bytes::from(format!("{x}\r\n"))).collect(),
+    }
+}
+
+/// What the probe would have learned from the fake MTA.
+fn learned() -> Learned {
+    Learned {
+        banner: lines(220, &["220 mx.fake ESMTP"]),
+        ehlo: lines(
+            250,
+            &[
+                "250-mx.fake",
+                "250-PIPELINING",
+                "250-SIZE 10240000",
+                "250-XCLIENT NAME ADDR PORT",
+                "250-8BITMIME",
+                "250 CHUNKING",
+            ],
+        ),
+    }
+}
+
+fn lazy_shared(extra: &str, mta: SocketAddr) -> Arc<Shared> {
+    let s = shared(&format!("{LAZY}{extra}"), mta);
+    s.mta.set(learned());
+    s
+}
+
+/// A listener that must never be connected to.
+async fn untouched_mta() -> (SocketAddr, TcpListener) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    (l.local_addr().unwrap(), l)
+}
+
+async fn assert_never_connected(l: TcpListener) {
+    let r = tokio::time::timeout(Duration::from_secs(3600), l.accept()).await;
+    assert!(r.is_err(), "the MTA was connected");
+}
+
+/// A fake MTA with its own banner that records when it was connected.
+async fn timed_mta(
+    banner: &'static str,
+    script: Vec<super::Step>,
+) -> (SocketAddr, tokio::task::JoinHandle<(Instant, Vec<String>)>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        let at = Instant::now();
+        s.set_nodelay(true).unwrap();
+        let (r, mut w) = s.into_split();
+        let mut r = BufReader::new(r);
+        let mut header = [0u8; 16];
+        r.read_exact(&mut header).await.unwrap();
+        let len = u16::from_be_bytes([header[14], header[15]]) as usize;
+        let mut rest = vec![0u8; len];
+        r.read_exact(&mut rest).await.unwrap();
+        w.write_all(banner.as_bytes()).await.unwrap();
+        let mut seen = Vec::new();
+        for step in script {
+            let super::Step::Reply(expect, _, answer) = step else {
+                continue;
+            };
+            let mut line = String::new();
+            if r.read_line(&mut line).await.unwrap() == 0 {
+                break;
+            }
+            assert!(
+                line.to_ascii_uppercase()
+                    .starts_with(&expect.to_ascii_uppercase()),
+                "MTA expected {expect:?}, got {line:?}"
+            );
+            seen.push(line.trim_end().to_string());
+            w.write_all(answer.as_bytes()).await.unwrap();
+        }
+        (at, seen)
+    });
+    (addr, task)
+}
+
+const MTA_EHLO: &str = "250-mx.fake\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-XCLIENT NAME ADDR PORT\r\n250-8BITMIME\r\n250 CHUNKING\r\n";
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_starts_a_transaction_never_reaches_the_mta() {
+    let (addr, l) = untouched_mta().await;
+    let shared = lazy_shared("", addr);
+    let (mut c, task) = session(shared.clone()).await;
+    assert_eq!(read_reply(&mut c).await, "220 mx.fake ESMTP\r\n");
+    let (ehlo, _) = cmd(&mut c, "EHLO bot.example").await;
+    assert!(ehlo.starts_with("250-mx.fake\r\n"), "{ehlo}");
+    assert!(
+        ehlo.contains("PIPELINING") && ehlo.contains("CHUNKING"),
+        "{ehlo}"
+    );
+    assert!(!ehlo.contains("XCLIENT"), "{ehlo}");
+    assert!(cmd(&mut c, "NOOP").await.0.starts_with("250 "));
+    assert!(cmd(&mut c, "RSET").await.0.starts_with("250 "));
+    assert!(cmd(&mut c, "HELP").await.0.starts_with("214 "));
+    assert!(cmd(&mut c, "RCPT TO:<x@y>").await.0.starts_with("503 "));
+    assert!(cmd(&mut c, "DATA").await.0.starts_with("503 "));
+    assert!(cmd(&mut c, "FOO bar").await.0.starts_with("502 "));
+    // Only the agent may send XCLIENT, in every mode.
+    assert!(
+        cmd(&mut c, "XCLIENT ADDR=127.0.0.1")
+            .await
+            .0
+            .starts_with("550 ")
+    );
+    assert!(
+        cmd(&mut c, "HELO bot.example")
+            .await
+            .0
+            .starts_with("250 mx.fake")
+    );
+    assert!(cmd(&mut c, "QUIT").await.0.starts_with("221 "));
+    assert_eq!(task.await.unwrap(), Outcome::Quit);
+    assert_eq!(shared.metrics.sessions_unreached_total.get(), 1);
+    assert_eq!(shared.metrics.mta_connects_total.get(), 0);
+    assert_never_connected(l).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn mail_before_hello_is_refused_here_and_connects_nothing() {
+    let (addr, l) = untouched_mta().await;
+    let shared = lazy_shared("", addr);
+    let (mut c, task) = session(shared).await;
+    read_reply(&mut c).await;
+    assert!(cmd(&mut c, "MAIL FROM:<a@b>").await.0.starts_with("503 "));
+    assert!(cmd(&mut c, "AUTH PLAIN").await.0.starts_with("503 "));
+    // A huge line is refused by the strict reader, never buffered.
+    let long = format!("EHLO {}", "a".repeat(10_000));
+    assert!(cmd(&mut c, &long).await.0.starts_with("500 "));
+    drop(c);
+    assert_eq!(task.await.unwrap(), Outcome::ClientClosed);
+    assert_never_connected(l).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn mail_connects_the_mta_and_replays_the_clients_ehlo() {
+    let (mta, seen) = timed_mta(
+        "220 mx.fake ESMTP\r\n",
+        vec![
+            reply("EHLO client.example", MTA_EHLO),
+            reply("MAIL FROM:<a@b> SIZE=100", "250 2.1.0 Ok\r\n"),
+            reply("RCPT TO:<x@y>", "250 2.1.5 Ok\r\n"),
+            reply("QUIT", "221 bye\r\n"),
+        ],
+    )
+    .await;
+    let shared = lazy_shared("", mta);
+    let (mut c, task) = session(shared.clone()).await;
+    read_reply(&mut c).await;
+    // EHLO, MAIL and RCPT pipelined in one write.
+    c.get_mut()
+        .write_all(b"EHLO client.example\r\nMAIL FROM:<a@b> SIZE=100\r\nRCPT TO:<x@y>\r\n")
+        .await
+        .unwrap();
+    assert!(read_reply(&mut c).await.starts_with("250-mx.fake"));
+    assert_eq!(read_reply(&mut c).await, "250 2.1.0 Ok\r\n");
+    assert_eq!(read_reply(&mut c).await, "250 2.1.5 Ok\r\n");
+    assert!(cmd(&mut c, "QUIT").await.0.starts_with("221"));
+    assert_eq!(task.await.unwrap(), Outcome::Quit);
+    let (_, seen) = seen.await.unwrap();
+    assert_eq!(
+        seen,
+        vec![
+            "EHLO client.example",
+            "MAIL FROM:<a@b> SIZE=100",
+            "RCPT TO:<x@y>",
+            "QUIT"
+        ]
+    );
+    assert_eq!(shared.metrics.mta_connects_total.get(), 1);
+    assert_eq!(shared.metrics.sessions_unreached_total.get(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_blacklisted_client_reaches_the_mta_only_after_its_mail_hold() {
+    let (mta, seen) = timed_mta(
+        "220 mx.fake ESMTP\r\n",
+        vec![reply("EHLO", MTA_EHLO), reply("MAIL", "250 2.1.0 Ok\r\n")],
+    )
+    .await;
+    let shared = lazy_shared(
+        "[blacklist]\ndelay = \"60s\"\nips = [\"198.51.100.0/24\"]\n",
+        mta,
+    );
+    let (mut c, _task) = session(shared).await;
+    let start = Instant::now();
+    read_reply(&mut c).await;
+    cmd(&mut c, "EHLO bot").await;
+    let (r, d) = cmd(&mut c, "MAIL FROM:<a@b>").await;
+    assert_eq!(r, "250 2.1.0 Ok\r\n");
+    assert_eq!(d, Duration::from_secs(60), "the hold is paid once");
+    let (at, _) = seen.await.unwrap();
+    assert!(
+        at >= start + Duration::from_secs(60),
+        "connected during the hold"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusing_late_banner_is_the_answer_to_mail() {
+    let (mta, _seen) = timed_mta("554 5.7.1 go away\r\n", vec![]).await;
+    let shared = lazy_shared("", mta);
+    let (mut c, task) = session(shared).await;
+    assert_eq!(read_reply(&mut c).await, "220 mx.fake ESMTP\r\n");
+    cmd(&mut c, "EHLO client").await;
+    let (r, _) = cmd(&mut c, "MAIL FROM:<a@b>").await;
+    assert_eq!(r, "554 5.7.1 go away\r\n");
+    assert_eq!(task.await.unwrap(), Outcome::BackendClosed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_capability_the_client_used_that_is_gone_is_a_421() {
+    let (mta, _seen) = timed_mta(
+        "220 mx.fake ESMTP\r\n",
+        vec![reply("EHLO", "250-mx.fake\r\n250 PIPELINING\r\n")],
+    )
+    .await;
+    let shared = lazy_shared("", mta);
+    let (mut c, task) = session(shared.clone()).await;
+    read_reply(&mut c).await;
+    cmd(&mut c, "EHLO client").await;
+    let (r, _) = cmd(&mut c, "MAIL FROM:<a@b> BODY=8BITMIME").await;
+    assert!(r.starts_with("421 4.3.0"), "{r}");
+    assert_eq!(task.await.unwrap(), Outcome::BackendError);
+    // The next clients are told what the MTA says now.
+    let now = shared.mta.get().unwrap();
+    assert_eq!(now.ehlo.ehlo_keywords(), vec!["PIPELINING"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_gone_while_its_mail_is_held_never_reaches_the_mta() {
+    let (addr, l) = untouched_mta().await;
+    let shared = lazy_shared(
+        "[blacklist]\ndelay = \"60s\"\nips = [\"198.51.100.0/24\"]\n",
+        addr,
+    );
+    let (mut c, task) = session(shared).await;
+    read_reply(&mut c).await;
+    cmd(&mut c, "EHLO bot").await;
+    c.get_mut().write_all(b"MAIL FROM:<a@b>\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    drop(c);
+    assert_eq!(task.await.unwrap(), Outcome::ClientClosed);
+    assert_never_connected(l).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_probe_the_session_connects_at_once() {
+    let (mta, seen) = fake_mta(vec![reply("QUIT", "221 bye\r\n")]).await;
+    // No `learned()`: the probe has not succeeded yet.
+    let shared = shared(LAZY, mta);
+    let (mut c, task) = session(shared).await;
+    assert_eq!(read_reply(&mut c).await, "220 mx.fake ESMTP\r\n");
+    cmd(&mut c, "QUIT").await;
+    assert_eq!(task.await.unwrap(), Outcome::Quit);
+    assert_eq!(seen.await.unwrap(), vec!["QUIT"]);
+}
