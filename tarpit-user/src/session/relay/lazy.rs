@@ -431,7 +431,8 @@ impl Session<'_> {
         let acquire = connect::slot(shared);
         tokio::pin!(acquire);
         loop {
-            let can_read = self.reader.len() < READ_AHEAD;
+            // Never past a STARTTLS: those bytes belong to the handshake.
+            let can_read = self.may_read_ahead() && self.reader.len() < READ_AHEAD;
             tokio::select! {
                 s = &mut acquire => return Ok(s),
                 r = self.client.read_buf(self.reader.spare()), if can_read => match r {

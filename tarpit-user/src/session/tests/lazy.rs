@@ -270,3 +270,125 @@ async fn without_a_probe_the_session_connects_at_once() {
     assert_eq!(task.await.unwrap(), Outcome::Quit);
     assert_eq!(seen.await.unwrap(), vec!["QUIT"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_pipelining_flood_is_answered_here_in_bounded_batches() {
+    let (addr, l) = untouched_mta().await;
+    let shared = lazy_shared("", addr);
+    let (mut c, task) = session(shared).await;
+    read_reply(&mut c).await;
+    let flood = "NOOP\r\n".repeat(5_000);
+    let writer = {
+        let (r, mut w) = c.into_inner().into_split();
+        let t = tokio::spawn(async move {
+            w.write_all(flood.as_bytes()).await.unwrap();
+            w.write_all(b"QUIT\r\n").await.unwrap();
+            w
+        });
+        (BufReader::new(r), t)
+    };
+    let (mut r, t) = writer;
+    for _ in 0..5_000 {
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "250 2.0.0 Ok\r\n");
+    }
+    let mut line = String::new();
+    r.read_line(&mut line).await.unwrap();
+    assert!(line.starts_with("221 "), "{line}");
+    let _w = t.await.unwrap();
+    assert_eq!(task.await.unwrap(), Outcome::Quit);
+    assert_never_connected(l).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn bare_line_endings_in_the_spoken_phase_are_refused_and_never_replayed() {
+    let (mta, seen) = timed_mta(
+        "220 mx.fake ESMTP\r\n",
+        vec![
+            reply("EHLO good.example", MTA_EHLO),
+            reply("MAIL FROM:<a@b>", "250 2.1.0 Ok\r\n"),
+        ],
+    )
+    .await;
+    let shared = lazy_shared("", mta);
+    let (mut c, _task) = session(shared).await;
+    read_reply(&mut c).await;
+    // A bare LF cannot smuggle a second command into the EHLO line.
+    c.get_mut()
+        .write_all(b"EHLO evil.example\nMAIL FROM:<x@y>\r\n")
+        .await
+        .unwrap();
+    assert!(read_reply(&mut c).await.starts_with("500 "));
+    assert!(cmd(&mut c, "EHLO good.example").await.0.starts_with("250-"));
+    assert_eq!(cmd(&mut c, "MAIL FROM:<a@b>").await.0, "250 2.1.0 Ok\r\n");
+    let (_, seen) = seen.await.unwrap();
+    assert_eq!(seen, vec!["EHLO good.example", "MAIL FROM:<a@b>"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_sessions_makes_the_second_transaction_wait_for_the_first() {
+    // One MTA slot: the second client's MAIL waits until the first quits.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let mta = tokio::spawn(async move {
+        let mut order = Vec::new();
+        for _ in 0..2 {
+            let (s, _) = l.accept().await.unwrap();
+            s.set_nodelay(true).unwrap();
+            let (r, mut w) = s.into_split();
+            let mut r = BufReader::new(r);
+            let mut header = [0u8; 16];
+            r.read_exact(&mut header).await.unwrap();
+            let len = u16::from_be_bytes([header[14], header[15]]) as usize;
+            let mut rest = vec![0u8; len];
+            r.read_exact(&mut rest).await.unwrap();
+            w.write_all(b"220 mx.fake ESMTP\r\n").await.unwrap();
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).await.unwrap() == 0 {
+                    break;
+                }
+                order.push(line.trim_end().to_string());
+                let answer: &[u8] = match &line[..4] {
+                    "EHLO" => MTA_EHLO.as_bytes(),
+                    "QUIT" => b"221 bye\r\n",
+                    _ => b"250 ok\r\n",
+                };
+                w.write_all(answer).await.unwrap();
+                if line.starts_with("QUIT") {
+                    break;
+                }
+            }
+        }
+        order
+    });
+    let shared = lazy_shared("max_sessions = 1\n", addr);
+    let (mut a, ta) = session(shared.clone()).await;
+    let (mut b, tb) = session(shared.clone()).await;
+    read_reply(&mut a).await;
+    read_reply(&mut b).await;
+    cmd(&mut a, "EHLO a").await;
+    cmd(&mut b, "EHLO b").await;
+    assert!(cmd(&mut a, "MAIL FROM:<a@a>").await.0.starts_with("250"));
+    b.get_mut().write_all(b"MAIL FROM:<b@b>\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(shared.metrics.mta_waiting.get(), 1, "b waits for a's slot");
+    cmd(&mut a, "QUIT").await;
+    assert!(read_reply(&mut b).await.starts_with("250"));
+    assert_eq!(shared.metrics.mta_waiting.get(), 0);
+    cmd(&mut b, "QUIT").await;
+    assert_eq!(ta.await.unwrap(), Outcome::Quit);
+    assert_eq!(tb.await.unwrap(), Outcome::Quit);
+    assert_eq!(
+        mta.await.unwrap(),
+        vec![
+            "EHLO a",
+            "MAIL FROM:<a@a>",
+            "QUIT",
+            "EHLO b",
+            "MAIL FROM:<b@b>",
+            "QUIT"
+        ]
+    );
+}
