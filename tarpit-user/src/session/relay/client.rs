@@ -7,6 +7,7 @@ use tracing::{debug, info};
 
 use super::{BACKEND_LOST, Close, Kind, Owed, Pending, SHUTTING_DOWN, Session};
 use crate::metrics::Outcome;
+use crate::policy::protocol::Test;
 use crate::policy::{Delay, Step};
 use crate::smtp::{Command, Expect, Item};
 
@@ -52,7 +53,15 @@ impl Session<'_> {
                 return;
             };
             match item {
-                Item::Command(cmd, canonical) => self.command(cmd, canonical),
+                Item::Command(cmd, canonical) => {
+                    if self.pipelined_early() && self.tripped(Test::Pipelining) {
+                        return;
+                    }
+                    if self.non_smtp(&cmd, &canonical) && self.tripped(Test::NonSmtp) {
+                        return;
+                    }
+                    self.command(cmd, canonical)
+                }
                 Item::AuthResponse(line) => self.push_command(Kind::Auth, &line, None),
                 Item::BadLine(_) | Item::TooLong if was == Expect::AuthResponse => {
                     // The MTA waits for a SASL response: cancel the
@@ -61,6 +70,9 @@ impl Session<'_> {
                 }
                 Item::BadLine(fault) => {
                     self.shared.metrics.protocol_refused("bare_line_ending");
+                    if self.tripped(Test::BareNewline) {
+                        return;
+                    }
                     debug!(client = %self.peer, fault = fault.as_str(), "command line refused");
                     let text = format!(
                         "500 5.5.2 Error: {} in a command line: lines end with CRLF",

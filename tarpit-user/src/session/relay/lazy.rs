@@ -154,6 +154,7 @@ impl Session<'_> {
         self.owed.clear();
         self.to_backend.clear();
         self.chunking = false;
+        self.pipelining = false;
         if let Some(l) = self.lazy.as_mut() {
             l.hello = None;
             l.told.clear();
@@ -196,17 +197,21 @@ impl Session<'_> {
                     .rewrite_ehlo(self.ehlo_starttls(), self.auth_needs_tls());
                 let told = reply.ehlo_keywords();
                 self.chunking = told.iter().any(|k| k == "CHUNKING");
+                self.pipelining = told.iter().any(|k| k == "PIPELINING");
                 if let Some(l) = self.lazy.as_mut() {
                     l.told = told;
                     l.hello = Some((canonical.clone(), true));
                 }
-                self.push_reply(Kind::Local, reply, d, false);
+                // Kind::Ehlo: a command pipelined behind it is seen
+                // (`[protocol] pipelining`).
+                self.push_reply(Kind::Ehlo, reply, d, false);
             }
             Command::Helo(name) => {
                 self.shared.metrics.helo(name);
                 let d = self.step(Step::Helo(name));
                 let host = learned.host_name();
                 self.chunking = false;
+                self.pipelining = false;
                 if let Some(l) = self.lazy.as_mut() {
                     l.told.clear();
                     l.hello = Some((canonical.clone(), false));

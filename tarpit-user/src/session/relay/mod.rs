@@ -20,6 +20,7 @@
 mod client;
 mod lazy;
 mod mta;
+mod protocol;
 mod replies;
 
 use std::collections::VecDeque;
@@ -171,6 +172,8 @@ pub(super) struct Session<'a> {
     pub(super) sender: String,
     /// The MTA's last EHLO reply offered CHUNKING (BDAT).
     chunking: bool,
+    /// The last EHLO reply to the client offered PIPELINING.
+    pipelining: bool,
     /// The BDAT chunk being read is the last: its end is the end of data.
     last_chunk: bool,
     /// A failed reply to the data of the last chunk: the message's verdict.
@@ -228,6 +231,7 @@ impl<'a> Session<'a> {
             close_after_flush: None,
             sender: String::new(),
             chunking: false,
+            pipelining: false,
             last_chunk: false,
             chunk_verdict: None,
         }

@@ -101,6 +101,7 @@ impl Session<'_> {
                 self.backend_lost = false;
                 self.owed.clear();
                 self.chunking = false;
+                self.pipelining = false;
                 self.last_mta_write = Instant::now();
                 if banner.code != 220 {
                     // The MTA refuses the new session: the client hears why.
@@ -216,10 +217,14 @@ impl Session<'_> {
             Kind::Ehlo => {
                 self.chunking =
                     reply.code == 250 && reply.ehlo_keywords().iter().any(|k| k == "CHUNKING");
-                reply.rewrite_ehlo(self.ehlo_starttls(), self.auth_needs_tls())
+                let r = reply.rewrite_ehlo(self.ehlo_starttls(), self.auth_needs_tls());
+                self.pipelining =
+                    r.code == 250 && r.ehlo_keywords().iter().any(|k| k == "PIPELINING");
+                r
             }
             Kind::Helo => {
                 self.chunking = false;
+                self.pipelining = false;
                 reply
             }
             Kind::DataEnd => self.chunk_verdict.take().unwrap_or(reply),

@@ -392,3 +392,93 @@ async fn max_sessions_makes_the_second_transaction_wait_for_the_first() {
         ]
     );
 }
+
+const DROP_ALL: &str =
+    "[protocol]\npipelining = \"drop\"\nnon_smtp = \"drop\"\nbare_newline = \"drop\"\n";
+
+#[tokio::test(start_paused = true)]
+async fn protocol_tests_drop_the_clients_that_trip_them_and_only_those() {
+    for (input, trips) in [
+        (&b"EHLO a\r\nMAIL FROM:<a@b>\r\n"[..], "pipelining"),
+        (&b"GET / HTTP/1.0\r\n"[..], "non_smtp"),
+        (&b"EHLO a\nNOOP\r\n"[..], "bare_newline"),
+    ] {
+        let (addr, l) = untouched_mta().await;
+        let shared = lazy_shared(DROP_ALL, addr);
+        let (mut c, task) = session(shared.clone()).await;
+        read_reply(&mut c).await;
+        c.get_mut().write_all(input).await.unwrap();
+        let mut last = read_reply(&mut c).await;
+        if last.starts_with("250") {
+            last = read_reply(&mut c).await;
+        }
+        assert_eq!(last, "554 5.5.1 SMTP protocol violation\r\n", "{trips}");
+        assert_eq!(task.await.unwrap(), Outcome::Protocol, "{trips}");
+        assert!(
+            shared.metrics.render().contains(&format!(
+                "tarpit_protocol_tests_total{{test=\"{trips}\",action=\"drop\"}} 1"
+            )),
+            "{}",
+            shared.metrics.render()
+        );
+        assert_never_connected(l).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn protocol_tests_leave_a_well_behaved_client_alone() {
+    let (mta, seen) = timed_mta(
+        "220 mx.fake ESMTP\r\n",
+        vec![
+            reply("EHLO a", MTA_EHLO),
+            reply("MAIL", "250 2.1.0 Ok\r\n"),
+            reply("RCPT", "250 2.1.5 Ok\r\n"),
+            reply("RCPT", "250 2.1.5 Ok\r\n"),
+        ],
+    )
+    .await;
+    let shared = lazy_shared(DROP_ALL, mta);
+    let (mut c, _task) = session(shared.clone()).await;
+    read_reply(&mut c).await;
+    assert!(cmd(&mut c, "EHLO a").await.0.starts_with("250-"));
+    // PIPELINING was offered: a pipelined group after the EHLO reply is fine.
+    c.get_mut()
+        .write_all(b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nRCPT TO:<z@y>\r\n")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert!(read_reply(&mut c).await.starts_with("250 "));
+    }
+    assert_eq!(seen.await.unwrap().1.len(), 4);
+    assert!(
+        !shared
+            .metrics
+            .render()
+            .contains("tarpit_protocol_tests_total{")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn log_and_strike_keep_the_session_going() {
+    let (addr, _l) = untouched_mta().await;
+    let shared = lazy_shared(
+        "[protocol]\nnon_smtp = \"strike\"\nbare_newline = \"log\"\n",
+        addr,
+    );
+    let (mut c, task) = session(shared.clone()).await;
+    read_reply(&mut c).await;
+    assert!(cmd(&mut c, "USER bob").await.0.starts_with("502 "));
+    c.get_mut().write_all(b"NOOP\nNOOP\r\n").await.unwrap();
+    assert!(read_reply(&mut c).await.starts_with("500 "));
+    assert!(cmd(&mut c, "QUIT").await.0.starts_with("221 "));
+    assert_eq!(task.await.unwrap(), Outcome::Quit);
+    let m = shared.metrics.render();
+    assert!(
+        m.contains("tarpit_protocol_tests_total{test=\"non_smtp\",action=\"strike\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("tarpit_protocol_tests_total{test=\"bare_newline\",action=\"log\"} 1"),
+        "{m}"
+    );
+}
