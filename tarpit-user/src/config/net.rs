@@ -243,6 +243,28 @@ mod tests {
     use crate::config::Config;
 
     #[test]
+    fn lazy_connect_and_pacing_keys_are_checked() {
+        let c = Config::parse(
+            "[backend]\nconnect = \"at-transaction\"\nmax_sessions = 100\nbanner = \"mx.example ESMTP\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.backend.connect, super::ConnectMode::AtTransaction);
+        assert_eq!(c.backend.max_sessions, 100);
+        assert_eq!(c.backend.max_connecting, 64);
+        for (bad, key) in [
+            ("max_connecting = 0", "backend.max_connecting"),
+            ("probe_interval = \"0s\"", "backend.probe_interval"),
+            ("banner = \"\"", "backend.banner"),
+            ("banner = \"a\\r\\nb\"", "backend.banner"),
+            ("max_sessions = 2000000", "backend.max_sessions"),
+        ] {
+            let e = Config::parse(&format!("[backend]\n{bad}\n")).unwrap_err();
+            assert_eq!(e.key(), Some(key), "{bad}: {e}");
+        }
+        assert!(Config::parse("[backend]\nconnect = \"later\"\n").is_err());
+    }
+
+    #[test]
     fn backlog_defaults_to_somaxconn_and_is_range_checked() {
         let c = Config::parse("[listen]\naddrs = [\"127.0.0.1:2525\"]\n").unwrap();
         assert_eq!(c.listen.backlog, super::DEFAULT_BACKLOG);
