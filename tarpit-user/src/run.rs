@@ -228,9 +228,17 @@ impl Bound {
 /// probes fail: until one succeeds, sessions connect the MTA at once).
 async fn probe_mta(mut shared: watch::Receiver<Arc<Shared>>) {
     const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+    let mut probed = None;
     loop {
         let s = shared.borrow_and_update().clone();
         let mut wait = s.backend.probe_interval;
+        if probed
+            .replace(s.backend.addr)
+            .is_some_and(|a| a != s.backend.addr)
+        {
+            // Another MTA: what the old one said is no guide.
+            s.mta.clear();
+        }
         if s.backend.connect == crate::config::ConnectMode::AtTransaction {
             match crate::backend::probe::probe(&s.backend).await {
                 Ok(learned) => {

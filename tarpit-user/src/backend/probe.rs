@@ -52,6 +52,12 @@ impl MtaProfile {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Forgets what was learned (the MTA moved): sessions connect at once
+    /// until the next probe succeeds.
+    pub fn clear(&self) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     pub fn set(&self, learned: Learned) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(learned));
     }
