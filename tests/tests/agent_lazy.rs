@@ -313,3 +313,128 @@ fn starttls_terminated_by_the_agent_and_passed_through() {
         );
     }
 }
+
+/// Raw STARTTLS with a command pipelined behind it in clear, then a
+/// message inside TLS. One line per reply code.
+const INJECTION: &str = r#"
+import socket, ssl, sys
+host, src = sys.argv[1:3]
+s = socket.create_connection((host, 25), source_address=(src, 0), timeout=30)
+f = s.makefile("rb")
+def reply():
+    first = None
+    while True:
+        l = f.readline()
+        first = first or l
+        if l[3:4] != b"-":
+            return first[:3].decode()
+def cmd(line):
+    conn.sendall(line + b"\r\n")
+    return reply()
+print("banner", reply())
+conn = s
+print("ehlo", cmd(b"EHLO client.example"))
+s.sendall(b"STARTTLS\r\nMAIL FROM:<evil@x.example>\r\n")
+print("starttls", reply())
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+conn = ctx.wrap_socket(s, server_hostname="mx.tarpit.test")
+f = conn.makefile("rb")
+print("ehlo", cmd(b"EHLO client.example"))
+print("mail", cmd(b"MAIL FROM:<good@client.example>"))
+print("rcpt", cmd(b"RCPT TO:<sink@tarpit.test>"))
+print("data", cmd(b"DATA"))
+print("end", cmd(b"Subject: inside\r\n\r\nafter STARTTLS\r\n."))
+print("quit", cmd(b"QUIT"))
+"#;
+
+#[test]
+fn plaintext_pipelined_after_starttls_never_reaches_postfix() {
+    if !require_root() {
+        return;
+    }
+    let tmp = TempDir::new("lazyinject");
+    let (cert, key) = make_cert(&tmp.path, "mx.tarpit.test");
+    let net = TestNet::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let pf = Postfix::start(&net).unwrap();
+    let rest = format!("{NO_DELAYS}[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n");
+    let agent = start_agent(&net, &pins, &lazy_backend(), &rest);
+    for (host, src) in [
+        (SERVER_V4.to_string(), CLIENT_V4.to_string()),
+        (SERVER_V6.to_string(), CLIENT_V6.to_string()),
+    ] {
+        let out = net
+            .client_cmd("python3")
+            .args(["-c", INJECTION, &host, &src])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            [
+                "banner 220",
+                "ehlo 250",
+                "starttls 220",
+                "ehlo 250",
+                "mail 250",
+                "rcpt 250",
+                "data 354",
+                "end 250",
+                "quit 221"
+            ]
+        );
+    }
+    assert!(
+        pf.wait_delivered(2, Duration::from_secs(20)),
+        "{}",
+        pf.log()
+    );
+    assert!(!pf.log().contains("evil@x.example"), "{}", pf.log());
+    assert!(
+        agent
+            .log()
+            .contains("dropped bytes pipelined after STARTTLS"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn max_sessions_makes_a_transaction_wait_for_a_slot_not_fail() {
+    if !require_root() {
+        return;
+    }
+    let net = TestNet::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let pf = Postfix::start(&net).unwrap();
+    let backend = format!("{}max_sessions = 1\n", lazy_backend());
+    let _agent = start_agent(&net, &pins, &backend, NO_DELAYS);
+    let mut a = SmtpClient::connect(&net, CLIENT_V4.into(), agent_v4()).unwrap();
+    let mut b = SmtpClient::connect(&net, CLIENT_V6.into(), agent_v6()).unwrap();
+    a.reply().unwrap();
+    b.reply().unwrap();
+    a.expect("EHLO a.example", 250).unwrap();
+    b.expect("EHLO b.example", 250).unwrap();
+    a.expect("MAIL FROM:<a@client.example>", 250).unwrap();
+    b.send(b"MAIL FROM:<b@client.example>\r\n").unwrap();
+    assert!(
+        wait::until(Duration::from_secs(10), || metric(
+            &net,
+            "tarpit_mta_waiting"
+        ) == Some(1.0)),
+        "b waits for the one MTA slot"
+    );
+    a.expect("QUIT", 221).unwrap();
+    assert_eq!(b.reply().unwrap().code, 250);
+    b.expect("RCPT TO:<sink@tarpit.test>", 250).unwrap();
+    b.expect("QUIT", 221).unwrap();
+    assert_eq!(metric(&net, "tarpit_mta_waiting"), Some(0.0));
+    assert_eq!(connects_from(&pf, IpAddr::from(CLIENT_V6)), 1);
+}
