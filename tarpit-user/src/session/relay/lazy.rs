@@ -45,7 +45,21 @@ pub(in crate::session) struct Lazy {
     opening: Option<Opening>,
     /// The MTA was connected in this session.
     reached: bool,
+    /// Error replies the agent gave in this phase ([`HARD_ERROR_LIMIT`]).
+    errors: u32,
+    /// Commands that go nowhere ([`JUNK_COMMAND_LIMIT`]).
+    junk: u32,
 }
+
+/// Error replies before the agent hangs up, as Postfix's
+/// `smtpd_hard_error_limit` (20): the MTA never sees these errors, so the
+/// agent keeps its count.
+const HARD_ERROR_LIMIT: u32 = 20;
+
+/// NOOP, RSET, HELP, HELO and EHLO before the agent hangs up, as Postfix's
+/// `smtpd_junk_command_limit` (100): without it a bot could keep a session
+/// (and the agent's memory of it) alive forever without the MTA's limits.
+const JUNK_COMMAND_LIMIT: u32 = 100;
 
 /// A command that opens the MTA connection.
 struct Opening {
@@ -63,6 +77,8 @@ impl Lazy {
             told: Vec::new(),
             opening: None,
             reached: false,
+            errors: 0,
+            junk: 0,
         }
     }
 }
@@ -178,7 +194,7 @@ impl Session<'_> {
 
     /// Handles `cmd` while no MTA is connected. `false`: the relay's own
     /// handling applies (the agent's local answers: XCLIENT, AUTH in
-    /// clear, its own STARTTLS, malformed BDAT).
+    /// clear, its own STARTTLS, BDAT without CHUNKING or malformed).
     pub(super) fn lazy_command(&mut self, cmd: &Command, canonical: &Bytes) -> bool {
         let Some(lazy) = self.lazy.as_ref() else {
             return false;
@@ -188,6 +204,61 @@ impl Session<'_> {
         }
         let has_hello = lazy.hello.is_some();
         let learned = lazy.learned.clone();
+        let relay_answers = match cmd {
+            Command::Auth(_) => self.auth_needs_tls(),
+            Command::Starttls(_) => self.shared.tls.is_some() || self.client.is_tls(),
+            Command::Bdat(Some(_)) => !self.chunking,
+            Command::Bdat(None) | Command::ProxyOverride => true,
+            _ => false,
+        };
+        if relay_answers {
+            return false;
+        }
+        let queued = self.pending.len();
+        self.spoken_command(cmd, canonical, has_hello, &learned);
+        self.count_limits(cmd, queued);
+        true
+    }
+
+    /// Hangs up on a client past the error or junk limit (421, as Postfix).
+    fn count_limits(&mut self, cmd: &Command, queued: usize) {
+        let junk = matches!(
+            cmd,
+            Command::Noop | Command::Rset | Command::Helo(_) | Command::Ehlo(_)
+        ) || (*cmd == Command::Other
+            && self.pending.back().is_some_and(|p| p.kind == Kind::Local));
+        let error = self.pending.len() > queued
+            && self
+                .pending
+                .back()
+                .and_then(|p| p.reply.as_ref())
+                .is_some_and(|r| r.code >= 400);
+        let Some(l) = self.lazy.as_mut() else {
+            return;
+        };
+        l.junk += u32::from(junk);
+        l.errors += u32::from(error);
+        let limit = if l.errors >= HARD_ERROR_LIMIT {
+            "errors"
+        } else if l.junk >= JUNK_COMMAND_LIMIT {
+            "junk"
+        } else {
+            return;
+        };
+        self.shared.metrics.limit_refused(limit);
+        info!(client = %self.peer, limit, "too many commands that go nowhere: 421");
+        self.push_local("421 4.7.0 Error: too many errors", Kind::Local, true);
+        self.close_after_flush = Some(Close(Outcome::Limit));
+    }
+
+    /// [`Session::lazy_command`]'s answers.
+    fn spoken_command(
+        &mut self,
+        cmd: &Command,
+        canonical: &Bytes,
+        has_hello: bool,
+        learned: &Arc<Learned>,
+    ) {
         match cmd {
             Command::Ehlo(name) => {
                 self.shared.metrics.helo(name);
@@ -237,11 +308,7 @@ impl Session<'_> {
                 self.sender = sender.clone();
                 self.open_late(Kind::Other, canonical, d);
             }
-            Command::Auth(_) if self.auth_needs_tls() => return false,
             Command::Auth(_) => self.open_late(Kind::Auth, canonical, None),
-            Command::Starttls(_) if self.shared.tls.is_some() || self.client.is_tls() => {
-                return false;
-            }
             Command::Starttls(_) => self.open_late(Kind::StarttlsRelayed, canonical, None),
             Command::Rcpt(_) => {
                 self.push_local("503 5.5.1 Error: need MAIL command", Kind::Local, false);
@@ -249,7 +316,7 @@ impl Session<'_> {
             Command::Data => {
                 self.push_local("503 5.5.1 Error: need RCPT command", Kind::Local, false);
             }
-            Command::Bdat(Some((size, _))) if self.chunking => {
+            Command::Bdat(Some((size, _))) => {
                 // The chunk is read and dropped (nothing is connected to
                 // take it), so its bytes are never taken for commands.
                 if *size > 0 {
@@ -257,7 +324,8 @@ impl Session<'_> {
                 }
                 self.push_local("503 5.5.1 Error: need RCPT command", Kind::Local, false);
             }
-            Command::Bdat(_) | Command::ProxyOverride => return false,
+            // The relay answers these (`lazy_command`).
+            Command::Bdat(None) | Command::ProxyOverride => {}
             Command::Other => {
                 let verb = canonical
                     .split(|&b| b == b' ' || b == b'\r')
@@ -281,7 +349,6 @@ impl Session<'_> {
                 }
             }
         }
-        true
     }
 
     /// Queues `line` as the command that opens the MTA connection.
