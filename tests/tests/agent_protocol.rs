@@ -1,8 +1,8 @@
 //! `[protocol]`: postscreen's after-greeting tests, inline and without a
-//! reconnect, in front of real Postfix with `backend.connect =
-//! "at-transaction"`. For each test a client that trips it (554, closed,
-//! never seen by Postfix, counted) and one that does not (its mail
-//! arrives), IPv4 and IPv6.
+//! reconnect, in front of real Postfix, with `backend.connect =
+//! "at-transaction"` and `"at-connect"`. For each test a client that trips
+//! it (554, closed, counted; at-transaction: never seen by Postfix) and one
+//! that does not (its mail arrives), IPv4 and IPv6.
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -18,17 +18,19 @@ struct World {
     _agent: Agent,
 }
 
-fn world(protocol: &str) -> World {
+fn world(protocol: &str, lazy: bool) -> World {
     let net = TestNet::new().unwrap();
     let pins = PinDir::new().unwrap();
     let pf = Postfix::start(&net).unwrap();
-    let backend = format!("{}connect = \"at-transaction\"\n", proxy_backend());
+    let mode = if lazy { "at-transaction" } else { "at-connect" };
+    let backend = format!("{}connect = \"{mode}\"\n", proxy_backend());
     let rest = format!("[greeting]\ndelay = \"0s\"\n[protocol]\n{protocol}");
     let agent = Agent::start(&net, &agent_config(&net, &pins, &backend, &rest)).unwrap();
     assert!(
-        wait::until(Duration::from_secs(20), || agent
-            .log()
-            .contains("learned the MTA's banner")),
+        !lazy
+            || wait::until(Duration::from_secs(20), || agent
+                .log()
+                .contains("learned the MTA's banner")),
         "{}",
         agent.log()
     );
@@ -76,7 +78,7 @@ fn passes(w: &World, src: IpAddr, dst: std::net::SocketAddr, subject: &str) {
     c.expect("QUIT", 221).unwrap();
 }
 
-fn check(w: &World, test: &str, delivered: usize) {
+fn check(w: &World, test: &str, delivered: usize, lazy: bool) {
     assert!(
         w.pf.wait_delivered(delivered, Duration::from_secs(20)),
         "{}",
@@ -101,17 +103,15 @@ fn pipelining_before_the_ehlo_reply_is_dropped_a_client_that_waits_is_not() {
     if !require_root() {
         return;
     }
-    let w = world("pipelining = \"drop\"\n");
-    for (src, dst) in families() {
-        trips(
-            &w,
-            src,
-            dst,
-            b"EHLO tripper.example\r\nMAIL FROM:<bot@x.example>\r\n",
-        );
-        passes(&w, src, dst, "waited for EHLO");
+    for lazy in [true, false] {
+        let w = world("pipelining = \"drop\"\n", lazy);
+        for (src, dst) in families() {
+            let bytes = b"EHLO tripper.example\r\nMAIL FROM:<bot@x.example>\r\n";
+            trips(&w, src, dst, bytes);
+            passes(&w, src, dst, "waited for EHLO");
+        }
+        check(&w, "pipelining", 2, lazy);
     }
-    check(&w, "pipelining", 2);
 }
 
 #[test]
@@ -119,12 +119,14 @@ fn non_smtp_commands_are_dropped_smtp_is_not() {
     if !require_root() {
         return;
     }
-    let w = world("non_smtp = \"drop\"\n");
-    for (src, dst) in families() {
-        trips(&w, src, dst, b"CONNECT tripper.example:25 HTTP/1.0\r\n");
-        passes(&w, src, dst, "smtp only");
+    for lazy in [true, false] {
+        let w = world("non_smtp = \"drop\"\n", lazy);
+        for (src, dst) in families() {
+            trips(&w, src, dst, b"CONNECT tripper.example:25 HTTP/1.0\r\n");
+            passes(&w, src, dst, "smtp only");
+        }
+        check(&w, "non_smtp", 2, lazy);
     }
-    check(&w, "non_smtp", 2);
 }
 
 #[test]
@@ -132,10 +134,17 @@ fn bare_newlines_in_commands_are_dropped_crlf_is_not() {
     if !require_root() {
         return;
     }
-    let w = world("bare_newline = \"drop\"\n");
-    for (src, dst) in families() {
-        trips(&w, src, dst, b"EHLO tripper.example\nMAIL FROM:<a@b>\r\n");
-        passes(&w, src, dst, "crlf");
+    for lazy in [true, false] {
+        let w = world("bare_newline = \"drop\"\n", lazy);
+        for (src, dst) in families() {
+            trips(
+                &w,
+                src,
+                dst,
+                b"EHLO tripper.example\nMAIL FROM:<bot@x.example>\r\n",
+            );
+            passes(&w, src, dst, "crlf");
+        }
+        check(&w, "bare_newline", 2, lazy);
     }
-    check(&w, "bare_newline", 2);
 }
