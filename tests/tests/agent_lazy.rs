@@ -438,3 +438,30 @@ fn max_sessions_makes_a_transaction_wait_for_a_slot_not_fail() {
     assert_eq!(metric(&net, "tarpit_mta_waiting"), Some(0.0));
     assert_eq!(connects_from(&pf, IpAddr::from(CLIENT_V6)), 1);
 }
+
+#[test]
+fn a_refusing_late_banner_from_postfix_answers_the_mail_command() {
+    if !require_root() {
+        return;
+    }
+    let net = TestNet::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    // One connection per client address at a time: the second gets
+    // Postfix's "421 4.7.0 ... too many connections" in place of a banner.
+    let pf = Postfix::start_with(&net, "smtpd_client_connection_count_limit = 1\n").unwrap();
+    let _agent = start_agent(&net, &pins, &lazy_backend(), NO_DELAYS);
+    let mut a = SmtpClient::connect(&net, CLIENT_V4.into(), agent_v4()).unwrap();
+    let mut b = SmtpClient::connect(&net, CLIENT_V4.into(), agent_v4()).unwrap();
+    // Both were greeted by the agent.
+    assert_eq!(a.reply().unwrap().code, 220);
+    assert_eq!(b.reply().unwrap().code, 220);
+    a.expect("EHLO a.example", 250).unwrap();
+    b.expect("EHLO b.example", 250).unwrap();
+    a.expect("MAIL FROM:<a@client.example>", 250).unwrap();
+    let (r, _) = b.cmd("MAIL FROM:<b@client.example>").unwrap();
+    assert_eq!(r.code, 421, "{}", r.text);
+    assert!(r.text.contains("too many connections"), "{}", r.text);
+    assert!(b.closed_within(Duration::from_secs(5)));
+    a.expect("RCPT TO:<sink@tarpit.test>", 250).unwrap();
+    a.expect("QUIT", 221).unwrap();
+}
