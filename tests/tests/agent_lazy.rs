@@ -464,4 +464,10 @@ fn a_refusing_late_banner_from_postfix_answers_the_mail_command() {
     assert!(b.closed_within(Duration::from_secs(5)));
     a.expect("RCPT TO:<sink@tarpit.test>", 250).unwrap();
     a.expect("QUIT", 221).unwrap();
+    assert!(
+        pf.log()
+            .contains("too many connections from unknown[198.51.100.2]"),
+        "{}",
+        pf.log()
+    );
 }
