@@ -465,8 +465,10 @@ fn a_refusing_late_banner_from_postfix_answers_the_mail_command() {
     a.expect("RCPT TO:<sink@tarpit.test>", 250).unwrap();
     a.expect("QUIT", 221).unwrap();
     assert!(
-        pf.log()
-            .contains("too many connections from unknown[198.51.100.2]"),
+        pf.wait_log(
+            "Connection concurrency limit exceeded: 2 from unknown[198.51.100.2]",
+            Duration::from_secs(10)
+        ),
         "{}",
         pf.log()
     );
