@@ -130,11 +130,13 @@ impl Session<'_> {
             Command::Helo(name) => {
                 self.shared.metrics.helo(&name);
                 let d = self.step(Step::Helo(&name));
+                self.forget_told();
                 self.push_command(Kind::Helo, &canonical, d);
             }
             Command::Ehlo(name) => {
                 self.shared.metrics.helo(&name);
                 let d = self.step(Step::Helo(&name));
+                self.forget_told();
                 self.push_command(Kind::Ehlo, &canonical, d);
             }
             Command::Mail(sender) => {
@@ -153,6 +155,7 @@ impl Session<'_> {
                 let d = self.step(Step::Data);
                 self.push_command(Kind::Data, &canonical, d);
             }
+            Command::Bdat(_) if !self.chunking && self.told_but_gone("CHUNKING") => {}
             Command::Bdat(_) if !self.chunking => {
                 // The MTA did not offer it: nothing is forwarded, and what
                 // follows is read as commands, by the agent and the MTA alike.

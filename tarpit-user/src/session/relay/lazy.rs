@@ -145,6 +145,37 @@ impl Session<'_> {
         self.lazy.as_ref().is_some_and(|l| l.opening.is_some())
     }
 
+    /// The client was told `keyword` by the agent (in the spoken phase)
+    /// and the MTA connected since does not offer it: using it now is a
+    /// 421 and a log line, never a silent mismatch.
+    pub(super) fn told_but_gone(&mut self, keyword: &str) -> bool {
+        let Some(l) = self.lazy.as_ref().filter(|l| l.reached) else {
+            return false;
+        };
+        if !l.told.iter().any(|k| keyword_name(k) == keyword) {
+            return false;
+        }
+        warn!(client = %self.peer, missing = keyword,
+            "the MTA no longer offers what the client was told and used: 421");
+        self.shared.metrics.backend_error("capabilities");
+        self.push_local(
+            "421 4.3.0 Error: the mail server changed its capabilities, try again",
+            Kind::Local,
+            true,
+        );
+        self.close_after_flush = Some(Close(Outcome::BackendError));
+        self.backend_quit();
+        true
+    }
+
+    /// The client's HELO/EHLO went to the MTA: what it is told from now on
+    /// is the MTA's own reply, not the agent's.
+    pub(super) fn forget_told(&mut self) {
+        if let Some(l) = self.lazy.as_mut() {
+            l.told.clear();
+        }
+    }
+
     /// Whether this session ever reached the MTA.
     pub(in crate::session) fn reached_mta(&self) -> bool {
         self.lazy.as_ref().is_none_or(|l| l.reached)

@@ -504,3 +504,30 @@ async fn log_and_strike_keep_the_session_going() {
         "{m}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn chunking_told_then_gone_is_a_421_when_the_client_uses_it() {
+    let (mta, _seen) = timed_mta(
+        "220 mx.fake ESMTP\r\n",
+        vec![
+            reply(
+                "EHLO",
+                "250-mx.fake\r\n250-PIPELINING\r\n250 SIZE 10240000\r\n",
+            ),
+            reply("MAIL", "250 2.1.0 Ok\r\n"),
+            reply("RCPT", "250 2.1.5 Ok\r\n"),
+            // Nothing of the BDAT reaches it: the agent says goodbye.
+            reply("QUIT", "221 bye\r\n"),
+        ],
+    )
+    .await;
+    let shared = lazy_shared("", mta);
+    let (mut c, task) = session(shared).await;
+    read_reply(&mut c).await;
+    assert!(cmd(&mut c, "EHLO a").await.0.contains("CHUNKING"));
+    assert!(cmd(&mut c, "MAIL FROM:<a@b>").await.0.starts_with("250"));
+    assert!(cmd(&mut c, "RCPT TO:<x@y>").await.0.starts_with("250"));
+    let (r, _) = cmd(&mut c, "BDAT 5 LAST").await;
+    assert!(r.starts_with("421 4.3.0"), "{r}");
+    assert_eq!(task.await.unwrap(), Outcome::BackendError);
+}
