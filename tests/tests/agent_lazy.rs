@@ -473,3 +473,60 @@ fn a_refusing_late_banner_from_postfix_answers_the_mail_command() {
         pf.log()
     );
 }
+
+#[test]
+fn a_reload_switches_new_sessions_to_at_transaction_and_keeps_those_in_flight() {
+    if !require_root() {
+        return;
+    }
+    let net = TestNet::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let pf = Postfix::start(&net).unwrap();
+    let agent = Agent::start(
+        &net,
+        &agent_config(&net, &pins, &proxy_backend(), NO_DELAYS),
+    )
+    .unwrap();
+    // At-connect: the MTA greets, and a session stays open across the reload.
+    let mut inflight = SmtpClient::connect(&net, CLIENT_V6.into(), agent_v6()).unwrap();
+    inflight.reply().unwrap();
+    inflight.expect("EHLO inflight.example", 250).unwrap();
+    assert_eq!(connects_from(&pf, IpAddr::from(CLIENT_V6)), 1);
+
+    let backend = format!("{}banner = \"custom.tarpit.test ESMTP\"\n", lazy_backend());
+    std::fs::write(
+        &agent.config,
+        agent_config(&net, &pins, &backend, NO_DELAYS),
+    )
+    .unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    assert!(
+        wait::until(Duration::from_secs(20), || agent
+            .log()
+            .contains("learned the MTA's banner")),
+        "{}",
+        agent.log()
+    );
+    let mut c = SmtpClient::connect(&net, CLIENT_V4.into(), agent_v4()).unwrap();
+    assert_eq!(c.reply().unwrap().text, "220 custom.tarpit.test ESMTP\r\n");
+    c.expect("EHLO quitter.example", 250).unwrap();
+    c.expect("QUIT", 221).unwrap();
+
+    inflight
+        .expect("MAIL FROM:<sender@client.example>", 250)
+        .unwrap();
+    inflight.expect("RCPT TO:<sink@tarpit.test>", 250).unwrap();
+    inflight.expect("QUIT", 221).unwrap();
+    assert_eq!(
+        connects_from(&pf, IpAddr::from(CLIENT_V4)),
+        0,
+        "{}",
+        pf.log()
+    );
+    assert_eq!(
+        connects_from(&pf, IpAddr::from(CLIENT_V6)),
+        1,
+        "{}",
+        pf.log()
+    );
+}
