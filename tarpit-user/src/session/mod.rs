@@ -14,15 +14,19 @@
 //! 2. Pre-greet (`pregreet`): talk before the banner, judged by the
 //!    pre-greet source, answered as the policy says.
 //! 3. After the delay (`dns_gate`, [`run`]'s `greet`): the DNS verdict and
-//!    connect greylisting take effect, then the MTA is connected, the
-//!    client introduced (PROXY/XCLIENT) and its banner relayed.
+//!    connect greylisting take effect, then the MTA is connected (paced:
+//!    `connect`), the client introduced (PROXY/XCLIENT) and its banner
+//!    relayed. With `backend.connect = "at-transaction"` the agent speaks
+//!    the banner itself instead, and `relay::lazy` answers for the MTA
+//!    until the client starts a transaction, which connects it.
 //! 4. Relay (`relay`): client commands, read strictly and forwarded in
 //!    canonical form, go to the MTA as they come (pipelining included);
 //!    each MTA reply is matched to its command, held as the policy says
 //!    and sent in order. The agent answers only what it must: limits,
 //!    pre-greet, malformed lines, STARTTLS when it terminates TLS, XCLIENT
-//!    from clients, and 4xx when the MTA fails. It never makes up a
-//!    positive reply to DATA or BDAT.
+//!    from clients, postscreen's after-greeting tests (`relay::protocol`),
+//!    4xx when the MTA fails, and (at-transaction) what comes before a
+//!    transaction. It never makes up a positive reply to DATA or BDAT.
 //! 5. STARTTLS and opaque relay (`relay::mta`, `opaque`): STARTTLS relayed
 //!    to the MTA, or an implicit-TLS client whose TLS session is with the
 //!    MTA.
