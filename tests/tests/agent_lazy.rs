@@ -530,3 +530,47 @@ fn a_reload_switches_new_sessions_to_at_transaction_and_keeps_those_in_flight() 
         pf.log()
     );
 }
+
+#[test]
+fn a_blacklisted_client_reaches_postfix_only_after_its_mail_hold() {
+    if !require_root() {
+        return;
+    }
+    let net = TestNet::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let pf = Postfix::start(&net).unwrap();
+    let rest = format!("{NO_DELAYS}[blacklist]\ndelay = \"3s\"\nips = [\"{CLIENT_V4}/32\"]\n");
+    let _agent = start_agent(&net, &pins, &lazy_backend(), &rest);
+    let mut c = SmtpClient::connect(&net, CLIENT_V4.into(), agent_v4()).unwrap();
+    c.reply().unwrap();
+    c.expect("EHLO bot.example", 250).unwrap();
+    c.send(b"MAIL FROM:<bot@client.example>\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        connects_from(&pf, IpAddr::from(CLIENT_V4)),
+        0,
+        "connected during the hold: {}",
+        pf.log()
+    );
+    let (r, took) = c.timed_reply().unwrap();
+    assert_eq!(r.code, 250, "{}", r.text);
+    assert!(
+        took >= Duration::from_millis(1000),
+        "the MAIL reply came {took:?} after the check: the hold was cut short"
+    );
+    assert_eq!(connects_from(&pf, IpAddr::from(CLIENT_V4)), 1);
+    // A bot that leaves during the hold costs Postfix nothing.
+    let mut c2 = SmtpClient::connect(&net, CLIENT_V4.into(), agent_v4()).unwrap();
+    c2.reply().unwrap();
+    c2.expect("EHLO bot.example", 250).unwrap();
+    c2.send(b"MAIL FROM:<bot@client.example>\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(c2);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        connects_from(&pf, IpAddr::from(CLIENT_V4)),
+        1,
+        "{}",
+        pf.log()
+    );
+}
