@@ -161,6 +161,11 @@ pub fn bind_agent(
         shutdown: handles.shutdown,
         reputation,
         greylist,
+        mta: crate::backend::probe::MtaProfile::default(),
+        pacer: crate::backend::pace::Pacer::new(
+            config.backend.max_connecting,
+            config.backend.max_sessions,
+        ),
     });
     let metrics = match config.metrics.listen {
         Some(addr) => Some((crate::metrics::bind(addr)?, metrics)),
@@ -205,6 +210,7 @@ impl Bound {
         }
         let server = self.server.with_updates(self.shared.subscribe());
         tasks.spawn(server.serve());
+        tasks.spawn(probe_mta(self.shared.subscribe()));
         tasks.spawn(apply_reloads(
             self.updates,
             self.shared,
@@ -213,6 +219,47 @@ impl Bound {
             self.kernel,
         ));
         Ok(tasks)
+    }
+}
+
+/// Keeps what the MTA says before a transaction (`Shared::mta`) fresh for
+/// `backend.connect = "at-transaction"`: a probe at start, on every reload
+/// and every `backend.probe_interval` (sooner, every few seconds, while
+/// probes fail: until one succeeds, sessions connect the MTA at once).
+async fn probe_mta(mut shared: watch::Receiver<Arc<Shared>>) {
+    const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+    let mut probed = None;
+    loop {
+        let s = shared.borrow_and_update().clone();
+        let mut wait = s.backend.probe_interval;
+        if probed
+            .replace(s.backend.addr)
+            .is_some_and(|a| a != s.backend.addr)
+        {
+            // Another MTA: what the old one said is no guide.
+            s.mta.clear();
+        }
+        if s.backend.connect == crate::config::ConnectMode::AtTransaction {
+            match crate::backend::probe::probe(&s.backend).await {
+                Ok(learned) => {
+                    if s.mta.get().as_deref() != Some(&learned) {
+                        info!(banner = %String::from_utf8_lossy(&learned.banner.to_bytes()).trim_end(),
+                            keywords = learned.ehlo.ehlo_keywords().len(),
+                            "learned the MTA's banner and EHLO reply");
+                    }
+                    s.mta.set(learned);
+                }
+                Err(e) => {
+                    warn!("probing the MTA: {e}; sessions connect it at once meanwhile");
+                    wait = wait.min(RETRY);
+                }
+            }
+        }
+        drop(s);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            r = shared.changed() => if r.is_err() { return },
+        }
     }
 }
 
@@ -274,6 +321,16 @@ async fn apply_reloads(
             .as_ref()
             .map(|g| g.reconfigure(&config.greylist));
         next.policy = Policy::new(&config);
+        if (config.backend.max_connecting, config.backend.max_sessions)
+            != (next.backend.max_connecting, next.backend.max_sessions)
+        {
+            // New limits for new sessions; those open keep their slots
+            // in the old ones until they end.
+            next.pacer = crate::backend::pace::Pacer::new(
+                config.backend.max_connecting,
+                config.backend.max_sessions,
+            );
+        }
         next.backend = config.backend.clone();
         next.limits = config.limits.clone();
         next.tls = tls;

@@ -3,6 +3,8 @@
 //! Opened only once a client has earned it (after the greeting delay);
 //! the first bytes tell the MTA who the client really is (PROXY v2, v1 or
 //! XCLIENT), then the MTA's banner is read to be relayed.
+pub mod pace;
+pub mod probe;
 pub mod proxy;
 
 use std::net::SocketAddr;
@@ -38,6 +40,8 @@ pub enum BackendError {
     LineTooLong,
     #[error("XCLIENT refused or not offered by the MTA: {0}")]
     Xclient(String),
+    #[error("the MTA refused the probe: {0}")]
+    Refused(String),
 }
 
 impl BackendError {
@@ -50,6 +54,7 @@ impl BackendError {
             BackendError::Closed => "closed",
             BackendError::Malformed(_) | BackendError::LineTooLong => "malformed",
             BackendError::Xclient(_) => "xclient",
+            BackendError::Refused(_) => "refused",
         }
     }
 }
@@ -59,6 +64,8 @@ pub struct Backend {
     pub stream: TcpStream,
     buf: LineBuf,
     replies: ReplyAssembler,
+    /// Its place in the pacing limits (`pace`), given back on drop.
+    slot: pace::Slot,
 }
 
 impl Backend {
@@ -73,6 +80,21 @@ impl Backend {
         let banner = timeout(t, b.introduce(cfg, client, local))
             .await
             .map_err(|_| BackendError::Timeout(t))??;
+        Ok((b, banner))
+    }
+
+    /// [`Backend::open`] with a pacing slot already taken
+    /// ([`pace::Pacer::slot`]): the connecting part of it is given back
+    /// once the banner is in, the session part when the connection closes.
+    pub async fn open_in(
+        cfg: &BackendConfig,
+        mut slot: pace::Slot,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<(Backend, Reply), BackendError> {
+        let (mut b, banner) = Backend::open(cfg, client, local).await?;
+        slot.opened();
+        b.slot = slot;
         Ok((b, banner))
     }
 
@@ -115,6 +137,7 @@ impl Backend {
             stream,
             buf: LineBuf::new(MAX_REPLY_LINE),
             replies: ReplyAssembler::default(),
+            slot: pace::Slot::default(),
         })
     }
 

@@ -17,6 +17,7 @@ mod limits;
 mod metrics;
 mod net;
 mod ops;
+mod protocol;
 mod rcpt;
 mod reject;
 mod reputation;
@@ -40,8 +41,9 @@ pub use helo::HeloConfig;
 pub use kernel::{KernelConfig, TcAttachSetting, XdpModeSetting};
 pub use limits::LimitsConfig;
 pub use metrics::MetricsConfig;
-pub use net::{BackendConfig, ClientAddress, ListenConfig};
+pub use net::{BackendConfig, ClientAddress, ConnectMode, ListenConfig};
 pub use ops::{DaemonConfig, LogConfig, LogFormat, MAX_SHUTDOWN_TIMEOUT};
+pub use protocol::{ProtocolConfig, TestAction};
 pub use rcpt::RcptConfig;
 pub use reject::RejectConfig;
 pub use reputation::{
@@ -73,6 +75,8 @@ pub struct Config {
     pub allow: AllowConfig,
     pub limits: LimitsConfig,
     pub smtp: SmtpConfig,
+    /// `[protocol]`: postscreen's after-greeting tests.
+    pub protocol: ProtocolConfig,
     pub tls: TlsConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
@@ -104,6 +108,7 @@ impl Default for Config {
             allow: AllowConfig::default(),
             limits: LimitsConfig::default(),
             smtp: SmtpConfig::default(),
+            protocol: ProtocolConfig::default(),
             tls: TlsConfig::default(),
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
@@ -149,6 +154,7 @@ impl Config {
         self.allow.validate()?;
         self.limits.validate()?;
         self.smtp.validate()?;
+        self.protocol.validate()?;
         self.tls.validate()?;
         self.tls.validate_listeners(&self.listen, &self.backend)?;
         self.metrics.validate()?;

@@ -50,6 +50,24 @@ impl ListenConfig {
     }
 }
 
+/// When the agent opens the client's connection to the MTA.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConnectMode {
+    /// At the end of the greeting delay: the MTA speaks the banner and
+    /// answers everything.
+    #[default]
+    AtConnect,
+    /// At the first command that needs the MTA (MAIL, AUTH, VRFY, EXPN,
+    /// ETRN, STARTTLS without a certificate): the agent speaks the banner,
+    /// HELO/EHLO, NOOP, RSET, HELP and QUIT itself from what a probe
+    /// connection learned, then replays the client's EHLO on the late
+    /// connection. Bots that never start a transaction never cost the MTA
+    /// a process. Not for an MTA whose EHLO reply differs per client
+    /// (Postfix `smtpd_discard_ehlo_keyword_address_maps`).
+    AtTransaction,
+}
+
 /// How the backend MTA learns the real client address.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -97,6 +115,24 @@ pub struct BackendConfig {
     /// `addr`. With a certificate the agent terminates TLS itself and
     /// those clients go to `addr` in clear.
     pub implicit_tls_addr: Option<SocketAddr>,
+    /// `"at-connect"` (default) or `"at-transaction"`: see [`ConnectMode`].
+    pub connect: ConnectMode,
+    /// With `at-transaction`: the banner text the agent speaks (after
+    /// `220 `). Unset: the MTA's own, learned by the probe.
+    pub banner: Option<String>,
+    /// With `at-transaction`: how often the agent probes the MTA's banner
+    /// and EHLO reply (also at start, on reload, and whenever a late
+    /// connection shows a different EHLO reply).
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// Connections to the MTA being opened at once (connect, PROXY or
+    /// XCLIENT, banner); more wait their turn instead of flooding the
+    /// MTA's listen queue.
+    pub max_connecting: usize,
+    /// Connections to the MTA open at once; clients beyond wait (their
+    /// reply held) until one closes. 0 = no limit. Set it to the MTA's
+    /// process limit (Postfix: `default_process_limit`, 100).
+    pub max_sessions: usize,
 }
 
 impl Default for BackendConfig {
@@ -110,6 +146,11 @@ impl Default for BackendConfig {
             keepalive: Duration::from_secs(8),
             write_timeout: Duration::from_secs(60),
             implicit_tls_addr: None,
+            connect: ConnectMode::AtConnect,
+            banner: None,
+            probe_interval: Duration::from_secs(300),
+            max_connecting: 64,
+            max_sessions: 0,
         }
     }
 }
@@ -152,6 +193,36 @@ impl BackendConfig {
                 "port 0 is not a TCP port",
             ));
         }
+        if self.probe_interval < Duration::from_secs(1)
+            || self.probe_interval > Duration::from_secs(86_400)
+        {
+            return Err(ConfigError::invalid(
+                "backend.probe_interval",
+                "must be from 1s to 24h",
+            ));
+        }
+        if !(1..=100_000).contains(&self.max_connecting) {
+            return Err(ConfigError::invalid(
+                "backend.max_connecting",
+                "must be from 1 to 100000",
+            ));
+        }
+        if self.max_sessions > 1_000_000 {
+            return Err(ConfigError::invalid(
+                "backend.max_sessions",
+                "must be at most 1000000 (0 = no limit)",
+            ));
+        }
+        if let Some(b) = &self.banner
+            && (b.is_empty()
+                || b.len() > 400
+                || !b.chars().all(|c| c == ' ' || c.is_ascii_graphic()))
+        {
+            return Err(ConfigError::invalid(
+                "backend.banner",
+                "must be 1 to 400 printable ASCII characters",
+            ));
+        }
         if self.helo_name.is_empty()
             || !self
                 .helo_name
@@ -170,6 +241,28 @@ impl BackendConfig {
 #[cfg(test)]
 mod tests {
     use crate::config::Config;
+
+    #[test]
+    fn lazy_connect_and_pacing_keys_are_checked() {
+        let c = Config::parse(
+            "[backend]\nconnect = \"at-transaction\"\nmax_sessions = 100\nbanner = \"mx.example ESMTP\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.backend.connect, super::ConnectMode::AtTransaction);
+        assert_eq!(c.backend.max_sessions, 100);
+        assert_eq!(c.backend.max_connecting, 64);
+        for (bad, key) in [
+            ("max_connecting = 0", "backend.max_connecting"),
+            ("probe_interval = \"0s\"", "backend.probe_interval"),
+            ("banner = \"\"", "backend.banner"),
+            ("banner = \"a\\r\\nb\"", "backend.banner"),
+            ("max_sessions = 2000000", "backend.max_sessions"),
+        ] {
+            let e = Config::parse(&format!("[backend]\n{bad}\n")).unwrap_err();
+            assert_eq!(e.key(), Some(key), "{bad}: {e}");
+        }
+        assert!(Config::parse("[backend]\nconnect = \"later\"\n").is_err());
+    }
 
     #[test]
     fn backlog_defaults_to_somaxconn_and_is_range_checked() {

@@ -124,6 +124,17 @@ pub struct Metrics {
     /// Automatic blocks evicted to make room for newer ones.
     pub blocks_evicted: Counter,
     kernel_features: Family<Labels, Gauge>,
+    /// Connections opened to the MTA (the rate is for PromQL).
+    pub mta_connects_total: Counter,
+    /// Clients whose reply waits for an MTA slot (`backend.max_connecting`,
+    /// `backend.max_sessions`).
+    pub mta_waiting: Gauge,
+    /// Sessions past the greeting that ended without ever reaching the
+    /// MTA (`backend.connect = "at-transaction"`).
+    pub sessions_unreached_total: Counter,
+    /// Client behaviour postscreen's after-greeting tests look for
+    /// (`[protocol]`), by test and action.
+    protocol_tests: Family<Labels, Counter>,
 }
 
 fn delay_histogram() -> Histogram {
@@ -236,9 +247,37 @@ impl Metrics {
             registry.register(name, help, c.clone());
             c
         });
+        let mta_connects_total = Counter::default();
+        registry.register(
+            "mta_connects",
+            "Connections opened to the MTA",
+            mta_connects_total.clone(),
+        );
+        let mta_waiting = Gauge::default();
+        registry.register(
+            "mta_waiting",
+            "Clients waiting for an MTA slot (backend.max_connecting, backend.max_sessions)",
+            mta_waiting.clone(),
+        );
+        let sessions_unreached_total = Counter::default();
+        registry.register(
+            "sessions_unreached",
+            "Sessions past the greeting that ended without reaching the MTA (at-transaction)",
+            sessions_unreached_total.clone(),
+        );
+        let protocol_tests = Family::<Labels, Counter>::default();
+        registry.register(
+            "protocol_tests",
+            "Clients that tripped an after-greeting test ([protocol]), by test and action",
+            protocol_tests.clone(),
+        );
         registry.register_collector(Box::new(DroppedLogLines));
         Metrics {
             registry: Mutex::new(registry),
+            mta_connects_total,
+            mta_waiting,
+            sessions_unreached_total,
+            protocol_tests,
             blocks_added,
             blocks_expired,
             blocks_evicted,
@@ -297,6 +336,13 @@ impl Metrics {
     /// The client sent a RCPT: noted in the session's summary line.
     pub fn rcpt(&self) {
         summary::rcpt();
+    }
+
+    /// A client tripped an after-greeting test (`[protocol]`).
+    pub fn protocol_test(&self, test: &'static str, action: &'static str) {
+        self.protocol_tests
+            .get_or_create(&vec![("test", test), ("action", action)])
+            .inc();
     }
 
     pub fn limit_refused(&self, limit: &'static str) {

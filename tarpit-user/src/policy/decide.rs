@@ -39,6 +39,8 @@ pub enum Event<'a> {
     Sent(Sent),
     /// The MTA accepted the client's AUTH (235).
     Authenticated,
+    /// The client tripped an after-greeting test (`[protocol]`).
+    Protocol(super::protocol::Test),
 }
 
 /// What the session must do; the default is "nothing: pass to the MTA".
@@ -65,6 +67,9 @@ pub struct Action {
     pub greylist: Option<GreyAsk>,
     /// Remember that the client authenticated now (the auth store).
     pub remember_auth: bool,
+    /// The client tripped an after-greeting test that runs: log it and
+    /// count it (with `reply`/`close` or `offence` as its action says).
+    pub note: bool,
 }
 
 impl Action {
@@ -154,6 +159,7 @@ impl Policy {
                 offence: offenders::offence(sent),
                 ..Action::default()
             },
+            Event::Protocol(test) => self.protocol.tripped(test, self.excluded(s)),
             Event::Authenticated => {
                 s.authenticated = true;
                 Action {

@@ -19,6 +19,7 @@
 //! | DNSBL drop/reject/delay, DNSWL and `allow.hosts` allow (postscreen) | [`dnsbl`] | the verdict's action |
 //! | greylisting at connect or per triplet | [`greylist`] | `[greylist]` |
 //! | which outcomes are offences (closed loop) | [`offenders`] | - |
+//! | after-greeting tests: pipelining, non-SMTP commands, bare newlines (postscreen) | [`protocol`] | `[protocol]` |
 //! | cap on the total delay of a session | [`Policy::settle`] | `limits.max_total_delay` |
 //!
 //! A new timing rule is one config section, one file here (its struct, its
@@ -36,6 +37,7 @@ pub mod orf;
 pub mod pattern;
 pub mod ports;
 pub mod precedence;
+pub mod protocol;
 pub mod qmail;
 pub mod securitygateway;
 
@@ -196,6 +198,8 @@ pub struct Policy {
     pub orf: orf::Orf,
     pub postscreen: dnsbl::Postscreen,
     pub greylisting: greylist::Greylisting,
+    /// postscreen's after-greeting tests (`[protocol]`).
+    pub protocol: protocol::Protocol,
     /// `limits.max_total_delay`: the session's budget of holds.
     pub max_total_delay: Duration,
 }
@@ -210,6 +214,7 @@ impl Policy {
             orf: orf::Orf::new(&c.blacklist, &c.allow),
             postscreen: dnsbl::Postscreen,
             greylisting: greylist::Greylisting::new(&c.greylist),
+            protocol: protocol::Protocol::new(&c.protocol),
             max_total_delay: c.limits.max_total_delay,
         }
     }

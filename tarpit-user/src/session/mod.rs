@@ -14,18 +14,23 @@
 //! 2. Pre-greet (`pregreet`): talk before the banner, judged by the
 //!    pre-greet source, answered as the policy says.
 //! 3. After the delay (`dns_gate`, [`run`]'s `greet`): the DNS verdict and
-//!    connect greylisting take effect, then the MTA is connected, the
-//!    client introduced (PROXY/XCLIENT) and its banner relayed.
+//!    connect greylisting take effect, then the MTA is connected (paced:
+//!    `connect`), the client introduced (PROXY/XCLIENT) and its banner
+//!    relayed. With `backend.connect = "at-transaction"` the agent speaks
+//!    the banner itself instead, and `relay::lazy` answers for the MTA
+//!    until the client starts a transaction, which connects it.
 //! 4. Relay (`relay`): client commands, read strictly and forwarded in
 //!    canonical form, go to the MTA as they come (pipelining included);
 //!    each MTA reply is matched to its command, held as the policy says
 //!    and sent in order. The agent answers only what it must: limits,
 //!    pre-greet, malformed lines, STARTTLS when it terminates TLS, XCLIENT
-//!    from clients, and 4xx when the MTA fails. It never makes up a
-//!    positive reply to DATA or BDAT.
+//!    from clients, postscreen's after-greeting tests (`relay::protocol`),
+//!    4xx when the MTA fails, and (at-transaction) what comes before a
+//!    transaction. It never makes up a positive reply to DATA or BDAT.
 //! 5. STARTTLS and opaque relay (`relay::mta`, `opaque`): STARTTLS relayed
 //!    to the MTA, or an implicit-TLS client whose TLS session is with the
 //!    MTA.
+mod connect;
 mod dns_gate;
 mod opaque;
 mod open;
@@ -44,7 +49,9 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use crate::backend::Backend;
-use crate::config::{BackendConfig, LimitsConfig, SmtpConfig};
+use crate::backend::pace::Pacer;
+use crate::backend::probe::{Learned, MtaProfile};
+use crate::config::{BackendConfig, ConnectMode, LimitsConfig, SmtpConfig};
 use crate::metrics::{Metrics, Outcome};
 use crate::policy::ports::Ports;
 use crate::policy::{Policy, SessionState};
@@ -78,6 +85,24 @@ pub struct Shared {
     /// DNSBL/DNSWL and host-name checks (issue 8).
     pub reputation: crate::reputation::Reputation,
     pub greylist: Option<crate::reputation::Greylist>,
+    /// The MTA's banner and EHLO reply, as the probe learned them
+    /// (`backend.connect = "at-transaction"`); kept across reloads.
+    pub mta: MtaProfile,
+    /// The limits on MTA connections (`backend.max_connecting`,
+    /// `backend.max_sessions`).
+    pub pacer: Pacer,
+}
+
+impl Shared {
+    /// What the agent says in place of the MTA until a transaction starts,
+    /// when it does: `at-transaction`, and a probe has succeeded (until
+    /// then sessions connect the MTA at once, as `at-connect`).
+    pub fn speaks_first(&self) -> Option<std::sync::Arc<Learned>> {
+        if self.backend.connect != ConnectMode::AtTransaction {
+            return None;
+        }
+        self.mta.get()
+    }
 }
 
 const NO_SERVICE: &str = "421 4.3.2 Service not available, try again later\r\n";
@@ -117,7 +142,7 @@ async fn after_hold(
     check_pre_greet: bool,
     seen: bool,
 ) -> Outcome {
-    let (mut stream, mut backend, banner) = match greet(
+    let (mut stream, backend, banner, learned) = match greet(
         shared,
         &mut state,
         stream,
@@ -132,27 +157,41 @@ async fn after_hold(
         Ok(x) => x,
         Err(outcome) => return outcome,
     };
-    let Some(banner) = banner else {
-        // Implicit TLS with the MTA: nothing to read in clear, relay it.
-        return Box::pin(passthrough(shared, &mut stream, &mut backend, Bytes::new())).await;
+    let (banner, backend) = match (banner, backend) {
+        (Some(banner), backend) => (banner, backend),
+        (None, Some(mut backend)) => {
+            // Implicit TLS with the MTA: nothing to read in clear, relay it.
+            return Box::pin(passthrough(shared, &mut stream, &mut backend, Bytes::new())).await;
+        }
+        (None, None) => return Outcome::BackendError,
     };
     // Boxed: a task's future is as large as its largest state, and the
     // relay state is much larger than the greeting one.
-    Box::pin(relay(shared, peer, local, state, stream, backend, banner)).await
+    Box::pin(relay(
+        shared, peer, local, state, stream, backend, banner, learned,
+    ))
+    .await
 }
 
-/// The relay phase of [`run`], once the banner is there.
+/// The relay phase of [`run`], once the banner is there. Without a
+/// `backend` the agent speaks for the MTA (`learned`) until the client
+/// starts a transaction (`relay::lazy`).
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     shared: &Shared,
     peer: SocketAddr,
     local: SocketAddr,
     state: SessionState,
     client: ClientStream,
-    backend: Backend,
+    backend: Option<Backend>,
     banner: Reply,
+    learned: Option<std::sync::Arc<Learned>>,
 ) -> Outcome {
-    let mut s = Session::new(shared, peer, local, state, client, backend);
+    let mut s = Session::new(shared, peer, local, state, client, backend, learned);
     let outcome = s.relay(banner).await;
+    if !s.reached_mta() {
+        shared.metrics.sessions_unreached_total.inc();
+    }
     debug!(client = %peer, outcome = outcome.as_str(), rcpts = s.state.rcpts,
         delay_s = s.state.delay_spent.as_secs_f64(), "session ended");
     outcome
@@ -167,10 +206,22 @@ async fn say_and_close<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, text: &str) 
     .await;
 }
 
+/// What the greeting phase hands to the relay: the client, the MTA (none
+/// yet when the agent speaks first), the banner (none for implicit TLS
+/// with the MTA) and what the agent speaks from.
+type Greeted = (
+    ClientStream,
+    Option<Backend>,
+    Option<Reply>,
+    Option<std::sync::Arc<Learned>>,
+);
+
 /// The end of the greeting phase, once the delay is over: pre-greet
 /// check, DNS gate, MTA connection, banner. The banner is `None` for an
 /// implicit-TLS client whose TLS session is with the MTA (the agent has no
-/// certificate): the rest is relayed opaquely.
+/// certificate): the rest is relayed opaquely. With
+/// `backend.connect = "at-transaction"` the agent speaks the banner itself
+/// and no MTA is connected yet.
 #[allow(clippy::too_many_arguments)]
 async fn greet(
     shared: &Shared,
@@ -181,7 +232,7 @@ async fn greet(
     rep: &mut dns_gate::Lookups,
     check_pre_greet: bool,
     seen: bool,
-) -> Result<(ClientStream, Backend, Option<Reply>), Outcome> {
+) -> Result<Greeted, Outcome> {
     if check_pre_greet && pregreet::talked_first(shared, &stream, peer, local, seen).await {
         return Err(pregreet::answer(shared, state, stream, peer).await);
     }
@@ -191,9 +242,23 @@ async fn greet(
         return Err(Outcome::Shutdown);
     }
     if state.client.implicit_tls {
-        return Box::pin(opaque::implicit_tls(shared, stream, peer, local)).await;
+        return Box::pin(opaque::implicit_tls(shared, stream, peer, local))
+            .await
+            .map(|(c, b, r)| (c, Some(b), r, None));
     }
-    let (backend, banner) = match Box::pin(Backend::open(&shared.backend, peer, local)).await {
+    if let Some(learned) = shared.speaks_first() {
+        let banner = match &shared.backend.banner {
+            Some(text) => Reply::local(220, text),
+            None => learned.banner.clone(),
+        };
+        return Ok((
+            ClientStream::Plain(stream),
+            None,
+            Some(banner),
+            Some(learned),
+        ));
+    }
+    let (backend, banner) = match Box::pin(connect::open(shared, peer, local)).await {
         Ok(x) => x,
         Err(e) => {
             warn!(client = %peer, "{e}");
@@ -205,7 +270,12 @@ async fn greet(
     if check_pre_greet && pregreet::talked_first(shared, &stream, peer, local, seen).await {
         return Err(pregreet::answer(shared, state, stream, peer).await);
     }
-    Ok((ClientStream::Plain(stream), backend, Some(banner)))
+    Ok((
+        ClientStream::Plain(stream),
+        Some(backend),
+        Some(banner),
+        None,
+    ))
 }
 
 #[cfg(test)]

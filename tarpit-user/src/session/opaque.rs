@@ -62,7 +62,7 @@ pub(super) async fn implicit_tls(
         }
     };
     let mut client = client;
-    match Box::pin(Backend::open(&shared.backend, peer, local)).await {
+    match Box::pin(super::connect::open(shared, peer, local)).await {
         Ok((backend, banner)) => Ok((client, backend, Some(banner))),
         Err(e) => {
             warn!(client = %peer, "{e}");

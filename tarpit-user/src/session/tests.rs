@@ -114,6 +114,11 @@ fn shared(toml: &str, mta: SocketAddr) -> Arc<Shared> {
         )
         .expect("reputation"),
         greylist: None,
+        mta: crate::backend::probe::MtaProfile::default(),
+        pacer: crate::backend::pace::Pacer::new(
+            config.backend.max_connecting,
+            config.backend.max_sessions,
+        ),
     })
 }
 
@@ -787,3 +792,5 @@ async fn a_client_is_classified_once_and_its_offences_go_to_the_port() {
         vec![crate::policy::ports::Offence::UnknownRecipient]
     );
 }
+
+mod lazy;

@@ -28,8 +28,31 @@ pub enum Mode {
     Hold,
     /// Connect, talk before the banner, read the verdict, repeat.
     Pregreet,
-    /// Connect, time the final greeting line against the configured delay.
-    Lateness { delay_ms: u64 },
+    /// Serve as an instant SMTP sink on `targets[0]` until killed (in the
+    /// server namespace): greets at once, skips a PROXY v1 line, answers
+    /// every command, takes DATA; what smtp-sink does, but without taking
+    /// the PROXY line for a command (which would answer the client's EHLO
+    /// with a 500).
+    Sink,
+    /// Connect, time the final greeting line against the configured delay,
+    /// then go on as `after` says.
+    Lateness {
+        delay_ms: u64,
+        #[serde(default)]
+        after: AfterGreeting,
+    },
+}
+
+/// What a lateness client does once greeted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AfterGreeting {
+    /// QUIT at once.
+    #[default]
+    Quit,
+    /// EHLO, then QUIT (a bot that gives up at EHLO).
+    EhloQuit,
+    /// EHLO, MAIL (its reply timed), RCPT, DATA, one message, QUIT.
+    Transaction,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,6 +104,9 @@ pub struct Report {
     /// Lateness: counted from before connect() instead (includes the
     /// handshake and any SYN retry).
     pub lateness_from_syn_ms: Vec<f64>,
+    /// Lateness with a transaction: how long the MAIL reply took, in ms.
+    #[serde(default)]
+    pub mail_ms: Vec<f64>,
     pub first_error: Option<String>,
 }
 
@@ -106,7 +132,8 @@ pub fn main(spec: &str) -> Result<()> {
         match spec.mode {
             Mode::Hold => hold(&spec).await,
             Mode::Pregreet => pregreet(&spec).await,
-            Mode::Lateness { delay_ms } => lateness(&spec, delay_ms).await,
+            Mode::Lateness { delay_ms, after } => lateness(&spec, delay_ms, after).await,
+            Mode::Sink => sink(&spec).await,
         }
     });
     emit(&report);
@@ -308,7 +335,7 @@ async fn pregreet_session(spec: &Spec, i: u32, deadline: Instant) -> std::io::Re
     Ok(text.lines().any(|l| l.starts_with('5')))
 }
 
-async fn lateness(spec: &Spec, delay_ms: u64) -> Report {
+async fn lateness(spec: &Spec, delay_ms: u64, after: AfterGreeting) -> Report {
     let start = Instant::now();
     let deadline = start + Duration::from_millis(spec.time_limit_ms);
     let sem = std::sync::Arc::new(Semaphore::new(spec.concurrency.max(1) as usize));
@@ -352,6 +379,14 @@ async fn lateness(spec: &Spec, delay_ms: u64) -> Report {
                 let text = String::from_utf8_lossy(&got);
                 if text.split("\r\n").any(|l| l.len() >= 4 && &l[3..4] == " ") {
                     let t1 = stamp.unwrap_or_else(SystemTime::now);
+                    let mail_ms = match after {
+                        AfterGreeting::Quit => None,
+                        AfterGreeting::EhloQuit => {
+                            exchange(&mut s, b"EHLO bench.example\r\n", b"250").await?;
+                            None
+                        }
+                        AfterGreeting::Transaction => Some(transaction(&mut s).await?),
+                    };
                     let _ = s.write_all(b"QUIT\r\n").await;
                     let ms = |a: SystemTime, b: SystemTime| match b.duration_since(a) {
                         Ok(d) => d.as_secs_f64() * 1e3,
@@ -365,6 +400,7 @@ async fn lateness(spec: &Spec, delay_ms: u64) -> Report {
                         late_from_syn,
                         connect_ms: ms(c0, t0),
                         early: late_from_syn < -1.0,
+                        mail_ms,
                     });
                 }
             }
@@ -384,6 +420,7 @@ async fn lateness(spec: &Spec, delay_ms: u64) -> Report {
                 r.lateness_ms.push(t.late);
                 r.lateness_from_syn_ms.push(t.late_from_syn);
                 r.connect_ms.push(t.connect_ms);
+                r.mail_ms.extend(t.mail_ms);
             }
             Ok(Err(e)) => {
                 r.failed += 1;
@@ -408,6 +445,128 @@ struct Timed {
     connect_ms: f64,
     /// The greeting came before the delay, even counted from before connect().
     early: bool,
+    /// With a transaction: how long the MAIL reply took.
+    mail_ms: Option<f64>,
+}
+
+/// [`Mode::Sink`]: serves until killed.
+async fn sink(spec: &Spec) -> Report {
+    let serve = async {
+        let addr = *spec.targets.first().context("no sink address")?;
+        let sock = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        sock.set_reuseaddr(true)?;
+        sock.bind(addr)?;
+        let l = sock.listen(4096)?;
+        loop {
+            let (s, _) = l.accept().await?;
+            tokio::spawn(async move {
+                let _ = sink_session(s).await;
+            });
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), anyhow::Error>(())
+    };
+    let first_error = serve.await.err().map(|e| format!("{e:#}"));
+    Report {
+        event: "done".into(),
+        first_error,
+        ..Report::default()
+    }
+}
+
+/// One sink session.
+async fn sink_session(s: TcpStream) -> std::io::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let _ = s.set_nodelay(true);
+    let (r, mut w) = s.into_split();
+    let mut r = tokio::io::BufReader::new(r);
+    w.write_all(b"220 sink ESMTP\r\n").await?;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if r.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(());
+        }
+        let verb: Vec<u8> = line
+            .iter()
+            .take_while(|b| b.is_ascii_alphabetic())
+            .map(u8::to_ascii_uppercase)
+            .collect();
+        let reply: &[u8] = match verb.as_slice() {
+            b"PROXY" => continue,
+            b"EHLO" => b"250-sink\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+            b"DATA" => {
+                w.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                    .await?;
+                loop {
+                    line.clear();
+                    if r.read_until(b'\n', &mut line).await? == 0 {
+                        return Ok(());
+                    }
+                    if line == b".\r\n" {
+                        break;
+                    }
+                }
+                b"250 2.0.0 Ok: queued\r\n"
+            }
+            b"QUIT" => {
+                w.write_all(b"221 2.0.0 Bye\r\n").await?;
+                return Ok(());
+            }
+            _ => b"250 2.0.0 Ok\r\n",
+        };
+        w.write_all(reply).await?;
+    }
+}
+
+/// Sends `line` and reads one whole reply, which must start with `code`.
+async fn exchange(s: &mut TcpStream, line: &[u8], code: &[u8]) -> Result<(), String> {
+    s.write_all(line).await.map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(60), s.read(&mut buf))
+            .await
+            .map_err(|_| "no reply within 60 s".to_string())?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!(
+                "closed after {}",
+                String::from_utf8_lossy(line).trim_end()
+            ));
+        }
+        got.extend_from_slice(&buf[..n]);
+        // A whole reply: its last line has a space after the code.
+        if got.ends_with(b"\r\n")
+            && let Some(last) = got[..got.len() - 2].rsplit(|&b| b == b'\n').next()
+            && last.get(3) == Some(&b' ')
+        {
+            if !got.starts_with(code) {
+                return Err(format!(
+                    "{} got {}",
+                    String::from_utf8_lossy(line).trim_end(),
+                    String::from_utf8_lossy(&got).trim_end()
+                ));
+            }
+            return Ok(());
+        }
+    }
+}
+
+/// EHLO, MAIL (timed, in ms), RCPT, DATA, a short message.
+async fn transaction(s: &mut TcpStream) -> Result<f64, String> {
+    exchange(s, b"EHLO bench.example\r\n", b"250").await?;
+    let t = Instant::now();
+    exchange(s, b"MAIL FROM:<bench@client.example>\r\n", b"250").await?;
+    let mail = t.elapsed().as_secs_f64() * 1e3;
+    exchange(s, b"RCPT TO:<sink@tarpit.test>\r\n", b"250").await?;
+    exchange(s, b"DATA\r\n", b"354").await?;
+    exchange(s, b"Subject: lateness\r\n\r\nbench\r\n.\r\n", b"250").await?;
+    Ok(mail)
 }
 
 fn enable_rx_timestamps(s: &TcpStream) -> std::io::Result<()> {
@@ -615,6 +774,7 @@ pub fn sum(reports: &[Report]) -> Report {
         t.connect_ms.extend_from_slice(&r.connect_ms);
         t.lateness_from_syn_ms
             .extend_from_slice(&r.lateness_from_syn_ms);
+        t.mail_ms.extend_from_slice(&r.mail_ms);
         if t.first_error.is_none() {
             t.first_error.clone_from(&r.first_error);
         }

@@ -7,6 +7,7 @@ use tracing::{debug, info};
 
 use super::{BACKEND_LOST, Close, Kind, Owed, Pending, SHUTTING_DOWN, Session};
 use crate::metrics::Outcome;
+use crate::policy::protocol::Test;
 use crate::policy::{Delay, Step};
 use crate::smtp::{Command, Expect, Item};
 
@@ -41,7 +42,9 @@ impl Session<'_> {
     /// allow.
     pub(super) fn process_client(&mut self) {
         loop {
-            if self.close_after_flush.is_some() || self.pending.iter().any(|p| p.kind.is_barrier())
+            if self.close_after_flush.is_some()
+                || self.opening()
+                || self.pending.iter().any(|p| p.kind.is_barrier())
             {
                 return;
             }
@@ -50,7 +53,15 @@ impl Session<'_> {
                 return;
             };
             match item {
-                Item::Command(cmd, canonical) => self.command(cmd, canonical),
+                Item::Command(cmd, canonical) => {
+                    if self.pipelined_early() && self.tripped(Test::Pipelining) {
+                        return;
+                    }
+                    if self.non_smtp(&cmd, &canonical) && self.tripped(Test::NonSmtp) {
+                        return;
+                    }
+                    self.command(cmd, canonical)
+                }
                 Item::AuthResponse(line) => self.push_command(Kind::Auth, &line, None),
                 Item::BadLine(_) | Item::TooLong if was == Expect::AuthResponse => {
                     // The MTA waits for a SASL response: cancel the
@@ -59,6 +70,9 @@ impl Session<'_> {
                 }
                 Item::BadLine(fault) => {
                     self.shared.metrics.protocol_refused("bare_line_ending");
+                    if self.tripped(Test::BareNewline) {
+                        return;
+                    }
                     debug!(client = %self.peer, fault = fault.as_str(), "command line refused");
                     let text = format!(
                         "500 5.5.2 Error: {} in a command line: lines end with CRLF",
@@ -109,15 +123,20 @@ impl Session<'_> {
             self.backend_quit();
             return;
         }
+        if self.backend.is_none() && self.lazy_command(&cmd, &canonical) {
+            return;
+        }
         match cmd {
             Command::Helo(name) => {
                 self.shared.metrics.helo(&name);
                 let d = self.step(Step::Helo(&name));
+                self.forget_told();
                 self.push_command(Kind::Helo, &canonical, d);
             }
             Command::Ehlo(name) => {
                 self.shared.metrics.helo(&name);
                 let d = self.step(Step::Helo(&name));
+                self.forget_told();
                 self.push_command(Kind::Ehlo, &canonical, d);
             }
             Command::Mail(sender) => {
@@ -136,6 +155,7 @@ impl Session<'_> {
                 let d = self.step(Step::Data);
                 self.push_command(Kind::Data, &canonical, d);
             }
+            Command::Bdat(_) if !self.chunking && self.told_but_gone("CHUNKING") => {}
             Command::Bdat(_) if !self.chunking => {
                 // The MTA did not offer it: nothing is forwarded, and what
                 // follows is read as commands, by the agent and the MTA alike.

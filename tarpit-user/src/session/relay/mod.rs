@@ -18,7 +18,9 @@
 //! timer, with cancel-safe reads, so a held session is a socket, two small
 //! buffers and two queues.
 mod client;
+mod lazy;
 mod mta;
+mod protocol;
 mod replies;
 
 use std::collections::VecDeque;
@@ -39,7 +41,7 @@ use crate::tls::ClientStream;
 /// How many bytes the agent reads ahead of a reply the client must see
 /// first (DATA's 354, the end of data, AUTH, STARTTLS): enough to notice
 /// that the client left, too little to matter.
-const READ_AHEAD: usize = 16 * 1024;
+pub(super) const READ_AHEAD: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
@@ -148,7 +150,10 @@ pub(super) struct Session<'a> {
     pub(super) state: SessionState,
     pub(super) client: ClientStream,
     pub(super) reader: ClientReader,
-    pub(super) backend: Backend,
+    /// The MTA; `None` while the agent speaks for it (`lazy`).
+    pub(super) backend: Option<Backend>,
+    /// The agent-spoken phase of `backend.connect = "at-transaction"`.
+    pub(super) lazy: Option<lazy::Lazy>,
     pub(super) pending: VecDeque<Pending>,
     owed: VecDeque<(Owed, Instant)>,
     next_id: u64,
@@ -167,10 +172,20 @@ pub(super) struct Session<'a> {
     pub(super) sender: String,
     /// The MTA's last EHLO reply offered CHUNKING (BDAT).
     chunking: bool,
+    /// The last EHLO reply to the client offered PIPELINING.
+    pipelining: bool,
     /// The BDAT chunk being read is the last: its end is the end of data.
     last_chunk: bool,
     /// A failed reply to the data of the last chunk: the message's verdict.
     chunk_verdict: Option<Reply>,
+}
+
+/// Reads from the MTA, if there is one (callers guard on that).
+async fn fill(backend: &mut Option<Backend>) -> std::io::Result<usize> {
+    match backend {
+        Some(b) => b.fill().await,
+        None => std::future::pending().await,
+    }
 }
 
 enum Wake {
@@ -190,9 +205,11 @@ impl<'a> Session<'a> {
         local: SocketAddr,
         state: SessionState,
         client: ClientStream,
-        backend: Backend,
+        backend: Option<Backend>,
+        learned: Option<std::sync::Arc<crate::backend::probe::Learned>>,
     ) -> Session<'a> {
         let now = Instant::now();
+        let lazy = learned.map(lazy::Lazy::new);
         Session {
             shared,
             peer,
@@ -201,6 +218,7 @@ impl<'a> Session<'a> {
             client,
             reader: ClientReader::new(shared.limits.line, shared.smtp.bare_line_ending),
             backend,
+            lazy,
             pending: VecDeque::new(),
             owed: VecDeque::new(),
             next_id: 0,
@@ -213,6 +231,7 @@ impl<'a> Session<'a> {
             close_after_flush: None,
             sender: String::new(),
             chunking: false,
+            pipelining: false,
             last_chunk: false,
             chunk_verdict: None,
         }
@@ -225,6 +244,9 @@ impl<'a> Session<'a> {
         let (mut drain_seen, mut close_seen) = (false, false);
         loop {
             if let Some(outcome) = self.release_ready().await {
+                return outcome;
+            }
+            if let Some(outcome) = self.connect_due().await {
                 return outcome;
             }
             self.send_due(Instant::now());
@@ -248,11 +270,11 @@ impl<'a> Session<'a> {
             let wake = {
                 let reader = &mut self.reader;
                 let client = &mut self.client;
+                let lost = self.backend_lost || self.backend.is_none();
                 let backend = &mut self.backend;
-                let lost = self.backend_lost;
                 tokio::select! {
                     r = client.read_buf(reader.spare()), if read_client => Wake::Client(r),
-                    r = backend.fill(), if !lost => Wake::Backend(r),
+                    r = fill(backend), if !lost => Wake::Backend(r),
                     _ = sleep_until(timer) => Wake::Timer,
                     _ = shutdown.draining(), if !drain_seen => Wake::Drain,
                     _ = shutdown.closing(), if drain_seen && !close_seen => Wake::Close,
@@ -269,7 +291,9 @@ impl<'a> Session<'a> {
                         info!(client = %self.peer, "client left during the end-of-data hold: message not passed to the MTA");
                         return Outcome::ClientClosed;
                     }
-                    if self.pending.is_empty() || self.backend_lost {
+                    if self.pending.is_empty() || self.backend_lost || self.opening() {
+                        // (Gone before its late MTA connection: the MTA
+                        // never hears of it.)
                         return Outcome::ClientClosed;
                     }
                 }
@@ -343,6 +367,7 @@ impl<'a> Session<'a> {
         let every = self.shared.backend.keepalive;
         if every.is_zero()
             || self.backend_lost
+            || self.backend.is_none()
             || !self.owed.is_empty()
             || self.pending.is_empty()
             || self.reader.expecting() != Expect::Command
@@ -372,6 +397,9 @@ impl<'a> Session<'a> {
         }
         if let Some(k) = self.keepalive_time() {
             t = t.min(k);
+        }
+        if let Some(at) = self.connect_time() {
+            t = t.min(at);
         }
         t
     }

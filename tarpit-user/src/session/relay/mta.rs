@@ -6,9 +6,10 @@ use tokio::time::{Instant, timeout};
 use tracing::{debug, info, warn};
 
 use super::{BACKEND_LOST, Close, Expect, Kind, Owed, Session, passthrough};
-use crate::backend::{Backend, BackendError};
+use crate::backend::BackendError;
 use crate::metrics::Outcome;
 use crate::policy::Delay;
+use crate::session::connect;
 use crate::smtp::Reply;
 use crate::tls::ClientStream;
 
@@ -88,12 +89,19 @@ impl Session<'_> {
         }
         self.backend_quit();
         let _ = self.flush_backend().await;
-        match Box::pin(Backend::open(&self.shared.backend, self.peer, self.local)).await {
+        if self.lazy.is_some() {
+            // The agent speaks for the MTA again until the next
+            // transaction, which connects it afresh.
+            self.restart_lazy();
+            return None;
+        }
+        match Box::pin(connect::open(self.shared, self.peer, self.local)).await {
             Ok((backend, banner)) => {
-                self.backend = backend;
+                self.backend = Some(backend);
                 self.backend_lost = false;
                 self.owed.clear();
                 self.chunking = false;
+                self.pipelining = false;
                 self.last_mta_write = Instant::now();
                 if banner.code != 220 {
                     // The MTA refuses the new session: the client hears why.
@@ -115,24 +123,27 @@ impl Session<'_> {
     pub(super) async fn go_opaque(&mut self) -> Outcome {
         info!(client = %self.peer, "STARTTLS relayed to the MTA: the rest of the session is opaque");
         self.reader.clear();
-        let to_client = self.backend.take_buffered();
-        passthrough(self.shared, &mut self.client, &mut self.backend, to_client).await
+        let Some(backend) = self.backend.as_mut() else {
+            return Outcome::BackendError;
+        };
+        let to_client = backend.take_buffered();
+        passthrough(self.shared, &mut self.client, backend, to_client).await
     }
 
     pub(super) async fn flush_backend(&mut self) -> bool {
-        if self.to_backend.is_empty() || self.backend_lost {
+        let Some(backend) = self.backend.as_mut().filter(|_| !self.backend_lost) else {
+            // No MTA (lost, or not connected yet): nothing goes anywhere.
             self.to_backend.clear();
+            return true;
+        };
+        if self.to_backend.is_empty() {
             return true;
         }
         let data = self.to_backend.split().freeze();
         if self.to_backend.capacity() > 64 * 1024 {
             self.to_backend = BytesMut::new();
         }
-        match self
-            .backend
-            .send(&data, self.shared.backend.write_timeout)
-            .await
-        {
+        match backend.send(&data, self.shared.backend.write_timeout).await {
             Ok(()) => true,
             Err(e) => {
                 warn!(client = %self.peer, "writing to the MTA: {e}");
@@ -144,7 +155,10 @@ impl Session<'_> {
     /// Matches the MTA's replies to what it owes, in order.
     pub(super) fn process_backend(&mut self) {
         loop {
-            let reply = match self.backend.next_reply() {
+            let Some(backend) = self.backend.as_mut() else {
+                return;
+            };
+            let reply = match backend.next_reply() {
                 Ok(Some(r)) => r,
                 Ok(None) => return,
                 Err(e) => {
@@ -203,15 +217,14 @@ impl Session<'_> {
             Kind::Ehlo => {
                 self.chunking =
                     reply.code == 250 && reply.ehlo_keywords().iter().any(|k| k == "CHUNKING");
-                let starttls = match (&self.shared.tls, self.client.is_tls()) {
-                    (Some(_), tls) => Some(!tls),
-                    (None, true) => Some(false),
-                    (None, false) => None,
-                };
-                reply.rewrite_ehlo(starttls, self.auth_needs_tls())
+                let r = reply.rewrite_ehlo(self.ehlo_starttls(), self.auth_needs_tls());
+                self.pipelining =
+                    r.code == 250 && r.ehlo_keywords().iter().any(|k| k == "PIPELINING");
+                r
             }
             Kind::Helo => {
                 self.chunking = false;
+                self.pipelining = false;
                 reply
             }
             Kind::DataEnd => self.chunk_verdict.take().unwrap_or(reply),

@@ -123,14 +123,16 @@ impl Session<'_> {
     ) {
         let now = Instant::now();
         let id = self.alloc_id();
-        if !self.backend_lost {
+        // (No MTA at all cannot happen here: `lazy` answers or opens it.)
+        let lost = self.backend_lost || self.backend.is_none();
+        if !lost {
             self.to_backend.extend_from_slice(line);
             self.owed.push_back((Owed::Client(id), now));
             self.last_mta_write = now;
         }
         self.pending
             .push_back(Pending::new(id, kind, command_delay));
-        if self.backend_lost {
+        if lost {
             // Nobody will answer: the 4xx goes out in its place.
             self.pending.pop_back();
             self.push_local(BACKEND_LOST, Kind::Local, true);
