@@ -34,6 +34,8 @@ impl BenchSink {
             count: 0,
             concurrency: 1,
             time_limit_ms: 0,
+            talk: false,
+            connect_rate: 0,
         };
         let child = net
             .server_cmd(&self_exe.display().to_string())
