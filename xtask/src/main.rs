@@ -2,7 +2,8 @@
 //!
 //! - `build-ebpf`: builds the kernel programs, bootstrapping the nightly
 //!   `rust-src` component and a project-local `bpf-linker` when missing.
-//! - `run`: builds everything and starts the agent with the shipped config.
+//! - `run`: builds everything and shows the agent at work in front of a
+//!   throw-away MTA on loopback (or runs it with `--config FILE`).
 //! - `test`: installs what the tests need, then fmt, clippy, unit and
 //!   end-to-end tests, ending with one `N passed, N failed` line.
 //! - `bench`: side-by-side numbers against direct delivery, postscreen and
@@ -35,14 +36,21 @@ enum Command {
     /// Build the kernel programs (release, bpfel-unknown-none), bootstrapping
     /// rust-src and bpf-linker first when they are missing.
     BuildEbpf,
-    /// Build everything and run `tarpit run -c config/tarpit.toml` as root.
+    /// Build everything and show the tarpit at work (as root): the agent
+    /// with config/demo.toml in front of a throw-away MTA on loopback, and
+    /// three commands to try. Ctrl-C removes everything.
     Run {
-        /// Configuration file (default: the shipped config/tarpit.toml).
+        /// Run the agent with this configuration file instead of the demo
+        /// (e.g. config/tarpit.toml, which expects an MTA at 127.0.0.1:10025).
         #[arg(short, long)]
         config: Option<std::path::PathBuf>,
         /// Build in release mode.
         #[arg(long)]
         release: bool,
+        /// Use the binaries already built (target/debug or target/release)
+        /// instead of building them first.
+        #[arg(long)]
+        no_build: bool,
     },
     /// Install the release binary, the systemd unit, the sysusers entry and
     /// the docs under PREFIX, and the default config as
@@ -60,7 +68,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::BuildEbpf => ebpf::build().map(|_| ()),
-        Command::Run { config, release } => run::run(config, release),
+        Command::Run {
+            config,
+            release,
+            no_build,
+        } => run::run(config, release, no_build),
         Command::Test(args) => test::run(args),
         Command::Install(args) => install::run(args),
         Command::Bench(args) => bench::run(args),
