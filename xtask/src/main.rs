@@ -9,6 +9,7 @@
 //! - `bench`: side-by-side numbers against direct delivery, postscreen and
 //!   nftables, in target/bench/report.md and report.json.
 mod bench;
+mod deb;
 mod ebpf;
 mod install;
 mod leaks;
@@ -56,6 +57,11 @@ enum Command {
     /// the docs under PREFIX, and the default config as
     /// /etc/tarpit/tarpit.toml unless one exists.
     Install(install::InstallArgs),
+    /// Build a Debian package with dpkg-deb (target/deb/tarpit_VERSION_ARCH.deb):
+    /// the binary with its kernel programs, the unit, the sysusers entry,
+    /// man pages, /etc/tarpit/tarpit.toml as a conffile, the docs and the
+    /// Grafana dashboard; maintainer scripts from config/debian.
+    Deb(deb::DebArgs),
     /// Run the whole test suite: install test dependencies, fmt, clippy,
     /// unit tests and end-to-end tests.
     Test(test::TestArgs),
@@ -75,6 +81,7 @@ fn main() -> ExitCode {
         } => run::run(config, release, no_build),
         Command::Test(args) => test::run(args),
         Command::Install(args) => install::run(args),
+        Command::Deb(args) => deb::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {
