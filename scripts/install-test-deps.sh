@@ -18,6 +18,7 @@ packages=(
   dovecot-core       # SASL auth service for AUTH tests
   nftables           # benchmark baseline
   procps
+  lintian            # checks the .deb of `cargo xtask deb` (package_deb.rs)
   prometheus         # scrapes a live agent for the dashboard test (ops_dashboard.rs)
   systemd            # systemd-analyze verify / systemd-sysusers on the shipped unit (ops tests)
 )
