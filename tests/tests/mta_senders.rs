@@ -328,8 +328,7 @@ unverified_sender_reject_code = 550
             verifier.log()
         );
         assert!(
-            mx.log()
-                .contains(&format!("from=<double-bounce@client.example>")),
+            mx.log().contains("from=<double-bounce@client.example>"),
             "the MX saw the probe:\n{}",
             mx.log()
         );
