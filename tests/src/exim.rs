@@ -98,6 +98,18 @@ impl Exim {
     /// 127.0.0.1 and ::1 port [`PORT`]; `extra` is added to the main
     /// section. Returns once it accepts connections.
     pub fn start(net: &TestNet, extra: &str) -> Result<Exim> {
+        Exim::start_custom(net, true, PORT, |dir, bin| config(dir, bin, extra))
+    }
+
+    /// Starts an Exim with the whole configuration `make(dir, exim_path)`
+    /// gives, in the server (`server = true`) or client namespace of
+    /// `net`; ready once 127.0.0.1:`port` there accepts connections.
+    pub fn start_custom(
+        net: &TestNet,
+        server: bool,
+        port: u16,
+        make: impl FnOnce(&Path, &Path) -> String,
+    ) -> Result<Exim> {
         if !available() {
             bail!(
                 "no Exim at {}: run scripts/install-test-deps.sh",
@@ -126,7 +138,7 @@ impl Exim {
             ),
         )?;
         std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-        std::fs::write(&exim.conf, config(&exim.dir, &bin, extra))?;
+        std::fs::write(&exim.conf, make(&exim.dir, &bin))?;
         let status = Command::new("chown")
             .arg("-R")
             .arg("Debian-exim:Debian-exim")
@@ -140,8 +152,12 @@ impl Exim {
         // Exim refuses a configuration not owned by root (its CONFIGURE_OWNER).
         std::os::unix::fs::chown(&exim.conf, Some(0), Some(0))?;
         let log = std::fs::File::create(exim.dir.join("stderr.log"))?;
-        let child = net
-            .server_cmd(&bin.display().to_string())
+        let ns = if server {
+            &net.server_ns
+        } else {
+            &net.client_ns
+        };
+        let child = testkit::netns::nsenter(ns, &bin.display().to_string())
             .arg("-C")
             .arg(&exim.conf)
             .args(["-bdf", "-q1s"])
@@ -151,7 +167,7 @@ impl Exim {
             .spawn()
             .context("cannot start exim4")?;
         exim.child = Some(child);
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], PORT));
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let mut exited = false;
         let up = wait::until(Duration::from_secs(20), || {
             exited = exim

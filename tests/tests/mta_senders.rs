@@ -12,6 +12,8 @@
 //! (`double-bounce@`) is a callout sender, so the blacklist holds spare it
 //! and the verification finishes within Postfix's own poll time (3 x 3 s):
 //! a valid sender is accepted, an unknown one refused with the MX's 550.
+//! The same with a verifying Exim (`verify = sender/callout=30s`, probes
+//! from the null sender `<>`).
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -336,6 +338,139 @@ unverified_sender_reject_code = 550
     assert!(
         !verifier.log().contains("Address verification in progress"),
         "a probe ran out of time:\n{}",
+        verifier.log()
+    );
+    drop(agent);
+}
+
+/// A verifying Exim in the client namespace (127.0.0.1:2525 there):
+/// `verify = sender/callout=30s` against our MX, routed without DNS to
+/// the MX's IPv4 (`*4@tarpit.test`) or IPv6 (`*6@tarpit.test`) address.
+fn exim_verifier(dir: &Path, exim: &Path) -> String {
+    let d = dir.display();
+    let e = exim.display();
+    // In Exim's colon-separated host lists an IPv6 address doubles its colons.
+    let v6 = SERVER_V6.to_string().replace(':', "::");
+    format!(
+        r#"exim_path = {e}
+exim_user = Debian-exim
+exim_group = Debian-exim
+keep_environment =
+primary_hostname = verifier.client.example
+qualify_domain = client.example
+spool_directory = {d}/spool
+log_file_path = {d}/log/%slog
+pid_file_path = {d}/exim.pid
+log_selector = +smtp_connection
+host_lookup =
+rfc1413_hosts =
+tls_advertise_hosts =
+daemon_smtp_ports = 2525
+local_interfaces = 127.0.0.1
+acl_smtp_rcpt = acl_check_rcpt
+
+begin acl
+acl_check_rcpt:
+  require verify = sender/callout=30s
+  accept
+
+begin routers
+to_mx:
+  driver = manualroute
+  domains = tarpit.test
+  route_data = ${{if eq{{${{substr_-1_1:$local_part}}}}{{6}}{{{v6}}}{{{SERVER_V4}}}}}
+  transport = remote_smtp
+  self = send
+
+begin transports
+remote_smtp:
+  driver = smtp
+  port = 25
+"#
+    )
+}
+
+#[test]
+fn a_real_exim_sender_callout_from_a_blacklisted_address_finishes_in_time() {
+    if !require_root() {
+        return;
+    }
+    if !tarpit_tests::exim::available() {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "no Exim: run scripts/install-test-deps.sh"
+        );
+        eprintln!("skipped: no Exim (scripts/install-test-deps.sh)");
+        return;
+    }
+    let net = TestNet::new().expect("test network");
+    let pins = PinDir::new().expect("pins");
+    let mx = Postfix::start(&net).expect("MX Postfix");
+    let rest = format!(
+        r#"
+[greeting]
+delay = "1s"
+[blacklist]
+delay = "60s"
+ips = ["{CLIENT_V4}/32", "{CLIENT_V6}/128"]
+"#
+    );
+    let agent =
+        Agent::start(&net, &agent_config(&net, &pins, &proxy_backend(), &rest)).expect("agent");
+    let verifier =
+        tarpit_tests::exim::Exim::start_custom(&net, false, 2525, exim_verifier).expect("exim");
+    for fam in ["4", "6"] {
+        let swaks = |from: &str| {
+            let o = net
+                .client_cmd("swaks")
+                .args(["--server", "127.0.0.1", "--port", "2525", "--timeout", "90"])
+                .args([
+                    "--from",
+                    from,
+                    "--to",
+                    "sink4@tarpit.test",
+                    "--quit-after",
+                    "RCPT",
+                ])
+                .output()
+                .expect("swaks");
+            String::from_utf8_lossy(&o.stdout).replace('\r', "")
+        };
+        let good = swaks(&format!("valid{fam}@tarpit.test"));
+        assert!(
+            good.contains("<-  250 Accepted"),
+            "v{fam}: the verified sender was not accepted:\n{good}\n{}",
+            verifier.log()
+        );
+        let bad = swaks(&format!("unknownsender{fam}@tarpit.test"));
+        assert!(
+            bad.contains("<** 550") && bad.contains("Sender verify failed"),
+            "v{fam}: the unknown sender was not refused:\n{bad}\n{}",
+            verifier.log()
+        );
+        let addr = if fam == "4" {
+            SERVER_V4.to_string()
+        } else {
+            SERVER_V6.to_string()
+        };
+        assert!(
+            mx.log().contains(&format!(
+                "reject: RCPT from unknown[{}]",
+                if fam == "4" {
+                    CLIENT_V4.to_string()
+                } else {
+                    CLIENT_V6.to_string()
+                }
+            )),
+            "v{fam}: the callout reached the MX through the agent ({addr}):\n{}",
+            mx.log()
+        );
+    }
+    assert!(
+        !verifier
+            .log()
+            .contains("Could not complete sender verify callout"),
+        "a callout ran out of time:\n{}",
         verifier.log()
     );
     drop(agent);
