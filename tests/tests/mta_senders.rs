@@ -12,7 +12,11 @@
 //! (`double-bounce@`) is a callout sender, so the blacklist holds spare it
 //! and the verification finishes within Postfix's own poll time (3 x 3 s):
 //! a valid sender is accepted, an unknown one refused with the MX's 550.
-//! The same with a verifying Exim (`verify = sender/callout=30s`, probes
+//! A sending Exim does the same relay run (it pipelines the RCPTs and
+//! BDAT, so its first attempt shows as a deferred connection and the 5xx
+//! hold overlaps the RCPT hold).
+//!
+//! The same callout with a verifying Exim (`verify = sender/callout=30s`, probes
 //! from the null sender `<>`).
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -474,4 +478,218 @@ ips = ["{CLIENT_V4}/32", "{CLIENT_V6}/128"]
         verifier.log()
     );
     drop(agent);
+}
+
+/// A sending Exim in the client namespace: mail for `*4@tarpit.test` and
+/// `*6@tarpit.test` goes to the MX's IPv4 or IPv6 address, port 25 (the
+/// agent), without DNS; bounces for client.example land in its Maildir;
+/// deferred addresses are retried every second.
+fn exim_sender(dir: &Path, exim: &Path) -> String {
+    let d = dir.display();
+    let e = exim.display();
+    let v6 = SERVER_V6.to_string().replace(':', "::");
+    format!(
+        r#"exim_path = {e}
+exim_user = Debian-exim
+exim_group = Debian-exim
+keep_environment =
+primary_hostname = exim-sender.client.example
+qualify_domain = client.example
+spool_directory = {d}/spool
+log_file_path = {d}/log/%slog
+pid_file_path = {d}/exim.pid
+host_lookup =
+rfc1413_hosts =
+tls_advertise_hosts =
+daemon_smtp_ports = 2526
+local_interfaces = 127.0.0.1
+domainlist local_domains = client.example
+acl_smtp_rcpt = acl_check_rcpt
+
+begin acl
+acl_check_rcpt:
+  accept
+
+begin routers
+to_mx:
+  driver = manualroute
+  domains = tarpit.test
+  route_data = ${{if eq{{${{substr_-1_1:$local_part}}}}{{6}}{{{v6}}}{{{SERVER_V4}}}}}
+  transport = remote_smtp
+  self = send
+local:
+  driver = accept
+  domains = +local_domains
+  transport = maildir
+
+begin transports
+remote_smtp:
+  driver = smtp
+  port = 25
+maildir:
+  driver = appendfile
+  directory = {d}/mail/sender
+  maildir_format
+  create_directory
+  user = Debian-exim
+  group = Debian-exim
+
+begin retry
+*   *   F,5m,1s
+"#
+    )
+}
+
+#[test]
+fn a_real_exim_relays_through_every_delay_and_greylisting_exactly_once() {
+    if !require_root() {
+        return;
+    }
+    if !tarpit_tests::exim::available() {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "no Exim: run scripts/install-test-deps.sh"
+        );
+        eprintln!("skipped: no Exim (scripts/install-test-deps.sh)");
+        return;
+    }
+    let net = TestNet::new().expect("test network");
+    let pins = PinDir::new().expect("pins");
+    let mx = Postfix::start(&net).expect("MX Postfix");
+    let store = TempDir::new("greylist");
+    let rest = format!(
+        r#"
+[greeting]
+delay = "2s"
+[rcpt]
+threshold = 1
+delay = "1s"
+[reject]
+delay = "1s"
+[greylist]
+mode = "triplet"
+min_wait = "2s"
+retry_window = "1h"
+store = "{}"
+"#,
+        store.path.join("greylist.db").display()
+    );
+    let agent =
+        Agent::start(&net, &agent_config(&net, &pins, &proxy_backend(), &rest)).expect("agent");
+    let sender =
+        tarpit_tests::exim::Exim::start_custom(&net, false, 2526, exim_sender).expect("exim");
+    let mut expected = Vec::new();
+    for fam in ["4", "6"] {
+        let subject = format!("exim relay v{fam}");
+        let rcpts: Vec<String> = ["sink", "other", "unknown"]
+            .iter()
+            .map(|l| format!("{l}{fam}@tarpit.test"))
+            .collect();
+        let mut child = Command::new(sender.dir.join("exim4"))
+            .arg("-C")
+            .arg(sender.dir.join("exim.conf"))
+            .args(["-odq", "-f", "sender@client.example"])
+            .args(&rcpts)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("exim -odq");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(
+                format!("From: <sender@client.example>\nSubject: {subject}\n\nrelayed by Exim\n")
+                    .as_bytes(),
+            )
+            .expect("write");
+        assert!(
+            child.wait().expect("exim").success(),
+            "exim refused the message"
+        );
+        expected.push((fam, subject));
+    }
+    let want = expected.len() * 2;
+    assert!(
+        mx.wait_delivered(want, Duration::from_secs(120)),
+        "{} of {want} delivered; Exim:\n{}\nMX:\n{}",
+        mx.delivered(),
+        sender.log(),
+        mx.log()
+    );
+    let bounces_dir = sender.dir.join("mail/sender");
+    assert!(
+        wait::until(Duration::from_secs(30), || maildir(&bounces_dir).len()
+            >= expected.len()),
+        "bounces: {}\n{}",
+        maildir(&bounces_dir).len(),
+        sender.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let delivered = mx.messages();
+    assert_eq!(delivered.len(), want, "nothing twice");
+    for (fam, subject) in &expected {
+        for local in ["sink", "other"] {
+            let rcpt = format!("{local}{fam}@tarpit.test");
+            let n = delivered
+                .iter()
+                .filter(|m| {
+                    m.contains(&format!("Subject: {subject}\n"))
+                        && m.contains(&format!("Delivered-To: {rcpt}\n"))
+                })
+                .count();
+            assert_eq!(n, 1, "{subject} to {rcpt}: exactly once");
+        }
+    }
+    let bounces = maildir(&bounces_dir);
+    assert_eq!(bounces.len(), expected.len(), "one bounce per message");
+    let log = sender.log();
+    for (addr, fam) in [(SERVER_V4.to_string(), "4"), (SERVER_V6.to_string(), "6")] {
+        // Exim pipelines MAIL, the RCPTs and BDAT LAST (CHUNKING): with
+        // every RCPT greylisted it logs the first attempt as a deferral of
+        // the connection ("Remote host closed connection in response to
+        // pipelined end of data"), not as the 451 itself; the agent's log
+        // has the greylisting.
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("== sink{fam}@tarpit.test")) && l.contains(" defer ")),
+            "no deferred first attempt for v{fam} in:\n{log}"
+        );
+        let src = if fam == "4" {
+            CLIENT_V4.to_string()
+        } else {
+            format!("[{CLIENT_V6}]")
+        };
+        let alog = agent.log();
+        assert!(
+            alog.lines()
+                .any(|l| l.contains(&format!("greylisted client={src}:"))
+                    && l.contains(&format!("rcpt=\"sink{fam}@tarpit.test\""))),
+            "the agent did not greylist v{fam}:\n{alog}"
+        );
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("=> sink{fam}@tarpit.test"))
+                    && l.contains(&format!("[{addr}]"))),
+            "no delivery for v{fam} in:\n{log}"
+        );
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("** unknown{fam}@tarpit.test"))
+                    && l.contains("550 5.1.1")),
+            "no bounce for v{fam} in:\n{log}"
+        );
+        assert!(
+            bounces.iter().any(
+                |b| b.contains(&format!("unknown{fam}@tarpit.test")) && b.contains("550 5.1.1")
+            ),
+            "the bounce names the MX's 550 for v{fam}"
+        );
+    }
+    // Exim's RCPTs come pipelined: the 550's own hold overlaps the RCPT
+    // hold of the same reply (the longest wins), so it counts as "rcpt".
+    for reason in ["greeting", "rcpt"] {
+        let n = metric(&net, &format!("tarpit_delays_total{{reason=\"{reason}\"}}")).unwrap_or(0.0);
+        assert!(n >= 1.0, "no {reason} delay counted:\n{}", agent.log());
+    }
 }
