@@ -41,8 +41,12 @@ pub fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A command that runs `program` inside the named namespace.
+/// A command that runs `program` inside the named namespace; an empty
+/// name means the caller's own namespace (`cargo xtask run`'s demo).
 pub fn nsenter(ns: &str, program: &str) -> Command {
+    if ns.is_empty() {
+        return Command::new(program);
+    }
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/var/run/netns/{ns}"))
         .arg("--")
@@ -51,8 +55,12 @@ pub fn nsenter(ns: &str, program: &str) -> Command {
 }
 
 /// Runs `f` on a thread that joined the named namespace (sockets it
-/// creates live there); the caller's thread stays where it is.
+/// creates live there); the caller's thread stays where it is. An empty
+/// name runs `f` right here, in the caller's namespace.
 pub fn in_ns<T: Send, F: FnOnce() -> T + Send>(ns: &str, f: F) -> Result<T> {
+    if ns.is_empty() {
+        return Ok(f());
+    }
     let file =
         File::open(format!("/var/run/netns/{ns}")).with_context(|| format!("no namespace {ns}"))?;
     std::thread::scope(|s| {

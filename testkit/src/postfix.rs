@@ -60,6 +60,7 @@ impl Instance {
         };
         let main = template("main.cf")?
             .replace("inet_interfaces = loopback-only", "inet_interfaces = all");
+        let main = without_keys(&main, main_extra);
         std::fs::write(pf.conf.join("main.cf"), format!("{main}\n{main_extra}\n"))?;
         std::fs::write(pf.conf.join("master.cf"), master(&template("master.cf")?))?;
         for sub in ["queue/etc", "data", "mail"] {
@@ -101,6 +102,37 @@ impl Instance {
         })
         .unwrap_or(false)
     }
+}
+
+/// `main` without the settings `extra` sets again (and their continuation
+/// lines): Postfix would warn "overriding earlier entry" in every process,
+/// and those warnings, sent to postlogd before it runs, can fill the
+/// logging socket's queue and block the master at start.
+fn without_keys(main: &str, extra: &str) -> String {
+    let key = |l: &str| -> Option<String> {
+        if l.starts_with(char::is_whitespace) || l.starts_with('#') {
+            return None;
+        }
+        l.split_once('=').map(|(k, _)| k.trim().to_string())
+    };
+    let overridden: Vec<String> = extra.lines().filter_map(key).collect();
+    let mut out = String::new();
+    let mut skipping = false;
+    for l in main.lines() {
+        if l.starts_with(char::is_whitespace) && !l.trim().is_empty() {
+            if !skipping {
+                out.push_str(l);
+                out.push('\n');
+            }
+            continue;
+        }
+        skipping = key(l).is_some_and(|k| overridden.contains(&k));
+        if !skipping {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 impl Drop for Instance {

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod dnsmasq;
 pub mod dovecot;
 pub mod env;
+pub mod exim;
 pub mod hooks;
 pub mod netns;
 pub mod pins;

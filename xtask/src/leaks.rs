@@ -24,6 +24,7 @@ pub fn leftovers() -> Vec<String> {
     }
     for (dir, prefix, what) in [
         ("/sys/fs/bpf", "tarpit-test-", "pin directory"),
+        ("/sys/fs/bpf", "tarpit-demo-", "demo pin directory"),
         ("/sys/fs/cgroup/unified", "tarpit-test-", "cgroup"),
     ] {
         for name in entries(Path::new(dir)) {

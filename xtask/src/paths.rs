@@ -21,3 +21,12 @@ pub fn ebpf_target() -> PathBuf {
 pub fn ebpf_object() -> PathBuf {
     ebpf_target().join("bpfel-unknown-none/release/tarpit")
 }
+
+/// Cargo's target directory for the host crates: `CARGO_TARGET_DIR` when
+/// set (relative to the workspace root), else `target/`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root().join(dir),
+        None => root().join("target"),
+    }
+}

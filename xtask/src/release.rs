@@ -20,5 +20,5 @@ pub fn build() -> Result<PathBuf> {
         "tarpit",
     ]))
     .context("building the release agent failed")?;
-    Ok(paths::root().join("target/release/tarpit"))
+    Ok(paths::target_dir().join("release/tarpit"))
 }
