@@ -146,7 +146,9 @@ fn emit(r: &Report) {
     let _ = out.flush();
 }
 
-fn raise_nofile() {
+/// Raises this process's descriptor limit to its hard limit (children
+/// inherit it).
+pub fn raise_nofile() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

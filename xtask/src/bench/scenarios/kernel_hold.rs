@@ -84,22 +84,6 @@ fn agent_capacity() -> u32 {
     u32::try_from(hard.saturating_sub(2_000)).unwrap_or(u32::MAX)
 }
 
-/// Lets the agent (a child of ours, which inherits it) use every
-/// descriptor of the hard limit.
-fn raise_nofile() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 /// Gives the client veth a packet queue. A veth has none by default: when
 /// its peer's 256-slot receive ring is full the packet is dropped at
 /// once, and the sending stack sees a local drop, which for a window probe
@@ -219,7 +203,9 @@ fn measure(env: &Env, holder: Holder) -> Result<Side> {
         .context("cannot attach XDP to the client veth")?;
     client_queue(&net)?;
     if holder == Holder::Agent {
-        raise_nofile();
+        // The agent, a child of ours, inherits it: every descriptor of the
+        // hard limit.
+        worker::raise_nofile();
     }
     let pf = Postfix::start(&net)?;
     let cap = (u64::from(bots) * 10).to_string();
