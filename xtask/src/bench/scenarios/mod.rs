@@ -82,6 +82,9 @@ pub fn zero_delays(c: super::agent::AgentConfig) -> super::agent::AgentConfig {
         .want("reject.delay", "\"0s\"")
         .want("limits.sessions", "20000")
         .want("limits.per_ip", "20000")
+        // Every IPv6 source of the bench is in one /64 (fd5b:1e00::/64):
+        // the default 200 per /64 refused all but 200 of them.
+        .want("limits.per_ipv6_prefix", "20000")
 }
 
 /// The server's address on `port` in both families: what the workers aim
