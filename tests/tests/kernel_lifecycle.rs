@@ -130,7 +130,7 @@ fn restart_keeps_state_and_replaces_every_program_in_place() {
     w.net.add_client_addr(bot6).unwrap();
     strike(&w, bot);
     strike(&w, bot6);
-    assert!(until(Duration::from_secs(3), || strikes(&w, bot) == 1
+    assert!(until(Duration::from_secs(15), || strikes(&w, bot) == 1
         && strikes(&w, bot6) == 1));
     let blocked: tarpit::kernel::IpNet = "198.51.100.224/27".parse().unwrap();
     w.maps()
@@ -162,7 +162,7 @@ fn restart_keeps_state_and_replaces_every_program_in_place() {
     w.net.add_client_addr(bot2).unwrap();
     strike(&w, bot2);
     assert!(
-        until(Duration::from_secs(3), || strikes(&w, bot2) == 1),
+        until(Duration::from_secs(15), || strikes(&w, bot2) == 1),
         "no loader running: the kernel still flags"
     );
 
@@ -195,7 +195,7 @@ fn restart_keeps_state_and_replaces_every_program_in_place() {
 
     // The replaced programs work: a new strike counts.
     strike(&w, bot);
-    assert!(until(Duration::from_secs(3), || strikes(&w, bot) == 2));
+    assert!(until(Duration::from_secs(15), || strikes(&w, bot) == 2));
 
     // detach removes everything of ours.
     let k = w.kernel.take().unwrap();
@@ -228,7 +228,7 @@ fn netlink_tc_makes_and_removes_its_qdisc_and_never_stacks() {
     let bot = ip("198.51.100.112");
     w.net.add_client_addr(bot).unwrap();
     strike(&w, bot);
-    assert!(until(Duration::from_secs(3), || strikes(&w, bot) == 1));
+    assert!(until(Duration::from_secs(15), || strikes(&w, bot) == 1));
 
     drop(w.kernel.take());
     w.load(netlink).expect("reload");
@@ -241,7 +241,7 @@ fn netlink_tc_makes_and_removes_its_qdisc_and_never_stacks() {
         assert_eq!(ours, 1, "exactly one {dir} filter after restart:\n{f}");
     }
     strike(&w, bot);
-    assert!(until(Duration::from_secs(3), || strikes(&w, bot) == 2));
+    assert!(until(Duration::from_secs(15), || strikes(&w, bot) == 2));
 
     w.kernel.take().unwrap().shutdown().unwrap();
     detach(&w.pins.path).unwrap();
