@@ -111,6 +111,54 @@ fn submit(pf: &Instance, subject: &str, rcpts: &[String]) {
     assert!(child.wait().expect("sendmail").success(), "sendmail failed");
 }
 
+/// The relay tests' common outcome: every message of `expected` (family,
+/// subject) reached the MX exactly once for each known recipient (`sink`,
+/// `other`), and the sender got one bounce per message for the unknown
+/// one, in its Maildir under `sender_dir`. Returns those bounces.
+fn delivered_once_and_bounced(
+    mx: &Postfix,
+    sender_dir: &Path,
+    sender_log: impl Fn() -> String,
+    who: &str,
+    expected: &[(&str, String)],
+) -> Vec<String> {
+    let want = expected.len() * 2;
+    assert!(
+        mx.wait_delivered(want, Duration::from_secs(120)),
+        "{} of {want} delivered; {who}:\n{}\nMX:\n{}",
+        mx.delivered(),
+        sender_log(),
+        mx.log()
+    );
+    let bounces_dir = sender_dir.join("mail/sender");
+    assert!(
+        wait::until(Duration::from_secs(30), || maildir(&bounces_dir).len()
+            >= expected.len()),
+        "bounces: {}\n{}",
+        maildir(&bounces_dir).len(),
+        sender_log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let delivered = mx.messages();
+    assert_eq!(delivered.len(), want, "nothing twice");
+    for (fam, subject) in expected {
+        for local in ["sink", "other"] {
+            let rcpt = format!("{local}{fam}@tarpit.test");
+            let n = delivered
+                .iter()
+                .filter(|m| {
+                    m.contains(&format!("Subject: {subject}\n"))
+                        && m.contains(&format!("Delivered-To: {rcpt}\n"))
+                })
+                .count();
+            assert_eq!(n, 1, "{subject} to {rcpt}: exactly once");
+        }
+    }
+    let bounces = maildir(&bounces_dir);
+    assert_eq!(bounces.len(), expected.len(), "one bounce per message");
+    bounces
+}
+
 fn maildir(dir: &Path) -> Vec<String> {
     ["new", "cur"]
         .iter()
@@ -165,41 +213,13 @@ store = "{}"
     }
     // Two recipients each reach the MX's Maildir (one file per recipient);
     // the unknown one bounces to the sender.
-    let want = expected.len() * 2;
-    assert!(
-        mx.wait_delivered(want, Duration::from_secs(120)),
-        "{} of {want} delivered; sending Postfix:\n{}\nMX:\n{}",
-        mx.delivered(),
-        sender.log(),
-        mx.log()
+    let bounces = delivered_once_and_bounced(
+        &mx,
+        &sender.dir,
+        || sender.log(),
+        "sending Postfix",
+        &expected,
     );
-    let bounces_dir = sender.dir.join("mail/sender");
-    assert!(
-        wait::until(Duration::from_secs(30), || maildir(&bounces_dir).len()
-            >= expected.len()),
-        "bounces: {}\n{}",
-        maildir(&bounces_dir).len(),
-        sender.log()
-    );
-    std::thread::sleep(Duration::from_secs(2));
-
-    let delivered = mx.messages();
-    assert_eq!(delivered.len(), want, "nothing twice");
-    for (fam, subject) in &expected {
-        for local in ["sink", "other"] {
-            let rcpt = format!("{local}{fam}@tarpit.test");
-            let n = delivered
-                .iter()
-                .filter(|m| {
-                    m.contains(&format!("Subject: {subject}\n"))
-                        && m.contains(&format!("Delivered-To: {rcpt}\n"))
-                })
-                .count();
-            assert_eq!(n, 1, "{subject} to {rcpt}: exactly once");
-        }
-    }
-    let bounces = maildir(&bounces_dir);
-    assert_eq!(bounces.len(), expected.len(), "one bounce per message");
     for (fam, subject) in &expected {
         let b: Vec<&String> = bounces
             .iter()
@@ -609,40 +629,7 @@ store = "{}"
         );
         expected.push((fam, subject));
     }
-    let want = expected.len() * 2;
-    assert!(
-        mx.wait_delivered(want, Duration::from_secs(120)),
-        "{} of {want} delivered; Exim:\n{}\nMX:\n{}",
-        mx.delivered(),
-        sender.log(),
-        mx.log()
-    );
-    let bounces_dir = sender.dir.join("mail/sender");
-    assert!(
-        wait::until(Duration::from_secs(30), || maildir(&bounces_dir).len()
-            >= expected.len()),
-        "bounces: {}\n{}",
-        maildir(&bounces_dir).len(),
-        sender.log()
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    let delivered = mx.messages();
-    assert_eq!(delivered.len(), want, "nothing twice");
-    for (fam, subject) in &expected {
-        for local in ["sink", "other"] {
-            let rcpt = format!("{local}{fam}@tarpit.test");
-            let n = delivered
-                .iter()
-                .filter(|m| {
-                    m.contains(&format!("Subject: {subject}\n"))
-                        && m.contains(&format!("Delivered-To: {rcpt}\n"))
-                })
-                .count();
-            assert_eq!(n, 1, "{subject} to {rcpt}: exactly once");
-        }
-    }
-    let bounces = maildir(&bounces_dir);
-    assert_eq!(bounces.len(), expected.len(), "one bounce per message");
+    let bounces = delivered_once_and_bounced(&mx, &sender.dir, || sender.log(), "Exim", &expected);
     let log = sender.log();
     for (addr, fam) in [(SERVER_V4.to_string(), "4"), (SERVER_V6.to_string(), "6")] {
         // Exim pipelines MAIL, the RCPTs and BDAT LAST (CHUNKING): with
