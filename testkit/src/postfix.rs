@@ -12,6 +12,30 @@ use anyhow::{Context, Result};
 use crate::netns::{in_ns, nsenter};
 use crate::run::run;
 
+/// Postfix's internal services: the template's master.cf without its
+/// listeners and without the SMTP client, for an instance that only
+/// receives (the demo) or adds what it needs (a sending instance adds
+/// `smtp unix`).
+pub const INTERNAL_SERVICES: &str = "\
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+proxymap  unix  -       -       n       -       -       proxymap
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+virtual   unix  -       n       n       -       -       virtual
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+";
+
 /// The peers directory: the Postfix config templates and the DNSBL zone.
 /// The project keeps its own copy under tests/peers so it does not depend
 /// on ../shared being present.

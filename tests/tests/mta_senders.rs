@@ -29,29 +29,6 @@ use tarpit_tests::{
 };
 use testkit::postfix::Instance;
 
-/// Postfix's internal services: the sending instance needs no listener
-/// but the one a test adds.
-const SERVICES: &str = "\
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-proxymap  unix  -       -       n       -       -       proxymap
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-smtp      unix  -       -       n       -       -       smtp
-virtual   unix  -       n       n       -       -       virtual
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-";
-
 /// main.cf of the sending Postfix: mail for `*4@tarpit.test` goes to the
 /// MX's IPv4 address, `*6@tarpit.test` to its IPv6 address, both port 25
 /// (the agent), without DNS; bounces for client.example land in its own
@@ -82,7 +59,11 @@ delay_warning_time = 0
 fn start_sender(net: &TestNet, extra: &str, listener: &str) -> Instance {
     let dir = std::env::temp_dir().join(format!("tarpit-sender-{}", unique_id()));
     let main = format!("{}{extra}", sender_main());
-    let master = format!("{listener}{SERVICES}");
+    // A sender: the internal services and the SMTP client.
+    let master = format!(
+        "{listener}{}smtp      unix  -       -       n       -       -       smtp\n",
+        testkit::postfix::INTERNAL_SERVICES
+    );
     Instance::start(dir, &net.client_ns, &main, |_| master).expect("sending Postfix")
 }
 

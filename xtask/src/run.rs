@@ -197,7 +197,7 @@ fn start_mta(dir: &Path, backend: SocketAddr) -> Result<Mta> {
         let pf = testkit::postfix::Instance::start(dir.join("postfix"), "", "", |_| {
             format!(
                 "{backend} inet n - n - - smtpd\n  -o syslog_name=postfix/demo\n  -o smtpd_upstream_proxy_protocol=haproxy\n  -o smtpd_upstream_proxy_timeout=5s\n  -o smtpd_timeout=900s\n  -o smtpd_junk_command_limit=1000\n{}",
-                SERVICES
+                testkit::postfix::INTERNAL_SERVICES
             )
         })
         .with_context(|| format!("cannot start the demo's Postfix on 127.0.0.1:{port}"))?;
@@ -224,28 +224,6 @@ fn start_mta(dir: &Path, backend: SocketAddr) -> Result<Mta> {
     });
     Ok(Mta::Sink(mail))
 }
-
-/// Postfix's internal services (the template's master.cf without its
-/// listeners).
-const SERVICES: &str = "\
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-proxymap  unix  -       -       n       -       -       proxymap
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-virtual   unix  -       n       n       -       -       virtual
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-";
 
 /// One SMTP session of the sink: skips the PROXY v2 header, accepts
 /// everything, stores each message as `N-M.eml`.
