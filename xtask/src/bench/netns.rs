@@ -140,17 +140,26 @@ pub fn snmp_counters(ns: &str) -> std::collections::BTreeMap<String, u64> {
     parse_snmp(&text)
 }
 
-/// Pairs of lines, "Group: Name Name ..." then "Group: 1 2 ...".
+/// Pairs of lines, "Group: Name Name ..." then "Group: 1 2 ...", each
+/// header followed by its values line of the same group.
 fn parse_snmp(text: &str) -> std::collections::BTreeMap<String, u64> {
     let mut out = std::collections::BTreeMap::new();
     let lines: Vec<&str> = text.lines().collect();
-    for pair in lines.chunks(2) {
+    for pair in lines.windows(2) {
         let [names, values] = pair else { continue };
-        let (Some((group, names)), Some((_, values))) =
+        let (Some((group, names)), Some((vgroup, values))) =
             (names.split_once(':'), values.split_once(':'))
         else {
             continue;
         };
+        let is_header = names
+            .split_whitespace()
+            .next()
+            .is_some_and(|w| w.parse::<i64>().is_err());
+        let is_values = values.split_whitespace().all(|w| w.parse::<i64>().is_ok());
+        if group != vgroup || !is_header || !is_values {
+            continue;
+        }
         for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
             if let Ok(v) = v.parse::<i64>() {
                 out.insert(format!("{group}.{n}"), v.max(0) as u64);
@@ -162,34 +171,18 @@ fn parse_snmp(text: &str) -> std::collections::BTreeMap<String, u64> {
 
 /// Counters of /proc/net/netstat as seen inside a namespace.
 fn tcp_ext(ns: &str) -> TcpExt {
-    let text = nsenter(ns, "cat")
-        .arg("/proc/net/netstat")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    parse_tcp_ext(&text)
+    TcpExt::from_counters(&snmp_counters(ns))
 }
 
-fn parse_tcp_ext(text: &str) -> TcpExt {
-    // Pairs of lines: "TcpExt: Name Name ..." then "TcpExt: 1 2 ...".
-    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
-    let mut t = TcpExt::default();
-    if let [names, values, ..] = lines.as_slice() {
-        for (n, v) in names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .skip(1)
-        {
-            let v = v.parse().unwrap_or(0);
-            match n {
-                "ListenOverflows" => t.listen_overflows = v,
-                "SyncookiesSent" => t.syncookies_sent = v,
-                "TCPSynRetrans" => t.syn_retrans = v,
-                _ => {}
-            }
+impl TcpExt {
+    fn from_counters(c: &std::collections::BTreeMap<String, u64>) -> TcpExt {
+        let get = |k: &str| c.get(k).copied().unwrap_or(0);
+        TcpExt {
+            listen_overflows: get("TcpExt.ListenOverflows"),
+            syncookies_sent: get("TcpExt.SyncookiesSent"),
+            syn_retrans: get("TcpExt.TCPSynRetrans"),
         }
     }
-    t
 }
 
 impl BenchNet {
@@ -402,12 +395,28 @@ mod tests {
     }
 
     #[test]
+    fn reads_this_hosts_counters() {
+        let text = ["/proc/net/snmp", "/proc/net/netstat"]
+            .map(|f| std::fs::read_to_string(f).unwrap())
+            .concat();
+        let c = parse_snmp(&text);
+        for key in [
+            "Tcp.ActiveOpens",
+            "Tcp.OutRsts",
+            "TcpExt.ListenOverflows",
+            "TcpExt.TCPSynRetrans",
+        ] {
+            assert!(c.contains_key(key), "{key} missing");
+        }
+    }
+
+    #[test]
     fn parses_tcp_counters() {
         let text = "TcpExt: SyncookiesSent ListenOverflows TCPSynRetrans\n\
                     TcpExt: 3 7 11\n\
                     IpExt: InNoRoutes\n\
                     IpExt: 1\n";
-        let t = parse_tcp_ext(text);
+        let t = TcpExt::from_counters(&parse_snmp(text));
         assert_eq!(
             (t.syncookies_sent, t.listen_overflows, t.syn_retrans),
             (3, 7, 11)
