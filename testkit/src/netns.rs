@@ -43,6 +43,33 @@ pub fn ip(args: &[&str]) -> Result<()> {
 
 /// A command that runs `program` inside the named namespace; an empty
 /// name means the caller's own namespace (`cargo xtask run`'s demo).
+/// TCP sockets in use in namespace `ns`: `inuse` of the `TCP:` line of
+/// /proc/net/sockstat plus the `TCP6:` line of sockstat6 (IPv6 sockets are
+/// counted only there). Every socket the kernel holds there, of any state,
+/// listeners included.
+pub fn tcp_sockets_in_use(ns: &str) -> Result<u64> {
+    let out = nsenter(ns, "cat")
+        .args(["/proc/net/sockstat", "/proc/net/sockstat6"])
+        .output()
+        .with_context(|| format!("cannot read /proc/net/sockstat in {ns}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v4 = sockstat_inuse(&text, "TCP:").context("no TCP inuse in sockstat")?;
+    let v6 = sockstat_inuse(&text, "TCP6:").context("no TCP6 inuse in sockstat6")?;
+    Ok(v4 + v6)
+}
+
+/// `inuse` of the sockstat line that starts with `tag`.
+fn sockstat_inuse(text: &str, tag: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(tag))?;
+    let mut words = line.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "inuse" {
+            return words.next()?.parse().ok();
+        }
+    }
+    None
+}
+
 pub fn nsenter(ns: &str, program: &str) -> Command {
     if ns.is_empty() {
         return Command::new(program);
@@ -183,6 +210,15 @@ impl Drop for NetPair {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_inuse_of_sockstat_lines() {
+        let text = "sockets: used 12\nTCP: inuse 7 orphan 0 tw 0 alloc 9 mem 1\n\
+                    UDP: inuse 0 mem 0\nTCP6: inuse 5\nUDP6: inuse 1\n";
+        assert_eq!(sockstat_inuse(text, "TCP:"), Some(7));
+        assert_eq!(sockstat_inuse(text, "TCP6:"), Some(5));
+        assert_eq!(sockstat_inuse("UDP: inuse 3\n", "TCP:"), None);
+    }
 
     #[test]
     fn only_the_test_networks_are_test_addresses() {

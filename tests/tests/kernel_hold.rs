@@ -113,29 +113,9 @@ fn hold_runs(w: &World, probe_src: IpAddr) -> bool {
     false
 }
 
-/// TCP sockets in use in the server namespace: `inuse` of the `TCP:` line
-/// of `/proc/net/sockstat` (IPv4) plus the `TCP6:` line of
-/// `/proc/net/sockstat6` (IPv6 sockets are counted only there).
+/// TCP sockets in use in the server namespace (sockstat and sockstat6).
 fn server_tcp_inuse(net: &TestNet) -> u64 {
-    let out = net
-        .server_cmd("cat")
-        .args(["/proc/net/sockstat", "/proc/net/sockstat6"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut total = 0;
-    for tag in ["TCP:", "TCP6:"] {
-        let line = text.lines().find(|l| l.starts_with(tag)).unwrap();
-        let mut words = line.split_whitespace();
-        let mut found = None;
-        while let Some(w) = words.next() {
-            if w == "inuse" {
-                found = words.next().and_then(|v| v.parse::<u64>().ok());
-            }
-        }
-        total += found.unwrap_or_else(|| panic!("no inuse in {line}"));
-    }
-    total
+    testkit::netns::tcp_sockets_in_use(&net.server_ns).unwrap()
 }
 
 /// `ss -tan` lines in a namespace that mention `addr`.

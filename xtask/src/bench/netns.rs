@@ -229,20 +229,9 @@ pub struct ClientConns {
 }
 
 impl BenchNet {
-    /// TCP sockets in use in the server namespace: `inuse` of the `TCP:`
-    /// line of /proc/net/sockstat plus the `TCP6:` line of sockstat6 (IPv6
-    /// sockets are counted only there). Every socket the kernel holds
-    /// there, of any state, listeners included.
+    /// TCP sockets in use in the server namespace (sockstat and sockstat6).
     pub fn server_tcp_inuse(&self) -> Result<u64> {
-        let out = self
-            .server_cmd("cat")
-            .args(["/proc/net/sockstat", "/proc/net/sockstat6"])
-            .output()
-            .context("cannot read the server's /proc/net/sockstat")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let v4 = parse_sockstat_inuse(&text, "TCP:").context("no TCP inuse in sockstat")?;
-        let v6 = parse_sockstat_inuse(&text, "TCP6:").context("no TCP6 inuse in sockstat6")?;
-        Ok(v4 + v6)
+        testkit::netns::tcp_sockets_in_use(&self.server_ns)
     }
 
     /// What the clients hold towards the server's `port` (`ss` in the
@@ -260,17 +249,6 @@ impl BenchNet {
             .context("cannot run ss in the client namespace")?;
         Ok(parse_client_conns(&String::from_utf8_lossy(&out.stdout)))
     }
-}
-
-fn parse_sockstat_inuse(text: &str, tag: &str) -> Option<u64> {
-    let line = text.lines().find(|l| l.starts_with(tag))?;
-    let mut words = line.split_whitespace();
-    while let Some(w) = words.next() {
-        if w == "inuse" {
-            return words.next()?.parse().ok();
-        }
-    }
-    None
 }
 
 /// `ss -Htno state established`: "Recv-Q Send-Q Local Peer [timer:(...)]"
@@ -370,12 +348,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_sockstat_and_client_connections() {
-        let sockstat = "sockets: used 12\nTCP: inuse 7 orphan 0 tw 0 alloc 9 mem 1\n\
-                        UDP: inuse 0 mem 0\nTCP6: inuse 5\nUDP6: inuse 1\n";
-        assert_eq!(parse_sockstat_inuse(sockstat, "TCP:"), Some(7));
-        assert_eq!(parse_sockstat_inuse(sockstat, "TCP6:"), Some(5));
-        assert_eq!(parse_sockstat_inuse("UDP: inuse 3\n", "TCP:"), None);
+    fn parses_client_connections() {
         let ss = "0      21     198.51.100.10:40000  198.51.100.1:25 timer:(persist,1.2sec,0)\n\
                   0      21     198.51.100.12:40000  198.51.100.1:25 timer:(persist,6.4sec,5)\n\
                   0      0      [fd5b:1e00::10]:40001  [fd5b:1e00::1]:25\n\
