@@ -10,7 +10,10 @@ use crate::{ebpf, leaks, paths, shell, vm};
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {
     /// Only run tests whose name contains this string (fmt and clippy are
-    /// skipped when a filter is given).
+    /// skipped when a filter is given). In the kernels' VMs, `EXE::` runs
+    /// one test executable whole and `EXE::NAME` its tests matching NAME
+    /// (`kernel_lifecycle::netlink_tc`, as a failure is reported); a
+    /// comma-separated list of these runs each, in one boot.
     pub filter: Option<String>,
     /// Skip installing test dependencies (Debian packages).
     #[arg(long)]

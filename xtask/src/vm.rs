@@ -201,10 +201,15 @@ pub fn run(kernels: &[Kernel], filter: Option<&str>) -> Vec<Outcome> {
             return outcomes;
         }
     };
+    let binaries = select(binaries, filter);
     for (k, o) in kernels.iter().zip(&mut outcomes) {
         shell::step(&format!("kernel {}", k.name));
         let start = Instant::now();
-        if let Err(e) = run_kernel(*k, &binaries, filter, o) {
+        if binaries.is_empty() {
+            o.fail("no kernel test executable matches the filter".to_string());
+            continue;
+        }
+        if let Err(e) = run_kernel(*k, &binaries, o) {
             o.fail(format!("{e:#}"));
         }
         o.seconds = start.elapsed().as_secs();
@@ -311,8 +316,8 @@ fn snapshot(binaries: &[TestBinary]) -> Result<Vec<TestBinary>> {
             let to = dir.join(&b.name);
             copy(&b.path, &to)?;
             Ok(TestBinary {
-                name: b.name.clone(),
                 path: to,
+                ..b.clone()
             })
         })
         .collect()
@@ -347,6 +352,8 @@ struct TestBinary {
     /// The test target (file) name: `foundation`, `kernel_xdp`...
     name: String,
     path: PathBuf,
+    /// libtest's name filters for this executable (any of them; none: all).
+    filters: Vec<String>,
 }
 
 /// Picks the VM test executables out of cargo's JSON messages.
@@ -368,12 +375,63 @@ fn test_binaries(json: &str) -> Vec<TestBinary> {
         .filter_map(|m| {
             let name = m["target"]["name"].as_str()?.to_string();
             let path = PathBuf::from(m["executable"].as_str()?);
-            runs_in_vm(&name).then_some(TestBinary { name, path })
+            runs_in_vm(&name).then_some(TestBinary {
+                name,
+                path,
+                filters: Vec::new(),
+            })
         })
         .collect();
     found.sort_by(|a, b| a.name.cmp(&b.name));
     found.dedup();
     found
+}
+
+/// The executables a filter names, each with the filters libtest gets. A
+/// filter `kernel_lifecycle::` runs that executable whole,
+/// `kernel_lifecycle::netlink_tc` its tests matching `netlink_tc` (the form
+/// the summary prints for a failure), and a comma-separated list of these
+/// runs each (`kernel_hold::,kernel_lifecycle::netlink_tc`); any other
+/// filter goes to every executable.
+fn select(binaries: Vec<TestBinary>, filter: Option<&str>) -> Vec<TestBinary> {
+    let Some(f) = filter else {
+        return binaries;
+    };
+    let named: Option<Vec<(&str, &str)>> = f
+        .split(',')
+        .map(|part| {
+            part.trim()
+                .split_once("::")
+                .filter(|(bin, _)| binaries.iter().any(|b| b.name == *bin))
+        })
+        .collect();
+    match named {
+        Some(parts) => binaries
+            .into_iter()
+            .filter_map(|mut b| {
+                let mine: Vec<&str> = parts
+                    .iter()
+                    .filter(|(bin, _)| *bin == b.name)
+                    .map(|(_, test)| *test)
+                    .collect();
+                if mine.is_empty() {
+                    return None;
+                }
+                // `EXE::` (all of it) wins over `EXE::name`.
+                if !mine.contains(&"") {
+                    b.filters = mine.into_iter().map(String::from).collect();
+                }
+                Some(b)
+            })
+            .collect(),
+        None => binaries
+            .into_iter()
+            .map(|mut b| {
+                b.filters = vec![f.to_string()];
+                b
+            })
+            .collect(),
+    }
 }
 
 /// Seconds one test executable may run in the guest (TCG is 3-10x slower
@@ -386,12 +444,7 @@ fn test_timeout() -> u64 {
         .unwrap_or(300)
 }
 
-fn run_kernel(
-    kernel: Kernel,
-    binaries: &[TestBinary],
-    filter: Option<&str>,
-    outcome: &mut Outcome,
-) -> Result<()> {
+fn run_kernel(kernel: Kernel, binaries: &[TestBinary], outcome: &mut Outcome) -> Result<()> {
     let kdir = kernels_dir();
     let release = fs::read_dir(kdir.join(kernel.tree).join("lib/modules"))
         .ok()
@@ -409,7 +462,7 @@ fn run_kernel(
     let per_test = test_timeout();
     fs::write(
         out.join("run.sh"),
-        guest_script(binaries, filter, per_test, &paths::root(), &bin_dir()),
+        guest_script(binaries, per_test, &paths::root(), &bin_dir()),
     )?;
     // Boot (~5-13 s), then every executable may use its whole timeout.
     let vm_timeout = 120 + per_test * binaries.len() as u64;
@@ -484,13 +537,7 @@ fn run_kernel(
 /// The script the guest runs: environment, then each test executable with a
 /// timeout, its output to the console and to `/mnt/out/<name>.log`, its exit
 /// status to `/mnt/out/<name>.rc`.
-fn guest_script(
-    binaries: &[TestBinary],
-    filter: Option<&str>,
-    timeout: u64,
-    root: &Path,
-    bin: &Path,
-) -> String {
+fn guest_script(binaries: &[TestBinary], timeout: u64, root: &Path, bin: &Path) -> String {
     let mut s = String::from(
         "#!/bin/bash\n# Written by `cargo xtask test --kernel`; runs as root inside the VM.\n",
     );
@@ -539,7 +586,7 @@ fn guest_script(
             b.name,
             quote(&b.path.display().to_string())
         );
-        if let Some(f) = filter {
+        for f in &b.filters {
             line.push(' ');
             line.push_str(&quote(f));
         }
@@ -622,6 +669,51 @@ mod tests {
     }
 
     #[test]
+    fn a_filter_naming_an_executable_runs_only_that_one() {
+        let bins = || {
+            ["kernel_hold", "kernel_lifecycle", "kernel_malformed"]
+                .map(|n| TestBinary {
+                    name: n.into(),
+                    path: format!("/w/{n}").into(),
+                    filters: Vec::new(),
+                })
+                .to_vec()
+        };
+        let runs = |b: Vec<TestBinary>| {
+            b.into_iter()
+                .map(|b| (b.name, b.filters))
+                .collect::<Vec<_>>()
+        };
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            runs(select(bins(), Some("kernel_lifecycle::netlink_tc"))),
+            [("kernel_lifecycle".into(), s(&["netlink_tc"]))]
+        );
+        assert_eq!(
+            runs(select(
+                bins(),
+                Some("kernel_hold::, kernel_malformed::a,kernel_malformed::b")
+            )),
+            [
+                ("kernel_hold".into(), s(&[])),
+                ("kernel_malformed".into(), s(&["a", "b"]))
+            ]
+        );
+        assert_eq!(
+            runs(select(bins(), Some("kernel_hold::x,kernel_hold::"))),
+            [("kernel_hold".into(), s(&[]))]
+        );
+        let all = runs(select(bins(), Some("v4_and_v6")));
+        assert_eq!(all.len(), 3);
+        assert!(all.iter().all(|(_, f)| *f == s(&["v4_and_v6"])));
+        // An unknown executable: a plain filter, as before.
+        let all = runs(select(bins(), Some("kernel_hold::,nosuch::x")));
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0].1, s(&["kernel_hold::,nosuch::x"]));
+        assert_eq!(runs(select(bins(), None)).len(), 3);
+    }
+
+    #[test]
     fn counts_guest_test_output() {
         let log = "running 3 tests\r\ntest a ... ok\r\ntest b ... FAILED\r\ntest c ... ok\r\n\
                    test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out\r\n";
@@ -633,8 +725,9 @@ mod tests {
         let b = [TestBinary {
             name: "foundation".into(),
             path: "/w/target/debug/deps/foundation-1".into(),
+            filters: vec!["it's".into()],
         }];
-        let s = guest_script(&b, Some("it's"), 300, Path::new("/w"), Path::new("/w/vm"));
+        let s = guest_script(&b, 300, Path::new("/w"), Path::new("/w/vm"));
         assert!(s.contains("export TARPIT_BIN='/w/vm/tarpit'\n"));
         assert!(s.contains("export TARPIT_EBPF_OBJECT='/w/vm/tarpit.bpf.o'\n"));
         assert!(s.contains("cd '/w/tests'\n"));
