@@ -15,7 +15,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use socket2::Socket;
 use tarpit::config::KernelConfig;
-use tarpit::kernel::{Kernel, KernelMaps};
+use tarpit::kernel::{Kernel, KernelMaps, PreGreetVerdict};
+use tarpit_tests::wait::until;
 use tarpit_tests::{PinDir, TestCgroup, TestNet};
 
 /// Greeting delay of the scripted server (port 25 and the 465 banner; the
@@ -184,6 +185,53 @@ impl World {
     /// Opens a TCP connection from `src` (in the client namespace).
     pub fn connect(&self, src: IpAddr, dst: SocketAddr, timeout: Duration) -> Result<TcpStream> {
         connect_from(&self.net, src, dst, timeout)
+    }
+
+    /// Opens a connection and waits until sock_ops has made its flow
+    /// (still awaiting the greeting). The client's `connect` returns once
+    /// its ACK is sent; the server takes that ACK, and so makes the flow,
+    /// a little later (much later under qemu's emulation), so a test that
+    /// reads or judges the flow must wait for it, not race it. `dst` must
+    /// greet late enough for the wait ([`SLOW_PORT`]).
+    pub fn connect_tracked(&self, src: IpAddr, dst: SocketAddr) -> Result<TcpStream> {
+        let s = self.connect(src, dst, Duration::from_secs(5))?;
+        let me = s.local_addr()?;
+        let tracked = || self.maps().flow_verdict(me, dst).ok();
+        if !until(Duration::from_secs(5), || {
+            tracked() == Some(PreGreetVerdict::AwaitingGreeting)
+        }) {
+            bail!(
+                "no flow for {me} -> {dst} (verdict {:?})\n{}",
+                tracked(),
+                self.diagnosis()
+            );
+        }
+        Ok(s)
+    }
+
+    /// What a failed kernel test needs to say why: the programs' counters,
+    /// and whether the server is in the test's cgroup (sock_ops, which
+    /// makes flows and counts connections, sees only that cgroup).
+    pub fn diagnosis(&self) -> String {
+        let counters = self
+            .maps()
+            .counters()
+            .map_or_else(|e| format!("unreadable: {e}"), |c| format!("{c:?}"));
+        let server = self.server.as_ref().map(|s| s.child.id());
+        let server_cgroup = server
+            .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok())
+            .unwrap_or_default();
+        let attached = Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&self.cgroup.path)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        format!(
+            "kernel counters: {counters}\nserver pid {server:?} in cgroup {:?} (the test's: {})\nprograms on it:\n{attached}",
+            server_cgroup.trim(),
+            self.cgroup.path.display()
+        )
     }
 }
 
