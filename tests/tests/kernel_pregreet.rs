@@ -63,14 +63,9 @@ fn talker_and_patient(w: &World, server: IpAddr, bot: IpAddr, good: IpAddr) {
     read_until(&mut b, "220 ").expect("banner after pre-greet talk");
     drop(b);
 
-    let mut g = w
-        .connect(good, dst, Duration::from_secs(5))
-        .expect("good connects");
+    // Tracked (awaiting its greeting) until it has one.
+    let mut g = w.connect_tracked(good, dst).expect("good connects");
     let good_addr = g.local_addr().unwrap();
-    assert_eq!(
-        w.maps().flow_verdict(good_addr, dst).unwrap(),
-        PreGreetVerdict::AwaitingGreeting
-    );
     read_until(&mut g, "220 ").unwrap();
     send(&mut g, "EHLO good.example").unwrap();
     read_until(&mut g, "250").unwrap();
