@@ -173,3 +173,70 @@ impl Drop for Instance {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// main.cf of a sending Postfix (appended to the template's): `transport`
+/// (entries of an inline map, `{rcpt = smtp:[addr]:port}, ...`) routes
+/// mail without DNS; bounces for client.example land in its own Maildir
+/// (`mail/sender/`); retries come every second or two, so a deferred
+/// message is tried again at once, as a real queue would later.
+pub fn sender_main_cf(transport: &str) -> String {
+    format!(
+        "myhostname = sender.client.example
+mydomain = client.example
+virtual_mailbox_domains = client.example
+virtual_mailbox_maps = inline:{{ {{@client.example = sender/}} }}
+relay_domains =
+transport_maps = inline:{{ {transport} }}
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 2s
+smtp_connect_timeout = 10s
+delay_warning_time = 0
+"
+    )
+}
+
+impl Instance {
+    /// A sending Postfix in `ns`: its internal services, the SMTP client
+    /// and `listener` (master.cf lines; empty: it only sends what
+    /// [`Instance::submit`] queues); `main` as [`sender_main_cf`] makes it.
+    pub fn start_sender(dir: PathBuf, ns: &str, main: &str, listener: &str) -> Result<Instance> {
+        let master = format!(
+            "{listener}{INTERNAL_SERVICES}smtp      unix  -       -       n       -       -       smtp\n"
+        );
+        Instance::start(dir, ns, main, |_| master)
+    }
+
+    /// Queues a message (headers, blank line, body) from `from` to
+    /// `rcpts` with this instance's sendmail, as a local user would.
+    pub fn submit(&self, from: &str, rcpts: &[String], message: &str) -> Result<()> {
+        let mut child = Command::new("sendmail")
+            .arg("-C")
+            .arg(&self.conf)
+            .args(["-f", from])
+            .args(rcpts)
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("cannot run sendmail")?;
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().context("sendmail stdin")?;
+            stdin.write_all(message.as_bytes())?;
+        }
+        let status = child.wait()?;
+        anyhow::ensure!(status.success(), "sendmail failed: {status}");
+        Ok(())
+    }
+
+    /// True once nothing waits in the queue (`postqueue -p`).
+    pub fn queue_empty(&self) -> bool {
+        Command::new("postqueue")
+            .arg("-c")
+            .arg(&self.conf)
+            .arg("-p")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("Mail queue is empty"))
+            .unwrap_or(false)
+    }
+}

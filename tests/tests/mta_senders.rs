@@ -31,8 +31,7 @@ use testkit::postfix::Instance;
 
 /// main.cf of the sending Postfix: mail for `*4@tarpit.test` goes to the
 /// MX's IPv4 address, `*6@tarpit.test` to its IPv6 address, both port 25
-/// (the agent), without DNS; bounces for client.example land in its own
-/// Maildir; retries come fast.
+/// (the agent), without DNS.
 fn sender_main() -> String {
     let mut transport = String::new();
     for local in ["sink", "other", "unknown", "valid", "unknownsender"] {
@@ -40,56 +39,23 @@ fn sender_main() -> String {
             "{{{local}4@tarpit.test = smtp:[{SERVER_V4}]:25}}, {{{local}6@tarpit.test = smtp:[{SERVER_V6}]:25}}, "
         ));
     }
-    format!(
-        "myhostname = sender.client.example
-mydomain = client.example
-virtual_mailbox_domains = client.example
-virtual_mailbox_maps = inline:{{ {{@client.example = sender/}} }}
-relay_domains =
-transport_maps = inline:{{ {transport} }}
-queue_run_delay = 1s
-minimal_backoff_time = 1s
-maximal_backoff_time = 2s
-smtp_connect_timeout = 10s
-delay_warning_time = 0
-"
-    )
+    testkit::postfix::sender_main_cf(&transport)
 }
 
 fn start_sender(net: &TestNet, extra: &str, listener: &str) -> Instance {
     let dir = std::env::temp_dir().join(format!("tarpit-sender-{}", unique_id()));
     let main = format!("{}{extra}", sender_main());
-    // A sender: the internal services and the SMTP client.
-    let master = format!(
-        "{listener}{}smtp      unix  -       -       n       -       -       smtp\n",
-        testkit::postfix::INTERNAL_SERVICES
-    );
-    Instance::start(dir, &net.client_ns, &main, |_| master).expect("sending Postfix")
+    Instance::start_sender(dir, &net.client_ns, &main, listener).expect("sending Postfix")
 }
 
 /// Queues a message in the sending Postfix (its sendmail).
 fn submit(pf: &Instance, subject: &str, rcpts: &[String]) {
-    let mut child = Command::new("sendmail")
-        .arg("-C")
-        .arg(pf.conf())
-        .args(["-f", "sender@client.example"])
-        .args(rcpts)
-        .stdin(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("sendmail");
     let body = format!(
         "From: <sender@client.example>\nTo: <{}>\nSubject: {subject}\n\nrelayed by a real MTA\n",
         rcpts.join(">, <")
     );
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(body.as_bytes())
-        .expect("write");
-    assert!(child.wait().expect("sendmail").success(), "sendmail failed");
+    pf.submit("sender@client.example", rcpts, &body)
+        .expect("sendmail");
 }
 
 /// The relay tests' common outcome: every message of `expected` (family,

@@ -260,44 +260,13 @@ impl Agent {
                 String::from_utf8_lossy(&check.stderr).trim()
             );
         }
-        let log = std::fs::File::create(dir.join("agent.log"))?;
-        let child = net
-            .server_cmd(&bin.display().to_string())
-            .arg("run")
-            .arg("-c")
-            .arg(&cfg)
-            .env("RUST_LOG", "warn,tarpit=info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start tarpit")?;
         let mut agent = Agent {
-            config: cfg.clone(),
+            config: cfg,
             dir,
             pin_dir: pin_dir(net),
-            child: Some(child),
+            child: None,
         };
-        let mut exited = None;
-        let ready = signal::wait_until(Duration::from_secs(30), || {
-            if agent.log().contains(READY_LINE) {
-                return true;
-            }
-            if let Some(c) = agent.child.as_mut()
-                && let Ok(Some(s)) = c.try_wait()
-            {
-                exited = Some(s);
-                return true;
-            }
-            false
-        })?;
-        if let Some(s) = exited {
-            agent.child = None;
-            bail!("the agent exited at start ({s}): {}", agent.log_tail());
-        }
-        if !ready {
-            bail!("the agent was not ready within 30 s: {}", agent.log_tail());
-        }
+        agent.spawn(bin, net)?;
         let Some(probe_port) = probe_port else {
             return Ok(agent);
         };
@@ -307,6 +276,85 @@ impl Agent {
             bail!("the agent runs but does not listen on port {probe_port} (no SMTP front yet)");
         }
         Ok(agent)
+    }
+
+    /// Runs `tarpit run` with this agent's config (its log appended to)
+    /// and waits until it says it is ready.
+    fn spawn(&mut self, bin: &Path, net: &BenchNet) -> Result<()> {
+        let readies = self.log().matches(READY_LINE).count();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))?;
+        let child = net
+            .server_cmd(&bin.display().to_string())
+            .arg("run")
+            .arg("-c")
+            .arg(&self.config)
+            .env("RUST_LOG", "warn,tarpit=info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start tarpit")?;
+        self.child = Some(child);
+        let mut exited = None;
+        let ready = signal::wait_until(Duration::from_secs(30), || {
+            if self.log().matches(READY_LINE).count() > readies {
+                return true;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(s)) = c.try_wait()
+            {
+                exited = Some(s);
+                return true;
+            }
+            false
+        })?;
+        if let Some(s) = exited {
+            self.child = None;
+            bail!("the agent exited at start ({s}): {}", self.log_tail());
+        }
+        if !ready {
+            bail!("the agent was not ready within 30 s: {}", self.log_tail());
+        }
+        Ok(())
+    }
+
+    /// Kills the agent with SIGKILL, as a crash or the OOM killer does:
+    /// none of its own clean-up runs, its pins and links stay.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the agent again after [`Agent::kill_hard`], with the same
+    /// config, pins and state file; returns once it is ready.
+    pub fn restart(&mut self, bin: &TarpitBin, net: &BenchNet) -> Result<()> {
+        self.kill_hard();
+        self.spawn(bin.path()?, net)
+    }
+
+    /// Sends SIGHUP: the agent reloads its config, as `tarpit reload` does.
+    pub fn reload(&self) -> Result<()> {
+        let pid = self.pid().context("the agent is not running")?;
+        // SAFETY: kill(2) of our own child.
+        if unsafe { libc::kill(pid as i32, libc::SIGHUP) } != 0 {
+            bail!(
+                "cannot signal the agent: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
+    /// Open file descriptors of the agent now.
+    pub fn fd_count(&self) -> Option<u64> {
+        let pid = self.pid()?;
+        let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+        Some(dir.count() as u64)
     }
 
     pub fn pid(&self) -> Option<u32> {
