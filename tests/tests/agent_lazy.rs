@@ -1,7 +1,7 @@
-//! `backend.connect = "at-transaction"` in front of real Postfix: the agent
-//! speaks the banner and EHLO itself and connects Postfix only when a
-//! client starts a transaction. Proved from Postfix's own log and mailbox:
-//! a client that quits, is dropped or goes silent before MAIL never
+//! `backend.connect = "at-transaction"` (the default) in front of real
+//! Postfix: the agent speaks the banner and EHLO itself and connects Postfix
+//! only when a client starts a transaction. Proved from Postfix's own log
+//! and mailbox: a client that quits, is dropped or goes silent before MAIL never
 //! appears there; one that sends mail is logged with its real address and
 //! its HELO name, and its message arrives once. AUTH through Dovecot and
 //! STARTTLS (terminated by the agent, or passed through to Postfix) work.
@@ -492,11 +492,8 @@ fn a_reload_switches_new_sessions_to_at_transaction_and_keeps_those_in_flight() 
     let net = TestNet::new().unwrap();
     let pins = PinDir::new().unwrap();
     let pf = Postfix::start(&net).unwrap();
-    let agent = Agent::start(
-        &net,
-        &agent_config(&net, &pins, &proxy_backend(), NO_DELAYS),
-    )
-    .unwrap();
+    let backend = format!("{}connect = \"at-connect\"\n", proxy_backend());
+    let agent = Agent::start(&net, &agent_config(&net, &pins, &backend, NO_DELAYS)).unwrap();
     // At-connect: the MTA greets, and a session stays open across the reload.
     let mut inflight = SmtpClient::connect(&net, CLIENT_V6.into(), agent_v6()).unwrap();
     inflight.reply().unwrap();

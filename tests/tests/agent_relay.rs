@@ -166,18 +166,62 @@ fn mta_killed_mid_data_gives_4xx_and_no_message() {
     assert_eq!(w.pf.delivered(), 0, "no message may exist");
 }
 
+/// A 421 at the banner when the MTA is connected there (`at-connect`), or
+/// when the agent has never reached it (at-transaction before any probe
+/// succeeded: it has no banner of the MTA's to speak).
 #[test]
 fn mta_down_gives_421_at_the_banner() {
     if !require_root() {
         return;
     }
-    // Nothing listens on 2599.
-    let w = world(
-        "[backend]\naddr = \"127.0.0.1:2599\"\nconnect_timeout = \"2s\"\n",
-        NO_DELAYS,
+    for mode in ["at-connect", "at-transaction"] {
+        // Nothing listens on 2599.
+        let w = world(
+            &format!(
+                "[backend]\naddr = \"127.0.0.1:2599\"\nconnect_timeout = \"2s\"\nconnect = \"{mode}\"\n"
+            ),
+            NO_DELAYS,
+        );
+        let mut c = SmtpClient::connect(&w.net, CLIENT_V4.into(), agent_v4()).unwrap();
+        let r = c.reply().unwrap();
+        assert_eq!(r.code, 421, "{mode}: {}", r.text);
+        assert!(c.closed_within(Duration::from_secs(5)), "{mode}");
+        assert_eq!(
+            metric(&w.net, "tarpit_backend_errors_total{kind=\"connect\"}"),
+            Some(1.0),
+            "{mode}"
+        );
+    }
+}
+
+/// The default (`at-transaction`), with an MTA that went down after the
+/// probe learned it: the agent greets and answers EHLO itself, and MAIL,
+/// the first command that needs the MTA, gets the 421; the session ends.
+#[test]
+fn mta_down_after_the_probe_gives_421_at_mail() {
+    if !require_root() {
+        return;
+    }
+    let w = world(&proxy_backend(), NO_DELAYS);
+    assert!(
+        tarpit_tests::wait::until(Duration::from_secs(20), || w
+            .agent
+            .log()
+            .contains("learned the MTA's banner")),
+        "no probe:\n{}",
+        w.agent.log()
+    );
+    kill_postfix(&w.net);
+    let mta = std::net::SocketAddr::from(([127, 0, 0, 1], tarpit_tests::postfix::PROXY));
+    assert!(
+        tarpit_tests::wait::until(Duration::from_secs(10), || !w.pf.accepts(mta)),
+        "Postfix still accepts"
     );
     let mut c = SmtpClient::connect(&w.net, CLIENT_V4.into(), agent_v4()).unwrap();
     let r = c.reply().unwrap();
+    assert_eq!(r.code, 220, "the agent's own banner: {}", r.text);
+    c.expect("EHLO client.example", 250).unwrap();
+    let (r, _) = c.cmd("MAIL FROM:<sender@client.example>").unwrap();
     assert_eq!(r.code, 421, "{}", r.text);
     assert!(c.closed_within(Duration::from_secs(5)));
     assert_eq!(

@@ -74,15 +74,18 @@ fn postfix_world(rest: &str) -> World<Postfix> {
     }
 }
 
+/// The recording MTA checks every connection it gets as a client's
+/// session, and some tests change its EHLO reply between sessions: here
+/// the MTA is connected at the banner (`at-connect`), so there is no probe
+/// connection and every EHLO reply a client gets is the MTA's of the
+/// moment. What follows MAIL is relayed by the same code in both modes;
+/// the Postfix world runs in the default, `at-transaction`.
 fn recording_world(opts: Options, rest: &str) -> World<RecordingMta> {
     let net = TestNet::new().expect("test network");
     let pins = PinDir::new().expect("pin dir");
     let mta = RecordingMta::start(&net, opts).expect("recording MTA");
-    let agent = Agent::start(
-        &net,
-        &agent_config(&net, &pins, &mta.backend_config(), rest),
-    )
-    .expect("agent");
+    let backend = format!("{}connect = \"at-connect\"\n", mta.backend_config());
+    let agent = Agent::start(&net, &agent_config(&net, &pins, &backend, rest)).expect("agent");
     World {
         net,
         _pins: pins,

@@ -3,7 +3,10 @@
 //! only inside TLS, answers an AUTH in clear with 538 without passing the
 //! password on, and after its STARTTLS the MTA's session starts afresh
 //! (a new connection: no HELO name, no transaction of before, RFC 3207
-//! 4.2). Driven by Python's smtplib, IPv4 and IPv6.
+//! 4.2). With the MTA connected at the banner (`at-connect`) it sees two
+//! sessions, the one before STARTTLS with EHLO only; connected at the
+//! transaction (the default) only the one inside TLS. Driven by Python's
+//! smtplib, IPv4 and IPv6.
 use std::time::Duration;
 
 use tarpit_tests::dovecot::{Dovecot, PASSWORD, USER};
@@ -42,6 +45,15 @@ s.quit()
 
 #[test]
 fn auth_only_inside_tls_and_nothing_of_before_starttls_kept_by_the_mta() {
+    auth_only_inside_tls("at-transaction");
+}
+
+#[test]
+fn auth_only_inside_tls_and_nothing_of_before_starttls_kept_by_the_mta_at_connect() {
+    auth_only_inside_tls("at-connect");
+}
+
+fn auth_only_inside_tls(mode: &str) {
     if !require_root() {
         return;
     }
@@ -52,7 +64,17 @@ fn auth_only_inside_tls_and_nothing_of_before_starttls_kept_by_the_mta() {
     let dv = Dovecot::start().unwrap();
     let pf = Postfix::start_with(&net, &dv.postfix_main_cf()).unwrap();
     let rest = format!("[greeting]\ndelay = \"0s\"\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n");
-    let _agent = Agent::start(&net, &agent_config(&net, &pins, &proxy_backend(), &rest)).unwrap();
+    let backend = format!("{}connect = \"{mode}\"\n", proxy_backend());
+    let agent = Agent::start(&net, &agent_config(&net, &pins, &backend, &rest)).unwrap();
+    // At-transaction: the agent's EHLO reply comes from the probe.
+    assert!(
+        mode == "at-connect"
+            || wait::until(Duration::from_secs(20), || agent
+                .log()
+                .contains("learned the MTA's banner")),
+        "no probe:\n{}",
+        agent.log()
+    );
     let plain = Dovecot::plain(USER, PASSWORD);
     for (host, src) in [
         (SERVER_V4.to_string(), CLIENT_V4.to_string()),
@@ -82,8 +104,10 @@ fn auth_only_inside_tls_and_nothing_of_before_starttls_kept_by_the_mta() {
         assert_eq!(lines[4], "tls-auth 235", "{text}");
         assert_eq!(lines[5], "data 250", "{text}");
 
-        // The MTA saw two sessions of this client: the one before
-        // STARTTLS (EHLO only, no AUTH) and a fresh one inside TLS.
+        // At-connect the MTA saw two sessions of this client: the one
+        // before STARTTLS (EHLO only, no AUTH) and a fresh one inside TLS.
+        // At-transaction the one before STARTTLS never reached it.
+        let sessions = if mode == "at-connect" { 2 } else { 1 };
         let disconnects = |pf: &Postfix| -> Vec<String> {
             pf.log()
                 .lines()
@@ -92,7 +116,8 @@ fn auth_only_inside_tls_and_nothing_of_before_starttls_kept_by_the_mta() {
                 .collect()
         };
         assert!(
-            wait::until(Duration::from_secs(10), || disconnects(&pf).len() >= 2),
+            wait::until(Duration::from_secs(10), || disconnects(&pf).len()
+                >= sessions),
             "{}",
             pf.log()
         );
@@ -101,14 +126,16 @@ fn auth_only_inside_tls_and_nothing_of_before_starttls_kept_by_the_mta() {
             .lines()
             .filter(|l| l.contains(&format!(": connect from unknown[{src}]")))
             .count();
-        assert_eq!(connects, 2, "a new MTA connection after STARTTLS:\n{log}");
+        assert_eq!(connects, sessions, "{mode}: MTA connections:\n{log}");
         let d = disconnects(&pf);
+        if mode == "at-connect" {
+            assert!(
+                d[0].contains(" ehlo=1 ") && !d[0].contains("auth=") && !d[0].contains("mail="),
+                "the session before STARTTLS: {d:?}"
+            );
+        }
         assert!(
-            d[0].contains(" ehlo=1 ") && !d[0].contains("auth=") && !d[0].contains("mail="),
-            "the session before STARTTLS: {d:?}"
-        );
-        assert!(
-            d[1].contains(" auth=1 ") && d[1].contains(" mail=1 "),
+            d[sessions - 1].contains(" auth=1 ") && d[sessions - 1].contains(" mail=1 "),
             "{d:?}"
         );
         assert!(!log.contains("authentication failed"), "{log}");

@@ -12,9 +12,10 @@
 //! (`double-bounce@`) is a callout sender, so the blacklist holds spare it
 //! and the verification finishes within Postfix's own poll time (3 x 3 s):
 //! a valid sender is accepted, an unknown one refused with the MX's 550.
-//! A sending Exim does the same relay run (it pipelines the RCPTs and
-//! BDAT, so its first attempt shows as a deferred connection and the 5xx
-//! hold overlaps the RCPT hold).
+//! A sending Exim does the same relay run, with the MTA connected at the
+//! banner and at the transaction (it pipelines MAIL, the RCPTs, `BDAT ...
+//! LAST` and QUIT, then shuts its sending side: it still reads the 451s,
+//! and the 5xx hold overlaps the RCPT hold).
 //!
 //! The same callout with a verifying Exim (`verify = sender/callout=30s`, probes
 //! from the null sender `<>`).
@@ -509,6 +510,16 @@ begin retry
 
 #[test]
 fn a_real_exim_relays_through_every_delay_and_greylisting_exactly_once() {
+    exim_relays("at-transaction");
+}
+
+#[test]
+fn a_real_exim_relays_through_every_delay_and_greylisting_exactly_once_at_connect() {
+    exim_relays("at-connect");
+}
+
+/// The Exim relay run with `backend.connect = mode`.
+fn exim_relays(mode: &str) {
     if !require_root() {
         return;
     }
@@ -541,8 +552,8 @@ store = "{}"
 "#,
         store.path.join("greylist.db").display()
     );
-    let agent =
-        Agent::start(&net, &agent_config(&net, &pins, &proxy_backend(), &rest)).expect("agent");
+    let backend = format!("{}connect = \"{mode}\"\n", proxy_backend());
+    let agent = Agent::start(&net, &agent_config(&net, &pins, &backend, &rest)).expect("agent");
     let sender =
         tarpit_tests::exim::Exim::start_custom(&net, false, 2526, exim_sender).expect("exim");
     let mut expected = Vec::new();
@@ -579,15 +590,22 @@ store = "{}"
     let bounces = delivered_once_and_bounced(&mx, &sender.dir, || sender.log(), "Exim", &expected);
     let log = sender.log();
     for (addr, fam) in [(SERVER_V4.to_string(), "4"), (SERVER_V6.to_string(), "6")] {
-        // Exim pipelines MAIL, the RCPTs and BDAT LAST (CHUNKING): with
-        // every RCPT greylisted it logs the first attempt as a deferral of
-        // the connection ("Remote host closed connection in response to
-        // pipelined end of data"), not as the 451 itself; the agent's log
-        // has the greylisting.
+        // Exim pipelines MAIL, the RCPTs, BDAT LAST (CHUNKING) and QUIT,
+        // then shuts its sending side: with every RCPT greylisted the
+        // agent still answers all of it, so Exim logs the 451 itself, not
+        // "Remote host closed connection in response to pipelined end of
+        // data" (the agent took that half-close for a client that left).
         assert!(
             log.lines()
-                .any(|l| l.contains(&format!("== sink{fam}@tarpit.test")) && l.contains(" defer ")),
-            "no deferred first attempt for v{fam} in:\n{log}"
+                .any(|l| l.contains(&format!("== sink{fam}@tarpit.test"))
+                    && l.contains(" defer ")
+                    && l.contains("451 4.7.1")),
+            "no greylisted (451) first attempt for v{fam} ({mode}) in:\n{log}"
+        );
+        assert!(
+            !log.contains("closed connection"),
+            "the agent closed on Exim ({mode}):\n{log}\n{}",
+            agent.log()
         );
         let src = if fam == "4" {
             CLIENT_V4.to_string()

@@ -55,8 +55,8 @@ impl ListenConfig {
 #[serde(rename_all = "kebab-case")]
 pub enum ConnectMode {
     /// At the end of the greeting delay: the MTA speaks the banner and
-    /// answers everything.
-    #[default]
+    /// answers everything. For an MTA whose EHLO reply differs per client,
+    /// which a probe cannot learn.
     AtConnect,
     /// At the first command that needs the MTA (MAIL, AUTH, VRFY, EXPN,
     /// ETRN, STARTTLS without a certificate): the agent speaks the banner,
@@ -64,7 +64,11 @@ pub enum ConnectMode {
     /// connection learned, then replays the client's EHLO on the late
     /// connection. Bots that never start a transaction never cost the MTA
     /// a process. Not for an MTA whose EHLO reply differs per client
-    /// (Postfix `smtpd_discard_ehlo_keyword_address_maps`).
+    /// (Postfix `smtpd_discard_ehlo_keyword_address_maps`). The default:
+    /// a bot flood released from the greeting delay does not become a
+    /// burst of MTA connections, and bots that quit after EHLO cost the
+    /// MTA nothing.
+    #[default]
     AtTransaction,
 }
 
@@ -115,7 +119,7 @@ pub struct BackendConfig {
     /// `addr`. With a certificate the agent terminates TLS itself and
     /// those clients go to `addr` in clear.
     pub implicit_tls_addr: Option<SocketAddr>,
-    /// `"at-connect"` (default) or `"at-transaction"`: see [`ConnectMode`].
+    /// `"at-transaction"` (default) or `"at-connect"`: see [`ConnectMode`].
     pub connect: ConnectMode,
     /// With `at-transaction`: the banner text the agent speaks (after
     /// `220 `). Unset: the MTA's own, learned by the probe.
@@ -146,7 +150,7 @@ impl Default for BackendConfig {
             keepalive: Duration::from_secs(8),
             write_timeout: Duration::from_secs(60),
             implicit_tls_addr: None,
-            connect: ConnectMode::AtConnect,
+            connect: ConnectMode::AtTransaction,
             banner: None,
             probe_interval: Duration::from_secs(300),
             max_connecting: 64,
@@ -250,6 +254,18 @@ mod tests {
         .unwrap();
         assert_eq!(c.backend.connect, super::ConnectMode::AtTransaction);
         assert_eq!(c.backend.max_sessions, 100);
+        // The default is at-transaction; at-connect is chosen by name.
+        assert_eq!(
+            Config::parse("").unwrap().backend.connect,
+            super::ConnectMode::AtTransaction
+        );
+        assert_eq!(
+            Config::parse("[backend]\nconnect = \"at-connect\"\n")
+                .unwrap()
+                .backend
+                .connect,
+            super::ConnectMode::AtConnect
+        );
         assert_eq!(c.backend.max_connecting, 64);
         for (bad, key) in [
             ("max_connecting = 0", "backend.max_connecting"),

@@ -151,6 +151,23 @@ async fn read_reply(c: &mut BufReader<TcpStream>) -> String {
     }
 }
 
+/// Every reply until the agent closes the connection, one string each.
+async fn replies_to_the_end(c: &mut BufReader<TcpStream>) -> Vec<String> {
+    let mut replies = Vec::new();
+    let mut text = String::new();
+    loop {
+        let mut line = String::new();
+        if c.read_line(&mut line).await.unwrap_or(0) == 0 {
+            assert!(text.is_empty(), "closed inside a reply: {text:?}");
+            return replies;
+        }
+        text.push_str(&line);
+        if line.as_bytes().get(3) != Some(&b'-') {
+            replies.push(std::mem::take(&mut text));
+        }
+    }
+}
+
 /// Sends a line, returns the reply and the (virtual) time it took.
 async fn cmd(c: &mut BufReader<TcpStream>, line: &str) -> (String, Duration) {
     let t = Instant::now();
@@ -584,6 +601,70 @@ async fn a_client_gone_during_the_end_of_data_hold_leaves_nothing_queued() {
     let seen = seen.await.unwrap();
     assert_eq!(seen.len(), 3, "the MTA never got the end of data: {seen:?}");
     assert_eq!(shared.metrics.abandoned_messages_total.get(), 1);
+}
+
+/// Exim pipelines MAIL, its RCPTs, `BDAT n LAST` with the chunk and QUIT,
+/// then shuts its sending side and reads the replies. With no valid
+/// recipient (all refused) that end of input came while the end of data
+/// was held, and the agent closed as if the client had left: Exim logged
+/// "Remote host closed connection in response to pipelined end of data"
+/// instead of the refusals. A half-close after QUIT is a client waiting
+/// for its replies: it gets every one, the MTA's "no valid recipients"
+/// as the verdict on the chunk (RFC 3030), then the 221.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_shuts_its_side_after_a_pipelined_quit_gets_every_reply() {
+    let (mta, seen) = fake_mta(vec![
+        reply("EHLO", "250-mx.fake\r\n250-PIPELINING\r\n250 CHUNKING\r\n"),
+        reply("MAIL", "250 2.1.0 Ok\r\n"),
+        reply("RCPT TO:<x@y>", "451 4.7.1 try later\r\n"),
+        reply("RCPT TO:<z@y>", "550 5.1.1 unknown\r\n"),
+        // Postfix reads a chunk without valid recipients and refuses it.
+        reply("BDAT 5\r", "554 5.5.1 Error: no valid recipients\r\n"),
+        reply("abc", ""),
+        reply("BDAT 0 LAST", "554 5.5.1 Error: no valid recipients\r\n"),
+        reply("QUIT", "221 2.0.0 Bye\r\n"),
+    ])
+    .await;
+    // The blacklist holds the end of data: the client's end of input
+    // comes while it is held.
+    let shared = shared(
+        &format!("{NO_GREETING}[blacklist]\nips = [\"198.51.100.0/24\"]\ndelay = \"10s\"\n"),
+        mta,
+    );
+    let (mut c, task) = session(shared.clone()).await;
+    read_reply(&mut c).await;
+    cmd(&mut c, "EHLO client").await;
+    c.get_mut()
+        .write_all(
+            b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nRCPT TO:<z@y>\r\nBDAT 5 LAST\r\nabc\r\nQUIT\r\n",
+        )
+        .await
+        .unwrap();
+    c.get_mut().shutdown().await.unwrap();
+    assert_eq!(
+        replies_to_the_end(&mut c).await,
+        [
+            "250 2.1.0 Ok\r\n",
+            "451 4.7.1 try later\r\n",
+            "550 5.1.1 unknown\r\n",
+            "554 5.5.1 Error: no valid recipients\r\n",
+            "221 2.0.0 Bye\r\n",
+        ]
+    );
+    assert_eq!(task.await.unwrap(), Outcome::Quit);
+    assert_eq!(
+        seen.await.unwrap()[1..],
+        [
+            "MAIL FROM:<a@b>",
+            "RCPT TO:<x@y>",
+            "RCPT TO:<z@y>",
+            "BDAT 5",
+            "abc",
+            "BDAT 0 LAST",
+            "QUIT"
+        ]
+    );
+    assert_eq!(shared.metrics.abandoned_messages_total.get(), 0);
 }
 
 #[tokio::test(start_paused = true)]

@@ -115,6 +115,30 @@ impl ClientReader {
         self.expect
     }
 
+    /// The buffered input ends with a complete `QUIT` command line. A
+    /// client that pipelines QUIT behind its last command and then shuts
+    /// its sending side (Exim does, behind a pipelined `BDAT ... LAST`)
+    /// has said all it will and waits for the replies: its end of input
+    /// is a half-close, not a client that left. Only when commands are
+    /// expected, and only the last line is looked at (what comes before
+    /// it may not have been read yet); should those bytes end a chunk
+    /// that is not complete, the chunk never is, and its end of data is
+    /// never passed on.
+    pub fn ends_with_quit(&self) -> bool {
+        if self.expect != Expect::Command {
+            return false;
+        }
+        let buf = self.buf.peek();
+        let Some(content) = buf.strip_suffix(b"\r\n") else {
+            return false;
+        };
+        let start = content
+            .windows(2)
+            .rposition(|w| w == b"\r\n")
+            .map_or(0, |i| i + 2);
+        matches!(strict_line(&buf[start..]), Ok(c) if parse_command(c) == Command::Quit)
+    }
+
     /// After the MTA's 354: a body follows.
     pub fn expect_body(&mut self) {
         self.body = BodyEncoder::new(self.bare);
@@ -398,5 +422,28 @@ mod tests {
             r.next(&mut out),
             Some(cmd(Command::Helo("x".into()), b"HELO x\r\n"))
         );
+    }
+
+    #[test]
+    fn a_pipelined_quit_at_the_end_is_seen() {
+        let quit = |input: &[u8]| {
+            let mut r = ClientReader::new(512, N);
+            r.extend(input);
+            r.ends_with_quit()
+        };
+        assert!(quit(b"QUIT\r\n"));
+        assert!(quit(b"quit\r\n"));
+        assert!(!quit(b"RCPT TO:<a@b>\r\nBDAT 3 LAST\r\nabcQUIT\r\n"));
+        assert!(quit(b"RCPT TO:<a@b>\r\nBDAT 5 LAST\r\nab\r\n\r\nQUIT\r\n"));
+        // Not the last line, not a whole line, a bare LF.
+        assert!(!quit(b"QUIT\r\nRSET\r\n"));
+        assert!(!quit(b"QUIT"));
+        assert!(!quit(b"RSET\nQUIT\r\n"));
+        assert!(!quit(b""));
+        // Inside a body the bytes are not a command.
+        let mut r = ClientReader::new(512, N);
+        r.expect_body();
+        r.extend(b"QUIT\r\n");
+        assert!(!r.ends_with_quit());
     }
 }

@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncReadExt;
 use tokio::time::{Duration, Instant, sleep_until};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{BACKEND_LOST, IDLE, SHUTTING_DOWN, Shared, WRITE_TIMEOUT, passthrough};
 use crate::backend::{Backend, BackendError};
@@ -281,6 +281,13 @@ impl<'a> Session<'a> {
                 }
             };
             match wake {
+                Wake::Client(Ok(0)) if self.reader.ends_with_quit() => {
+                    // QUIT pipelined, then the sending side shut: the client
+                    // waits for its replies (the end of data it sent goes
+                    // ahead after its hold, a late MTA connection opens).
+                    self.client_eof = true;
+                    debug!(client = %self.peer, "client shut its sending side after a pipelined QUIT: answering it");
+                }
                 Wake::Client(Ok(0)) | Wake::Client(Err(_)) => {
                     self.client_eof = true;
                     if self.pending.iter().any(|p| p.deferred.is_some()) {

@@ -259,6 +259,64 @@ async fn a_client_gone_while_its_mail_is_held_never_reaches_the_mta() {
     assert_never_connected(l).await;
 }
 
+/// A sender that pipelines its whole transaction and QUIT behind the EHLO
+/// reply, then shuts its sending side (Exim does), has not left: its MAIL
+/// hold runs, the late connection opens, the message is passed on and
+/// every reply reaches it.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_shuts_its_side_after_a_pipelined_quit_still_reaches_the_mta() {
+    let (mta, seen) = timed_mta(
+        "220 mx.fake ESMTP\r\n",
+        vec![
+            reply("EHLO client.example", MTA_EHLO),
+            reply("MAIL FROM:<a@b>", "250 2.1.0 Ok\r\n"),
+            reply("RCPT TO:<x@y>", "250 2.1.5 Ok\r\n"),
+            reply("BDAT 5", "250 2.0.0 5 octets\r\n"),
+            reply("abc", ""),
+            reply("BDAT 0 LAST", "250 2.0.0 queued\r\n"),
+            reply("QUIT", "221 2.0.0 Bye\r\n"),
+        ],
+    )
+    .await;
+    // The MAIL hold: the end of input comes before the MTA is connected.
+    let shared = lazy_shared(
+        "[blacklist]\ndelay = \"60s\"\nips = [\"198.51.100.0/24\"]\n",
+        mta,
+    );
+    let (mut c, task) = session(shared.clone()).await;
+    read_reply(&mut c).await;
+    cmd(&mut c, "EHLO client.example").await;
+    c.get_mut()
+        .write_all(b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nBDAT 5 LAST\r\nabc\r\nQUIT\r\n")
+        .await
+        .unwrap();
+    c.get_mut().shutdown().await.unwrap();
+    assert_eq!(
+        super::replies_to_the_end(&mut c).await,
+        [
+            "250 2.1.0 Ok\r\n",
+            "250 2.1.5 Ok\r\n",
+            "250 2.0.0 queued\r\n",
+            "221 2.0.0 Bye\r\n",
+        ]
+    );
+    assert_eq!(task.await.unwrap(), Outcome::Quit);
+    let (_, seen) = seen.await.unwrap();
+    assert_eq!(
+        seen,
+        [
+            "EHLO client.example",
+            "MAIL FROM:<a@b>",
+            "RCPT TO:<x@y>",
+            "BDAT 5",
+            "abc",
+            "BDAT 0 LAST",
+            "QUIT"
+        ]
+    );
+    assert_eq!(shared.metrics.mta_connects_total.get(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn without_a_probe_the_session_connects_at_once() {
     let (mta, seen) = fake_mta(vec![reply("QUIT", "221 bye\r\n")]).await;

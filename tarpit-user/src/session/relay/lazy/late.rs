@@ -212,17 +212,20 @@ impl Session<'_> {
 
     /// Waits for a pacing slot while reading ahead from the client (a
     /// client that leaves meanwhile ends the session: the MTA never hears
-    /// of it). `Ok(None)`: no slot in time.
+    /// of it; one that shuts its sending side after a pipelined QUIT
+    /// waits for its replies, and gets them). `Ok(None)`: no slot in time.
     async fn wait_slot(&mut self) -> Result<Option<Slot>, Outcome> {
         let shared = self.shared;
         let acquire = connect::slot(shared);
         tokio::pin!(acquire);
         loop {
             // Never past a STARTTLS: those bytes belong to the handshake.
-            let can_read = self.may_read_ahead() && self.reader.len() < READ_AHEAD;
+            let can_read =
+                !self.client_eof && self.may_read_ahead() && self.reader.len() < READ_AHEAD;
             tokio::select! {
                 s = &mut acquire => return Ok(s),
                 r = self.client.read_buf(self.reader.spare()), if can_read => match r {
+                    Ok(0) if self.reader.ends_with_quit() => self.client_eof = true,
                     Ok(0) | Err(_) => return Err(Outcome::ClientClosed),
                     Ok(_) => self.last_activity = Instant::now(),
                 },
