@@ -25,6 +25,9 @@ pub struct Profile {
     /// Scenario 6: sessions in the greeting delay, and the delay.
     pub lateness_sessions: u32,
     pub lateness_delay: Duration,
+    /// Their arrivals per second (issue 19: 10,000 over 5 s, not all at
+    /// once); 0 is as fast as the workers connect.
+    pub lateness_rate: u32,
     /// Scenario 7 (kernel hold): bots held in all, of which this many
     /// talk first (their probes measure the cost per probe), and how long
     /// they are watched once all are in.
@@ -53,6 +56,7 @@ impl Profile {
             syn_time: Duration::from_secs(2),
             lateness_sessions: 20,
             lateness_delay: Duration::from_secs(1),
+            lateness_rate: 0,
             kernel_hold_bots: 400,
             kernel_hold_talkers: 100,
             kernel_hold_window: Duration::from_secs(2),
@@ -76,6 +80,7 @@ impl Profile {
             syn_time: Duration::from_secs(5),
             lateness_sessions: 2000,
             lateness_delay: Duration::from_secs(3),
+            lateness_rate: 1000,
             kernel_hold_bots: 20_000,
             kernel_hold_talkers: 4000,
             kernel_hold_window: Duration::from_secs(20),
@@ -99,6 +104,7 @@ impl Profile {
             syn_time: Duration::from_secs(10),
             lateness_sessions: 10_000,
             lateness_delay: Duration::from_secs(5),
+            lateness_rate: 2000,
             kernel_hold_bots: 100_000,
             kernel_hold_talkers: 20_000,
             kernel_hold_window: Duration::from_secs(120),

@@ -72,8 +72,8 @@ pub struct Spec {
     /// and its stack probes the zero window).
     #[serde(default)]
     pub talk: bool,
-    /// Hold: new connects per second at most (0: as fast as the
-    /// concurrency allows). Bots that connect in one burst probe in
+    /// Hold and Lateness: new connects per second at most (0: as fast as
+    /// the concurrency allows). Bots that connect in one burst probe in
     /// bursts ever after, which no real botnet does.
     #[serde(default)]
     pub connect_rate: u32,
@@ -343,6 +343,11 @@ async fn lateness(spec: &Spec, delay_ms: u64, after: AfterGreeting) -> Report {
     let sem = std::sync::Arc::new(Semaphore::new(spec.concurrency.max(1) as usize));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..spec.count {
+        if spec.connect_rate > 0 {
+            // Arrivals spread at the given rate, as mail servers see them.
+            let due = start + Duration::from_secs_f64(f64::from(i) / f64::from(spec.connect_rate));
+            tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+        }
         if Instant::now() >= deadline {
             break;
         }

@@ -121,7 +121,7 @@ fn measure(env: &Env, run: Run) -> Result<Side> {
         concurrency: CONNECT_CONCURRENCY,
         time_limit_ms: 60_000,
         talk: false,
-        connect_rate: 0,
+        connect_rate: p.lateness_rate,
     };
     let trouble = TcpTrouble::before(&net);
     let mut workers = Workers::start(&env.self_exe, &net, p.workers, &spec)?;
@@ -184,6 +184,7 @@ pub fn run(env: &Env) -> Result<Vec<Scenario>> {
         "Delay accuracy: lateness of the greeting with K sessions in the greeting delay",
     );
     sc.param("sessions", p.lateness_sessions)
+        .param("arrivals_per_s", p.lateness_rate)
         .param("delay_s", p.lateness_delay.as_secs_f64());
     for run in RUNS {
         signal::check()?;
