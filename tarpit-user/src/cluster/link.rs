@@ -1,0 +1,604 @@
+//! The one task that talks to Redis: it publishes this node's changes,
+//! applies the others', and keeps going on local state when Redis is gone.
+//!
+//! Nothing in an SMTP session waits for it: the greylist hands its changes
+//! over through a bounded queue and reads only its own table (into which
+//! the other nodes' changes are merged as they arrive), and blocks are
+//! found by scanning the kernel's block list. Every Redis operation is
+//! bounded by `cluster.timeout`; one that fails or times out ends the
+//! connection, and the node is on its own until a reconnect succeeds.
+//!
+//! While on its own, the node keeps its changes (the latest per block or
+//! greylist key) in a bounded backlog. On reconnect it catches up: it
+//! writes its backlog (unless a later change by another node is already
+//! in Redis, which then wins here too), then reads every shared block and
+//! greylist key, since the channel's messages of the outage are lost.
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result, anyhow};
+use futures_util::StreamExt as _;
+use ipnet::IpNet;
+use redis::aio::{MultiplexedConnection, PubSubStream};
+use redis::{AsyncConnectionConfig, Client};
+use tarpit_common::BlockReason;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use super::keys::Keys;
+use super::metrics::ClusterMetrics;
+use super::mirror::{KernelBlock, Mirror, Remote, spared};
+use super::record::{BlockRecord, Event, GreyState};
+use crate::config::{ClusterConfig, Config};
+use crate::kernel::{AllowLookup, BlockSpec, BootInstant, KernelMaps};
+use crate::reputation::greylist::Id;
+use crate::reputation::{GreyRecord, Greylist};
+
+/// How often the kernel's block list is compared with what was shared:
+/// a block reaches the other nodes within this and the channel's delay.
+pub const SCAN_EVERY: Duration = Duration::from_millis(250);
+/// How long to wait between reconnect attempts while Redis is gone.
+pub const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+/// Changes kept while Redis is gone, per kind; beyond, new ones are
+/// counted as lost (and reach the others only if made again).
+pub const MAX_BACKLOG: usize = 100_000;
+/// Keys read per SCAN step and per MGET when catching up.
+const BATCH: usize = 500;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Everything the task needs, made as root before the privilege drop
+/// (the kernel's maps are opened then, the password file read then).
+pub struct Engine {
+    pub(super) cfg: ClusterConfig,
+    pub(super) node: String,
+    pub(super) keys: Keys,
+    pub(super) client: Client,
+    pub(super) maps: KernelMaps,
+    pub(super) allow: Option<AllowLookup>,
+    pub(super) metrics: Arc<ClusterMetrics>,
+    pub(super) config: watch::Receiver<Arc<Config>>,
+    pub(super) grey: Option<Greylist>,
+    /// False when the greylist's site key differs from the cluster's.
+    pub(super) grey_shared: bool,
+    pub(super) mirror: Mirror,
+    pub(super) conn: Option<MultiplexedConnection>,
+    pub(super) backlog_blocks: HashMap<IpNet, BlockRecord>,
+    pub(super) backlog_grey: HashMap<Id, GreyState>,
+}
+
+/// The next message of the channel, or never while unsubscribed.
+async fn next_event(s: &mut Option<PubSubStream>) -> Option<redis::Msg> {
+    match s {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Engine {
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.cfg.timeout, f).await {
+            Ok(r) => r.with_context(|| what.to_string()),
+            Err(_) => Err(anyhow!("{what}: no answer within {:?}", self.cfg.timeout)),
+        }
+    }
+
+    /// Runs until aborted.
+    pub async fn run(mut self, mut grey_rx: mpsc::Receiver<(GreyRecord, u64)>) {
+        // What the kernel holds now, before anything is read from Redis:
+        // blocks made while the agent was stopped are this node's changes
+        // (dated by the kernel), replayed like an outage's.
+        self.scan_kernel().await;
+        let mut events: Option<PubSubStream> = None;
+        let mut tick = tokio::time::interval(SCAN_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut next_try = tokio::time::Instant::now();
+        let mut said_down = false;
+        loop {
+            if self.conn.is_none() && tokio::time::Instant::now() >= next_try {
+                match self.connect().await {
+                    Ok(stream) => {
+                        events = Some(stream);
+                        self.metrics.up.set(1);
+                        info!(node = %self.node, "cluster: connected to Redis");
+                        said_down = false;
+                        self.catch_up().await;
+                    }
+                    Err(e) => {
+                        self.conn = None;
+                        next_try = tokio::time::Instant::now() + RECONNECT_EVERY;
+                        if !said_down {
+                            warn!("cluster: Redis not reachable, going on with local state: {e:#}");
+                            said_down = true;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tick.tick() => {
+                    self.scan_kernel().await;
+                    self.mirror.prune(now_ms(), self.cfg.tombstone_ttl.as_millis() as u64);
+                }
+                Some((r, now)) = grey_rx.recv() => self.share_grey(r, now).await,
+                msg = next_event(&mut events) => match msg {
+                    Some(m) => self.on_message(&m),
+                    None => {
+                        events = None;
+                        self.lost("the change channel closed");
+                    }
+                },
+            }
+            if self.conn.is_none() && events.is_some() {
+                events = None;
+            }
+        }
+    }
+
+    /// Redis is gone: local state only until a reconnect.
+    fn lost(&mut self, why: &str) {
+        if self.conn.take().is_some() {
+            self.metrics.up.set(0);
+            self.metrics.outages.inc();
+            warn!(
+                "cluster: lost Redis ({why}); going on with local state, changes kept for replay"
+            );
+        }
+    }
+
+    async fn connect(&mut self) -> Result<PubSubStream> {
+        let t = Some(self.cfg.timeout.max(Duration::from_secs(1)));
+        let cc = AsyncConnectionConfig::new()
+            .set_connection_timeout(t)
+            .set_response_timeout(Some(self.cfg.timeout));
+        let conn = self
+            .bounded(
+                "connect",
+                self.client
+                    .get_multiplexed_async_connection_with_config(&cc),
+            )
+            .await?;
+        let mut ps = self
+            .bounded("connect (subscriber)", self.client.get_async_pubsub())
+            .await?;
+        let channel = self.keys.channel();
+        self.bounded("SUBSCRIBE", ps.subscribe(&channel)).await?;
+        self.conn = Some(conn);
+        self.check_grey_key().await;
+        Ok(ps.into_on_message())
+    }
+
+    /// Hosts that share a greylist must hash under one site key: the first
+    /// node writes its key's fingerprint, the others compare.
+    async fn check_grey_key(&mut self) {
+        let (Some(g), Some(mut conn)) = (&self.grey, self.conn.clone()) else {
+            return;
+        };
+        let ours = format!("{:016x}", g.key_fingerprint());
+        let key = self.keys.grey_fingerprint();
+        let mut set = redis::cmd("SET");
+        set.arg(&key).arg(&ours).arg("NX");
+        let _ = self
+            .bounded("SET grey-key", set.query_async::<Option<String>>(&mut conn))
+            .await;
+        let theirs = self
+            .bounded(
+                "GET grey-key",
+                redis::cmd("GET")
+                    .arg(&key)
+                    .query_async::<Option<String>>(&mut conn),
+            )
+            .await;
+        match theirs {
+            Ok(Some(t)) if t != ours => {
+                if self.grey_shared {
+                    error!(
+                        cluster = %t, ours = %ours,
+                        "cluster: this node's greylist key differs from the cluster's; the \
+                         greylist is not shared (copy greylist.key from another node, see \
+                         docs/cluster.md)"
+                    );
+                }
+                self.grey_shared = false;
+            }
+            Ok(_) => self.grey_shared = true,
+            Err(e) => debug!("cluster: greylist key not compared: {e:#}"),
+        }
+    }
+
+    /// Compares the kernel's block list with the mirror and shares what
+    /// changed here.
+    async fn scan_kernel(&mut self) {
+        let items = match self.maps.block_list() {
+            Ok(items) => items,
+            Err(e) => {
+                debug!("cluster: block list not readable: {e}");
+                return;
+            }
+        };
+        let boot = BootInstant::now().as_nanos();
+        let wall = now_ms();
+        let wall_of = |t: u64| wall.saturating_sub(boot.saturating_sub(t) / 1_000_000);
+        let kernel: Vec<KernelBlock> = items
+            .iter()
+            .filter(|i| i.is_active_at(BootInstant(boot)))
+            .map(|i| KernelBlock {
+                net: i.net,
+                written: i.added.as_nanos(),
+                written_ms: wall_of(i.added.as_nanos()),
+                expires_at: i.expires.map(|e| wall_of(e.as_nanos()).div_ceil(1000)),
+                reason: i.reason_code,
+                automatic: i.automatic,
+                all_ports: i.all_ports,
+                hold: i.hold,
+            })
+            .collect();
+        let changes = self.mirror.scan(&kernel, &self.node, wall);
+        for rec in changes {
+            info!(
+                block = %rec.net,
+                deleted = rec.deleted,
+                "cluster: sharing a block-list change of this node"
+            );
+            self.share_block(rec).await;
+        }
+    }
+
+    async fn share_block(&mut self, rec: BlockRecord) {
+        if self.conn.is_some() {
+            match self.write_block(&rec).await {
+                Ok(()) => {
+                    self.metrics.published("block");
+                    return;
+                }
+                Err(e) => self.lost(&format!("{e:#}")),
+            }
+        }
+        self.metrics.unshared("block");
+        self.keep_block(rec);
+    }
+
+    fn keep_block(&mut self, rec: BlockRecord) {
+        if self.backlog_blocks.len() >= MAX_BACKLOG && !self.backlog_blocks.contains_key(&rec.net) {
+            self.metrics.lost.inc();
+            return;
+        }
+        self.backlog_blocks.insert(rec.net, rec);
+        self.update_backlog();
+    }
+
+    fn update_backlog(&self) {
+        self.metrics
+            .backlog
+            .set((self.backlog_blocks.len() + self.backlog_grey.len()) as i64);
+    }
+
+    async fn write_block(&self, rec: &BlockRecord) -> Result<()> {
+        let Some(mut conn) = self.conn.clone() else {
+            return Err(anyhow!("not connected"));
+        };
+        let now = now_ms() / 1000;
+        let Some(ttl) = rec.ttl(now, self.cfg.tombstone_ttl) else {
+            return Ok(());
+        };
+        let json = serde_json::to_string(rec)?;
+        let event = serde_json::to_string(&Event::Block(rec.clone()))?;
+        let mut p = redis::pipe();
+        let mut set = redis::cmd("SET");
+        set.arg(self.keys.block(rec.net)).arg(&json);
+        if let Some(ttl) = ttl {
+            set.arg("PX").arg(ttl.as_millis().max(1) as u64);
+        }
+        p.add_command(set).ignore();
+        p.cmd("PUBLISH")
+            .arg(self.keys.channel())
+            .arg(&event)
+            .ignore();
+        self.bounded("SET block", p.query_async::<()>(&mut conn))
+            .await
+    }
+
+    async fn share_grey(&mut self, r: GreyRecord, now: u64) {
+        if !self.grey_shared {
+            return;
+        }
+        let id = match r {
+            GreyRecord::Pending { id, .. } | GreyRecord::Known { id, .. } => id,
+        };
+        let state = GreyState::of(&r);
+        if self.conn.is_some() {
+            match self.write_grey(id, state, now).await {
+                Ok(()) => {
+                    self.metrics.published("greylist");
+                    return;
+                }
+                Err(e) => self.lost(&format!("{e:#}")),
+            }
+        }
+        self.metrics.unshared("greylist");
+        self.keep_grey(id, state);
+    }
+
+    fn keep_grey(&mut self, id: Id, state: GreyState) {
+        let keep = match (self.backlog_grey.get(&id), state) {
+            (None, _) => {
+                if self.backlog_grey.len() >= MAX_BACKLOG {
+                    self.metrics.lost.inc();
+                    return;
+                }
+                true
+            }
+            (Some(GreyState::Known { .. }), GreyState::Pending { .. }) => false,
+            (Some(GreyState::Pending { first: a, .. }), GreyState::Pending { first: b, .. }) => {
+                b < *a
+            }
+            _ => true,
+        };
+        if keep {
+            self.backlog_grey.insert(id, state);
+        }
+        self.update_backlog();
+    }
+
+    fn retry_window(&self) -> u64 {
+        self.config.borrow().greylist.retry_window.as_secs()
+    }
+
+    async fn write_grey(&self, id: Id, state: GreyState, now: u64) -> Result<()> {
+        let Some(mut conn) = self.conn.clone() else {
+            return Err(anyhow!("not connected"));
+        };
+        let Some(ttl) = state.ttl(now, self.retry_window()) else {
+            return Ok(());
+        };
+        let event = serde_json::to_string(&Event::Grey {
+            node: self.node.clone(),
+            id: hex::encode(id),
+            state,
+        })?;
+        let mut set = redis::cmd("SET");
+        set.arg(self.keys.grey(&id))
+            .arg(serde_json::to_string(&state)?)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        // The first attempt anywhere is the one the wait counts from.
+        if matches!(state, GreyState::Pending { .. }) {
+            set.arg("NX");
+        }
+        let mut p = redis::pipe();
+        p.add_command(set).ignore();
+        p.cmd("PUBLISH")
+            .arg(self.keys.channel())
+            .arg(&event)
+            .ignore();
+        self.bounded("SET greylist", p.query_async::<()>(&mut conn))
+            .await
+    }
+
+    fn on_message(&mut self, msg: &redis::Msg) {
+        let Ok(text) = msg.get_payload::<String>() else {
+            return;
+        };
+        let event: Event = match serde_json::from_str(&text) {
+            Ok(e) => e,
+            Err(e) => {
+                debug!("cluster: unreadable message ignored: {e}");
+                return;
+            }
+        };
+        match event {
+            Event::Block(rec) if rec.node != self.node => self.remote_block(&rec),
+            Event::Grey { node, id, state } if node != self.node => {
+                let mut raw = [0u8; 16];
+                if hex::decode_to_slice(&id, &mut raw).is_ok() {
+                    self.remote_grey(raw, state);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn remote_grey(&self, id: Id, state: GreyState) {
+        if !self.grey_shared {
+            return;
+        }
+        let Some(g) = &self.grey else {
+            return;
+        };
+        if g.merge(state.record(id), crate::reputation::unix_now()) {
+            self.metrics.applied("greylist");
+        }
+    }
+
+    /// This node's verdict on a network (see [`spared`]).
+    fn spared(&self, net: IpNet) -> Option<&'static str> {
+        let config = self.config.borrow().clone();
+        let kernel = |ip: IpAddr| match &self.allow {
+            Some(a) => a.contains(ip).unwrap_or(true),
+            None => false,
+        };
+        spared(net, &config.allow.ips, &config.allow.internal, kernel)
+    }
+
+    /// Applies a block, or its deletion, made by another node.
+    fn remote_block(&mut self, rec: &BlockRecord) {
+        let now = now_ms() / 1000;
+        let spare = if rec.deleted {
+            None
+        } else {
+            self.spared(rec.net)
+        };
+        match self.mirror.remote(rec, spare, now) {
+            Remote::Apply => {
+                let spec = BlockSpec {
+                    ttl: rec
+                        .expires_at
+                        .map(|e| Duration::from_secs(e.saturating_sub(now).max(1))),
+                    reason: BlockReason::from_code(rec.reason).unwrap_or(BlockReason::Manual),
+                    all_ports: rec.all_ports,
+                    hold: rec.hold,
+                };
+                let done = if rec.automatic {
+                    self.maps.auto_block_add(rec.net, spec).map(|_| ())
+                } else {
+                    self.maps.block_add(rec.net, spec)
+                };
+                match done {
+                    Ok(()) => {
+                        self.metrics.applied("block");
+                        info!(block = %rec.net, from = %rec.node, "cluster: block of another node applied");
+                    }
+                    Err(e) => {
+                        warn!(block = %rec.net, from = %rec.node, "cluster: block of another node not applied: {e}")
+                    }
+                }
+            }
+            Remote::Remove => match self.maps.block_del(rec.net) {
+                Ok(_) => {
+                    self.metrics.applied("unblock");
+                    info!(block = %rec.net, from = %rec.node, "cluster: block deleted by another node removed");
+                }
+                Err(e) => warn!(block = %rec.net, "cluster: deleted block not removed: {e}"),
+            },
+            Remote::Ignore(why) => {
+                if matches!(why, "allow.internal" | "allow.ips" | "allow list") {
+                    self.metrics.refused(why);
+                    info!(block = %rec.net, from = %rec.node, why, "cluster: block of another node not applied here");
+                }
+            }
+        }
+    }
+
+    /// After (re)connecting: replay the backlog, then read what the
+    /// others changed meanwhile.
+    async fn catch_up(&mut self) {
+        if let Err(e) = self.replay_blocks().await {
+            self.lost(&format!("{e:#}"));
+            return;
+        }
+        if let Err(e) = self.read_blocks().await {
+            self.lost(&format!("{e:#}"));
+            return;
+        }
+        if let Err(e) = self.replay_grey().await {
+            self.lost(&format!("{e:#}"));
+            return;
+        }
+        if let Err(e) = self.read_grey().await {
+            self.lost(&format!("{e:#}"));
+        }
+    }
+
+    async fn replay_blocks(&mut self) -> Result<()> {
+        let kept: Vec<BlockRecord> = self.backlog_blocks.values().cloned().collect();
+        for rec in kept {
+            let mut conn = self.conn.clone().ok_or_else(|| anyhow!("not connected"))?;
+            let there: Option<String> = self
+                .bounded(
+                    "GET block",
+                    redis::cmd("GET")
+                        .arg(self.keys.block(rec.net))
+                        .query_async(&mut conn),
+                )
+                .await?;
+            let theirs = there.and_then(|t| serde_json::from_str::<BlockRecord>(&t).ok());
+            match theirs {
+                // A later change elsewhere wins here too.
+                Some(t) if t.supersedes(&rec) => self.remote_block(&t),
+                _ => {
+                    self.write_block(&rec).await?;
+                    self.metrics.replayed.inc();
+                }
+            }
+            self.backlog_blocks.remove(&rec.net);
+            self.update_backlog();
+        }
+        Ok(())
+    }
+
+    /// Every key matching `pattern` with its value.
+    async fn read_all(&self, pattern: &str) -> Result<Vec<(String, String)>> {
+        let mut conn = self.conn.clone().ok_or_else(|| anyhow!("not connected"))?;
+        let mut out = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .bounded(
+                    "SCAN",
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(BATCH)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            if !keys.is_empty() {
+                let values: Vec<Option<String>> = self
+                    .bounded("MGET", redis::cmd("MGET").arg(&keys).query_async(&mut conn))
+                    .await?;
+                out.extend(
+                    keys.into_iter()
+                        .zip(values)
+                        .filter_map(|(k, v)| v.map(|v| (k, v))),
+                );
+            }
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
+    async fn read_blocks(&mut self) -> Result<()> {
+        for (_, text) in self.read_all(&self.keys.block_pattern()).await? {
+            if let Ok(rec) = serde_json::from_str::<BlockRecord>(&text) {
+                self.remote_block(&rec);
+            }
+        }
+        Ok(())
+    }
+
+    async fn replay_grey(&mut self) -> Result<()> {
+        if !self.grey_shared {
+            self.backlog_grey.clear();
+            return Ok(());
+        }
+        let now = crate::reputation::unix_now();
+        let kept: Vec<(Id, GreyState)> = self.backlog_grey.iter().map(|(k, v)| (*k, *v)).collect();
+        for (id, state) in kept {
+            self.write_grey(id, state, now).await?;
+            self.metrics.replayed.inc();
+            self.backlog_grey.remove(&id);
+            self.update_backlog();
+        }
+        Ok(())
+    }
+
+    async fn read_grey(&mut self) -> Result<()> {
+        if !self.grey_shared || self.grey.is_none() {
+            return Ok(());
+        }
+        for (key, text) in self.read_all(&self.keys.grey_pattern()).await? {
+            let (Some(id), Ok(state)) = (
+                self.keys.grey_id(&key),
+                serde_json::from_str::<GreyState>(&text),
+            ) else {
+                continue;
+            };
+            self.remote_grey(id, state);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,138 @@
+//! Several MX hosts, one memory: state shared through Redis or Valkey
+//! when `[cluster]` is configured (docs/cluster.md).
+//!
+//! Shared in this version:
+//! - **blocks**: every change to this node's kernel block list (an
+//!   offender blocked by the agent, `tarpit block add|del`) is written to
+//!   Redis with the block's expiry as the key's TTL and announced on the
+//!   channel; every other node puts it on its own kernel block list with
+//!   the same expiry. Deletions are tombstones with a TTL, so a node that
+//!   was away does not bring a deleted block back;
+//! - **allow wins**: a block from elsewhere that touches this node's
+//!   internal networks, configured allow list or kernel allow list is not
+//!   applied here;
+//! - **greylist**: first attempts and passes, keyed by the same keyed
+//!   hashes as the local store (the site key must be the same on every
+//!   host), so a retry at another MX passes after the minimum wait.
+//!
+//! Redis gone: each node goes on with its local state (the kernel's maps
+//! and the greylist table keep working), counts and keeps what it could
+//! not share, and catches up when Redis returns ([`link`]).
+//!
+//! The client is redis-rs (the `redis` crate): the most used Rust client,
+//! maintained with Redis and Valkey in view, with async connections on
+//! tokio, TLS through rustls (the agent's own TLS library), and the async
+//! Cluster and Sentinel support a later version needs; the Rust tooling
+//! around rspamd and the mail filters that keep their state in Redis uses
+//! it too. `fred` would do as well, but brings a second async runtime
+//! layer and more than this needs.
+pub mod keys;
+pub mod link;
+pub mod metrics;
+pub mod mirror;
+pub mod record;
+
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use redis::IntoConnectionInfo as _;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::kernel::{AllowLookup, KernelMaps};
+use crate::metrics::Metrics;
+use crate::reputation::{GreyRecord, GreyShare, Greylist};
+pub use metrics::ClusterMetrics;
+
+/// Greylist changes waiting for the cluster task; beyond, they are
+/// counted as lost rather than slowing a session.
+const GREY_QUEUE: usize = 10_000;
+
+/// The cluster, set up as root (maps opened, password read), not yet
+/// running. `None` from [`prepare`] when no cluster is configured.
+pub struct Prepared {
+    engine: link::Engine,
+}
+
+/// Sets the cluster up: reads the password file, opens the kernel's maps
+/// and registers the metrics. Root, no runtime (before the drop).
+pub fn prepare(
+    config: &Config,
+    pin_path: &std::path::Path,
+    metrics: &Metrics,
+    updates: watch::Receiver<Arc<Config>>,
+) -> Result<Option<Prepared>> {
+    let c = &config.cluster;
+    let Some(url) = &c.url else {
+        return Ok(None);
+    };
+    let mut info = url.as_str().into_connection_info().context("cluster.url")?;
+    let mut settings = info.redis_settings().clone();
+    if let Some(user) = &c.user {
+        settings = settings.set_username(user);
+    }
+    if let Some(pw) = c.read_password()? {
+        settings = settings.set_password(pw);
+    }
+    info = info.set_redis_settings(settings);
+    let client = redis::Client::open(info).context("cluster.url")?;
+    let maps = KernelMaps::open(pin_path).context("cluster: cannot open the kernel's maps")?;
+    let allow = AllowLookup::open(pin_path).ok();
+    let cm = Arc::new(ClusterMetrics::default());
+    metrics.register(|r| cm.register(r));
+    let node = c.node_name();
+    tracing::info!(node = %node, prefix = %c.key_prefix, "cluster configured");
+    Ok(Some(Prepared {
+        engine: link::Engine {
+            cfg: c.clone(),
+            keys: keys::Keys::new(&c.key_prefix),
+            node,
+            client,
+            maps,
+            allow,
+            metrics: cm,
+            config: updates,
+            grey: None,
+            grey_shared: true,
+            mirror: mirror::Mirror::new(),
+            conn: None,
+            backlog_blocks: Default::default(),
+            backlog_grey: Default::default(),
+        },
+    }))
+}
+
+/// Hands the greylist's changes to the cluster task without waiting.
+struct GreyOutlet {
+    tx: mpsc::Sender<(GreyRecord, u64)>,
+    metrics: Arc<ClusterMetrics>,
+}
+
+impl GreyShare for GreyOutlet {
+    fn publish(&self, record: GreyRecord, now: u64) {
+        if self.tx.try_send((record, now)).is_err() {
+            self.metrics.lost.inc();
+        }
+    }
+}
+
+impl Prepared {
+    /// Starts the cluster task (inside the runtime, after the drop) and
+    /// returns the greylist, its changes now shared.
+    pub fn start(
+        mut self,
+        greylist: Option<Greylist>,
+        tasks: &mut tokio::task::JoinSet<()>,
+    ) -> Option<Greylist> {
+        let (tx, rx) = mpsc::channel(GREY_QUEUE);
+        let greylist = greylist.map(|g| {
+            g.with_share(Arc::new(GreyOutlet {
+                tx,
+                metrics: self.engine.metrics.clone(),
+            }))
+        });
+        self.engine.grey = greylist.clone();
+        tasks.spawn(self.engine.run(rx));
+        greylist
+    }
+}
