@@ -228,7 +228,14 @@ impl Engine {
         };
         let boot = BootInstant::now().as_nanos();
         let wall = now_ms();
-        let wall_of = |t: u64| wall.saturating_sub(boot.saturating_sub(t) / 1_000_000);
+        // Boot-clock nanoseconds (past or future) to Unix milliseconds.
+        let wall_of = |t: u64| {
+            if t >= boot {
+                wall.saturating_add((t - boot) / 1_000_000)
+            } else {
+                wall.saturating_sub((boot - t) / 1_000_000)
+            }
+        };
         let kernel: Vec<KernelBlock> = items
             .iter()
             .filter(|i| i.is_active_at(BootInstant(boot)))

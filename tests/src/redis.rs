@@ -1,0 +1,126 @@
+//! A `redis-server` of a test's own (Debian's `redis-server` package):
+//! in a test's server namespace, on its loopback at a free port and on a
+//! Unix socket in its own temporary directory (reachable from the other
+//! test namespaces, which share the file system), with no persistence.
+//! Killed on drop; [`Redis::kill`] and [`Redis::start_again`] let a test
+//! take it away mid-run and bring it back at the same address.
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::env::unique_id;
+use crate::netns::TestNet;
+use crate::wait;
+
+pub struct Redis {
+    pub dir: PathBuf,
+    pub port: u16,
+    ns_cmd: Box<dyn Fn() -> std::process::Command + Send + Sync>,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// Starts a server in `net`'s server namespace.
+    pub fn start(net: &TestNet) -> Result<Redis> {
+        let dir = std::env::temp_dir().join(format!("tarpit-redis-{}", unique_id()));
+        std::fs::create_dir_all(&dir)?;
+        // A free port of the namespace's loopback, found from inside it.
+        let port = net
+            .in_server(|| {
+                TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map(|a| a.port())
+            })?
+            .context("no free port")?;
+        let ns = net.server_cmd("redis-server");
+        let program = ns.get_program().to_owned();
+        let args: Vec<_> = ns.get_args().map(|a| a.to_owned()).collect();
+        let mut r = Redis {
+            dir,
+            port,
+            ns_cmd: Box::new(move || {
+                let mut c = std::process::Command::new(&program);
+                c.args(&args);
+                c
+            }),
+            child: None,
+        };
+        r.start_again()?;
+        Ok(r)
+    }
+
+    /// The Unix socket (`unix://` URL for agents in other namespaces).
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("redis.sock")
+    }
+
+    /// `redis://127.0.0.1:PORT` (from inside the server namespace).
+    pub fn tcp_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn unix_url(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    /// (Re)starts the server on the same port and socket, empty.
+    pub fn start_again(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("redis-server already runs");
+        }
+        let log = std::fs::File::create(self.dir.join("redis.log"))?;
+        let mut cmd = (self.ns_cmd)();
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--unixsocket")
+            .arg(self.socket())
+            .args(["--unixsocketperm", "777", "--daemonize", "no"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.child = Some(cmd.spawn().context("cannot start redis-server")?);
+        let sock = self.socket();
+        if !wait::until(Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        }) {
+            bail!(
+                "redis-server not up within 10 s: {}",
+                std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// Kills the server (SIGKILL): its data is gone, as after a crash of a
+    /// Redis without persistence.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(self.socket());
+    }
+
+    /// Runs `redis-cli` against the server (over its socket).
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = std::process::Command::new("redis-cli")
+            .arg("-s")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .context("redis-cli")?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,179 @@
+//! Two MX hosts sharing one Redis (`[cluster]`, docs/cluster.md), each
+//! with its own namespaces, kernel programs, pins, agent and Postfix, and
+//! a real `redis-server` started by the test in mx1's namespace (mx1
+//! reaches it over TCP on loopback, mx2 over its Unix socket).
+//!
+//! What a user sees:
+//! - a sender greylisted at mx1 passes at mx2 after the minimum wait, and
+//!   a triplet nobody saw is still greylisted at mx2;
+//! - `tarpit block add` on mx1 shows on mx2's kernel block list with the
+//!   same expiry, except for an address on mx2's own allow list;
+//! - Redis killed: mail keeps flowing at both; a block added on mx2 and
+//!   one deleted on mx1 meanwhile reach the other host once Redis is back.
+#[path = "loop_common/mod.rs"]
+mod common;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use common::{StateFileGuard, cli, maps};
+use tarpit_tests::redis::Redis;
+use tarpit_tests::smtp_client::metric;
+use tarpit_tests::swaks::swaks;
+use tarpit_tests::tempdir::TempDir;
+use tarpit_tests::{Agent, CLIENT_V4, PinDir, Postfix, TestNet, require_root, wait};
+
+/// The site's greylist key, the same on both hosts (docs/cluster.md).
+const SITE_KEY: &str = "00112233445566778899aabbccddeeff\n";
+const MIN_WAIT: Duration = Duration::from_secs(3);
+
+fn host_config(node: &str, url: &str, grey: &TempDir, allow: &str) -> String {
+    let store = grey.path.join("greylist.db");
+    std::fs::write(grey.path.join("greylist.key"), SITE_KEY).unwrap();
+    std::fs::set_permissions(
+        grey.path.join("greylist.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    format!(
+        r#"
+[greeting]
+delay = "0s"
+[allow]
+ips = [{allow}]
+[greylist]
+mode = "triplet"
+min_wait = "{}s"
+retry_window = "10m"
+store = "{}"
+[cluster]
+url = "{url}"
+node = "{node}"
+timeout = "200ms"
+"#,
+        MIN_WAIT.as_secs(),
+        store.display()
+    )
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn blocked(pins: &PinDir, a: &str) -> bool {
+    maps(pins).block_match(ip(a)).unwrap().is_some()
+}
+
+#[track_caller]
+fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    assert!(wait::until(limit, &mut f), "not within {limit:?}: {what}");
+}
+
+#[test]
+fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
+    if !require_root() {
+        return;
+    }
+    let net1 = TestNet::new().expect("net mx1");
+    let net2 = TestNet::new().expect("net mx2");
+    let pins1 = PinDir::new().expect("pins mx1");
+    let pins2 = PinDir::new().expect("pins mx2");
+    let _state1 = StateFileGuard::new(&pins1);
+    let _state2 = StateFileGuard::new(&pins2);
+    let _pf1 = Postfix::start(&net1).expect("postfix mx1");
+    let _pf2 = Postfix::start(&net2).expect("postfix mx2");
+    let mut redis = Redis::start(&net1).expect("redis-server (scripts/install-test-deps.sh)");
+    let (grey1, grey2) = (TempDir::new("cl-grey1"), TempDir::new("cl-grey2"));
+    let c1 = host_config("mx1", &redis.tcp_url(), &grey1, "");
+    let c2 = host_config("mx2", &redis.unix_url(), &grey2, "\"198.51.100.79/32\"");
+    let mx1 = Agent::start(&net1, &common::config(&net1, &pins1, None, true, &c1)).expect("mx1");
+    let mx2 = Agent::start(&net2, &common::config(&net2, &pins2, None, true, &c2)).expect("mx2");
+    let connected = |a: &Agent| a.log().contains("cluster: connected to Redis");
+    eventually("both hosts connected", Duration::from_secs(10), || {
+        connected(&mx1) && connected(&mx2)
+    });
+
+    // Greylisted at mx1, retried at mx2 after the minimum wait: passes.
+    let s = swaks(&net1, CLIENT_V4.into(), &[]);
+    let first = Instant::now();
+    assert!(s.out.contains("451 4.7.1"), "mx1 first try: {}", s.out);
+    std::thread::sleep((MIN_WAIT + Duration::from_millis(500)).saturating_sub(first.elapsed()));
+    let s = swaks(&net2, CLIENT_V4.into(), &[]);
+    assert!(s.ok, "retry at mx2: {}\nmx2 log:\n{}", s.out, mx2.log());
+    assert!(s.out.contains("250 2.0.0 Ok: queued"), "{}", s.out);
+    // A triplet nobody saw is still greylisted at mx2.
+    let s = swaks(&net2, CLIENT_V4.into(), &["--to", "other@tarpit.test"]);
+    assert!(s.out.contains("451 4.7.1"), "new triplet at mx2: {}", s.out);
+
+    // A block made at mx1 reaches mx2's kernel with the same expiry (to the
+    // second: expiries are shared in whole seconds); one
+    // on mx2's own allow list does not.
+    cli(&mx1, &["block", "add", "198.51.100.79/32"]);
+    cli(&mx1, &["block", "add", "198.51.100.77/32", "--ttl", "10m"]);
+    eventually(
+        "mx1's block in mx2's kernel",
+        Duration::from_secs(5),
+        || blocked(&pins2, "198.51.100.77"),
+    );
+    let there = maps(&pins2)
+        .block_match(ip("198.51.100.77"))
+        .unwrap()
+        .unwrap();
+    let ttl = Duration::from_nanos(there.expires.expect("an expiry").0 - there.added.0);
+    assert!(
+        ttl > Duration::from_secs(590) && ttl <= Duration::from_secs(602),
+        "{ttl:?}"
+    );
+    assert!(blocked(&pins1, "198.51.100.79"));
+    assert!(
+        !blocked(&pins2, "198.51.100.79"),
+        "mx2's allow list must win over mx1's block"
+    );
+
+    // Redis gone: mail flows at both (the triplet is known at both now).
+    redis.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    for (name, net) in [("mx1", &net1), ("mx2", &net2)] {
+        let s = swaks(net, CLIENT_V4.into(), &[]);
+        assert!(s.ok, "{name} without Redis: {}", s.out);
+    }
+    cli(&mx2, &["block", "add", "198.51.100.78/32", "--ttl", "10m"]);
+    cli(&mx1, &["block", "del", "198.51.100.77/32"]);
+    eventually(
+        "mx2 counts what it could not share",
+        Duration::from_secs(5),
+        || metric(&net2, "tarpit_cluster_unshared_total{kind=\"block\"}").unwrap_or(0.0) >= 1.0,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !blocked(&pins1, "198.51.100.78"),
+        "reached mx1 without Redis?"
+    );
+    assert!(blocked(&pins2, "198.51.100.77"));
+
+    // Redis back (empty): both catch up.
+    redis.start_again().expect("redis-server again");
+    eventually(
+        "mx2's block (made meanwhile) at mx1",
+        Duration::from_secs(15),
+        || blocked(&pins1, "198.51.100.78"),
+    );
+    eventually(
+        "mx1's deletion (made meanwhile) at mx2",
+        Duration::from_secs(15),
+        || !blocked(&pins2, "198.51.100.77"),
+    );
+    // ... and the deletion stays deleted.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!blocked(&pins1, "198.51.100.77") && !blocked(&pins2, "198.51.100.77"));
+    assert_eq!(metric(&net1, "tarpit_cluster_up"), Some(1.0));
+    let tomb = redis
+        .cli(&["GET", "tarpit:block:198.51.100.77/32"])
+        .unwrap();
+    assert!(
+        tomb.contains("\"deleted\":true"),
+        "tombstone in Redis: {tomb}"
+    );
+    drop(mx1);
+    drop(mx2);
+}
