@@ -19,12 +19,20 @@ pub struct Redis {
     pub dir: PathBuf,
     pub port: u16,
     ns_cmd: Box<dyn Fn() -> std::process::Command + Send + Sync>,
+    /// More `redis-server` arguments (ACL users, ...), at every start.
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl Redis {
     /// Starts a server in `net`'s server namespace.
     pub fn start(net: &TestNet) -> Result<Redis> {
+        Redis::start_with(net, &[])
+    }
+
+    /// Like [`Redis::start`], with more `redis-server` arguments (e.g.
+    /// `--user NAME on >PASSWORD ~prefix:* ...`).
+    pub fn start_with(net: &TestNet, extra: &[&str]) -> Result<Redis> {
         let dir = std::env::temp_dir().join(format!("tarpit-redis-{}", unique_id()));
         std::fs::create_dir_all(&dir)?;
         // A free port of the namespace's loopback, found from inside it.
@@ -46,6 +54,7 @@ impl Redis {
                 c.args(&args);
                 c
             }),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         r.start_again()?;
@@ -80,6 +89,7 @@ impl Redis {
             .arg("--unixsocket")
             .arg(self.socket())
             .args(["--unixsocketperm", "777", "--daemonize", "no"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -1,7 +1,8 @@
 //! Two MX hosts sharing one Redis (`[cluster]`, docs/cluster.md), each
 //! with its own namespaces, kernel programs, pins, agent and Postfix, and
 //! a real `redis-server` started by the test in mx1's namespace (mx1
-//! reaches it over TCP on loopback, mx2 over its Unix socket).
+//! reaches it over TCP on loopback as the default user, mx2 over its Unix
+//! socket as the ACL user of docs/cluster.md, password from a file).
 //!
 //! What a user sees:
 //! - a sender greylisted at mx1 passes at mx2 after the minimum wait, and
@@ -26,8 +27,30 @@ use tarpit_tests::{Agent, CLIENT_V4, PinDir, Postfix, TestNet, require_root, wai
 /// The site's greylist key, the same on both hosts (docs/cluster.md).
 const SITE_KEY: &str = "00112233445566778899aabbccddeeff\n";
 const MIN_WAIT: Duration = Duration::from_secs(3);
+/// The ACL of docs/cluster.md: tarpit's keys, channel and commands only.
+const ACL_USER: &[&str] = &[
+    "--user",
+    "tarpit",
+    "on",
+    ">cluster-test-secret",
+    "~tarpit:*",
+    "&tarpit:*",
+    "-@all",
+    "+get",
+    "+set",
+    "+mget",
+    "+scan",
+    "+publish",
+    "+subscribe",
+    "+ping",
+    "+hello",
+    "+auth",
+    "+client|setname",
+    "+select",
+];
+const ACL_DEFAULT: &[&str] = &["--user", "default", "on", "nopass", "~*", "&*", "+@all"];
 
-fn host_config(node: &str, url: &str, grey: &TempDir, allow: &str) -> String {
+fn host_config(node: &str, url: &str, grey: &TempDir, allow: &str, auth: &str) -> String {
     let store = grey.path.join("greylist.db");
     std::fs::write(grey.path.join("greylist.key"), SITE_KEY).unwrap();
     std::fs::set_permissions(
@@ -50,6 +73,7 @@ store = "{}"
 url = "{url}"
 node = "{node}"
 timeout = "200ms"
+{auth}
 "#,
         MIN_WAIT.as_secs(),
         store.display()
@@ -82,16 +106,31 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     let _state2 = StateFileGuard::new(&pins2);
     let _pf1 = Postfix::start(&net1).expect("postfix mx1");
     let _pf2 = Postfix::start(&net2).expect("postfix mx2");
-    let mut redis = Redis::start(&net1).expect("redis-server (scripts/install-test-deps.sh)");
+    let acl = [ACL_USER, ACL_DEFAULT].concat();
+    let mut redis =
+        Redis::start_with(&net1, &acl).expect("redis-server (scripts/install-test-deps.sh)");
     let (grey1, grey2) = (TempDir::new("cl-grey1"), TempDir::new("cl-grey2"));
-    let c1 = host_config("mx1", &redis.tcp_url(), &grey1, "");
-    let c2 = host_config("mx2", &redis.unix_url(), &grey2, "\"198.51.100.79/32\"");
+    let pass = grey2.path.join("redis.pass");
+    std::fs::write(&pass, "cluster-test-secret\n").unwrap();
+    let auth = format!("user = \"tarpit\"\npassword_file = \"{}\"", pass.display());
+    let c1 = host_config("mx1", &redis.tcp_url(), &grey1, "", "");
+    let c2 = host_config(
+        "mx2",
+        &redis.unix_url(),
+        &grey2,
+        "\"198.51.100.79/32\"",
+        &auth,
+    );
     let mx1 = Agent::start(&net1, &common::config(&net1, &pins1, None, true, &c1)).expect("mx1");
     let mx2 = Agent::start(&net2, &common::config(&net2, &pins2, None, true, &c2)).expect("mx2");
     let connected = |a: &Agent| a.log().contains("cluster: connected to Redis");
     eventually("both hosts connected", Duration::from_secs(10), || {
         connected(&mx1) && connected(&mx2)
     });
+    // mx2 is in as the ACL user, and its password is nowhere in its log.
+    let clients = redis.cli(&["CLIENT", "LIST"]).unwrap();
+    assert!(clients.contains("user=tarpit"), "{clients}");
+    assert!(!mx2.log().contains("cluster-test-secret"));
 
     // Greylisted at mx1, retried at mx2 after the minimum wait: passes.
     let s = swaks(&net1, CLIENT_V4.into(), &[]);

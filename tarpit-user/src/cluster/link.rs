@@ -13,7 +13,6 @@
 //! writes its backlog (unless a later change by another node is already
 //! in Redis, which then wins here too), then reads every shared block and
 //! greylist key, since the channel's messages of the outage are lost.
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,6 +26,7 @@ use tarpit_common::BlockReason;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
+use super::backlog::Backlog;
 use super::keys::Keys;
 use super::metrics::ClusterMetrics;
 use super::mirror::{KernelBlock, Mirror, Remote, spared};
@@ -41,9 +41,6 @@ use crate::reputation::{GreyRecord, Greylist};
 pub const SCAN_EVERY: Duration = Duration::from_millis(250);
 /// How long to wait between reconnect attempts while Redis is gone.
 pub const RECONNECT_EVERY: Duration = Duration::from_secs(1);
-/// Changes kept while Redis is gone, per kind; beyond, new ones are
-/// counted as lost (and reach the others only if made again).
-pub const MAX_BACKLOG: usize = 100_000;
 /// Keys read per SCAN step and per MGET when catching up.
 const BATCH: usize = 500;
 
@@ -70,8 +67,7 @@ pub struct Engine {
     pub(super) grey_shared: bool,
     pub(super) mirror: Mirror,
     pub(super) conn: Option<MultiplexedConnection>,
-    pub(super) backlog_blocks: HashMap<IpNet, BlockRecord>,
-    pub(super) backlog_grey: HashMap<Id, GreyState>,
+    pub(super) backlog: Backlog,
 }
 
 /// The next message of the channel, or never while unsubscribed.
@@ -250,7 +246,15 @@ impl Engine {
                 hold: i.hold,
             })
             .collect();
-        let changes = self.mirror.scan(&kernel, &self.node, wall);
+        // The state file is read only when an admin entry is new here.
+        let state_file = self.config.borrow().state.file.clone();
+        let saved = std::cell::OnceCell::new();
+        let saved_at = |net: IpNet| {
+            let state = saved.get_or_init(|| crate::state::State::load(&state_file).ok());
+            let e = state.as_ref()?.block_entry(&net)?;
+            Some(e.added_at.saturating_mul(1000))
+        };
+        let changes = self.mirror.scan(&kernel, &self.node, wall, saved_at);
         for rec in changes {
             info!(
                 block = %rec.net,
@@ -276,18 +280,14 @@ impl Engine {
     }
 
     fn keep_block(&mut self, rec: BlockRecord) {
-        if self.backlog_blocks.len() >= MAX_BACKLOG && !self.backlog_blocks.contains_key(&rec.net) {
+        if !self.backlog.keep_block(rec) {
             self.metrics.lost.inc();
-            return;
         }
-        self.backlog_blocks.insert(rec.net, rec);
         self.update_backlog();
     }
 
     fn update_backlog(&self) {
-        self.metrics
-            .backlog
-            .set((self.backlog_blocks.len() + self.backlog_grey.len()) as i64);
+        self.metrics.backlog.set(self.backlog.len() as i64);
     }
 
     async fn write_block(&self, rec: &BlockRecord) -> Result<()> {
@@ -337,22 +337,8 @@ impl Engine {
     }
 
     fn keep_grey(&mut self, id: Id, state: GreyState) {
-        let keep = match (self.backlog_grey.get(&id), state) {
-            (None, _) => {
-                if self.backlog_grey.len() >= MAX_BACKLOG {
-                    self.metrics.lost.inc();
-                    return;
-                }
-                true
-            }
-            (Some(GreyState::Known { .. }), GreyState::Pending { .. }) => false,
-            (Some(GreyState::Pending { first: a, .. }), GreyState::Pending { first: b, .. }) => {
-                b < *a
-            }
-            _ => true,
-        };
-        if keep {
-            self.backlog_grey.insert(id, state);
+        if !self.backlog.keep_grey(id, state) {
+            self.metrics.lost.inc();
         }
         self.update_backlog();
     }
@@ -507,8 +493,7 @@ impl Engine {
     }
 
     async fn replay_blocks(&mut self) -> Result<()> {
-        let kept: Vec<BlockRecord> = self.backlog_blocks.values().cloned().collect();
-        for rec in kept {
+        for rec in self.backlog.blocks() {
             let mut conn = self.conn.clone().ok_or_else(|| anyhow!("not connected"))?;
             let there: Option<String> = self
                 .bounded(
@@ -527,7 +512,7 @@ impl Engine {
                     self.metrics.replayed.inc();
                 }
             }
-            self.backlog_blocks.remove(&rec.net);
+            self.backlog.done_block(&rec.net);
             self.update_backlog();
         }
         Ok(())
@@ -579,15 +564,15 @@ impl Engine {
 
     async fn replay_grey(&mut self) -> Result<()> {
         if !self.grey_shared {
-            self.backlog_grey.clear();
+            self.backlog.clear_grey();
+            self.update_backlog();
             return Ok(());
         }
         let now = crate::reputation::unix_now();
-        let kept: Vec<(Id, GreyState)> = self.backlog_grey.iter().map(|(k, v)| (*k, *v)).collect();
-        for (id, state) in kept {
+        for (id, state) in self.backlog.grey() {
             self.write_grey(id, state, now).await?;
             self.metrics.replayed.inc();
-            self.backlog_grey.remove(&id);
+            self.backlog.done_grey(&id);
             self.update_backlog();
         }
         Ok(())

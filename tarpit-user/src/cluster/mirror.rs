@@ -82,8 +82,18 @@ impl Mirror {
     /// Compares the kernel's active block list with what was shared and
     /// returns this node's changes since, as records to publish (new or
     /// rewritten blocks, and tombstones of blocks deleted before their
-    /// end). `now_ms` is Unix milliseconds.
-    pub fn scan(&mut self, kernel: &[KernelBlock], me: &str, now_ms: u64) -> Vec<BlockRecord> {
+    /// end). `now_ms` is Unix milliseconds. `saved_at` gives the time an
+    /// admin's entry was added by `tarpit block add` (the state file's
+    /// `added_at`, in Unix milliseconds): the agent writes saved entries
+    /// into the kernel again at every start, and that rewrite must not
+    /// count as a new change that would beat a deletion made elsewhere.
+    pub fn scan(
+        &mut self,
+        kernel: &[KernelBlock],
+        me: &str,
+        now_ms: u64,
+        saved_at: impl Fn(IpNet) -> Option<u64>,
+    ) -> Vec<BlockRecord> {
         let now = now_ms / 1000;
         let mut out = Vec::new();
         let mut present = std::collections::HashSet::new();
@@ -106,7 +116,10 @@ impl Mirror {
                 let rec = BlockRecord {
                     net,
                     node: me.to_string(),
-                    at: k.written_ms,
+                    at: match k.automatic {
+                        false => saved_at(net).unwrap_or(k.written_ms),
+                        true => k.written_ms,
+                    },
                     expires_at: k.expires_at,
                     reason: k.reason,
                     automatic: k.automatic,
@@ -244,6 +257,10 @@ mod tests {
 
     const T: u64 = 1_700_000_000;
 
+    fn none_saved(_: IpNet) -> Option<u64> {
+        None
+    }
+
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
     }
@@ -280,29 +297,57 @@ mod tests {
     fn a_new_kernel_block_is_published_once_and_a_deletion_as_a_tombstone() {
         let mut m = Mirror::new();
         let k = [kb("198.51.100.7/32", 1, Some(T + 600))];
-        let out = m.scan(&k, "mx1", T * 1000);
+        let out = m.scan(&k, "mx1", T * 1000, none_saved);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].node, "mx1");
         assert_eq!(out[0].expires_at, Some(T + 600));
-        assert!(m.scan(&k, "mx1", T * 1000 + 500).is_empty());
+        assert!(m.scan(&k, "mx1", T * 1000 + 500, none_saved).is_empty());
         // Written again (a new TTL): published again.
         let k2 = [kb("198.51.100.7/32", 2, Some(T + 900))];
         assert_eq!(
-            m.scan(&k2, "mx1", T * 1000 + 600)[0].expires_at,
+            m.scan(&k2, "mx1", T * 1000 + 600, none_saved)[0].expires_at,
             Some(T + 900)
         );
         // Gone before its end: deleted, a tombstone.
-        let out = m.scan(&[], "mx1", (T + 10) * 1000);
+        let out = m.scan(&[], "mx1", (T + 10) * 1000, none_saved);
         assert_eq!(out.len(), 1);
         assert!(out[0].deleted);
-        assert!(m.scan(&[], "mx1", (T + 11) * 1000).is_empty());
+        assert!(m.scan(&[], "mx1", (T + 11) * 1000, none_saved).is_empty());
+    }
+
+    #[test]
+    fn an_admin_entry_put_back_at_start_keeps_its_date_and_loses_to_a_later_deletion() {
+        let mut m = Mirror::new();
+        let saved = remote_rec("198.51.100.9/32", "mx2", T, None);
+        assert_eq!(m.remote(&saved, None, T), Remote::Apply);
+        let gone = saved.tombstone("mx1", (T + 100) * 1000);
+        assert_eq!(m.remote(&gone, None, T + 100), Remote::Remove);
+        // mx2's agent restarts: the state file's entry is written into its
+        // kernel again (now), dated by the file (T): older than the deletion.
+        let mut at_mx2 = Mirror::new();
+        let mut k = kb("198.51.100.9/32", 99, None);
+        k.automatic = false;
+        k.written_ms = (T + 200) * 1000;
+        let out = at_mx2.scan(&[k], "mx2", (T + 200) * 1000, |_| Some(T * 1000));
+        assert_eq!(out[0].at, T * 1000);
+        assert!(gone.supersedes(&out[0]));
+        // An automatic block is dated by the kernel.
+        let mut m2 = Mirror::new();
+        let k = kb("198.51.100.10/32", 5, None);
+        let out = m2.scan(&[k], "mx2", (T + 200) * 1000, |_| Some(1));
+        assert_eq!(out[0].at, T * 1000);
     }
 
     #[test]
     fn a_block_that_ran_out_is_not_a_deletion() {
         let mut m = Mirror::new();
-        m.scan(&[kb("198.51.100.7/32", 1, Some(T + 60))], "mx1", T * 1000);
-        assert!(m.scan(&[], "mx1", (T + 59) * 1000).is_empty());
+        m.scan(
+            &[kb("198.51.100.7/32", 1, Some(T + 60))],
+            "mx1",
+            T * 1000,
+            none_saved,
+        );
+        assert!(m.scan(&[], "mx1", (T + 59) * 1000, none_saved).is_empty());
         assert!(m.get(net("198.51.100.7/32")).is_none());
     }
 
@@ -315,9 +360,9 @@ mod tests {
         assert_eq!(m.remote(&r, None, T), Remote::Ignore("not newer"));
         // The next scan sees it in the kernel: nothing to publish.
         let k = [kb("198.51.100.8/32", 7, Some(T + 600))];
-        assert!(m.scan(&k, "mx1", (T + 1) * 1000).is_empty());
+        assert!(m.scan(&k, "mx1", (T + 1) * 1000, none_saved).is_empty());
         // An admin here deletes it: the tombstone goes out.
-        let out = m.scan(&[], "mx1", (T + 2) * 1000);
+        let out = m.scan(&[], "mx1", (T + 2) * 1000, none_saved);
         assert!(out.len() == 1 && out[0].deleted && out[0].node == "mx1");
     }
 

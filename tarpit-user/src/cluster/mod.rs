@@ -19,13 +19,17 @@
 //! and the greylist table keep working), counts and keeps what it could
 //! not share, and catches up when Redis returns ([`link`]).
 //!
-//! The client is redis-rs (the `redis` crate): the most used Rust client,
-//! maintained with Redis and Valkey in view, with async connections on
-//! tokio, TLS through rustls (the agent's own TLS library), and the async
-//! Cluster and Sentinel support a later version needs; the Rust tooling
-//! around rspamd and the mail filters that keep their state in Redis uses
-//! it too. `fred` would do as well, but brings a second async runtime
-//! layer and more than this needs.
+//! The client is redis-rs (the `redis` crate): the most used and longest
+//! kept Rust client, now maintained under the Redis organisation and
+//! tested against Valkey too, with async connections on tokio, TLS through
+//! rustls (the agent's own TLS library, with its ring provider, so no
+//! second crypto stack), and the async Cluster and Sentinel support the
+//! next steps of issue 20 need, behind features of the same crate; most
+//! Rust tools around Redis-backed mail filtering use it. `fred` would do
+//! too (its pooling and reconnect policies are richer), but this task
+//! wants one connection, one subscriber and explicit catch-up, which
+//! redis-rs gives with less.
+pub mod backlog;
 pub mod keys;
 pub mod link;
 pub mod metrics;
@@ -96,8 +100,7 @@ pub fn prepare(
             grey_shared: true,
             mirror: mirror::Mirror::new(),
             conn: None,
-            backlog_blocks: Default::default(),
-            backlog_grey: Default::default(),
+            backlog: backlog::Backlog::default(),
         },
     }))
 }
