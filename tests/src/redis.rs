@@ -109,11 +109,29 @@ impl Redis {
     /// Kills the server (SIGKILL): its data is gone, as after a crash of a
     /// Redis without persistence.
     pub fn kill(&mut self) {
+        self.thaw();
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
         let _ = std::fs::remove_file(self.socket());
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open and requests
+    /// go unanswered, as with an overloaded or hung Redis.
+    pub fn freeze(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Thaws a frozen server (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Some(c) = &self.child {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig);
+        }
     }
 
     /// Runs `redis-cli` against the server (over its socket).

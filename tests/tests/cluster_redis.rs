@@ -10,7 +10,9 @@
 //! - `tarpit block add` on mx1 shows on mx2's kernel block list with the
 //!   same expiry, except for an address on mx2's own allow list;
 //! - Redis killed: mail keeps flowing at both; a block added on mx2 and
-//!   one deleted on mx1 meanwhile reach the other host once Redis is back.
+//!   one deleted on mx1 meanwhile reach the other host once Redis is back;
+//! - Redis hung (SIGSTOP): mail flows as fast as ever, and a block made
+//!   meanwhile reaches the other host once Redis answers again.
 #[path = "loop_common/mod.rs"]
 mod common;
 
@@ -213,6 +215,32 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
         tomb.contains("\"deleted\":true"),
         "tombstone in Redis: {tomb}"
     );
+    assert!(
+        metric(&net2, "tarpit_cluster_refused_total{reason=\"allow.ips\"}").unwrap_or(0.0) >= 1.0
+    );
+
+    // Redis hung: no SMTP reply waits for it.
+    redis.freeze();
+    for (name, net) in [("mx1", &net1), ("mx2", &net2)] {
+        let t = Instant::now();
+        let s = swaks(net, CLIENT_V4.into(), &[]);
+        assert!(s.ok, "{name} with Redis hung: {}", s.out);
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "{name}: a message took {:?} with Redis hung",
+            t.elapsed()
+        );
+    }
+    cli(&mx1, &["block", "add", "198.51.100.81/32", "--ttl", "10m"]);
+    std::thread::sleep(Duration::from_secs(1));
+    redis.thaw();
+    eventually(
+        "mx1's block (made while Redis hung) at mx2",
+        Duration::from_secs(15),
+        || blocked(&pins2, "198.51.100.81"),
+    );
+    // Two local-only periods at mx1: Redis killed, then hung.
+    assert!(metric(&net1, "tarpit_cluster_outages_total").unwrap_or(0.0) >= 2.0);
     drop(mx1);
     drop(mx2);
 }
