@@ -210,7 +210,7 @@ impl Bound {
             crate::reputation::unix_now(),
         )?;
         let greylist = match cluster {
-            Some(c) => c.start(greylist, &mut tasks),
+            Some(c) => c.start(greylist, self.closed_loop.clone(), &mut tasks),
             None => greylist,
         };
         if greylist.is_some() {

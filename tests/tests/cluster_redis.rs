@@ -7,6 +7,8 @@
 //! What a user sees:
 //! - a sender greylisted at mx1 passes at mx2 after the minimum wait, and
 //!   a triplet nobody saw is still greylisted at mx2;
+//! - pre-greet strikes split across mx1 (two) and mx2 (one) block the bot
+//!   in both hosts' XDP;
 //! - `tarpit block add` on mx1 shows on mx2's kernel block list with the
 //!   same expiry, except for an address on mx2's own allow list;
 //! - Redis killed: mail keeps flowing at both; a block added on mx2 and
@@ -19,12 +21,12 @@ mod common;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use common::{StateFileGuard, cli, maps};
+use common::{StateFileGuard, cli, maps, talk_first};
 use tarpit_tests::redis::Redis;
 use tarpit_tests::smtp_client::metric;
 use tarpit_tests::swaks::swaks;
 use tarpit_tests::tempdir::TempDir;
-use tarpit_tests::{Agent, CLIENT_V4, PinDir, Postfix, TestNet, require_root, wait};
+use tarpit_tests::{Agent, CLIENT_V4, CLIENT_V6, PinDir, Postfix, TestNet, require_root, wait};
 
 /// The site's greylist key, the same on both hosts (docs/cluster.md).
 const SITE_KEY: &str = "00112233445566778899aabbccddeeff\n";
@@ -63,7 +65,11 @@ fn host_config(node: &str, url: &str, grey: &TempDir, allow: &str, auth: &str) -
     format!(
         r#"
 [greeting]
-delay = "0s"
+delay = "1s"
+[offenders]
+pregreet_strikes = 3
+slowdown = false
+block_ttl = "10m"
 [allow]
 ips = [{allow}]
 [greylist]
@@ -145,6 +151,21 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     // A triplet nobody saw is still greylisted at mx2.
     let s = swaks(&net2, CLIENT_V4.into(), &["--to", "other@tarpit.test"]);
     assert!(s.out.contains("451 4.7.1"), "new triplet at mx2: {}", s.out);
+
+    // Three pre-greet strikes, two at mx1 and one at mx2: one block, in
+    // both kernels.
+    let bot = IpAddr::from(CLIENT_V6);
+    talk_first(&net1, bot).unwrap();
+    talk_first(&net1, bot).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!blocked(&pins1, &bot.to_string()) && !blocked(&pins2, &bot.to_string()));
+    talk_first(&net2, bot).unwrap();
+    eventually("the bot blocked at mx2", Duration::from_secs(10), || {
+        blocked(&pins2, &bot.to_string())
+    });
+    eventually("the bot blocked at mx1", Duration::from_secs(10), || {
+        blocked(&pins1, &bot.to_string())
+    });
 
     // A block made at mx1 reaches mx2's kernel with the same expiry (to the
     // second: expiries are shared in whole seconds); one

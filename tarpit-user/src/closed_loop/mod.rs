@@ -60,6 +60,16 @@ struct LoopState {
     allow: Option<AllowLookup>,
     /// Block-list churn, counted into the agent's registry.
     blocks: BlockCounters,
+    /// Where this node's offences go to count at the other MX hosts too
+    /// (the cluster); set once, after the runtime started.
+    share: std::sync::OnceLock<Arc<dyn OffenceShare>>,
+}
+
+/// Hands this node's offences to whoever shares them with the other MX
+/// hosts (`cluster`), so strikes seen at different hosts add up toward
+/// one block. Must not block: it is called on the kernel's event path.
+pub trait OffenceShare: Send + Sync {
+    fn share(&self, ip: IpAddr, offence: Offence);
 }
 
 /// The block-list churn counters (the agent's `tarpit_blocks_*_total`).
@@ -89,6 +99,19 @@ impl LoopHandle {
     /// Applies a reloaded configuration: allow list, thresholds, steering.
     pub fn reload(&self, config: &Config) {
         self.0.reload(config);
+    }
+
+    /// From now on, this node's offences also go to `share` (once; a
+    /// second call is ignored).
+    pub fn share_offences(&self, share: Arc<dyn OffenceShare>) {
+        let _ = self.0.share.set(share);
+    }
+
+    /// An offence another MX host saw: it counts here as if seen here
+    /// (this node's allow list and internal networks still exempt the
+    /// address), and is not shared again.
+    pub fn remote_offence(&self, ip: IpAddr, offence: Offence) {
+        self.0.offend_from(ip, offence, false);
     }
 
     /// The sk_lookup program's steering counts, read now; `None` when no
@@ -197,6 +220,7 @@ impl ClosedLoop {
             ))),
             steer,
             mta_inodes: Mutex::new(mta_inodes),
+            share: std::sync::OnceLock::new(),
             blocks: BlockCounters {
                 added: metrics.blocks_added.clone(),
                 expired: metrics.blocks_expired.clone(),
@@ -319,11 +343,20 @@ impl LoopState {
     }
 
     fn offend(&self, ip: IpAddr, kind: Offence) {
+        self.offend_from(ip, kind, true);
+    }
+
+    /// An offence, seen here (`local`, then shared with the cluster if
+    /// there is one) or at another MX host.
+    fn offend_from(&self, ip: IpAddr, kind: Offence, local: bool) {
         let ip = ip.to_canonical();
         let config = self.config();
         if let Some(why) = self.exempt(ip, &config) {
             debug!(client = %ip, offence = kind.as_str(), "offence not acted on: {why}");
             return;
+        }
+        if local && let Some(share) = self.share.get() {
+            share.share(ip, kind);
         }
         let sanction = self
             .tracker

@@ -31,8 +31,10 @@ use super::keys::Keys;
 use super::metrics::ClusterMetrics;
 use super::mirror::{KernelBlock, Mirror, Remote, spared};
 use super::record::{BlockRecord, Event, GreyState};
+use crate::closed_loop::LoopHandle;
 use crate::config::{ClusterConfig, Config};
 use crate::kernel::{AllowLookup, BlockSpec, BootInstant, KernelMaps};
+use crate::policy::ports::Offence;
 use crate::reputation::greylist::Id;
 use crate::reputation::{GreyRecord, Greylist};
 
@@ -63,6 +65,8 @@ pub struct Engine {
     pub(super) metrics: Arc<ClusterMetrics>,
     pub(super) config: watch::Receiver<Arc<Config>>,
     pub(super) grey: Option<Greylist>,
+    /// The closed loop, where the other nodes' strikes count.
+    pub(super) offences: Option<LoopHandle>,
     /// False when the greylist's site key differs from the cluster's.
     pub(super) grey_shared: bool,
     pub(super) mirror: Mirror,
@@ -91,7 +95,11 @@ impl Engine {
     }
 
     /// Runs until aborted.
-    pub async fn run(mut self, mut grey_rx: mpsc::Receiver<(GreyRecord, u64)>) {
+    pub async fn run(
+        mut self,
+        mut grey_rx: mpsc::Receiver<(GreyRecord, u64)>,
+        mut offence_rx: mpsc::Receiver<(IpAddr, Offence)>,
+    ) {
         // What the kernel holds now, before anything is read from Redis:
         // blocks made while the agent was stopped are this node's changes
         // (dated by the kernel), replayed like an outage's.
@@ -127,6 +135,7 @@ impl Engine {
                     self.mirror.prune(now_ms(), self.cfg.tombstone_ttl.as_millis() as u64);
                 }
                 Some((r, now)) = grey_rx.recv() => self.share_grey(r, now).await,
+                Some((ip, o)) = offence_rx.recv() => self.share_offence(ip, o).await,
                 msg = next_event(&mut events) => match msg {
                     Some(m) => self.on_message(&m),
                     None => {
@@ -378,6 +387,34 @@ impl Engine {
             .await
     }
 
+    /// Announces a strike seen here (never stored, never replayed).
+    async fn share_offence(&mut self, ip: IpAddr, offence: Offence) {
+        let Some(mut conn) = self.conn.clone() else {
+            self.metrics.unshared("offence");
+            return;
+        };
+        let event = Event::Offence {
+            node: self.node.clone(),
+            ip,
+            offence: offence.code().to_string(),
+        };
+        let Ok(text) = serde_json::to_string(&event) else {
+            return;
+        };
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(self.keys.channel()).arg(text);
+        match self
+            .bounded("PUBLISH offence", publish.query_async::<()>(&mut conn))
+            .await
+        {
+            Ok(()) => self.metrics.published("offence"),
+            Err(e) => {
+                self.metrics.unshared("offence");
+                self.lost(&format!("{e:#}"));
+            }
+        }
+    }
+
     fn on_message(&mut self, msg: &redis::Msg) {
         let Ok(text) = msg.get_payload::<String>() else {
             return;
@@ -395,6 +432,13 @@ impl Engine {
                 let mut raw = [0u8; 16];
                 if hex::decode_to_slice(&id, &mut raw).is_ok() {
                     self.remote_grey(raw, state);
+                }
+            }
+            Event::Offence { node, ip, offence } if node != self.node => {
+                if let (Some(o), Some(lp)) = (Offence::from_code(&offence), &self.offences) {
+                    debug!(client = %ip, from = %node, offence = o.code(), "cluster: strike of another node");
+                    lp.remote_offence(ip, o);
+                    self.metrics.applied("offence");
                 }
             }
             _ => {}

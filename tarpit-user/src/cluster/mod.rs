@@ -11,6 +11,9 @@
 //! - **allow wins**: a block from elsewhere that touches this node's
 //!   internal networks, configured allow list or kernel allow list is not
 //!   applied here;
+//! - **strikes**: every offence seen here (pre-greet talk, rejected
+//!   sessions, unknown recipients) is announced and counts at every other
+//!   node too, so strikes split across hosts add up toward one block;
 //! - **greylist**: first attempts and passes, keyed by the same keyed
 //!   hashes as the local store (the site key must be the same on every
 //!   host), so a retry at another MX passes after the minimum wait.
@@ -42,14 +45,16 @@ use anyhow::{Context as _, Result};
 use redis::IntoConnectionInfo as _;
 use tokio::sync::{mpsc, watch};
 
+use crate::closed_loop::{LoopHandle, OffenceShare};
 use crate::config::Config;
 use crate::kernel::{AllowLookup, KernelMaps};
 use crate::metrics::Metrics;
+use crate::policy::ports::Offence;
 use crate::reputation::{GreyRecord, GreyShare, Greylist};
 pub use metrics::ClusterMetrics;
 
-/// Greylist changes waiting for the cluster task; beyond, they are
-/// counted as lost rather than slowing a session.
+/// Greylist changes (and, apart, offences) waiting for the cluster task;
+/// beyond, they are counted as lost rather than slowing a session.
 const GREY_QUEUE: usize = 10_000;
 
 /// The cluster, set up as root (maps opened, password read), not yet
@@ -97,6 +102,7 @@ pub fn prepare(
             metrics: cm,
             config: updates,
             grey: None,
+            offences: None,
             grey_shared: true,
             mirror: mirror::Mirror::new(),
             conn: None,
@@ -119,14 +125,38 @@ impl GreyShare for GreyOutlet {
     }
 }
 
+/// Hands the closed loop's offences to the cluster task without waiting.
+struct OffenceOutlet {
+    tx: mpsc::Sender<(std::net::IpAddr, Offence)>,
+    metrics: Arc<ClusterMetrics>,
+}
+
+impl OffenceShare for OffenceOutlet {
+    fn share(&self, ip: std::net::IpAddr, offence: Offence) {
+        if self.tx.try_send((ip, offence)).is_err() {
+            self.metrics.lost.inc();
+        }
+    }
+}
+
 impl Prepared {
-    /// Starts the cluster task (inside the runtime, after the drop) and
-    /// returns the greylist, its changes now shared.
+    /// Starts the cluster task (inside the runtime, after the drop): the
+    /// closed loop's offences (when there is a loop) and the greylist's
+    /// changes are shared from now on; returns the greylist to use.
     pub fn start(
         mut self,
         greylist: Option<Greylist>,
+        closed_loop: Option<LoopHandle>,
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Option<Greylist> {
+        let (off_tx, off_rx) = mpsc::channel(GREY_QUEUE);
+        if let Some(lp) = &closed_loop {
+            lp.share_offences(Arc::new(OffenceOutlet {
+                tx: off_tx,
+                metrics: self.engine.metrics.clone(),
+            }));
+        }
+        self.engine.offences = closed_loop;
         let (tx, rx) = mpsc::channel(GREY_QUEUE);
         let greylist = greylist.map(|g| {
             g.with_share(Arc::new(GreyOutlet {
@@ -135,7 +165,7 @@ impl Prepared {
             }))
         });
         self.engine.grey = greylist.clone();
-        tasks.spawn(self.engine.run(rx));
+        tasks.spawn(self.engine.run(rx, off_rx));
         greylist
     }
 }

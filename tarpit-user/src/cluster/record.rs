@@ -132,6 +132,14 @@ pub enum Event {
         #[serde(flatten)]
         state: GreyState,
     },
+    /// One strike (`Offence::code`) by `ip` at `node`: it counts at every
+    /// node toward a block. Only announced, never stored: a strike is of
+    /// the moment, and a node that missed it misses one strike.
+    Offence {
+        node: String,
+        ip: std::net::IpAddr,
+        offence: String,
+    },
 }
 
 #[cfg(test)]
@@ -196,6 +204,28 @@ mod tests {
         };
         let text = serde_json::to_string(&g).unwrap();
         assert_eq!(serde_json::from_str::<Event>(&text).unwrap(), g);
+    }
+
+    #[test]
+    fn offences_travel_by_their_code() {
+        use crate::policy::ports::Offence;
+        for o in [
+            Offence::PreGreet,
+            Offence::Rejected,
+            Offence::UnknownRecipient,
+        ] {
+            let e = Event::Offence {
+                node: "mx1".into(),
+                ip: "fd5b:1e00::2".parse().unwrap(),
+                offence: o.code().into(),
+            };
+            let text = serde_json::to_string(&e).unwrap();
+            let Event::Offence { offence, .. } = serde_json::from_str(&text).unwrap() else {
+                panic!("{text}");
+            };
+            assert_eq!(Offence::from_code(&offence), Some(o));
+        }
+        assert_eq!(Offence::from_code("spam"), None);
     }
 
     #[test]
