@@ -10,7 +10,8 @@
 //! - pre-greet strikes split across mx1 (two) and mx2 (one) block the bot
 //!   in both hosts' XDP;
 //! - `tarpit block add` on mx1 shows on mx2's kernel block list with the
-//!   same expiry, except for an address on mx2's own allow list;
+//!   same expiry, except for an address on mx2's own allow list, and
+//!   `tarpit ip` at mx2 names mx1 as the one who blocked;
 //! - Redis killed: mail keeps flowing at both; a block added on mx2 and
 //!   one deleted on mx1 meanwhile reach the other host once Redis is back;
 //! - Redis hung (SIGSTOP): mail flows as fast as ever, and a block made
@@ -94,6 +95,19 @@ fn ip(s: &str) -> IpAddr {
 
 fn blocked(pins: &PinDir, a: &str) -> bool {
     maps(pins).block_match(ip(a)).unwrap().is_some()
+}
+
+/// `tarpit -c <agent's config> ARGS`, which must succeed; its output.
+#[track_caller]
+fn cli_out(agent: &Agent, args: &[&str]) -> String {
+    let out = std::process::Command::new(tarpit_tests::tarpit_bin())
+        .arg("-c")
+        .arg(&agent.config)
+        .args(args)
+        .output()
+        .expect("run tarpit");
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[track_caller]
@@ -190,6 +204,14 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     assert!(
         !blocked(&pins2, "198.51.100.79"),
         "mx2's allow list must win over mx1's block"
+    );
+    // `tarpit ip` at mx2 says who blocked, and what was not applied here.
+    let ip77 = cli_out(&mx2, &["ip", "--no-dns", "198.51.100.77"]);
+    assert!(ip77.contains("198.51.100.77/32 blocked by mx1"), "{ip77}");
+    let ip79 = cli_out(&mx2, &["ip", "--no-dns", "198.51.100.79"]);
+    assert!(
+        ip79.contains("blocked by mx1") && ip79.contains("not applied here"),
+        "{ip79}"
     );
 
     // Redis gone: mail flows at both (the triplet is known at both now).

@@ -35,6 +35,7 @@
 pub mod backlog;
 pub mod keys;
 pub mod link;
+pub mod lookup;
 pub mod metrics;
 pub mod mirror;
 pub mod record;
@@ -72,19 +73,10 @@ pub fn prepare(
     updates: watch::Receiver<Arc<Config>>,
 ) -> Result<Option<Prepared>> {
     let c = &config.cluster;
-    let Some(url) = &c.url else {
+    if !c.enabled() {
         return Ok(None);
-    };
-    let mut info = url.as_str().into_connection_info().context("cluster.url")?;
-    let mut settings = info.redis_settings().clone();
-    if let Some(user) = &c.user {
-        settings = settings.set_username(user);
     }
-    if let Some(pw) = c.read_password()? {
-        settings = settings.set_password(pw);
-    }
-    info = info.set_redis_settings(settings);
-    let client = redis::Client::open(info).context("cluster.url")?;
+    let client = client(c)?;
     let maps = KernelMaps::open(pin_path).context("cluster: cannot open the kernel's maps")?;
     let allow = AllowLookup::open(pin_path).ok();
     let cm = Arc::new(ClusterMetrics::default());
@@ -109,6 +101,25 @@ pub fn prepare(
             backlog: backlog::Backlog::default(),
         },
     }))
+}
+
+/// A client for `[cluster]`: the URL, with the user and the password
+/// from its file (read now: call as root).
+pub fn client(c: &crate::config::ClusterConfig) -> Result<redis::Client> {
+    let url = c
+        .url
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("no [cluster] url"))?;
+    let mut info = url.into_connection_info().context("cluster.url")?;
+    let mut settings = info.redis_settings().clone();
+    if let Some(user) = &c.user {
+        settings = settings.set_username(user);
+    }
+    if let Some(pw) = c.read_password()? {
+        settings = settings.set_password(pw);
+    }
+    info = info.set_redis_settings(settings);
+    redis::Client::open(info).context("cluster.url")
 }
 
 /// Hands the greylist's changes to the cluster task without waiting.
