@@ -12,6 +12,7 @@
 //! - `tarpit block add` on mx1 shows on mx2's kernel block list with the
 //!   same expiry, except for an address on mx2's own allow list, and
 //!   `tarpit ip` at mx2 names mx1 as the one who blocked;
+//! - `tarpit auth add|del` on mx1 shows in mx2's AUTH map;
 //! - Redis killed: mail keeps flowing at both; a block added on mx2 and
 //!   one deleted on mx1 meanwhile reach the other host once Redis is back;
 //! - Redis hung (SIGSTOP): mail flows as fast as ever, and a block made
@@ -213,6 +214,26 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
         ip79.contains("blocked by mx1") && ip79.contains("not applied here"),
         "{ip79}"
     );
+
+    // An address authenticated at mx1 is authenticated at mx2 (the
+    // once-per-day HELO rule, the bypass), with its expiry; deleted, gone.
+    let user = ip("fd5b:1e00::60");
+    cli(&mx1, &["auth", "add", "fd5b:1e00::60", "--ttl", "1h"]);
+    eventually(
+        "mx1's authenticated address at mx2",
+        Duration::from_secs(5),
+        || maps(&pins2).auth_get(user).unwrap().is_some(),
+    );
+    let a = maps(&pins2).auth_get(user).unwrap().unwrap();
+    let ttl = Duration::from_nanos(a.expires.expect("an expiry").0 - a.added.0);
+    assert!(
+        ttl > Duration::from_secs(3590) && ttl <= Duration::from_secs(3602),
+        "{ttl:?}"
+    );
+    cli(&mx1, &["auth", "del", "fd5b:1e00::60"]);
+    eventually("mx1's deletion at mx2", Duration::from_secs(5), || {
+        maps(&pins2).auth_get(user).unwrap().is_none()
+    });
 
     // Redis gone: mail flows at both (the triplet is known at both now).
     redis.kill();

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use ipnet::IpNet;
 
-use super::record::{BlockRecord, GreyState};
+use super::record::{BlockRecord, GreyState, SharedList};
 use crate::reputation::greylist::Id;
 
 /// Changes kept while Redis is gone, per kind; beyond, new keys are
@@ -14,7 +14,7 @@ pub const MAX_BACKLOG: usize = 100_000;
 
 #[derive(Debug)]
 pub struct Backlog {
-    blocks: HashMap<IpNet, BlockRecord>,
+    blocks: HashMap<(SharedList, IpNet), BlockRecord>,
     grey: HashMap<Id, GreyState>,
     max: usize,
 }
@@ -45,13 +45,14 @@ impl Backlog {
     /// Keeps a block change (the later one of a network replaces the
     /// earlier); false when it could not be kept (full).
     pub fn keep_block(&mut self, rec: BlockRecord) -> bool {
-        if self.blocks.len() >= self.max && !self.blocks.contains_key(&rec.net) {
+        let key = (rec.list, rec.net);
+        if self.blocks.len() >= self.max && !self.blocks.contains_key(&key) {
             return false;
         }
-        match self.blocks.get(&rec.net) {
+        match self.blocks.get(&key) {
             Some(old) if old.supersedes(&rec) => {}
             _ => {
-                self.blocks.insert(rec.net, rec);
+                self.blocks.insert(key, rec);
             }
         }
         true
@@ -88,9 +89,9 @@ impl Backlog {
         self.grey.iter().map(|(k, v)| (*k, *v)).collect()
     }
 
-    /// A kept block was written (or lost to a later change elsewhere).
-    pub fn done_block(&mut self, net: &IpNet) {
-        self.blocks.remove(net);
+    /// A kept entry was written (or lost to a later change elsewhere).
+    pub fn done_block(&mut self, rec: &BlockRecord) {
+        self.blocks.remove(&(rec.list, rec.net));
     }
 
     pub fn done_grey(&mut self, id: &Id) {
@@ -109,6 +110,7 @@ mod tests {
 
     fn block(net: &str, at: u64, deleted: bool) -> BlockRecord {
         BlockRecord {
+            list: SharedList::Block,
             net: net.parse().unwrap(),
             node: "mx1".into(),
             at,
@@ -135,7 +137,7 @@ mod tests {
         assert!(!b.keep_block(block("198.51.100.3/32", 4, false)), "full");
         // A network already kept still takes its newer change.
         assert!(b.keep_block(block("198.51.100.2/32", 5, true)));
-        b.done_block(&"198.51.100.1/32".parse().unwrap());
+        b.done_block(&block("198.51.100.1/32", 0, false));
         assert_eq!(b.len(), 1);
     }
 

@@ -5,6 +5,7 @@
 //! - `{prefix}block:{net}`: one block (or its tombstone) as JSON, with the
 //!   block's own expiry as the key's TTL; `{net}` is the network in its
 //!   plain form (`198.51.100.7/32`, `fd5b:1e00::/64`).
+//! - `{prefix}auth:{addr}/{len}`: one authenticated address, likewise;
 //! - `{prefix}grey:{hex}`: one greylist key's state as JSON, the key being
 //!   the same keyed 128-bit hash the local store keeps (no address, sender
 //!   or recipient ever leaves the host in clear).
@@ -13,6 +14,7 @@
 //! - `{prefix}events`: the pub/sub channel announcing each change.
 use ipnet::IpNet;
 
+use super::record::SharedList;
 use crate::reputation::greylist::Id;
 
 #[derive(Debug, Clone)]
@@ -43,11 +45,20 @@ impl Keys {
     }
 
     pub fn block(&self, net: IpNet) -> String {
-        format!("{}block:{}", self.prefix, Keys::canonical(net))
+        self.entry(SharedList::Block, net)
+    }
+
+    /// The key of an entry of `list` (`block:` or `auth:`).
+    pub fn entry(&self, list: SharedList, net: IpNet) -> String {
+        format!("{}{}:{}", self.prefix, list.as_str(), Keys::canonical(net))
     }
 
     pub fn block_pattern(&self) -> String {
-        format!("{}block:*", self.prefix)
+        self.pattern(SharedList::Block)
+    }
+
+    pub fn pattern(&self, list: SharedList) -> String {
+        format!("{}{}:*", self.prefix, list.as_str())
     }
 
     pub fn grey(&self, id: &Id) -> String {
@@ -89,6 +100,9 @@ mod tests {
         let host_bits: IpNet = "fd5b:1e00:0:7::9/64".parse().unwrap();
         assert_eq!(k.block(host_bits), "mx:block:fd5b:1e00:0:7::/64");
         assert_eq!(k.block_pattern(), "mx:block:*");
+        let one: IpNet = "fd5b:1e00::60/128".parse().unwrap();
+        assert_eq!(k.entry(SharedList::Auth, one), "mx:auth:fd5b:1e00::60/128");
+        assert_eq!(k.pattern(SharedList::Auth), "mx:auth:*");
         assert_eq!(k.channel(), "mx:events");
         assert_eq!(k.grey_fingerprint(), "mx:grey-key");
     }

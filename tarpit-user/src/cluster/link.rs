@@ -30,7 +30,7 @@ use super::backlog::Backlog;
 use super::keys::Keys;
 use super::metrics::ClusterMetrics;
 use super::mirror::{KernelBlock, Mirror, Remote, spared};
-use super::record::{BlockRecord, Event, GreyState};
+use super::record::{BlockRecord, Event, GreyState, SharedList};
 use crate::closed_loop::LoopHandle;
 use crate::config::{ClusterConfig, Config};
 use crate::kernel::{AllowLookup, BlockSpec, BootInstant, KernelMaps};
@@ -70,6 +70,8 @@ pub struct Engine {
     /// False when the greylist's site key differs from the cluster's.
     pub(super) grey_shared: bool,
     pub(super) mirror: Mirror,
+    /// The same for the authenticated addresses (AUTH map).
+    pub(super) auth_mirror: Mirror,
     pub(super) conn: Option<MultiplexedConnection>,
     pub(super) backlog: Backlog,
 }
@@ -132,7 +134,9 @@ impl Engine {
             tokio::select! {
                 _ = tick.tick() => {
                     self.scan_kernel().await;
-                    self.mirror.prune(now_ms(), self.cfg.tombstone_ttl.as_millis() as u64);
+                    let keep = self.cfg.tombstone_ttl.as_millis() as u64;
+                    self.mirror.prune(now_ms(), keep);
+                    self.auth_mirror.prune(now_ms(), keep);
                 }
                 Some((r, now)) = grey_rx.recv() => self.share_grey(r, now).await,
                 Some((ip, o)) = offence_rx.recv() => self.share_offence(ip, o).await,
@@ -222,15 +226,8 @@ impl Engine {
     }
 
     /// Compares the kernel's block list with the mirror and shares what
-    /// changed here.
+    /// changed here, then does the same for the authenticated addresses.
     async fn scan_kernel(&mut self) {
-        let items = match self.maps.block_list() {
-            Ok(items) => items,
-            Err(e) => {
-                debug!("cluster: block list not readable: {e}");
-                return;
-            }
-        };
         let boot = BootInstant::now().as_nanos();
         let wall = now_ms();
         // Boot-clock nanoseconds (past or future) to Unix milliseconds.
@@ -239,6 +236,41 @@ impl Engine {
                 wall.saturating_add((t - boot) / 1_000_000)
             } else {
                 wall.saturating_sub((boot - t) / 1_000_000)
+            }
+        };
+        let auth = match self.maps.auth_list() {
+            Ok(items) => items
+                .iter()
+                .filter(|i| i.is_active_at(BootInstant(boot)))
+                .map(|i| KernelBlock {
+                    net: IpNet::from(i.ip.to_canonical()),
+                    written: i.added.as_nanos(),
+                    written_ms: wall_of(i.added.as_nanos()),
+                    expires_at: i.expires.map(|e| wall_of(e.as_nanos()).div_ceil(1000)),
+                    reason: 0,
+                    automatic: true,
+                    all_ports: false,
+                    hold: false,
+                })
+                .collect(),
+            Err(e) => {
+                debug!("cluster: authenticated addresses not readable: {e}");
+                Vec::new()
+            }
+        };
+        for rec in self.auth_mirror.scan(&auth, &self.node, wall, |_| None) {
+            info!(
+                client = %rec.net,
+                deleted = rec.deleted,
+                "cluster: sharing an authenticated address of this node"
+            );
+            self.share_block(rec).await;
+        }
+        let items = match self.maps.block_list() {
+            Ok(items) => items,
+            Err(e) => {
+                debug!("cluster: block list not readable: {e}");
+                return;
             }
         };
         let kernel: Vec<KernelBlock> = items
@@ -278,13 +310,13 @@ impl Engine {
         if self.conn.is_some() {
             match self.write_block(&rec).await {
                 Ok(()) => {
-                    self.metrics.published("block");
+                    self.metrics.published(rec.list.as_str());
                     return;
                 }
                 Err(e) => self.lost(&format!("{e:#}")),
             }
         }
-        self.metrics.unshared("block");
+        self.metrics.unshared(rec.list.as_str());
         self.keep_block(rec);
     }
 
@@ -311,7 +343,7 @@ impl Engine {
         let event = serde_json::to_string(&Event::Block(rec.clone()))?;
         let mut p = redis::pipe();
         let mut set = redis::cmd("SET");
-        set.arg(self.keys.block(rec.net)).arg(&json);
+        set.arg(self.keys.entry(rec.list, rec.net)).arg(&json);
         if let Some(ttl) = ttl {
             set.arg("PX").arg(ttl.as_millis().max(1) as u64);
         }
@@ -467,8 +499,40 @@ impl Engine {
         spared(net, &config.allow.ips, &config.allow.internal, kernel)
     }
 
-    /// Applies a block, or its deletion, made by another node.
+    /// Applies an authenticated address, or its deletion, of another
+    /// node: it authenticated there, it is spared here as well.
+    fn remote_auth(&mut self, rec: &BlockRecord) {
+        let now = now_ms() / 1000;
+        let ip = rec.net.network();
+        match self.auth_mirror.remote(rec, None, now) {
+            Remote::Apply => {
+                let ttl = rec
+                    .expires_at
+                    .map(|e| Duration::from_secs(e.saturating_sub(now).max(1)));
+                match self.maps.auth_add(ip, ttl) {
+                    Ok(()) => {
+                        self.metrics.applied("auth");
+                        info!(client = %ip, from = %rec.node, "cluster: authenticated at another node");
+                    }
+                    Err(e) => {
+                        warn!(client = %ip, "cluster: authenticated address not applied: {e}")
+                    }
+                }
+            }
+            Remote::Remove => match self.maps.auth_del(ip) {
+                Ok(_) => self.metrics.applied("unauth"),
+                Err(e) => warn!(client = %ip, "cluster: authenticated address not removed: {e}"),
+            },
+            Remote::Ignore(_) => {}
+        }
+    }
+
+    /// Applies a shared entry, or its deletion, made by another node.
     fn remote_block(&mut self, rec: &BlockRecord) {
+        if rec.list == SharedList::Auth {
+            self.remote_auth(rec);
+            return;
+        }
         let now = now_ms() / 1000;
         let spare = if rec.deleted {
             None
@@ -543,7 +607,7 @@ impl Engine {
                 .bounded(
                     "GET block",
                     redis::cmd("GET")
-                        .arg(self.keys.block(rec.net))
+                        .arg(self.keys.entry(rec.list, rec.net))
                         .query_async(&mut conn),
                 )
                 .await?;
@@ -556,7 +620,7 @@ impl Engine {
                     self.metrics.replayed.inc();
                 }
             }
-            self.backlog.done_block(&rec.net);
+            self.backlog.done_block(&rec);
             self.update_backlog();
         }
         Ok(())
@@ -598,9 +662,13 @@ impl Engine {
     }
 
     async fn read_blocks(&mut self) -> Result<()> {
-        for (_, text) in self.read_all(&self.keys.block_pattern()).await? {
-            if let Ok(rec) = serde_json::from_str::<BlockRecord>(&text) {
-                self.remote_block(&rec);
+        for list in [SharedList::Block, SharedList::Auth] {
+            for (_, text) in self.read_all(&self.keys.pattern(list)).await? {
+                if let Ok(rec) = serde_json::from_str::<BlockRecord>(&text)
+                    && rec.list == list
+                {
+                    self.remote_block(&rec);
+                }
             }
         }
         Ok(())

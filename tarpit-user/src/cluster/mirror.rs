@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::keys::Keys;
-use super::record::BlockRecord;
+use super::record::{BlockRecord, SharedList};
 
 /// A block-list entry as the kernel holds it, in wall-clock terms.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,15 +56,25 @@ pub enum Remote {
     Ignore(&'static str),
 }
 
-/// The shared blocks this node knows (live and deleted).
+/// The shared entries of one kernel list this node knows (live and
+/// deleted).
 #[derive(Debug, Default)]
 pub struct Mirror {
+    list: SharedList,
     entries: HashMap<IpNet, Entry>,
 }
 
 impl Mirror {
     pub fn new() -> Mirror {
         Mirror::default()
+    }
+
+    /// The mirror of another list than the block list.
+    pub fn of(list: SharedList) -> Mirror {
+        Mirror {
+            list,
+            entries: HashMap::new(),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -114,6 +124,7 @@ impl Mirror {
             };
             if fresh {
                 let rec = BlockRecord {
+                    list: self.list,
                     net,
                     node: me.to_string(),
                     at: match k.automatic {
@@ -280,6 +291,7 @@ mod tests {
 
     fn remote_rec(n: &str, node: &str, at_s: u64, expires_at: Option<u64>) -> BlockRecord {
         BlockRecord {
+            list: SharedList::Block,
             net: net(n),
             node: node.into(),
             at: at_s * 1000,

@@ -14,6 +14,9 @@
 //! - **strikes**: every offence seen here (pre-greet talk, rejected
 //!   sessions, unknown recipients) is announced and counts at every other
 //!   node too, so strikes split across hosts add up toward one block;
+//! - **authenticated addresses**: an address that authenticated at one
+//!   node (or `tarpit auth add`) is in every node's AUTH map with the same
+//!   expiry, for the once-per-day HELO rule and the sk_lookup bypass;
 //! - **greylist**: first attempts and passes, keyed by the same keyed
 //!   hashes as the local store (the site key must be the same on every
 //!   host), so a retry at another MX passes after the minimum wait.
@@ -97,6 +100,7 @@ pub fn prepare(
             offences: None,
             grey_shared: true,
             mirror: mirror::Mirror::new(),
+            auth_mirror: mirror::Mirror::of(record::SharedList::Auth),
             conn: None,
             backlog: backlog::Backlog::default(),
         },

@@ -16,9 +16,34 @@ use serde::{Deserialize, Serialize};
 use crate::reputation::GreyRecord;
 use crate::reputation::greylist::Pending;
 
-/// One block as shared: who made it, when, until when, and how.
+/// Which of the kernel's lists a shared entry belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SharedList {
+    /// The block list (XDP drops or holds).
+    #[default]
+    Block,
+    /// Authenticated addresses (the once-per-day HELO rule, the sk_lookup
+    /// bypass); `net` is a single address.
+    Auth,
+}
+
+impl SharedList {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SharedList::Block => "block",
+            SharedList::Auth => "auth",
+        }
+    }
+}
+
+/// One entry of a kernel list as shared (a block, or an authenticated
+/// address): who made it, when, until when, and how.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockRecord {
+    /// The list; absent = the block list (the first version's only one).
+    #[serde(default, skip_serializing_if = "is_block")]
+    pub list: SharedList,
     pub net: IpNet,
     /// The node that made the change.
     pub node: String,
@@ -39,6 +64,10 @@ pub struct BlockRecord {
     /// A tombstone: the block was deleted at `at`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleted: bool,
+}
+
+fn is_block(l: &SharedList) -> bool {
+    *l == SharedList::Block
 }
 
 impl BlockRecord {
@@ -148,6 +177,7 @@ mod tests {
 
     fn block(at: u64, node: &str) -> BlockRecord {
         BlockRecord {
+            list: SharedList::Block,
             net: "198.51.100.7/32".parse().unwrap(),
             node: node.into(),
             at,
@@ -204,6 +234,21 @@ mod tests {
         };
         let text = serde_json::to_string(&g).unwrap();
         assert_eq!(serde_json::from_str::<Event>(&text).unwrap(), g);
+    }
+
+    #[test]
+    fn a_record_without_a_list_is_a_block_and_auth_says_so() {
+        let text = r#"{"net":"198.51.100.7/32","node":"mx1","at":1,"expires_at":null,"reason":0,"automatic":false}"#;
+        let r: BlockRecord = serde_json::from_str(text).unwrap();
+        assert_eq!(r.list, SharedList::Block);
+        assert!(!serde_json::to_string(&r).unwrap().contains("list"));
+        let auth = BlockRecord {
+            list: SharedList::Auth,
+            ..r
+        };
+        let text = serde_json::to_string(&auth).unwrap();
+        assert!(text.contains("\"list\":\"auth\""), "{text}");
+        assert_eq!(serde_json::from_str::<BlockRecord>(&text).unwrap(), auth);
     }
 
     #[test]
