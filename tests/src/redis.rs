@@ -2,7 +2,8 @@
 //! in a test's server namespace, on its loopback at a free port and on a
 //! Unix socket in its own temporary directory (reachable from the other
 //! test namespaces, which share the file system), with no persistence.
-//! Killed on drop; [`Redis::kill`] and [`Redis::start_again`] let a test
+//! With [`Redis::start_tls`], a TLS port as well, with a certificate from
+//! a CA the test makes. Killed on drop; [`Redis::kill`] and [`Redis::start_again`] let a test
 //! take it away mid-run and bring it back at the same address.
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -18,6 +19,8 @@ use crate::wait;
 pub struct Redis {
     pub dir: PathBuf,
     pub port: u16,
+    /// The TLS port, when started with [`Redis::start_tls`].
+    pub tls_port: Option<u16>,
     ns_cmd: Box<dyn Fn() -> std::process::Command + Send + Sync>,
     /// More `redis-server` arguments (ACL users, ...), at every start.
     extra: Vec<String>,
@@ -33,28 +36,67 @@ impl Redis {
     /// Like [`Redis::start`], with more `redis-server` arguments (e.g.
     /// `--user NAME on >PASSWORD ~prefix:* ...`).
     pub fn start_with(net: &TestNet, extra: &[&str]) -> Result<Redis> {
+        Redis::start_inner(net, extra, false)
+    }
+
+    /// Like [`Redis::start_with`], with a TLS port too: its certificate
+    /// (for 127.0.0.1) is signed by a CA the test makes ([`Redis::ca_file`]).
+    pub fn start_tls(net: &TestNet, extra: &[&str]) -> Result<Redis> {
+        Redis::start_inner(net, extra, true)
+    }
+
+    fn start_inner(net: &TestNet, extra: &[&str], tls: bool) -> Result<Redis> {
         let dir = std::env::temp_dir().join(format!("tarpit-redis-{}", unique_id()));
         std::fs::create_dir_all(&dir)?;
         // A free port of the namespace's loopback, found from inside it.
-        let port = net
-            .in_server(|| {
+        let free_port = || -> Result<u16> {
+            net.in_server(|| {
                 TcpListener::bind("127.0.0.1:0")
                     .and_then(|l| l.local_addr())
                     .map(|a| a.port())
             })?
-            .context("no free port")?;
+            .context("no free port")
+        };
+        let port = free_port()?;
+        let mut extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let mut tls_port = None;
+        if tls {
+            let p = loop {
+                let p = free_port()?;
+                if p != port {
+                    break p;
+                }
+            };
+            make_certs(&dir)?;
+            for a in [
+                "--tls-port".to_string(),
+                p.to_string(),
+                "--tls-cert-file".into(),
+                dir.join("server.pem").display().to_string(),
+                "--tls-key-file".into(),
+                dir.join("server.key").display().to_string(),
+                "--tls-ca-cert-file".into(),
+                dir.join("ca.pem").display().to_string(),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ] {
+                extra.push(a);
+            }
+            tls_port = Some(p);
+        }
         let ns = net.server_cmd("redis-server");
         let program = ns.get_program().to_owned();
         let args: Vec<_> = ns.get_args().map(|a| a.to_owned()).collect();
         let mut r = Redis {
             dir,
             port,
+            tls_port,
             ns_cmd: Box::new(move || {
                 let mut c = std::process::Command::new(&program);
                 c.args(&args);
                 c
             }),
-            extra: extra.iter().map(|a| a.to_string()).collect(),
+            extra,
             child: None,
         };
         r.start_again()?;
@@ -69,6 +111,16 @@ impl Redis {
     /// `redis://127.0.0.1:PORT` (from inside the server namespace).
     pub fn tcp_url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT` (from inside the server namespace).
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port.map(|p| format!("rediss://127.0.0.1:{p}"))
+    }
+
+    /// The CA that signed the server's certificate (PEM).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
     }
 
     pub fn unix_url(&self) -> String {
@@ -144,6 +196,72 @@ impl Redis {
             .context("redis-cli")?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, in `dir`
+/// (`ca.pem`, `server.pem`, `server.key`). rustls wants a subjectAltName
+/// and will not take a CA certificate as the server's own.
+fn make_certs(dir: &std::path::Path) -> Result<()> {
+    let run = |args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .context("openssl")?;
+        if !out.status.success() {
+            bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         extendedKeyUsage=serverAuth\n",
+    )?;
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=tarpit test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ])?;
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ])?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.pem",
+    ])
 }
 
 impl Drop for Redis {

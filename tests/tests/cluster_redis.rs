@@ -1,8 +1,9 @@
 //! Two MX hosts sharing one Redis (`[cluster]`, docs/cluster.md), each
 //! with its own namespaces, kernel programs, pins, agent and Postfix, and
 //! a real `redis-server` started by the test in mx1's namespace (mx1
-//! reaches it over TCP on loopback as the default user, mx2 over its Unix
-//! socket as the ACL user of docs/cluster.md, password from a file).
+//! reaches it over TLS on loopback, `rediss://` with a CA the test made,
+//! as the default user; mx2 over its Unix socket as the ACL user of
+//! docs/cluster.md, password from a file).
 //!
 //! What a user sees:
 //! - a sender greylisted at mx1 passes at mx2 after the minimum wait, and
@@ -131,12 +132,13 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     let _pf2 = Postfix::start(&net2).expect("postfix mx2");
     let acl = [ACL_USER, ACL_DEFAULT].concat();
     let mut redis =
-        Redis::start_with(&net1, &acl).expect("redis-server (scripts/install-test-deps.sh)");
+        Redis::start_tls(&net1, &acl).expect("redis-server (scripts/install-test-deps.sh)");
     let (grey1, grey2) = (TempDir::new("cl-grey1"), TempDir::new("cl-grey2"));
     let pass = grey2.path.join("redis.pass");
     std::fs::write(&pass, "cluster-test-secret\n").unwrap();
     let auth = format!("user = \"tarpit\"\npassword_file = \"{}\"", pass.display());
-    let c1 = host_config("mx1", &redis.tcp_url(), &grey1, "", "");
+    let tls = format!("ca_file = \"{}\"", redis.ca_file().display());
+    let c1 = host_config("mx1", &redis.tls_url().unwrap(), &grey1, "", &tls);
     let c2 = host_config(
         "mx2",
         &redis.unix_url(),
@@ -153,6 +155,12 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     // mx2 is in as the ACL user, and its password is nowhere in its log.
     let clients = redis.cli(&["CLIENT", "LIST"]).unwrap();
     assert!(clients.contains("user=tarpit"), "{clients}");
+    // ... and mx1 over TLS.
+    let tls_port = redis.tls_port.unwrap();
+    assert!(
+        clients.contains(&format!("laddr=127.0.0.1:{tls_port}")),
+        "{clients}"
+    );
     assert!(!mx2.log().contains("cluster-test-secret"));
 
     // Greylisted at mx1, retried at mx2 after the minimum wait: passes.

@@ -123,7 +123,17 @@ pub fn client(c: &crate::config::ClusterConfig) -> Result<redis::Client> {
         settings = settings.set_password(pw);
     }
     info = info.set_redis_settings(settings);
-    redis::Client::open(info).context("cluster.url")
+    match c.read_ca()? {
+        Some(root_cert) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            },
+        )
+        .context("cluster.ca_file"),
+        None => redis::Client::open(info).context("cluster.url"),
+    }
 }
 
 /// Hands the greylist's changes to the cluster task without waiting.

@@ -37,6 +37,9 @@ pub struct ClusterConfig {
     pub user: Option<String>,
     /// A file holding the password (first line), readable by root only.
     pub password_file: Option<PathBuf>,
+    /// With `rediss://`: the CA certificates (PEM) that vouch for the
+    /// server, instead of the system's trust store (a site's own CA).
+    pub ca_file: Option<PathBuf>,
     /// Prefix of every key and of the change channel.
     pub key_prefix: String,
     /// This host's name in what it shares; default: the host name.
@@ -56,6 +59,7 @@ impl Default for ClusterConfig {
             url: None,
             user: None,
             password_file: None,
+            ca_file: None,
             key_prefix: DEFAULT_KEY_PREFIX.to_string(),
             node: None,
             timeout: DEFAULT_CLUSTER_TIMEOUT,
@@ -80,6 +84,7 @@ impl ClusterConfig {
             for (key, set) in [
                 ("cluster.user", self.user.is_some()),
                 ("cluster.password_file", self.password_file.is_some()),
+                ("cluster.ca_file", self.ca_file.is_some()),
                 ("cluster.node", self.node.is_some()),
             ] {
                 if set {
@@ -107,6 +112,20 @@ impl ClusterConfig {
                 "cluster.password_file",
                 "must be an absolute path",
             ));
+        }
+        if let Some(p) = &self.ca_file {
+            if !url.starts_with("rediss://") {
+                return Err(ConfigError::invalid(
+                    "cluster.ca_file",
+                    "needs a rediss:// (TLS) cluster.url",
+                ));
+            }
+            if !p.is_absolute() {
+                return Err(ConfigError::invalid(
+                    "cluster.ca_file",
+                    "must be an absolute path",
+                ));
+            }
         }
         if self.key_prefix.is_empty() || self.key_prefix.len() > 64 || !plain(&self.key_prefix) {
             return Err(ConfigError::invalid(
@@ -152,6 +171,27 @@ impl ClusterConfig {
             .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty() && plain(h))
             .unwrap_or_else(|| "tarpit".to_string())
+    }
+
+    /// Reads the CA certificates of `ca_file`; `None` without one.
+    /// Called as root, before the privilege drop.
+    pub fn read_ca(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let Some(path) = &self.ca_file else {
+            return Ok(None);
+        };
+        let pem = std::fs::read(path).map_err(|e| {
+            ConfigError::invalid(
+                "cluster.ca_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+            return Err(ConfigError::invalid(
+                "cluster.ca_file",
+                format!("{} holds no PEM certificate", path.display()),
+            ));
+        }
+        Ok(Some(pem))
     }
 
     /// Reads the password (its first line) from `password_file`; `None`
@@ -245,7 +285,7 @@ mod tests {
     fn a_full_section_parses() {
         let c = Config::parse(
             "[cluster]\nurl = \"rediss://redis.example.net:6380/2\"\nuser = \"tarpit\"\n\
-             password_file = \"/etc/tarpit/redis.pass\"\nkey_prefix = \"mx:\"\nnode = \"mx1\"\n\
+             password_file = \"/etc/tarpit/redis.pass\"\nca_file = \"/etc/tarpit/ca.pem\"\nkey_prefix = \"mx:\"\nnode = \"mx1\"\n\
              timeout = \"150ms\"\n",
         )
         .unwrap();
@@ -290,6 +330,14 @@ mod tests {
             (
                 "url = \"redis://h\"\ntombstone_ttl = \"5s\"",
                 "cluster.tombstone_ttl",
+            ),
+            (
+                "url = \"redis://h\"\nca_file = \"/etc/ca.pem\"",
+                "cluster.ca_file",
+            ),
+            (
+                "url = \"rediss://h\"\nca_file = \"ca.pem\"",
+                "cluster.ca_file",
             ),
             ("user = \"tarpit\"", "cluster.user"),
             ("node = \"mx1\"", "cluster.node"),
