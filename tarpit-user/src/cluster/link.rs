@@ -550,7 +550,12 @@ impl Engine {
                     hold: rec.hold,
                 };
                 let done = if rec.automatic {
-                    self.maps.auto_block_add(rec.net, spec).map(|_| ())
+                    self.maps.auto_block_add(rec.net, spec).map(|added| {
+                        // Room made in a full automatic part: not a deletion.
+                        for net in added.evicted {
+                            self.mirror.forget(net);
+                        }
+                    })
                 } else {
                     self.maps.block_add(rec.net, spec)
                 };
@@ -572,7 +577,10 @@ impl Engine {
                 Err(e) => warn!(block = %rec.net, "cluster: deleted block not removed: {e}"),
             },
             Remote::Ignore(why) => {
-                if matches!(why, "allow.internal" | "allow.ips" | "allow list") {
+                if matches!(
+                    why,
+                    "allow.internal" | "allow.ips" | "allow list" | "too wide"
+                ) {
                     self.metrics.refused(why);
                     info!(block = %rec.net, from = %rec.node, why, "cluster: block of another node not applied here");
                 }

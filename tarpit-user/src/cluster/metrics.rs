@@ -74,7 +74,7 @@ impl ClusterMetrics {
         r.register(
             "cluster_refused",
             "Blocks of other nodes not applied here, by reason (allow.internal, \
-             allow.ips, allow list)",
+             allow.ips, allow list, too wide)",
             self.refused.clone(),
         );
     }

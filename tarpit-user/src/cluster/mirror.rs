@@ -227,6 +227,16 @@ impl Mirror {
         Remote::Apply
     }
 
+    /// Forgets a live entry without a tombstone: it left the kernel for
+    /// a reason of this node's own (evicted from a full automatic part to
+    /// make room), which is no deletion to share.
+    pub fn forget(&mut self, net: IpNet) {
+        let net = Keys::canonical(net);
+        if self.entries.get(&net).is_some_and(|e| !e.rec.deleted) {
+            self.entries.remove(&net);
+        }
+    }
+
     /// Forgets tombstones older than `keep_ms` (their Redis keys are gone
     /// too), so the mirror stays as small as the block list.
     pub fn prune(&mut self, now_ms: u64, keep_ms: u64) {
@@ -235,10 +245,16 @@ impl Mirror {
     }
 }
 
+/// The widest remote blocks applied (IPv4, IPv6 prefix lengths): a wider
+/// one from Redis is refused as a mistake or an attack (a /0 would close
+/// every MX to everyone); a host can still block wider networks itself.
+pub const WIDEST_REMOTE_BLOCK: (u8, u8) = (8, 16);
+
 /// This node's own networks win: a block from elsewhere that overlaps its
 /// internal networks or configured allow list, or whose network this
-/// node's kernel allow list covers, is not applied here. The reason, or
-/// `None` when the block may go in.
+/// node's kernel allow list covers, is not applied here; nor one wider
+/// than [`WIDEST_REMOTE_BLOCK`]. The reason, or `None` when the block may
+/// go in.
 pub fn spared(
     net: IpNet,
     allow_ips: &[IpNet],
@@ -246,6 +262,13 @@ pub fn spared(
     kernel_allows: impl Fn(IpAddr) -> bool,
 ) -> Option<&'static str> {
     let net = Keys::canonical(net);
+    let widest = match net {
+        IpNet::V4(_) => WIDEST_REMOTE_BLOCK.0,
+        IpNet::V6(_) => WIDEST_REMOTE_BLOCK.1,
+    };
+    if net.prefix_len() < widest {
+        return Some("too wide");
+    }
     let overlaps = |n: &IpNet| {
         let n = Keys::canonical(*n);
         n.contains(&net.network()) || net.contains(&n.network())
@@ -405,6 +428,19 @@ mod tests {
     }
 
     #[test]
+    fn an_evicted_block_is_forgotten_not_deleted() {
+        let mut m = Mirror::new();
+        m.scan(
+            &[kb("198.51.100.7/32", 1, None)],
+            "mx1",
+            T * 1000,
+            none_saved,
+        );
+        m.forget(net("198.51.100.7/32"));
+        assert!(m.scan(&[], "mx1", (T + 1) * 1000, none_saved).is_empty());
+    }
+
+    #[test]
     fn expired_and_spared_remote_blocks_stay_out() {
         let mut m = Mirror::new();
         let old = remote_rec("198.51.100.11/32", "mx2", T - 100, Some(T - 1));
@@ -448,5 +484,12 @@ mod tests {
             spared(net("198.51.100.31/32"), &allow, &internal, kernel),
             None
         );
+        // Nobody closes every MX through Redis.
+        assert_eq!(spared(net("0.0.0.0/0"), &[], &[], none), Some("too wide"));
+        assert_eq!(spared(net("::/0"), &[], &[], none), Some("too wide"));
+        assert_eq!(spared(net("202.0.0.0/7"), &[], &[], none), Some("too wide"));
+        assert_eq!(spared(net("203.0.0.0/8"), &[], &[], none), None);
+        assert_eq!(spared(net("2000::/15"), &[], &[], none), Some("too wide"));
+        assert_eq!(spared(net("2001:db8::/32"), &[], &[], none), None);
     }
 }
