@@ -17,7 +17,8 @@
 //! - Redis killed: mail keeps flowing at both; a block added on mx2 and
 //!   one deleted on mx1 meanwhile reach the other host once Redis is back;
 //! - Redis hung (SIGSTOP): mail flows as fast as ever, and a block made
-//!   meanwhile reaches the other host once Redis answers again.
+//!   meanwhile reaches the other host once Redis answers again;
+//! - `tarpit stats` says the host is connected again.
 #[path = "loop_common/mod.rs"]
 mod common;
 
@@ -313,6 +314,17 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     );
     // Two local-only periods at mx1: Redis killed, then hung.
     assert!(metric(&net1, "tarpit_cluster_outages_total").unwrap_or(0.0) >= 2.0);
+    // What an operator sees: `tarpit stats`, and the propagation lag.
+    let out = net2
+        .server_cmd(&tarpit_tests::tarpit_bin().display().to_string())
+        .arg("-c")
+        .arg(&mx2.config)
+        .arg("stats")
+        .output()
+        .expect("tarpit stats");
+    let stats = String::from_utf8_lossy(&out.stdout);
+    assert!(stats.contains("cluster: connected to Redis"), "{stats}");
+    assert!(metric(&net2, "tarpit_cluster_propagation_seconds_count").unwrap_or(0.0) >= 1.0);
     drop(mx1);
     drop(mx2);
 }

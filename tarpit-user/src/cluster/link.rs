@@ -459,7 +459,12 @@ impl Engine {
             }
         };
         match event {
-            Event::Block(rec) if rec.node != self.node => self.remote_block(&rec),
+            Event::Block(rec) if rec.node != self.node => {
+                if self.remote_block(&rec) {
+                    let lag = now_ms().saturating_sub(rec.at);
+                    self.metrics.lag(Duration::from_millis(lag));
+                }
+            }
             Event::Grey { node, id, state } if node != self.node => {
                 let mut raw = [0u8; 16];
                 if hex::decode_to_slice(&id, &mut raw).is_ok() {
@@ -500,38 +505,39 @@ impl Engine {
     }
 
     /// Applies an authenticated address, or its deletion, of another
-    /// node: it authenticated there, it is spared here as well.
-    fn remote_auth(&mut self, rec: &BlockRecord) {
+    /// node: it authenticated there, it is spared here as well. True when
+    /// this node's kernel changed.
+    fn remote_auth(&mut self, rec: &BlockRecord) -> bool {
         let now = now_ms() / 1000;
         let ip = rec.net.network();
-        match self.auth_mirror.remote(rec, None, now) {
+        let done = match self.auth_mirror.remote(rec, None, now) {
             Remote::Apply => {
                 let ttl = rec
                     .expires_at
                     .map(|e| Duration::from_secs(e.saturating_sub(now).max(1)));
-                match self.maps.auth_add(ip, ttl) {
-                    Ok(()) => {
-                        self.metrics.applied("auth");
-                        info!(client = %ip, from = %rec.node, "cluster: authenticated at another node");
-                    }
-                    Err(e) => {
-                        warn!(client = %ip, "cluster: authenticated address not applied: {e}")
-                    }
-                }
+                self.maps.auth_add(ip, ttl).map(|()| "auth")
             }
-            Remote::Remove => match self.maps.auth_del(ip) {
-                Ok(_) => self.metrics.applied("unauth"),
-                Err(e) => warn!(client = %ip, "cluster: authenticated address not removed: {e}"),
-            },
-            Remote::Ignore(_) => {}
+            Remote::Remove => self.maps.auth_del(ip).map(|_| "unauth"),
+            Remote::Ignore(_) => return false,
+        };
+        match done {
+            Ok(kind) => {
+                self.metrics.applied(kind);
+                info!(client = %ip, from = %rec.node, kind, "cluster: authenticated address of another node");
+                true
+            }
+            Err(e) => {
+                warn!(client = %ip, from = %rec.node, "cluster: authenticated address not applied: {e}");
+                false
+            }
         }
     }
 
-    /// Applies a shared entry, or its deletion, made by another node.
-    fn remote_block(&mut self, rec: &BlockRecord) {
+    /// Applies a shared entry, or its deletion, made by another node;
+    /// true when this node's kernel changed.
+    fn remote_block(&mut self, rec: &BlockRecord) -> bool {
         if rec.list == SharedList::Auth {
-            self.remote_auth(rec);
-            return;
+            return self.remote_auth(rec);
         }
         let now = now_ms() / 1000;
         let spare = if rec.deleted {
@@ -539,7 +545,7 @@ impl Engine {
         } else {
             self.spared(rec.net)
         };
-        match self.mirror.remote(rec, spare, now) {
+        let done = match self.mirror.remote(rec, spare, now) {
             Remote::Apply => {
                 let spec = BlockSpec {
                     ttl: rec
@@ -549,33 +555,19 @@ impl Engine {
                     all_ports: rec.all_ports,
                     hold: rec.hold,
                 };
-                let done = if rec.automatic {
+                if rec.automatic {
                     self.maps.auto_block_add(rec.net, spec).map(|added| {
                         // Room made in a full automatic part: not a deletion.
                         for net in added.evicted {
                             self.mirror.forget(net);
                         }
+                        "block"
                     })
                 } else {
-                    self.maps.block_add(rec.net, spec)
-                };
-                match done {
-                    Ok(()) => {
-                        self.metrics.applied("block");
-                        info!(block = %rec.net, from = %rec.node, "cluster: block of another node applied");
-                    }
-                    Err(e) => {
-                        warn!(block = %rec.net, from = %rec.node, "cluster: block of another node not applied: {e}")
-                    }
+                    self.maps.block_add(rec.net, spec).map(|()| "block")
                 }
             }
-            Remote::Remove => match self.maps.block_del(rec.net) {
-                Ok(_) => {
-                    self.metrics.applied("unblock");
-                    info!(block = %rec.net, from = %rec.node, "cluster: block deleted by another node removed");
-                }
-                Err(e) => warn!(block = %rec.net, "cluster: deleted block not removed: {e}"),
-            },
+            Remote::Remove => self.maps.block_del(rec.net).map(|_| "unblock"),
             Remote::Ignore(why) => {
                 if matches!(
                     why,
@@ -584,6 +576,18 @@ impl Engine {
                     self.metrics.refused(why);
                     info!(block = %rec.net, from = %rec.node, why, "cluster: block of another node not applied here");
                 }
+                return false;
+            }
+        };
+        match done {
+            Ok(kind) => {
+                self.metrics.applied(kind);
+                info!(block = %rec.net, from = %rec.node, kind, "cluster: block-list change of another node applied");
+                true
+            }
+            Err(e) => {
+                warn!(block = %rec.net, from = %rec.node, "cluster: block-list change of another node not applied: {e}");
+                false
             }
         }
     }
@@ -622,7 +626,9 @@ impl Engine {
             let theirs = there.and_then(|t| serde_json::from_str::<BlockRecord>(&t).ok());
             match theirs {
                 // A later change elsewhere wins here too.
-                Some(t) if t.supersedes(&rec) => self.remote_block(&t),
+                Some(t) if t.supersedes(&rec) => {
+                    self.remote_block(&t);
+                }
                 _ => {
                     self.write_block(&rec).await?;
                     self.metrics.replayed.inc();
