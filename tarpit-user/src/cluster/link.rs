@@ -460,7 +460,8 @@ impl Engine {
         };
         match event {
             Event::Block(rec) if rec.node != self.node => {
-                if self.remote_block(&rec) {
+                let applied = self.remote_block(&rec);
+                if applied {
                     let lag = now_ms().saturating_sub(rec.at);
                     self.metrics.lag(Duration::from_millis(lag));
                 }
