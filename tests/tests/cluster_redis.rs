@@ -13,7 +13,9 @@
 //! - `tarpit block add` on mx1 shows on mx2's kernel block list with the
 //!   same expiry, except for an address on mx2's own allow list, and
 //!   `tarpit ip` at mx2 names mx1 as the one who blocked;
-//! - `tarpit auth add|del` on mx1 shows in mx2's AUTH map;
+//! - `tarpit auth add|del` on mx1 shows in mx2's AUTH map, and
+//!   `tarpit allow add|del` in mx2's kernel allow list (kept through a
+//!   reload at mx2);
 //! - Redis killed: mail keeps flowing at both; a block added on mx2 and
 //!   one deleted on mx1 meanwhile reach the other host once Redis is back;
 //! - Redis hung (SIGSTOP): mail flows as fast as ever, and a block made
@@ -243,6 +245,37 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     eventually("mx1's deletion at mx2", Duration::from_secs(5), || {
         maps(&pins2).auth_get(user).unwrap().is_none()
     });
+
+    // A run-time allow entry made at mx1 is on mx2's kernel allow list,
+    // and stays there through a reload at mx2 (which re-syncs the list
+    // from mx2's own config and state file); mx2's allow.ips stays its own.
+    let partner = ip("198.51.100.90");
+    cli(&mx1, &["allow", "add", "198.51.100.90/32", "--ttl", "1h"]);
+    eventually("mx1's allow entry at mx2", Duration::from_secs(5), || {
+        maps(&pins2).allow_match(partner).unwrap().is_some()
+    });
+    let reloads = mx2.log().matches("configuration reloaded").count();
+    mx2.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    eventually("mx2 reloaded", Duration::from_secs(10), || {
+        mx2.log().matches("configuration reloaded").count() > reloads
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        maps(&pins2).allow_match(partner).unwrap().is_some(),
+        "a reload at mx2 dropped mx1's allow entry"
+    );
+    assert!(
+        maps(&pins1)
+            .allow_match(ip("198.51.100.79"))
+            .unwrap()
+            .is_none()
+    );
+    cli(&mx1, &["allow", "del", "198.51.100.90/32"]);
+    eventually(
+        "mx1's allow deletion at mx2",
+        Duration::from_secs(5),
+        || maps(&pins2).allow_match(partner).unwrap().is_none(),
+    );
 
     // Redis gone: mail flows at both (the triplet is known at both now).
     redis.kill();

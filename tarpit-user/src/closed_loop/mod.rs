@@ -63,6 +63,9 @@ struct LoopState {
     /// Where this node's offences go to count at the other MX hosts too
     /// (the cluster); set once, after the runtime started.
     share: std::sync::OnceLock<Arc<dyn OffenceShare>>,
+    /// Allow-list entries other MX hosts shared (the cluster): kept on
+    /// the kernel's allow list by every sync, like the state file's.
+    shared_allow: Mutex<std::collections::BTreeSet<ipnet::IpNet>>,
 }
 
 /// Hands this node's offences to whoever shares them with the other MX
@@ -105,6 +108,21 @@ impl LoopHandle {
     /// second call is ignored).
     pub fn share_offences(&self, share: Arc<dyn OffenceShare>) {
         let _ = self.0.share.set(share);
+    }
+
+    /// An allow-list entry another MX host shared is on the kernel's list
+    /// (`true`) or was deleted there (`false`): reloads keep it or not.
+    pub fn shared_allow(&self, net: ipnet::IpNet, listed: bool) {
+        let mut s = self
+            .0
+            .shared_allow
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if listed {
+            s.insert(net.trunc());
+        } else {
+            s.remove(&net.trunc());
+        }
     }
 
     /// An offence another MX host saw: it counts here as if seen here
@@ -221,6 +239,7 @@ impl ClosedLoop {
             steer,
             mta_inodes: Mutex::new(mta_inodes),
             share: std::sync::OnceLock::new(),
+            shared_allow: Mutex::default(),
             blocks: BlockCounters {
                 added: metrics.blocks_added.clone(),
                 expired: metrics.blocks_expired.clone(),
@@ -301,8 +320,13 @@ impl LoopState {
     fn reload(&self, config: &Config) {
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(config.clone());
         {
+            let shared = self
+                .shared_allow
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-            allow_sync::sync(&mut maps, config);
+            allow_sync::sync_keeping(&mut maps, config, &shared);
         }
         self.tracker
             .lock()

@@ -72,6 +72,8 @@ pub struct Engine {
     pub(super) mirror: Mirror,
     /// The same for the authenticated addresses (AUTH map).
     pub(super) auth_mirror: Mirror,
+    /// The same for the run-time allow list.
+    pub(super) allow_mirror: Mirror,
     pub(super) conn: Option<MultiplexedConnection>,
     pub(super) backlog: Backlog,
 }
@@ -137,6 +139,7 @@ impl Engine {
                     let keep = self.cfg.tombstone_ttl.as_millis() as u64;
                     self.mirror.prune(now_ms(), keep);
                     self.auth_mirror.prune(now_ms(), keep);
+                    self.allow_mirror.prune(now_ms(), keep);
                 }
                 Some((r, now)) = grey_rx.recv() => self.share_grey(r, now).await,
                 Some((ip, o)) = offence_rx.recv() => self.share_offence(ip, o).await,
@@ -225,8 +228,9 @@ impl Engine {
         }
     }
 
-    /// Compares the kernel's block list with the mirror and shares what
-    /// changed here, then does the same for the authenticated addresses.
+    /// Compares the kernel's block list, authenticated addresses and
+    /// run-time allow list with what was shared, and shares what changed
+    /// here.
     async fn scan_kernel(&mut self) {
         let boot = BootInstant::now().as_nanos();
         let wall = now_ms();
@@ -238,10 +242,21 @@ impl Engine {
                 wall.saturating_sub((boot - t) / 1_000_000)
             }
         };
-        let auth = match self.maps.auth_list() {
+        let of_list = |i: &crate::kernel::ListItem| KernelBlock {
+            net: i.net,
+            written: i.added.as_nanos(),
+            written_ms: wall_of(i.added.as_nanos()),
+            expires_at: i.expires.map(|e| wall_of(e.as_nanos()).div_ceil(1000)),
+            reason: i.reason_code,
+            automatic: i.automatic,
+            all_ports: i.all_ports,
+            hold: i.hold,
+        };
+        let active = |e: &Option<BootInstant>| e.is_none_or(|e| e.as_nanos() > boot);
+        let auth: Vec<KernelBlock> = match self.maps.auth_list() {
             Ok(items) => items
                 .iter()
-                .filter(|i| i.is_active_at(BootInstant(boot)))
+                .filter(|i| active(&i.expires))
                 .map(|i| KernelBlock {
                     net: IpNet::from(i.ip.to_canonical()),
                     written: i.added.as_nanos(),
@@ -255,52 +270,60 @@ impl Engine {
                 .collect(),
             Err(e) => {
                 debug!("cluster: authenticated addresses not readable: {e}");
-                Vec::new()
+                return;
             }
         };
-        for rec in self.auth_mirror.scan(&auth, &self.node, wall, |_| None) {
-            info!(
-                client = %rec.net,
-                deleted = rec.deleted,
-                "cluster: sharing an authenticated address of this node"
-            );
-            self.share_block(rec).await;
-        }
-        let items = match self.maps.block_list() {
-            Ok(items) => items,
+        // `allow.ips` is this host's own configuration: never shared.
+        let config = self.config.borrow().clone();
+        let allow: Vec<KernelBlock> = match self.maps.allow_list() {
+            Ok(items) => items
+                .iter()
+                .filter(|i| active(&i.expires))
+                .filter(|i| !config.allow.ips.iter().any(|n| n.trunc() == i.net.trunc()))
+                .map(of_list)
+                .collect(),
+            Err(e) => {
+                debug!("cluster: allow list not readable: {e}");
+                return;
+            }
+        };
+        let block: Vec<KernelBlock> = match self.maps.block_list() {
+            Ok(items) => items
+                .iter()
+                .filter(|i| active(&i.expires))
+                .map(of_list)
+                .collect(),
             Err(e) => {
                 debug!("cluster: block list not readable: {e}");
                 return;
             }
         };
-        let kernel: Vec<KernelBlock> = items
-            .iter()
-            .filter(|i| i.is_active_at(BootInstant(boot)))
-            .map(|i| KernelBlock {
-                net: i.net,
-                written: i.added.as_nanos(),
-                written_ms: wall_of(i.added.as_nanos()),
-                expires_at: i.expires.map(|e| wall_of(e.as_nanos()).div_ceil(1000)),
-                reason: i.reason_code,
-                automatic: i.automatic,
-                all_ports: i.all_ports,
-                hold: i.hold,
-            })
-            .collect();
         // The state file is read only when an admin entry is new here.
-        let state_file = self.config.borrow().state.file.clone();
-        let saved = std::cell::OnceCell::new();
-        let saved_at = |net: IpNet| {
-            let state = saved.get_or_init(|| crate::state::State::load(&state_file).ok());
-            let e = state.as_ref()?.block_entry(&net)?;
-            Some(e.added_at.saturating_mul(1000))
+        let changes = {
+            let saved = std::cell::OnceCell::new();
+            let state = || {
+                saved
+                    .get_or_init(|| crate::state::State::load(&config.state.file).ok())
+                    .as_ref()
+            };
+            let block_saved =
+                |net: IpNet| Some(state()?.block_entry(&net)?.added_at.saturating_mul(1000));
+            let allow_saved =
+                |net: IpNet| Some(state()?.allow_entry(&net)?.added_at.saturating_mul(1000));
+            let mut changes = self.auth_mirror.scan(&auth, &self.node, wall, |_| None);
+            changes.extend(
+                self.allow_mirror
+                    .scan(&allow, &self.node, wall, allow_saved),
+            );
+            changes.extend(self.mirror.scan(&block, &self.node, wall, block_saved));
+            changes
         };
-        let changes = self.mirror.scan(&kernel, &self.node, wall, saved_at);
         for rec in changes {
             info!(
-                block = %rec.net,
+                list = rec.list.as_str(),
+                entry = %rec.net,
                 deleted = rec.deleted,
-                "cluster: sharing a block-list change of this node"
+                "cluster: sharing a change of this node"
             );
             self.share_block(rec).await;
         }
@@ -534,11 +557,57 @@ impl Engine {
         }
     }
 
+    /// Applies a run-time allow entry, or its deletion, of another node.
+    /// A deletion never takes out this node's own `allow.ips` entry.
+    fn remote_allow(&mut self, rec: &BlockRecord) -> bool {
+        let now = now_ms() / 1000;
+        let net = rec.net.trunc();
+        let own = self
+            .config
+            .borrow()
+            .allow
+            .ips
+            .iter()
+            .any(|n| n.trunc() == net);
+        let done = match self.allow_mirror.remote(rec, None, now) {
+            Remote::Apply => {
+                let ttl = rec
+                    .expires_at
+                    .map(|e| Duration::from_secs(e.saturating_sub(now).max(1)));
+                if let Some(lp) = &self.offences {
+                    lp.shared_allow(net, true);
+                }
+                self.maps.allow_add(net, ttl).map(|()| "allow")
+            }
+            Remote::Remove if own => return false,
+            Remote::Remove => {
+                if let Some(lp) = &self.offences {
+                    lp.shared_allow(net, false);
+                }
+                self.maps.allow_del(net).map(|_| "unallow")
+            }
+            Remote::Ignore(_) => return false,
+        };
+        match done {
+            Ok(kind) => {
+                self.metrics.applied(kind);
+                info!(entry = %net, from = %rec.node, kind, "cluster: allow-list change of another node applied");
+                true
+            }
+            Err(e) => {
+                warn!(entry = %net, from = %rec.node, "cluster: allow-list change of another node not applied: {e}");
+                false
+            }
+        }
+    }
+
     /// Applies a shared entry, or its deletion, made by another node;
     /// true when this node's kernel changed.
     fn remote_block(&mut self, rec: &BlockRecord) -> bool {
-        if rec.list == SharedList::Auth {
-            return self.remote_auth(rec);
+        match rec.list {
+            SharedList::Auth => return self.remote_auth(rec),
+            SharedList::Allow => return self.remote_allow(rec),
+            SharedList::Block => {}
         }
         let now = now_ms() / 1000;
         let spare = if rec.deleted {
@@ -677,7 +746,7 @@ impl Engine {
     }
 
     async fn read_blocks(&mut self) -> Result<()> {
-        for list in [SharedList::Block, SharedList::Auth] {
+        for list in [SharedList::Allow, SharedList::Block, SharedList::Auth] {
             for (_, text) in self.read_all(&self.keys.pattern(list)).await? {
                 if let Ok(rec) = serde_json::from_str::<BlockRecord>(&text)
                     && rec.list == list

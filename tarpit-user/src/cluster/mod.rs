@@ -8,6 +8,9 @@
 //!   channel; every other node puts it on its own kernel block list with
 //!   the same expiry. Deletions are tombstones with a TTL, so a node that
 //!   was away does not bring a deleted block back;
+//! - **run-time allow entries**: `tarpit allow add|del` on one node
+//!   reaches every node's kernel allow list (each node's `allow.ips`
+//!   stays its own: neither shared nor removed by another node);
 //! - **allow wins**: a block from elsewhere that touches this node's
 //!   internal networks, configured allow list or kernel allow list is not
 //!   applied here;
@@ -101,6 +104,7 @@ pub fn prepare(
             grey_shared: true,
             mirror: mirror::Mirror::new(),
             auth_mirror: mirror::Mirror::of(record::SharedList::Auth),
+            allow_mirror: mirror::Mirror::of(record::SharedList::Allow),
             conn: None,
             backlog: backlog::Backlog::default(),
         },

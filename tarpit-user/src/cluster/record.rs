@@ -26,6 +26,9 @@ pub enum SharedList {
     /// Authenticated addresses (the once-per-day HELO rule, the sk_lookup
     /// bypass); `net` is a single address.
     Auth,
+    /// The run-time allow list (`tarpit allow add`; never `allow.ips`,
+    /// which is each host's own configuration).
+    Allow,
 }
 
 impl SharedList {
@@ -33,6 +36,7 @@ impl SharedList {
         match self {
             SharedList::Block => "block",
             SharedList::Auth => "auth",
+            SharedList::Allow => "allow",
         }
     }
 }
