@@ -30,7 +30,7 @@ use super::backlog::Backlog;
 use super::keys::Keys;
 use super::metrics::ClusterMetrics;
 use super::mirror::{KernelBlock, Mirror, Remote, spared};
-use super::record::{BlockRecord, Event, GreyState, SharedList};
+use super::record::{BlockRecord, Envelope, Event, GreyState, SharedList};
 use crate::closed_loop::LoopHandle;
 use crate::config::{ClusterConfig, Config};
 use crate::kernel::{AllowLookup, BlockSpec, BootInstant, KernelMaps};
@@ -58,6 +58,10 @@ fn now_ms() -> u64 {
 pub struct Engine {
     pub(super) cfg: ClusterConfig,
     pub(super) node: String,
+    /// This agent's random id in its messages (see [`Envelope`]).
+    pub(super) instance: String,
+    /// Another agent calls itself `node` too: said once.
+    pub(super) said_twin: bool,
     pub(super) keys: Keys,
     pub(super) client: Client,
     pub(super) maps: KernelMaps,
@@ -363,7 +367,7 @@ impl Engine {
             return Ok(());
         };
         let json = serde_json::to_string(rec)?;
-        let event = serde_json::to_string(&Event::Block(rec.clone()))?;
+        let event = self.envelope(Event::Block(rec.clone()))?;
         let mut p = redis::pipe();
         let mut set = redis::cmd("SET");
         set.arg(self.keys.entry(rec.list, rec.net)).arg(&json);
@@ -418,7 +422,7 @@ impl Engine {
         let Some(ttl) = state.ttl(now, self.retry_window()) else {
             return Ok(());
         };
-        let event = serde_json::to_string(&Event::Grey {
+        let event = self.envelope(Event::Grey {
             node: self.node.clone(),
             id: hex::encode(id),
             state,
@@ -453,7 +457,7 @@ impl Engine {
             ip,
             offence: offence.code().to_string(),
         };
-        let Ok(text) = serde_json::to_string(&event) else {
+        let Ok(text) = self.envelope(event) else {
             return;
         };
         let mut publish = redis::cmd("PUBLISH");
@@ -470,39 +474,62 @@ impl Engine {
         }
     }
 
+    /// A message of this agent, as sent on the channel.
+    fn envelope(&self, event: Event) -> serde_json::Result<String> {
+        serde_json::to_string(&Envelope {
+            from: self.instance.clone(),
+            event,
+        })
+    }
+
     fn on_message(&mut self, msg: &redis::Msg) {
         let Ok(text) = msg.get_payload::<String>() else {
             return;
         };
-        let event: Event = match serde_json::from_str(&text) {
+        let env: Envelope = match serde_json::from_str(&text) {
             Ok(e) => e,
             Err(e) => {
                 debug!("cluster: unreadable message ignored: {e}");
                 return;
             }
         };
-        match event {
-            Event::Block(rec) if rec.node != self.node => {
+        if env.from == self.instance {
+            return;
+        }
+        let node = match &env.event {
+            Event::Block(rec) => &rec.node,
+            Event::Grey { node, .. } | Event::Offence { node, .. } => node,
+        };
+        if *node == self.node && !self.said_twin {
+            self.said_twin = true;
+            error!(
+                node = %self.node,
+                "cluster: another agent calls itself {} too; set cluster.node to a name \
+                 of each host's own (changes are still exchanged)",
+                self.node
+            );
+        }
+        match env.event {
+            Event::Block(rec) => {
                 let applied = self.remote_block(&rec);
                 if applied {
                     let lag = now_ms().saturating_sub(rec.at);
                     self.metrics.lag(Duration::from_millis(lag));
                 }
             }
-            Event::Grey { node, id, state } if node != self.node => {
+            Event::Grey { id, state, .. } => {
                 let mut raw = [0u8; 16];
                 if hex::decode_to_slice(&id, &mut raw).is_ok() {
                     self.remote_grey(raw, state);
                 }
             }
-            Event::Offence { node, ip, offence } if node != self.node => {
+            Event::Offence { node, ip, offence } => {
                 if let (Some(o), Some(lp)) = (Offence::from_code(&offence), &self.offences) {
                     debug!(client = %ip, from = %node, offence = o.code(), "cluster: strike of another node");
                     lp.remote_offence(ip, o);
                     self.metrics.applied("offence");
                 }
             }
-            _ => {}
         }
     }
 

@@ -94,6 +94,12 @@ pub fn prepare(
             cfg: c.clone(),
             keys: keys::Keys::new(&c.key_prefix),
             node,
+            instance: {
+                let mut id = [0u8; 8];
+                getrandom::fill(&mut id).context("cluster: no random id")?;
+                hex::encode(id)
+            },
+            said_twin: false,
             client,
             maps,
             allow,

@@ -153,7 +153,19 @@ impl GreyState {
     }
 }
 
-/// One message on the channel.
+/// One message on the channel: an [`Event`] and the agent process that
+/// sent it. A node knows its own messages by `from`, not by its name: two
+/// hosts given the same name (the same host name in two containers) must
+/// still hear each other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The sending agent's random id, made at its start.
+    pub from: String,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// What a message says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
@@ -275,6 +287,18 @@ mod tests {
             assert_eq!(Offence::from_code(&offence), Some(o));
         }
         assert_eq!(Offence::from_code("spam"), None);
+    }
+
+    #[test]
+    fn an_envelope_carries_its_sender_beside_the_event() {
+        let env = Envelope {
+            from: "0123456789abcdef".into(),
+            event: Event::Block(block(1, "mx1")),
+        };
+        let text = serde_json::to_string(&env).unwrap();
+        assert!(text.contains("\"from\":\"0123456789abcdef\""), "{text}");
+        assert!(text.contains("\"kind\":\"block\""), "{text}");
+        assert_eq!(serde_json::from_str::<Envelope>(&text).unwrap(), env);
     }
 
     #[test]
