@@ -17,7 +17,8 @@
 //!   `tarpit allow add|del` in mx2's kernel allow list (kept through a
 //!   reload at mx2);
 //! - Redis killed: mail keeps flowing at both; a block added on mx2 and
-//!   one deleted on mx1 meanwhile reach the other host once Redis is back;
+//!   one deleted on mx1 meanwhile reach the other host once Redis is back,
+//!   and so does a greylist first attempt made at mx1 meanwhile;
 //! - Redis hung (SIGSTOP): mail flows as fast as ever, and a block made
 //!   meanwhile reaches the other host once Redis answers again;
 //! - `tarpit stats` says the host is connected again.
@@ -284,6 +285,11 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
         let s = swaks(net, CLIENT_V4.into(), &[]);
         assert!(s.ok, "{name} without Redis: {}", s.out);
     }
+    // A first attempt at mx1 meanwhile (a new triplet: another sender).
+    let late = ["--from", "late@client.example"];
+    let s = swaks(&net1, CLIENT_V4.into(), &late);
+    let late_first = Instant::now();
+    assert!(s.out.contains("451 4.7.1"), "new triplet at mx1: {}", s.out);
     cli(&mx2, &["block", "add", "198.51.100.78/32", "--ttl", "10m"]);
     cli(&mx1, &["block", "del", "198.51.100.77/32"]);
     eventually(
@@ -309,6 +315,20 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
         "mx1's deletion (made meanwhile) at mx2",
         Duration::from_secs(15),
         || !blocked(&pins2, "198.51.100.77"),
+    );
+    // mx1's first attempt of the outage was replayed: the retry at mx2
+    // after the minimum wait passes.
+    std::thread::sleep(
+        (MIN_WAIT + Duration::from_millis(500)).saturating_sub(late_first.elapsed()),
+    );
+    eventually("mx1 caught up", Duration::from_secs(10), || {
+        metric(&net1, "tarpit_cluster_backlog") == Some(0.0)
+    });
+    let s = swaks(&net2, CLIENT_V4.into(), &late);
+    assert!(
+        s.ok,
+        "retry at mx2 of a first try made without Redis: {}",
+        s.out
     );
     // ... and the deletion stays deleted.
     std::thread::sleep(Duration::from_secs(2));
