@@ -270,3 +270,133 @@ impl Drop for Redis {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// One `redis-server` process in a test's server namespace on a TCP
+/// address of its own choosing (a server, a replica, or a Sentinel with
+/// `--sentinel`): for tests with several Redis processes. Killed on drop.
+pub struct RedisProc {
+    pub dir: PathBuf,
+    pub addr: std::net::SocketAddr,
+    ns: String,
+    child: Option<Child>,
+}
+
+impl RedisProc {
+    /// A Redis server on `bind` (an address of `net`'s server namespace)
+    /// at a free port, no persistence, with `extra` arguments.
+    pub fn server(net: &TestNet, bind: std::net::IpAddr, extra: &[&str]) -> Result<RedisProc> {
+        let dir = std::env::temp_dir().join(format!("tarpit-redis-{}", unique_id()));
+        std::fs::create_dir_all(&dir)?;
+        let addr = free_addr(net, bind)?;
+        let mut args: Vec<String> = vec![
+            "--port".into(),
+            addr.port().to_string(),
+            "--bind".into(),
+            bind.to_string(),
+            "--save".into(),
+            String::new(),
+            "--appendonly".into(),
+            "no".into(),
+            "--protected-mode".into(),
+            "no".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        RedisProc::spawn(net, dir, addr, args)
+    }
+
+    /// A Sentinel on `bind` watching `master` as `service` (quorum 1,
+    /// down after 1 s: a fail-over within seconds).
+    pub fn sentinel(
+        net: &TestNet,
+        bind: std::net::IpAddr,
+        master: std::net::SocketAddr,
+        service: &str,
+    ) -> Result<RedisProc> {
+        let dir = std::env::temp_dir().join(format!("tarpit-sentinel-{}", unique_id()));
+        std::fs::create_dir_all(&dir)?;
+        let addr = free_addr(net, bind)?;
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind {bind}\nprotected-mode no\ndir {dir}\n\
+                 sentinel monitor {service} {mip} {mport} 1\n\
+                 sentinel down-after-milliseconds {service} 1000\n\
+                 sentinel failover-timeout {service} 4000\n",
+                port = addr.port(),
+                dir = dir.display(),
+                mip = master.ip(),
+                mport = master.port(),
+            ),
+        )?;
+        let args = vec![conf.display().to_string(), "--sentinel".into()];
+        RedisProc::spawn(net, dir, addr, args)
+    }
+
+    fn spawn(
+        net: &TestNet,
+        dir: PathBuf,
+        addr: std::net::SocketAddr,
+        args: Vec<String>,
+    ) -> Result<RedisProc> {
+        let log = std::fs::File::create(dir.join("redis.log"))?;
+        let mut cmd = net.server_cmd("redis-server");
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn().context("cannot start redis-server")?;
+        let p = RedisProc {
+            dir,
+            addr,
+            ns: net.server_ns.clone(),
+            child: Some(child),
+        };
+        let up = wait::until(Duration::from_secs(10), || {
+            net.in_server(|| std::net::TcpStream::connect(addr).is_ok())
+                .unwrap_or(false)
+        });
+        if !up {
+            bail!("redis-server at {addr} not up within 10 s: {}", p.log());
+        }
+        Ok(p)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+    }
+
+    /// Kills the process (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `redis-cli` against this process, from inside its namespace.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = testkit::netns::nsenter(&self.ns, "redis-cli")
+            .args(["-h", &self.addr.ip().to_string()])
+            .args(["-p", &self.addr.port().to_string()])
+            .args(args)
+            .output()
+            .context("redis-cli")?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for RedisProc {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A free TCP port on `bind` inside `net`'s server namespace.
+fn free_addr(net: &TestNet, bind: std::net::IpAddr) -> Result<std::net::SocketAddr> {
+    net.in_server(|| TcpListener::bind((bind, 0)).and_then(|l| l.local_addr()))?
+        .context("no free port")
+}

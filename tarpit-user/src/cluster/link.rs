@@ -20,8 +20,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result, anyhow};
 use futures_util::StreamExt as _;
 use ipnet::IpNet;
+use redis::AsyncConnectionConfig;
 use redis::aio::{MultiplexedConnection, PubSubStream};
-use redis::{AsyncConnectionConfig, Client};
 use tarpit_common::BlockReason;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
@@ -63,7 +63,7 @@ pub struct Engine {
     /// Another agent calls itself `node` too: said once.
     pub(super) said_twin: bool,
     pub(super) keys: Keys,
-    pub(super) client: Client,
+    pub(super) source: super::Source,
     pub(super) maps: KernelMaps,
     pub(super) allow: Option<AllowLookup>,
     pub(super) metrics: Arc<ClusterMetrics>,
@@ -177,15 +177,19 @@ impl Engine {
         let cc = AsyncConnectionConfig::new()
             .set_connection_timeout(t)
             .set_response_timeout(Some(self.cfg.timeout));
+        let wait = self.cfg.timeout.max(Duration::from_secs(1));
+        let client = match tokio::time::timeout(wait, self.source.client()).await {
+            Ok(c) => c.context("finding the master")?,
+            Err(_) => return Err(anyhow!("finding the master: no answer within {wait:?}")),
+        };
         let conn = self
             .bounded(
                 "connect",
-                self.client
-                    .get_multiplexed_async_connection_with_config(&cc),
+                client.get_multiplexed_async_connection_with_config(&cc),
             )
             .await?;
         let mut ps = self
-            .bounded("connect (subscriber)", self.client.get_async_pubsub())
+            .bounded("connect (subscriber)", client.get_async_pubsub())
             .await?;
         let channel = self.keys.channel();
         self.bounded("SUBSCRIBE", ps.subscribe(&channel)).await?;

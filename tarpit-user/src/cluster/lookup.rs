@@ -16,7 +16,7 @@ pub fn blocks_of(config: &ClusterConfig, nets: &[IpNet]) -> Result<Vec<BlockReco
     if nets.is_empty() {
         return Ok(Vec::new());
     }
-    let client = super::client(config)?;
+    let mut source = super::Source::from_config(config)?;
     let keys = Keys::new(&config.key_prefix);
     let names: Vec<String> = nets.iter().map(|n| keys.block(*n)).collect();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -24,6 +24,9 @@ pub fn blocks_of(config: &ClusterConfig, nets: &[IpNet]) -> Result<Vec<BlockReco
         .build()?;
     let wait = config.timeout.max(Duration::from_millis(500));
     let values: Vec<Option<String>> = rt.block_on(async {
+        let client = tokio::time::timeout(wait, source.client())
+            .await
+            .map_err(|_| anyhow!("Redis did not answer within {wait:?}"))??;
         let cc = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(wait))
             .set_response_timeout(Some(wait));

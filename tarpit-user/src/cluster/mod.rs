@@ -82,7 +82,7 @@ pub fn prepare(
     if !c.enabled() {
         return Ok(None);
     }
-    let client = client(c)?;
+    let source = Source::from_config(c)?;
     let maps = KernelMaps::open(pin_path).context("cluster: cannot open the kernel's maps")?;
     let allow = AllowLookup::open(pin_path).ok();
     let cm = Arc::new(ClusterMetrics::default());
@@ -100,7 +100,7 @@ pub fn prepare(
                 hex::encode(id)
             },
             said_twin: false,
-            client,
+            source,
             maps,
             allow,
             metrics: cm,
@@ -117,32 +117,74 @@ pub fn prepare(
     }))
 }
 
-/// A client for `[cluster]`: the URL, with the user and the password
-/// from its file (read now: call as root).
-pub fn client(c: &crate::config::ClusterConfig) -> Result<redis::Client> {
-    let url = c
-        .url
-        .as_deref()
-        .ok_or_else(|| anyhow::anyhow!("no [cluster] url"))?;
-    let mut info = url.into_connection_info().context("cluster.url")?;
-    let mut settings = info.redis_settings().clone();
-    if let Some(user) = &c.user {
-        settings = settings.set_username(user);
+/// Where the Redis master is: the one server of `url`, or whichever
+/// server the Sentinels name as the master of `service` now.
+pub enum Source {
+    Direct(redis::Client),
+    Sentinel(redis::sentinel::SentinelClient),
+}
+
+impl Source {
+    /// From `[cluster]`, with the user and the password from its file
+    /// (read now: call as root).
+    pub fn from_config(c: &crate::config::ClusterConfig) -> Result<Source> {
+        let mut settings = redis::RedisConnectionInfo::default();
+        if let Some(user) = &c.user {
+            settings = settings.set_username(user);
+        }
+        if let Some(pw) = c.read_password()? {
+            settings = settings.set_password(pw);
+        }
+        if !c.sentinels.is_empty() {
+            let service = c.service.as_deref().ok_or_else(|| {
+                anyhow::anyhow!("cluster.service is needed with cluster.sentinels")
+            })?;
+            let node = redis::sentinel::SentinelNodeConnectionInfo::default()
+                .set_redis_connection_info(settings);
+            let client = redis::sentinel::SentinelClient::build(
+                c.sentinels.iter().map(String::as_str).collect(),
+                service,
+                Some(node),
+                redis::sentinel::SentinelServerType::Master,
+            )
+            .context("cluster.sentinels")?;
+            return Ok(Source::Sentinel(client));
+        }
+        let url = c
+            .url
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("no [cluster] url"))?;
+        let mut info = url.into_connection_info().context("cluster.url")?;
+        // The URL's own database number stays; user and password are ours.
+        let mut own = info.redis_settings().clone();
+        if let Some(user) = settings.username() {
+            own = own.set_username(user);
+        }
+        if let Some(pw) = settings.password() {
+            own = own.set_password(pw);
+        }
+        info = info.set_redis_settings(own);
+        let client = match c.read_ca()? {
+            Some(root_cert) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )
+            .context("cluster.ca_file")?,
+            None => redis::Client::open(info).context("cluster.url")?,
+        };
+        Ok(Source::Direct(client))
     }
-    if let Some(pw) = c.read_password()? {
-        settings = settings.set_password(pw);
-    }
-    info = info.set_redis_settings(settings);
-    match c.read_ca()? {
-        Some(root_cert) => redis::Client::build_with_tls(
-            info,
-            redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(root_cert),
-            },
-        )
-        .context("cluster.ca_file"),
-        None => redis::Client::open(info).context("cluster.url"),
+
+    /// A client for the master now: after a fail-over, the Sentinels name
+    /// the new one.
+    pub async fn client(&mut self) -> redis::RedisResult<redis::Client> {
+        match self {
+            Source::Direct(c) => Ok(c.clone()),
+            Source::Sentinel(s) => s.async_get_client().await,
+        }
     }
 }
 

@@ -31,8 +31,13 @@ pub const DEFAULT_TOMBSTONE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     /// `redis://host:port/db`, `rediss://...` (TLS) or `unix:///path`
-    /// (a Redis on this host); absent = no cluster.
+    /// (a Redis on this host); absent = no cluster (unless `sentinels`).
     pub url: Option<String>,
+    /// Instead of `url`: Redis Sentinels (`redis://host:26379`) that say
+    /// which server is the master of `service` now, and fail over.
+    pub sentinels: Vec<String>,
+    /// The master's name at the Sentinels (`sentinel monitor NAME ...`).
+    pub service: Option<String>,
     /// ACL user name (Redis 6+); absent = the default user.
     pub user: Option<String>,
     /// A file holding the password (first line), readable by root only.
@@ -57,6 +62,8 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             url: None,
+            sentinels: Vec::new(),
+            service: None,
             user: None,
             password_file: None,
             ca_file: None,
@@ -76,10 +83,54 @@ fn plain(s: &str) -> bool {
 impl ClusterConfig {
     /// Is a cluster configured?
     pub fn enabled(&self) -> bool {
-        self.url.is_some()
+        self.url.is_some() || !self.sentinels.is_empty()
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.sentinels.is_empty() {
+            if self.url.is_some() {
+                return Err(ConfigError::invalid(
+                    "cluster.sentinels",
+                    "give either cluster.url (one Redis) or cluster.sentinels, not both",
+                ));
+            }
+            for s in &self.sentinels {
+                if !s.starts_with("redis://") {
+                    return Err(ConfigError::invalid(
+                        "cluster.sentinels",
+                        format!("{s:?}: must be a redis:// URL (e.g. redis://10.0.0.5:26379)"),
+                    ));
+                }
+                check_url(s).map_err(|e| match e {
+                    ConfigError::Invalid { reason, .. } => {
+                        ConfigError::invalid("cluster.sentinels", reason)
+                    }
+                    other => other,
+                })?;
+            }
+            match &self.service {
+                Some(n) if !n.is_empty() && plain(n) => {}
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "cluster.service",
+                        "needed with cluster.sentinels: the master's name at the Sentinels",
+                    ));
+                }
+            }
+            if self.ca_file.is_some() {
+                return Err(ConfigError::invalid(
+                    "cluster.ca_file",
+                    "TLS through Sentinels is not supported yet; use cluster.url = \"rediss://...\"",
+                ));
+            }
+            return self.validate_common();
+        }
+        if self.service.is_some() {
+            return Err(ConfigError::invalid(
+                "cluster.service",
+                "needs cluster.sentinels",
+            ));
+        }
         let Some(url) = &self.url else {
             for (key, set) in [
                 ("cluster.user", self.user.is_some()),
@@ -97,6 +148,25 @@ impl ClusterConfig {
             return Ok(());
         };
         check_url(url)?;
+        if let Some(p) = &self.ca_file {
+            if !url.starts_with("rediss://") {
+                return Err(ConfigError::invalid(
+                    "cluster.ca_file",
+                    "needs a rediss:// (TLS) cluster.url",
+                ));
+            }
+            if !p.is_absolute() {
+                return Err(ConfigError::invalid(
+                    "cluster.ca_file",
+                    "must be an absolute path",
+                ));
+            }
+        }
+        self.validate_common()
+    }
+
+    /// The keys that do not depend on how Redis is found.
+    fn validate_common(&self) -> Result<(), ConfigError> {
         if let Some(user) = &self.user
             && (user.is_empty() || user.len() > 128 || !plain(user))
         {
@@ -112,20 +182,6 @@ impl ClusterConfig {
                 "cluster.password_file",
                 "must be an absolute path",
             ));
-        }
-        if let Some(p) = &self.ca_file {
-            if !url.starts_with("rediss://") {
-                return Err(ConfigError::invalid(
-                    "cluster.ca_file",
-                    "needs a rediss:// (TLS) cluster.url",
-                ));
-            }
-            if !p.is_absolute() {
-                return Err(ConfigError::invalid(
-                    "cluster.ca_file",
-                    "must be an absolute path",
-                ));
-            }
         }
         if self.key_prefix.is_empty() || self.key_prefix.len() > 64 || !plain(&self.key_prefix) {
             return Err(ConfigError::invalid(
@@ -292,6 +348,12 @@ mod tests {
         assert!(c.cluster.enabled());
         assert_eq!(c.cluster.node_name(), "mx1");
         Config::parse("[cluster]\nurl = \"unix:///run/redis/redis.sock\"\n").unwrap();
+        let c = Config::parse(
+            "[cluster]\nsentinels = [\"redis://10.0.0.5:26379\", \"redis://10.0.0.6:26379\"]\n\
+             service = \"tarpit\"\nuser = \"tarpit\"\n",
+        )
+        .unwrap();
+        assert!(c.cluster.enabled());
         Config::parse("[cluster]\nurl = \"redis://[fd5b:1e00::5]:6379\"\n").unwrap();
     }
 
@@ -339,6 +401,20 @@ mod tests {
                 "url = \"rediss://h\"\nca_file = \"ca.pem\"",
                 "cluster.ca_file",
             ),
+            (
+                "url = \"redis://h\"\nsentinels = [\"redis://s:26379\"]\nservice = \"t\"",
+                "cluster.sentinels",
+            ),
+            ("sentinels = [\"redis://s:26379\"]", "cluster.service"),
+            (
+                "sentinels = [\"redis://u:p@s:26379\"]\nservice = \"t\"",
+                "cluster.sentinels",
+            ),
+            (
+                "sentinels = [\"s:26379\"]\nservice = \"t\"",
+                "cluster.sentinels",
+            ),
+            ("url = \"redis://h\"\nservice = \"t\"", "cluster.service"),
             ("user = \"tarpit\"", "cluster.user"),
             ("node = \"mx1\"", "cluster.node"),
         ];
