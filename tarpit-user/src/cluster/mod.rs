@@ -24,6 +24,10 @@
 //!   hashes as the local store (the site key must be the same on every
 //!   host), so a retry at another MX passes after the minimum wait.
 //!
+//! Redis is one server (`url`) or whichever server Redis Sentinels name
+//! as the master (`sentinels`, [`Source`]), asked again at every
+//! reconnect, so a fail-over is an outage like any other.
+//!
 //! Redis gone: each node goes on with its local state (the kernel's maps
 //! and the greylist table keep working), counts and keeps what it could
 //! not share, and catches up when Redis returns ([`link`]).
