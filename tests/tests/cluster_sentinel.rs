@@ -4,7 +4,8 @@
 //! hosts over a link between their server namespaces (fd5b:1e00:ff::/64).
 //!
 //! What a user sees: a block made at mx1 reaches mx2 through the master
-//! the Sentinel names; the master is killed; mail keeps flowing at both;
+//! the Sentinel names; an address authenticated at mx1 pays no HELO delay
+//! at mx2 (`helo.authenticated_once_per_day`); the master is killed; mail keeps flowing at both;
 //! once the Sentinel has promoted the replica, a block made at mx2 reaches
 //! mx1 through the new master.
 #[path = "loop_common/mod.rs"]
@@ -14,12 +15,14 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::{StateFileGuard, cli, maps};
+use common::{StateFileGuard, agent_for, cli, maps};
 use tarpit_tests::redis::RedisProc;
+use tarpit_tests::smtp_client::SmtpClient;
 use tarpit_tests::swaks::swaks;
 use tarpit_tests::{Agent, CLIENT_V4, PinDir, Postfix, TestNet, require_root, unique_id, wait};
 
 const SERVICE: &str = "tarpit";
+const HELO_DELAY_S: u64 = 2;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -68,6 +71,9 @@ fn host_config(node: &str, sentinel: std::net::SocketAddr) -> String {
         r#"
 [greeting]
 delay = "0s"
+[helo]
+delay = "{HELO_DELAY_S}s"
+authenticated_once_per_day = true
 [cluster]
 sentinels = ["redis://{sentinel}"]
 service = "{SERVICE}"
@@ -158,6 +164,37 @@ fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
     eventually("mx1's block at mx2", Duration::from_secs(5), || {
         blocked(&pins2, "198.51.100.71")
     });
+
+    // Authenticated at mx1 (once-per-day rule on): no HELO delay at mx2,
+    // while an address that never authenticated pays it there.
+    let user = IpAddr::from(CLIENT_V4);
+    let stranger = ip("198.51.100.20");
+    net2.add_client_addr(stranger).unwrap();
+    cli(&mx1, &["auth", "add", &user.to_string(), "--ttl", "1d"]);
+    eventually(
+        "mx1's authenticated address at mx2",
+        Duration::from_secs(5),
+        || maps(&pins2).auth_get(user).unwrap().is_some(),
+    );
+    let helo_time = |src: IpAddr| -> Duration {
+        let mut c = SmtpClient::connect(&net2, src, agent_for(src)).unwrap();
+        assert_eq!(c.reply().unwrap().code, 220);
+        let (r, took) = c.cmd("EHLO client.example").unwrap();
+        assert_eq!(r.code, 250, "{r:?}");
+        let _ = c.cmd("QUIT");
+        took
+    };
+    let spared = helo_time(user);
+    let paid = helo_time(stranger);
+    let delay = Duration::from_secs(HELO_DELAY_S);
+    assert!(
+        spared < delay / 2,
+        "authenticated at mx1, EHLO at mx2 took {spared:?}"
+    );
+    assert!(
+        paid >= delay,
+        "never authenticated, EHLO at mx2 took {paid:?}"
+    );
 
     // The master dies; mail flows at both while the Sentinel fails over.
     master.kill();
