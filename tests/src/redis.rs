@@ -396,7 +396,45 @@ impl Drop for RedisProc {
 }
 
 /// A free TCP port on `bind` inside `net`'s server namespace.
-fn free_addr(net: &TestNet, bind: std::net::IpAddr) -> Result<std::net::SocketAddr> {
+pub fn free_addr(net: &TestNet, bind: std::net::IpAddr) -> Result<std::net::SocketAddr> {
     net.in_server(|| TcpListener::bind((bind, 0)).and_then(|l| l.local_addr()))?
         .context("no free port")
+}
+
+/// A veth pair between the two server namespaces: fd5b:1e00:ff::1 in
+/// mx1's, ::2 in mx2's. Goes with the namespaces.
+pub fn link_servers(net1: &TestNet, net2: &TestNet) -> Result<()> {
+    let id = unique_id().replace('-', "");
+    let (a, b) = (format!("tcl{id}a"), format!("tcl{id}b"));
+    anyhow::ensure!(a.len() <= 15, "interface name {a} too long");
+    let run = |args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .context("ip")?;
+        anyhow::ensure!(out.status.success(), "ip {args:?}: {out:?}");
+        Ok(())
+    };
+    run(&[
+        "link",
+        "add",
+        &a,
+        "netns",
+        &net1.server_ns,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &b,
+        "netns",
+        &net2.server_ns,
+    ])?;
+    for (ns, dev, addr) in [
+        (&net1.server_ns, &a, "fd5b:1e00:ff::1/64"),
+        (&net2.server_ns, &b, "fd5b:1e00:ff::2/64"),
+    ] {
+        run(&["-n", ns, "addr", "add", addr, "dev", dev, "nodad"])?;
+        run(&["-n", ns, "link", "set", dev, "up"])?;
+    }
+    Ok(())
 }

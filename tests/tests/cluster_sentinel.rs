@@ -14,56 +14,17 @@ mod common;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
 use common::{StateFileGuard, agent_for, cli, maps};
-use tarpit_tests::redis::RedisProc;
+use tarpit_tests::redis::{RedisProc, link_servers};
 use tarpit_tests::smtp_client::SmtpClient;
 use tarpit_tests::swaks::swaks;
-use tarpit_tests::{Agent, CLIENT_V4, PinDir, Postfix, TestNet, require_root, unique_id, wait};
+use tarpit_tests::{Agent, CLIENT_V4, PinDir, Postfix, TestNet, require_root, wait};
 
 const SERVICE: &str = "tarpit";
 const HELO_DELAY_S: u64 = 2;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
-}
-
-/// A veth pair between the two server namespaces: fd5b:1e00:ff::1 in
-/// mx1's, ::2 in mx2's. Goes with the namespaces.
-fn link(net1: &TestNet, net2: &TestNet) -> Result<()> {
-    let id = unique_id().replace('-', "");
-    let (a, b) = (format!("tcl{id}a"), format!("tcl{id}b"));
-    ensure!(a.len() <= 15, "interface name {a} too long");
-    let run = |args: &[&str]| -> Result<()> {
-        let out = std::process::Command::new("ip")
-            .args(args)
-            .output()
-            .context("ip")?;
-        ensure!(out.status.success(), "ip {args:?}: {out:?}");
-        Ok(())
-    };
-    run(&[
-        "link",
-        "add",
-        &a,
-        "netns",
-        &net1.server_ns,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &b,
-        "netns",
-        &net2.server_ns,
-    ])?;
-    for (ns, dev, addr) in [
-        (&net1.server_ns, &a, "fd5b:1e00:ff::1/64"),
-        (&net2.server_ns, &b, "fd5b:1e00:ff::2/64"),
-    ] {
-        run(&["-n", ns, "addr", "add", addr, "dev", dev, "nodad"])?;
-        run(&["-n", ns, "link", "set", dev, "up"])?;
-    }
-    Ok(())
 }
 
 fn host_config(node: &str, sentinel: std::net::SocketAddr) -> String {
@@ -99,7 +60,7 @@ fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
     }
     let net1 = TestNet::new().expect("net mx1");
     let net2 = TestNet::new().expect("net mx2");
-    link(&net1, &net2).expect("link between the server namespaces");
+    link_servers(&net1, &net2).expect("link between the server namespaces");
     let pins1 = PinDir::new().expect("pins mx1");
     let pins2 = PinDir::new().expect("pins mx2");
     let _state1 = StateFileGuard::new(&pins1);

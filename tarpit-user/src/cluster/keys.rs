@@ -29,6 +29,22 @@ impl Keys {
         }
     }
 
+    /// The keys of `[cluster]`: with a Redis Cluster (`nodes`) the prefix
+    /// is a hash tag (`{tarpit:}block:...`), so every key of tarpit is in
+    /// one slot and one node answers SCAN and MGET for all of them.
+    pub fn for_config(c: &crate::config::ClusterConfig) -> Keys {
+        if c.nodes.is_empty() {
+            Keys::new(&c.key_prefix)
+        } else {
+            Keys::new(&format!("{{{}}}", c.key_prefix))
+        }
+    }
+
+    /// A key of tarpit's slot (Redis Cluster): where SCAN is sent.
+    pub fn slot_key(&self) -> &str {
+        &self.prefix
+    }
+
     /// The one spelling of a network in a key: truncated, IPv4-mapped
     /// addresses as IPv4, so every node names a block alike.
     pub fn canonical(net: IpNet) -> IpNet {
@@ -105,6 +121,26 @@ mod tests {
         assert_eq!(k.pattern(SharedList::Auth), "mx:auth:*");
         assert_eq!(k.channel(), "mx:events");
         assert_eq!(k.grey_fingerprint(), "mx:grey-key");
+    }
+
+    #[test]
+    fn with_a_redis_cluster_every_key_shares_the_prefix_s_slot() {
+        let c = crate::config::Config::parse("[cluster]\nnodes = [\"redis://n:7000\"]\n")
+            .unwrap()
+            .cluster;
+        let k = Keys::for_config(&c);
+        let a: IpNet = "198.51.100.7/32".parse().unwrap();
+        assert_eq!(k.block(a), "{tarpit:}block:198.51.100.7/32");
+        assert_eq!(k.grey_fingerprint(), "{tarpit:}grey-key");
+        assert_eq!(k.grey_id(&k.grey(&[1; 16])), Some([1; 16]));
+        assert_eq!(k.slot_key(), "{tarpit:}");
+        let single = crate::config::Config::parse("[cluster]\nurl = \"redis://h\"\n")
+            .unwrap()
+            .cluster;
+        assert_eq!(
+            Keys::for_config(&single).block(a),
+            "tarpit:block:198.51.100.7/32"
+        );
     }
 
     #[test]

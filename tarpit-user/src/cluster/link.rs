@@ -21,12 +21,13 @@ use anyhow::{Context as _, Result, anyhow};
 use futures_util::StreamExt as _;
 use ipnet::IpNet;
 use redis::AsyncConnectionConfig;
-use redis::aio::{MultiplexedConnection, PubSubStream};
+use redis::aio::PubSubStream;
 use tarpit_common::BlockReason;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use super::backlog::Backlog;
+use super::conn::Conn;
 use super::keys::Keys;
 use super::metrics::ClusterMetrics;
 use super::mirror::{KernelBlock, Mirror, Remote, spared};
@@ -78,7 +79,7 @@ pub struct Engine {
     pub(super) auth_mirror: Mirror,
     /// The same for the run-time allow list.
     pub(super) allow_mirror: Mirror,
-    pub(super) conn: Option<MultiplexedConnection>,
+    pub(super) conn: Option<Conn>,
     pub(super) backlog: Backlog,
 }
 
@@ -182,12 +183,10 @@ impl Engine {
             Ok(c) => c.context("finding the master")?,
             Err(_) => return Err(anyhow!("finding the master: no answer within {wait:?}")),
         };
-        let conn = self
-            .bounded(
-                "connect",
-                client.get_multiplexed_async_connection_with_config(&cc),
-            )
-            .await?;
+        let conn = match tokio::time::timeout(wait, self.source.conn(&client, &cc)).await {
+            Ok(c) => c.context("connect")?,
+            Err(_) => return Err(anyhow!("connect: no answer within {wait:?}")),
+        };
         let mut ps = self
             .bounded("connect (subscriber)", client.get_async_pubsub())
             .await?;
@@ -747,17 +746,9 @@ impl Engine {
         let mut out = Vec::new();
         let mut cursor: u64 = 0;
         loop {
+            let slot_key = self.keys.slot_key().to_string();
             let (next, keys): (u64, Vec<String>) = self
-                .bounded(
-                    "SCAN",
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(BATCH)
-                        .query_async(&mut conn),
-                )
+                .bounded("SCAN", conn.scan(cursor, pattern, BATCH, &slot_key))
                 .await?;
             if !keys.is_empty() {
                 let values: Vec<Option<String>> = self

@@ -17,7 +17,7 @@ pub fn blocks_of(config: &ClusterConfig, nets: &[IpNet]) -> Result<Vec<BlockReco
         return Ok(Vec::new());
     }
     let mut source = super::Source::from_config(config)?;
-    let keys = Keys::new(&config.key_prefix);
+    let keys = Keys::for_config(config);
     let names: Vec<String> = nets.iter().map(|n| keys.block(*n)).collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

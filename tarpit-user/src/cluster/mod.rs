@@ -24,9 +24,10 @@
 //!   hashes as the local store (the site key must be the same on every
 //!   host), so a retry at another MX passes after the minimum wait.
 //!
-//! Redis is one server (`url`) or whichever server Redis Sentinels name
-//! as the master (`sentinels`, [`Source`]), asked again at every
-//! reconnect, so a fail-over is an outage like any other.
+//! Redis is one server (`url`), whichever server Redis Sentinels name as
+//! the master (`sentinels`, asked again at every reconnect, so a
+//! fail-over is an outage like any other), or a Redis Cluster (`nodes`,
+//! every key in one hash slot: [`conn`]); see [`Source`].
 //!
 //! Redis gone: each node goes on with its local state (the kernel's maps
 //! and the greylist table keep working), counts and keeps what it could
@@ -43,6 +44,7 @@
 //! wants one connection, one subscriber and explicit catch-up, which
 //! redis-rs gives with less.
 pub mod backlog;
+pub mod conn;
 pub mod keys;
 pub mod link;
 pub mod lookup;
@@ -96,7 +98,7 @@ pub fn prepare(
     Ok(Some(Prepared {
         engine: link::Engine {
             cfg: c.clone(),
-            keys: keys::Keys::new(&c.key_prefix),
+            keys: keys::Keys::for_config(c),
             node,
             instance: {
                 let mut id = [0u8; 8];
@@ -126,6 +128,9 @@ pub fn prepare(
 pub enum Source {
     Direct(redis::Client),
     Sentinel(redis::sentinel::SentinelClient),
+    /// A Redis Cluster: its client, and a client per seed node for the
+    /// change channel (pub/sub reaches every node of a Redis Cluster).
+    Cluster(redis::cluster::ClusterClient, Vec<redis::Client>),
 }
 
 impl Source {
@@ -138,6 +143,32 @@ impl Source {
         }
         if let Some(pw) = c.read_password()? {
             settings = settings.set_password(pw);
+        }
+        if !c.nodes.is_empty() {
+            let with_auth = |url: &str| -> Result<redis::ConnectionInfo> {
+                let info = url.into_connection_info().context("cluster.nodes")?;
+                let mut own = info.redis_settings().clone();
+                if let Some(user) = settings.username() {
+                    own = own.set_username(user);
+                }
+                if let Some(pw) = settings.password() {
+                    own = own.set_password(pw);
+                }
+                Ok(info.set_redis_settings(own))
+            };
+            let infos = c
+                .nodes
+                .iter()
+                .map(|n| with_auth(n))
+                .collect::<Result<Vec<_>>>()?;
+            let seeds = infos
+                .iter()
+                .cloned()
+                .map(redis::Client::open)
+                .collect::<redis::RedisResult<Vec<_>>>()
+                .context("cluster.nodes")?;
+            let client = redis::cluster::ClusterClient::new(infos).context("cluster.nodes")?;
+            return Ok(Source::Cluster(client, seeds));
         }
         if !c.sentinels.is_empty() {
             let service = c.service.as_deref().ok_or_else(|| {
@@ -183,11 +214,41 @@ impl Source {
     }
 
     /// A client for the master now: after a fail-over, the Sentinels name
-    /// the new one.
+    /// the new one. With a Redis Cluster, the first seed node that answers
+    /// (for the change channel and `tarpit ip`'s look-ups of one slot).
     pub async fn client(&mut self) -> redis::RedisResult<redis::Client> {
         match self {
             Source::Direct(c) => Ok(c.clone()),
             Source::Sentinel(s) => s.async_get_client().await,
+            Source::Cluster(_, seeds) => {
+                let mut last = None;
+                for s in seeds.iter() {
+                    match s.get_multiplexed_async_connection().await {
+                        Ok(_) => return Ok(s.clone()),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| {
+                    redis::RedisError::from((redis::ErrorKind::Client, "no cluster.nodes"))
+                }))
+            }
+        }
+    }
+
+    /// The connection for the task's commands: to the server of
+    /// [`Source::client`], or to the whole Redis Cluster.
+    pub async fn conn(
+        &mut self,
+        client: &redis::Client,
+        cc: &redis::AsyncConnectionConfig,
+    ) -> redis::RedisResult<conn::Conn> {
+        match self {
+            Source::Cluster(c, _) => Ok(conn::Conn::Cluster(c.get_async_connection().await?)),
+            _ => Ok(conn::Conn::One(
+                client
+                    .get_multiplexed_async_connection_with_config(cc)
+                    .await?,
+            )),
         }
     }
 }

@@ -38,6 +38,8 @@ pub struct ClusterConfig {
     pub sentinels: Vec<String>,
     /// The master's name at the Sentinels (`sentinel monitor NAME ...`).
     pub service: Option<String>,
+    /// Instead of `url`: seed nodes of a Redis Cluster (`redis://h:7000`).
+    pub nodes: Vec<String>,
     /// ACL user name (Redis 6+); absent = the default user.
     pub user: Option<String>,
     /// A file holding the password (first line), readable by root only.
@@ -64,6 +66,7 @@ impl Default for ClusterConfig {
             url: None,
             sentinels: Vec::new(),
             service: None,
+            nodes: Vec::new(),
             user: None,
             password_file: None,
             ca_file: None,
@@ -83,10 +86,44 @@ fn plain(s: &str) -> bool {
 impl ClusterConfig {
     /// Is a cluster configured?
     pub fn enabled(&self) -> bool {
-        self.url.is_some() || !self.sentinels.is_empty()
+        self.url.is_some() || !self.sentinels.is_empty() || !self.nodes.is_empty()
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.nodes.is_empty() {
+            if self.url.is_some() || !self.sentinels.is_empty() {
+                return Err(ConfigError::invalid(
+                    "cluster.nodes",
+                    "give one of cluster.url, cluster.sentinels or cluster.nodes",
+                ));
+            }
+            for n in &self.nodes {
+                if !n.starts_with("redis://") {
+                    return Err(ConfigError::invalid(
+                        "cluster.nodes",
+                        format!("{n:?}: must be a redis:// URL (e.g. redis://10.0.0.5:7000)"),
+                    ));
+                }
+                check_url(n).map_err(|e| match e {
+                    ConfigError::Invalid { reason, .. } => {
+                        ConfigError::invalid("cluster.nodes", reason)
+                    }
+                    other => other,
+                })?;
+            }
+            for (key, set) in [
+                ("cluster.service", self.service.is_some()),
+                ("cluster.ca_file", self.ca_file.is_some()),
+            ] {
+                if set {
+                    return Err(ConfigError::invalid(
+                        key,
+                        "not used with cluster.nodes (TLS to a Redis Cluster is not supported yet)",
+                    ));
+                }
+            }
+            return self.validate_common();
+        }
         if !self.sentinels.is_empty() {
             if self.url.is_some() {
                 return Err(ConfigError::invalid(
@@ -354,6 +391,11 @@ mod tests {
         )
         .unwrap();
         assert!(c.cluster.enabled());
+        let c = Config::parse(
+            "[cluster]\nnodes = [\"redis://10.0.0.5:7000\", \"redis://10.0.0.6:7000\"]\n",
+        )
+        .unwrap();
+        assert!(c.cluster.enabled());
         Config::parse("[cluster]\nurl = \"redis://[fd5b:1e00::5]:6379\"\n").unwrap();
     }
 
@@ -415,6 +457,16 @@ mod tests {
                 "cluster.sentinels",
             ),
             ("url = \"redis://h\"\nservice = \"t\"", "cluster.service"),
+            (
+                "url = \"redis://h\"\nnodes = [\"redis://n:7000\"]",
+                "cluster.nodes",
+            ),
+            ("nodes = [\"redis://:p@n:7000\"]", "cluster.nodes"),
+            ("nodes = [\"n:7000\"]", "cluster.nodes"),
+            (
+                "nodes = [\"redis://n:7000\"]\nservice = \"t\"",
+                "cluster.service",
+            ),
             ("user = \"tarpit\"", "cluster.user"),
             ("node = \"mx1\"", "cluster.node"),
         ];
