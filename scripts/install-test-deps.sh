@@ -21,6 +21,8 @@ packages=(
   lintian            # checks the .deb of `cargo xtask deb` (package_deb.rs)
   prometheus         # scrapes a live agent for the dashboard test (ops_dashboard.rs)
   systemd            # systemd-analyze verify / systemd-sysusers on the shipped unit (ops tests)
+  redis-server       # the shared state of several MX hosts (cluster_*.rs); redis-cli comes with it
+  openssl            # throw-away certificates (tls_cert.rs, Redis's TLS port in cluster_redis.rs)
 )
 
 missing=()

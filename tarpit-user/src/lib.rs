@@ -15,7 +15,8 @@
 //!    `reputation` (DNSBL/DNSWL, FCrDNS, greylisting), `backend` (the
 //!    MTA), `state` (the run-time allow and block file), `metrics`;
 //! 3. `closed_loop` (the agent's link to the kernel: offenders, the
-//!    pre-greet verdict, the allow-list sync);
+//!    pre-greet verdict, the allow-list sync), `cluster` (blocks and
+//!    greylist shared with other MX hosts through Redis);
 //! 4. `session` (one client), then `server` (listeners and limits), then
 //!    `ops` (reload, shutdown, privileges, metrics endpoint);
 //! 5. `run` (the agent) and `cli` (the command line).
@@ -26,6 +27,7 @@
 pub mod backend;
 pub mod cli;
 pub mod closed_loop;
+pub mod cluster;
 pub mod config;
 pub mod kernel;
 pub mod kernel_version;

@@ -43,6 +43,8 @@ pub fn run(config_path: &Path) -> Result<()> {
 struct Privileged {
     kernel: Kernel,
     closed_loop: crate::closed_loop::ClosedLoop,
+    /// `[cluster]`, set up (maps open, password read); `None` without one.
+    cluster: Option<crate::cluster::Prepared>,
     bound: Bound,
 }
 
@@ -63,6 +65,9 @@ fn privileged(config: &Config, daemon: &crate::ops::Daemon) -> Result<Privileged
     let kernel_scrape = crate::kernel::KernelMaps::open(&config.kernel.pin_path)
         .ok()
         .map(|maps| Arc::new(KernelScrape::new(maps)));
+    // The password file is root's, the maps are opened as root.
+    let cluster =
+        crate::cluster::prepare(config, &config.kernel.pin_path, &metrics, daemon.config())?;
     let reloads = daemon.config_watch().counts();
     metrics.register(|r| {
         reloads.register(r);
@@ -82,6 +87,7 @@ fn privileged(config: &Config, daemon: &crate::ops::Daemon) -> Result<Privileged
     Ok(Privileged {
         kernel,
         closed_loop,
+        cluster,
         bound,
     })
 }
@@ -90,12 +96,13 @@ async fn agent(root: Privileged, daemon: &mut crate::ops::Daemon) -> Result<()> 
     let Privileged {
         mut kernel,
         mut closed_loop,
+        cluster,
         bound,
     } = root;
     kernel.relay_log();
     closed_loop.run(kernel.pin_path());
     // Only now, on threads that all dropped, are clients accepted.
-    let mut agent = bound.serve()?;
+    let mut agent = bound.serve(cluster)?;
     daemon.ready()?;
     info!("tarpit agent running; Ctrl-C or SIGTERM stops it");
     let signal = daemon.wait_for_stop().await?;
@@ -190,13 +197,22 @@ impl Bound {
     /// by a thread that still has root's privileges, and the store is
     /// opened as the agent's user, in the directory handed to it, so a
     /// link planted there can only reach what that user may write anyway.
-    /// Dropping or aborting the returned set stops everything.
-    pub fn serve(self) -> Result<tokio::task::JoinSet<()>> {
+    /// Dropping or aborting the returned set stops everything, the
+    /// cluster task (started here when `cluster` is set) included.
+    pub fn serve(
+        self,
+        cluster: Option<crate::cluster::Prepared>,
+    ) -> Result<tokio::task::JoinSet<()>> {
+        let mut tasks = tokio::task::JoinSet::new();
         let greylist = crate::reputation::Greylist::open(
             &self.config.greylist,
             self.shared.borrow().reputation.metrics().clone(),
             crate::reputation::unix_now(),
         )?;
+        let greylist = match cluster {
+            Some(c) => c.start(greylist, self.closed_loop.clone(), &mut tasks),
+            None => greylist,
+        };
         if greylist.is_some() {
             self.shared.send_modify(|s| {
                 let mut with = (**s).clone();
@@ -204,7 +220,6 @@ impl Bound {
                 *s = Arc::new(with);
             });
         }
-        let mut tasks = tokio::task::JoinSet::new();
         if let Some((l, metrics)) = self.metrics {
             tasks.spawn(crate::metrics::serve(l, metrics));
         }

@@ -19,6 +19,7 @@ pub mod pins;
 pub mod postfix;
 pub mod rbldnsd;
 pub mod recording_mta;
+pub mod redis;
 pub mod smtp_client;
 pub mod swaks;
 pub mod tempdir;

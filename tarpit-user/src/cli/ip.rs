@@ -43,6 +43,105 @@ struct IpJson {
     syns: u64,
     state: Option<StateJson>,
     policy: PolicyJson,
+    /// With `[cluster]`: what Redis says of the blocks that cover the
+    /// address (and of the address itself).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<ClusterJson>,
+}
+
+/// `cluster` in `tarpit ip --json`.
+#[derive(Debug, Serialize)]
+struct ClusterJson {
+    /// Redis could not be asked (why); the rest is then empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    blocks: Vec<ClusterBlockJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct ClusterBlockJson {
+    cidr: String,
+    /// The node that made the change.
+    node: String,
+    at: String,
+    /// `block` or `deleted` (a tombstone).
+    change: &'static str,
+    expires_at: Option<String>,
+    /// In this host's kernel now.
+    here: bool,
+}
+
+/// What Redis says of the blocks covering `ip` (the covering kernel
+/// entries' networks, and the address's own), as JSON and as lines.
+fn cluster_view(
+    config: &Config,
+    ip: IpAddr,
+    covering: &[Joined],
+    now: SystemTime,
+) -> Option<(ClusterJson, Vec<String>)> {
+    if !config.cluster.enabled() {
+        return None;
+    }
+    let mut nets: Vec<ipnet::IpNet> = covering.iter().map(|j| j.net).collect();
+    let own = ipnet::IpNet::from(super::kernel_glue::canonical(ip));
+    if !nets.contains(&own) {
+        nets.push(own);
+    }
+    let here = |net: &ipnet::IpNet| covering.iter().any(|j| j.net == *net && j.active());
+    let records = match crate::cluster::lookup::blocks_of(&config.cluster, &nets) {
+        Ok(r) => r,
+        Err(e) => {
+            let json = ClusterJson {
+                error: Some(format!("{e:#}")),
+                blocks: Vec::new(),
+            };
+            return Some((json, vec![format!("Redis not asked: {e:#}")]));
+        }
+    };
+    let mut lines = Vec::new();
+    let mut blocks = Vec::new();
+    for r in &records {
+        let at = crate::state::from_unix(r.at / 1000);
+        let in_kernel = here(&r.net);
+        let when = human_time_rel(at, now);
+        lines.push(if r.deleted {
+            format!("{} deleted by {} {when}", r.net, r.node)
+        } else {
+            let until = match r.expires_at {
+                Some(e) => format!(
+                    ", until {}",
+                    human_time_rel(crate::state::from_unix(e), now)
+                ),
+                None => ", no expiry".into(),
+            };
+            let applied = if in_kernel {
+                ""
+            } else {
+                ", not applied here (allow list, internal network or expired)"
+            };
+            format!("{} blocked by {} {when}{until}{applied}", r.net, r.node)
+        });
+        blocks.push(ClusterBlockJson {
+            cidr: r.net.to_string(),
+            node: r.node.clone(),
+            at: output::rfc3339(at),
+            change: if r.deleted { "deleted" } else { "block" },
+            expires_at: r
+                .expires_at
+                .map(|e| output::rfc3339(crate::state::from_unix(e))),
+            here: in_kernel,
+        });
+    }
+    if lines.is_empty() {
+        lines.push("nothing shared about this address".into());
+    }
+    Some((
+        ClusterJson {
+            error: None,
+            blocks,
+        },
+        lines,
+    ))
 }
 
 #[derive(Debug, Serialize)]
@@ -198,6 +297,10 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
         .iter()
         .map(|j| j.json(List::Block, &ctx.config, now))
         .collect();
+    let (cluster_json, cluster_lines) = match cluster_view(&ctx.config, ip, &block_joined, now) {
+        Some((j, l)) => (Some(j), l),
+        None => (None, Vec::new()),
+    };
 
     if args.json {
         let state_json = state.as_ref().map(|s| StateJson {
@@ -219,6 +322,7 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
             syns,
             state: state_json,
             policy,
+            cluster: cluster_json,
         });
     }
 
@@ -255,6 +359,9 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
     }
     for (e, r) in block_json.iter().zip(&block) {
         lines.push(("block list".into(), entry_text(e, r)));
+    }
+    for l in cluster_lines {
+        lines.push(("cluster".into(), l));
     }
     lines.push((
         "authenticated".into(),

@@ -203,6 +203,10 @@ pub fn run(ctx: &Context, args: StatsArgs) -> Result<()> {
     println!();
     match agent.status {
         "up" => {
+            if let Some(line) = cluster_summary(&agent.metrics) {
+                println!("{line}");
+                println!();
+            }
             println!(
                 "agent metrics ({})",
                 agent.address.as_deref().unwrap_or("?")
@@ -226,6 +230,32 @@ pub fn run(ctx: &Context, args: StatsArgs) -> Result<()> {
         ),
     }
     Ok(())
+}
+
+/// One line on the cluster (`[cluster]`, docs/cluster.md) from the
+/// agent's metrics; `None` when the agent runs without one.
+fn cluster_summary(m: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    let up = m.get("tarpit_cluster_up")?.as_f64()?;
+    let n = |name: &str| m.get(name).and_then(|v| v.as_f64()).unwrap_or(0.0) as u64;
+    let sum = |family: &str| -> u64 {
+        m.iter()
+            .filter(|(k, _)| k.starts_with(family) && k[family.len()..].starts_with('{'))
+            .filter_map(|(_, v)| v.as_f64())
+            .sum::<f64>() as u64
+    };
+    let state = if up >= 1.0 {
+        "connected to Redis".to_string()
+    } else {
+        "Redis not reachable: on local state only".to_string()
+    };
+    Some(format!(
+        "cluster: {state}; {} changes shared, {} applied from other hosts, {} waiting for \
+         Redis, {} outages",
+        sum("tarpit_cluster_published_total"),
+        sum("tarpit_cluster_applied_total"),
+        n("tarpit_cluster_backlog"),
+        n("tarpit_cluster_outages_total"),
+    ))
 }
 
 /// How full each part of the block list is: the admin's must never fill
@@ -330,6 +360,35 @@ pub fn parse_metrics(text: &str) -> Vec<(String, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cluster_line_only_with_a_cluster() {
+        let mut m = serde_json::Map::new();
+        m.insert("tarpit_sessions_active".into(), 3.into());
+        assert_eq!(cluster_summary(&m), None);
+        m.insert("tarpit_cluster_up".into(), 1.into());
+        m.insert(
+            "tarpit_cluster_published_total{kind=\"block\"}".into(),
+            2.into(),
+        );
+        m.insert(
+            "tarpit_cluster_published_total{kind=\"greylist\"}".into(),
+            5.into(),
+        );
+        m.insert(
+            "tarpit_cluster_applied_total{kind=\"block\"}".into(),
+            4.into(),
+        );
+        m.insert("tarpit_cluster_backlog".into(), 0.into());
+        m.insert("tarpit_cluster_outages_total".into(), 1.into());
+        assert_eq!(
+            cluster_summary(&m).unwrap(),
+            "cluster: connected to Redis; 7 changes shared, 4 applied from other hosts, \
+             0 waiting for Redis, 1 outages"
+        );
+        m.insert("tarpit_cluster_up".into(), 0.into());
+        assert!(cluster_summary(&m).unwrap().contains("local state only"));
+    }
 
     #[test]
     fn block_parts_say_how_full_each_is() {

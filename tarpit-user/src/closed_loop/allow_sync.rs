@@ -1,7 +1,8 @@
 //! The kernel's allow list follows the configuration: `allow.ips` from the
 //! config file plus the run-time entries of the state file (`tarpit allow
 //! add`) are put into the ALLOW map at start and on every reload; entries
-//! that are in neither any more leave it. XDP, sk_lookup and the agent then
+//! that are in neither any more leave it (nor among the entries other MX
+//! hosts shared through the cluster, [`sync_keeping`]). XDP, sk_lookup and the agent then
 //! read one list. (`allow.internal` stays the agent's: internal hosts are
 //! exempt from every rule and never blocked, but they are the site's own
 //! relays and keep going through the agent's accounting.)
@@ -59,10 +60,24 @@ pub fn plan(
 
 /// Brings the kernel's allow list in line with `config`.
 pub fn sync(maps: &mut KernelMaps, config: &Config) -> SyncReport {
+    sync_keeping(maps, config, &BTreeSet::new())
+}
+
+/// [`sync`], keeping `shared` too: the entries other MX hosts put on the
+/// allow list through the cluster, which neither this host's config nor
+/// its state file holds.
+pub fn sync_keeping(
+    maps: &mut KernelMaps,
+    config: &Config,
+    shared: &BTreeSet<IpNet>,
+) -> SyncReport {
     let mut report = SyncReport::default();
     let wanted = from_config(config);
     let runtime = match from_state(config) {
-        Ok(r) => Some(r),
+        Ok(mut r) => {
+            r.extend(shared.iter().map(|n| n.trunc()));
+            Some(r)
+        }
         Err(e) => {
             warn!("allow list: state file not readable ({e}); removing nothing");
             None

@@ -60,6 +60,19 @@ struct LoopState {
     allow: Option<AllowLookup>,
     /// Block-list churn, counted into the agent's registry.
     blocks: BlockCounters,
+    /// Where this node's offences go to count at the other MX hosts too
+    /// (the cluster); set once, after the runtime started.
+    share: std::sync::OnceLock<Arc<dyn OffenceShare>>,
+    /// Allow-list entries other MX hosts shared (the cluster): kept on
+    /// the kernel's allow list by every sync, like the state file's.
+    shared_allow: Mutex<std::collections::BTreeSet<ipnet::IpNet>>,
+}
+
+/// Hands this node's offences to whoever shares them with the other MX
+/// hosts (`cluster`), so strikes seen at different hosts add up toward
+/// one block. Must not block: it is called on the kernel's event path.
+pub trait OffenceShare: Send + Sync {
+    fn share(&self, ip: IpAddr, offence: Offence);
 }
 
 /// The block-list churn counters (the agent's `tarpit_blocks_*_total`).
@@ -89,6 +102,34 @@ impl LoopHandle {
     /// Applies a reloaded configuration: allow list, thresholds, steering.
     pub fn reload(&self, config: &Config) {
         self.0.reload(config);
+    }
+
+    /// From now on, this node's offences also go to `share` (once; a
+    /// second call is ignored).
+    pub fn share_offences(&self, share: Arc<dyn OffenceShare>) {
+        let _ = self.0.share.set(share);
+    }
+
+    /// An allow-list entry another MX host shared is on the kernel's list
+    /// (`true`) or was deleted there (`false`): reloads keep it or not.
+    pub fn shared_allow(&self, net: ipnet::IpNet, listed: bool) {
+        let mut s = self
+            .0
+            .shared_allow
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if listed {
+            s.insert(net.trunc());
+        } else {
+            s.remove(&net.trunc());
+        }
+    }
+
+    /// An offence another MX host saw: it counts here as if seen here
+    /// (this node's allow list and internal networks still exempt the
+    /// address), and is not shared again.
+    pub fn remote_offence(&self, ip: IpAddr, offence: Offence) {
+        self.0.offend_from(ip, offence, false);
     }
 
     /// The sk_lookup program's steering counts, read now; `None` when no
@@ -197,6 +238,8 @@ impl ClosedLoop {
             ))),
             steer,
             mta_inodes: Mutex::new(mta_inodes),
+            share: std::sync::OnceLock::new(),
+            shared_allow: Mutex::default(),
             blocks: BlockCounters {
                 added: metrics.blocks_added.clone(),
                 expired: metrics.blocks_expired.clone(),
@@ -277,8 +320,13 @@ impl LoopState {
     fn reload(&self, config: &Config) {
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(config.clone());
         {
+            let shared = self
+                .shared_allow
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-            allow_sync::sync(&mut maps, config);
+            allow_sync::sync_keeping(&mut maps, config, &shared);
         }
         self.tracker
             .lock()
@@ -319,11 +367,20 @@ impl LoopState {
     }
 
     fn offend(&self, ip: IpAddr, kind: Offence) {
+        self.offend_from(ip, kind, true);
+    }
+
+    /// An offence, seen here (`local`, then shared with the cluster if
+    /// there is one) or at another MX host.
+    fn offend_from(&self, ip: IpAddr, kind: Offence, local: bool) {
         let ip = ip.to_canonical();
         let config = self.config();
         if let Some(why) = self.exempt(ip, &config) {
             debug!(client = %ip, offence = kind.as_str(), "offence not acted on: {why}");
             return;
+        }
+        if local && let Some(share) = self.share.get() {
+            share.share(ip, kind);
         }
         let sanction = self
             .tracker

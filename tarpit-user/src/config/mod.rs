@@ -7,6 +7,7 @@
 mod allow;
 mod blacklist;
 mod closed_loop;
+mod cluster;
 mod delays;
 mod dns_lists;
 mod error;
@@ -33,6 +34,10 @@ use serde::Deserialize;
 pub use allow::{AllowConfig, ExcludeConfig};
 pub use blacklist::BlacklistConfig;
 pub use closed_loop::{BypassConfig, MAX_OFFENDER_TTL, OffenderAction, OffendersConfig};
+pub use cluster::{
+    ClusterConfig, DEFAULT_CLUSTER_TIMEOUT, DEFAULT_KEY_PREFIX, DEFAULT_TOMBSTONE_TTL,
+    MAX_CLUSTER_TIMEOUT,
+};
 pub use delays::MAX_DELAY;
 pub use dns_lists::{HostPattern, ListAction, ReplyFilter, Site, SiteError};
 pub use error::ConfigError;
@@ -89,6 +94,9 @@ pub struct Config {
     pub offenders: OffendersConfig,
     /// `[bypass]`: trusted clients straight to the MTA (sk_lookup), fail-open.
     pub bypass: BypassConfig,
+    /// `[cluster]`: state shared with other MX hosts through Redis/Valkey;
+    /// unset = none (every host on its own, as always).
+    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
@@ -119,6 +127,7 @@ impl Default for Config {
             greylist: GreylistConfig::default(),
             offenders: OffendersConfig::default(),
             bypass: BypassConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -167,6 +176,7 @@ impl Config {
             .validate_with(&self.greylist, self.daemon.pid_file.as_deref())?;
         self.offenders.validate()?;
         self.bypass.validate()?;
+        self.cluster.validate()?;
         Ok(())
     }
 

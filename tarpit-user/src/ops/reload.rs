@@ -11,7 +11,7 @@
 //!
 //! Some keys describe what was bound, attached or dropped at start (listen
 //! addresses, interfaces, pin path, the user, the greylist store and
-//! mode): changing them needs a restart. A reload keeps their running
+//! mode, `[cluster]`): changing them needs a restart. A reload keeps their running
 //! values, applies the rest, and names each such key in a warning.
 //!
 //! The reputation checks (`[dns]`, `[dnsbl]`, `[dnswl]`, `allow.hosts`)
@@ -229,6 +229,8 @@ fn carry_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!("daemon.user", daemon.user);
     keep!("daemon.group", daemon.group);
     keep!("daemon.pid_file", daemon.pid_file);
+    // The password file is read as root at start, the connection made then.
+    keep!("cluster", cluster);
     kept
 }
 
@@ -352,10 +354,11 @@ mod tests {
         let w = ConfigWatch::new(&f.0, Config::load(&f.0).unwrap());
         f.write(
             "[listen]\naddrs = [\"127.0.0.1:2626\"]\n[rcpt]\nthreshold = 9\n\
-             [daemon]\nuser = \"nobody\"\n",
+             [daemon]\nuser = \"nobody\"\n[cluster]\nurl = \"redis://10.0.0.5\"\n",
         );
         let r = w.reload().unwrap();
-        assert_eq!(r.restart_only, vec!["listen", "daemon.user"]);
+        assert_eq!(r.restart_only, vec!["listen", "daemon.user", "cluster"]);
+        assert!(!w.current().cluster.enabled(), "no cluster until a restart");
         let c = w.current();
         assert_eq!(c.rcpt.threshold, 9, "live keys apply");
         assert_eq!(c.listen.addrs[0].port(), 2525, "bound address stays");

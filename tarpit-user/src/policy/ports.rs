@@ -61,6 +61,26 @@ impl Offence {
             Offence::UnknownRecipient => "unknown recipients",
         }
     }
+
+    /// A short stable name (logs, the cluster's messages).
+    pub fn code(self) -> &'static str {
+        match self {
+            Offence::PreGreet => "pregreet",
+            Offence::Rejected => "rejected",
+            Offence::UnknownRecipient => "unknown_recipient",
+        }
+    }
+
+    /// The offence of a [`Offence::code`].
+    pub fn from_code(code: &str) -> Option<Offence> {
+        [
+            Offence::PreGreet,
+            Offence::Rejected,
+            Offence::UnknownRecipient,
+        ]
+        .into_iter()
+        .find(|o| o.code() == code)
+    }
 }
 
 /// Where sessions report offences (repeat offenders are blocked in XDP by

@@ -37,6 +37,7 @@ pub use grey_key::GreyKey;
 pub use site_key::{SiteKey, key_path, load_or_create_key};
 pub use store::{HEADER_BYTES, KNOWN_BYTES, PENDING_BYTES, StoreError};
 pub use table::{GreyCheck, GreyTable, GreyVerdict, Limits, Record, Windows};
+pub use table::{Id, NetId, Pending};
 
 impl From<&GreylistConfig> for Windows {
     fn from(c: &GreylistConfig) -> Self {
@@ -71,6 +72,16 @@ pub struct Greylist {
     table: Arc<Mutex<GreyTable>>,
     writer: std::sync::mpsc::SyncSender<store::Msg>,
     metrics: Arc<ReputationMetrics>,
+    /// Where this host's changes go to reach the other MX hosts (the
+    /// cluster); `None` without one.
+    share: Option<Arc<dyn GreyShare>>,
+}
+
+/// Hands this host's greylist changes to whoever shares them with the
+/// other MX hosts (`cluster`). Must not block: a check never waits for
+/// the network, the receiver queues (and counts what it cannot queue).
+pub trait GreyShare: Send + Sync {
+    fn publish(&self, record: Record, now: u64);
 }
 
 /// Unix seconds now (the clock the agent passes in).
@@ -134,6 +145,7 @@ impl Greylist {
             table,
             writer: tx,
             metrics,
+            share: None,
         };
         g.update_gauges(&g.lock());
         Ok(Some(g))
@@ -167,6 +179,34 @@ impl Greylist {
         }
     }
 
+    /// The same greylist, its changes handed to `share` from now on.
+    pub fn with_share(mut self, share: Arc<dyn GreyShare>) -> Greylist {
+        self.share = Some(share);
+        self
+    }
+
+    /// The site key's fingerprint: hosts that share a greylist must hash
+    /// under the same key (docs/cluster.md), and compare this to know.
+    pub fn key_fingerprint(&self) -> u64 {
+        self.key.fingerprint()
+    }
+
+    /// Takes in a record another MX host made (see [`GreyTable::merge`])
+    /// and writes it to the local store when it changed the table, so it
+    /// survives a restart like a local one.
+    pub fn merge(&self, record: Record, now: u64) -> bool {
+        let changed = {
+            let mut t = self.lock();
+            let changed = t.merge(record, now);
+            self.update_gauges(&t);
+            changed
+        };
+        if changed && self.writer.try_send(store::Msg::Put(record, now)).is_err() {
+            tracing::warn!("greylist store queue full: a change stays in memory only");
+        }
+        changed
+    }
+
     pub fn mode(&self) -> GreylistMode {
         self.mode
     }
@@ -186,10 +226,13 @@ impl Greylist {
             self.update_gauges(&t);
             out
         };
-        if let Some(r) = out.write
-            && self.writer.try_send(store::Msg::Put(r, now)).is_err()
-        {
-            tracing::warn!("greylist store queue full: a change stays in memory only");
+        if let Some(r) = out.write {
+            if self.writer.try_send(store::Msg::Put(r, now)).is_err() {
+                tracing::warn!("greylist store queue full: a change stays in memory only");
+            }
+            if let Some(share) = &self.share {
+                share.publish(r, now);
+            }
         }
         let m = &self.metrics;
         if out.capped {

@@ -39,7 +39,7 @@ use crate::config::{Config, ConfigError, DnsConfig, DnsblConfig, DnswlConfig};
 use cache::{NetBudget, TtlCache};
 use dnsbl::{Scoring, Site};
 use fcrdns::HostPattern;
-pub use greylist::{GreyKey, GreyVerdict, Greylist, unix_now};
+pub use greylist::{GreyKey, GreyShare, GreyVerdict, Greylist, Record as GreyRecord, unix_now};
 use lookup::Checks;
 use metrics::ReputationMetrics;
 use resolver::Dns;

@@ -314,6 +314,43 @@ impl GreyTable {
         }
     }
 
+    /// Takes in a key's state as another MX host recorded it (the
+    /// cluster): a pass beats a first attempt, a later pass expiry beats an
+    /// earlier one, and an earlier first attempt beats a later one (so the
+    /// minimum wait counts from the first try anywhere). Expired records
+    /// change nothing. True when the table changed (the local store must
+    /// then write the key too).
+    pub fn merge(&mut self, r: Record, now: u64) -> bool {
+        match r {
+            Record::Known { id, until } => {
+                if until < now || self.known.get(&id).is_some_and(|u| *u >= until) {
+                    return false;
+                }
+                self.remove_pending(&id);
+                if !self.known.contains_key(&id) {
+                    self.make_room_known(now);
+                }
+                self.known.insert(id, until);
+                true
+            }
+            Record::Pending { id, p } => {
+                if !self.pending_live(&p, now)
+                    || self.known.get(&id).is_some_and(|u| now <= *u)
+                    || self.pending.get(&id).is_some_and(|q| q.first <= p.first)
+                {
+                    return false;
+                }
+                if self.pending.contains_key(&id) {
+                    self.remove_pending(&id);
+                } else {
+                    self.make_room_pending(now);
+                }
+                self.insert_pending(id, p);
+                true
+            }
+        }
+    }
+
     /// Every entry, for a compaction.
     pub fn records(&self) -> Vec<Record> {
         let mut out = Vec::with_capacity(self.len());

@@ -234,3 +234,88 @@ fn entry_sizes_are_as_documented() {
 /// Stated in docs/reputation.md.
 const PENDING_BYTES: usize = 115;
 const KNOWN_BYTES: usize = 58;
+
+#[test]
+fn a_first_attempt_at_another_host_lets_the_retry_here_pass_after_the_wait() {
+    let mut here = GreyTable::new(limits(100, 100, 10));
+    let p = Pending { first: T0, net: 7 };
+    assert!(here.merge(Record::Pending { id: id(1), p }, T0 + 1));
+    // Too early, counted from the first try elsewhere.
+    assert_eq!(
+        here.check(&id(1), 7, T0 + MIN - 10).verdict,
+        GreyVerdict::TempFail { retry_in: 10 }
+    );
+    assert_eq!(here.check(&id(1), 7, T0 + MIN).verdict, GreyVerdict::Pass);
+}
+
+#[test]
+fn merge_keeps_the_earliest_first_attempt_and_a_pass_beats_a_first_attempt() {
+    let mut t = GreyTable::new(limits(100, 100, 10));
+    t.check(&id(1), 7, T0 + 100);
+    // An earlier first try elsewhere moves the start back...
+    assert!(t.merge(
+        Record::Pending {
+            id: id(1),
+            p: Pending { first: T0, net: 7 }
+        },
+        T0 + 100
+    ));
+    // ...a later one does not move it forward.
+    assert!(!t.merge(
+        Record::Pending {
+            id: id(1),
+            p: Pending {
+                first: T0 + 50,
+                net: 7
+            }
+        },
+        T0 + 100
+    ));
+    assert_eq!(t.check(&id(1), 7, T0 + MIN).verdict, GreyVerdict::Pass);
+    // Known now: a first attempt from elsewhere does not undo the pass.
+    assert!(!t.merge(
+        Record::Pending {
+            id: id(1),
+            p: Pending {
+                first: T0 + MIN,
+                net: 7
+            }
+        },
+        T0 + MIN + 1
+    ));
+    assert_eq!(t.check(&id(1), 7, T0 + MIN + 2).verdict, GreyVerdict::Pass);
+    // A pass elsewhere: known here at once, later expiry wins, expired ignored.
+    assert!(t.merge(
+        Record::Known {
+            id: id(2),
+            until: T0 + PASS
+        },
+        T0
+    ));
+    assert!(!t.merge(
+        Record::Known {
+            id: id(2),
+            until: T0 + 10
+        },
+        T0
+    ));
+    assert!(!t.merge(
+        Record::Known {
+            id: id(3),
+            until: T0 - 1
+        },
+        T0
+    ));
+    assert_eq!(t.check(&id(2), 9, T0 + 1).verdict, GreyVerdict::Pass);
+    // An expired first attempt changes nothing.
+    assert!(!t.merge(
+        Record::Pending {
+            id: id(4),
+            p: Pending {
+                first: T0 - WINDOW - 1,
+                net: 9
+            }
+        },
+        T0
+    ));
+}

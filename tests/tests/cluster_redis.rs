@@ -1,0 +1,383 @@
+//! Two MX hosts sharing one Redis (`[cluster]`, docs/cluster.md), each
+//! with its own namespaces, kernel programs, pins, agent and Postfix, and
+//! a real `redis-server` started by the test in mx1's namespace (mx1
+//! reaches it over TLS on loopback, `rediss://` with a CA the test made,
+//! as the default user; mx2 over its Unix socket as the ACL user of
+//! docs/cluster.md, password from a file).
+//!
+//! What a user sees:
+//! - a sender greylisted at mx1 passes at mx2 after the minimum wait, and
+//!   a triplet nobody saw is still greylisted at mx2;
+//! - pre-greet strikes split across mx1 (two) and mx2 (one) block the bot
+//!   in both hosts' XDP;
+//! - `tarpit block add` on mx1 shows on mx2's kernel block list with the
+//!   same expiry, except for an address on mx2's own allow list, and
+//!   `tarpit ip` at mx2 names mx1 as the one who blocked;
+//! - `tarpit auth add|del` on mx1 shows in mx2's AUTH map, and
+//!   `tarpit allow add|del` in mx2's kernel allow list (kept through a
+//!   reload at mx2);
+//! - Redis killed: mail keeps flowing at both; a block added on mx2 and
+//!   one deleted on mx1 meanwhile reach the other host once Redis is back,
+//!   and so does a greylist first attempt made at mx1 meanwhile;
+//! - Redis hung (SIGSTOP): mail flows as fast as ever, and a block made
+//!   meanwhile reaches the other host once Redis answers again;
+//! - `tarpit stats` says the host is connected again.
+#[path = "loop_common/mod.rs"]
+mod common;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use common::{StateFileGuard, cli, maps, talk_first};
+use tarpit_tests::redis::Redis;
+use tarpit_tests::smtp_client::metric;
+use tarpit_tests::swaks::swaks;
+use tarpit_tests::tempdir::TempDir;
+use tarpit_tests::{Agent, CLIENT_V4, CLIENT_V6, PinDir, Postfix, TestNet, require_root, wait};
+
+/// The site's greylist key, the same on both hosts (docs/cluster.md).
+const SITE_KEY: &str = "00112233445566778899aabbccddeeff\n";
+const MIN_WAIT: Duration = Duration::from_secs(3);
+/// The ACL of docs/cluster.md: tarpit's keys, channel and commands only.
+const ACL_USER: &[&str] = &[
+    "--user",
+    "tarpit",
+    "on",
+    ">cluster-test-secret",
+    "~tarpit:*",
+    "&tarpit:*",
+    "-@all",
+    "+get",
+    "+set",
+    "+mget",
+    "+scan",
+    "+publish",
+    "+subscribe",
+    "+ping",
+    "+hello",
+    "+auth",
+    "+client|setname",
+    "+select",
+];
+const ACL_DEFAULT: &[&str] = &["--user", "default", "on", "nopass", "~*", "&*", "+@all"];
+
+fn host_config(node: &str, url: &str, grey: &TempDir, allow: &str, auth: &str) -> String {
+    let store = grey.path.join("greylist.db");
+    std::fs::write(grey.path.join("greylist.key"), SITE_KEY).unwrap();
+    std::fs::set_permissions(
+        grey.path.join("greylist.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    format!(
+        r#"
+[greeting]
+delay = "1s"
+[offenders]
+pregreet_strikes = 3
+slowdown = false
+block_ttl = "10m"
+[allow]
+ips = [{allow}]
+[greylist]
+mode = "triplet"
+min_wait = "{}s"
+retry_window = "10m"
+store = "{}"
+[cluster]
+url = "{url}"
+node = "{node}"
+timeout = "200ms"
+{auth}
+"#,
+        MIN_WAIT.as_secs(),
+        store.display()
+    )
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn blocked(pins: &PinDir, a: &str) -> bool {
+    maps(pins).block_match(ip(a)).unwrap().is_some()
+}
+
+/// `tarpit -c <agent's config> ARGS`, which must succeed; its output.
+#[track_caller]
+fn cli_out(agent: &Agent, args: &[&str]) -> String {
+    let out = std::process::Command::new(tarpit_tests::tarpit_bin())
+        .arg("-c")
+        .arg(&agent.config)
+        .args(args)
+        .output()
+        .expect("run tarpit");
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[track_caller]
+fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    assert!(wait::until(limit, &mut f), "not within {limit:?}: {what}");
+}
+
+#[test]
+fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
+    if !require_root() {
+        return;
+    }
+    let net1 = TestNet::new().expect("net mx1");
+    let net2 = TestNet::new().expect("net mx2");
+    let pins1 = PinDir::new().expect("pins mx1");
+    let pins2 = PinDir::new().expect("pins mx2");
+    let _state1 = StateFileGuard::new(&pins1);
+    let _state2 = StateFileGuard::new(&pins2);
+    let _pf1 = Postfix::start(&net1).expect("postfix mx1");
+    let _pf2 = Postfix::start(&net2).expect("postfix mx2");
+    let acl = [ACL_USER, ACL_DEFAULT].concat();
+    let mut redis =
+        Redis::start_tls(&net1, &acl).expect("redis-server (scripts/install-test-deps.sh)");
+    let (grey1, grey2) = (TempDir::new("cl-grey1"), TempDir::new("cl-grey2"));
+    let pass = grey2.path.join("redis.pass");
+    std::fs::write(&pass, "cluster-test-secret\n").unwrap();
+    let auth = format!("user = \"tarpit\"\npassword_file = \"{}\"", pass.display());
+    let tls = format!("ca_file = \"{}\"", redis.ca_file().display());
+    let c1 = host_config("mx1", &redis.tls_url().unwrap(), &grey1, "", &tls);
+    let c2 = host_config(
+        "mx2",
+        &redis.unix_url(),
+        &grey2,
+        "\"198.51.100.79/32\"",
+        &auth,
+    );
+    let mx1 = Agent::start(&net1, &common::config(&net1, &pins1, None, true, &c1)).expect("mx1");
+    let mx2 = Agent::start(&net2, &common::config(&net2, &pins2, None, true, &c2)).expect("mx2");
+    let connected = |a: &Agent| a.log().contains("cluster: connected to Redis");
+    eventually("both hosts connected", Duration::from_secs(10), || {
+        connected(&mx1) && connected(&mx2)
+    });
+    // mx2 is in as the ACL user, and its password is nowhere in its log.
+    let clients = redis.cli(&["CLIENT", "LIST"]).unwrap();
+    assert!(clients.contains("user=tarpit"), "{clients}");
+    // ... and mx1 over TLS.
+    let tls_port = redis.tls_port.unwrap();
+    assert!(
+        clients.contains(&format!("laddr=127.0.0.1:{tls_port}")),
+        "{clients}"
+    );
+    assert!(!mx2.log().contains("cluster-test-secret"));
+
+    // Greylisted at mx1, retried at mx2 after the minimum wait: passes.
+    let s = swaks(&net1, CLIENT_V4.into(), &[]);
+    let first = Instant::now();
+    assert!(s.out.contains("451 4.7.1"), "mx1 first try: {}", s.out);
+    std::thread::sleep((MIN_WAIT + Duration::from_millis(500)).saturating_sub(first.elapsed()));
+    let s = swaks(&net2, CLIENT_V4.into(), &[]);
+    assert!(s.ok, "retry at mx2: {}\nmx2 log:\n{}", s.out, mx2.log());
+    assert!(s.out.contains("250 2.0.0 Ok: queued"), "{}", s.out);
+    // A triplet nobody saw is still greylisted at mx2.
+    let s = swaks(&net2, CLIENT_V4.into(), &["--to", "other@tarpit.test"]);
+    assert!(s.out.contains("451 4.7.1"), "new triplet at mx2: {}", s.out);
+
+    // Three pre-greet strikes, two at mx1 and one at mx2: one block, in
+    // both kernels.
+    let bot = IpAddr::from(CLIENT_V6);
+    talk_first(&net1, bot).unwrap();
+    talk_first(&net1, bot).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!blocked(&pins1, &bot.to_string()) && !blocked(&pins2, &bot.to_string()));
+    talk_first(&net2, bot).unwrap();
+    eventually("the bot blocked at mx2", Duration::from_secs(10), || {
+        blocked(&pins2, &bot.to_string())
+    });
+    eventually("the bot blocked at mx1", Duration::from_secs(10), || {
+        blocked(&pins1, &bot.to_string())
+    });
+
+    // A block made at mx1 reaches mx2's kernel with the same expiry (to the
+    // second: expiries are shared in whole seconds); one
+    // on mx2's own allow list does not.
+    cli(&mx1, &["block", "add", "198.51.100.79/32"]);
+    cli(&mx1, &["block", "add", "198.51.100.77/32", "--ttl", "10m"]);
+    eventually(
+        "mx1's block in mx2's kernel",
+        Duration::from_secs(5),
+        || blocked(&pins2, "198.51.100.77"),
+    );
+    let there = maps(&pins2)
+        .block_match(ip("198.51.100.77"))
+        .unwrap()
+        .unwrap();
+    let ttl = Duration::from_nanos(there.expires.expect("an expiry").0 - there.added.0);
+    assert!(
+        ttl > Duration::from_secs(590) && ttl <= Duration::from_secs(602),
+        "{ttl:?}"
+    );
+    assert!(blocked(&pins1, "198.51.100.79"));
+    assert!(
+        !blocked(&pins2, "198.51.100.79"),
+        "mx2's allow list must win over mx1's block"
+    );
+    // `tarpit ip` at mx2 says who blocked, and what was not applied here.
+    let ip77 = cli_out(&mx2, &["ip", "--no-dns", "198.51.100.77"]);
+    assert!(ip77.contains("198.51.100.77/32 blocked by mx1"), "{ip77}");
+    let ip79 = cli_out(&mx2, &["ip", "--no-dns", "198.51.100.79"]);
+    assert!(
+        ip79.contains("blocked by mx1") && ip79.contains("not applied here"),
+        "{ip79}"
+    );
+
+    // An address authenticated at mx1 is authenticated at mx2 (the
+    // once-per-day HELO rule, the bypass), with its expiry; deleted, gone.
+    let user = ip("fd5b:1e00::60");
+    cli(&mx1, &["auth", "add", "fd5b:1e00::60", "--ttl", "1h"]);
+    eventually(
+        "mx1's authenticated address at mx2",
+        Duration::from_secs(5),
+        || maps(&pins2).auth_get(user).unwrap().is_some(),
+    );
+    let a = maps(&pins2).auth_get(user).unwrap().unwrap();
+    let ttl = Duration::from_nanos(a.expires.expect("an expiry").0 - a.added.0);
+    assert!(
+        ttl > Duration::from_secs(3590) && ttl <= Duration::from_secs(3602),
+        "{ttl:?}"
+    );
+    cli(&mx1, &["auth", "del", "fd5b:1e00::60"]);
+    eventually("mx1's deletion at mx2", Duration::from_secs(5), || {
+        maps(&pins2).auth_get(user).unwrap().is_none()
+    });
+
+    // A run-time allow entry made at mx1 is on mx2's kernel allow list,
+    // and stays there through a reload at mx2 (which re-syncs the list
+    // from mx2's own config and state file); mx2's allow.ips stays its own.
+    let partner = ip("198.51.100.90");
+    cli(&mx1, &["allow", "add", "198.51.100.90/32", "--ttl", "1h"]);
+    eventually("mx1's allow entry at mx2", Duration::from_secs(5), || {
+        maps(&pins2).allow_match(partner).unwrap().is_some()
+    });
+    let reloads = mx2.log().matches("configuration reloaded").count();
+    mx2.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    eventually("mx2 reloaded", Duration::from_secs(10), || {
+        mx2.log().matches("configuration reloaded").count() > reloads
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        maps(&pins2).allow_match(partner).unwrap().is_some(),
+        "a reload at mx2 dropped mx1's allow entry"
+    );
+    assert!(
+        maps(&pins1)
+            .allow_match(ip("198.51.100.79"))
+            .unwrap()
+            .is_none()
+    );
+    cli(&mx1, &["allow", "del", "198.51.100.90/32"]);
+    eventually(
+        "mx1's allow deletion at mx2",
+        Duration::from_secs(5),
+        || maps(&pins2).allow_match(partner).unwrap().is_none(),
+    );
+
+    // Redis gone: mail flows at both (the triplet is known at both now).
+    redis.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    for (name, net) in [("mx1", &net1), ("mx2", &net2)] {
+        let s = swaks(net, CLIENT_V4.into(), &[]);
+        assert!(s.ok, "{name} without Redis: {}", s.out);
+    }
+    // A first attempt at mx1 meanwhile (a new triplet: another sender).
+    let late = ["--from", "late@client.example"];
+    let s = swaks(&net1, CLIENT_V4.into(), &late);
+    let late_first = Instant::now();
+    assert!(s.out.contains("451 4.7.1"), "new triplet at mx1: {}", s.out);
+    cli(&mx2, &["block", "add", "198.51.100.78/32", "--ttl", "10m"]);
+    cli(&mx1, &["block", "del", "198.51.100.77/32"]);
+    eventually(
+        "mx2 counts what it could not share",
+        Duration::from_secs(5),
+        || metric(&net2, "tarpit_cluster_unshared_total{kind=\"block\"}").unwrap_or(0.0) >= 1.0,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !blocked(&pins1, "198.51.100.78"),
+        "reached mx1 without Redis?"
+    );
+    assert!(blocked(&pins2, "198.51.100.77"));
+
+    // Redis back (empty): both catch up.
+    redis.start_again().expect("redis-server again");
+    eventually(
+        "mx2's block (made meanwhile) at mx1",
+        Duration::from_secs(15),
+        || blocked(&pins1, "198.51.100.78"),
+    );
+    eventually(
+        "mx1's deletion (made meanwhile) at mx2",
+        Duration::from_secs(15),
+        || !blocked(&pins2, "198.51.100.77"),
+    );
+    // mx1's first attempt of the outage was replayed: the retry at mx2
+    // after the minimum wait passes.
+    std::thread::sleep(
+        (MIN_WAIT + Duration::from_millis(500)).saturating_sub(late_first.elapsed()),
+    );
+    eventually("mx1 caught up", Duration::from_secs(10), || {
+        metric(&net1, "tarpit_cluster_backlog") == Some(0.0)
+    });
+    let s = swaks(&net2, CLIENT_V4.into(), &late);
+    assert!(
+        s.ok,
+        "retry at mx2 of a first try made without Redis: {}",
+        s.out
+    );
+    // ... and the deletion stays deleted.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!blocked(&pins1, "198.51.100.77") && !blocked(&pins2, "198.51.100.77"));
+    assert_eq!(metric(&net1, "tarpit_cluster_up"), Some(1.0));
+    let tomb = redis
+        .cli(&["GET", "tarpit:block:198.51.100.77/32"])
+        .unwrap();
+    assert!(
+        tomb.contains("\"deleted\":true"),
+        "tombstone in Redis: {tomb}"
+    );
+    assert!(
+        metric(&net2, "tarpit_cluster_refused_total{reason=\"allow.ips\"}").unwrap_or(0.0) >= 1.0
+    );
+
+    // Redis hung: no SMTP reply waits for it.
+    redis.freeze();
+    for (name, net) in [("mx1", &net1), ("mx2", &net2)] {
+        let t = Instant::now();
+        let s = swaks(net, CLIENT_V4.into(), &[]);
+        assert!(s.ok, "{name} with Redis hung: {}", s.out);
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "{name}: a message took {:?} with Redis hung",
+            t.elapsed()
+        );
+    }
+    cli(&mx1, &["block", "add", "198.51.100.81/32", "--ttl", "10m"]);
+    std::thread::sleep(Duration::from_secs(1));
+    redis.thaw();
+    eventually(
+        "mx1's block (made while Redis hung) at mx2",
+        Duration::from_secs(15),
+        || blocked(&pins2, "198.51.100.81"),
+    );
+    // Two local-only periods at mx1: Redis killed, then hung.
+    assert!(metric(&net1, "tarpit_cluster_outages_total").unwrap_or(0.0) >= 2.0);
+    // What an operator sees: `tarpit stats`, and the propagation lag.
+    let out = net2
+        .server_cmd(&tarpit_tests::tarpit_bin().display().to_string())
+        .arg("-c")
+        .arg(&mx2.config)
+        .arg("stats")
+        .output()
+        .expect("tarpit stats");
+    let stats = String::from_utf8_lossy(&out.stdout);
+    assert!(stats.contains("cluster: connected to Redis"), "{stats}");
+    assert!(metric(&net2, "tarpit_cluster_propagation_seconds_count").unwrap_or(0.0) >= 1.0);
+    drop(mx1);
+    drop(mx2);
+}

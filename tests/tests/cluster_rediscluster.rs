@@ -1,0 +1,150 @@
+//! Two MX hosts sharing state through a three-node Redis Cluster
+//! (`cluster.nodes`, docs/cluster.md) made by the test in mx1's server
+//! namespace and reached by both hosts over a link between their server
+//! namespaces (fd5b:1e00:ff::/64).
+//!
+//! What a user sees: a block made at mx1 reaches mx2's kernel, and so does
+//! its deletion; a block made while mx2's agent was stopped reaches it at
+//! its next start (the catch-up reads the cluster node that holds tarpit's
+//! slot); every key of tarpit is in that one slot.
+#[path = "loop_common/mod.rs"]
+mod common;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use common::{StateFileGuard, cli, maps};
+use tarpit_tests::redis::{RedisProc, free_addr, link_servers};
+use tarpit_tests::{Agent, PinDir, TestNet, require_root, wait};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn blocked(pins: &PinDir, a: &str) -> bool {
+    maps(pins).block_match(ip(a)).unwrap().is_some()
+}
+
+#[track_caller]
+fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    assert!(wait::until(limit, &mut f), "not within {limit:?}: {what}");
+}
+
+/// Three masters, no replicas, the 16384 slots split between them.
+fn redis_cluster(net: &TestNet, bind: IpAddr) -> Vec<RedisProc> {
+    let nodes: Vec<RedisProc> = (0..3)
+        .map(|_| {
+            let bus = free_addr(net, bind).expect("bus port").port().to_string();
+            RedisProc::server(
+                net,
+                bind,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-port",
+                    &bus,
+                ],
+            )
+            .expect("redis cluster node")
+        })
+        .collect();
+    let mut create = net.server_cmd("redis-cli");
+    create.args(["--cluster", "create"]);
+    for n in &nodes {
+        create.arg(format!("{}:{}", n.addr.ip(), n.addr.port()));
+    }
+    let out = create
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli --cluster create");
+    assert!(out.status.success(), "cluster create: {out:?}");
+    for n in &nodes {
+        eventually("the cluster is ok", Duration::from_secs(20), || {
+            n.cli(&["CLUSTER", "INFO"])
+                .unwrap_or_default()
+                .contains("cluster_state:ok")
+        });
+    }
+    nodes
+}
+
+fn host_config(node: &str, nodes: &[RedisProc]) -> String {
+    let list: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("\"redis://[{}]:{}\"", n.addr.ip(), n.addr.port()))
+        .collect();
+    format!(
+        r#"
+[greeting]
+delay = "0s"
+[cluster]
+nodes = [{}]
+node = "{node}"
+timeout = "200ms"
+"#,
+        list.join(", ")
+    )
+}
+
+#[test]
+fn blocks_and_deletions_reach_the_other_host_through_a_redis_cluster() {
+    if !require_root() {
+        return;
+    }
+    let net1 = TestNet::new().expect("net mx1");
+    let net2 = TestNet::new().expect("net mx2");
+    link_servers(&net1, &net2).expect("link between the server namespaces");
+    let pins1 = PinDir::new().expect("pins mx1");
+    let pins2 = PinDir::new().expect("pins mx2");
+    let _state1 = StateFileGuard::new(&pins1);
+    let _state2 = StateFileGuard::new(&pins2);
+    let nodes = redis_cluster(&net1, ip("fd5b:1e00:ff::1"));
+    let c1 = common::config(&net1, &pins1, None, true, &host_config("mx1", &nodes));
+    let c2 = common::config(&net2, &pins2, None, true, &host_config("mx2", &nodes));
+    let mx1 = Agent::start(&net1, &c1).expect("mx1");
+    let mx2 = Agent::start(&net2, &c2).expect("mx2");
+    let connected = |a: &Agent| a.log().contains("cluster: connected to Redis");
+    eventually("both hosts connected", Duration::from_secs(10), || {
+        connected(&mx1) && connected(&mx2)
+    });
+
+    cli(&mx1, &["block", "add", "198.51.100.61/32", "--ttl", "10m"]);
+    eventually("mx1's block at mx2", Duration::from_secs(5), || {
+        blocked(&pins2, "198.51.100.61")
+    });
+    cli(&mx1, &["block", "del", "198.51.100.61/32"]);
+    eventually("mx1's deletion at mx2", Duration::from_secs(5), || {
+        !blocked(&pins2, "198.51.100.61")
+    });
+
+    // mx2 away: a block made meanwhile reaches it at its next start.
+    mx2.stop().expect("mx2 stops");
+    cli(&mx1, &["block", "add", "198.51.100.62/32", "--ttl", "10m"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let mx2 = Agent::start(&net2, &c2).expect("mx2 again");
+    eventually(
+        "the block made while mx2 was away",
+        Duration::from_secs(10),
+        || blocked(&pins2, "198.51.100.62"),
+    );
+
+    // Every key in tarpit's one slot.
+    let slot = nodes[0]
+        .cli(&["CLUSTER", "KEYSLOT", "{tarpit:}block:198.51.100.62/32"])
+        .unwrap();
+    let other = nodes[0]
+        .cli(&["CLUSTER", "KEYSLOT", "{tarpit:}block:198.51.100.61/32"])
+        .unwrap();
+    assert_eq!(slot, other);
+    let mut found = String::new();
+    for n in &nodes {
+        found += &n
+            .cli(&["-c", "GET", "{tarpit:}block:198.51.100.62/32"])
+            .unwrap_or_default();
+    }
+    assert!(found.contains("\"node\":\"mx1\""), "{found}");
+    drop(mx1);
+    drop(mx2);
+}
