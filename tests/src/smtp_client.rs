@@ -100,11 +100,14 @@ pub fn tcp_connect_within(
 pub struct SmtpClient {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
+    /// Just before `connect()`: no server clock can start earlier.
+    started: Instant,
 }
 
 impl SmtpClient {
     /// Connects from `src` (any address of the client namespace) to `dst`.
     pub fn connect(net: &TestNet, src: IpAddr, dst: SocketAddr) -> Result<SmtpClient> {
+        let started = Instant::now();
         let stream = tcp_connect(net, src, dst)?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         stream.set_nodelay(true)?;
@@ -112,6 +115,7 @@ impl SmtpClient {
         Ok(SmtpClient {
             reader: BufReader::new(stream),
             writer,
+            started,
         })
     }
 
@@ -151,6 +155,15 @@ impl SmtpClient {
     }
 
     /// Reads one reply and how long it took.
+    /// The banner, timed from before the connect: a greeting delay the
+    /// server counts from its accept can never look shorter than it is
+    /// (timed from after the connect returned, a busy client thread could
+    /// start its clock after the server's).
+    pub fn timed_banner(&mut self) -> Result<(Reply, Duration)> {
+        let r = self.reply()?;
+        Ok((r, self.started.elapsed()))
+    }
+
     pub fn timed_reply(&mut self) -> Result<(Reply, Duration)> {
         let t = Instant::now();
         let r = self.reply()?;

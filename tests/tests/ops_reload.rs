@@ -21,7 +21,7 @@ fn greeting(delay: &str, extra: &str) -> String {
 /// A new session's banner delay.
 fn banner_delay(w: &World) -> (SmtpClient, Duration) {
     let mut c = SmtpClient::connect(&w.net, CLIENT_V4.into(), agent_v4()).expect("connect");
-    let (r, took) = c.timed_reply().expect("banner");
+    let (r, took) = c.timed_banner().expect("banner");
     assert_eq!(r.code, 220, "{}", r.text);
     (c, took)
 }
