@@ -14,3 +14,10 @@ pub fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Waits like [`until`] and fails the test, naming `what`, when `f` is
+/// still false after `limit`.
+#[track_caller]
+pub fn eventually(what: &str, limit: Duration, f: impl FnMut() -> bool) {
+    assert!(until(limit, f), "not within {limit:?}: {what}");
+}

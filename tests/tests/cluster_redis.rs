@@ -28,7 +28,7 @@ mod common;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use common::{StateFileGuard, cli, maps, talk_first};
+use common::{StateFileGuard, blocked, cli, maps, talk_first};
 use tarpit_tests::redis::Redis;
 use tarpit_tests::smtp_client::metric;
 use tarpit_tests::swaks::swaks;
@@ -99,28 +99,6 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn blocked(pins: &PinDir, a: &str) -> bool {
-    maps(pins).block_match(ip(a)).unwrap().is_some()
-}
-
-/// `tarpit -c <agent's config> ARGS`, which must succeed; its output.
-#[track_caller]
-fn cli_out(agent: &Agent, args: &[&str]) -> String {
-    let out = std::process::Command::new(tarpit_tests::tarpit_bin())
-        .arg("-c")
-        .arg(&agent.config)
-        .args(args)
-        .output()
-        .expect("run tarpit");
-    assert!(out.status.success(), "{args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-#[track_caller]
-fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    assert!(wait::until(limit, &mut f), "not within {limit:?}: {what}");
-}
-
 #[test]
 fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     if !require_root() {
@@ -153,7 +131,7 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     let mx1 = Agent::start(&net1, &common::config(&net1, &pins1, None, true, &c1)).expect("mx1");
     let mx2 = Agent::start(&net2, &common::config(&net2, &pins2, None, true, &c2)).expect("mx2");
     let connected = |a: &Agent| a.log().contains("cluster: connected to Redis");
-    eventually("both hosts connected", Duration::from_secs(10), || {
+    wait::eventually("both hosts connected", Duration::from_secs(10), || {
         connected(&mx1) && connected(&mx2)
     });
     // mx2 is in as the ACL user, and its password is nowhere in its log.
@@ -187,10 +165,10 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(!blocked(&pins1, &bot.to_string()) && !blocked(&pins2, &bot.to_string()));
     talk_first(&net2, bot).unwrap();
-    eventually("the bot blocked at mx2", Duration::from_secs(10), || {
+    wait::eventually("the bot blocked at mx2", Duration::from_secs(10), || {
         blocked(&pins2, &bot.to_string())
     });
-    eventually("the bot blocked at mx1", Duration::from_secs(10), || {
+    wait::eventually("the bot blocked at mx1", Duration::from_secs(10), || {
         blocked(&pins1, &bot.to_string())
     });
 
@@ -199,7 +177,7 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     // on mx2's own allow list does not.
     cli(&mx1, &["block", "add", "198.51.100.79/32"]);
     cli(&mx1, &["block", "add", "198.51.100.77/32", "--ttl", "10m"]);
-    eventually(
+    wait::eventually(
         "mx1's block in mx2's kernel",
         Duration::from_secs(5),
         || blocked(&pins2, "198.51.100.77"),
@@ -219,9 +197,9 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
         "mx2's allow list must win over mx1's block"
     );
     // `tarpit ip` at mx2 says who blocked, and what was not applied here.
-    let ip77 = cli_out(&mx2, &["ip", "--no-dns", "198.51.100.77"]);
+    let ip77 = cli(&mx2, &["ip", "--no-dns", "198.51.100.77"]);
     assert!(ip77.contains("198.51.100.77/32 blocked by mx1"), "{ip77}");
-    let ip79 = cli_out(&mx2, &["ip", "--no-dns", "198.51.100.79"]);
+    let ip79 = cli(&mx2, &["ip", "--no-dns", "198.51.100.79"]);
     assert!(
         ip79.contains("blocked by mx1") && ip79.contains("not applied here"),
         "{ip79}"
@@ -231,7 +209,7 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     // once-per-day HELO rule, the bypass), with its expiry; deleted, gone.
     let user = ip("fd5b:1e00::60");
     cli(&mx1, &["auth", "add", "fd5b:1e00::60", "--ttl", "1h"]);
-    eventually(
+    wait::eventually(
         "mx1's authenticated address at mx2",
         Duration::from_secs(5),
         || maps(&pins2).auth_get(user).unwrap().is_some(),
@@ -243,7 +221,7 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
         "{ttl:?}"
     );
     cli(&mx1, &["auth", "del", "fd5b:1e00::60"]);
-    eventually("mx1's deletion at mx2", Duration::from_secs(5), || {
+    wait::eventually("mx1's deletion at mx2", Duration::from_secs(5), || {
         maps(&pins2).auth_get(user).unwrap().is_none()
     });
 
@@ -252,12 +230,12 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     // from mx2's own config and state file); mx2's allow.ips stays its own.
     let partner = ip("198.51.100.90");
     cli(&mx1, &["allow", "add", "198.51.100.90/32", "--ttl", "1h"]);
-    eventually("mx1's allow entry at mx2", Duration::from_secs(5), || {
+    wait::eventually("mx1's allow entry at mx2", Duration::from_secs(5), || {
         maps(&pins2).allow_match(partner).unwrap().is_some()
     });
     let reloads = mx2.log().matches("configuration reloaded").count();
     mx2.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
-    eventually("mx2 reloaded", Duration::from_secs(10), || {
+    wait::eventually("mx2 reloaded", Duration::from_secs(10), || {
         mx2.log().matches("configuration reloaded").count() > reloads
     });
     std::thread::sleep(Duration::from_millis(500));
@@ -272,7 +250,7 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
             .is_none()
     );
     cli(&mx1, &["allow", "del", "198.51.100.90/32"]);
-    eventually(
+    wait::eventually(
         "mx1's allow deletion at mx2",
         Duration::from_secs(5),
         || maps(&pins2).allow_match(partner).unwrap().is_none(),
@@ -292,7 +270,7 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     assert!(s.out.contains("451 4.7.1"), "new triplet at mx1: {}", s.out);
     cli(&mx2, &["block", "add", "198.51.100.78/32", "--ttl", "10m"]);
     cli(&mx1, &["block", "del", "198.51.100.77/32"]);
-    eventually(
+    wait::eventually(
         "mx2 counts what it could not share",
         Duration::from_secs(5),
         || metric(&net2, "tarpit_cluster_unshared_total{kind=\"block\"}").unwrap_or(0.0) >= 1.0,
@@ -306,12 +284,12 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
 
     // Redis back (empty): both catch up.
     redis.start_again().expect("redis-server again");
-    eventually(
+    wait::eventually(
         "mx2's block (made meanwhile) at mx1",
         Duration::from_secs(15),
         || blocked(&pins1, "198.51.100.78"),
     );
-    eventually(
+    wait::eventually(
         "mx1's deletion (made meanwhile) at mx2",
         Duration::from_secs(15),
         || !blocked(&pins2, "198.51.100.77"),
@@ -321,7 +299,7 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     std::thread::sleep(
         (MIN_WAIT + Duration::from_millis(500)).saturating_sub(late_first.elapsed()),
     );
-    eventually("mx1 caught up", Duration::from_secs(10), || {
+    wait::eventually("mx1 caught up", Duration::from_secs(10), || {
         metric(&net1, "tarpit_cluster_backlog") == Some(0.0)
     });
     let s = swaks(&net2, CLIENT_V4.into(), &late);
@@ -360,7 +338,7 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     cli(&mx1, &["block", "add", "198.51.100.81/32", "--ttl", "10m"]);
     std::thread::sleep(Duration::from_secs(1));
     redis.thaw();
-    eventually(
+    wait::eventually(
         "mx1's block (made while Redis hung) at mx2",
         Duration::from_secs(15),
         || blocked(&pins2, "198.51.100.81"),

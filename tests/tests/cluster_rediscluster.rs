@@ -13,21 +13,12 @@ mod common;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use common::{StateFileGuard, cli, maps};
+use common::{StateFileGuard, blocked, cli};
 use tarpit_tests::redis::{RedisProc, free_addr, link_servers};
 use tarpit_tests::{Agent, PinDir, TestNet, require_root, wait};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
-}
-
-fn blocked(pins: &PinDir, a: &str) -> bool {
-    maps(pins).block_match(ip(a)).unwrap().is_some()
-}
-
-#[track_caller]
-fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    assert!(wait::until(limit, &mut f), "not within {limit:?}: {what}");
 }
 
 /// Three masters, no replicas, the 16384 slots split between them.
@@ -61,7 +52,7 @@ fn redis_cluster(net: &TestNet, bind: IpAddr) -> Vec<RedisProc> {
         .expect("redis-cli --cluster create");
     assert!(out.status.success(), "cluster create: {out:?}");
     for n in &nodes {
-        eventually("the cluster is ok", Duration::from_secs(20), || {
+        wait::eventually("the cluster is ok", Duration::from_secs(20), || {
             n.cli(&["CLUSTER", "INFO"])
                 .unwrap_or_default()
                 .contains("cluster_state:ok")
@@ -106,16 +97,16 @@ fn blocks_and_deletions_reach_the_other_host_through_a_redis_cluster() {
     let mx1 = Agent::start(&net1, &c1).expect("mx1");
     let mx2 = Agent::start(&net2, &c2).expect("mx2");
     let connected = |a: &Agent| a.log().contains("cluster: connected to Redis");
-    eventually("both hosts connected", Duration::from_secs(10), || {
+    wait::eventually("both hosts connected", Duration::from_secs(10), || {
         connected(&mx1) && connected(&mx2)
     });
 
     cli(&mx1, &["block", "add", "198.51.100.61/32", "--ttl", "10m"]);
-    eventually("mx1's block at mx2", Duration::from_secs(5), || {
+    wait::eventually("mx1's block at mx2", Duration::from_secs(5), || {
         blocked(&pins2, "198.51.100.61")
     });
     cli(&mx1, &["block", "del", "198.51.100.61/32"]);
-    eventually("mx1's deletion at mx2", Duration::from_secs(5), || {
+    wait::eventually("mx1's deletion at mx2", Duration::from_secs(5), || {
         !blocked(&pins2, "198.51.100.61")
     });
 
@@ -124,7 +115,7 @@ fn blocks_and_deletions_reach_the_other_host_through_a_redis_cluster() {
     cli(&mx1, &["block", "add", "198.51.100.62/32", "--ttl", "10m"]);
     std::thread::sleep(Duration::from_secs(1));
     let mx2 = Agent::start(&net2, &c2).expect("mx2 again");
-    eventually(
+    wait::eventually(
         "the block made while mx2 was away",
         Duration::from_secs(10),
         || blocked(&pins2, "198.51.100.62"),

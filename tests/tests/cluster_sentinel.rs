@@ -14,7 +14,7 @@ mod common;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use common::{StateFileGuard, agent_for, cli, maps};
+use common::{StateFileGuard, agent_for, blocked, cli, maps};
 use tarpit_tests::redis::{RedisProc, link_servers};
 use tarpit_tests::smtp_client::SmtpClient;
 use tarpit_tests::swaks::swaks;
@@ -44,15 +44,6 @@ timeout = "200ms"
     )
 }
 
-fn blocked(pins: &PinDir, a: &str) -> bool {
-    maps(pins).block_match(ip(a)).unwrap().is_some()
-}
-
-#[track_caller]
-fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    assert!(wait::until(limit, &mut f), "not within {limit:?}: {what}");
-}
-
 #[test]
 fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
     if !require_root() {
@@ -76,7 +67,7 @@ fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
         &["--replicaof", &m.ip().to_string(), &m.port().to_string()],
     )
     .expect("redis replica");
-    eventually("the replica in sync", Duration::from_secs(10), || {
+    wait::eventually("the replica in sync", Duration::from_secs(10), || {
         replica
             .cli(&["INFO", "replication"])
             .unwrap_or_default()
@@ -84,7 +75,7 @@ fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
     });
     let sentinel = RedisProc::sentinel(&net1, here, m, SERVICE).expect("redis sentinel");
     // The Sentinel learns of the replica from the master.
-    eventually(
+    wait::eventually(
         "the sentinel sees the replica",
         Duration::from_secs(15),
         || {
@@ -117,12 +108,12 @@ fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
     )
     .expect("mx2");
     let connected = |a: &Agent| a.log().contains("cluster: connected to Redis");
-    eventually("both hosts connected", Duration::from_secs(10), || {
+    wait::eventually("both hosts connected", Duration::from_secs(10), || {
         connected(&mx1) && connected(&mx2)
     });
 
     cli(&mx1, &["block", "add", "198.51.100.71/32", "--ttl", "10m"]);
-    eventually("mx1's block at mx2", Duration::from_secs(5), || {
+    wait::eventually("mx1's block at mx2", Duration::from_secs(5), || {
         blocked(&pins2, "198.51.100.71")
     });
 
@@ -132,7 +123,7 @@ fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
     let stranger = ip("198.51.100.20");
     net2.add_client_addr(stranger).unwrap();
     cli(&mx1, &["auth", "add", &user.to_string(), "--ttl", "1d"]);
-    eventually(
+    wait::eventually(
         "mx1's authenticated address at mx2",
         Duration::from_secs(5),
         || maps(&pins2).auth_get(user).unwrap().is_some(),
@@ -164,7 +155,7 @@ fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
         assert!(s.ok, "{name} during the fail-over: {}", s.out);
     }
     let promoted = replica.addr.port().to_string();
-    eventually(
+    wait::eventually(
         "the sentinel promotes the replica",
         Duration::from_secs(30),
         || {
@@ -175,7 +166,7 @@ fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
         },
     );
     cli(&mx2, &["block", "add", "198.51.100.72/32", "--ttl", "10m"]);
-    eventually(
+    wait::eventually(
         "mx2's block at mx1 through the new master",
         Duration::from_secs(20),
         || blocked(&pins1, "198.51.100.72"),

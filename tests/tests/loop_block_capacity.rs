@@ -9,15 +9,14 @@
 mod common;
 
 use std::net::IpAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    Attempt, StateFileGuard, agent_for, attempt, eventually, maps, metric_sum, talk_first,
+    Attempt, StateFileGuard, agent_for, attempt, cli, eventually, maps, metric_sum, talk_first,
 };
 use tarpit::kernel::{BlockSpec, IpNet};
 use tarpit_common::{BlockReason, maps::AUTO_BLOCK};
-use tarpit_tests::{Agent, CLIENT_V4, PinDir, Postfix, TestNet, require_root, tarpit_bin};
+use tarpit_tests::{Agent, CLIENT_V4, PinDir, Postfix, TestNet, require_root};
 
 /// Sizes small enough to fill in a test.
 const ADMIN_SIZE: u32 = 4;
@@ -41,22 +40,8 @@ fn config(net: &TestNet, pins: &PinDir, kernel: &str, rest: &str) -> String {
     )
 }
 
-/// `tarpit -c <agent config> ARGS`: its stdout; the test fails unless it
-/// succeeds.
-#[track_caller]
-fn run(agent: &Agent, args: &[&str]) -> String {
-    let out = Command::new(tarpit_bin())
-        .arg("-c")
-        .arg(&agent.config)
-        .args(args)
-        .output()
-        .expect("run tarpit");
-    assert!(out.status.success(), "{args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn json(agent: &Agent, args: &[&str]) -> serde_json::Value {
-    serde_json::from_str(&run(agent, args)).expect("JSON")
+    serde_json::from_str(&cli(agent, args)).expect("JSON")
 }
 
 #[test]
@@ -79,7 +64,7 @@ fn a_flood_of_automatic_blocks_never_crowds_out_the_admin() {
                 block_ttl = \"600s\"\nslowdown = false\n";
     let agent = Agent::start(&net, &config(&net, &pins, &kernel, rest)).expect("agent");
     for a in admin {
-        run(
+        cli(
             &agent,
             &["block", "add", &a.to_string(), "--comment", "admin"],
         );
@@ -125,7 +110,7 @@ fn a_flood_of_automatic_blocks_never_crowds_out_the_admin() {
 
     // The admin's list still takes entries up to its own size, after the flood.
     for a in later_admin {
-        run(&agent, &["block", "add", &a.to_string()]);
+        cli(&agent, &["block", "add", &a.to_string()]);
     }
     let list = maps(&pins).block_list().unwrap();
     assert_eq!(
@@ -180,7 +165,7 @@ fn a_flood_of_automatic_blocks_never_crowds_out_the_admin() {
     assert_eq!(t["block_admin_capacity"], ADMIN_SIZE, "{t}");
     assert_eq!(t["block_automatic"], AUTO_SIZE, "{t}");
     assert_eq!(t["block_automatic_capacity"], AUTO_SIZE, "{t}");
-    let human = run(&agent, &["stats", "--kernel-only"]);
+    let human = cli(&agent, &["stats", "--kernel-only"]);
     assert!(
         human.contains("block list: admin 4 of 4 (100.0%), automatic 8 of 8 (100.0%)"),
         "{human}"

@@ -148,21 +148,15 @@ pub fn metric_sum(net: &TestNet, family: &str) -> Option<f64> {
 }
 
 /// Polls until `f` holds (10 s at most).
-pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting until {what}");
+#[track_caller]
+pub fn eventually(what: &str, f: impl FnMut() -> bool) {
+    tarpit_tests::wait::eventually(what, Duration::from_secs(10), f)
 }
 
-/// Runs `tarpit -c <the agent's config> ARGS` (a run-time list change);
-/// the test fails unless it succeeds.
+/// Runs `tarpit -c <the agent's config> ARGS` (a run-time list change,
+/// a look-up) and returns its output; the test fails unless it succeeds.
 #[track_caller]
-pub fn cli(agent: &Agent, args: &[&str]) {
+pub fn cli(agent: &Agent, args: &[&str]) -> String {
     let out = std::process::Command::new(tarpit_bin())
         .arg("-c")
         .arg(&agent.config)
@@ -170,6 +164,13 @@ pub fn cli(agent: &Agent, args: &[&str]) {
         .output()
         .expect("run tarpit");
     assert!(out.status.success(), "{args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether `addr` is on the kernel block list behind `pins`.
+pub fn blocked(pins: &PinDir, addr: &str) -> bool {
+    let addr: IpAddr = addr.parse().expect("an address");
+    maps(pins).block_match(addr).unwrap().is_some()
 }
 
 pub fn maps(pins: &PinDir) -> KernelMaps {
