@@ -28,12 +28,12 @@ mod common;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use common::{StateFileGuard, blocked, cli, maps, talk_first};
+use common::{blocked, cli, maps, talk_first};
 use tarpit_tests::redis::Redis;
 use tarpit_tests::smtp_client::metric;
 use tarpit_tests::swaks::swaks;
 use tarpit_tests::tempdir::TempDir;
-use tarpit_tests::{Agent, CLIENT_V4, CLIENT_V6, PinDir, Postfix, TestNet, require_root, wait};
+use tarpit_tests::{Agent, CLIENT_V4, CLIENT_V6, Postfix, require_root, wait};
 
 /// The site's greylist key, the same on both hosts (docs/cluster.md).
 const SITE_KEY: &str = "00112233445566778899aabbccddeeff\n";
@@ -104,17 +104,13 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     if !require_root() {
         return;
     }
-    let net1 = TestNet::new().expect("net mx1");
-    let net2 = TestNet::new().expect("net mx2");
-    let pins1 = PinDir::new().expect("pins mx1");
-    let pins2 = PinDir::new().expect("pins mx2");
-    let _state1 = StateFileGuard::new(&pins1);
-    let _state2 = StateFileGuard::new(&pins2);
-    let _pf1 = Postfix::start(&net1).expect("postfix mx1");
-    let _pf2 = Postfix::start(&net2).expect("postfix mx2");
+    let (mx1, mx2) = common::mx_pair(false);
+    let (net1, pins1, net2, pins2) = (&mx1.net, &mx1.pins, &mx2.net, &mx2.pins);
+    let _pf1 = Postfix::start(net1).expect("postfix mx1");
+    let _pf2 = Postfix::start(net2).expect("postfix mx2");
     let acl = [ACL_USER, ACL_DEFAULT].concat();
     let mut redis =
-        Redis::start_tls(&net1, &acl).expect("redis-server (scripts/install-test-deps.sh)");
+        Redis::start_tls(net1, &acl).expect("redis-server (scripts/install-test-deps.sh)");
     let (grey1, grey2) = (TempDir::new("cl-grey1"), TempDir::new("cl-grey2"));
     let pass = grey2.path.join("redis.pass");
     std::fs::write(&pass, "cluster-test-secret\n").unwrap();
@@ -128,8 +124,8 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
         "\"198.51.100.79/32\"",
         &auth,
     );
-    let mx1 = Agent::start(&net1, &common::config(&net1, &pins1, None, true, &c1)).expect("mx1");
-    let mx2 = Agent::start(&net2, &common::config(&net2, &pins2, None, true, &c2)).expect("mx2");
+    let mx1 = Agent::start(net1, &common::config(net1, pins1, None, true, &c1)).expect("mx1");
+    let mx2 = Agent::start(net2, &common::config(net2, pins2, None, true, &c2)).expect("mx2");
     let connected = |a: &Agent| a.log().contains("cluster: connected to Redis");
     wait::eventually("both hosts connected", Duration::from_secs(10), || {
         connected(&mx1) && connected(&mx2)
@@ -146,30 +142,30 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     assert!(!mx2.log().contains("cluster-test-secret"));
 
     // Greylisted at mx1, retried at mx2 after the minimum wait: passes.
-    let s = swaks(&net1, CLIENT_V4.into(), &[]);
+    let s = swaks(net1, CLIENT_V4.into(), &[]);
     let first = Instant::now();
     assert!(s.out.contains("451 4.7.1"), "mx1 first try: {}", s.out);
     std::thread::sleep((MIN_WAIT + Duration::from_millis(500)).saturating_sub(first.elapsed()));
-    let s = swaks(&net2, CLIENT_V4.into(), &[]);
+    let s = swaks(net2, CLIENT_V4.into(), &[]);
     assert!(s.ok, "retry at mx2: {}\nmx2 log:\n{}", s.out, mx2.log());
     assert!(s.out.contains("250 2.0.0 Ok: queued"), "{}", s.out);
     // A triplet nobody saw is still greylisted at mx2.
-    let s = swaks(&net2, CLIENT_V4.into(), &["--to", "other@tarpit.test"]);
+    let s = swaks(net2, CLIENT_V4.into(), &["--to", "other@tarpit.test"]);
     assert!(s.out.contains("451 4.7.1"), "new triplet at mx2: {}", s.out);
 
     // Three pre-greet strikes, two at mx1 and one at mx2: one block, in
     // both kernels.
     let bot = IpAddr::from(CLIENT_V6);
-    talk_first(&net1, bot).unwrap();
-    talk_first(&net1, bot).unwrap();
+    talk_first(net1, bot).unwrap();
+    talk_first(net1, bot).unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    assert!(!blocked(&pins1, &bot.to_string()) && !blocked(&pins2, &bot.to_string()));
-    talk_first(&net2, bot).unwrap();
+    assert!(!blocked(pins1, &bot.to_string()) && !blocked(pins2, &bot.to_string()));
+    talk_first(net2, bot).unwrap();
     wait::eventually("the bot blocked at mx2", Duration::from_secs(10), || {
-        blocked(&pins2, &bot.to_string())
+        blocked(pins2, &bot.to_string())
     });
     wait::eventually("the bot blocked at mx1", Duration::from_secs(10), || {
-        blocked(&pins1, &bot.to_string())
+        blocked(pins1, &bot.to_string())
     });
 
     // A block made at mx1 reaches mx2's kernel with the same expiry (to the
@@ -180,9 +176,9 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     wait::eventually(
         "mx1's block in mx2's kernel",
         Duration::from_secs(5),
-        || blocked(&pins2, "198.51.100.77"),
+        || blocked(pins2, "198.51.100.77"),
     );
-    let there = maps(&pins2)
+    let there = maps(pins2)
         .block_match(ip("198.51.100.77"))
         .unwrap()
         .unwrap();
@@ -191,9 +187,9 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
         ttl > Duration::from_secs(590) && ttl <= Duration::from_secs(602),
         "{ttl:?}"
     );
-    assert!(blocked(&pins1, "198.51.100.79"));
+    assert!(blocked(pins1, "198.51.100.79"));
     assert!(
-        !blocked(&pins2, "198.51.100.79"),
+        !blocked(pins2, "198.51.100.79"),
         "mx2's allow list must win over mx1's block"
     );
     // `tarpit ip` at mx2 says who blocked, and what was not applied here.
@@ -212,9 +208,9 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     wait::eventually(
         "mx1's authenticated address at mx2",
         Duration::from_secs(5),
-        || maps(&pins2).auth_get(user).unwrap().is_some(),
+        || maps(pins2).auth_get(user).unwrap().is_some(),
     );
-    let a = maps(&pins2).auth_get(user).unwrap().unwrap();
+    let a = maps(pins2).auth_get(user).unwrap().unwrap();
     let ttl = Duration::from_nanos(a.expires.expect("an expiry").0 - a.added.0);
     assert!(
         ttl > Duration::from_secs(3590) && ttl <= Duration::from_secs(3602),
@@ -222,7 +218,7 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     );
     cli(&mx1, &["auth", "del", "fd5b:1e00::60"]);
     wait::eventually("mx1's deletion at mx2", Duration::from_secs(5), || {
-        maps(&pins2).auth_get(user).unwrap().is_none()
+        maps(pins2).auth_get(user).unwrap().is_none()
     });
 
     // A run-time allow entry made at mx1 is on mx2's kernel allow list,
@@ -231,7 +227,7 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     let partner = ip("198.51.100.90");
     cli(&mx1, &["allow", "add", "198.51.100.90/32", "--ttl", "1h"]);
     wait::eventually("mx1's allow entry at mx2", Duration::from_secs(5), || {
-        maps(&pins2).allow_match(partner).unwrap().is_some()
+        maps(pins2).allow_match(partner).unwrap().is_some()
     });
     let reloads = mx2.log().matches("configuration reloaded").count();
     mx2.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
@@ -240,11 +236,11 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     });
     std::thread::sleep(Duration::from_millis(500));
     assert!(
-        maps(&pins2).allow_match(partner).unwrap().is_some(),
+        maps(pins2).allow_match(partner).unwrap().is_some(),
         "a reload at mx2 dropped mx1's allow entry"
     );
     assert!(
-        maps(&pins1)
+        maps(pins1)
             .allow_match(ip("198.51.100.79"))
             .unwrap()
             .is_none()
@@ -253,19 +249,19 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     wait::eventually(
         "mx1's allow deletion at mx2",
         Duration::from_secs(5),
-        || maps(&pins2).allow_match(partner).unwrap().is_none(),
+        || maps(pins2).allow_match(partner).unwrap().is_none(),
     );
 
     // Redis gone: mail flows at both (the triplet is known at both now).
     redis.kill();
     std::thread::sleep(Duration::from_millis(500));
-    for (name, net) in [("mx1", &net1), ("mx2", &net2)] {
+    for (name, net) in [("mx1", net1), ("mx2", net2)] {
         let s = swaks(net, CLIENT_V4.into(), &[]);
         assert!(s.ok, "{name} without Redis: {}", s.out);
     }
     // A first attempt at mx1 meanwhile (a new triplet: another sender).
     let late = ["--from", "late@client.example"];
-    let s = swaks(&net1, CLIENT_V4.into(), &late);
+    let s = swaks(net1, CLIENT_V4.into(), &late);
     let late_first = Instant::now();
     assert!(s.out.contains("451 4.7.1"), "new triplet at mx1: {}", s.out);
     cli(&mx2, &["block", "add", "198.51.100.78/32", "--ttl", "10m"]);
@@ -273,26 +269,26 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     wait::eventually(
         "mx2 counts what it could not share",
         Duration::from_secs(5),
-        || metric(&net2, "tarpit_cluster_unshared_total{kind=\"block\"}").unwrap_or(0.0) >= 1.0,
+        || metric(net2, "tarpit_cluster_unshared_total{kind=\"block\"}").unwrap_or(0.0) >= 1.0,
     );
     std::thread::sleep(Duration::from_secs(1));
     assert!(
-        !blocked(&pins1, "198.51.100.78"),
+        !blocked(pins1, "198.51.100.78"),
         "reached mx1 without Redis?"
     );
-    assert!(blocked(&pins2, "198.51.100.77"));
+    assert!(blocked(pins2, "198.51.100.77"));
 
     // Redis back (empty): both catch up.
     redis.start_again().expect("redis-server again");
     wait::eventually(
         "mx2's block (made meanwhile) at mx1",
         Duration::from_secs(15),
-        || blocked(&pins1, "198.51.100.78"),
+        || blocked(pins1, "198.51.100.78"),
     );
     wait::eventually(
         "mx1's deletion (made meanwhile) at mx2",
         Duration::from_secs(15),
-        || !blocked(&pins2, "198.51.100.77"),
+        || !blocked(pins2, "198.51.100.77"),
     );
     // mx1's first attempt of the outage was replayed: the retry at mx2
     // after the minimum wait passes.
@@ -300,9 +296,9 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
         (MIN_WAIT + Duration::from_millis(500)).saturating_sub(late_first.elapsed()),
     );
     wait::eventually("mx1 caught up", Duration::from_secs(10), || {
-        metric(&net1, "tarpit_cluster_backlog") == Some(0.0)
+        metric(net1, "tarpit_cluster_backlog") == Some(0.0)
     });
-    let s = swaks(&net2, CLIENT_V4.into(), &late);
+    let s = swaks(net2, CLIENT_V4.into(), &late);
     assert!(
         s.ok,
         "retry at mx2 of a first try made without Redis: {}",
@@ -310,8 +306,8 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     );
     // ... and the deletion stays deleted.
     std::thread::sleep(Duration::from_secs(2));
-    assert!(!blocked(&pins1, "198.51.100.77") && !blocked(&pins2, "198.51.100.77"));
-    assert_eq!(metric(&net1, "tarpit_cluster_up"), Some(1.0));
+    assert!(!blocked(pins1, "198.51.100.77") && !blocked(pins2, "198.51.100.77"));
+    assert_eq!(metric(net1, "tarpit_cluster_up"), Some(1.0));
     let tomb = redis
         .cli(&["GET", "tarpit:block:198.51.100.77/32"])
         .unwrap();
@@ -320,12 +316,12 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
         "tombstone in Redis: {tomb}"
     );
     assert!(
-        metric(&net2, "tarpit_cluster_refused_total{reason=\"allow.ips\"}").unwrap_or(0.0) >= 1.0
+        metric(net2, "tarpit_cluster_refused_total{reason=\"allow.ips\"}").unwrap_or(0.0) >= 1.0
     );
 
     // Redis hung: no SMTP reply waits for it.
     redis.freeze();
-    for (name, net) in [("mx1", &net1), ("mx2", &net2)] {
+    for (name, net) in [("mx1", net1), ("mx2", net2)] {
         let t = Instant::now();
         let s = swaks(net, CLIENT_V4.into(), &[]);
         assert!(s.ok, "{name} with Redis hung: {}", s.out);
@@ -341,10 +337,10 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     wait::eventually(
         "mx1's block (made while Redis hung) at mx2",
         Duration::from_secs(15),
-        || blocked(&pins2, "198.51.100.81"),
+        || blocked(pins2, "198.51.100.81"),
     );
     // Two local-only periods at mx1: Redis killed, then hung.
-    assert!(metric(&net1, "tarpit_cluster_outages_total").unwrap_or(0.0) >= 2.0);
+    assert!(metric(net1, "tarpit_cluster_outages_total").unwrap_or(0.0) >= 2.0);
     // What an operator sees: `tarpit stats`, and the propagation lag.
     let out = net2
         .server_cmd(&tarpit_tests::tarpit_bin().display().to_string())
@@ -355,7 +351,7 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
         .expect("tarpit stats");
     let stats = String::from_utf8_lossy(&out.stdout);
     assert!(stats.contains("cluster: connected to Redis"), "{stats}");
-    assert!(metric(&net2, "tarpit_cluster_propagation_seconds_count").unwrap_or(0.0) >= 1.0);
+    assert!(metric(net2, "tarpit_cluster_propagation_seconds_count").unwrap_or(0.0) >= 1.0);
     drop(mx1);
     drop(mx2);
 }

@@ -13,9 +13,9 @@ mod common;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use common::{StateFileGuard, blocked, cli};
-use tarpit_tests::redis::{RedisProc, free_addr, link_servers};
-use tarpit_tests::{Agent, PinDir, TestNet, require_root, wait};
+use common::{blocked, cli};
+use tarpit_tests::redis::{RedisProc, free_addr};
+use tarpit_tests::{Agent, TestNet, require_root, wait};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -84,18 +84,13 @@ fn blocks_and_deletions_reach_the_other_host_through_a_redis_cluster() {
     if !require_root() {
         return;
     }
-    let net1 = TestNet::new().expect("net mx1");
-    let net2 = TestNet::new().expect("net mx2");
-    link_servers(&net1, &net2).expect("link between the server namespaces");
-    let pins1 = PinDir::new().expect("pins mx1");
-    let pins2 = PinDir::new().expect("pins mx2");
-    let _state1 = StateFileGuard::new(&pins1);
-    let _state2 = StateFileGuard::new(&pins2);
-    let nodes = redis_cluster(&net1, ip("fd5b:1e00:ff::1"));
-    let c1 = common::config(&net1, &pins1, None, true, &host_config("mx1", &nodes));
-    let c2 = common::config(&net2, &pins2, None, true, &host_config("mx2", &nodes));
-    let mx1 = Agent::start(&net1, &c1).expect("mx1");
-    let mx2 = Agent::start(&net2, &c2).expect("mx2");
+    let (mx1, mx2) = common::mx_pair(true);
+    let (net1, pins1, net2, pins2) = (&mx1.net, &mx1.pins, &mx2.net, &mx2.pins);
+    let nodes = redis_cluster(net1, ip("fd5b:1e00:ff::1"));
+    let c1 = common::config(net1, pins1, None, true, &host_config("mx1", &nodes));
+    let c2 = common::config(net2, pins2, None, true, &host_config("mx2", &nodes));
+    let mx1 = Agent::start(net1, &c1).expect("mx1");
+    let mx2 = Agent::start(net2, &c2).expect("mx2");
     let connected = |a: &Agent| a.log().contains("cluster: connected to Redis");
     wait::eventually("both hosts connected", Duration::from_secs(10), || {
         connected(&mx1) && connected(&mx2)
@@ -103,22 +98,22 @@ fn blocks_and_deletions_reach_the_other_host_through_a_redis_cluster() {
 
     cli(&mx1, &["block", "add", "198.51.100.61/32", "--ttl", "10m"]);
     wait::eventually("mx1's block at mx2", Duration::from_secs(5), || {
-        blocked(&pins2, "198.51.100.61")
+        blocked(pins2, "198.51.100.61")
     });
     cli(&mx1, &["block", "del", "198.51.100.61/32"]);
     wait::eventually("mx1's deletion at mx2", Duration::from_secs(5), || {
-        !blocked(&pins2, "198.51.100.61")
+        !blocked(pins2, "198.51.100.61")
     });
 
     // mx2 away: a block made meanwhile reaches it at its next start.
     mx2.stop().expect("mx2 stops");
     cli(&mx1, &["block", "add", "198.51.100.62/32", "--ttl", "10m"]);
     std::thread::sleep(Duration::from_secs(1));
-    let mx2 = Agent::start(&net2, &c2).expect("mx2 again");
+    let mx2 = Agent::start(net2, &c2).expect("mx2 again");
     wait::eventually(
         "the block made while mx2 was away",
         Duration::from_secs(10),
-        || blocked(&pins2, "198.51.100.62"),
+        || blocked(pins2, "198.51.100.62"),
     );
 
     // Every key in tarpit's one slot.

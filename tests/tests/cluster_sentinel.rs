@@ -14,11 +14,11 @@ mod common;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use common::{StateFileGuard, agent_for, blocked, cli, maps};
-use tarpit_tests::redis::{RedisProc, link_servers};
+use common::{agent_for, blocked, cli, maps};
+use tarpit_tests::redis::RedisProc;
 use tarpit_tests::smtp_client::SmtpClient;
 use tarpit_tests::swaks::swaks;
-use tarpit_tests::{Agent, CLIENT_V4, PinDir, Postfix, TestNet, require_root, wait};
+use tarpit_tests::{Agent, CLIENT_V4, Postfix, require_root, wait};
 
 const SERVICE: &str = "tarpit";
 const HELO_DELAY_S: u64 = 2;
@@ -49,20 +49,15 @@ fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
     if !require_root() {
         return;
     }
-    let net1 = TestNet::new().expect("net mx1");
-    let net2 = TestNet::new().expect("net mx2");
-    link_servers(&net1, &net2).expect("link between the server namespaces");
-    let pins1 = PinDir::new().expect("pins mx1");
-    let pins2 = PinDir::new().expect("pins mx2");
-    let _state1 = StateFileGuard::new(&pins1);
-    let _state2 = StateFileGuard::new(&pins2);
-    let _pf1 = Postfix::start(&net1).expect("postfix mx1");
-    let _pf2 = Postfix::start(&net2).expect("postfix mx2");
+    let (mx1, mx2) = common::mx_pair(true);
+    let (net1, pins1, net2, pins2) = (&mx1.net, &mx1.pins, &mx2.net, &mx2.pins);
+    let _pf1 = Postfix::start(net1).expect("postfix mx1");
+    let _pf2 = Postfix::start(net2).expect("postfix mx2");
     let here = ip("fd5b:1e00:ff::1");
-    let mut master = RedisProc::server(&net1, here, &[]).expect("redis master");
+    let mut master = RedisProc::server(net1, here, &[]).expect("redis master");
     let m = master.addr;
     let replica = RedisProc::server(
-        &net1,
+        net1,
         here,
         &["--replicaof", &m.ip().to_string(), &m.port().to_string()],
     )
@@ -73,7 +68,7 @@ fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
             .unwrap_or_default()
             .contains("master_link_status:up")
     });
-    let sentinel = RedisProc::sentinel(&net1, here, m, SERVICE).expect("redis sentinel");
+    let sentinel = RedisProc::sentinel(net1, here, m, SERVICE).expect("redis sentinel");
     // The Sentinel learns of the replica from the master.
     wait::eventually(
         "the sentinel sees the replica",
@@ -86,25 +81,13 @@ fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
         },
     );
     let mx1 = Agent::start(
-        &net1,
-        &common::config(
-            &net1,
-            &pins1,
-            None,
-            true,
-            &host_config("mx1", sentinel.addr),
-        ),
+        net1,
+        &common::config(net1, pins1, None, true, &host_config("mx1", sentinel.addr)),
     )
     .expect("mx1");
     let mx2 = Agent::start(
-        &net2,
-        &common::config(
-            &net2,
-            &pins2,
-            None,
-            true,
-            &host_config("mx2", sentinel.addr),
-        ),
+        net2,
+        &common::config(net2, pins2, None, true, &host_config("mx2", sentinel.addr)),
     )
     .expect("mx2");
     let connected = |a: &Agent| a.log().contains("cluster: connected to Redis");
@@ -114,7 +97,7 @@ fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
 
     cli(&mx1, &["block", "add", "198.51.100.71/32", "--ttl", "10m"]);
     wait::eventually("mx1's block at mx2", Duration::from_secs(5), || {
-        blocked(&pins2, "198.51.100.71")
+        blocked(pins2, "198.51.100.71")
     });
 
     // Authenticated at mx1 (once-per-day rule on): no HELO delay at mx2,
@@ -126,10 +109,10 @@ fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
     wait::eventually(
         "mx1's authenticated address at mx2",
         Duration::from_secs(5),
-        || maps(&pins2).auth_get(user).unwrap().is_some(),
+        || maps(pins2).auth_get(user).unwrap().is_some(),
     );
     let helo_time = |src: IpAddr| -> Duration {
-        let mut c = SmtpClient::connect(&net2, src, agent_for(src)).unwrap();
+        let mut c = SmtpClient::connect(net2, src, agent_for(src)).unwrap();
         assert_eq!(c.reply().unwrap().code, 220);
         let (r, took) = c.cmd("EHLO client.example").unwrap();
         assert_eq!(r.code, 250, "{r:?}");
@@ -150,7 +133,7 @@ fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
 
     // The master dies; mail flows at both while the Sentinel fails over.
     master.kill();
-    for (name, net) in [("mx1", &net1), ("mx2", &net2)] {
+    for (name, net) in [("mx1", net1), ("mx2", net2)] {
         let s = swaks(net, CLIENT_V4.into(), &[]);
         assert!(s.ok, "{name} during the fail-over: {}", s.out);
     }
@@ -169,7 +152,7 @@ fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
     wait::eventually(
         "mx2's block at mx1 through the new master",
         Duration::from_secs(20),
-        || blocked(&pins1, "198.51.100.72"),
+        || blocked(pins1, "198.51.100.72"),
     );
     let there = replica
         .cli(&["GET", "tarpit:block:198.51.100.72/32"])

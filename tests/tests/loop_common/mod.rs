@@ -66,6 +66,37 @@ impl Drop for StateFileGuard {
     }
 }
 
+/// One MX host of a test with several: its namespaces, pins and agent
+/// state file (fields drop in this order, as separate guards would).
+pub struct MxHost {
+    _state: StateFileGuard,
+    pub pins: PinDir,
+    pub net: TestNet,
+}
+
+impl MxHost {
+    pub fn new(name: &str) -> MxHost {
+        let net = TestNet::new().unwrap_or_else(|e| panic!("net {name}: {e:#}"));
+        let pins = PinDir::new().unwrap_or_else(|e| panic!("pins {name}: {e:#}"));
+        MxHost {
+            _state: StateFileGuard::new(&pins),
+            pins,
+            net,
+        }
+    }
+}
+
+/// Two MX hosts, mx1 and mx2; `linked`: a veth joins their server
+/// namespaces, so that a server in mx1's (Redis) serves both.
+pub fn mx_pair(linked: bool) -> (MxHost, MxHost) {
+    let (mx1, mx2) = (MxHost::new("mx1"), MxHost::new("mx2"));
+    if linked {
+        tarpit_tests::redis::link_servers(&mx1.net, &mx2.net)
+            .expect("link between the server namespaces");
+    }
+    (mx1, mx2)
+}
+
 /// The state file of a test's agent (run-time allow and block entries).
 pub fn state_file(pins: &PinDir) -> std::path::PathBuf {
     let name = pins.path.file_name().unwrap_or_default().to_string_lossy();
