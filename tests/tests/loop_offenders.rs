@@ -96,6 +96,52 @@ fn three_pre_greet_strikes_block_in_xdp_until_the_ttl_v4_and_v6() {
     }
 }
 
+/// A bot whose handshake ACK is lost (or who never sends one: a raw
+/// client can put its EHLO on the ACK that completes the handshake) talks
+/// in the very segment that makes the connection. The kernel's tc program
+/// sees that segment before sock_ops has made the flow, so the flow
+/// reads "awaiting the greeting" afterwards; the agent saw the bytes
+/// before its banner all the same, and they are pre-greet talk: 554, and
+/// a strike that counts toward the XDP block like the kernel's own.
+#[test]
+fn talk_on_the_handshake_ack_is_pre_greet_talk_v4_and_v6() {
+    if !require_root() {
+        return;
+    }
+    let net = TestNet::new().expect("net");
+    let pins = PinDir::new().expect("pins");
+    let _pf = Postfix::start(&net).expect("postfix");
+    let rest = "[greeting]\ndelay = \"1s\"\n[offenders]\npregreet_strikes = 2\nblock_ttl = \"60s\"\n\
+                slowdown = false\n";
+    let agent = Agent::start(&net, &common::config(&net, &pins, None, true, rest)).expect("agent");
+    // Every pure ACK the client sends to the agent is lost; segments with
+    // data (PSH|ACK) and FINs go through, so the client's first data
+    // segment is what completes the handshake at the server.
+    let rules = format!(
+        "table inet lossy {{\n chain out {{\n  type filter hook output priority 0;\n  \
+         tcp dport {port} tcp flags == ack drop\n }}\n}}\n",
+        port = agent_for(IpAddr::from(CLIENT_V4)).port()
+    );
+    testkit::feed(net.client_cmd("nft").args(["-f", "-"]), &rules).expect("nft");
+    let bots = [IpAddr::from(CLIENT_V4), IpAddr::from(CLIENT_V6)];
+    for bot in bots {
+        talk_first(&net, bot).unwrap_or_else(|e| panic!("{bot}: {e:#}\n{}", agent.log()));
+        // tc saw the talk before the flow existed: no kernel strike.
+        let kernel = maps(&pins).ip_state(bot).unwrap().map_or(0, |s| s.strikes);
+        assert_eq!(kernel, 0, "{bot}: the kernel struck it after all");
+        assert!(maps(&pins).block_match(bot).unwrap().is_none(), "{bot}");
+    }
+    for bot in bots {
+        talk_first(&net, bot).unwrap_or_else(|e| panic!("{bot}: {e:#}\n{}", agent.log()));
+        eventually(&format!("{bot} is on the block list"), || {
+            maps(&pins).block_match(bot).unwrap().is_some()
+        });
+        let entry = maps(&pins).block_match(bot).unwrap().unwrap();
+        assert_eq!(entry.reason(), Some(BlockReason::Pregreet));
+    }
+    drop(agent);
+}
+
 #[test]
 fn allow_listed_and_internal_talkers_are_never_blocked() {
     if !require_root() {
@@ -215,7 +261,8 @@ fn sessions_dropped_by_a_dnsbl_block_after_the_threshold() {
 delay = "1s"
 [dns]
 nameservers = ["127.0.0.1:5353"]
-timeout = "3s"
+# Generous: on a busy box a late answer would let the client in.
+timeout = "8s"
 [dnsbl]
 sites = ["drop.test*3"]
 threshold = 3

@@ -23,13 +23,32 @@ pub trait AllowList: Send + Sync {
     fn allowlisted(&self, ip: IpAddr) -> bool;
 }
 
+/// Whether a client talked before the greeting, and who counts the strike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Talk {
+    /// It did not.
+    Silent,
+    /// It did, and the kernel's tc program struck the address already.
+    Struck,
+    /// It did, and nobody has counted it yet: the session reports the
+    /// offence (a flow the kernel has no record of, or talk riding on the
+    /// handshake's own ACK, which tc sees before the flow exists).
+    Unstruck,
+}
+
+impl Talk {
+    pub fn talked(self) -> bool {
+        self != Talk::Silent
+    }
+}
+
 /// Who talked first: the kernel's per-flow flag when the loop runs, the
 /// agent's own observation otherwise (one verdict source).
 pub trait PreGreetSource: Send + Sync {
     /// Asked while the banner is held and just before it goes out.
     /// `seen_by_agent`: client bytes arrived on the agent's socket before
     /// the final `220 ` (after a `220-` teaser counts too).
-    fn talked_first(&self, client: SocketAddr, local: SocketAddr, seen_by_agent: bool) -> bool;
+    fn talked_first(&self, client: SocketAddr, local: SocketAddr, seen_by_agent: bool) -> Talk;
 }
 
 /// The agent's own detector: bytes on the socket before the banner.
@@ -37,15 +56,20 @@ pub trait PreGreetSource: Send + Sync {
 pub struct AgentPreGreet;
 
 impl PreGreetSource for AgentPreGreet {
-    fn talked_first(&self, _client: SocketAddr, _local: SocketAddr, seen_by_agent: bool) -> bool {
-        seen_by_agent
+    fn talked_first(&self, _client: SocketAddr, _local: SocketAddr, seen_by_agent: bool) -> Talk {
+        if seen_by_agent {
+            Talk::Unstruck
+        } else {
+            Talk::Silent
+        }
     }
 }
 
 /// Something an address did that counts towards a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offence {
-    /// Talked before the greeting (seen by the kernel).
+    /// Talked before the greeting (struck by the kernel, or reported by
+    /// the session when the kernel could not see it: [`Talk::Unstruck`]).
     PreGreet,
     /// A session the agent or the MTA ended with a 5xx and a drop.
     Rejected,
@@ -153,7 +177,7 @@ mod tests {
         assert!(!p.allow.allowlisted(ip));
         let a: SocketAddr = "198.51.100.9:4000".parse().unwrap();
         let l: SocketAddr = "198.51.100.1:25".parse().unwrap();
-        assert!(p.pregreet.talked_first(a, l, true));
-        assert!(!p.pregreet.talked_first(a, l, false));
+        assert_eq!(p.pregreet.talked_first(a, l, true), Talk::Unstruck);
+        assert_eq!(p.pregreet.talked_first(a, l, false), Talk::Silent);
     }
 }

@@ -233,8 +233,11 @@ async fn greet(
     check_pre_greet: bool,
     seen: bool,
 ) -> Result<Greeted, Outcome> {
-    if check_pre_greet && pregreet::talked_first(shared, &stream, peer, local, seen).await {
-        return Err(pregreet::answer(shared, state, stream, peer).await);
+    if check_pre_greet {
+        let talk = pregreet::talked_first(shared, &stream, peer, local, seen).await;
+        if talk.talked() {
+            return Err(pregreet::answer(shared, state, stream, peer, talk).await);
+        }
     }
     dns_gate::gate(shared, state, &mut stream, peer, rep).await?;
     if shared.shutdown.is_draining() {
@@ -267,8 +270,11 @@ async fn greet(
             return Err(Outcome::BackendError);
         }
     };
-    if check_pre_greet && pregreet::talked_first(shared, &stream, peer, local, seen).await {
-        return Err(pregreet::answer(shared, state, stream, peer).await);
+    if check_pre_greet {
+        let talk = pregreet::talked_first(shared, &stream, peer, local, seen).await;
+        if talk.talked() {
+            return Err(pregreet::answer(shared, state, stream, peer, talk).await);
+        }
     }
     Ok((
         ClientStream::Plain(stream),

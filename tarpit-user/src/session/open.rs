@@ -167,8 +167,11 @@ impl Greeting {
             Woke::Error => return Outcome::ClientError,
             Woke::Talked => {
                 seen = true;
-                if check_pre_greet && shared.ports.pregreet.talked_first(peer, local, true) {
-                    return pregreet::answer(shared, &mut state, stream, peer).await;
+                if check_pre_greet {
+                    let talk = shared.ports.pregreet.talked_first(peer, local, true);
+                    if talk.talked() {
+                        return pregreet::answer(shared, &mut state, stream, peer, talk).await;
+                    }
                 }
                 // Talk is allowed here (the check is off): wait it out
                 // without reading, the MTA will see the bytes.

@@ -10,6 +10,7 @@ use tracing::info;
 
 use super::{Shared, say_and_close};
 use crate::metrics::Outcome;
+use crate::policy::ports::{Offence, Talk};
 use crate::policy::{Event, SessionState};
 
 /// Asks the verdict source just before the banner goes out.
@@ -19,7 +20,7 @@ pub(super) async fn talked_first(
     peer: SocketAddr,
     local: SocketAddr,
     seen: bool,
-) -> bool {
+) -> Talk {
     let mut probe = [0u8; 1];
     // One poll of the socket: data already there counts, nothing waits.
     let seen = seen
@@ -31,13 +32,19 @@ pub(super) async fn talked_first(
 }
 
 /// Answers a client that talked first as the policy says, and closes.
+/// Talk the kernel did not strike (`Talk::Unstruck`) is reported as an
+/// offence here, so it counts toward a block all the same.
 pub(super) async fn answer(
     shared: &Shared,
     state: &mut SessionState,
     mut stream: TcpStream,
     peer: SocketAddr,
+    talk: Talk,
 ) -> Outcome {
     shared.metrics.pregreet_total.inc();
+    if talk == Talk::Unstruck {
+        shared.ports.offences.offence(peer.ip(), Offence::PreGreet);
+    }
     info!(client = %peer, "pre-greet talk: 554 and close");
     let action = shared.policy.decide(state, Event::TalkedFirst);
     if let Some(d) = action.hold {

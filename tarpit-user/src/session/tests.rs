@@ -874,4 +874,43 @@ async fn a_client_is_classified_once_and_its_offences_go_to_the_port() {
     );
 }
 
+/// A pre-greet source that answers as the kernel would, fixed.
+struct FixedTalk(crate::policy::ports::Talk);
+
+impl crate::policy::ports::PreGreetSource for FixedTalk {
+    fn talked_first(
+        &self,
+        _client: SocketAddr,
+        _local: SocketAddr,
+        seen: bool,
+    ) -> crate::policy::ports::Talk {
+        if seen {
+            self.0
+        } else {
+            crate::policy::ports::Talk::Silent
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn pre_greet_talk_the_kernel_did_not_strike_is_reported_once() {
+    use crate::policy::ports::{Offence, Talk};
+    for (talk, reported) in [
+        (Talk::Struck, vec![]),
+        (Talk::Unstruck, vec![Offence::PreGreet]),
+    ] {
+        let mta = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let counting = Arc::new(Counting::default());
+        let mut with = (*shared(HOLD_30S, mta.local_addr().unwrap())).clone();
+        with.ports.pregreet = Arc::new(FixedTalk(talk));
+        with.ports.offences = counting.clone();
+        let (mut c, task) = session(Arc::new(with)).await;
+        c.get_mut().write_all(b"EHLO bot\r\n").await.unwrap();
+        let r = read_reply(&mut c).await;
+        assert!(r.starts_with("554 "), "{talk:?}: {r}");
+        assert_eq!(task.await.unwrap(), Outcome::PreGreet);
+        assert_eq!(*counting.offences.lock().unwrap(), reported, "{talk:?}");
+    }
+}
+
 mod lazy;
