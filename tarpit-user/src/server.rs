@@ -366,6 +366,15 @@ async fn serve_client(
                 Box::new(move |stream, woke| {
                     tokio::spawn(async move {
                         let peer = greeting.peer();
+                        // Back into the runtime's reactor (parked, it was not).
+                        let stream = match TcpStream::from_std(stream) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                warn!(client = %peer, "cannot take a parked client back: {e}");
+                                end.finish(peer, Outcome::ClientError, &kept.into_tally());
+                                return;
+                            }
+                        };
                         let rest = Box::pin(greeting.resume(&end.shared, stream, woke));
                         let (outcome, tally) =
                             crate::metrics::summary::scope_from(kept.into_tally(), rest).await;

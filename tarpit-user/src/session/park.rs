@@ -1,25 +1,33 @@
-//! Clients in the greeting delay without a task of their own.
+//! Clients in the greeting delay without a task of their own, and
+//! outside the runtime's reactor.
 //!
 //! Most clients of a tarpit are bots waiting for a banner that comes late,
 //! and each of them held by its own task costs that task, its future, a
-//! timer and a drain waiter. Parked here instead, a held client is its
-//! socket, a slot, a waker and a timer entry, in one [`Holder`] task that
-//! watches them all: one timer for the earliest deadline, one waiter for
-//! the drain, and per socket the waker that the socket's readiness calls.
-//! What ends the wait is the same as for a session waiting in place: the
-//! deadline, the drain (SIGTERM), or bytes (pre-greet talk) or EOF from
-//! the client, each seen at once. The holder then hands the socket back
-//! ([`Woke`]) to the continuation the session left, which runs in a new
-//! task.
+//! timer and a drain waiter; even parked, a tokio socket costs its
+//! reactor registration (a 128-byte-aligned `ScheduledIo` behind an
+//! `Arc`, a few hundred bytes with the allocator's share) and a waker.
+//! Parked here instead, a held client is a plain file descriptor in an
+//! epoll set of the [`Holder`]'s own, a slot (descriptor, continuation,
+//! sequence number) and a timer entry; the holder task is woken through
+//! the one registration of that epoll descriptor, plus one timer for the
+//! earliest deadline and one waiter for the drain. What ends the wait is
+//! the same as for a session waiting in place: the deadline, the drain
+//! (SIGTERM), or bytes (pre-greet talk) or EOF from the client, each seen
+//! at once. The holder then hands the socket back ([`Woke`]) to the
+//! continuation the session left, which runs in a new task and registers
+//! the socket with the runtime again.
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::io::ErrorKind;
+use std::os::fd::{AsRawFd, RawFd};
 
-use tokio::io::ReadBuf;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
+use tracing::warn;
 
 use crate::shutdown::Shutdown;
 
@@ -39,11 +47,13 @@ pub enum Woke {
 }
 
 /// What to do with the socket once the wait ends; it should spawn the rest
-/// of the session (it runs inside the holder, which must not wait).
-pub type Then = Box<dyn FnOnce(TcpStream, Woke) + Send>;
+/// of the session (it runs inside the holder, which must not wait). The
+/// socket comes back as a plain (non-blocking) std socket: the new task
+/// registers it with the runtime (`TcpStream::from_std`).
+pub type Then = Box<dyn FnOnce(std::net::TcpStream, Woke) + Send>;
 
 struct Park {
-    stream: TcpStream,
+    stream: std::net::TcpStream,
     deadline: Instant,
     then: Then,
 }
@@ -64,8 +74,18 @@ impl Holder {
     }
 
     /// Holds `stream` until `deadline`, the drain or the client's own
-    /// move, then calls `then`.
+    /// move, then calls `then`. The socket leaves the runtime's reactor
+    /// here.
     pub fn park(&self, stream: TcpStream, deadline: Instant, then: Then) {
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                // Not seen in practice (deregistering a live socket); the
+                // session cannot go on without its socket.
+                warn!("cannot park a client: {e}");
+                return;
+            }
+        };
         if let Err(mpsc::error::SendError(p)) = self.tx.send(Park {
             stream,
             deadline,
@@ -81,131 +101,150 @@ impl Holder {
     }
 }
 
-/// Sockets whose readiness changed, for the holder to look at.
-struct Ready {
-    keys: Mutex<Vec<usize>>,
-    notify: Notify,
-}
-
-/// The waker a parked socket calls: names its slot.
-struct SlotWaker {
-    key: usize,
-    ready: Arc<Ready>,
-}
-
-impl Wake for SlotWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref()
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        // A stale wake (the slot was since reused) only costs a peek.
-        lock(&self.ready.keys).push(self.key);
-        self.ready.notify.notify_one();
+/// What the socket says, without reading: `None` while it has nothing.
+fn peek(stream: &std::net::TcpStream) -> Option<Woke> {
+    let mut probe = [0u8; 1];
+    match stream.peek(&mut probe) {
+        Ok(0) => Some(Woke::Closed),
+        Ok(_) => Some(Woke::Talked),
+        Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => None,
+        Err(_) => Some(Woke::Error),
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// The holder's epoll set, pollable by the runtime through its descriptor.
+struct Poller(Epoll);
+
+impl AsRawFd for Poller {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.0.as_raw_fd()
+    }
+}
+
+/// What a parked socket is watched for: bytes, its peer's FIN, errors
+/// (level-triggered: a socket is removed as soon as it has news).
+fn interest() -> EpollFlags {
+    EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP
+}
+
+/// An epoll event's data: the slot and its sequence number, so a stale
+/// event (its slot since released) is never taken for another client.
+fn token(key: usize, seq: u32) -> u64 {
+    (u64::from(seq) << 32) | key as u64
+}
+
+fn untoken(data: u64) -> (usize, u32) {
+    ((data & 0xffff_ffff) as usize, (data >> 32) as u32)
 }
 
 struct Slot {
-    stream: TcpStream,
+    stream: std::net::TcpStream,
     then: Then,
-    waker: Waker,
-    /// Matches the slot's timer entry (slots are reused).
-    seq: u64,
+    /// Matches the slot's timer entry and epoll token (slots are reused).
+    seq: u32,
 }
 
-/// What the socket says, without reading: `None` while it has nothing.
-fn peek(stream: &TcpStream, waker: &Waker) -> Option<Woke> {
-    let mut probe = [0u8; 1];
-    let mut buf = ReadBuf::new(&mut probe);
-    match stream.poll_peek(&mut Context::from_waker(waker), &mut buf) {
-        Poll::Pending => None,
-        Poll::Ready(Ok(0)) => Some(Woke::Closed),
-        Poll::Ready(Ok(_)) => Some(Woke::Talked),
-        Poll::Ready(Err(_)) => Some(Woke::Error),
-    }
-}
-
-/// The parked clients: slots, free keys, deadlines.
+/// The parked clients: slots, free keys, deadlines. Their epoll set is
+/// the caller's (the holder waits on it while this changes).
 #[derive(Default)]
 struct Parked {
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
-    timers: BinaryHeap<Reverse<(Instant, u64, usize)>>,
-    seq: u64,
+    timers: BinaryHeap<Reverse<(Instant, u32, usize)>>,
+    seq: u32,
 }
 
 impl Parked {
-    fn insert(&mut self, p: Park, ready: &Arc<Ready>) {
+    fn insert(&mut self, ep: &Epoll, p: Park) {
         let key = self.free.pop().unwrap_or(self.slots.len());
-        let waker = Waker::from(Arc::new(SlotWaker {
-            key,
-            ready: ready.clone(),
-        }));
-        // The first peek registers the waker with the socket.
-        if let Some(w) = peek(&p.stream, &waker) {
-            // Only a key of an existing slot goes back on the free list.
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        if let Err(e) = ep.add(&p.stream, EpollEvent::new(interest(), token(key, seq))) {
+            // Cannot watch it (out of kernel memory): it waits out its
+            // delay in a task of its own, as without the holder.
             if key < self.slots.len() {
                 self.free.push(key);
             }
-            (p.then)(p.stream, w);
+            warn!("cannot park a client: {e}");
+            tokio::spawn(async move {
+                sleep_until(p.deadline).await;
+                (p.then)(p.stream, Woke::Due);
+            });
             return;
         }
-        self.seq += 1;
         let slot = Slot {
             stream: p.stream,
             then: p.then,
-            waker,
-            seq: self.seq,
+            seq,
         };
         if key == self.slots.len() {
             self.slots.push(Some(slot));
         } else {
             self.slots[key] = Some(slot);
         }
-        self.timers.push(Reverse((p.deadline, self.seq, key)));
+        self.timers.push(Reverse((p.deadline, seq, key)));
     }
 
-    fn release(&mut self, key: usize, woke: Woke) {
+    fn release(&mut self, ep: &Epoll, key: usize, woke: Woke) {
         if let Some(s) = self.slots.get_mut(key).and_then(Option::take) {
             self.free.push(key);
+            // Closing it would remove it too; it lives on, so say so.
+            let _ = ep.delete(&s.stream);
             (s.then)(s.stream, woke);
         }
     }
 
-    fn release_due(&mut self, now: Instant) {
+    fn release_due(&mut self, ep: &Epoll, now: Instant) {
         while let Some(&Reverse((at, seq, key))) = self.timers.peek() {
             if at > now {
                 return;
             }
             self.timers.pop();
-            if self
-                .slots
-                .get(key)
-                .and_then(Option::as_ref)
-                .is_some_and(|s| s.seq == seq)
-            {
-                self.release(key, Woke::Due);
+            if self.current(key, seq) {
+                self.release(ep, key, Woke::Due);
             }
         }
     }
 
-    fn check(&mut self, key: usize) {
-        let woke = match self.slots.get(key).and_then(Option::as_ref) {
-            Some(s) => peek(&s.stream, &s.waker),
-            None => None,
-        };
-        if let Some(w) = woke {
-            self.release(key, w);
+    fn current(&self, key: usize, seq: u32) -> bool {
+        self.slots
+            .get(key)
+            .and_then(Option::as_ref)
+            .is_some_and(|s| s.seq == seq)
+    }
+
+    /// Takes every event the epoll set has now and hands back the clients
+    /// with news; `true` when the set was read empty.
+    fn check_ready(&mut self, ep: &Epoll) -> bool {
+        let mut events = [EpollEvent::empty(); 64];
+        loop {
+            let n = match ep.wait(&mut events, 0u8) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!("parked clients: epoll_wait: {e}");
+                    return true;
+                }
+            };
+            for ev in &events[..n] {
+                let (key, seq) = untoken(ev.data());
+                if !self.current(key, seq) {
+                    continue;
+                }
+                let woke = self.slots[key].as_ref().and_then(|s| peek(&s.stream));
+                if let Some(w) = woke {
+                    self.release(ep, key, w);
+                }
+            }
+            if n < events.len() {
+                return true;
+            }
         }
     }
 
-    fn release_all(&mut self, woke: Woke) {
+    fn release_all(&mut self, ep: &Epoll, woke: Woke) {
         for key in 0..self.slots.len() {
-            self.release(key, woke);
+            self.release(ep, key, woke);
         }
         self.timers.clear();
     }
@@ -231,10 +270,29 @@ impl Parked {
 }
 
 async fn hold(mut rx: mpsc::UnboundedReceiver<Park>, shutdown: Shutdown) {
-    let ready = Arc::new(Ready {
-        keys: Mutex::new(Vec::new()),
-        notify: Notify::new(),
-    });
+    let poller = match Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+        .map_err(std::io::Error::from)
+        .and_then(|ep| {
+            // SAFETY: `Poller` owns the epoll set's descriptor (the
+            // `OwnedFd` inside `Epoll`), which nothing replaces or closes
+            // while the `AsyncFd` lives, and `as_raw_fd` always returns it.
+            unsafe { AsyncFd::register_with_interest(Poller(ep), Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)
+        }) {
+        Ok(p) => p,
+        Err(e) => {
+            // No epoll set: every client waits in a task of its own.
+            warn!("cannot make the parked clients' epoll set: {e}; held clients wait in tasks");
+            while let Some(p) = rx.recv().await {
+                tokio::spawn(async move {
+                    sleep_until(p.deadline).await;
+                    (p.then)(p.stream, Woke::Due);
+                });
+            }
+            return;
+        }
+    };
+    let ep = &poller.get_ref().0;
     let mut parked = Parked::default();
     let drain = shutdown.drain_waiter();
     let sleep = sleep_until(Instant::now());
@@ -243,13 +301,9 @@ async fn hold(mut rx: mpsc::UnboundedReceiver<Park>, shutdown: Shutdown) {
     loop {
         draining |= shutdown.is_draining();
         if draining {
-            parked.release_all(Woke::Drain);
+            parked.release_all(ep, Woke::Drain);
         }
-        parked.release_due(Instant::now());
-        let keys = std::mem::take(&mut *lock(&ready.keys));
-        for key in keys {
-            parked.check(key);
-        }
+        parked.release_due(ep, Instant::now());
         if parked.len() == 0 {
             if !open {
                 return;
@@ -264,10 +318,19 @@ async fn hold(mut rx: mpsc::UnboundedReceiver<Park>, shutdown: Shutdown) {
             _ = &mut drain, if !draining => draining = true,
             p = rx.recv(), if open => match p {
                 Some(p) if draining => (p.then)(p.stream, Woke::Drain),
-                Some(p) => parked.insert(p, &ready),
+                Some(p) => parked.insert(ep, p),
                 None => open = false,
             },
-            _ = ready.notify.notified() => {}
+            r = poller.readable() => match r {
+                Ok(mut guard) => {
+                    // Cleared only once the set was read empty: a wake
+                    // that comes meanwhile is not lost.
+                    if parked.check_ready(ep) {
+                        guard.clear_ready();
+                    }
+                }
+                Err(e) => warn!("parked clients: {e}"),
+            },
             _ = &mut sleep, if timed => {}
         }
     }
@@ -362,8 +425,9 @@ mod tests {
 
     #[test]
     fn a_parked_client_is_small() {
-        // The socket, the continuation, the waker, a sequence number; the
-        // continuation's own size is the caller's.
-        assert!(std::mem::size_of::<Option<Slot>>() <= 80);
+        // A descriptor, the continuation, a sequence number; no waker and
+        // no reactor registration. The continuation's own size is the
+        // caller's.
+        assert!(std::mem::size_of::<Option<Slot>>() <= 32);
     }
 }

@@ -163,6 +163,10 @@ pub fn run(env: &Env) -> Result<Vec<Scenario>> {
         sc.ratio(&a, &b, "rss_bytes_per_session", Aim::at_most(1.0));
         sc.ratio(&a, &b, "cpu_us_per_session_setup", None);
         sc.absolute(&a, "held", Aim::at_least(level as f64));
+        if level >= 15_000 {
+            // Issue 19: at most half a KiB of agent RSS per held client.
+            sc.absolute(&a, "rss_bytes_per_session", Aim::at_most(512.0));
+        }
     }
     sc.notes.push(
         "rss_bytes_per_session = (RSS with the sessions held - RSS idle) / sessions the server holds \
