@@ -168,3 +168,14 @@ pub fn ksoftirqd_pids() -> Vec<u32> {
 pub fn runtime_of(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|&p| runtime_seconds(p)).sum()
 }
+
+/// The kernel's slab memory (`Slab:` of /proc/meminfo), in bytes: what
+/// sockets, their files and epoll entries cost the kernel, machine-wide.
+pub fn kernel_slab_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+}

@@ -60,6 +60,8 @@ fn measure(env: &Env, holder: &Holder, level: u32) -> Result<Side> {
     )?;
     let rss0 = procstat::rss_bytes(pid).unwrap_or(0);
     let cpu0 = procstat::cpu_seconds(pid).unwrap_or(0.0);
+    let slab0 = procstat::kernel_slab_bytes();
+    let sockets0 = net.server_tcp_inuse().ok();
     let spec = Spec {
         mode: Mode::Hold,
         targets: both_families(port),
@@ -89,6 +91,8 @@ fn measure(env: &Env, holder: &Holder, level: u32) -> Result<Side> {
     let held = net.established_on(port)?.max(held);
     let rss1 = procstat::rss_bytes(pid).unwrap_or(0);
     let cpu1 = procstat::cpu_seconds(pid).unwrap_or(0.0);
+    let slab1 = procstat::kernel_slab_bytes();
+    let sockets1 = net.server_tcp_inuse().ok();
     signal::sleep(p.hold_window)?;
     let cpu2 = procstat::cpu_seconds(pid).unwrap_or(0.0);
     let rss2 = procstat::rss_bytes(pid).unwrap_or(0);
@@ -113,6 +117,17 @@ fn measure(env: &Env, holder: &Holder, level: u32) -> Result<Side> {
             "cpu_pct_while_holding",
             (cpu2 - cpu1) / p.hold_window.as_secs_f64() * 100.0,
         );
+    if let (Some(a), Some(b)) = (sockets0, sockets1) {
+        s.set("server_tcp_sockets_added", b.saturating_sub(a) as f64);
+    }
+    if let (Some(a), Some(b)) = (slab0, slab1)
+        && held > 0
+    {
+        s.set(
+            "kernel_slab_bytes_per_session",
+            b.saturating_sub(a) as f64 / held as f64,
+        );
+    }
     if held > 0 {
         s.set(
             "rss_bytes_per_session",
@@ -170,7 +185,10 @@ pub fn run(env: &Env) -> Result<Vec<Scenario>> {
     }
     sc.notes.push(
         "rss_bytes_per_session = (RSS with the sessions held - RSS idle) / sessions the server holds \
-         (ESTABLISHED on its port, counted by the kernel). Kernel socket buffers are not in RSS, for either side."
+         (ESTABLISHED on its port, counted by the kernel). Kernel socket buffers are not in RSS, for either side. \
+         kernel_slab_bytes_per_session: the machine's slab growth (/proc/meminfo) over the connect phase per held \
+         session, both socket ends (client and server run on this box) and their files and epoll entries; \
+         server_tcp_sockets_added: TCP sockets in use in the server namespace (/proc/net/sockstat and sockstat6)."
             .into(),
     );
     sc.notes.push(
