@@ -17,6 +17,7 @@
 //!     kernel.shutdown()
 //! })
 //! ```
+pub mod heap;
 pub mod metrics;
 pub mod pidfile;
 pub mod privileges;
