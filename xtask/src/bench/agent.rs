@@ -212,6 +212,12 @@ pub fn base_config(net: &BenchNet, port: u16, backend_port: u16) -> AgentConfig 
         .need("state.file", "\"@AGENT_DIR@/state.json\"")
 }
 
+/// The agent's own directory (config, log, state file): a scenario may
+/// put files there before [`Agent::start`].
+pub fn agent_dir(net: &BenchNet) -> PathBuf {
+    std::env::temp_dir().join(format!("tarpit-bench-agent-{}", net.id))
+}
+
 pub fn pin_dir(net: &BenchNet) -> PathBuf {
     PathBuf::from(format!("/sys/fs/bpf/tarpit-bench-{}", net.id))
 }
@@ -234,7 +240,7 @@ impl Agent {
         probe_port: Option<u16>,
     ) -> Result<Agent> {
         let bin = bin.path()?;
-        let dir = std::env::temp_dir().join(format!("tarpit-bench-agent-{}", net.id));
+        let dir = agent_dir(net);
         std::fs::create_dir_all(&dir)?;
         let text = match config.render(bin, &dir) {
             Ok(t) => t,
