@@ -150,11 +150,14 @@ fn bench_smoke_writes_a_well_formed_report() {
     assert_eq!(figure(xdp, "banner_bytes_received"), 0.0);
     assert!(figure(xdp, "hold_syn_answered") >= 400.0);
 
-    // Two hosts on one Redis: every block added at node 1 reached node 2's
-    // kernel block list, and node 1's greylist first tries reached node 2.
-    let prop = side(by_id("cluster_propagation"), "redis_pubsub");
-    assert_eq!(figure(prop, "seen"), figure(prop, "blocks"));
-    assert_eq!(figure(prop, "lost"), 0.0);
+    // Two hosts on one Redis: every block made at node 1 (by the admin, and
+    // of a bot that talked first) reached node 2's kernel block list, and
+    // node 1's greylist first tries reached node 2.
+    for name in ["admin_block", "offender_block"] {
+        let prop = side(by_id("cluster_propagation"), name);
+        assert_eq!(figure(prop, "seen"), figure(prop, "blocks"), "{name}");
+        assert_eq!(figure(prop, "lost"), 0.0, "{name}");
+    }
     let grey = side(by_id("cluster_greylist"), "greylist_propagation");
     assert_eq!(figure(grey, "seen"), figure(grey, "tries"));
     let rtt = side(by_id("cluster_greylist"), "redis_get_tcp");

@@ -34,10 +34,12 @@ pub struct Profile {
     pub kernel_hold_bots: u32,
     pub kernel_hold_talkers: u32,
     pub kernel_hold_window: Duration,
-    /// Cluster (issue 20): blocks added at node 1 and their pace (per
-    /// second), greylist first tries at node 1, Redis round trips timed,
-    /// and local greylist decisions timed per phase.
+    /// Cluster (issue 20): admin blocks added at node 1 and offenders
+    /// blocked there (at most 200: one source address each), their pace
+    /// (per second), greylist first tries at node 1, Redis round trips
+    /// timed, and local greylist decisions timed per phase.
     pub cluster_blocks: u32,
+    pub cluster_offenders: u32,
     pub cluster_block_rate: u32,
     pub cluster_grey_tries: u32,
     pub cluster_redis_calls: u32,
@@ -69,6 +71,7 @@ impl Profile {
             kernel_hold_talkers: 100,
             kernel_hold_window: Duration::from_secs(2),
             cluster_blocks: 6,
+            cluster_offenders: 4,
             cluster_block_rate: 20,
             cluster_grey_tries: 3,
             cluster_redis_calls: 200,
@@ -98,6 +101,7 @@ impl Profile {
             kernel_hold_talkers: 4000,
             kernel_hold_window: Duration::from_secs(20),
             cluster_blocks: 200,
+            cluster_offenders: 100,
             cluster_block_rate: 50,
             cluster_grey_tries: 50,
             cluster_redis_calls: 5_000,
@@ -127,6 +131,7 @@ impl Profile {
             kernel_hold_talkers: 20_000,
             kernel_hold_window: Duration::from_secs(120),
             cluster_blocks: 1000,
+            cluster_offenders: 200,
             cluster_block_rate: 50,
             cluster_grey_tries: 200,
             cluster_redis_calls: 10_000,
