@@ -35,16 +35,9 @@ impl PinnedLpm {
         // __u32 file_flags; ... } obj; ... }
         let mut attr = [0u8; 128];
         attr[..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
-        // SAFETY: bpf(2) with a zeroed attr of the documented size whose
-        // pathname points at a NUL-terminated string alive for the call.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_OBJ_GET,
-                attr.as_mut_ptr(),
-                attr.len() as libc::c_uint,
-            )
-        };
+        // SAFETY: pathname points at a NUL-terminated string alive for
+        // the call.
+        let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr) };
         if fd < 0 {
             bail!(
                 "cannot open the pinned map {}: {}",
@@ -74,17 +67,9 @@ impl PinnedLpm {
         attr[..4].copy_from_slice(&(self.fd.as_raw_fd() as u32).to_ne_bytes());
         attr[8..16].copy_from_slice(&(key.as_ptr() as u64).to_ne_bytes());
         attr[16..24].copy_from_slice(&(value.as_mut_ptr() as u64).to_ne_bytes());
-        // SAFETY: bpf(2) with a zeroed attr of the documented size; key
-        // and value point at buffers of the map's key and value sizes,
-        // alive for the call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_ELEM,
-                attr.as_mut_ptr(),
-                attr.len() as libc::c_uint,
-            )
-        };
+        // SAFETY: key and value point at buffers of at least the map's
+        // key and value sizes, alive for the call.
+        let r = unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) };
         if r == 0 {
             return Ok(true);
         }
@@ -93,5 +78,23 @@ impl PinnedLpm {
             return Ok(false);
         }
         bail!("map look-up failed: {e}")
+    }
+}
+
+/// bpf(2) with a zeroed attr of the documented size (the kernel checks
+/// that bytes past the command's fields are zero).
+///
+/// # Safety
+/// Every pointer the command's fields hold must be valid for the call.
+unsafe fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> libc::c_long {
+    // SAFETY: the caller vouches for the pointers inside attr; attr itself
+    // is a live buffer of the length given.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            attr.len() as libc::c_uint,
+        )
     }
 }

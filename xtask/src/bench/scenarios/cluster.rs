@@ -19,14 +19,13 @@
 //!   time until a first try made at node 1 is known at node 2.
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::super::agent::{Agent, agent_dir, base_config, pin_dir};
+use super::super::agent::{Agent, agent_dir, base_config, cli, pin_dir};
 use super::super::netns::{BenchNet, SERVER_V4};
 use super::super::pinned_lpm::PinnedLpm;
 use super::super::redis_server::RedisServer;
@@ -182,24 +181,6 @@ fn block_addr(i: u32) -> IpAddr {
     }
 }
 
-/// `tarpit -c CONFIG ARGS`; its output.
-fn tarpit(env: &Env, config: &PathBuf, args: &[&str]) -> Result<String> {
-    let out = Command::new(env.tarpit.path()?)
-        .arg("-c")
-        .arg(config)
-        .args(args)
-        .output()
-        .context("cannot run tarpit")?;
-    if !out.status.success() {
-        bail!(
-            "tarpit {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// One block on its way from node 1 to node 2: made at `started` (the
 /// command's start, or the bot's connect), in node 1's kernel from `at1`
 /// (the command's exit, or the first poll that found it there), in node
@@ -322,12 +303,17 @@ fn admin_blocks(env: &Env, pair: &Pair, tx: mpsc::Sender<Result<Watch>>) {
         }
         let addr = block_addr(i);
         let started = Instant::now();
-        let r = tarpit(
-            env,
-            &pair.node1.config,
-            &["block", "add", &addr.to_string()],
-        )
-        .map(|_| Watch::new(addr, started, Some(Instant::now())));
+        let r = env
+            .tarpit
+            .path()
+            .and_then(|bin| {
+                cli(
+                    bin,
+                    &pair.node1.config,
+                    &["block", "add", &addr.to_string()],
+                )
+            })
+            .map(|_| Watch::new(addr, started, Some(Instant::now())));
         let failed = r.is_err();
         if tx.send(r).is_err() || failed {
             return;
@@ -751,7 +737,7 @@ pub fn run(env: &Env) -> Result<Vec<Scenario>> {
     let p = &env.profile;
     let mut prop = Scenario::new(
         "cluster_propagation",
-        "Two MX hosts sharing one Redis: a block added at node 1 until it is in node 2's XDP block list",
+        "Two MX hosts sharing one Redis: a block made at node 1 until it is in node 2's XDP block list",
     );
     prop.param("blocks", p.cluster_blocks)
         .param("adds_per_s_target", p.cluster_block_rate)
