@@ -163,7 +163,8 @@ fn sum_in(text: &str, family: &str, label: Option<&str>) -> Option<f64> {
 
 /// The i-th address blocked by the admin: the first hundred alternate
 /// between IPv4 (198.51.100.150..249, above the bots' 198.51.100.10..109)
-/// and IPv6, the rest IPv6 (fd5b:1e00:b::/64).
+/// and IPv6, the rest IPv6 (fd5b:1e00::b:0:0/96, in the bench's /64,
+/// clear of the bots' fd5b:1e00::10..).
 fn block_addr(i: u32) -> IpAddr {
     if i.is_multiple_of(2) && i / 2 < 100 {
         IpAddr::V4(Ipv4Addr::new(198, 51, 100, 150 + (i / 2) as u8))
@@ -171,12 +172,12 @@ fn block_addr(i: u32) -> IpAddr {
         IpAddr::V6(Ipv6Addr::new(
             0xfd5b,
             0x1e00,
+            0,
+            0,
+            0,
             0xb,
-            0,
-            0,
-            0,
-            (i >> 16) as u16,
-            i as u16 + 1,
+            ((i + 1) >> 16) as u16,
+            (i + 1) as u16,
         ))
     }
 }
@@ -856,4 +857,77 @@ pub fn run(env: &Env) -> Result<Vec<Scenario>> {
             .into(),
     );
     Ok(vec![prop, grey])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: &str = "\
+# TYPE tarpit_cluster_applied counter
+tarpit_cluster_applied_total{kind=\"block\"} 3
+tarpit_cluster_applied_total{kind=\"greylist\"} 5
+tarpit_cluster_applied_totals 99
+tarpit_cluster_propagation_seconds_sum 1.5
+tarpit_cluster_propagation_seconds_count 4
+tarpit_cluster_propagation_seconds_bucket{le=\"0.1\"} 1
+tarpit_cluster_propagation_seconds_bucket{le=\"0.25\"} 3
+tarpit_cluster_propagation_seconds_bucket{le=\"1.0\"} 4
+tarpit_cluster_propagation_seconds_bucket{le=\"+Inf\"} 4
+";
+
+    #[test]
+    fn sums_a_family_by_label() {
+        let all = sum_in(PAGE, "tarpit_cluster_applied_total", None);
+        assert_eq!(
+            all,
+            Some(8.0),
+            "another family's name prefix is not counted"
+        );
+        let grey = sum_in(
+            PAGE,
+            "tarpit_cluster_applied_total",
+            Some("kind=\"greylist\""),
+        );
+        assert_eq!(grey, Some(5.0));
+        assert_eq!(sum_in(PAGE, "tarpit_cluster_up", None), None);
+    }
+
+    #[test]
+    fn reads_the_histogram_and_its_growth() {
+        let after = Hist::parse(PAGE);
+        assert_eq!((after.count, after.sum), (4.0, 1.5));
+        let before = Hist::parse(
+            "tarpit_cluster_propagation_seconds_sum 0.5\n\
+             tarpit_cluster_propagation_seconds_count 1\n\
+             tarpit_cluster_propagation_seconds_bucket{le=\"0.1\"} 1\n\
+             tarpit_cluster_propagation_seconds_bucket{le=\"0.25\"} 1\n\
+             tarpit_cluster_propagation_seconds_bucket{le=\"1.0\"} 1\n\
+             tarpit_cluster_propagation_seconds_bucket{le=\"+Inf\"} 1\n",
+        );
+        let d = after.since(&before);
+        assert_eq!((d.count, d.sum), (3.0, 1.0));
+        let mut s = Side::new("x");
+        d.set_on(&mut s);
+        // 0 of 3 within 100 ms, 2 within 250 ms, 3 within 1 s.
+        assert_eq!(s.get("agent_hist_p50_le_ms"), Some(250.0));
+        assert_eq!(s.get("agent_hist_p99_le_ms"), Some(1000.0));
+        assert_eq!(s.get("agent_hist_within_250ms"), Some(2.0 / 3.0));
+    }
+
+    #[test]
+    fn blocked_addresses_are_distinct_test_addresses_clear_of_the_bots() {
+        let addrs: std::collections::HashSet<IpAddr> = (0..70_000).map(block_addr).collect();
+        assert_eq!(addrs.len(), 70_000);
+        assert!(
+            addrs
+                .iter()
+                .all(|a| super::super::super::netns::is_test_address(*a))
+        );
+        // The bots use 198.51.100.10..109 (BenchNet::add_client_addrs).
+        assert!(addrs.iter().all(|a| match a {
+            IpAddr::V4(v4) => v4.octets()[3] >= 150,
+            IpAddr::V6(_) => true,
+        }));
+    }
 }
