@@ -19,6 +19,8 @@ const SCENARIOS: &[&str] = &[
     "blocklist_drops",
     "delay_lateness",
     "kernel_hold",
+    "cluster_propagation",
+    "cluster_greylist",
 ];
 
 fn xtask_bin() -> PathBuf {
@@ -147,6 +149,23 @@ fn bench_smoke_writes_a_well_formed_report() {
     assert_eq!(figure(xdp, "server_established"), 0.0);
     assert_eq!(figure(xdp, "banner_bytes_received"), 0.0);
     assert!(figure(xdp, "hold_syn_answered") >= 400.0);
+
+    // Two hosts on one Redis: every block made at node 1 (by the admin, and
+    // of a bot that talked first) reached node 2's kernel block list, and
+    // node 1's greylist first tries reached node 2.
+    for name in ["admin_block", "offender_block"] {
+        let prop = side(by_id("cluster_propagation"), name);
+        assert_eq!(figure(prop, "seen"), figure(prop, "blocks"), "{name}");
+        assert_eq!(figure(prop, "lost"), 0.0, "{name}");
+    }
+    let grey = side(by_id("cluster_greylist"), "greylist_propagation");
+    assert_eq!(figure(grey, "seen"), figure(grey, "tries"));
+    let rtt = side(by_id("cluster_greylist"), "redis_get_tcp");
+    assert_eq!(
+        figure(rtt, "found"),
+        figure(rtt, "calls"),
+        "the key read is one node 1 wrote"
+    );
 
     // Nothing of the bench's is left: namespaces and pin directories carry
     // its pid.

@@ -212,6 +212,31 @@ pub fn base_config(net: &BenchNet, port: u16, backend_port: u16) -> AgentConfig 
         .need("state.file", "\"@AGENT_DIR@/state.json\"")
 }
 
+/// `tarpit -c CONFIG ARGS` next to a running agent (a list change, a
+/// look-up), as an operator runs it; its output.
+pub fn cli(bin: &Path, config: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(bin)
+        .arg("-c")
+        .arg(config)
+        .args(args)
+        .output()
+        .context("cannot run tarpit")?;
+    if !out.status.success() {
+        bail!(
+            "tarpit {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The agent's own directory (config, log, state file): a scenario may
+/// put files there before [`Agent::start`].
+pub fn agent_dir(net: &BenchNet) -> PathBuf {
+    std::env::temp_dir().join(format!("tarpit-bench-agent-{}", net.id))
+}
+
 pub fn pin_dir(net: &BenchNet) -> PathBuf {
     PathBuf::from(format!("/sys/fs/bpf/tarpit-bench-{}", net.id))
 }
@@ -234,7 +259,7 @@ impl Agent {
         probe_port: Option<u16>,
     ) -> Result<Agent> {
         let bin = bin.path()?;
-        let dir = std::env::temp_dir().join(format!("tarpit-bench-agent-{}", net.id));
+        let dir = agent_dir(net);
         std::fs::create_dir_all(&dir)?;
         let text = match config.render(bin, &dir) {
             Ok(t) => t,

@@ -16,9 +16,11 @@ mod agent;
 mod bpfstats;
 mod netns;
 mod nft;
+mod pinned_lpm;
 mod postfix;
 mod procstat;
 mod profile;
+mod redis_server;
 mod report;
 mod scenarios;
 mod signal;
@@ -47,7 +49,7 @@ pub struct BenchArgs {
     pub smoke: bool,
     /// Run only the scenarios whose id contains this string
     /// (throughput, hold, pregreet, blocklist, kernel_cost, lateness,
-    /// kernel_hold).
+    /// kernel_hold, cluster).
     #[arg(long)]
     pub only: Option<String>,
     /// Instead of the scenarios: a soak of this many minutes (30 for the
@@ -207,7 +209,7 @@ impl SelfCopy {
                 "xtask",
             ]));
             match built {
-                Ok(()) => me = paths::root().join("target/release/xtask"),
+                Ok(()) => me = paths::target_dir().join("release/xtask"),
                 Err(e) => shell::say(
                     "Using",
                     &format!("this debug xtask for the workers ({e:#})"),

@@ -315,6 +315,7 @@ pub fn sweep_stale() {
     for (dir, prefix) in [
         (tmp.as_path(), "tarpit-bench-postfix-"),
         (tmp.as_path(), "tarpit-bench-agent-"),
+        (tmp.as_path(), "tarpit-bench-redis-"),
         (tmp.as_path(), "tarpit-bench-xtask-"),
         (Path::new("/sys/fs/bpf"), "tarpit-bench-"),
     ] {

@@ -34,6 +34,16 @@ pub struct Profile {
     pub kernel_hold_bots: u32,
     pub kernel_hold_talkers: u32,
     pub kernel_hold_window: Duration,
+    /// Cluster (issue 20): admin blocks added at node 1 and offenders
+    /// blocked there (at most 200: one source address each), their pace
+    /// (per second), greylist first tries at node 1, Redis round trips
+    /// timed, and local greylist decisions timed per phase.
+    pub cluster_blocks: u32,
+    pub cluster_offenders: u32,
+    pub cluster_block_rate: u32,
+    pub cluster_grey_tries: u32,
+    pub cluster_redis_calls: u32,
+    pub greylist_checks: u32,
     /// Client worker processes (sockets are spread over them).
     pub workers: u32,
     /// Source addresses the clients are spread over (per family).
@@ -60,6 +70,12 @@ impl Profile {
             kernel_hold_bots: 400,
             kernel_hold_talkers: 100,
             kernel_hold_window: Duration::from_secs(2),
+            cluster_blocks: 6,
+            cluster_offenders: 4,
+            cluster_block_rate: 20,
+            cluster_grey_tries: 3,
+            cluster_redis_calls: 200,
+            greylist_checks: 1_000,
             workers: 2,
             source_addrs: 4,
         }
@@ -84,6 +100,12 @@ impl Profile {
             kernel_hold_bots: 20_000,
             kernel_hold_talkers: 4000,
             kernel_hold_window: Duration::from_secs(20),
+            cluster_blocks: 200,
+            cluster_offenders: 100,
+            cluster_block_rate: 50,
+            cluster_grey_tries: 50,
+            cluster_redis_calls: 5_000,
+            greylist_checks: 20_000,
             workers: 2,
             source_addrs: 64,
         }
@@ -109,6 +131,12 @@ impl Profile {
             kernel_hold_bots: 100_000,
             kernel_hold_talkers: 20_000,
             kernel_hold_window: Duration::from_secs(120),
+            cluster_blocks: 1000,
+            cluster_offenders: 200,
+            cluster_block_rate: 50,
+            cluster_grey_tries: 200,
+            cluster_redis_calls: 10_000,
+            greylist_checks: 100_000,
             workers: 4,
             source_addrs: 200,
         }

@@ -2,8 +2,6 @@
 //! bots' on its kernel hold) and reading the kernel's counters, through
 //! tarpit's own command line
 //! (`tarpit block add`, `tarpit stats --json`), as an operator would.
-use std::process::Command;
-
 use anyhow::{Context, Result, bail};
 
 use super::Env;
@@ -62,20 +60,7 @@ impl XdpBlock {
     }
 
     fn tarpit(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(&self.bin)
-            .arg("-c")
-            .arg(&self.config)
-            .args(args)
-            .output()
-            .context("cannot run tarpit")?;
-        if !out.status.success() {
-            bail!(
-                "tarpit {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        super::agent::cli(&self.bin, &self.config, args)
     }
 
     /// Packets XDP dropped for the block list (all reasons, all CPUs).

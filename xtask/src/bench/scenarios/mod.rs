@@ -1,7 +1,8 @@
-//! The scenarios of issue 10 (and the kernel hold's), each in its own module. A scenario returns
+//! The scenarios of issue 10 (and the kernel hold's, and the cluster's of issue 20), each in its own module. A scenario returns
 //! one report object per scenario id it measures (the good-mail run also
 //! yields the kernel cost, measured during it).
 mod blocklist;
+mod cluster;
 mod hold;
 mod kernel_hold;
 mod lateness;
@@ -48,6 +49,10 @@ pub const ALL: &[Def] = &[
     Def {
         ids: &["kernel_hold"],
         run: kernel_hold::run,
+    },
+    Def {
+        ids: &["cluster_propagation", "cluster_greylist"],
+        run: cluster::run,
     },
 ];
 
