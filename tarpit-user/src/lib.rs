@@ -8,7 +8,7 @@
 //! 1. `config` (the TOML file, validated at load, DNS list syntax
 //!    included), `smtp` (parsing and canonical forwarding, no I/O: the
 //!    session and the backend read into its buffers), `safe_fs` (files root
-//!    writes), `kernel_version`, `tls`, `shutdown` (the drain token the
+//!    writes), `kernel_version`, `heap` (the allocator's arenas and trim), `tls`, `shutdown` (the drain token the
 //!    agent hands down to the server and every session);
 //! 2. `kernel` (the only module that touches aya: loading, attaching, the
 //!    pinned maps), `logging`, `policy` (pure tarpit decisions),
@@ -29,6 +29,7 @@ pub mod cli;
 pub mod closed_loop;
 pub mod cluster;
 pub mod config;
+pub mod heap;
 pub mod kernel;
 pub mod kernel_version;
 pub mod logging;

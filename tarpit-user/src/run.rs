@@ -21,7 +21,7 @@ use crate::{config::Config, kernel::Kernel};
 
 pub fn run(config_path: &Path) -> Result<()> {
     // First: no thread may have taken an arena of its own yet.
-    crate::ops::heap::one_malloc_arena();
+    crate::heap::one_malloc_arena();
     let config = Config::load(config_path)?;
     // Log format and level, pid file: before anything privileged.
     let mut daemon = crate::ops::Daemon::start(config_path, &config)?;

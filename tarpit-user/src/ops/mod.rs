@@ -17,7 +17,6 @@
 //!     kernel.shutdown()
 //! })
 //! ```
-pub mod heap;
 pub mod metrics;
 pub mod pidfile;
 pub mod privileges;

@@ -101,6 +101,12 @@ impl Holder {
     }
 }
 
+/// Clients parked since the last trim that make a crowd worth a trim
+/// ([`crate::heap::trim`]) ...
+const TRIM_AFTER: usize = 1000;
+/// ... once no client has been parked for this long.
+const TRIM_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What the socket says, without reading: `None` while it has nothing.
 fn peek(stream: &std::net::TcpStream) -> Option<Woke> {
     let mut probe = [0u8; 1];
@@ -296,7 +302,11 @@ async fn hold(mut rx: mpsc::UnboundedReceiver<Park>, shutdown: Shutdown) {
     let mut parked = Parked::default();
     let drain = shutdown.drain_waiter();
     let sleep = sleep_until(Instant::now());
-    tokio::pin!(drain, sleep);
+    // Once a crowd has come in and the arrivals have stopped, the memory
+    // its short-lived tasks used goes back to the kernel.
+    let trim = sleep_until(Instant::now());
+    let mut since_trim = 0usize;
+    tokio::pin!(drain, sleep, trim);
     let (mut open, mut draining) = (true, false);
     loop {
         draining |= shutdown.is_draining();
@@ -318,7 +328,13 @@ async fn hold(mut rx: mpsc::UnboundedReceiver<Park>, shutdown: Shutdown) {
             _ = &mut drain, if !draining => draining = true,
             p = rx.recv(), if open => match p {
                 Some(p) if draining => (p.then)(p.stream, Woke::Drain),
-                Some(p) => parked.insert(ep, p),
+                Some(p) => {
+                    parked.insert(ep, p);
+                    since_trim += 1;
+                    if since_trim >= TRIM_AFTER {
+                        trim.as_mut().reset(Instant::now() + TRIM_QUIET);
+                    }
+                }
                 None => open = false,
             },
             r = poller.readable() => match r {
@@ -332,6 +348,10 @@ async fn hold(mut rx: mpsc::UnboundedReceiver<Park>, shutdown: Shutdown) {
                 Err(e) => warn!("parked clients: {e}"),
             },
             _ = &mut sleep, if timed => {}
+            _ = &mut trim, if since_trim >= TRIM_AFTER => {
+                since_trim = 0;
+                tokio::task::spawn_blocking(crate::heap::trim);
+            }
         }
     }
 }

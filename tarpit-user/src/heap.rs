@@ -1,4 +1,4 @@
-//! The agent's heap: one malloc arena.
+//! The agent's heap: one malloc arena, trimmed after a crowd.
 //!
 //! glibc gives threads arenas of their own (up to eight per core), and the
 //! agent's pattern of allocation leaves each of them fragmented: every
@@ -24,5 +24,22 @@ pub fn one_malloc_arena() {
     // is valid at any time, and here no other thread is running yet.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// Gives the allocator's free pages back to the kernel (glibc's
+/// `malloc_trim`, which also releases whole free pages inside the heap).
+/// A burst of connects leaves the memory of thousands of short-lived
+/// session tasks free but resident; the parking holder calls this once
+/// such a burst is over ([`crate::session::park`]), so the agent's RSS
+/// follows the clients it holds rather than its busiest second. It walks
+/// the heap under the arena's lock: a millisecond or so for tens of MiB;
+/// run it off the runtime's workers (`spawn_blocking`).
+pub fn trim() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes no pointer and is thread-safe (it locks
+    // each arena while it walks it).
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
