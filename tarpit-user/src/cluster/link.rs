@@ -30,7 +30,7 @@ use super::backlog::Backlog;
 use super::conn::Conn;
 use super::keys::Keys;
 use super::metrics::ClusterMetrics;
-use super::mirror::{KernelBlock, Mirror, Remote, spared};
+use super::mirror::{KernelBlock, Mirror, Remote, Saved, spared};
 use super::record::{BlockRecord, Envelope, Event, GreyState, SharedList};
 use crate::closed_loop::LoopHandle;
 use crate::config::{ClusterConfig, Config};
@@ -313,10 +313,20 @@ impl Engine {
                     .get_or_init(|| crate::state::State::load(&config.state.file).ok())
                     .as_ref()
             };
-            let block_saved =
-                |net: IpNet| Some(state()?.block_entry(&net)?.added_at.saturating_mul(1000));
-            let allow_saved =
-                |net: IpNet| Some(state()?.allow_entry(&net)?.added_at.saturating_mul(1000));
+            let block_saved = |net: IpNet| {
+                let e = state()?.block_entry(&net)?;
+                Some(Saved {
+                    at_ms: e.added_at.saturating_mul(1000),
+                    comment: e.comment.clone(),
+                })
+            };
+            let allow_saved = |net: IpNet| {
+                let e = state()?.allow_entry(&net)?;
+                Some(Saved {
+                    at_ms: e.added_at.saturating_mul(1000),
+                    comment: e.comment.clone(),
+                })
+            };
             let mut changes = self.auth_mirror.scan(&auth, &self.node, wall, |_| None);
             changes.extend(
                 self.allow_mirror

@@ -45,6 +45,15 @@ struct Entry {
     seen: Option<u64>,
 }
 
+/// What the state file says of an admin's entry (`tarpit allow|block
+/// add`): when it was added and the admin's comment, both shared.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Saved {
+    /// Unix milliseconds of the `add`.
+    pub at_ms: u64,
+    pub comment: Option<String>,
+}
+
 /// What to do with a record read from Redis or the channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Remote {
@@ -92,17 +101,17 @@ impl Mirror {
     /// Compares the kernel's active block list with what was shared and
     /// returns this node's changes since, as records to publish (new or
     /// rewritten blocks, and tombstones of blocks deleted before their
-    /// end). `now_ms` is Unix milliseconds. `saved_at` gives the time an
-    /// admin's entry was added by `tarpit block add` (the state file's
-    /// `added_at`, in Unix milliseconds): the agent writes saved entries
-    /// into the kernel again at every start, and that rewrite must not
-    /// count as a new change that would beat a deletion made elsewhere.
+    /// end). `now_ms` is Unix milliseconds. `saved` gives what the state
+    /// file says of an admin's entry (`tarpit block add`): its time, since
+    /// the agent writes saved entries into the kernel again at every
+    /// start, and that rewrite must not count as a new change that would
+    /// beat a deletion made elsewhere; and its comment, shared with it.
     pub fn scan(
         &mut self,
         kernel: &[KernelBlock],
         me: &str,
         now_ms: u64,
-        saved_at: impl Fn(IpNet) -> Option<u64>,
+        saved: impl Fn(IpNet) -> Option<Saved>,
     ) -> Vec<BlockRecord> {
         let now = now_ms / 1000;
         let mut out = Vec::new();
@@ -123,20 +132,25 @@ impl Mirror {
                 _ => true,
             };
             if fresh {
+                let saved = match k.automatic {
+                    false => saved(net),
+                    true => None,
+                };
+                let (at, comment) = match saved {
+                    Some(s) => (s.at_ms, s.comment),
+                    None => (k.written_ms, None),
+                };
                 let rec = BlockRecord {
                     list: self.list,
                     net,
                     node: me.to_string(),
-                    at: match k.automatic {
-                        false => saved_at(net).unwrap_or(k.written_ms),
-                        true => k.written_ms,
-                    },
+                    at,
                     expires_at: k.expires_at,
                     reason: k.reason,
                     automatic: k.automatic,
                     all_ports: k.all_ports,
                     hold: k.hold,
-                    comment: None,
+                    comment,
                     deleted: false,
                 };
                 self.entries.insert(
@@ -291,8 +305,17 @@ mod tests {
 
     const T: u64 = 1_700_000_000;
 
-    fn none_saved(_: IpNet) -> Option<u64> {
+    fn none_saved(_: IpNet) -> Option<Saved> {
         None
+    }
+
+    fn saved_at(at_ms: u64) -> impl Fn(IpNet) -> Option<Saved> {
+        move |_| {
+            Some(Saved {
+                at_ms,
+                comment: None,
+            })
+        }
     }
 
     fn net(s: &str) -> IpNet {
@@ -363,14 +386,50 @@ mod tests {
         let mut k = kb("198.51.100.9/32", 99, None);
         k.automatic = false;
         k.written_ms = (T + 200) * 1000;
-        let out = at_mx2.scan(&[k], "mx2", (T + 200) * 1000, |_| Some(T * 1000));
+        let out = at_mx2.scan(&[k], "mx2", (T + 200) * 1000, saved_at(T * 1000));
         assert_eq!(out[0].at, T * 1000);
         assert!(gone.supersedes(&out[0]));
         // An automatic block is dated by the kernel.
         let mut m2 = Mirror::new();
         let k = kb("198.51.100.10/32", 5, None);
-        let out = m2.scan(&[k], "mx2", (T + 200) * 1000, |_| Some(1));
+        let out = m2.scan(&[k], "mx2", (T + 200) * 1000, saved_at(1));
         assert_eq!(out[0].at, T * 1000);
+    }
+
+    #[test]
+    fn an_admin_entry_is_shared_with_its_comment_and_an_automatic_one_without() {
+        let mut m = Mirror::new();
+        let mut admin = kb("198.51.100.20/32", 1, None);
+        admin.automatic = false;
+        let auto = kb("198.51.100.21/32", 1, None);
+        let file = |net: IpNet| {
+            Some(Saved {
+                at_ms: T * 1000 - 5,
+                comment: Some(format!("botnet {net}")),
+            })
+        };
+        let out = m.scan(&[admin.clone(), auto.clone()], "mx1", T * 1000, file);
+        let by = |n: &str| out.iter().find(|r| r.net == net(n)).unwrap().clone();
+        let a = by("198.51.100.20/32");
+        assert_eq!(a.comment.as_deref(), Some("botnet 198.51.100.20/32"));
+        assert_eq!(a.at, T * 1000 - 5);
+        assert_eq!(by("198.51.100.21/32").comment, None);
+        // The comment travels in the record, and back.
+        let text = serde_json::to_string(&a).unwrap();
+        let back: BlockRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.comment, a.comment);
+        // Added again with another comment (the kernel entry is rewritten):
+        // shared again, with the new one.
+        admin.written = 2;
+        let again = |_: IpNet| {
+            Some(Saved {
+                at_ms: T * 1000 + 50,
+                comment: Some("partner asked".into()),
+            })
+        };
+        let out = m.scan(&[admin, auto], "mx1", T * 1000 + 60, again);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].comment.as_deref(), Some("partner asked"));
     }
 
     #[test]

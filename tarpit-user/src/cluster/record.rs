@@ -74,6 +74,22 @@ fn is_block(l: &SharedList) -> bool {
     *l == SharedList::Block
 }
 
+/// The longest comment shown from another node (characters).
+pub const MAX_COMMENT: usize = 200;
+
+/// A comment from Redis as it may be shown on an admin's terminal:
+/// control characters (escape sequences a Redis writer could plant) made
+/// spaces, at most [`MAX_COMMENT`] characters, `None` when empty.
+pub fn shown_comment(c: Option<&str>) -> Option<String> {
+    let text: String = c?
+        .chars()
+        .map(|ch| if ch.is_control() { ' ' } else { ch })
+        .take(MAX_COMMENT)
+        .collect();
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_string())
+}
+
 impl BlockRecord {
     /// Does this change win over `other` (the same network)?
     pub fn supersedes(&self, other: &BlockRecord) -> bool {
@@ -205,6 +221,21 @@ mod tests {
             comment: None,
             deleted: false,
         }
+    }
+
+    #[test]
+    fn comments_from_elsewhere_are_shown_without_control_characters() {
+        assert_eq!(
+            shown_comment(Some("botnet\x1b[2J C&C\n")).as_deref(),
+            Some("botnet [2J C&C")
+        );
+        assert_eq!(shown_comment(Some(" \t ")), None);
+        assert_eq!(shown_comment(None), None);
+        let long = "é".repeat(500);
+        assert_eq!(
+            shown_comment(Some(&long)).unwrap().chars().count(),
+            MAX_COMMENT
+        );
     }
 
     #[test]
