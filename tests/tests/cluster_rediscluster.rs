@@ -1,7 +1,7 @@
 //! Two MX hosts sharing state through a three-node Redis Cluster
-//! (`cluster.nodes`, docs/cluster.md) made by the test in mx1's server
-//! namespace and reached by both hosts over a link between their server
-//! namespaces (fd5b:1e00:ff::/64).
+//! (`cluster.nodes`, docs/cluster.md) made by the test in a namespace of
+//! its own and reached by both hosts over veths of their own
+//! (fd5b:1e00:ff::/64).
 //!
 //! What a user sees: a block made at mx1 reaches mx2's kernel, and so does
 //! its deletion; a block made while mx2's agent was stopped reaches it at
@@ -15,14 +15,10 @@ use std::time::Duration;
 
 use common::{blocked, cli};
 use tarpit_tests::redis::{RedisProc, free_addr};
-use tarpit_tests::{Agent, TestNet, require_root, wait};
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
+use tarpit_tests::{Agent, ServiceNet, require_root, wait};
 
 /// Three masters, no replicas, the 16384 slots split between them.
-fn redis_cluster(net: &TestNet, bind: IpAddr) -> Vec<RedisProc> {
+fn redis_cluster(net: &ServiceNet, bind: IpAddr) -> Vec<RedisProc> {
     let nodes: Vec<RedisProc> = (0..3)
         .map(|_| {
             let bus = free_addr(net, bind).expect("bus port").port().to_string();
@@ -41,7 +37,7 @@ fn redis_cluster(net: &TestNet, bind: IpAddr) -> Vec<RedisProc> {
             .expect("redis cluster node")
         })
         .collect();
-    let mut create = net.server_cmd("redis-cli");
+    let mut create = net.cmd("redis-cli");
     create.args(["--cluster", "create"]);
     for n in &nodes {
         create.arg(format!("{}:{}", n.addr.ip(), n.addr.port()));
@@ -84,9 +80,9 @@ fn blocks_and_deletions_reach_the_other_host_through_a_redis_cluster() {
     if !require_root() {
         return;
     }
-    let (mx1, mx2) = common::mx_pair(true);
+    let (mx1, mx2, service) = common::mx_pair();
     let (net1, pins1, net2, pins2) = (&mx1.net, &mx1.pins, &mx2.net, &mx2.pins);
-    let nodes = redis_cluster(net1, ip("fd5b:1e00:ff::1"));
+    let nodes = redis_cluster(&service, ServiceNet::V6.into());
     let c1 = common::config(net1, pins1, None, true, &host_config("mx1", &nodes));
     let c2 = common::config(net2, pins2, None, true, &host_config("mx2", &nodes));
     let mx1 = Agent::start(net1, &c1).expect("mx1");
