@@ -7,8 +7,10 @@
 //! password from a file).
 //!
 //! What a user sees:
-//! - a sender greylisted at mx1 passes at mx2 after the minimum wait, and
-//!   a triplet nobody saw is still greylisted at mx2;
+//! - each host made its own greylist key at its first start; the cluster
+//!   shares one (the second host takes the first's), and a sender
+//!   greylisted at mx1 passes at mx2 after the minimum wait, while a
+//!   triplet nobody saw is still greylisted at mx2;
 //! - pre-greet strikes split across mx1 (two) and mx2 (one) block the bot
 //!   in both hosts' XDP;
 //! - `tarpit block add` on mx1 shows on mx2's kernel block list with the
@@ -36,8 +38,6 @@ use tarpit_tests::swaks::swaks;
 use tarpit_tests::tempdir::TempDir;
 use tarpit_tests::{Agent, CLIENT_V4, CLIENT_V6, Postfix, ServiceNet, require_root, wait};
 
-/// The site's greylist key, the same on both hosts (docs/cluster.md).
-const SITE_KEY: &str = "00112233445566778899aabbccddeeff\n";
 const MIN_WAIT: Duration = Duration::from_secs(3);
 /// The ACL of docs/cluster.md: tarpit's keys, channel and commands only.
 const ACL_USER: &[&str] = &[
@@ -64,12 +64,6 @@ const ACL_DEFAULT: &[&str] = &["--user", "default", "on", "nopass", "~*", "&*", 
 
 fn host_config(node: &str, url: &str, grey: &TempDir, allow: &str, auth: &str) -> String {
     let store = grey.path.join("greylist.db");
-    std::fs::write(grey.path.join("greylist.key"), SITE_KEY).unwrap();
-    std::fs::set_permissions(
-        grey.path.join("greylist.key"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
     format!(
         r#"
 [greeting]
@@ -146,6 +140,17 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     let tls = format!("laddr={}", redis.laddr_tls().unwrap());
     assert!(from(ServiceNet::host_v4(1).to_string(), &tls), "{clients}");
     assert!(!mx2.log().contains("cluster-test-secret"));
+    // Two keys made by tarpit, one cluster key: the host that connected
+    // second took the first's, into its key file too.
+    let key_of = |grey: &TempDir| {
+        let text = std::fs::read_to_string(grey.path.join("greylist.key")).unwrap();
+        text.lines().next().unwrap_or_default().to_string()
+    };
+    let took = |a: &Agent| a.log().contains("greylist key taken from the cluster");
+    assert!(took(&mx1) ^ took(&mx2), "one host takes the other's key");
+    assert_eq!(key_of(&grey1), key_of(&grey2));
+    let in_redis = redis.cli(&["GET", "tarpit:grey-key"]).unwrap();
+    assert_eq!(in_redis.trim(), key_of(&grey1));
 
     // Greylisted at mx1, retried at mx2 after the minimum wait: passes.
     let s = swaks(net1, CLIENT_V4.into(), &[]);

@@ -37,6 +37,7 @@ use crate::config::{ClusterConfig, Config};
 use crate::kernel::{AllowLookup, BlockSpec, BootInstant, KernelMaps};
 use crate::policy::ports::Offence;
 use crate::reputation::greylist::Id;
+use crate::reputation::greylist::{KeyOrigin, SiteKey};
 use crate::reputation::{GreyRecord, Greylist};
 
 /// How often the kernel's block list is compared with what was shared:
@@ -88,6 +89,31 @@ async fn next_event(s: &mut Option<PubSubStream>) -> Option<redis::Msg> {
     match s {
         Some(s) => s.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// What to do about the greylist key found in Redis.
+#[derive(Debug, PartialEq, Eq)]
+pub enum GreyKeyVerdict {
+    /// The same as this host's: share.
+    Same,
+    /// Not a key (wrong length, not hex, zeros): never taken.
+    Malformed,
+    /// Another key, and this host's was written by an admin: keep ours,
+    /// do not share.
+    Keep(SiteKey),
+    /// Another key, and this host's is tarpit's own: take the cluster's.
+    Adopt(SiteKey),
+}
+
+/// Decides about `theirs`, the greylist key as Redis holds it, against
+/// this host's key and its origin.
+pub fn grey_key_verdict(ours: &SiteKey, origin: KeyOrigin, theirs: &str) -> GreyKeyVerdict {
+    match SiteKey::from_hex(theirs) {
+        None => GreyKeyVerdict::Malformed,
+        Some(k) if k == *ours => GreyKeyVerdict::Same,
+        Some(k) if origin.follows_cluster() => GreyKeyVerdict::Adopt(k),
+        Some(k) => GreyKeyVerdict::Keep(k),
     }
 }
 
@@ -197,16 +223,20 @@ impl Engine {
         Ok(ps.into_on_message())
     }
 
-    /// Hosts that share a greylist must hash under one site key: the first
-    /// node writes its key's fingerprint, the others compare.
+    /// Hosts that share a greylist must hash under one site key, and the
+    /// cluster shares it: the first host to connect writes its key, the
+    /// others compare. A host whose key tarpit made (or took from the
+    /// cluster before) takes the cluster's; one whose key an admin wrote
+    /// keeps it and does not share its greylist. A malformed key in Redis
+    /// is never taken (see [`grey_key_verdict`]).
     async fn check_grey_key(&mut self) {
-        let (Some(g), Some(mut conn)) = (&self.grey, self.conn.clone()) else {
+        let (Some(g), Some(mut conn)) = (self.grey.clone(), self.conn.clone()) else {
             return;
         };
-        let ours = format!("{:016x}", g.key_fingerprint());
-        let key = self.keys.grey_fingerprint();
+        let (ours, origin) = g.site_key();
+        let key = self.keys.grey_site_key();
         let mut set = redis::cmd("SET");
-        set.arg(&key).arg(&ours).arg("NX");
+        set.arg(&key).arg(ours.to_hex()).arg("NX");
         let _ = self
             .bounded("SET grey-key", set.query_async::<Option<String>>(&mut conn))
             .await;
@@ -218,21 +248,60 @@ impl Engine {
                     .query_async::<Option<String>>(&mut conn),
             )
             .await;
-        match theirs {
-            Ok(Some(t)) if t != ours => {
-                if self.grey_shared {
+        let theirs = match theirs {
+            Ok(Some(t)) => t,
+            Ok(None) => return debug!("cluster: no greylist key in Redis yet"),
+            Err(e) => return debug!("cluster: greylist key not compared: {e:#}"),
+        };
+        let was = self.grey_shared;
+        let fp = |k: &SiteKey| format!("{:016x}", k.fingerprint());
+        self.grey_shared = match grey_key_verdict(&ours, origin, &theirs) {
+            GreyKeyVerdict::Same => true,
+            GreyKeyVerdict::Malformed => {
+                if was {
                     error!(
-                        cluster = %t, ours = %ours,
-                        "cluster: this node's greylist key differs from the cluster's; the \
-                         greylist is not shared (copy greylist.key from another node, see \
-                         docs/cluster.md)"
+                        key = %key,
+                        "cluster: the greylist key in Redis is not a greylist key (32 hex \
+                         digits, not all zeros): refused, and the greylist is not shared \
+                         (delete the Redis key: the next host to connect writes its own)"
                     );
                 }
-                self.grey_shared = false;
+                false
             }
-            Ok(_) => self.grey_shared = true,
-            Err(e) => debug!("cluster: greylist key not compared: {e:#}"),
-        }
+            GreyKeyVerdict::Keep(k) => {
+                if was {
+                    error!(
+                        cluster = %fp(&k), ours = %fp(&ours),
+                        "cluster: this host's greylist key differs from the cluster's and \
+                         was written by an admin, so it is kept: the greylist is not \
+                         shared (copy greylist.key from another host, or delete it and \
+                         restart to take the cluster's; docs/cluster.md)"
+                    );
+                }
+                false
+            }
+            GreyKeyVerdict::Adopt(k) => {
+                match g.adopt_key(k.clone(), crate::reputation::unix_now()) {
+                    Ok(_) => {
+                        warn!(
+                            cluster = %fp(&k), was = %fp(&ours),
+                            "cluster: greylist key taken from the cluster; this host's \
+                             greylist starts again from what the other hosts share"
+                        );
+                        // Kept under the old key: noise to the others.
+                        self.backlog.clear_grey();
+                        self.update_backlog();
+                        true
+                    }
+                    Err(e) => {
+                        error!(
+                            "cluster: the cluster's greylist key not taken: {e}; the greylist is not shared"
+                        );
+                        false
+                    }
+                }
+            }
+        };
     }
 
     /// Compares the kernel's block list, authenticated addresses and
@@ -820,5 +889,52 @@ impl Engine {
             self.remote_grey(id, state);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cluster_s_greylist_key_is_taken_only_when_well_formed_and_ours_is_tarpit_s() {
+        let ours = SiteKey::from_hex(&"11".repeat(16)).unwrap();
+        let theirs = "22".repeat(16);
+        let k = SiteKey::from_hex(&theirs).unwrap();
+        assert_eq!(
+            grey_key_verdict(&ours, KeyOrigin::Generated, &"11".repeat(16)),
+            GreyKeyVerdict::Same
+        );
+        assert_eq!(
+            grey_key_verdict(&ours, KeyOrigin::Generated, &theirs),
+            GreyKeyVerdict::Adopt(k.clone())
+        );
+        assert_eq!(
+            grey_key_verdict(&ours, KeyOrigin::Cluster, &theirs),
+            GreyKeyVerdict::Adopt(k.clone())
+        );
+        assert_eq!(
+            grey_key_verdict(&ours, KeyOrigin::Configured, &theirs),
+            GreyKeyVerdict::Keep(k)
+        );
+        // Whoever writes Redis cannot hand over a short, long, odd or
+        // empty key, nor one of zeros (no secret at all).
+        for bad in [
+            String::new(),
+            "22".repeat(8),
+            "22".repeat(17),
+            format!("{theirs}\n"),
+            "0123456789abcdef".to_string(),
+            "00".repeat(16),
+            "gg".repeat(16),
+        ] {
+            for origin in [KeyOrigin::Generated, KeyOrigin::Cluster] {
+                assert_eq!(
+                    grey_key_verdict(&ours, origin, &bad),
+                    GreyKeyVerdict::Malformed,
+                    "{bad:?}"
+                );
+            }
+        }
     }
 }
