@@ -396,12 +396,21 @@ impl Engine {
                     comment: e.comment.clone(),
                 })
             };
-            let mut changes = self.auth_mirror.scan(&auth, &self.node, wall, |_| None);
+            let none = |_: IpNet, _: u64| false;
+            let mut changes = self
+                .auth_mirror
+                .scan(&auth, &self.node, wall, |_| None, none);
             changes.extend(
                 self.allow_mirror
-                    .scan(&allow, &self.node, wall, allow_saved),
+                    .scan(&allow, &self.node, wall, allow_saved, none),
             );
-            changes.extend(self.mirror.scan(&block, &self.node, wall, block_saved));
+            changes.extend(self.mirror.scan(
+                &block,
+                &self.node,
+                wall,
+                block_saved,
+                crate::kernel::evictions::evicted,
+            ));
             changes
         };
         for rec in changes {
