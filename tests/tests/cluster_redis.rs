@@ -21,7 +21,8 @@
 //!   reload at mx2);
 //! - Redis killed: mail keeps flowing at both; a block added on mx2 and
 //!   one deleted on mx1 meanwhile reach the other host once Redis is back,
-//!   and so does a greylist first attempt made at mx1 meanwhile;
+//!   and so do a greylist first attempt and two pre-greet strikes made at
+//!   mx1 meanwhile (a third strike at mx2 then blocks the bot);
 //! - Redis hung (SIGSTOP): mail flows as fast as ever, and a block made
 //!   meanwhile reaches the other host once Redis answers again;
 //! - `tarpit stats` says the host is connected again.
@@ -310,6 +311,12 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
     assert!(s.out.contains("451 4.7.1"), "new triplet at mx1: {}", s.out);
     cli(&mx2, &["block", "add", "198.51.100.78/32", "--ttl", "10m"]);
     cli(&mx1, &["block", "del", "198.51.100.77/32"]);
+    // Two pre-greet strikes at mx1 meanwhile, by another bot.
+    let bot2 = ip("198.51.100.33");
+    net1.add_client_addr(bot2).unwrap();
+    net2.add_client_addr(bot2).unwrap();
+    talk_first(net1, bot2).unwrap();
+    talk_first(net1, bot2).unwrap();
     wait::eventually(
         "mx2 counts what it could not share",
         Duration::from_secs(5),
@@ -347,6 +354,24 @@ fn two_mx_hosts_share_blocks_and_greylist_and_go_on_without_redis() {
         s.ok,
         "retry at mx2 of a first try made without Redis: {}",
         s.out
+    );
+    // mx1's strikes of the outage were announced once Redis was back: one
+    // more at mx2 is the third there, and mx2 blocks the bot itself (not
+    // only on mx1's word, which would come after mx1 counted three).
+    assert!(!blocked(pins2, "198.51.100.33"));
+    let own = |net| metric(net, "tarpit_blocks_added_total").unwrap_or(0.0);
+    let before = own(net2);
+    talk_first(net2, bot2).unwrap();
+    wait::eventually(
+        "the bot of the outage blocked at mx2",
+        Duration::from_secs(10),
+        || blocked(pins2, "198.51.100.33"),
+    );
+    assert_eq!(own(net2), before + 1.0, "mx2's own block");
+    wait::eventually(
+        "the bot of the outage blocked at mx1",
+        Duration::from_secs(10),
+        || blocked(pins1, "198.51.100.33"),
     );
     // ... and the deletion stays deleted.
     std::thread::sleep(Duration::from_secs(2));

@@ -12,6 +12,10 @@
 //! - `{prefix}grey-key`: the greylist's site key (32 hex digits), written
 //!   by the first host to connect: the others hash under it too (or say
 //!   why not) instead of sharing noise.
+//! - `{prefix}strike:{agent}:{n}`: a strike made while Redis was gone (the
+//!   agent's random id, the strike's number), stored as its message when
+//!   Redis returned, for what is left of its window, for the hosts that
+//!   reconnect later (strikes are otherwise only announced).
 //! - `{prefix}events`: the pub/sub channel announcing each change.
 use ipnet::IpNet;
 
@@ -98,6 +102,15 @@ impl Keys {
         format!("{}grey-key", self.prefix)
     }
 
+    /// The key of one strike: the agent that saw it, and its number.
+    pub fn strike(&self, agent: &str, seq: u64) -> String {
+        format!("{}strike:{agent}:{seq}", self.prefix)
+    }
+
+    pub fn strike_pattern(&self) -> String {
+        format!("{}strike:*", self.prefix)
+    }
+
     pub fn channel(&self) -> String {
         format!("{}events", self.prefix)
     }
@@ -121,6 +134,11 @@ mod tests {
         assert_eq!(k.entry(SharedList::Auth, one), "mx:auth:fd5b:1e00::60/128");
         assert_eq!(k.pattern(SharedList::Auth), "mx:auth:*");
         assert_eq!(k.channel(), "mx:events");
+        assert_eq!(
+            k.strike("0123456789abcdef", 7),
+            "mx:strike:0123456789abcdef:7"
+        );
+        assert_eq!(k.strike_pattern(), "mx:strike:*");
         assert_eq!(k.grey_site_key(), "mx:grey-key");
     }
 

@@ -26,7 +26,7 @@ use tarpit_common::BlockReason;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use super::backlog::Backlog;
+use super::backlog::{Backlog, KeptOffence, SeenStrikes};
 use super::conn::Conn;
 use super::keys::Keys;
 use super::metrics::ClusterMetrics;
@@ -82,6 +82,11 @@ pub struct Engine {
     pub(super) allow_mirror: Mirror,
     pub(super) conn: Option<Conn>,
     pub(super) backlog: Backlog,
+    /// Strikes of other nodes counted here (by their key, see
+    /// [`Keys::strike`]) with their time, while in the strike window.
+    pub(super) seen_strikes: SeenStrikes,
+    /// Strikes this agent shared so far (each one's number).
+    pub(super) strike_seq: u64,
 }
 
 /// The next message of the channel, or never while unsubscribed.
@@ -171,6 +176,7 @@ impl Engine {
                     self.mirror.prune(now_ms(), keep);
                     self.auth_mirror.prune(now_ms(), keep);
                     self.allow_mirror.prune(now_ms(), keep);
+                    self.prune_strikes();
                 }
                 Some((r, now)) = grey_rx.recv() => self.share_grey(r, now).await,
                 Some((ip, o)) = offence_rx.recv() => self.share_offence(ip, o).await,
@@ -537,31 +543,87 @@ impl Engine {
             .await
     }
 
-    /// Announces a strike seen here (never stored, never replayed).
+    /// Announces a strike seen here (never stored in Redis); while Redis
+    /// is gone, keeps it to announce when Redis returns.
     async fn share_offence(&mut self, ip: IpAddr, offence: Offence) {
-        let Some(mut conn) = self.conn.clone() else {
-            self.metrics.unshared("offence");
-            return;
-        };
-        let event = Event::Offence {
-            node: self.node.clone(),
+        self.strike_seq += 1;
+        let kept = KeptOffence {
             ip,
-            offence: offence.code().to_string(),
+            offence,
+            at_ms: now_ms(),
+            seq: self.strike_seq,
         };
-        let Ok(text) = self.envelope(event) else {
-            return;
-        };
-        let mut publish = redis::cmd("PUBLISH");
-        publish.arg(self.keys.channel()).arg(text);
-        match self
-            .bounded("PUBLISH offence", publish.query_async::<()>(&mut conn))
-            .await
-        {
-            Ok(()) => self.metrics.published("offence"),
-            Err(e) => {
-                self.metrics.unshared("offence");
-                self.lost(&format!("{e:#}"));
+        if self.conn.is_some() {
+            match self.publish_offence(kept, None).await {
+                Ok(()) => {
+                    self.metrics.published("offence");
+                    return;
+                }
+                Err(e) => self.lost(&format!("{e:#}")),
             }
+        }
+        self.metrics.unshared("offence");
+        if !self.backlog.keep_offence(kept) {
+            self.metrics.lost.inc();
+        }
+        self.update_backlog();
+    }
+
+    /// Announces a strike; `keep_for` (a replay after an outage): also
+    /// stores it that long (what is left of its window), for the nodes
+    /// that reconnect after this one and missed the announcement.
+    async fn publish_offence(&self, o: KeptOffence, keep_for: Option<Duration>) -> Result<()> {
+        let Some(mut conn) = self.conn.clone() else {
+            return Err(anyhow!("not connected"));
+        };
+        let code = o.offence.code();
+        let event = self.envelope(Event::Offence {
+            node: self.node.clone(),
+            ip: o.ip,
+            offence: code.to_string(),
+            at: Some(o.at_ms),
+            seq: Some(o.seq),
+        })?;
+        let mut p = redis::pipe();
+        if let Some(ttl) = keep_for {
+            p.cmd("SET")
+                .arg(self.keys.strike(&self.instance, o.seq))
+                .arg(&event)
+                .arg("PX")
+                .arg(ttl.as_millis().max(1) as u64)
+                .ignore();
+        }
+        p.cmd("PUBLISH")
+            .arg(self.keys.channel())
+            .arg(&event)
+            .ignore();
+        self.bounded("PUBLISH offence", p.query_async::<()>(&mut conn))
+            .await
+    }
+
+    /// The strikes seen here while Redis was gone, announced with their
+    /// own time, oldest first; those out of the strike window by now are
+    /// dropped (they would count for nothing anywhere).
+    async fn replay_offences(&mut self) -> Result<()> {
+        let window = self.config.borrow().offenders.window.as_millis() as u64;
+        loop {
+            let (next, dropped) = self.backlog.next_fresh_offence(now_ms(), window);
+            if dropped > 0 {
+                debug!(
+                    dropped,
+                    "cluster: strikes of the outage out of the window, not announced"
+                );
+                self.update_backlog();
+            }
+            let Some(o) = next else {
+                return Ok(());
+            };
+            let left = window.saturating_sub(now_ms().saturating_sub(o.at_ms));
+            self.publish_offence(o, Some(Duration::from_millis(left)))
+                .await?;
+            self.metrics.replayed.inc();
+            self.backlog.done_offence();
+            self.update_backlog();
         }
     }
 
@@ -614,14 +676,72 @@ impl Engine {
                     self.remote_grey(raw, state);
                 }
             }
-            Event::Offence { node, ip, offence } => {
-                if let (Some(o), Some(lp)) = (Offence::from_code(&offence), &self.offences) {
-                    debug!(client = %ip, from = %node, offence = o.code(), "cluster: strike of another node");
-                    lp.remote_offence(ip, o);
-                    self.metrics.applied("offence");
-                }
+            Event::Offence {
+                node,
+                ip,
+                offence,
+                at,
+                seq,
+            } => self.remote_strike(&env.from, &node, ip, &offence, (at, seq)),
+        }
+    }
+
+    /// Counts a strike of another node, once: a strike of an outage
+    /// comes both on the channel and from Redis at a catch-up.
+    fn remote_strike(
+        &mut self,
+        from: &str,
+        node: &str,
+        ip: IpAddr,
+        offence: &str,
+        (at, seq): (Option<u64>, Option<u64>),
+    ) {
+        let (Some(o), Some(lp)) = (Offence::from_code(offence), &self.offences) else {
+            return;
+        };
+        if let (Some(at), Some(seq)) = (at, seq)
+            && !self.seen_strikes.first(format!("{from}:{seq}"), at)
+        {
+            return;
+        }
+        let age = at.map_or(0, |at| now_ms().saturating_sub(at));
+        debug!(client = %ip, from = %node, offence = o.code(), age_ms = age, "cluster: strike of another node");
+        lp.remote_offence(ip, o, Duration::from_millis(age));
+        self.metrics.applied("offence");
+    }
+
+    /// Forgets strikes counted that have left the strike window.
+    fn prune_strikes(&mut self) {
+        let window = self.config.borrow().offenders.window.as_millis() as u64;
+        self.seen_strikes.prune(now_ms(), window);
+    }
+
+    /// The strikes other nodes kept through an outage and stored when
+    /// Redis returned (those still in the window), read at a catch-up:
+    /// this node may have been away when they were announced.
+    async fn read_strikes(&mut self) -> Result<()> {
+        if self.offences.is_none() {
+            return Ok(());
+        }
+        for (_, text) in self.read_all(&self.keys.strike_pattern()).await? {
+            let Ok(env) = serde_json::from_str::<Envelope>(&text) else {
+                continue;
+            };
+            if env.from == self.instance {
+                continue;
+            }
+            if let Event::Offence {
+                node,
+                ip,
+                offence,
+                at,
+                seq,
+            } = env.event
+            {
+                self.remote_strike(&env.from, &node, ip, &offence, (at, seq));
             }
         }
+        Ok(())
     }
 
     fn remote_grey(&self, id: Id, state: GreyState) {
@@ -794,6 +914,13 @@ impl Engine {
         if let Err(e) = self.replay_grey().await {
             self.lost(&format!("{e:#}"));
             return;
+        }
+        if let Err(e) = self.replay_offences().await {
+            self.lost(&format!("{e:#}"));
+            return;
+        }
+        if let Err(e) = self.read_strikes().await {
+            self.lost(&format!("{e:#}"));
         }
         if let Err(e) = self.read_grey().await {
             self.lost(&format!("{e:#}"));

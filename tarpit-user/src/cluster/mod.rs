@@ -119,6 +119,8 @@ pub fn prepare(
             allow_mirror: mirror::Mirror::of(record::SharedList::Allow),
             conn: None,
             backlog: backlog::Backlog::default(),
+            seen_strikes: Default::default(),
+            strike_seq: 0,
         },
     }))
 }
