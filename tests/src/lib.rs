@@ -28,7 +28,7 @@ pub mod wait;
 
 pub use agent::Agent;
 pub use env::{require_root, tarpit_bin, unique_id};
-pub use netns::{CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, TestNet, server_for};
+pub use netns::{CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, ServiceNet, TestNet, server_for};
 pub use pins::{PinDir, TestCgroup};
 pub use postfix::Postfix;
 pub use rbldnsd::Rbldnsd;

@@ -1,11 +1,13 @@
 //! A `redis-server` of a test's own (Debian's `redis-server` package):
-//! in a test's server namespace, on its loopback at a free port and on a
-//! Unix socket in its own temporary directory (reachable from the other
-//! test namespaces, which share the file system), with no persistence.
-//! With [`Redis::start_tls`], a TLS port as well, with a certificate from
-//! a CA the test makes. Killed on drop; [`Redis::kill`] and [`Redis::start_again`] let a test
-//! take it away mid-run and bring it back at the same address.
-use std::net::TcpListener;
+//! in the test's [`ServiceNet`], a namespace of its own that the MX hosts
+//! reach over their veths, at [`ServiceNet::V4`] and [`ServiceNet::V6`]
+//! on a free port, with no persistence. With [`Redis::start_tls`], a TLS
+//! port as well, with a certificate for those two addresses from a CA the
+//! test makes. It also listens on a Unix socket in its own temporary
+//! directory, for the test's own `redis-cli`. Killed on drop;
+//! [`Redis::kill`] and [`Redis::start_again`] let a test take it away
+//! mid-run and bring it back at the same address.
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
@@ -13,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use crate::env::unique_id;
-use crate::netns::TestNet;
+use crate::netns::ServiceNet;
 use crate::wait;
 
 pub struct Redis {
@@ -21,48 +23,41 @@ pub struct Redis {
     pub port: u16,
     /// The TLS port, when started with [`Redis::start_tls`].
     pub tls_port: Option<u16>,
-    ns_cmd: Box<dyn Fn() -> std::process::Command + Send + Sync>,
+    /// The service namespace it runs in.
+    ns: String,
     /// More `redis-server` arguments (ACL users, ...), at every start.
     extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl Redis {
-    /// Starts a server in `net`'s server namespace.
-    pub fn start(net: &TestNet) -> Result<Redis> {
+    /// Starts a server in `net`.
+    pub fn start(net: &ServiceNet) -> Result<Redis> {
         Redis::start_with(net, &[])
     }
 
     /// Like [`Redis::start`], with more `redis-server` arguments (e.g.
     /// `--user NAME on >PASSWORD ~prefix:* ...`).
-    pub fn start_with(net: &TestNet, extra: &[&str]) -> Result<Redis> {
+    pub fn start_with(net: &ServiceNet, extra: &[&str]) -> Result<Redis> {
         Redis::start_inner(net, extra, false)
     }
 
     /// Like [`Redis::start_with`], with a TLS port too: its certificate
-    /// (for 127.0.0.1) is signed by a CA the test makes ([`Redis::ca_file`]).
-    pub fn start_tls(net: &TestNet, extra: &[&str]) -> Result<Redis> {
+    /// (for the service's addresses) is signed by a CA the test makes
+    /// ([`Redis::ca_file`]).
+    pub fn start_tls(net: &ServiceNet, extra: &[&str]) -> Result<Redis> {
         Redis::start_inner(net, extra, true)
     }
 
-    fn start_inner(net: &TestNet, extra: &[&str], tls: bool) -> Result<Redis> {
+    fn start_inner(net: &ServiceNet, extra: &[&str], tls: bool) -> Result<Redis> {
         let dir = std::env::temp_dir().join(format!("tarpit-redis-{}", unique_id()));
         std::fs::create_dir_all(&dir)?;
-        // A free port of the namespace's loopback, found from inside it.
-        let free_port = || -> Result<u16> {
-            net.in_server(|| {
-                TcpListener::bind("127.0.0.1:0")
-                    .and_then(|l| l.local_addr())
-                    .map(|a| a.port())
-            })?
-            .context("no free port")
-        };
-        let port = free_port()?;
+        let port = free_addr(net, ServiceNet::V4.into())?.port();
         let mut extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
         let mut tls_port = None;
         if tls {
             let p = loop {
-                let p = free_port()?;
+                let p = free_addr(net, ServiceNet::V4.into())?.port();
                 if p != port {
                     break p;
                 }
@@ -84,18 +79,11 @@ impl Redis {
             }
             tls_port = Some(p);
         }
-        let ns = net.server_cmd("redis-server");
-        let program = ns.get_program().to_owned();
-        let args: Vec<_> = ns.get_args().map(|a| a.to_owned()).collect();
         let mut r = Redis {
             dir,
             port,
             tls_port,
-            ns_cmd: Box::new(move || {
-                let mut c = std::process::Command::new(&program);
-                c.args(&args);
-                c
-            }),
+            ns: net.ns.clone(),
             extra,
             child: None,
         };
@@ -103,19 +91,25 @@ impl Redis {
         Ok(r)
     }
 
-    /// The Unix socket (`unix://` URL for agents in other namespaces).
+    /// The Unix socket (for the test's own `redis-cli`).
     pub fn socket(&self) -> PathBuf {
         self.dir.join("redis.sock")
     }
 
-    /// `redis://127.0.0.1:PORT` (from inside the server namespace).
-    pub fn tcp_url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+    /// `redis://[fd5b:1e00:ff::100]:PORT`, from the hosts' namespaces.
+    pub fn tcp_url_v6(&self) -> String {
+        format!("redis://[{}]:{}", ServiceNet::V6, self.port)
     }
 
-    /// `rediss://127.0.0.1:TLS_PORT` (from inside the server namespace).
+    /// `rediss://198.51.100.200:TLS_PORT`, from the hosts' namespaces.
     pub fn tls_url(&self) -> Option<String> {
-        self.tls_port.map(|p| format!("rediss://127.0.0.1:{p}"))
+        self.tls_port
+            .map(|p| format!("rediss://{}:{p}", ServiceNet::V4))
+    }
+
+    /// The TCP ports' addresses, as `CLIENT LIST` names them (`laddr=`).
+    pub fn laddr_tls(&self) -> Option<String> {
+        self.tls_port.map(|p| format!("{}:{p}", ServiceNet::V4))
     }
 
     /// The CA that signed the server's certificate (PEM).
@@ -123,24 +117,27 @@ impl Redis {
         self.dir.join("ca.pem")
     }
 
-    pub fn unix_url(&self) -> String {
-        format!("unix://{}", self.socket().display())
-    }
-
-    /// (Re)starts the server on the same port and socket, empty.
+    /// (Re)starts the server on the same ports and socket, empty.
     pub fn start_again(&mut self) -> Result<()> {
         if self.child.is_some() {
             bail!("redis-server already runs");
         }
         let log = std::fs::File::create(self.dir.join("redis.log"))?;
-        let mut cmd = (self.ns_cmd)();
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut cmd = testkit::netns::nsenter(&self.ns, "redis-server");
+        cmd.args(["--port", &self.port.to_string()])
+            .args([
+                "--bind",
+                &ServiceNet::V4.to_string(),
+                &ServiceNet::V6.to_string(),
+            ])
             .args(["--save", "", "--appendonly", "no"])
+            // Reached from the hosts' namespaces, not over loopback.
+            .args(["--protected-mode", "no"])
             .arg("--dir")
             .arg(&self.dir)
             .arg("--unixsocket")
             .arg(self.socket())
-            .args(["--unixsocketperm", "777", "--daemonize", "no"])
+            .args(["--unixsocketperm", "700", "--daemonize", "no"])
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -198,8 +195,8 @@ impl Redis {
     }
 }
 
-/// A CA and a server certificate for 127.0.0.1 signed by it, in `dir`
-/// (`ca.pem`, `server.pem`, `server.key`). rustls wants a subjectAltName
+/// A CA and a server certificate for the service's addresses signed by
+/// it, in `dir` (`ca.pem`, `server.pem`, `server.key`). rustls wants a subjectAltName
 /// and will not take a CA certificate as the server's own.
 fn make_certs(dir: &std::path::Path) -> Result<()> {
     let run = |args: &[&str]| -> Result<()> {
@@ -215,8 +212,12 @@ fn make_certs(dir: &std::path::Path) -> Result<()> {
     };
     std::fs::write(
         dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-         extendedKeyUsage=serverAuth\n",
+        format!(
+            "subjectAltName=IP:{},IP:{}\nbasicConstraints=CA:FALSE\n\
+             extendedKeyUsage=serverAuth\n",
+            ServiceNet::V4,
+            ServiceNet::V6
+        ),
     )?;
     run(&[
         "req",
@@ -239,7 +240,7 @@ fn make_certs(dir: &std::path::Path) -> Result<()> {
         "rsa:2048",
         "-nodes",
         "-subj",
-        "/CN=127.0.0.1",
+        "/CN=tarpit test redis",
         "-keyout",
         "server.key",
         "-out",
@@ -271,20 +272,20 @@ impl Drop for Redis {
     }
 }
 
-/// One `redis-server` process in a test's server namespace on a TCP
+/// One `redis-server` process in a test's [`ServiceNet`] on a TCP
 /// address of its own choosing (a server, a replica, or a Sentinel with
 /// `--sentinel`): for tests with several Redis processes. Killed on drop.
 pub struct RedisProc {
     pub dir: PathBuf,
-    pub addr: std::net::SocketAddr,
+    pub addr: SocketAddr,
     ns: String,
     child: Option<Child>,
 }
 
 impl RedisProc {
-    /// A Redis server on `bind` (an address of `net`'s server namespace)
-    /// at a free port, no persistence, with `extra` arguments.
-    pub fn server(net: &TestNet, bind: std::net::IpAddr, extra: &[&str]) -> Result<RedisProc> {
+    /// A Redis server on `bind` (an address of `net`) at a free port, no
+    /// persistence, with `extra` arguments.
+    pub fn server(net: &ServiceNet, bind: IpAddr, extra: &[&str]) -> Result<RedisProc> {
         let dir = std::env::temp_dir().join(format!("tarpit-redis-{}", unique_id()));
         std::fs::create_dir_all(&dir)?;
         let addr = free_addr(net, bind)?;
@@ -309,9 +310,9 @@ impl RedisProc {
     /// A Sentinel on `bind` watching `master` as `service` (quorum 1,
     /// down after 1 s: a fail-over within seconds).
     pub fn sentinel(
-        net: &TestNet,
-        bind: std::net::IpAddr,
-        master: std::net::SocketAddr,
+        net: &ServiceNet,
+        bind: IpAddr,
+        master: SocketAddr,
         service: &str,
     ) -> Result<RedisProc> {
         let dir = std::env::temp_dir().join(format!("tarpit-sentinel-{}", unique_id()));
@@ -336,13 +337,13 @@ impl RedisProc {
     }
 
     fn spawn(
-        net: &TestNet,
+        net: &ServiceNet,
         dir: PathBuf,
-        addr: std::net::SocketAddr,
+        addr: SocketAddr,
         args: Vec<String>,
     ) -> Result<RedisProc> {
         let log = std::fs::File::create(dir.join("redis.log"))?;
-        let mut cmd = net.server_cmd("redis-server");
+        let mut cmd = net.cmd("redis-server");
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -351,11 +352,11 @@ impl RedisProc {
         let p = RedisProc {
             dir,
             addr,
-            ns: net.server_ns.clone(),
+            ns: net.ns.clone(),
             child: Some(child),
         };
         let up = wait::until(Duration::from_secs(10), || {
-            net.in_server(|| std::net::TcpStream::connect(addr).is_ok())
+            net.in_ns(|| std::net::TcpStream::connect(addr).is_ok())
                 .unwrap_or(false)
         });
         if !up {
@@ -395,46 +396,8 @@ impl Drop for RedisProc {
     }
 }
 
-/// A free TCP port on `bind` inside `net`'s server namespace.
-pub fn free_addr(net: &TestNet, bind: std::net::IpAddr) -> Result<std::net::SocketAddr> {
-    net.in_server(|| TcpListener::bind((bind, 0)).and_then(|l| l.local_addr()))?
+/// A free TCP port on `bind` inside `net`.
+pub fn free_addr(net: &ServiceNet, bind: IpAddr) -> Result<SocketAddr> {
+    net.in_ns(|| TcpListener::bind((bind, 0)).and_then(|l| l.local_addr()))?
         .context("no free port")
-}
-
-/// A veth pair between the two server namespaces: fd5b:1e00:ff::1 in
-/// mx1's, ::2 in mx2's. Goes with the namespaces.
-pub fn link_servers(net1: &TestNet, net2: &TestNet) -> Result<()> {
-    let id = unique_id().replace('-', "");
-    let (a, b) = (format!("tcl{id}a"), format!("tcl{id}b"));
-    anyhow::ensure!(a.len() <= 15, "interface name {a} too long");
-    let run = |args: &[&str]| -> Result<()> {
-        let out = std::process::Command::new("ip")
-            .args(args)
-            .output()
-            .context("ip")?;
-        anyhow::ensure!(out.status.success(), "ip {args:?}: {out:?}");
-        Ok(())
-    };
-    run(&[
-        "link",
-        "add",
-        &a,
-        "netns",
-        &net1.server_ns,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &b,
-        "netns",
-        &net2.server_ns,
-    ])?;
-    for (ns, dev, addr) in [
-        (&net1.server_ns, &a, "fd5b:1e00:ff::1/64"),
-        (&net2.server_ns, &b, "fd5b:1e00:ff::2/64"),
-    ] {
-        run(&["-n", ns, "addr", "add", addr, "dev", dev, "nodad"])?;
-        run(&["-n", ns, "link", "set", dev, "up"])?;
-    }
-    Ok(())
 }

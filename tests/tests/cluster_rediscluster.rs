@@ -1,28 +1,30 @@
 //! Two MX hosts sharing state through a three-node Redis Cluster
-//! (`cluster.nodes`, docs/cluster.md) made by the test in mx1's server
-//! namespace and reached by both hosts over a link between their server
-//! namespaces (fd5b:1e00:ff::/64).
+//! (`cluster.nodes`, docs/cluster.md) made by the test in a namespace of
+//! its own and reached by both hosts over veths of their own
+//! (fd5b:1e00:ff::/64).
 //!
 //! What a user sees: a block made at mx1 reaches mx2's kernel, and so does
 //! its deletion; a block made while mx2's agent was stopped reaches it at
 //! its next start (the catch-up reads the cluster node that holds tarpit's
-//! slot); every key of tarpit is in that one slot.
+//! slot); every key of tarpit is in that one slot; an offender mx2 blocked
+//! stays blocked at mx2 when mx1 evicts it from its full automatic block
+//! list to make room for offenders of its own (an eviction is no deletion).
 #[path = "loop_common/mod.rs"]
 mod common;
 
 use std::net::IpAddr;
 use std::time::Duration;
 
-use common::{blocked, cli};
+use common::{blocked, cli, talk_first};
 use tarpit_tests::redis::{RedisProc, free_addr};
-use tarpit_tests::{Agent, TestNet, require_root, wait};
+use tarpit_tests::{Agent, Postfix, ServiceNet, require_root, wait};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
 /// Three masters, no replicas, the 16384 slots split between them.
-fn redis_cluster(net: &TestNet, bind: IpAddr) -> Vec<RedisProc> {
+fn redis_cluster(net: &ServiceNet, bind: IpAddr) -> Vec<RedisProc> {
     let nodes: Vec<RedisProc> = (0..3)
         .map(|_| {
             let bus = free_addr(net, bind).expect("bus port").port().to_string();
@@ -41,7 +43,7 @@ fn redis_cluster(net: &TestNet, bind: IpAddr) -> Vec<RedisProc> {
             .expect("redis cluster node")
         })
         .collect();
-    let mut create = net.server_cmd("redis-cli");
+    let mut create = net.cmd("redis-cli");
     create.args(["--cluster", "create"]);
     for n in &nodes {
         create.arg(format!("{}:{}", n.addr.ip(), n.addr.port()));
@@ -61,6 +63,9 @@ fn redis_cluster(net: &TestNet, bind: IpAddr) -> Vec<RedisProc> {
     nodes
 }
 
+/// mx1's automatic part of the block list: small enough to fill.
+const MX1_AUTO: u32 = 4;
+
 fn host_config(node: &str, nodes: &[RedisProc]) -> String {
     let list: Vec<String> = nodes
         .iter()
@@ -69,7 +74,11 @@ fn host_config(node: &str, nodes: &[RedisProc]) -> String {
     format!(
         r#"
 [greeting]
-delay = "0s"
+delay = "500ms"
+[offenders]
+pregreet_strikes = 1
+block_ttl = "10m"
+slowdown = false
 [cluster]
 nodes = [{}]
 node = "{node}"
@@ -84,10 +93,14 @@ fn blocks_and_deletions_reach_the_other_host_through_a_redis_cluster() {
     if !require_root() {
         return;
     }
-    let (mx1, mx2) = common::mx_pair(true);
+    let (mx1, mx2, service) = common::mx_pair();
     let (net1, pins1, net2, pins2) = (&mx1.net, &mx1.pins, &mx2.net, &mx2.pins);
-    let nodes = redis_cluster(net1, ip("fd5b:1e00:ff::1"));
-    let c1 = common::config(net1, pins1, None, true, &host_config("mx1", &nodes));
+    let nodes = redis_cluster(&service, ServiceNet::V6.into());
+    let c1 = common::config(net1, pins1, None, true, &host_config("mx1", &nodes)).replacen(
+        "[kernel]\n",
+        &format!("[kernel]\nauto_block_entries = {MX1_AUTO}\n"),
+        1,
+    );
     let c2 = common::config(net2, pins2, None, true, &host_config("mx2", &nodes));
     let mx1 = Agent::start(net1, &c1).expect("mx1");
     let mx2 = Agent::start(net2, &c2).expect("mx2");
@@ -131,6 +144,53 @@ fn blocks_and_deletions_reach_the_other_host_through_a_redis_cluster() {
             .unwrap_or_default();
     }
     assert!(found.contains("\"node\":\"mx1\""), "{found}");
+
+    // An offender blocked at mx2 is in mx1's automatic part too; offenders
+    // of mx1's own fill that part, and the oldest entry, mx2's, makes room
+    // at mx1: mx2 keeps its block, and Redis has no deletion of it.
+    let _pf1 = Postfix::start(net1).expect("postfix mx1");
+    let _pf2 = Postfix::start(net2).expect("postfix mx2");
+    let theirs = ip("198.51.100.63");
+    let ours: Vec<IpAddr> = (64..64 + MX1_AUTO as u8)
+        .map(|i| ip(&format!("198.51.100.{i}")))
+        .collect();
+    net2.add_client_addr(theirs).unwrap();
+    for a in &ours {
+        net1.add_client_addr(*a).unwrap();
+    }
+    talk_first(net2, theirs).unwrap();
+    wait::eventually("mx2's offender at mx1", Duration::from_secs(5), || {
+        blocked(pins1, "198.51.100.63")
+    });
+    // Settled at mx1 (its own block on mx2's strike, mx2's block): several
+    // of mx1's looks at its kernel (every 250 ms) have seen it.
+    std::thread::sleep(Duration::from_millis(1500));
+    for a in &ours {
+        talk_first(net1, *a).unwrap();
+        wait::eventually("mx1's offender blocked", Duration::from_secs(5), || {
+            blocked(pins1, &a.to_string())
+        });
+    }
+    assert!(
+        !blocked(pins1, "198.51.100.63"),
+        "mx2's offender made room at mx1"
+    );
+    // Several of mx1's looks at its kernel later.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        blocked(pins2, "198.51.100.63"),
+        "mx1's eviction deleted mx2's block"
+    );
+    let mut there = String::new();
+    for n in &nodes {
+        there += &n
+            .cli(&["-c", "GET", "{tarpit:}block:198.51.100.63/32"])
+            .unwrap_or_default();
+    }
+    assert!(
+        there.contains("198.51.100.63") && !there.contains("\"deleted\""),
+        "{there}"
+    );
     drop(mx1);
     drop(mx2);
 }

@@ -1,7 +1,7 @@
 //! Two MX hosts sharing state through Redis Sentinel (`cluster.sentinels`,
 //! docs/cluster.md), across a fail-over: a master, a replica and a
-//! Sentinel started by the test in mx1's server namespace, reached by both
-//! hosts over a link between their server namespaces (fd5b:1e00:ff::/64).
+//! Sentinel started by the test in a namespace of their own, reached by
+//! both hosts over veths of their own (fd5b:1e00:ff::/64).
 //!
 //! What a user sees: a block made at mx1 reaches mx2 through the master
 //! the Sentinel names; an address authenticated at mx1 pays no HELO delay
@@ -18,7 +18,7 @@ use common::{agent_for, blocked, cli, maps};
 use tarpit_tests::redis::RedisProc;
 use tarpit_tests::smtp_client::SmtpClient;
 use tarpit_tests::swaks::swaks;
-use tarpit_tests::{Agent, CLIENT_V4, Postfix, require_root, wait};
+use tarpit_tests::{Agent, CLIENT_V4, Postfix, ServiceNet, require_root, wait};
 
 const SERVICE: &str = "tarpit";
 const HELO_DELAY_S: u64 = 2;
@@ -49,15 +49,15 @@ fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
     if !require_root() {
         return;
     }
-    let (mx1, mx2) = common::mx_pair(true);
+    let (mx1, mx2, service) = common::mx_pair();
     let (net1, pins1, net2, pins2) = (&mx1.net, &mx1.pins, &mx2.net, &mx2.pins);
     let _pf1 = Postfix::start(net1).expect("postfix mx1");
     let _pf2 = Postfix::start(net2).expect("postfix mx2");
-    let here = ip("fd5b:1e00:ff::1");
-    let mut master = RedisProc::server(net1, here, &[]).expect("redis master");
+    let here = IpAddr::from(ServiceNet::V6);
+    let mut master = RedisProc::server(&service, here, &[]).expect("redis master");
     let m = master.addr;
     let replica = RedisProc::server(
-        net1,
+        &service,
         here,
         &["--replicaof", &m.ip().to_string(), &m.port().to_string()],
     )
@@ -68,7 +68,7 @@ fn blocks_reach_the_other_host_through_sentinel_before_and_after_a_fail_over() {
             .unwrap_or_default()
             .contains("master_link_status:up")
     });
-    let sentinel = RedisProc::sentinel(net1, here, m, SERVICE).expect("redis sentinel");
+    let sentinel = RedisProc::sentinel(&service, here, m, SERVICE).expect("redis sentinel");
     // The Sentinel learns of the replica from the master.
     wait::eventually(
         "the sentinel sees the replica",

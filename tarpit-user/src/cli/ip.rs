@@ -55,57 +55,88 @@ struct ClusterJson {
     /// Redis could not be asked (why); the rest is then empty.
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
-    blocks: Vec<ClusterBlockJson>,
+    blocks: Vec<ClusterEntryJson>,
+    /// Run-time allow entries (`tarpit allow add` at some node).
+    allow: Vec<ClusterEntryJson>,
 }
 
 #[derive(Debug, Serialize)]
-struct ClusterBlockJson {
+struct ClusterEntryJson {
     cidr: String,
     /// The node that made the change.
     node: String,
     at: String,
-    /// `block` or `deleted` (a tombstone).
+    /// `block` (or `allow`), or `deleted` (a tombstone).
     change: &'static str,
     expires_at: Option<String>,
+    /// The admin's comment at that node (`--comment`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    comment: Option<String>,
     /// In this host's kernel now.
     here: bool,
 }
 
-/// What Redis says of the blocks covering `ip` (the covering kernel
-/// entries' networks, and the address's own), as JSON and as lines.
+/// What Redis says of the blocks and allow entries covering `ip` (the
+/// covering kernel entries' networks, and the address's own), as JSON and
+/// as lines.
 fn cluster_view(
     config: &Config,
     ip: IpAddr,
-    covering: &[Joined],
+    allow: &[Joined],
+    block: &[Joined],
     now: SystemTime,
 ) -> Option<(ClusterJson, Vec<String>)> {
+    use crate::cluster::record::{SharedList, shown_comment};
     if !config.cluster.enabled() {
         return None;
     }
-    let mut nets: Vec<ipnet::IpNet> = covering.iter().map(|j| j.net).collect();
     let own = ipnet::IpNet::from(super::kernel_glue::canonical(ip));
-    if !nets.contains(&own) {
-        nets.push(own);
+    let mut asked = Vec::new();
+    for (list, covering) in [(SharedList::Block, block), (SharedList::Allow, allow)] {
+        let mut nets: Vec<ipnet::IpNet> = covering.iter().map(|j| j.net).collect();
+        if !nets.contains(&own) {
+            nets.push(own);
+        }
+        asked.extend(nets.into_iter().map(|n| (list, n)));
     }
-    let here = |net: &ipnet::IpNet| covering.iter().any(|j| j.net == *net && j.active());
-    let records = match crate::cluster::lookup::blocks_of(&config.cluster, &nets) {
+    let records = match crate::cluster::lookup::records_of(&config.cluster, &asked) {
         Ok(r) => r,
         Err(e) => {
             let json = ClusterJson {
                 error: Some(format!("{e:#}")),
                 blocks: Vec::new(),
+                allow: Vec::new(),
             };
             return Some((json, vec![format!("Redis not asked: {e:#}")]));
         }
     };
     let mut lines = Vec::new();
-    let mut blocks = Vec::new();
+    let mut json = ClusterJson {
+        error: None,
+        blocks: Vec::new(),
+        allow: Vec::new(),
+    };
     for r in &records {
+        let (covering, verb) = match r.list {
+            SharedList::Allow => (allow, "allowed"),
+            _ => (block, "blocked"),
+        };
         let at = crate::state::from_unix(r.at / 1000);
-        let in_kernel = here(&r.net);
+        let in_kernel = covering.iter().any(|j| j.net == r.net && j.active());
         let when = human_time_rel(at, now);
+        // Written into Redis by anyone who may write there: shown tamed.
+        let node = shown_comment(Some(&r.node)).unwrap_or_else(|| "?".into());
+        let comment = if r.deleted {
+            None
+        } else {
+            shown_comment(r.comment.as_deref())
+        };
         lines.push(if r.deleted {
-            format!("{} deleted by {} {when}", r.net, r.node)
+            let what = match r.list {
+                SharedList::Allow => "allow entry ",
+                _ => "",
+            };
+            format!("{} {what}deleted by {node} {when}", r.net)
         } else {
             let until = match r.expires_at {
                 Some(e) => format!(
@@ -114,34 +145,41 @@ fn cluster_view(
                 ),
                 None => ", no expiry".into(),
             };
-            let applied = if in_kernel {
-                ""
-            } else {
-                ", not applied here (allow list, internal network or expired)"
+            let applied = match (in_kernel, r.list) {
+                (true, _) => "",
+                (false, SharedList::Allow) => ", not in the allow list here (expired)",
+                (false, _) => ", not applied here (allow list, internal network or expired)",
             };
-            format!("{} blocked by {} {when}{until}{applied}", r.net, r.node)
+            let said = comment
+                .as_ref()
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default();
+            format!("{} {verb} by {node} {when}{until}{applied}{said}", r.net)
         });
-        blocks.push(ClusterBlockJson {
+        let entry = ClusterEntryJson {
             cidr: r.net.to_string(),
-            node: r.node.clone(),
+            node,
             at: output::rfc3339(at),
-            change: if r.deleted { "deleted" } else { "block" },
+            change: match (r.deleted, r.list) {
+                (true, _) => "deleted",
+                (false, SharedList::Allow) => "allow",
+                (false, _) => "block",
+            },
             expires_at: r
                 .expires_at
                 .map(|e| output::rfc3339(crate::state::from_unix(e))),
+            comment,
             here: in_kernel,
-        });
+        };
+        match r.list {
+            SharedList::Allow => json.allow.push(entry),
+            _ => json.blocks.push(entry),
+        }
     }
     if lines.is_empty() {
         lines.push("nothing shared about this address".into());
     }
-    Some((
-        ClusterJson {
-            error: None,
-            blocks,
-        },
-        lines,
-    ))
+    Some((json, lines))
 }
 
 #[derive(Debug, Serialize)]
@@ -297,10 +335,11 @@ pub fn run(ctx: &Context, args: IpArgs) -> Result<()> {
         .iter()
         .map(|j| j.json(List::Block, &ctx.config, now))
         .collect();
-    let (cluster_json, cluster_lines) = match cluster_view(&ctx.config, ip, &block_joined, now) {
-        Some((j, l)) => (Some(j), l),
-        None => (None, Vec::new()),
-    };
+    let (cluster_json, cluster_lines) =
+        match cluster_view(&ctx.config, ip, &allow_joined, &block_joined, now) {
+            Some((j, l)) => (Some(j), l),
+            None => (None, Vec::new()),
+        };
 
     if args.json {
         let state_json = state.as_ref().map(|s| StateJson {

@@ -125,11 +125,12 @@ impl LoopHandle {
         }
     }
 
-    /// An offence another MX host saw: it counts here as if seen here
-    /// (this node's allow list and internal networks still exempt the
-    /// address), and is not shared again.
-    pub fn remote_offence(&self, ip: IpAddr, offence: Offence) {
-        self.0.offend_from(ip, offence, false);
+    /// An offence another MX host saw `age` ago: it counts here as if
+    /// seen here then (this node's allow list and internal networks still
+    /// exempt the address; one older than the window counts for nothing),
+    /// and is not shared again.
+    pub fn remote_offence(&self, ip: IpAddr, offence: Offence, age: std::time::Duration) {
+        self.0.offend_from(ip, offence, Some(age));
     }
 
     /// The sk_lookup program's steering counts, read now; `None` when no
@@ -367,26 +368,35 @@ impl LoopState {
     }
 
     fn offend(&self, ip: IpAddr, kind: Offence) {
-        self.offend_from(ip, kind, true);
+        self.offend_from(ip, kind, None);
     }
 
-    /// An offence, seen here (`local`, then shared with the cluster if
-    /// there is one) or at another MX host.
-    fn offend_from(&self, ip: IpAddr, kind: Offence, local: bool) {
+    /// An offence, seen here now (`remote` `None`, then shared with the
+    /// cluster if there is one) or at another MX host, `remote` ago.
+    fn offend_from(&self, ip: IpAddr, kind: Offence, remote: Option<std::time::Duration>) {
         let ip = ip.to_canonical();
         let config = self.config();
         if let Some(why) = self.exempt(ip, &config) {
             debug!(client = %ip, offence = kind.as_str(), "offence not acted on: {why}");
             return;
         }
-        if local && let Some(share) = self.share.get() {
+        if remote.is_none()
+            && let Some(share) = self.share.get()
+        {
             share.share(ip, kind);
         }
+        let now = tokio::time::Instant::now();
+        let at = match remote.map(|age| now.checked_sub(age)) {
+            None => now,
+            Some(Some(at)) => at,
+            // Older than this clock reaches: long out of any window.
+            Some(None) => return,
+        };
         let sanction = self
             .tracker
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .record(ip, kind, tokio::time::Instant::now());
+            .record_at(ip, kind, at, now);
         let oc = &config.offenders;
         match sanction {
             Sanction::Block {

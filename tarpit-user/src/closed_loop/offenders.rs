@@ -163,13 +163,24 @@ impl Tracker {
 
     /// Records one offence and says what it earned.
     pub fn record(&mut self, ip: IpAddr, kind: Offence, now: Instant) -> Sanction {
+        self.record_at(ip, kind, now, now)
+    }
+
+    /// Records one offence made at `at` (another MX host's, told late:
+    /// after an outage of the cluster), counted in the window before
+    /// `now`; one already out of the window earns nothing and is not kept.
+    pub fn record_at(&mut self, ip: IpAddr, kind: Offence, at: Instant, now: Instant) -> Sanction {
+        let window = self.rules.window;
+        let at = at.min(now);
+        if now.saturating_duration_since(at) >= window {
+            return Sanction::Nothing;
+        }
         let ip = self.rules.offender(ip);
         if !self.ips.contains_key(&ip) && self.ips.len() >= self.rules.max_tracked {
             self.make_room(now);
         }
-        let window = self.rules.window;
         let r = self.ips.entry(ip).or_default();
-        r.last = Some(now);
+        r.last = Some(r.last.map_or(at, |l| l.max(at)));
         let q = &mut r.times[slot(kind)];
         while q
             .front()
@@ -177,7 +188,9 @@ impl Tracker {
         {
             q.pop_front();
         }
-        q.push_back(now);
+        // In time order, also when told late.
+        let pos = q.partition_point(|t| *t <= at);
+        q.insert(pos, at);
         let count = q.len() as u32;
         let threshold = self.rules.thresholds[slot(kind)];
         if threshold > 0 && count >= threshold {
@@ -284,6 +297,41 @@ mod tests {
             t.record(a, Offence::PreGreet, Instant::now()),
             Sanction::SlowDown { count: 1 }
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_strike_told_late_counts_with_its_own_time_and_an_expired_one_not_at_all() {
+        let mut t = Tracker::new(rules(3, 0, 0, false));
+        let a = ip("198.51.100.19");
+        let t0 = Instant::now();
+        tokio::time::advance(Duration::from_secs(500)).await;
+        let now = Instant::now();
+        // Made 500 s ago (the window is 600 s): counts.
+        assert_eq!(
+            t.record_at(a, Offence::PreGreet, t0, now),
+            Sanction::Nothing
+        );
+        // Made 700 s ago: out of the window, not kept.
+        let stale = t0.checked_sub(Duration::from_secs(200)).unwrap();
+        assert_eq!(
+            t.record_at(a, Offence::PreGreet, stale, now),
+            Sanction::Nothing
+        );
+        assert_eq!(t.count(a, Offence::PreGreet, now), 1);
+        // One here now, and a second told late: three, a block.
+        t.record(a, Offence::PreGreet, now);
+        let late = t0 + Duration::from_secs(100);
+        assert!(matches!(
+            t.record_at(a, Offence::PreGreet, late, now),
+            Sanction::Block { count: 3, .. }
+        ));
+        // The one made at t0 leaves the window first, whatever the order
+        // the strikes were told in.
+        let b = ip("198.51.100.20");
+        t.record(b, Offence::PreGreet, now);
+        t.record_at(b, Offence::PreGreet, t0, now);
+        tokio::time::advance(Duration::from_secs(150)).await;
+        assert_eq!(t.count(b, Offence::PreGreet, Instant::now()), 1);
     }
 
     #[tokio::test(start_paused = true)]

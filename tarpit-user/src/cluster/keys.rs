@@ -9,8 +9,13 @@
 //! - `{prefix}grey:{hex}`: one greylist key's state as JSON, the key being
 //!   the same keyed 128-bit hash the local store keeps (no address, sender
 //!   or recipient ever leaves the host in clear).
-//! - `{prefix}grey-key`: the fingerprint of the greylist's site key, so a
-//!   host hashing under another key notices instead of sharing noise.
+//! - `{prefix}grey-key`: the greylist's site key (32 hex digits), written
+//!   by the first host to connect: the others hash under it too (or say
+//!   why not) instead of sharing noise.
+//! - `{prefix}strike:{agent}:{n}`: a strike made while Redis was gone (the
+//!   agent's random id, the strike's number), stored as its message when
+//!   Redis returned, for what is left of its window, for the hosts that
+//!   reconnect later (strikes are otherwise only announced).
 //! - `{prefix}events`: the pub/sub channel announcing each change.
 use ipnet::IpNet;
 
@@ -93,8 +98,17 @@ impl Keys {
         Some(id)
     }
 
-    pub fn grey_fingerprint(&self) -> String {
+    pub fn grey_site_key(&self) -> String {
         format!("{}grey-key", self.prefix)
+    }
+
+    /// The key of one strike: the agent that saw it, and its number.
+    pub fn strike(&self, agent: &str, seq: u64) -> String {
+        format!("{}strike:{agent}:{seq}", self.prefix)
+    }
+
+    pub fn strike_pattern(&self) -> String {
+        format!("{}strike:*", self.prefix)
     }
 
     pub fn channel(&self) -> String {
@@ -120,7 +134,12 @@ mod tests {
         assert_eq!(k.entry(SharedList::Auth, one), "mx:auth:fd5b:1e00::60/128");
         assert_eq!(k.pattern(SharedList::Auth), "mx:auth:*");
         assert_eq!(k.channel(), "mx:events");
-        assert_eq!(k.grey_fingerprint(), "mx:grey-key");
+        assert_eq!(
+            k.strike("0123456789abcdef", 7),
+            "mx:strike:0123456789abcdef:7"
+        );
+        assert_eq!(k.strike_pattern(), "mx:strike:*");
+        assert_eq!(k.grey_site_key(), "mx:grey-key");
     }
 
     #[test]
@@ -131,7 +150,7 @@ mod tests {
         let k = Keys::for_config(&c);
         let a: IpNet = "198.51.100.7/32".parse().unwrap();
         assert_eq!(k.block(a), "{tarpit:}block:198.51.100.7/32");
-        assert_eq!(k.grey_fingerprint(), "{tarpit:}grey-key");
+        assert_eq!(k.grey_site_key(), "{tarpit:}grey-key");
         assert_eq!(k.grey_id(&k.grey(&[1; 16])), Some([1; 16]));
         assert_eq!(k.slot_key(), "{tarpit:}");
         let single = crate::config::Config::parse("[cluster]\nurl = \"redis://h\"\n")

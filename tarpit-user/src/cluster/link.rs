@@ -26,17 +26,18 @@ use tarpit_common::BlockReason;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use super::backlog::Backlog;
+use super::backlog::{Backlog, KeptOffence, SeenStrikes};
 use super::conn::Conn;
 use super::keys::Keys;
 use super::metrics::ClusterMetrics;
-use super::mirror::{KernelBlock, Mirror, Remote, spared};
+use super::mirror::{KernelBlock, Mirror, Remote, Saved, spared};
 use super::record::{BlockRecord, Envelope, Event, GreyState, SharedList};
 use crate::closed_loop::LoopHandle;
 use crate::config::{ClusterConfig, Config};
 use crate::kernel::{AllowLookup, BlockSpec, BootInstant, KernelMaps};
 use crate::policy::ports::Offence;
 use crate::reputation::greylist::Id;
+use crate::reputation::greylist::{KeyOrigin, SiteKey};
 use crate::reputation::{GreyRecord, Greylist};
 
 /// How often the kernel's block list is compared with what was shared:
@@ -81,6 +82,11 @@ pub struct Engine {
     pub(super) allow_mirror: Mirror,
     pub(super) conn: Option<Conn>,
     pub(super) backlog: Backlog,
+    /// Strikes of other nodes counted here (by their key, see
+    /// [`Keys::strike`]) with their time, while in the strike window.
+    pub(super) seen_strikes: SeenStrikes,
+    /// Strikes this agent shared so far (each one's number).
+    pub(super) strike_seq: u64,
 }
 
 /// The next message of the channel, or never while unsubscribed.
@@ -88,6 +94,31 @@ async fn next_event(s: &mut Option<PubSubStream>) -> Option<redis::Msg> {
     match s {
         Some(s) => s.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// What to do about the greylist key found in Redis.
+#[derive(Debug, PartialEq, Eq)]
+pub enum GreyKeyVerdict {
+    /// The same as this host's: share.
+    Same,
+    /// Not a key (wrong length, not hex, zeros): never taken.
+    Malformed,
+    /// Another key, and this host's was written by an admin: keep ours,
+    /// do not share.
+    Keep(SiteKey),
+    /// Another key, and this host's is tarpit's own: take the cluster's.
+    Adopt(SiteKey),
+}
+
+/// Decides about `theirs`, the greylist key as Redis holds it, against
+/// this host's key and its origin.
+pub fn grey_key_verdict(ours: &SiteKey, origin: KeyOrigin, theirs: &str) -> GreyKeyVerdict {
+    match SiteKey::from_hex(theirs) {
+        None => GreyKeyVerdict::Malformed,
+        Some(k) if k == *ours => GreyKeyVerdict::Same,
+        Some(k) if origin.follows_cluster() => GreyKeyVerdict::Adopt(k),
+        Some(k) => GreyKeyVerdict::Keep(k),
     }
 }
 
@@ -145,6 +176,7 @@ impl Engine {
                     self.mirror.prune(now_ms(), keep);
                     self.auth_mirror.prune(now_ms(), keep);
                     self.allow_mirror.prune(now_ms(), keep);
+                    self.prune_strikes();
                 }
                 Some((r, now)) = grey_rx.recv() => self.share_grey(r, now).await,
                 Some((ip, o)) = offence_rx.recv() => self.share_offence(ip, o).await,
@@ -197,16 +229,20 @@ impl Engine {
         Ok(ps.into_on_message())
     }
 
-    /// Hosts that share a greylist must hash under one site key: the first
-    /// node writes its key's fingerprint, the others compare.
+    /// Hosts that share a greylist must hash under one site key, and the
+    /// cluster shares it: the first host to connect writes its key, the
+    /// others compare. A host whose key tarpit made (or took from the
+    /// cluster before) takes the cluster's; one whose key an admin wrote
+    /// keeps it and does not share its greylist. A malformed key in Redis
+    /// is never taken (see [`grey_key_verdict`]).
     async fn check_grey_key(&mut self) {
-        let (Some(g), Some(mut conn)) = (&self.grey, self.conn.clone()) else {
+        let (Some(g), Some(mut conn)) = (self.grey.clone(), self.conn.clone()) else {
             return;
         };
-        let ours = format!("{:016x}", g.key_fingerprint());
-        let key = self.keys.grey_fingerprint();
+        let (ours, origin) = g.site_key();
+        let key = self.keys.grey_site_key();
         let mut set = redis::cmd("SET");
-        set.arg(&key).arg(&ours).arg("NX");
+        set.arg(&key).arg(ours.to_hex()).arg("NX");
         let _ = self
             .bounded("SET grey-key", set.query_async::<Option<String>>(&mut conn))
             .await;
@@ -218,21 +254,60 @@ impl Engine {
                     .query_async::<Option<String>>(&mut conn),
             )
             .await;
-        match theirs {
-            Ok(Some(t)) if t != ours => {
-                if self.grey_shared {
+        let theirs = match theirs {
+            Ok(Some(t)) => t,
+            Ok(None) => return debug!("cluster: no greylist key in Redis yet"),
+            Err(e) => return debug!("cluster: greylist key not compared: {e:#}"),
+        };
+        let was = self.grey_shared;
+        let fp = |k: &SiteKey| format!("{:016x}", k.fingerprint());
+        self.grey_shared = match grey_key_verdict(&ours, origin, &theirs) {
+            GreyKeyVerdict::Same => true,
+            GreyKeyVerdict::Malformed => {
+                if was {
                     error!(
-                        cluster = %t, ours = %ours,
-                        "cluster: this node's greylist key differs from the cluster's; the \
-                         greylist is not shared (copy greylist.key from another node, see \
-                         docs/cluster.md)"
+                        key = %key,
+                        "cluster: the greylist key in Redis is not a greylist key (32 hex \
+                         digits, not all zeros): refused, and the greylist is not shared \
+                         (delete the Redis key: the next host to connect writes its own)"
                     );
                 }
-                self.grey_shared = false;
+                false
             }
-            Ok(_) => self.grey_shared = true,
-            Err(e) => debug!("cluster: greylist key not compared: {e:#}"),
-        }
+            GreyKeyVerdict::Keep(k) => {
+                if was {
+                    error!(
+                        cluster = %fp(&k), ours = %fp(&ours),
+                        "cluster: this host's greylist key differs from the cluster's and \
+                         was written by an admin, so it is kept: the greylist is not \
+                         shared (copy greylist.key from another host, or delete it and \
+                         restart to take the cluster's; docs/cluster.md)"
+                    );
+                }
+                false
+            }
+            GreyKeyVerdict::Adopt(k) => {
+                match g.adopt_key(k.clone(), crate::reputation::unix_now()) {
+                    Ok(_) => {
+                        warn!(
+                            cluster = %fp(&k), was = %fp(&ours),
+                            "cluster: greylist key taken from the cluster; this host's \
+                             greylist starts again from what the other hosts share"
+                        );
+                        // Kept under the old key: noise to the others.
+                        self.backlog.clear_grey();
+                        self.update_backlog();
+                        true
+                    }
+                    Err(e) => {
+                        error!(
+                            "cluster: the cluster's greylist key not taken: {e}; the greylist is not shared"
+                        );
+                        false
+                    }
+                }
+            }
+        };
     }
 
     /// Compares the kernel's block list, authenticated addresses and
@@ -313,16 +388,35 @@ impl Engine {
                     .get_or_init(|| crate::state::State::load(&config.state.file).ok())
                     .as_ref()
             };
-            let block_saved =
-                |net: IpNet| Some(state()?.block_entry(&net)?.added_at.saturating_mul(1000));
-            let allow_saved =
-                |net: IpNet| Some(state()?.allow_entry(&net)?.added_at.saturating_mul(1000));
-            let mut changes = self.auth_mirror.scan(&auth, &self.node, wall, |_| None);
+            let block_saved = |net: IpNet| {
+                let e = state()?.block_entry(&net)?;
+                Some(Saved {
+                    at_ms: e.added_at.saturating_mul(1000),
+                    comment: e.comment.clone(),
+                })
+            };
+            let allow_saved = |net: IpNet| {
+                let e = state()?.allow_entry(&net)?;
+                Some(Saved {
+                    at_ms: e.added_at.saturating_mul(1000),
+                    comment: e.comment.clone(),
+                })
+            };
+            let none = |_: IpNet, _: u64| false;
+            let mut changes = self
+                .auth_mirror
+                .scan(&auth, &self.node, wall, |_| None, none);
             changes.extend(
                 self.allow_mirror
-                    .scan(&allow, &self.node, wall, allow_saved),
+                    .scan(&allow, &self.node, wall, allow_saved, none),
             );
-            changes.extend(self.mirror.scan(&block, &self.node, wall, block_saved));
+            changes.extend(self.mirror.scan(
+                &block,
+                &self.node,
+                wall,
+                block_saved,
+                crate::kernel::evictions::evicted,
+            ));
             changes
         };
         for rec in changes {
@@ -449,31 +543,87 @@ impl Engine {
             .await
     }
 
-    /// Announces a strike seen here (never stored, never replayed).
+    /// Announces a strike seen here (never stored in Redis); while Redis
+    /// is gone, keeps it to announce when Redis returns.
     async fn share_offence(&mut self, ip: IpAddr, offence: Offence) {
-        let Some(mut conn) = self.conn.clone() else {
-            self.metrics.unshared("offence");
-            return;
-        };
-        let event = Event::Offence {
-            node: self.node.clone(),
+        self.strike_seq += 1;
+        let kept = KeptOffence {
             ip,
-            offence: offence.code().to_string(),
+            offence,
+            at_ms: now_ms(),
+            seq: self.strike_seq,
         };
-        let Ok(text) = self.envelope(event) else {
-            return;
-        };
-        let mut publish = redis::cmd("PUBLISH");
-        publish.arg(self.keys.channel()).arg(text);
-        match self
-            .bounded("PUBLISH offence", publish.query_async::<()>(&mut conn))
-            .await
-        {
-            Ok(()) => self.metrics.published("offence"),
-            Err(e) => {
-                self.metrics.unshared("offence");
-                self.lost(&format!("{e:#}"));
+        if self.conn.is_some() {
+            match self.publish_offence(kept, None).await {
+                Ok(()) => {
+                    self.metrics.published("offence");
+                    return;
+                }
+                Err(e) => self.lost(&format!("{e:#}")),
             }
+        }
+        self.metrics.unshared("offence");
+        if !self.backlog.keep_offence(kept) {
+            self.metrics.lost.inc();
+        }
+        self.update_backlog();
+    }
+
+    /// Announces a strike; `keep_for` (a replay after an outage): also
+    /// stores it that long (what is left of its window), for the nodes
+    /// that reconnect after this one and missed the announcement.
+    async fn publish_offence(&self, o: KeptOffence, keep_for: Option<Duration>) -> Result<()> {
+        let Some(mut conn) = self.conn.clone() else {
+            return Err(anyhow!("not connected"));
+        };
+        let code = o.offence.code();
+        let event = self.envelope(Event::Offence {
+            node: self.node.clone(),
+            ip: o.ip,
+            offence: code.to_string(),
+            at: Some(o.at_ms),
+            seq: Some(o.seq),
+        })?;
+        let mut p = redis::pipe();
+        if let Some(ttl) = keep_for {
+            p.cmd("SET")
+                .arg(self.keys.strike(&self.instance, o.seq))
+                .arg(&event)
+                .arg("PX")
+                .arg(ttl.as_millis().max(1) as u64)
+                .ignore();
+        }
+        p.cmd("PUBLISH")
+            .arg(self.keys.channel())
+            .arg(&event)
+            .ignore();
+        self.bounded("PUBLISH offence", p.query_async::<()>(&mut conn))
+            .await
+    }
+
+    /// The strikes seen here while Redis was gone, announced with their
+    /// own time, oldest first; those out of the strike window by now are
+    /// dropped (they would count for nothing anywhere).
+    async fn replay_offences(&mut self) -> Result<()> {
+        let window = self.config.borrow().offenders.window.as_millis() as u64;
+        loop {
+            let (next, dropped) = self.backlog.next_fresh_offence(now_ms(), window);
+            if dropped > 0 {
+                debug!(
+                    dropped,
+                    "cluster: strikes of the outage out of the window, not announced"
+                );
+                self.update_backlog();
+            }
+            let Some(o) = next else {
+                return Ok(());
+            };
+            let left = window.saturating_sub(now_ms().saturating_sub(o.at_ms));
+            self.publish_offence(o, Some(Duration::from_millis(left)))
+                .await?;
+            self.metrics.replayed.inc();
+            self.backlog.done_offence();
+            self.update_backlog();
         }
     }
 
@@ -526,14 +676,72 @@ impl Engine {
                     self.remote_grey(raw, state);
                 }
             }
-            Event::Offence { node, ip, offence } => {
-                if let (Some(o), Some(lp)) = (Offence::from_code(&offence), &self.offences) {
-                    debug!(client = %ip, from = %node, offence = o.code(), "cluster: strike of another node");
-                    lp.remote_offence(ip, o);
-                    self.metrics.applied("offence");
-                }
+            Event::Offence {
+                node,
+                ip,
+                offence,
+                at,
+                seq,
+            } => self.remote_strike(&env.from, &node, ip, &offence, (at, seq)),
+        }
+    }
+
+    /// Counts a strike of another node, once: a strike of an outage
+    /// comes both on the channel and from Redis at a catch-up.
+    fn remote_strike(
+        &mut self,
+        from: &str,
+        node: &str,
+        ip: IpAddr,
+        offence: &str,
+        (at, seq): (Option<u64>, Option<u64>),
+    ) {
+        let (Some(o), Some(lp)) = (Offence::from_code(offence), &self.offences) else {
+            return;
+        };
+        if let (Some(at), Some(seq)) = (at, seq)
+            && !self.seen_strikes.first(format!("{from}:{seq}"), at)
+        {
+            return;
+        }
+        let age = at.map_or(0, |at| now_ms().saturating_sub(at));
+        debug!(client = %ip, from = %node, offence = o.code(), age_ms = age, "cluster: strike of another node");
+        lp.remote_offence(ip, o, Duration::from_millis(age));
+        self.metrics.applied("offence");
+    }
+
+    /// Forgets strikes counted that have left the strike window.
+    fn prune_strikes(&mut self) {
+        let window = self.config.borrow().offenders.window.as_millis() as u64;
+        self.seen_strikes.prune(now_ms(), window);
+    }
+
+    /// The strikes other nodes kept through an outage and stored when
+    /// Redis returned (those still in the window), read at a catch-up:
+    /// this node may have been away when they were announced.
+    async fn read_strikes(&mut self) -> Result<()> {
+        if self.offences.is_none() {
+            return Ok(());
+        }
+        for (_, text) in self.read_all(&self.keys.strike_pattern()).await? {
+            let Ok(env) = serde_json::from_str::<Envelope>(&text) else {
+                continue;
+            };
+            if env.from == self.instance {
+                continue;
+            }
+            if let Event::Offence {
+                node,
+                ip,
+                offence,
+                at,
+                seq,
+            } = env.event
+            {
+                self.remote_strike(&env.from, &node, ip, &offence, (at, seq));
             }
         }
+        Ok(())
     }
 
     fn remote_grey(&self, id: Id, state: GreyState) {
@@ -707,6 +915,13 @@ impl Engine {
             self.lost(&format!("{e:#}"));
             return;
         }
+        if let Err(e) = self.replay_offences().await {
+            self.lost(&format!("{e:#}"));
+            return;
+        }
+        if let Err(e) = self.read_strikes().await {
+            self.lost(&format!("{e:#}"));
+        }
         if let Err(e) = self.read_grey().await {
             self.lost(&format!("{e:#}"));
         }
@@ -810,5 +1025,52 @@ impl Engine {
             self.remote_grey(id, state);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cluster_s_greylist_key_is_taken_only_when_well_formed_and_ours_is_tarpit_s() {
+        let ours = SiteKey::from_hex(&"11".repeat(16)).unwrap();
+        let theirs = "22".repeat(16);
+        let k = SiteKey::from_hex(&theirs).unwrap();
+        assert_eq!(
+            grey_key_verdict(&ours, KeyOrigin::Generated, &"11".repeat(16)),
+            GreyKeyVerdict::Same
+        );
+        assert_eq!(
+            grey_key_verdict(&ours, KeyOrigin::Generated, &theirs),
+            GreyKeyVerdict::Adopt(k.clone())
+        );
+        assert_eq!(
+            grey_key_verdict(&ours, KeyOrigin::Cluster, &theirs),
+            GreyKeyVerdict::Adopt(k.clone())
+        );
+        assert_eq!(
+            grey_key_verdict(&ours, KeyOrigin::Configured, &theirs),
+            GreyKeyVerdict::Keep(k)
+        );
+        // Whoever writes Redis cannot hand over a short, long, odd or
+        // empty key, nor one of zeros (no secret at all).
+        for bad in [
+            String::new(),
+            "22".repeat(8),
+            "22".repeat(17),
+            format!("{theirs}\n"),
+            "0123456789abcdef".to_string(),
+            "00".repeat(16),
+            "gg".repeat(16),
+        ] {
+            for origin in [KeyOrigin::Generated, KeyOrigin::Cluster] {
+                assert_eq!(
+                    grey_key_verdict(&ours, origin, &bad),
+                    GreyKeyVerdict::Malformed,
+                    "{bad:?}"
+                );
+            }
+        }
     }
 }

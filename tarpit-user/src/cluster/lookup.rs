@@ -1,5 +1,6 @@
-//! What Redis says of a few blocks, for `tarpit ip`: who blocked (or
-//! deleted) a network, when, until when. One connection, one MGET, each
+//! What Redis says of a few blocks and allow entries, for `tarpit ip`:
+//! who blocked or allowed (or deleted) a network, when, until when, with
+//! the admin's comment. One connection, one MGET, each
 //! bounded by `cluster.timeout`; on its own small runtime, since the
 //! command line has none.
 use std::time::Duration;
@@ -8,17 +9,21 @@ use anyhow::{Result, anyhow};
 use ipnet::IpNet;
 
 use super::keys::Keys;
-use super::record::BlockRecord;
+use super::record::{BlockRecord, SharedList};
 use crate::config::ClusterConfig;
 
-/// The shared records of `nets` (those Redis has), in `nets`' order.
-pub fn blocks_of(config: &ClusterConfig, nets: &[IpNet]) -> Result<Vec<BlockRecord>> {
-    if nets.is_empty() {
+/// The shared records of `entries` (a list and a network each; those
+/// Redis has), in `entries`' order.
+pub fn records_of(
+    config: &ClusterConfig,
+    entries: &[(SharedList, IpNet)],
+) -> Result<Vec<BlockRecord>> {
+    if entries.is_empty() {
         return Ok(Vec::new());
     }
     let mut source = super::Source::from_config(config)?;
     let keys = Keys::for_config(config);
-    let names: Vec<String> = nets.iter().map(|n| keys.block(*n)).collect();
+    let names: Vec<String> = entries.iter().map(|(l, n)| keys.entry(*l, *n)).collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -43,7 +48,10 @@ pub fn blocks_of(config: &ClusterConfig, nets: &[IpNet]) -> Result<Vec<BlockReco
     })?;
     Ok(values
         .into_iter()
-        .flatten()
-        .filter_map(|v| serde_json::from_str(&v).ok())
+        .zip(entries)
+        .filter_map(|(v, (list, _))| {
+            let r: BlockRecord = serde_json::from_str(&v?).ok()?;
+            (r.list == *list).then_some(r)
+        })
         .collect())
 }

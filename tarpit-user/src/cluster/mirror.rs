@@ -45,6 +45,15 @@ struct Entry {
     seen: Option<u64>,
 }
 
+/// What the state file says of an admin's entry (`tarpit allow|block
+/// add`): when it was added and the admin's comment, both shared.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Saved {
+    /// Unix milliseconds of the `add`.
+    pub at_ms: u64,
+    pub comment: Option<String>,
+}
+
 /// What to do with a record read from Redis or the channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Remote {
@@ -92,17 +101,21 @@ impl Mirror {
     /// Compares the kernel's active block list with what was shared and
     /// returns this node's changes since, as records to publish (new or
     /// rewritten blocks, and tombstones of blocks deleted before their
-    /// end). `now_ms` is Unix milliseconds. `saved_at` gives the time an
-    /// admin's entry was added by `tarpit block add` (the state file's
-    /// `added_at`, in Unix milliseconds): the agent writes saved entries
-    /// into the kernel again at every start, and that rewrite must not
-    /// count as a new change that would beat a deletion made elsewhere.
+    /// end). `now_ms` is Unix milliseconds. `saved` gives what the state
+    /// file says of an admin's entry (`tarpit block add`): its time, since
+    /// the agent writes saved entries into the kernel again at every
+    /// start, and that rewrite must not count as a new change that would
+    /// beat a deletion made elsewhere; and its comment, shared with it.
+    /// `evicted` says whether an entry (its network, and its kernel write
+    /// time) left the kernel by an eviction of this host (room made in the
+    /// full automatic part, `kernel::evictions`): forgotten, no deletion.
     pub fn scan(
         &mut self,
         kernel: &[KernelBlock],
         me: &str,
         now_ms: u64,
-        saved_at: impl Fn(IpNet) -> Option<u64>,
+        saved: impl Fn(IpNet) -> Option<Saved>,
+        evicted: impl Fn(IpNet, u64) -> bool,
     ) -> Vec<BlockRecord> {
         let now = now_ms / 1000;
         let mut out = Vec::new();
@@ -123,20 +136,25 @@ impl Mirror {
                 _ => true,
             };
             if fresh {
+                let saved = match k.automatic {
+                    false => saved(net),
+                    true => None,
+                };
+                let (at, comment) = match saved {
+                    Some(s) => (s.at_ms, s.comment),
+                    None => (k.written_ms, None),
+                };
                 let rec = BlockRecord {
                     list: self.list,
                     net,
                     node: me.to_string(),
-                    at: match k.automatic {
-                        false => saved_at(net).unwrap_or(k.written_ms),
-                        true => k.written_ms,
-                    },
+                    at,
                     expires_at: k.expires_at,
                     reason: k.reason,
                     automatic: k.automatic,
                     all_ports: k.all_ports,
                     hold: k.hold,
-                    comment: None,
+                    comment,
                     deleted: false,
                 };
                 self.entries.insert(
@@ -163,6 +181,10 @@ impl Mirror {
                 .rec
                 .expires_at
                 .is_some_and(|x| now.saturating_add(EXPIRY_SLACK) >= x);
+            // Evicted here to make room: this host's housekeeping.
+            if e.seen.is_some_and(|w| evicted(net, w)) {
+                continue;
+            }
             // Not yet written here (the kernel refused it, or the scan
             // came first): nothing was deleted.
             if ran_out || e.seen.is_none() {
@@ -291,8 +313,21 @@ mod tests {
 
     const T: u64 = 1_700_000_000;
 
-    fn none_saved(_: IpNet) -> Option<u64> {
+    fn none_saved(_: IpNet) -> Option<Saved> {
         None
+    }
+
+    fn no_evictions(_: IpNet, _: u64) -> bool {
+        false
+    }
+
+    fn saved_at(at_ms: u64) -> impl Fn(IpNet) -> Option<Saved> {
+        move |_| {
+            Some(Saved {
+                at_ms,
+                comment: None,
+            })
+        }
     }
 
     fn net(s: &str) -> IpNet {
@@ -332,22 +367,28 @@ mod tests {
     fn a_new_kernel_block_is_published_once_and_a_deletion_as_a_tombstone() {
         let mut m = Mirror::new();
         let k = [kb("198.51.100.7/32", 1, Some(T + 600))];
-        let out = m.scan(&k, "mx1", T * 1000, none_saved);
+        let out = m.scan(&k, "mx1", T * 1000, none_saved, no_evictions);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].node, "mx1");
         assert_eq!(out[0].expires_at, Some(T + 600));
-        assert!(m.scan(&k, "mx1", T * 1000 + 500, none_saved).is_empty());
+        assert!(
+            m.scan(&k, "mx1", T * 1000 + 500, none_saved, no_evictions)
+                .is_empty()
+        );
         // Written again (a new TTL): published again.
         let k2 = [kb("198.51.100.7/32", 2, Some(T + 900))];
         assert_eq!(
-            m.scan(&k2, "mx1", T * 1000 + 600, none_saved)[0].expires_at,
+            m.scan(&k2, "mx1", T * 1000 + 600, none_saved, no_evictions)[0].expires_at,
             Some(T + 900)
         );
         // Gone before its end: deleted, a tombstone.
-        let out = m.scan(&[], "mx1", (T + 10) * 1000, none_saved);
+        let out = m.scan(&[], "mx1", (T + 10) * 1000, none_saved, no_evictions);
         assert_eq!(out.len(), 1);
         assert!(out[0].deleted);
-        assert!(m.scan(&[], "mx1", (T + 11) * 1000, none_saved).is_empty());
+        assert!(
+            m.scan(&[], "mx1", (T + 11) * 1000, none_saved, no_evictions)
+                .is_empty()
+        );
     }
 
     #[test]
@@ -363,14 +404,62 @@ mod tests {
         let mut k = kb("198.51.100.9/32", 99, None);
         k.automatic = false;
         k.written_ms = (T + 200) * 1000;
-        let out = at_mx2.scan(&[k], "mx2", (T + 200) * 1000, |_| Some(T * 1000));
+        let out = at_mx2.scan(
+            &[k],
+            "mx2",
+            (T + 200) * 1000,
+            saved_at(T * 1000),
+            no_evictions,
+        );
         assert_eq!(out[0].at, T * 1000);
         assert!(gone.supersedes(&out[0]));
         // An automatic block is dated by the kernel.
         let mut m2 = Mirror::new();
         let k = kb("198.51.100.10/32", 5, None);
-        let out = m2.scan(&[k], "mx2", (T + 200) * 1000, |_| Some(1));
+        let out = m2.scan(&[k], "mx2", (T + 200) * 1000, saved_at(1), no_evictions);
         assert_eq!(out[0].at, T * 1000);
+    }
+
+    #[test]
+    fn an_admin_entry_is_shared_with_its_comment_and_an_automatic_one_without() {
+        let mut m = Mirror::new();
+        let mut admin = kb("198.51.100.20/32", 1, None);
+        admin.automatic = false;
+        let auto = kb("198.51.100.21/32", 1, None);
+        let file = |net: IpNet| {
+            Some(Saved {
+                at_ms: T * 1000 - 5,
+                comment: Some(format!("botnet {net}")),
+            })
+        };
+        let out = m.scan(
+            &[admin.clone(), auto.clone()],
+            "mx1",
+            T * 1000,
+            file,
+            no_evictions,
+        );
+        let by = |n: &str| out.iter().find(|r| r.net == net(n)).unwrap().clone();
+        let a = by("198.51.100.20/32");
+        assert_eq!(a.comment.as_deref(), Some("botnet 198.51.100.20/32"));
+        assert_eq!(a.at, T * 1000 - 5);
+        assert_eq!(by("198.51.100.21/32").comment, None);
+        // The comment travels in the record, and back.
+        let text = serde_json::to_string(&a).unwrap();
+        let back: BlockRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.comment, a.comment);
+        // Added again with another comment (the kernel entry is rewritten):
+        // shared again, with the new one.
+        admin.written = 2;
+        let again = |_: IpNet| {
+            Some(Saved {
+                at_ms: T * 1000 + 50,
+                comment: Some("partner asked".into()),
+            })
+        };
+        let out = m.scan(&[admin, auto], "mx1", T * 1000 + 60, again, no_evictions);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].comment.as_deref(), Some("partner asked"));
     }
 
     #[test]
@@ -381,8 +470,12 @@ mod tests {
             "mx1",
             T * 1000,
             none_saved,
+            no_evictions,
         );
-        assert!(m.scan(&[], "mx1", (T + 59) * 1000, none_saved).is_empty());
+        assert!(
+            m.scan(&[], "mx1", (T + 59) * 1000, none_saved, no_evictions)
+                .is_empty()
+        );
         assert!(m.get(net("198.51.100.7/32")).is_none());
     }
 
@@ -395,9 +488,12 @@ mod tests {
         assert_eq!(m.remote(&r, None, T), Remote::Ignore("not newer"));
         // The next scan sees it in the kernel: nothing to publish.
         let k = [kb("198.51.100.8/32", 7, Some(T + 600))];
-        assert!(m.scan(&k, "mx1", (T + 1) * 1000, none_saved).is_empty());
+        assert!(
+            m.scan(&k, "mx1", (T + 1) * 1000, none_saved, no_evictions)
+                .is_empty()
+        );
         // An admin here deletes it: the tombstone goes out.
-        let out = m.scan(&[], "mx1", (T + 2) * 1000, none_saved);
+        let out = m.scan(&[], "mx1", (T + 2) * 1000, none_saved, no_evictions);
         assert!(out.len() == 1 && out[0].deleted && out[0].node == "mx1");
     }
 
@@ -428,6 +524,51 @@ mod tests {
     }
 
     #[test]
+    fn a_block_this_host_evicted_is_no_deletion_but_one_deleted_after_a_new_write_is() {
+        let mut m = Mirror::new();
+        let n = "198.51.100.7/32";
+        m.scan(
+            &[kb(n, 10, None)],
+            "mx1",
+            T * 1000,
+            none_saved,
+            no_evictions,
+        );
+        // Gone from the kernel, noted as evicted after its write (10).
+        let evicted_at_20 = |net: IpNet, written: u64| net == self::net(n) && written <= 20;
+        let out = m.scan(&[], "mx1", (T + 1) * 1000, none_saved, evicted_at_20);
+        assert!(out.is_empty(), "{out:?}");
+        assert!(m.get(net(n)).is_none());
+        // Blocked again (written at 30), then deleted by an admin: the old
+        // eviction does not hide the deletion.
+        let out = m.scan(
+            &[kb(n, 30, None)],
+            "mx1",
+            (T + 2) * 1000,
+            none_saved,
+            evicted_at_20,
+        );
+        assert_eq!(out.len(), 1);
+        let out = m.scan(&[], "mx1", (T + 3) * 1000, none_saved, evicted_at_20);
+        assert!(out.len() == 1 && out[0].deleted, "{out:?}");
+        // A block of another host that this host evicted: forgotten too.
+        let r = remote_rec("198.51.100.8/32", "mx2", T, None);
+        assert_eq!(m.remote(&r, None, T), Remote::Apply);
+        m.scan(
+            &[kb("198.51.100.8/32", 40, None)],
+            "mx1",
+            (T + 4) * 1000,
+            none_saved,
+            no_evictions,
+        );
+        let evicted = |_: IpNet, written: u64| written <= 50;
+        assert!(
+            m.scan(&[], "mx1", (T + 5) * 1000, none_saved, evicted)
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn an_evicted_block_is_forgotten_not_deleted() {
         let mut m = Mirror::new();
         m.scan(
@@ -435,9 +576,13 @@ mod tests {
             "mx1",
             T * 1000,
             none_saved,
+            no_evictions,
         );
         m.forget(net("198.51.100.7/32"));
-        assert!(m.scan(&[], "mx1", (T + 1) * 1000, none_saved).is_empty());
+        assert!(
+            m.scan(&[], "mx1", (T + 1) * 1000, none_saved, no_evictions)
+                .is_empty()
+        );
     }
 
     #[test]

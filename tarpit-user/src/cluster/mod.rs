@@ -3,7 +3,8 @@
 //!
 //! Shared in this version:
 //! - **blocks**: every change to this node's kernel block list (an
-//!   offender blocked by the agent, `tarpit block add|del`) is written to
+//!   offender blocked by the agent, `tarpit block add|del` with its
+//!   comment; not an eviction from the full automatic part) is written to
 //!   Redis with the block's expiry as the key's TTL and announced on the
 //!   channel; every other node puts it on its own kernel block list with
 //!   the same expiry. Deletions are tombstones with a TTL, so a node that
@@ -16,13 +17,17 @@
 //!   applied here;
 //! - **strikes**: every offence seen here (pre-greet talk, rejected
 //!   sessions, unknown recipients) is announced and counts at every other
-//!   node too, so strikes split across hosts add up toward one block;
+//!   node too, so strikes split across hosts add up toward one block (one
+//!   made while Redis was gone is announced when it returns, with its own
+//!   time);
 //! - **authenticated addresses**: an address that authenticated at one
 //!   node (or `tarpit auth add`) is in every node's AUTH map with the same
 //!   expiry, for the once-per-day HELO rule and the sk_lookup bypass;
 //! - **greylist**: first attempts and passes, keyed by the same keyed
-//!   hashes as the local store (the site key must be the same on every
-//!   host), so a retry at another MX passes after the minimum wait.
+//!   hashes as the local store, under the site key the cluster shares (a
+//!   key tarpit made gives way to the cluster's, an admin's does not:
+//!   `link::grey_key_verdict`), so a retry at another MX passes after the
+//!   minimum wait.
 //!
 //! Redis is one server (`url`), whichever server Redis Sentinels name as
 //! the master (`sentinels`, asked again at every reconnect, so a
@@ -119,6 +124,8 @@ pub fn prepare(
             allow_mirror: mirror::Mirror::of(record::SharedList::Allow),
             conn: None,
             backlog: backlog::Backlog::default(),
+            seen_strikes: Default::default(),
+            strike_seq: 0,
         },
     }))
 }

@@ -74,6 +74,22 @@ fn is_block(l: &SharedList) -> bool {
     *l == SharedList::Block
 }
 
+/// The longest comment shown from another node (characters).
+pub const MAX_COMMENT: usize = 200;
+
+/// A comment from Redis as it may be shown on an admin's terminal:
+/// control characters (escape sequences a Redis writer could plant) made
+/// spaces, at most [`MAX_COMMENT`] characters, `None` when empty.
+pub fn shown_comment(c: Option<&str>) -> Option<String> {
+    let text: String = c?
+        .chars()
+        .map(|ch| if ch.is_control() { ' ' } else { ch })
+        .take(MAX_COMMENT)
+        .collect();
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_string())
+}
+
 impl BlockRecord {
     /// Does this change win over `other` (the same network)?
     pub fn supersedes(&self, other: &BlockRecord) -> bool {
@@ -178,12 +194,21 @@ pub enum Event {
         state: GreyState,
     },
     /// One strike (`Offence::code`) by `ip` at `node`: it counts at every
-    /// node toward a block. Only announced, never stored: a strike is of
-    /// the moment, and a node that missed it misses one strike.
+    /// node toward a block. Only announced, never stored in Redis: a node
+    /// that was away misses it. One made while Redis was gone is kept by
+    /// its node and announced when Redis returns, with its own time `at`,
+    /// unless it left the strike window meanwhile.
     Offence {
         node: String,
         ip: std::net::IpAddr,
         offence: String,
+        /// Unix milliseconds of the strike; absent from older nodes (now).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<u64>,
+        /// The strike's number at the sending agent: with the envelope's
+        /// `from`, its name, so it counts once however it arrives.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
     },
 }
 
@@ -205,6 +230,21 @@ mod tests {
             comment: None,
             deleted: false,
         }
+    }
+
+    #[test]
+    fn comments_from_elsewhere_are_shown_without_control_characters() {
+        assert_eq!(
+            shown_comment(Some("botnet\x1b[2J C&C\n")).as_deref(),
+            Some("botnet [2J C&C")
+        );
+        assert_eq!(shown_comment(Some(" \t ")), None);
+        assert_eq!(shown_comment(None), None);
+        let long = "é".repeat(500);
+        assert_eq!(
+            shown_comment(Some(&long)).unwrap().chars().count(),
+            MAX_COMMENT
+        );
     }
 
     #[test]
@@ -279,13 +319,25 @@ mod tests {
                 node: "mx1".into(),
                 ip: "fd5b:1e00::2".parse().unwrap(),
                 offence: o.code().into(),
+                at: Some(1_700_000_000_123),
+                seq: Some(7),
             };
             let text = serde_json::to_string(&e).unwrap();
-            let Event::Offence { offence, .. } = serde_json::from_str(&text).unwrap() else {
+            let Event::Offence {
+                offence, at, seq, ..
+            } = serde_json::from_str(&text).unwrap()
+            else {
                 panic!("{text}");
             };
             assert_eq!(Offence::from_code(&offence), Some(o));
+            assert_eq!((at, seq), (Some(1_700_000_000_123), Some(7)));
         }
+        // From a node that does not say when: now.
+        let old = r#"{"kind":"offence","node":"mx1","ip":"198.51.100.2","offence":"pregreet"}"#;
+        let Event::Offence { at, .. } = serde_json::from_str(old).unwrap() else {
+            panic!("{old}");
+        };
+        assert_eq!(at, None);
         assert_eq!(Offence::from_code("spam"), None);
     }
 

@@ -24,6 +24,7 @@ use super::{
     layout::{self, PinState},
 };
 
+pub mod evictions;
 mod flows;
 mod lists;
 mod timed;

@@ -54,6 +54,7 @@ pub use hold::{HOLD_PROGRAM, settings_from as hold_settings_from};
 pub use ipnet::IpNet;
 pub use layout::{MAPS, MapSpec, spec_of};
 pub use lookup::AllowLookup;
+pub use maps::evictions;
 pub use maps::{
     AutoBlockAdded, BlockSpec, KernelCounters, KernelMaps, ListItem, MapUsage, MigrateReport,
     PreGreetVerdict, SweepReport, TimedItem, evict_batch, eviction_victims,

@@ -21,7 +21,7 @@
 //! (`store`).
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::metrics::ReputationMetrics;
@@ -34,7 +34,7 @@ mod store;
 mod table;
 
 pub use grey_key::GreyKey;
-pub use site_key::{SiteKey, key_path, load_or_create_key};
+pub use site_key::{KeyOrigin, SiteKey, key_path, load_or_create, load_or_create_key};
 pub use store::{HEADER_BYTES, KNOWN_BYTES, PENDING_BYTES, StoreError};
 pub use table::{GreyCheck, GreyTable, GreyVerdict, Limits, Record, Windows};
 pub use table::{Id, NetId, Pending};
@@ -68,13 +68,32 @@ pub struct Greylist {
     mode: GreylistMode,
     v4_prefix: u8,
     v6_prefix: u8,
-    key: SiteKey,
+    /// The site key and its origin; replaced when this host takes the
+    /// cluster's key ([`Greylist::adopt_key`]). Lock order: key, then table.
+    key: Arc<RwLock<KeyState>>,
+    /// The key file (`greylist.key`).
+    key_path: std::path::PathBuf,
     table: Arc<Mutex<GreyTable>>,
     writer: std::sync::mpsc::SyncSender<store::Msg>,
     metrics: Arc<ReputationMetrics>,
     /// Where this host's changes go to reach the other MX hosts (the
     /// cluster); `None` without one.
     share: Option<Arc<dyn GreyShare>>,
+}
+
+/// The site key in use, and where it came from.
+struct KeyState {
+    key: SiteKey,
+    origin: KeyOrigin,
+}
+
+/// Why the cluster's key was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error("this host's greylist.key was written by an admin (no `# origin:` line): it is kept")]
+    Configured,
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Hands this host's greylist changes to whoever shares them with the
@@ -110,7 +129,7 @@ impl Greylist {
         {
             std::fs::create_dir_all(dir).map_err(|e| store::store_err(dir, e))?;
         }
-        let key = load_or_create_key(&key_path(&path))?;
+        let (key, origin) = load_or_create(&key_path(&path))?;
         let mut table = GreyTable::new(Limits::from(cfg));
         let (v4, v6) = (cfg.ipv4_prefix, cfg.ipv6_prefix);
         let found = store::load(&path, &key, &mut table, |k| k.hashed(&key, v4, v6))?;
@@ -141,7 +160,8 @@ impl Greylist {
             mode: cfg.mode,
             v4_prefix: cfg.ipv4_prefix,
             v6_prefix: cfg.ipv6_prefix,
-            key,
+            key: Arc::new(RwLock::new(KeyState { key, origin })),
+            key_path: key_path(&path),
             table,
             writer: tx,
             metrics,
@@ -185,10 +205,45 @@ impl Greylist {
         self
     }
 
-    /// The site key's fingerprint: hosts that share a greylist must hash
-    /// under the same key (docs/cluster.md), and compare this to know.
-    pub fn key_fingerprint(&self) -> u64 {
-        self.key.fingerprint()
+    fn key_state(&self) -> std::sync::RwLockReadGuard<'_, KeyState> {
+        self.key.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The site key and where it came from: hosts that share a greylist
+    /// must hash under the same key, which the cluster shares
+    /// (docs/cluster.md).
+    pub fn site_key(&self) -> (SiteKey, KeyOrigin) {
+        let k = self.key_state();
+        (k.key.clone(), k.origin)
+    }
+
+    /// Takes the cluster's site key in place of this host's own: writes
+    /// it to the key file (marked as the cluster's), forgets every entry
+    /// (hashed under the old key, they would never match again: senders
+    /// are greylisted here once more, or pass on the other hosts' word)
+    /// and rewrites the store under it. Refused for a key an admin wrote.
+    /// False when `key` is already the key.
+    pub fn adopt_key(&self, key: SiteKey, now: u64) -> Result<bool, AdoptError> {
+        let mut state = self.key.write().unwrap_or_else(|e| e.into_inner());
+        if state.key == key {
+            return Ok(false);
+        }
+        if !state.origin.follows_cluster() {
+            return Err(AdoptError::Configured);
+        }
+        // The file first: if it cannot be written, nothing changes.
+        site_key::save_cluster_key(&self.key_path, &key)?;
+        {
+            let mut t = self.lock();
+            t.clear();
+            self.update_gauges(&t);
+        }
+        let _ = self.writer.send(store::Msg::Rekey(key.clone(), now));
+        *state = KeyState {
+            key,
+            origin: KeyOrigin::Cluster,
+        };
+        Ok(true)
     }
 
     /// Takes in a record another MX host made (see [`GreyTable::merge`])
@@ -219,7 +274,10 @@ impl Greylist {
     /// Decides an attempt at `now` (unix seconds, see [`unix_now`]). Never
     /// waits for the disk.
     pub fn check(&self, key: &GreyKey, now: u64) -> GreyVerdict {
-        let (id, net) = key.hashed(&self.key, self.v4_prefix, self.v6_prefix);
+        // The key is held until the change is in the table and handed on:
+        // a key change (which clears the table) lets no old hash in after.
+        let site = self.key_state();
+        let (id, net) = key.hashed(&site.key, self.v4_prefix, self.v6_prefix);
         let out = {
             let mut t = self.lock();
             let out = t.check(&id, net, now);
@@ -234,6 +292,7 @@ impl Greylist {
                 share.publish(r, now);
             }
         }
+        drop(site);
         let m = &self.metrics;
         if out.capped {
             m.greylist_capped.fetch_add(1, Relaxed);
@@ -341,6 +400,55 @@ mod tests {
         assert!(
             !text.contains("tarpit.test") && !text.contains("198.51"),
             "{text}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_key_of_tarpit_s_own_gives_way_to_the_cluster_s_and_an_admin_s_does_not() {
+        let dir = tempdir("adopt");
+        let m = Arc::new(ReputationMetrics::default());
+        let g = Greylist::open(&cfg(&dir), m.clone(), T0).unwrap().unwrap();
+        let (own, origin) = g.site_key();
+        assert_eq!(origin, KeyOrigin::Generated);
+        let k = g.triplet_key("198.51.100.9".parse().unwrap(), "a@x", "b@y");
+        assert!(matches!(g.check(&k, T0), GreyVerdict::TempFail { .. }));
+        // A session's clone (taken before) sees the change too.
+        let session = g.clone();
+        // Its own key again: nothing changes.
+        assert!(!g.adopt_key(own, T0).unwrap());
+        assert_eq!(g.counts(), (1, 0));
+        let cluster = SiteKey::from_hex(&"5a".repeat(16)).unwrap();
+        assert!(g.adopt_key(cluster.clone(), T0 + 1).unwrap());
+        assert_eq!(g.site_key(), (cluster.clone(), KeyOrigin::Cluster));
+        assert_eq!(g.counts(), (0, 0), "entries under the old key are gone");
+        // The same attempt is a first attempt again, under the new key.
+        assert!(matches!(
+            session.check(&k, T0 + MIN),
+            GreyVerdict::TempFail { .. }
+        ));
+        assert!(g.flush(Duration::from_secs(5)));
+        drop((g, session));
+        // Restarted: the cluster's key, and what was noted under it.
+        let g = Greylist::open(&cfg(&dir), m.clone(), T0 + MIN + 1)
+            .unwrap()
+            .unwrap();
+        assert_eq!(g.site_key(), (cluster, KeyOrigin::Cluster));
+        assert_eq!(g.counts(), (1, 0));
+        drop(g);
+        // An admin's key (no origin line) is never replaced.
+        let path = dir.join("sub/greylist.key");
+        std::fs::write(&path, format!("{}\n", "07".repeat(16))).unwrap();
+        let g = Greylist::open(&cfg(&dir), m, T0).unwrap().unwrap();
+        let other = SiteKey::from_hex(&"5b".repeat(16)).unwrap();
+        assert!(matches!(
+            g.adopt_key(other, T0),
+            Err(AdoptError::Configured)
+        ));
+        assert_eq!(g.site_key().1, KeyOrigin::Configured);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", "07".repeat(16))
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

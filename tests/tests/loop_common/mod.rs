@@ -9,7 +9,7 @@ use anyhow::Result;
 use socket2::{Domain, Socket, Type};
 use tarpit::kernel::KernelMaps;
 use tarpit_tests::smtp_client::{SmtpClient, agent_v4, agent_v6, scrape_metrics};
-use tarpit_tests::{Agent, PinDir, TestCgroup, TestNet, tarpit_bin};
+use tarpit_tests::{Agent, PinDir, ServiceNet, TestCgroup, TestNet, tarpit_bin};
 
 /// An agent config on the server veth (v4 and v6) in front of Postfix's
 /// PROXY listener. `detach_on_exit = false` keeps programs and pins after
@@ -86,15 +86,13 @@ impl MxHost {
     }
 }
 
-/// Two MX hosts, mx1 and mx2; `linked`: a veth joins their server
-/// namespaces, so that a server in mx1's (Redis) serves both.
-pub fn mx_pair(linked: bool) -> (MxHost, MxHost) {
+/// Two MX hosts, mx1 and mx2, and a namespace of their shared service
+/// (Redis), which both reach over veths of their own
+/// ([`tarpit_tests::ServiceNet`]).
+pub fn mx_pair() -> (MxHost, MxHost, ServiceNet) {
     let (mx1, mx2) = (MxHost::new("mx1"), MxHost::new("mx2"));
-    if linked {
-        tarpit_tests::redis::link_servers(&mx1.net, &mx2.net)
-            .expect("link between the server namespaces");
-    }
-    (mx1, mx2)
+    let service = ServiceNet::new(&[&mx1.net, &mx2.net]).expect("the service namespace");
+    (mx1, mx2, service)
 }
 
 /// The state file of a test's agent (run-time allow and block entries).
@@ -188,7 +186,23 @@ pub fn eventually(what: &str, f: impl FnMut() -> bool) {
 /// a look-up) and returns its output; the test fails unless it succeeds.
 #[track_caller]
 pub fn cli(agent: &Agent, args: &[&str]) -> String {
-    let out = std::process::Command::new(tarpit_bin())
+    run_cli(std::process::Command::new(tarpit_bin()), agent, args)
+}
+
+/// [`cli`] run inside `net`'s server namespace, as an admin on that host
+/// does (a command that asks the host's Redis: `tarpit ip`, `stats`).
+#[track_caller]
+pub fn cli_at(net: &TestNet, agent: &Agent, args: &[&str]) -> String {
+    run_cli(
+        net.server_cmd(&tarpit_bin().display().to_string()),
+        agent,
+        args,
+    )
+}
+
+#[track_caller]
+fn run_cli(mut cmd: std::process::Command, agent: &Agent, args: &[&str]) -> String {
+    let out = cmd
         .arg("-c")
         .arg(&agent.config)
         .args(args)

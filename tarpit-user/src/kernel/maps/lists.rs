@@ -324,6 +324,8 @@ impl KernelMaps {
         let items = Self::list_all(auto, names::AUTO_BLOCK, true)?;
         let mut evicted = Vec::new();
         for victim in eviction_victims(&items, now, evict_batch(cap), Some(net)) {
+            // Noted first: whoever sees it gone knows it was no deletion.
+            super::evictions::note(victim, now);
             if Self::list_del(auto, names::AUTO_BLOCK, victim)? {
                 evicted.push(victim);
             }

@@ -258,6 +258,22 @@ pub fn load(
 /// Writes `records` to a new file beside `path` (created with `O_EXCL`,
 /// never through a symlink), syncs it and renames it over the store.
 pub fn compact(path: &Path, key: &SiteKey, records: &[Record]) -> Result<(), StoreError> {
+    replace(path, |f| {
+        f.write_all(header(key).as_bytes())?;
+        for r in records {
+            f.write_all(record_line(r).as_bytes())?;
+        }
+        Ok(())
+    })
+}
+
+/// Replaces the file at `path` atomically with what `write` writes: a new
+/// file beside it (mode 0600, created with `O_EXCL`, never through a
+/// symlink), synced, renamed over it, the directory synced.
+pub(super) fn replace(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<File>) -> std::io::Result<()>,
+) -> Result<(), StoreError> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -272,19 +288,16 @@ pub fn compact(path: &Path, key: &SiteKey, records: &[Record]) -> Result<(), Sto
         }
         Err(e) => return Err(store_err(&tmp, e)),
     };
-    let write = || -> std::io::Result<()> {
+    let all = || -> std::io::Result<()> {
         let mut f = std::io::BufWriter::new(file);
-        f.write_all(header(key).as_bytes())?;
-        for r in records {
-            f.write_all(record_line(r).as_bytes())?;
-        }
+        write(&mut f)?;
         let f = f.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         sync_dir(path);
         Ok(())
     };
-    write().map_err(|e| {
+    all().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         store_err(path, e)
     })
@@ -304,6 +317,9 @@ pub enum Msg {
     Put(Record, u64),
     /// Acknowledged once everything sent before is written.
     Flush(std::sync::mpsc::Sender<()>),
+    /// The site key changed (taken from the cluster): the store is
+    /// rewritten under it with what the table holds now.
+    Rekey(SiteKey, u64),
 }
 
 /// Queued writes at most (fixed-size records: under 4 MiB); beyond, a
@@ -336,6 +352,12 @@ impl Writer {
                 Msg::Flush(ack) => {
                     let _ = ack.send(());
                 }
+                Msg::Rekey(key, now) => {
+                    self.key = key;
+                    if let Err(err) = self.compact(now) {
+                        tracing::warn!(error = %err, "greylist store not rewritten under the new key");
+                    }
+                }
             }
         }
     }
@@ -354,16 +376,22 @@ impl Writer {
             self.live = live;
         }
         if self.lines > 2 * self.live + 1000 {
-            let records = {
-                let mut t = self.lock();
-                t.sweep(now);
-                t.records()
-            };
-            compact(&self.path, &self.key, &records)?;
-            self.lines = records.len();
-            self.live = records.len();
-            self.file = open_append(&self.path)?;
+            self.compact(now)?;
         }
+        Ok(())
+    }
+
+    /// Rewrites the store from the table.
+    fn compact(&mut self, now: u64) -> Result<(), StoreError> {
+        let records = {
+            let mut t = self.lock();
+            t.sweep(now);
+            t.records()
+        };
+        compact(&self.path, &self.key, &records)?;
+        self.lines = records.len();
+        self.live = records.len();
+        self.file = open_append(&self.path)?;
         Ok(())
     }
 }

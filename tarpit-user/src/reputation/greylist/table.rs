@@ -126,6 +126,14 @@ impl GreyTable {
         l
     }
 
+    /// Forgets every entry (the site key changed: they hash under the old
+    /// one and would never match again).
+    pub fn clear(&mut self) {
+        self.pending.clear();
+        self.known.clear();
+        self.per_net.clear();
+    }
+
     /// New windows and bounds (a reload): they apply to every later check,
     /// also of keys recorded before (a pending key's first attempt and a
     /// known key's expiry stay as they were written). Smaller bounds are
