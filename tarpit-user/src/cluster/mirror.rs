@@ -141,6 +141,11 @@ impl Mirror {
                     true => None,
                 };
                 let (at, comment) = match saved {
+                    // The state file keeps the add to the second; the
+                    // kernel's entry written in that second has its
+                    // millisecond (so other hosts' propagation lag is not
+                    // read up to a second long).
+                    Some(s) if k.written_ms / 1000 == s.at_ms / 1000 => (k.written_ms, s.comment),
                     Some(s) => (s.at_ms, s.comment),
                     None => (k.written_ms, None),
                 };
@@ -418,6 +423,36 @@ mod tests {
         let k = kb("198.51.100.10/32", 5, None);
         let out = m2.scan(&[k], "mx2", (T + 200) * 1000, saved_at(1), no_evictions);
         assert_eq!(out[0].at, T * 1000);
+    }
+
+    #[test]
+    fn an_admin_entry_is_dated_to_the_millisecond_by_its_kernel_entry() {
+        let mut m = Mirror::new();
+        let mut admin = kb("198.51.100.22/32", 1, None);
+        admin.automatic = false;
+        admin.written_ms = T * 1000 + 437;
+        // The state file knows the second only.
+        let out = m.scan(
+            &[admin],
+            "mx1",
+            T * 1000 + 500,
+            saved_at(T * 1000),
+            no_evictions,
+        );
+        assert_eq!(out[0].at, T * 1000 + 437);
+        // A kernel entry from another second (restored at a restart) keeps
+        // the file's time.
+        let mut m = Mirror::new();
+        let mut old = kb("198.51.100.23/32", 1, None);
+        old.automatic = false;
+        let out = m.scan(
+            &[old],
+            "mx1",
+            T * 1000 + 500,
+            saved_at(T * 1000 - 60_000),
+            no_evictions,
+        );
+        assert_eq!(out[0].at, T * 1000 - 60_000);
     }
 
     #[test]

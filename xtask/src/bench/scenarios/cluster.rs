@@ -54,8 +54,9 @@ struct Pair {
 }
 
 fn host_config(net: &BenchNet, node: &str, url: &str) -> Result<super::super::agent::AgentConfig> {
-    // Both hosts hash the greylist under the same key: written before the
-    // first start, as the docs tell an admin to copy it.
+    // Both hosts hash the greylist under the same key, an admin's (no
+    // `# origin:` line): written before the first start, so neither host
+    // waits to take the cluster's key (docs/cluster.md, the greylist key).
     let grey = agent_dir(net).join("grey");
     std::fs::create_dir_all(&grey)?;
     let key = grey.join("greylist.key");
