@@ -129,8 +129,14 @@ fn measure(env: &Env, holder: &Holder, level: u32) -> Result<Side> {
         );
     }
     if held > 0 {
+        // Held: after the hold window, what the clients cost while they
+        // wait; peak: the most seen, the connect burst's leftovers too.
         s.set(
             "rss_bytes_per_session",
+            rss2.saturating_sub(rss0) as f64 / held as f64,
+        );
+        s.set(
+            "rss_peak_bytes_per_session",
             rss1.max(rss2).saturating_sub(rss0) as f64 / held as f64,
         );
         s.set(
@@ -184,8 +190,11 @@ pub fn run(env: &Env) -> Result<Vec<Scenario>> {
         }
     }
     sc.notes.push(
-        "rss_bytes_per_session = (RSS with the sessions held - RSS idle) / sessions the server holds \
-         (ESTABLISHED on its port, counted by the kernel). Kernel socket buffers are not in RSS, for either side. \
+        "rss_bytes_per_session = (RSS at the end of the hold window, the sessions held - RSS idle) / \
+         sessions the server holds (ESTABLISHED on its port, counted by the kernel); \
+         rss_peak_bytes_per_session: the same with the larger of that and the RSS right after the \
+         connect phase (what a burst of connects leaves behind until the agent trims its heap, \
+         a second after the burst). Kernel socket buffers are not in RSS, for either side. \
          kernel_slab_bytes_per_session: the machine's slab growth (/proc/meminfo) over the connect phase per held \
          session, both socket ends (client and server run on this box) and their files and epoll entries; \
          server_tcp_sockets_added: TCP sockets in use in the server namespace (/proc/net/sockstat and sockstat6)."
