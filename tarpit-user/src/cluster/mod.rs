@@ -151,6 +151,14 @@ impl Source {
         if let Some(pw) = c.read_password()? {
             settings = settings.set_password(pw);
         }
+        // `ca_file`'s CA for every TLS connection (the validation allows
+        // it only with rediss:// addresses); none = the system's.
+        let certs = || -> Result<Option<redis::TlsCertificates>> {
+            Ok(c.read_ca()?.map(|root_cert| redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            }))
+        };
         if !c.nodes.is_empty() {
             let with_auth = |url: &str| -> Result<redis::ConnectionInfo> {
                 let info = url.into_connection_info().context("cluster.nodes")?;
@@ -168,28 +176,43 @@ impl Source {
                 .iter()
                 .map(|n| with_auth(n))
                 .collect::<Result<Vec<_>>>()?;
+            let ca = certs()?;
             let seeds = infos
                 .iter()
                 .cloned()
-                .map(redis::Client::open)
+                .map(|i| match &ca {
+                    Some(ca) => redis::Client::build_with_tls(i, ca.clone()),
+                    None => redis::Client::open(i),
+                })
                 .collect::<redis::RedisResult<Vec<_>>>()
                 .context("cluster.nodes")?;
-            let client = redis::cluster::ClusterClient::new(infos).context("cluster.nodes")?;
+            // rediss:// nodes make the client TLS to every node it learns
+            // of (the first node's mode; the validation refuses mixing);
+            // `certs` adds the CA.
+            let mut builder = redis::cluster::ClusterClientBuilder::new(infos);
+            if let Some(ca) = ca {
+                builder = builder.certs(ca);
+            }
+            let client = builder.build().context("cluster.nodes")?;
             return Ok(Source::Cluster(client, seeds));
         }
         if !c.sentinels.is_empty() {
             let service = c.service.as_deref().ok_or_else(|| {
                 anyhow::anyhow!("cluster.service is needed with cluster.sentinels")
             })?;
-            let node = redis::sentinel::SentinelNodeConnectionInfo::default()
-                .set_redis_connection_info(settings);
-            let client = redis::sentinel::SentinelClient::build(
-                c.sentinels.iter().map(String::as_str).collect(),
-                service,
-                Some(node),
-                redis::sentinel::SentinelServerType::Master,
-            )
-            .context("cluster.sentinels")?;
+            let client = if c.tls() {
+                sentinel_tls(c, service, &settings, certs()?)?
+            } else {
+                let node = redis::sentinel::SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(settings);
+                redis::sentinel::SentinelClient::build(
+                    c.sentinels.iter().map(String::as_str).collect(),
+                    service,
+                    Some(node),
+                    redis::sentinel::SentinelServerType::Master,
+                )
+                .context("cluster.sentinels")?
+            };
             return Ok(Source::Sentinel(client));
         }
         let url = c
@@ -206,15 +229,8 @@ impl Source {
             own = own.set_password(pw);
         }
         info = info.set_redis_settings(own);
-        let client = match c.read_ca()? {
-            Some(root_cert) => redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
-                },
-            )
-            .context("cluster.ca_file")?,
+        let client = match certs()? {
+            Some(ca) => redis::Client::build_with_tls(info, ca).context("cluster.ca_file")?,
             None => redis::Client::open(info).context("cluster.url")?,
         };
         Ok(Source::Direct(client))
@@ -258,6 +274,44 @@ impl Source {
             )),
         }
     }
+}
+
+/// A Sentinel client over TLS (`rediss://` sentinels): the Sentinels
+/// and the master they name are both reached over TLS, their certificates
+/// checked against `ca` (the system's trust store without it). The
+/// master's certificate must name the address the Sentinels give for it
+/// (usually an IP address: a subjectAltName `IP:...`).
+fn sentinel_tls(
+    c: &crate::config::ClusterConfig,
+    service: &str,
+    settings: &redis::RedisConnectionInfo,
+    ca: Option<redis::TlsCertificates>,
+) -> Result<redis::sentinel::SentinelClient> {
+    let addrs = c
+        .sentinels
+        .iter()
+        .map(|u| Ok(u.as_str().into_connection_info()?.addr().clone()))
+        .collect::<redis::RedisResult<Vec<_>>>()
+        .context("cluster.sentinels")?;
+    let mut b = redis::sentinel::SentinelClientBuilder::new(
+        addrs,
+        service,
+        redis::sentinel::SentinelServerType::Master,
+    )
+    .context("cluster.sentinels")?
+    .set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+    if let Some(user) = settings.username() {
+        b = b.set_client_to_redis_username(user);
+    }
+    if let Some(pw) = settings.password() {
+        b = b.set_client_to_redis_password(pw);
+    }
+    if let Some(ca) = ca {
+        b = b
+            .set_client_to_sentinel_certificates(ca.clone())
+            .set_client_to_redis_certificates(ca);
+    }
+    b.build().context("cluster.sentinels")
 }
 
 /// Hands the greylist's changes to the cluster task without waiting.

@@ -97,31 +97,14 @@ impl ClusterConfig {
                     "give one of cluster.url, cluster.sentinels or cluster.nodes",
                 ));
             }
-            for n in &self.nodes {
-                if !n.starts_with("redis://") {
-                    return Err(ConfigError::invalid(
-                        "cluster.nodes",
-                        format!("{n:?}: must be a redis:// URL (e.g. redis://10.0.0.5:7000)"),
-                    ));
-                }
-                check_url(n).map_err(|e| match e {
-                    ConfigError::Invalid { reason, .. } => {
-                        ConfigError::invalid("cluster.nodes", reason)
-                    }
-                    other => other,
-                })?;
+            let tls = check_list("cluster.nodes", &self.nodes, "redis://10.0.0.5:7000")?;
+            if self.service.is_some() {
+                return Err(ConfigError::invalid(
+                    "cluster.service",
+                    "not used with cluster.nodes (it names a master at Sentinels)",
+                ));
             }
-            for (key, set) in [
-                ("cluster.service", self.service.is_some()),
-                ("cluster.ca_file", self.ca_file.is_some()),
-            ] {
-                if set {
-                    return Err(ConfigError::invalid(
-                        key,
-                        "not used with cluster.nodes (TLS to a Redis Cluster is not supported yet)",
-                    ));
-                }
-            }
+            self.check_ca(tls, "cluster.nodes")?;
             return self.validate_common();
         }
         if !self.sentinels.is_empty() {
@@ -131,20 +114,11 @@ impl ClusterConfig {
                     "give either cluster.url (one Redis) or cluster.sentinels, not both",
                 ));
             }
-            for s in &self.sentinels {
-                if !s.starts_with("redis://") {
-                    return Err(ConfigError::invalid(
-                        "cluster.sentinels",
-                        format!("{s:?}: must be a redis:// URL (e.g. redis://10.0.0.5:26379)"),
-                    ));
-                }
-                check_url(s).map_err(|e| match e {
-                    ConfigError::Invalid { reason, .. } => {
-                        ConfigError::invalid("cluster.sentinels", reason)
-                    }
-                    other => other,
-                })?;
-            }
+            let tls = check_list(
+                "cluster.sentinels",
+                &self.sentinels,
+                "redis://10.0.0.5:26379",
+            )?;
             match &self.service {
                 Some(n) if !n.is_empty() && plain(n) => {}
                 _ => {
@@ -154,12 +128,7 @@ impl ClusterConfig {
                     ));
                 }
             }
-            if self.ca_file.is_some() {
-                return Err(ConfigError::invalid(
-                    "cluster.ca_file",
-                    "TLS through Sentinels is not supported yet; use cluster.url = \"rediss://...\"",
-                ));
-            }
+            self.check_ca(tls, "cluster.sentinels")?;
             return self.validate_common();
         }
         if self.service.is_some() {
@@ -185,21 +154,43 @@ impl ClusterConfig {
             return Ok(());
         };
         check_url(url)?;
-        if let Some(p) = &self.ca_file {
-            if !url.starts_with("rediss://") {
-                return Err(ConfigError::invalid(
-                    "cluster.ca_file",
-                    "needs a rediss:// (TLS) cluster.url",
-                ));
-            }
-            if !p.is_absolute() {
-                return Err(ConfigError::invalid(
-                    "cluster.ca_file",
-                    "must be an absolute path",
-                ));
-            }
-        }
+        self.check_ca(url.starts_with("rediss://"), "cluster.url")?;
         self.validate_common()
+    }
+
+    /// Is the connection TLS? `rediss://` in `url`, or in every one of
+    /// `sentinels` or `nodes` (mixing is refused by [`check_list`]).
+    pub fn tls(&self) -> bool {
+        let list = if !self.nodes.is_empty() {
+            &self.nodes
+        } else {
+            &self.sentinels
+        };
+        match &self.url {
+            Some(u) => u.starts_with("rediss://"),
+            None => list.first().is_some_and(|u| u.starts_with("rediss://")),
+        }
+    }
+
+    /// `ca_file` only with TLS (`tls`: the addresses of `key` are
+    /// `rediss://`), as an absolute path.
+    fn check_ca(&self, tls: bool, key: &str) -> Result<(), ConfigError> {
+        let Some(p) = &self.ca_file else {
+            return Ok(());
+        };
+        if !tls {
+            return Err(ConfigError::invalid(
+                "cluster.ca_file",
+                format!("needs TLS: rediss:// addresses in {key}"),
+            ));
+        }
+        if !p.is_absolute() {
+            return Err(ConfigError::invalid(
+                "cluster.ca_file",
+                "must be an absolute path",
+            ));
+        }
+        Ok(())
     }
 
     /// The keys that do not depend on how Redis is found.
@@ -308,6 +299,40 @@ impl ClusterConfig {
         }
         Ok(Some(pw))
     }
+}
+
+/// The addresses of `cluster.sentinels` or `cluster.nodes` (`key`): each
+/// a `redis://` or `rediss://` (TLS) URL without a password, all of one
+/// scheme (TLS to some servers and not to others would be a downgrade an
+/// admin did not mean, and redis-rs takes one mode for all). Returns
+/// whether they are TLS.
+fn check_list(key: &str, list: &[String], example: &str) -> Result<bool, ConfigError> {
+    let mut tls = None;
+    for u in list {
+        let this = if u.starts_with("rediss://") {
+            true
+        } else if u.starts_with("redis://") {
+            false
+        } else {
+            return Err(ConfigError::invalid(
+                key,
+                format!("{u:?}: must be a redis:// or rediss:// (TLS) URL (e.g. {example})"),
+            ));
+        };
+        if tls.is_some_and(|t| t != this) {
+            return Err(ConfigError::invalid(
+                key,
+                "mixes redis:// and rediss://: give all of them rediss:// (TLS) or none \
+                 (one TLS setting serves all the servers)",
+            ));
+        }
+        tls = Some(this);
+        check_url(u).map_err(|e| match e {
+            ConfigError::Invalid { reason, .. } => ConfigError::invalid(key, reason),
+            other => other,
+        })?;
+    }
+    Ok(tls.unwrap_or(false))
 }
 
 /// The scheme must be one redis-rs speaks, and the URL must not carry a
@@ -473,6 +498,78 @@ mod tests {
         for (body, key) in cases {
             let (k, msg) = err(&format!("[cluster]\n{body}\n"));
             assert_eq!(k.as_deref(), Some(key), "{body}: {msg}");
+        }
+    }
+
+    #[test]
+    fn tls_to_sentinels_and_cluster_nodes_is_rediss_with_a_ca_file() {
+        let c = Config::parse(
+            "[cluster]\nsentinels = [\"rediss://10.0.0.5:26380\", \"rediss://10.0.0.6:26380\"]\n\
+             service = \"tarpit\"\nca_file = \"/etc/tarpit/ca.pem\"\n",
+        )
+        .unwrap();
+        assert!(c.cluster.tls());
+        let c = Config::parse(
+            "[cluster]\nnodes = [\"rediss://10.0.0.5:7000\", \"rediss://10.0.0.6:7000\"]\n\
+             ca_file = \"/etc/tarpit/ca.pem\"\n",
+        )
+        .unwrap();
+        assert!(c.cluster.tls());
+        // Without ca_file: the system's trust store.
+        let c = Config::parse("[cluster]\nnodes = [\"rediss://10.0.0.5:7000\"]\n").unwrap();
+        assert!(c.cluster.tls());
+        let c = Config::parse("[cluster]\nnodes = [\"redis://10.0.0.5:7000\"]\n").unwrap();
+        assert!(!c.cluster.tls());
+    }
+
+    #[test]
+    fn tls_mistakes_with_sentinels_and_nodes_name_the_key_and_the_reason() {
+        let cases = [
+            (
+                "sentinels = [\"rediss://s:26380\", \"redis://t:26379\"]\nservice = \"t\"",
+                "cluster.sentinels",
+                "mixes redis:// and rediss://",
+            ),
+            (
+                "nodes = [\"redis://n:7000\", \"rediss://m:7000\"]",
+                "cluster.nodes",
+                "mixes redis:// and rediss://",
+            ),
+            (
+                "sentinels = [\"redis://s:26379\"]\nservice = \"t\"\nca_file = \"/etc/ca.pem\"",
+                "cluster.ca_file",
+                "needs TLS: rediss:// addresses in cluster.sentinels",
+            ),
+            (
+                "nodes = [\"redis://n:7000\"]\nca_file = \"/etc/ca.pem\"",
+                "cluster.ca_file",
+                "needs TLS: rediss:// addresses in cluster.nodes",
+            ),
+            (
+                "nodes = [\"rediss://n:7000\"]\nca_file = \"ca.pem\"",
+                "cluster.ca_file",
+                "absolute path",
+            ),
+            (
+                "sentinels = [\"rediss://s:26380\"]\nservice = \"t\"\nca_file = \"ca.pem\"",
+                "cluster.ca_file",
+                "absolute path",
+            ),
+            (
+                "nodes = [\"unix:///run/redis.sock\"]",
+                "cluster.nodes",
+                "redis:// or rediss://",
+            ),
+            (
+                "sentinels = [\"rediss://u:p@s:26380\"]\nservice = \"t\"",
+                "cluster.sentinels",
+                "password",
+            ),
+        ];
+        for (body, key, reason) in cases {
+            let (k, msg) = err(&format!("[cluster]\n{body}\n"));
+            assert_eq!(k.as_deref(), Some(key), "{body}: {msg}");
+            assert!(msg.contains(reason), "{body}: {msg}");
         }
     }
 
