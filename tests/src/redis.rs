@@ -7,6 +7,11 @@
 //! directory, for the test's own `redis-cli`. Killed on drop;
 //! [`Redis::kill`] and [`Redis::start_again`] let a test take it away
 //! mid-run and bring it back at the same address.
+//!
+//! [`RedisProc`] runs one of several processes (servers, replicas,
+//! Sentinels, Redis Cluster nodes); with a [`TestCa`], TLS only: no
+//! plain port at all, replication, Sentinel's links and the cluster bus
+//! over TLS too.
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
@@ -197,7 +202,9 @@ impl Redis {
 
 /// A CA and a server certificate for the service's addresses signed by
 /// it, in `dir` (`ca.pem`, `server.pem`, `server.key`). rustls wants a subjectAltName
-/// and will not take a CA certificate as the server's own.
+/// and will not take a CA certificate as the server's own. It serves as a
+/// client certificate too: Redis Cluster nodes present it to each other on
+/// their TLS bus, which always asks for one.
 fn make_certs(dir: &std::path::Path) -> Result<()> {
     let run = |args: &[&str]| -> Result<()> {
         let out = std::process::Command::new("openssl")
@@ -214,7 +221,7 @@ fn make_certs(dir: &std::path::Path) -> Result<()> {
         dir.join("server.ext"),
         format!(
             "subjectAltName=IP:{},IP:{}\nbasicConstraints=CA:FALSE\n\
-             extendedKeyUsage=serverAuth\n",
+             extendedKeyUsage=serverAuth,clientAuth\n",
             ServiceNet::V4,
             ServiceNet::V6
         ),
@@ -277,21 +284,95 @@ impl Drop for Redis {
 /// `--sentinel`): for tests with several Redis processes. Killed on drop.
 pub struct RedisProc {
     pub dir: PathBuf,
+    /// Its one port: the TLS port when started with a [`TestCa`].
     pub addr: SocketAddr,
     ns: String,
+    /// The CA file its `redis-cli` trusts, when TLS only.
+    ca: Option<PathBuf>,
     child: Option<Child>,
+}
+
+/// A CA and one server certificate for the service's addresses (both
+/// [`ServiceNet::V4`] and [`ServiceNet::V6`]) signed by it, shared by all
+/// the TLS [`RedisProc`]s of a test. Removed on drop.
+pub struct TestCa {
+    pub dir: PathBuf,
+}
+
+impl TestCa {
+    pub fn make() -> Result<TestCa> {
+        let dir = std::env::temp_dir().join(format!("tarpit-redis-ca-{}", unique_id()));
+        std::fs::create_dir_all(&dir)?;
+        let ca = TestCa { dir };
+        make_certs(&ca.dir)?;
+        Ok(ca)
+    }
+
+    /// The CA certificate (PEM): the agents' `cluster.ca_file`.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The `redis-server` settings of a TLS-only process on `port`
+    /// (no plain port; replication, Sentinel and cluster bus over TLS),
+    /// as `(name, value)` pairs for the command line or a config file.
+    fn settings(&self, port: u16) -> Vec<(&'static str, String)> {
+        let f = |n: &str| self.dir.join(n).display().to_string();
+        vec![
+            ("port", "0".into()),
+            ("tls-port", port.to_string()),
+            ("tls-cert-file", f("server.pem")),
+            ("tls-key-file", f("server.key")),
+            ("tls-ca-cert-file", f("ca.pem")),
+            ("tls-auth-clients", "no".into()),
+            ("tls-replication", "yes".into()),
+            ("tls-cluster", "yes".into()),
+        ]
+    }
+
+    /// `redis-cli`'s arguments to reach a TLS-only process.
+    pub fn cli_args(&self) -> Vec<String> {
+        vec![
+            "--tls".into(),
+            "--cacert".into(),
+            self.ca_file().display().to_string(),
+        ]
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl RedisProc {
     /// A Redis server on `bind` (an address of `net`) at a free port, no
     /// persistence, with `extra` arguments.
     pub fn server(net: &ServiceNet, bind: IpAddr, extra: &[&str]) -> Result<RedisProc> {
+        RedisProc::server_with(net, bind, None, extra)
+    }
+
+    /// Like [`RedisProc::server`], TLS only with `ca`'s certificate when
+    /// given (`addr` is then its TLS port).
+    pub fn server_with(
+        net: &ServiceNet,
+        bind: IpAddr,
+        ca: Option<&TestCa>,
+        extra: &[&str],
+    ) -> Result<RedisProc> {
         let dir = std::env::temp_dir().join(format!("tarpit-redis-{}", unique_id()));
         std::fs::create_dir_all(&dir)?;
         let addr = free_addr(net, bind)?;
-        let mut args: Vec<String> = vec![
-            "--port".into(),
-            addr.port().to_string(),
+        let ports = match ca {
+            Some(ca) => ca.settings(addr.port()),
+            None => vec![("port", addr.port().to_string())],
+        };
+        let mut args: Vec<String> = ports
+            .into_iter()
+            .flat_map(|(k, v)| [format!("--{k}"), v])
+            .collect();
+        args.extend([
             "--bind".into(),
             bind.to_string(),
             "--save".into(),
@@ -302,9 +383,9 @@ impl RedisProc {
             "no".into(),
             "--dir".into(),
             dir.display().to_string(),
-        ];
+        ]);
         args.extend(extra.iter().map(|a| a.to_string()));
-        RedisProc::spawn(net, dir, addr, args)
+        RedisProc::spawn(net, dir, addr, args, ca)
     }
 
     /// A Sentinel on `bind` watching `master` as `service` (quorum 1,
@@ -315,25 +396,45 @@ impl RedisProc {
         master: SocketAddr,
         service: &str,
     ) -> Result<RedisProc> {
+        RedisProc::sentinel_with(net, bind, master, service, None)
+    }
+
+    /// Like [`RedisProc::sentinel`], TLS only with `ca`'s certificate
+    /// when given, reaching the servers over TLS too.
+    pub fn sentinel_with(
+        net: &ServiceNet,
+        bind: IpAddr,
+        master: SocketAddr,
+        service: &str,
+        ca: Option<&TestCa>,
+    ) -> Result<RedisProc> {
         let dir = std::env::temp_dir().join(format!("tarpit-sentinel-{}", unique_id()));
         std::fs::create_dir_all(&dir)?;
         let addr = free_addr(net, bind)?;
         let conf = dir.join("sentinel.conf");
+        let ports: String = match ca {
+            Some(ca) => ca
+                .settings(addr.port())
+                .into_iter()
+                .filter(|(k, _)| *k != "tls-cluster")
+                .map(|(k, v)| format!("{k} {v}\n"))
+                .collect(),
+            None => format!("port {}\n", addr.port()),
+        };
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind {bind}\nprotected-mode no\ndir {dir}\n\
+                "{ports}bind {bind}\nprotected-mode no\ndir {dir}\n\
                  sentinel monitor {service} {mip} {mport} 1\n\
                  sentinel down-after-milliseconds {service} 1000\n\
                  sentinel failover-timeout {service} 4000\n",
-                port = addr.port(),
                 dir = dir.display(),
                 mip = master.ip(),
                 mport = master.port(),
             ),
         )?;
         let args = vec![conf.display().to_string(), "--sentinel".into()];
-        RedisProc::spawn(net, dir, addr, args)
+        RedisProc::spawn(net, dir, addr, args, ca)
     }
 
     fn spawn(
@@ -341,6 +442,7 @@ impl RedisProc {
         dir: PathBuf,
         addr: SocketAddr,
         args: Vec<String>,
+        ca: Option<&TestCa>,
     ) -> Result<RedisProc> {
         let log = std::fs::File::create(dir.join("redis.log"))?;
         let mut cmd = net.cmd("redis-server");
@@ -353,6 +455,7 @@ impl RedisProc {
             dir,
             addr,
             ns: net.ns.clone(),
+            ca: ca.map(TestCa::ca_file),
             child: Some(child),
         };
         let up = wait::until(Duration::from_secs(10), || {
@@ -379,7 +482,11 @@ impl RedisProc {
 
     /// `redis-cli` against this process, from inside its namespace.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let out = testkit::netns::nsenter(&self.ns, "redis-cli")
+        let mut cmd = testkit::netns::nsenter(&self.ns, "redis-cli");
+        if let Some(ca) = &self.ca {
+            cmd.arg("--tls").arg("--cacert").arg(ca);
+        }
+        let out = cmd
             .args(["-h", &self.addr.ip().to_string()])
             .args(["-p", &self.addr.port().to_string()])
             .args(args)

@@ -9,28 +9,35 @@
 //! slot); every key of tarpit is in that one slot; an offender mx2 blocked
 //! stays blocked at mx2 when mx1 evicts it from its full automatic block
 //! list to make room for offenders of its own (an eviction is no deletion).
+//!
+//! Over TLS (`rediss://` nodes with `cluster.ca_file`): a cluster whose
+//! nodes have no plain port (their bus is TLS too); a block and its
+//! deletion reach mx2, both hosts being clients of the node of tarpit's
+//! slot on its TLS port.
 #[path = "loop_common/mod.rs"]
 mod common;
 
 use std::net::IpAddr;
 use std::time::Duration;
 
-use common::{blocked, cli, talk_first};
-use tarpit_tests::redis::{RedisProc, free_addr};
+use common::{assert_hosts_are_clients, assert_no_plain_port, blocked, cli, talk_first};
+use tarpit_tests::redis::{RedisProc, TestCa, free_addr};
 use tarpit_tests::{Agent, Postfix, ServiceNet, require_root, wait};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-/// Three masters, no replicas, the 16384 slots split between them.
-fn redis_cluster(net: &ServiceNet, bind: IpAddr) -> Vec<RedisProc> {
+/// Three masters, no replicas, the 16384 slots split between them; TLS
+/// only with `ca`.
+fn redis_cluster(net: &ServiceNet, bind: IpAddr, ca: Option<&TestCa>) -> Vec<RedisProc> {
     let nodes: Vec<RedisProc> = (0..3)
         .map(|_| {
             let bus = free_addr(net, bind).expect("bus port").port().to_string();
-            RedisProc::server(
+            RedisProc::server_with(
                 net,
                 bind,
+                ca,
                 &[
                     "--cluster-enabled",
                     "yes",
@@ -43,7 +50,12 @@ fn redis_cluster(net: &ServiceNet, bind: IpAddr) -> Vec<RedisProc> {
             .expect("redis cluster node")
         })
         .collect();
-    let mut create = net.cmd("redis-cli");
+    // Bounded: a cluster whose nodes cannot meet would wait forever.
+    let mut create = net.cmd("timeout");
+    create.args(["60", "redis-cli"]);
+    if let Some(ca) = ca {
+        create.args(ca.cli_args());
+    }
     create.args(["--cluster", "create"]);
     for n in &nodes {
         create.arg(format!("{}:{}", n.addr.ip(), n.addr.port()));
@@ -66,11 +78,15 @@ fn redis_cluster(net: &ServiceNet, bind: IpAddr) -> Vec<RedisProc> {
 /// mx1's automatic part of the block list: small enough to fill.
 const MX1_AUTO: u32 = 4;
 
-fn host_config(node: &str, nodes: &[RedisProc]) -> String {
+fn host_config(node: &str, nodes: &[RedisProc], ca: Option<&TestCa>) -> String {
+    let scheme = if ca.is_some() { "rediss" } else { "redis" };
     let list: Vec<String> = nodes
         .iter()
-        .map(|n| format!("\"redis://[{}]:{}\"", n.addr.ip(), n.addr.port()))
+        .map(|n| format!("\"{scheme}://[{}]:{}\"", n.addr.ip(), n.addr.port()))
         .collect();
+    let ca_file = ca
+        .map(|ca| format!("ca_file = \"{}\"\n", ca.ca_file().display()))
+        .unwrap_or_default();
     format!(
         r#"
 [greeting]
@@ -83,7 +99,7 @@ slowdown = false
 nodes = [{}]
 node = "{node}"
 timeout = "200ms"
-"#,
+{ca_file}"#,
         list.join(", ")
     )
 }
@@ -95,13 +111,13 @@ fn blocks_and_deletions_reach_the_other_host_through_a_redis_cluster() {
     }
     let (mx1, mx2, service) = common::mx_pair();
     let (net1, pins1, net2, pins2) = (&mx1.net, &mx1.pins, &mx2.net, &mx2.pins);
-    let nodes = redis_cluster(&service, ServiceNet::V6.into());
-    let c1 = common::config(net1, pins1, None, true, &host_config("mx1", &nodes)).replacen(
+    let nodes = redis_cluster(&service, ServiceNet::V6.into(), None);
+    let c1 = common::config(net1, pins1, None, true, &host_config("mx1", &nodes, None)).replacen(
         "[kernel]\n",
         &format!("[kernel]\nauto_block_entries = {MX1_AUTO}\n"),
         1,
     );
-    let c2 = common::config(net2, pins2, None, true, &host_config("mx2", &nodes));
+    let c2 = common::config(net2, pins2, None, true, &host_config("mx2", &nodes, None));
     let mx1 = Agent::start(net1, &c1).expect("mx1");
     let mx2 = Agent::start(net2, &c2).expect("mx2");
     let connected = |a: &Agent| a.log().contains("cluster: connected to Redis");
@@ -191,6 +207,60 @@ fn blocks_and_deletions_reach_the_other_host_through_a_redis_cluster() {
         there.contains("198.51.100.63") && !there.contains("\"deleted\""),
         "{there}"
     );
+    drop(mx1);
+    drop(mx2);
+}
+
+#[test]
+fn blocks_and_deletions_reach_the_other_host_through_a_redis_cluster_over_tls() {
+    if !require_root() {
+        return;
+    }
+    let (mx1, mx2, service) = common::mx_pair();
+    let (net1, pins1, net2, pins2) = (&mx1.net, &mx1.pins, &mx2.net, &mx2.pins);
+    let ca = TestCa::make().expect("test CA");
+    let nodes = redis_cluster(&service, ServiceNet::V6.into(), Some(&ca));
+    for n in &nodes {
+        assert_no_plain_port(n);
+    }
+    let c1 = common::config(
+        net1,
+        pins1,
+        None,
+        true,
+        &host_config("mx1", &nodes, Some(&ca)),
+    );
+    let c2 = common::config(
+        net2,
+        pins2,
+        None,
+        true,
+        &host_config("mx2", &nodes, Some(&ca)),
+    );
+    let mx1 = Agent::start(net1, &c1).expect("mx1");
+    let mx2 = Agent::start(net2, &c2).expect("mx2");
+    let connected = |a: &Agent| a.log().contains("cluster: connected to Redis");
+    wait::eventually("both hosts connected", Duration::from_secs(10), || {
+        connected(&mx1) && connected(&mx2)
+    });
+
+    cli(&mx1, &["block", "add", "198.51.100.61/32", "--ttl", "10m"]);
+    wait::eventually("mx1's block at mx2", Duration::from_secs(5), || {
+        blocked(pins2, "198.51.100.61")
+    });
+    cli(&mx1, &["block", "del", "198.51.100.61/32"]);
+    wait::eventually("mx1's deletion at mx2", Duration::from_secs(5), || {
+        !blocked(pins2, "198.51.100.61")
+    });
+    // The node of tarpit's slot has both hosts as clients, on TLS.
+    let slot_node = nodes
+        .iter()
+        .find(|n| {
+            n.cli(&["GET", "{tarpit:}block:198.51.100.61/32"])
+                .is_ok_and(|v| v.contains("\"deleted\""))
+        })
+        .expect("a node holds tarpit's slot");
+    assert_hosts_are_clients(slot_node);
     drop(mx1);
     drop(mx2);
 }

@@ -239,3 +239,32 @@ pub fn send_body(c: &mut SmtpClient, body_len: usize) -> Result<Duration> {
     c.expect(".", 250)?;
     Ok(t.elapsed())
 }
+
+/// Waits until both hosts of [`mx_pair`] (by their IPv6 addresses towards
+/// the service) are clients of `server`'s port (`laddr=`: the TLS port of
+/// a TLS-only one).
+pub fn assert_hosts_are_clients(server: &tarpit_tests::redis::RedisProc) {
+    // As Redis writes them: `[v6]:port`.
+    let laddr = format!("laddr={}", server.addr);
+    let mut list = String::new();
+    let ok = tarpit_tests::wait::until(Duration::from_secs(5), || {
+        list = server.cli(&["CLIENT", "LIST"]).unwrap_or_default();
+        [1, 2].iter().all(|&n| {
+            let from = format!(" addr=[{}]:", ServiceNet::host_v6(n));
+            list.lines()
+                .any(|l| l.contains(&from) && l.contains(&laddr))
+        })
+    });
+    assert!(ok, "both hosts not clients of {laddr}: {list}");
+}
+
+/// A TLS-only Redis server: its plain port is off (`port 0`).
+pub fn assert_no_plain_port(server: &tarpit_tests::redis::RedisProc) {
+    let port = server.cli(&["CONFIG", "GET", "port"]).unwrap_or_default();
+    assert_eq!(
+        port.lines().collect::<Vec<_>>(),
+        ["port", "0"],
+        "a plain port is open at {}",
+        server.addr
+    );
+}
