@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use common::{assert_hosts_are_clients, assert_no_plain_port, blocked, cli, talk_first};
 use tarpit_tests::redis::{RedisProc, TestCa, free_addr};
-use tarpit_tests::{Agent, Postfix, ServiceNet, require_root, wait};
+use tarpit_tests::{Agent, PinDir, Postfix, ServiceNet, require_root, wait};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -104,6 +104,24 @@ timeout = "200ms"
     )
 }
 
+/// Once both hosts are connected, a block made at mx1 reaches mx2's
+/// kernel (at `pins2`), and so does its deletion.
+fn block_and_deletion_reach_mx2(mx1: &Agent, mx2: &Agent, pins2: &PinDir) {
+    let connected = |a: &Agent| a.log().contains("cluster: connected to Redis");
+    wait::eventually("both hosts connected", Duration::from_secs(10), || {
+        connected(mx1) && connected(mx2)
+    });
+
+    cli(mx1, &["block", "add", "198.51.100.61/32", "--ttl", "10m"]);
+    wait::eventually("mx1's block at mx2", Duration::from_secs(5), || {
+        blocked(pins2, "198.51.100.61")
+    });
+    cli(mx1, &["block", "del", "198.51.100.61/32"]);
+    wait::eventually("mx1's deletion at mx2", Duration::from_secs(5), || {
+        !blocked(pins2, "198.51.100.61")
+    });
+}
+
 #[test]
 fn blocks_and_deletions_reach_the_other_host_through_a_redis_cluster() {
     if !require_root() {
@@ -120,19 +138,7 @@ fn blocks_and_deletions_reach_the_other_host_through_a_redis_cluster() {
     let c2 = common::config(net2, pins2, None, true, &host_config("mx2", &nodes, None));
     let mx1 = Agent::start(net1, &c1).expect("mx1");
     let mx2 = Agent::start(net2, &c2).expect("mx2");
-    let connected = |a: &Agent| a.log().contains("cluster: connected to Redis");
-    wait::eventually("both hosts connected", Duration::from_secs(10), || {
-        connected(&mx1) && connected(&mx2)
-    });
-
-    cli(&mx1, &["block", "add", "198.51.100.61/32", "--ttl", "10m"]);
-    wait::eventually("mx1's block at mx2", Duration::from_secs(5), || {
-        blocked(pins2, "198.51.100.61")
-    });
-    cli(&mx1, &["block", "del", "198.51.100.61/32"]);
-    wait::eventually("mx1's deletion at mx2", Duration::from_secs(5), || {
-        !blocked(pins2, "198.51.100.61")
-    });
+    block_and_deletion_reach_mx2(&mx1, &mx2, pins2);
 
     // mx2 away: a block made meanwhile reaches it at its next start.
     mx2.stop().expect("mx2 stops");
@@ -239,19 +245,7 @@ fn blocks_and_deletions_reach_the_other_host_through_a_redis_cluster_over_tls() 
     );
     let mx1 = Agent::start(net1, &c1).expect("mx1");
     let mx2 = Agent::start(net2, &c2).expect("mx2");
-    let connected = |a: &Agent| a.log().contains("cluster: connected to Redis");
-    wait::eventually("both hosts connected", Duration::from_secs(10), || {
-        connected(&mx1) && connected(&mx2)
-    });
-
-    cli(&mx1, &["block", "add", "198.51.100.61/32", "--ttl", "10m"]);
-    wait::eventually("mx1's block at mx2", Duration::from_secs(5), || {
-        blocked(pins2, "198.51.100.61")
-    });
-    cli(&mx1, &["block", "del", "198.51.100.61/32"]);
-    wait::eventually("mx1's deletion at mx2", Duration::from_secs(5), || {
-        !blocked(pins2, "198.51.100.61")
-    });
+    block_and_deletion_reach_mx2(&mx1, &mx2, pins2);
     // The node of tarpit's slot has both hosts as clients, on TLS.
     let slot_node = nodes
         .iter()
