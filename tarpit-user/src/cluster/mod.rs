@@ -32,7 +32,9 @@
 //! Redis is one server (`url`), whichever server Redis Sentinels name as
 //! the master (`sentinels`, asked again at every reconnect, so a
 //! fail-over is an outage like any other), or a Redis Cluster (`nodes`,
-//! every key in one hash slot: [`conn`]); see [`Source`].
+//! every key in one hash slot: [`conn`]); see [`Source`]. Each over TLS
+//! with `rediss://` addresses (for Sentinels: to them and to the servers
+//! they name), checked against `ca_file`.
 //!
 //! Redis gone: each node goes on with its local state (the kernel's maps
 //! and the greylist table keep working), counts and keeps what it could
