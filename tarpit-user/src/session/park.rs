@@ -127,10 +127,13 @@ impl AsRawFd for Poller {
     }
 }
 
-/// What a parked socket is watched for: bytes, its peer's FIN, errors
-/// (level-triggered: a socket is removed as soon as it has news).
+/// What a parked socket is watched for: bytes, its peer's FIN, errors;
+/// once (`EPOLLONESHOT`): after its first event the socket stays in the
+/// set, disabled, until it is closed, so handing back a talker costs no
+/// `EPOLL_CTL_DEL`. A client handed back at its deadline may still cause
+/// one event later, whose token is stale and ignored.
 fn interest() -> EpollFlags {
-    EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP
+    EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT
 }
 
 /// An epoll event's data: the slot and its sequence number, so a stale
@@ -191,23 +194,22 @@ impl Parked {
         self.timers.push(Reverse((p.deadline, seq, key)));
     }
 
-    fn release(&mut self, ep: &Epoll, key: usize, woke: Woke) {
+    fn release(&mut self, key: usize, woke: Woke) {
         if let Some(s) = self.slots.get_mut(key).and_then(Option::take) {
             self.free.push(key);
-            // Closing it would remove it too; it lives on, so say so.
-            let _ = ep.delete(&s.stream);
+            // Left in the epoll set: one-shot, and gone when it closes.
             (s.then)(s.stream, woke);
         }
     }
 
-    fn release_due(&mut self, ep: &Epoll, now: Instant) {
+    fn release_due(&mut self, now: Instant) {
         while let Some(&Reverse((at, seq, key))) = self.timers.peek() {
             if at > now {
                 return;
             }
             self.timers.pop();
             if self.current(key, seq) {
-                self.release(ep, key, Woke::Due);
+                self.release(key, Woke::Due);
             }
         }
     }
@@ -237,9 +239,19 @@ impl Parked {
                 if !self.current(key, seq) {
                     continue;
                 }
-                let woke = self.slots[key].as_ref().and_then(|s| peek(&s.stream));
-                if let Some(w) = woke {
-                    self.release(ep, key, w);
+                let Some(slot) = self.slots[key].as_ref() else {
+                    continue;
+                };
+                match peek(&slot.stream) {
+                    Some(w) => self.release(key, w),
+                    None => {
+                        // Woken with nothing to read (not seen, but not
+                        // ruled out): watch it again, once.
+                        let mut again = EpollEvent::new(interest(), token(key, seq));
+                        if ep.modify(&slot.stream, &mut again).is_err() {
+                            self.release(key, Woke::Error);
+                        }
+                    }
                 }
             }
             if n < events.len() {
@@ -248,9 +260,9 @@ impl Parked {
         }
     }
 
-    fn release_all(&mut self, ep: &Epoll, woke: Woke) {
+    fn release_all(&mut self, woke: Woke) {
         for key in 0..self.slots.len() {
-            self.release(ep, key, woke);
+            self.release(key, woke);
         }
         self.timers.clear();
     }
@@ -311,9 +323,9 @@ async fn hold(mut rx: mpsc::UnboundedReceiver<Park>, shutdown: Shutdown) {
     loop {
         draining |= shutdown.is_draining();
         if draining {
-            parked.release_all(ep, Woke::Drain);
+            parked.release_all(Woke::Drain);
         }
-        parked.release_due(ep, Instant::now());
+        parked.release_due(Instant::now());
         if parked.len() == 0 {
             if !open {
                 return;
