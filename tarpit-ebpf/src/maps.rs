@@ -16,8 +16,8 @@ use tarpit_common::{
     hold::{HOLD_RATE_ENTRIES, HoldSettings},
     maps::{
         ALLOW_ENTRIES, ATTACHMENTS_ENTRIES, AUTH_ENTRIES, AUTO_BLOCK_ENTRIES, BLOCK_ENTRIES,
-        EVENTS_BYTES, FLOWS_ENTRIES, IP_STATE_ENTRIES, SETTING_EVENTS, SLOW_ENTRIES,
-        SYN_COUNT_ENTRIES, Settings,
+        EVENTS_BYTES, FLOWS_ENTRIES, IP_STATE_ENTRIES, LISTS_USED_LEN, SETTING_EVENTS,
+        SLOW_ENTRIES, SYN_COUNT_ENTRIES, Settings,
     },
     steer::{STEER_COUNTERS_LEN, STEER_SLOTS, SteerSettings},
 };
@@ -46,6 +46,12 @@ pub static BLOCK: LpmTrie<[u8; 16], ListEntry, { BLOCK_ENTRIES as usize }> = Lpm
 #[btf_map]
 pub static AUTO_BLOCK: LpmTrie<[u8; 16], ListEntry, { AUTO_BLOCK_ENTRIES as usize }> =
     LpmTrie::new();
+
+/// Which prefix lists ever held an entry (see
+/// `tarpit_common::maps::LISTS_USED`): a list that never did is not
+/// looked up.
+#[btf_map]
+pub static LISTS_USED: Array<u32, { LISTS_USED_LEN as usize }> = Array::new();
 
 #[btf_map]
 pub static AUTH: LruHashMap<IpAddrKey, TimedEntry, { AUTH_ENTRIES as usize }> = LruHashMap::new();
@@ -146,21 +152,46 @@ pub fn count_index(index: u32) -> u64 {
     }
 }
 
-/// Looks an address up in a prefix list and returns the longest prefix
-/// that is still active. An expired entry is counted and deleted, and the
-/// lookup repeats, so an expired longer prefix never hides a shorter
-/// active one (bounded: at most `MAX_SWEEP` nested prefixes per lookup).
+/// The full-length LPM key of an address: built once per packet and
+/// shared by every list lookup of that packet.
+pub type ListKey = Key<[u8; 16]>;
+
+#[inline(always)]
+pub fn list_key(addr: &IpAddrKey) -> ListKey {
+    Key::new(128, addr.octets)
+}
+
+/// Whether the list with this `LISTS_USED` index ever held an entry. A
+/// list that never did cannot match, and its lookup (the dearest step of
+/// a packet that passes) is skipped. Unreadable counts as used.
+#[inline(always)]
+pub fn list_used(index: u32) -> bool {
+    match LISTS_USED.get(index) {
+        Some(v) => *v != 0,
+        None => true,
+    }
+}
+
+/// Looks an address (its [`list_key`]) up in a prefix list and returns
+/// the longest prefix that is still active. An expired entry is counted
+/// and deleted, and the lookup repeats, so an expired longer prefix never
+/// hides a shorter active one (bounded: at most `MAX_SWEEP` nested
+/// prefixes per lookup). `used` is the list's `LISTS_USED` index: a list
+/// that never held an entry is not looked up.
 #[inline(always)]
 pub fn list_lookup<const N: usize>(
     map: &LpmTrie<[u8; 16], ListEntry, N>,
-    addr: &IpAddrKey,
+    used: u32,
+    key: &ListKey,
     expired: Counter,
 ) -> Option<ListEntry> {
     const MAX_SWEEP: usize = 4;
-    let key = Key::new(128, addr.octets);
+    if !list_used(used) {
+        return None;
+    }
     let mut now = 0u64;
     for _ in 0..MAX_SWEEP {
-        let entry = *map.get(&key)?;
+        let entry = *map.get(key)?;
         let expires = entry.expires_ns();
         if expires == 0 {
             return Some(entry);
@@ -172,7 +203,7 @@ pub fn list_lookup<const N: usize>(
             return Some(entry);
         }
         count(expired);
-        let stale = Key::new(entry.prefix_len, addr.octets);
+        let stale = Key::new(entry.prefix_len, key.data);
         if map.remove(&stale).is_err() {
             // Someone else swept it, or it is gone: look again.
         }

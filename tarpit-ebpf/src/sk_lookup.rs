@@ -19,6 +19,7 @@ use aya_ebpf::{
 };
 use tarpit_common::{
     Counter, IpAddrKey,
+    maps::LIST_USED_ALLOW,
     steer::{
         SLOT_AGENT_V4, SLOT_AGENT_V6, SLOT_MTA_V4, SLOT_MTA_V6, STEER_C_AGENT, STEER_C_ALLOWED,
         STEER_C_AUTHENTICATED, STEER_C_FAIL_OPEN, STEER_C_PASSED, STEER_F_ALLOWED,
@@ -26,7 +27,9 @@ use tarpit_common::{
     },
 };
 
-use crate::maps::{ALLOW, AUTH, STEER, STEER_COUNTERS, STEER_SETTINGS, list_lookup, now_ns};
+use crate::maps::{
+    ALLOW, AUTH, STEER, STEER_COUNTERS, STEER_SETTINGS, list_key, list_lookup, now_ns,
+};
 
 const AF_INET: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
@@ -74,7 +77,13 @@ fn steer(ctx: &SkLookupContext) {
         (SLOT_MTA_V6, SLOT_AGENT_V6)
     };
     if settings.has(STEER_F_ALLOWED)
-        && list_lookup(&ALLOW, &addr, Counter::XdpAllowExpired).is_some()
+        && list_lookup(
+            &ALLOW,
+            LIST_USED_ALLOW,
+            &list_key(&addr),
+            Counter::XdpAllowExpired,
+        )
+        .is_some()
         && STEER.redirect_sk_lookup(ctx, mta, 0).is_ok()
     {
         bump(STEER_C_ALLOWED);

@@ -27,14 +27,15 @@ use tarpit_common::{
     Counter, FlowKey, FlowState, IpAddrKey,
     events::EVENT_FLOW_TABLE_FULL,
     maps::{
-        SETTING_CONNS, SETTING_EVENTS, SETTING_PREGREET, SETTING_SLOWDOWN, SMTPS_PORT, Settings,
+        LIST_USED_ALLOW, SETTING_CONNS, SETTING_EVENTS, SETTING_PREGREET, SETTING_SLOWDOWN,
+        SMTPS_PORT, Settings,
     },
     state::{IP_F_ALLOWED, IP_F_AUTHENTICATED, IP_F_SLOWED},
 };
 
 use crate::maps::{
     ALLOW, AUTH, EventArgs, FLOWS, IP_STATE, SLOW, SOCK_MARK, atomic_add_u64, count, emit,
-    ip_state, list_lookup, now_ns, settings,
+    ip_state, list_key, list_lookup, now_ns, settings,
 };
 
 const SOL_SOCKET: i32 = 1;
@@ -186,7 +187,14 @@ fn established(
         atomic_add_u64(&raw mut (*s).conns_total, 1);
     }
     let mut flags = 0;
-    if list_lookup(&ALLOW, addr, Counter::XdpAllowExpired).is_some() {
+    if list_lookup(
+        &ALLOW,
+        LIST_USED_ALLOW,
+        &list_key(addr),
+        Counter::XdpAllowExpired,
+    )
+    .is_some()
+    {
         flags |= IP_F_ALLOWED;
     }
     if let Some(a) = unsafe { AUTH.get(addr) } {

@@ -4,7 +4,9 @@
 //!   every port when the entry says so) unless the allow list also
 //!   matches; the allow list is consulted only then. The admin's list is
 //!   looked up first, the agent's automatic blocks only when it has no
-//!   entry, so an ordinary packet costs two prefix lookups.
+//!   entry, so an ordinary packet costs two prefix lookups, and none for
+//!   a list that never held an entry (`LISTS_USED`); the lookups share
+//!   one key, built once per packet.
 //! - Held sources (block entries with the hold flag) are handed to the
 //!   hold program (`hold`) on the SMTP ports by a tail call.
 //! - Counts connection attempts (SYN without ACK) to a watched SMTP port per
@@ -15,13 +17,13 @@ use tarpit_common::{
     Counter, ListEntry,
     counters::drop_reason_index,
     events::EVENT_BLOCK_HIT,
-    maps::{SETTING_BLOCK, SETTING_EVENTS},
+    maps::{LIST_USED_ALLOW, LIST_USED_AUTO_BLOCK, LIST_USED_BLOCK, SETTING_BLOCK, SETTING_EVENTS},
     parse::{self, TCP_ACK, TCP_SYN},
     state::IP_F_BLOCKED,
 };
 
 use crate::maps::{
-    ALLOW, AUTO_BLOCK, BLOCK, EventArgs, IP_STATE, SYN_COUNT, count, count_index, emit,
+    ALLOW, AUTO_BLOCK, BLOCK, EventArgs, IP_STATE, SYN_COUNT, count, count_index, emit, list_key,
     list_lookup, now_ns, settings,
 };
 
@@ -54,6 +56,8 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
     }
     if smtp_port && syn {
         match SYN_COUNT.get_ptr_mut(ip.src) {
+            // SAFETY: a value pointer of this map, valid for this run; a
+            // lost increment under a race only makes the count approximate.
             Some(n) => unsafe { *n += 1 },
             None => {
                 let _ = SYN_COUNT.insert(ip.src, 1u64, 0);
@@ -65,14 +69,20 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
     // has none that applies to this port (an all-ports offender inside an
     // admin's SMTP-only prefix is still dropped on every port).
     // Plain variables, always initialised (see above, 5.10).
+    let key = list_key(&ip.src);
     let mut block = ListEntry::default();
     let mut found = false;
-    if let Some(b) = list_lookup(&BLOCK, &ip.src, Counter::XdpBlockExpired) {
+    if let Some(b) = list_lookup(&BLOCK, LIST_USED_BLOCK, &key, Counter::XdpBlockExpired) {
         block = b;
         found = true;
     }
     if !(found && applies(&block, smtp_port))
-        && let Some(a) = list_lookup(&AUTO_BLOCK, &ip.src, Counter::XdpBlockExpired)
+        && let Some(a) = list_lookup(
+            &AUTO_BLOCK,
+            LIST_USED_AUTO_BLOCK,
+            &key,
+            Counter::XdpBlockExpired,
+        )
         && (!found || applies(&a, smtp_port))
     {
         block = a;
@@ -86,7 +96,7 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
         count(Counter::XdpBlockOtherPort);
         return xdp_action::XDP_PASS;
     }
-    if list_lookup(&ALLOW, &ip.src, Counter::XdpAllowExpired).is_some() {
+    if list_lookup(&ALLOW, LIST_USED_ALLOW, &key, Counter::XdpAllowExpired).is_some() {
         count(Counter::XdpAllowed);
         return xdp_action::XDP_PASS;
     }
@@ -106,6 +116,7 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
     if syn {
         // Once per connection attempt, not per packet: mark the address.
         if let Some(s) = IP_STATE.get_ptr_mut(ip.src) {
+            // SAFETY: a value pointer of this map, valid for this run.
             unsafe {
                 if (*s).flags & IP_F_BLOCKED == 0 {
                     (*s).flags |= IP_F_BLOCKED;

@@ -207,7 +207,7 @@ impl SelfCopy {
                 "xtask",
             ]));
             match built {
-                Ok(()) => me = paths::root().join("target/release/xtask"),
+                Ok(()) => me = paths::target_dir().join("release/xtask"),
                 Err(e) => shell::say(
                     "Using",
                     &format!("this debug xtask for the workers ({e:#})"),
