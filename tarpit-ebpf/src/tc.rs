@@ -130,17 +130,26 @@ fn ingress(ctx: &TcContext) {
         // Handshakes, pure ACKs, FINs and RSTs: sock_ops makes and removes
         // flows from what the kernel accepted. A SYN only dates the
         // address's history (first and last seen); it earns no flow.
-        if tcp.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN {
-            let _ = ip_state(&ip.src, now_ns());
+        if tcp.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+            && let Some(src) = ip.src(ctx.data(), ctx.data_end())
+        {
+            let _ = ip_state(&src, now_ns());
         }
         return;
     }
-    let key = FlowKey {
-        client: ip.src,
-        server: ip.dst,
+    // The addresses only now (most packets never need them), from the
+    // packet as it is after any pull.
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let mut key = FlowKey {
         client_port: tcp.sport,
         server_port: tcp.dport,
+        ..FlowKey::default()
     };
+    if !(ip.src_into(data, data_end, &mut key.client)
+        && ip.dst_into(data, data_end, &mut key.server))
+    {
+        return;
+    }
     let Some(flow) = FLOWS.get_ptr_mut(&key) else {
         count(Counter::TcFlowUnknown);
         return;
@@ -224,12 +233,17 @@ fn egress(ctx: &TcContext) {
     if !watched(settings, tcp.sport) || ip.fragment || tcp.payload_len == 0 {
         return;
     }
-    let key = FlowKey {
-        client: ip.dst,
-        server: ip.src,
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let mut key = FlowKey {
         client_port: tcp.dport,
         server_port: tcp.sport,
+        ..FlowKey::default()
     };
+    if !(ip.dst_into(data, data_end, &mut key.client)
+        && ip.src_into(data, data_end, &mut key.server))
+    {
+        return;
+    }
     let Some(flow) = FLOWS.get_ptr_mut(&key) else {
         return;
     };

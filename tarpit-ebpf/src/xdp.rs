@@ -14,7 +14,7 @@
 //!   deterministic: ACKs, retransmits and GRO make packet counts vary.
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use tarpit_common::{
-    Counter, ListEntry,
+    Counter, IpAddrKey, ListEntry,
     counters::drop_reason_index,
     events::EVENT_BLOCK_HIT,
     maps::{LIST_USED_ALLOW, LIST_USED_AUTO_BLOCK, LIST_USED_BLOCK, SETTING_BLOCK, SETTING_EVENTS},
@@ -54,13 +54,23 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
     } else if ip.later_fragment {
         count(Counter::Fragments);
     }
+    // The source address, read once into the LPM key that every list
+    // lookup shares; `addr` is the same 16 bytes as a map key.
+    let Some(src) = ip.src(data, data_end) else {
+        return xdp_action::XDP_PASS;
+    };
+    let key = list_key(&src);
+    // SAFETY: `IpAddrKey` is a repr(C) struct of one `[u8; 16]`, the type
+    // of `key.data`, so the cast pointer is valid for reads, aligned (to
+    // 1) and lives as long as `key`.
+    let addr: &IpAddrKey = unsafe { &*(&raw const key.data as *const IpAddrKey) };
     if smtp_port && syn {
-        match SYN_COUNT.get_ptr_mut(ip.src) {
+        match SYN_COUNT.get_ptr_mut(addr) {
             // SAFETY: a value pointer of this map, valid for this run; a
             // lost increment under a race only makes the count approximate.
             Some(n) => unsafe { *n += 1 },
             None => {
-                let _ = SYN_COUNT.insert(ip.src, 1u64, 0);
+                let _ = SYN_COUNT.insert(addr, 1u64, 0);
             }
         }
     }
@@ -69,7 +79,6 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
     // has none that applies to this port (an all-ports offender inside an
     // admin's SMTP-only prefix is still dropped on every port).
     // Plain variables, always initialised (see above, 5.10).
-    let key = list_key(&ip.src);
     let mut block = ListEntry::default();
     let mut found = false;
     if let Some(b) = list_lookup(&BLOCK, LIST_USED_BLOCK, &key, Counter::XdpBlockExpired) {
@@ -115,7 +124,7 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
     let n = count_index(drop_reason_index(block.reason));
     if syn {
         // Once per connection attempt, not per packet: mark the address.
-        if let Some(s) = IP_STATE.get_ptr_mut(ip.src) {
+        if let Some(s) = IP_STATE.get_ptr_mut(addr) {
             // SAFETY: a value pointer of this map, valid for this run.
             unsafe {
                 if (*s).flags & IP_F_BLOCKED == 0 {
@@ -130,7 +139,7 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
             now: now_ns(),
             kind: EVENT_BLOCK_HIT,
             flags: block.reason,
-            addr: &ip.src,
+            addr,
             client_port: sport,
             server_port: dport,
             server: None,
