@@ -124,6 +124,7 @@ pub fn settings() -> Option<&'static Settings> {
 
 #[inline(always)]
 pub fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments.
     unsafe { bpf_ktime_get_boot_ns() }
 }
 
@@ -136,6 +137,7 @@ pub fn count(c: Counter) {
 #[inline(always)]
 pub fn count_add(c: Counter, n: u64) {
     if let Some(p) = COUNTERS.get_ptr_mut(c.index()) {
+        // SAFETY: this CPU's slot of a per-CPU array (valid for this run; nothing else on this CPU runs the program meanwhile).
         unsafe { *p += n };
     }
 }
@@ -144,6 +146,7 @@ pub fn count_add(c: Counter, n: u64) {
 #[inline(always)]
 pub fn count_index(index: u32) -> u64 {
     match COUNTERS.get_ptr_mut(index) {
+        // SAFETY: as in `count_add`: this CPU's own slot, valid for this run.
         Some(p) => unsafe {
             *p += 1;
             *p
@@ -216,6 +219,7 @@ pub fn list_lookup<const N: usize>(
 #[inline(always)]
 pub fn ip_state(addr: &IpAddrKey, now: u64) -> Option<*mut IpState> {
     if let Some(p) = IP_STATE.get_ptr_mut(addr) {
+        // SAFETY: a map value pointer the helper returned for this run: valid, aligned and live until the program returns.
         unsafe { (*p).last_seen_ns = now };
         return Some(p);
     }
@@ -248,6 +252,8 @@ pub fn ip_state(addr: &IpAddrKey, now: u64) -> Option<*mut IpState> {
 /// Atomic add on a shared counter (`lock xadd`; no CAS on all kernels).
 #[inline(always)]
 pub fn atomic_add_u64(p: *mut u64, v: u64) {
+    // SAFETY: callers pass a pointer into a map value they looked up in
+    // this run (valid, 8-byte aligned); the add is atomic.
     unsafe {
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
             p, v,
@@ -257,6 +263,7 @@ pub fn atomic_add_u64(p: *mut u64, v: u64) {
 
 #[inline(always)]
 pub fn atomic_add_u32(p: *mut u32, v: u32) {
+    // SAFETY: as `atomic_add_u64`, a 4-byte aligned field of a map value.
     unsafe {
         core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
             p, v,
@@ -285,6 +292,8 @@ pub fn emit(a: EventArgs) {
         return;
     };
     let e: *mut Event = entry.as_mut_ptr();
+    // SAFETY: the reserved ring-buffer record, sized for one `Event` and
+    // ours until it is submitted below.
     unsafe {
         (*e).ts_ns = a.now;
         (*e).kind = a.kind;

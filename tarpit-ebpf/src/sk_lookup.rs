@@ -43,6 +43,7 @@ pub fn tarpit_sk_lookup(ctx: SkLookupContext) -> u32 {
 #[inline(always)]
 fn bump(index: u32) {
     if let Some(p) = STEER_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: this CPU's slot of a per-CPU array, valid for this run.
         unsafe { *p += 1 };
     }
 }
@@ -51,6 +52,7 @@ fn bump(index: u32) {
 fn steer(ctx: &SkLookupContext) {
     let l: *const bpf_sk_lookup = ctx.lookup;
     // Read every field up front, whatever the family.
+    // SAFETY: plain reads of the context the kernel hands in.
     let (family, protocol, local_port, r4, r6) = unsafe {
         (
             (*l).family,
@@ -90,6 +92,7 @@ fn steer(ctx: &SkLookupContext) {
         return;
     }
     if settings.has(STEER_F_AUTHENTICATED) {
+        // SAFETY: the value is only read, in this run, while the map holds it.
         let active = match unsafe { AUTH.get(&addr) } {
             Some(e) => e.is_active(now_ns()),
             None => false,

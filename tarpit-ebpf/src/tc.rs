@@ -154,6 +154,7 @@ fn ingress(ctx: &TcContext) {
         count(Counter::TcFlowUnknown);
         return;
     };
+    // SAFETY: a map value pointer the helper returned for this run: valid, aligned and live until the program returns; no other reference to it exists here.
     let flow = unsafe { &mut *flow };
     if flow.flags & FLOW_F_CLIENT_SPOKE != 0 {
         // Judged already: the one comparison every later segment pays.
@@ -186,6 +187,7 @@ fn strike(ctx: &TcContext, settings: &Settings, key: &FlowKey, teaser: bool) {
         count(Counter::TcPregreetTeaser);
     }
     if let Some(s) = ip_state(&key.client, now) {
+        // SAFETY: the IP_STATE value `ip_state` returned, valid for this run.
         unsafe {
             atomic_add_u32(&raw mut (*s).strikes, 1);
             (*s).last_strike_ns = now;
@@ -247,6 +249,7 @@ fn egress(ctx: &TcContext) {
     let Some(flow) = FLOWS.get_ptr_mut(&key) else {
         return;
     };
+    // SAFETY: a map value pointer the helper returned for this run: valid, aligned and live until the program returns; no other reference to it exists here.
     let flow = unsafe { &mut *flow };
     if flow.state == FLOW_GREETED {
         // The greeting is out: the one comparison every later segment pays.
@@ -270,6 +273,8 @@ fn greeting_state(ctx: &TcContext, tcp: &Tcp) -> u32 {
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
         return FLOW_GREETED;
     };
+    // SAFETY: this CPU's slot of a per-CPU array; tc does not nest on a
+    // CPU, so nothing else uses it while this runs.
     let buf = unsafe { &mut *buf };
     let len = tcp.payload_len;
     let n = if len > SCRATCH_LEN { SCRATCH_LEN } else { len };
@@ -280,6 +285,8 @@ fn greeting_state(ctx: &TcContext, tcp: &Tcp) -> u32 {
     // n is 1..=128 already; the mask restates it in a form every verifier
     // sees (6.1 loses the bound of a comparison on a spilled copy).
     let n_arg = (core::hint::black_box(n as u32).wrapping_sub(1) & (SCRATCH_LEN as u32 - 1)) + 1;
+    // SAFETY: the program's own skb and `n_arg` (1..=SCRATCH_LEN) bytes
+    // into the scratch buffer, which holds GREETING_BUF >= SCRATCH_LEN.
     let rc = unsafe {
         bpf_skb_load_bytes(
             ctx.skb.skb as *const _,
