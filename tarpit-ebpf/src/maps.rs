@@ -137,7 +137,8 @@ pub fn count(c: Counter) {
 #[inline(always)]
 pub fn count_add(c: Counter, n: u64) {
     if let Some(p) = COUNTERS.get_ptr_mut(c.index()) {
-        // SAFETY: this CPU's slot of a per-CPU array (valid for this run; nothing else on this CPU runs the program meanwhile).
+        // SAFETY: this CPU's slot of a per-CPU array (valid for this run;
+        // nothing else on this CPU runs the program meanwhile).
         unsafe { *p += n };
     }
 }
@@ -219,7 +220,8 @@ pub fn list_lookup<const N: usize>(
 #[inline(always)]
 pub fn ip_state(addr: &IpAddrKey, now: u64) -> Option<*mut IpState> {
     if let Some(p) = IP_STATE.get_ptr_mut(addr) {
-        // SAFETY: a map value pointer the helper returned for this run: valid, aligned and live until the program returns.
+        // SAFETY: a map value pointer the helper returned for this run: valid,
+        // aligned and live until the program returns.
         unsafe { (*p).last_seen_ns = now };
         return Some(p);
     }

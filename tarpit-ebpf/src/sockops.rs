@@ -181,7 +181,8 @@ fn established(
     count(Counter::SockEstablished);
     let now = now_ns();
     let Some(s) = ip_state(addr, now) else { return };
-    // SAFETY: a map value pointer the helper returned for this run: valid, aligned and live until the program returns.
+    // SAFETY: a map value pointer the helper returned for this run: valid,
+    // aligned and live until the program returns.
     unsafe {
         let live = (*s).live_conns;
         if live > i64::MAX as u64 {
@@ -266,7 +267,8 @@ fn closed(sk: *mut aya_ebpf::bindings::bpf_sock, addr: &IpAddrKey) {
     }
     count(Counter::SockClosed);
     if let Some(s) = IP_STATE.get_ptr_mut(addr) {
-        // SAFETY: a map value pointer the helper returned for this run: valid, aligned and live until the program returns.
+        // SAFETY: a map value pointer the helper returned for this run: valid,
+        // aligned and live until the program returns.
         unsafe {
             let live = (*s).live_conns;
             if live > 0 && live <= i64::MAX as u64 {

@@ -154,7 +154,9 @@ fn ingress(ctx: &TcContext) {
         count(Counter::TcFlowUnknown);
         return;
     };
-    // SAFETY: a map value pointer the helper returned for this run: valid, aligned and live until the program returns; no other reference to it exists here.
+    // SAFETY: a map value pointer the helper returned for this run: valid,
+    // aligned and live until the program returns; no other reference to it
+    // exists here.
     let flow = unsafe { &mut *flow };
     if flow.flags & FLOW_F_CLIENT_SPOKE != 0 {
         // Judged already: the one comparison every later segment pays.
@@ -249,7 +251,9 @@ fn egress(ctx: &TcContext) {
     let Some(flow) = FLOWS.get_ptr_mut(&key) else {
         return;
     };
-    // SAFETY: a map value pointer the helper returned for this run: valid, aligned and live until the program returns; no other reference to it exists here.
+    // SAFETY: a map value pointer the helper returned for this run: valid,
+    // aligned and live until the program returns; no other reference to it
+    // exists here.
     let flow = unsafe { &mut *flow };
     if flow.state == FLOW_GREETED {
         // The greeting is out: the one comparison every later segment pays.

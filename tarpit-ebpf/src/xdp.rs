@@ -6,7 +6,9 @@
 //!   looked up first, the agent's automatic blocks only when it has no
 //!   entry, so an ordinary packet costs two prefix lookups, and none for
 //!   a list that never held an entry (`LISTS_USED`); the lookups share
-//!   one key, built once per packet.
+//!   one key, built once per packet. With no block list ever used, a
+//!   packet that is not a SYN to a watched port leaves before its address
+//!   is even read.
 //! - Held sources (block entries with the hold flag) are handed to the
 //!   hold program (`hold`) on the SMTP ports by a tail call.
 //! - Counts connection attempts (SYN without ACK) to a watched SMTP port per
@@ -24,7 +26,7 @@ use tarpit_common::{
 
 use crate::maps::{
     ALLOW, AUTO_BLOCK, BLOCK, EventArgs, IP_STATE, SYN_COUNT, count, count_index, emit, list_key,
-    list_lookup, now_ns, settings,
+    list_lookup, list_used, now_ns, settings,
 };
 
 #[xdp]
@@ -53,6 +55,12 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
         smtp_port = settings.is_smtp_port(t.dport);
     } else if ip.later_fragment {
         count(Counter::Fragments);
+    }
+    // The common case, a packet that passes: no SYN to count and no block
+    // list that ever held an entry. It leaves before its address is read.
+    if !(smtp_port && syn) && !list_used(LIST_USED_BLOCK) && !list_used(LIST_USED_AUTO_BLOCK) {
+        count(Counter::XdpPass);
+        return xdp_action::XDP_PASS;
     }
     // The source address, read once into the LPM key that every list
     // lookup shares; `addr` is the same 16 bytes as a map key.
