@@ -54,50 +54,88 @@ impl Ip {
     /// longer holds the header that was parsed.
     #[inline(always)]
     pub fn src(&self, data: usize, data_end: usize) -> Option<IpAddrKey> {
-        let mut a = IpAddrKey::default();
-        self.src_into(data, data_end, &mut a).then_some(a)
+        let mut a = core::mem::MaybeUninit::<IpAddrKey>::uninit();
+        // SAFETY: `a` is ours to write; it is read only when all of it was.
+        unsafe {
+            self.src_into(data, data_end, a.as_mut_ptr())
+                .then(|| a.assume_init())
+        }
     }
 
     /// The destination address (IPv4 mapped), read as [`Ip::src`] is.
     #[inline(always)]
     pub fn dst(&self, data: usize, data_end: usize) -> Option<IpAddrKey> {
-        let mut a = IpAddrKey::default();
-        self.dst_into(data, data_end, &mut a).then_some(a)
+        let mut a = core::mem::MaybeUninit::<IpAddrKey>::uninit();
+        // SAFETY: as in `src`.
+        unsafe {
+            self.dst_into(data, data_end, a.as_mut_ptr())
+                .then(|| a.assume_init())
+        }
     }
 
     /// [`Ip::src`] written straight into `out` (a map key being built):
-    /// no copy of the address is held across the program, which also
-    /// keeps the compiler from merging the two families' bytes in ways
-    /// older verifiers refuse. False (and `out` untouched) as `None`.
+    /// no copy of the address is held across the program, and every one of
+    /// the 16 bytes is written, so the key needs no zeroing first. Byte by
+    /// byte and volatile: otherwise the compiler turns the writes into
+    /// calls of its `memset`/`memcpy` (byte loops in eBPF, dearer than the
+    /// 16 stores) or merges the two families' bytes in ways older verifiers
+    /// refuse. False (and `out` untouched) as `None`.
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of an `IpAddrKey`.
     #[inline(always)]
-    pub fn src_into(&self, data: usize, data_end: usize, out: &mut IpAddrKey) -> bool {
-        self.addr_into(data, data_end, ETH_HLEN + 12, ETH_HLEN + 8, out)
+    pub unsafe fn src_into(&self, data: usize, data_end: usize, out: *mut IpAddrKey) -> bool {
+        // SAFETY: passed on from the caller.
+        unsafe { self.addr_into(data, data_end, ETH_HLEN + 12, ETH_HLEN + 8, out) }
     }
 
     /// [`Ip::dst`] written straight into `out`, as [`Ip::src_into`].
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of an `IpAddrKey`.
     #[inline(always)]
-    pub fn dst_into(&self, data: usize, data_end: usize, out: &mut IpAddrKey) -> bool {
-        self.addr_into(data, data_end, ETH_HLEN + 16, ETH_HLEN + 24, out)
+    pub unsafe fn dst_into(&self, data: usize, data_end: usize, out: *mut IpAddrKey) -> bool {
+        // SAFETY: passed on from the caller.
+        unsafe { self.addr_into(data, data_end, ETH_HLEN + 16, ETH_HLEN + 24, out) }
     }
 
+    /// # Safety
+    /// `out` must be valid for writes of an `IpAddrKey`.
     #[inline(always)]
-    fn addr_into(
+    unsafe fn addr_into(
         &self,
         data: usize,
         data_end: usize,
         v4_off: usize,
         v6_off: usize,
-        out: &mut IpAddrKey,
+        out: *mut IpAddrKey,
     ) -> bool {
+        let o = out as *mut u8;
+        // SAFETY (every `put`): `i` < 16 and `out` is valid for writes of
+        // the 16 bytes of an `IpAddrKey` (the caller's promise).
+        let put = |i: usize, b: u8| unsafe { core::ptr::write_volatile(o.add(i), b) };
         if self.v6 {
-            match bytes_at::<16>(data, data_end, v6_off) {
-                Some(o) => out.octets = o,
-                None => return false,
+            let Some(p) = ptr_at::<[u8; 16]>(data, data_end, v6_off) else {
+                return false;
+            };
+            let p = p as *const u8;
+            for i in 0..16 {
+                // SAFETY: `ptr_at` checked that the 16 bytes are in the packet.
+                put(i, unsafe { *p.add(i) });
             }
         } else {
-            match bytes_at::<4>(data, data_end, v4_off) {
-                Some(o) => *out = IpAddrKey::from_v4_octets(o),
-                None => return false,
+            let Some(p) = ptr_at::<[u8; 4]>(data, data_end, v4_off) else {
+                return false;
+            };
+            let p = p as *const u8;
+            for i in 0..10 {
+                put(i, 0);
+            }
+            put(10, 0xff);
+            put(11, 0xff);
+            for i in 0..4 {
+                // SAFETY: `ptr_at` checked that the 4 bytes are in the packet.
+                put(12 + i, unsafe { *p.add(i) });
             }
         }
         true

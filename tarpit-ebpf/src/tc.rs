@@ -91,6 +91,40 @@ fn parse_tcp(ctx: &TcContext) -> Option<(Ip, Tcp)> {
     None
 }
 
+/// The flow key of a segment, client first: the client is the source
+/// on ingress (`from_client`), the destination on egress. Every byte is
+/// written in place, with no zeroing first (see `Ip::src_into`).
+#[inline(always)]
+fn flow_key(
+    ctx: &TcContext,
+    ip: &Ip,
+    from_client: bool,
+    client_port: u16,
+    server_port: u16,
+) -> Option<FlowKey> {
+    // The packet as it is now, after any pull.
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let mut key = core::mem::MaybeUninit::<FlowKey>::uninit();
+    let k = key.as_mut_ptr();
+    // SAFETY: `k` points to our own `FlowKey`-sized stack slot; the
+    // address writes cover 32 of its bytes and the two port writes the
+    // other 4 (no padding), so it is read only once all of it is written.
+    unsafe {
+        let (c, s) = (&raw mut (*k).client, &raw mut (*k).server);
+        let ok = if from_client {
+            ip.src_into(data, data_end, c) && ip.dst_into(data, data_end, s)
+        } else {
+            ip.dst_into(data, data_end, c) && ip.src_into(data, data_end, s)
+        };
+        if !ok {
+            return None;
+        }
+        (&raw mut (*k).client_port).write(client_port);
+        (&raw mut (*k).server_port).write(server_port);
+        Some(key.assume_init())
+    }
+}
+
 #[inline(always)]
 fn watched(settings: &Settings, port: u16) -> bool {
     port != SMTPS_PORT && settings.is_smtp_port(port)
@@ -139,17 +173,9 @@ fn ingress(ctx: &TcContext) {
     }
     // The addresses only now (most packets never need them), from the
     // packet as it is after any pull.
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    let mut key = FlowKey {
-        client_port: tcp.sport,
-        server_port: tcp.dport,
-        ..FlowKey::default()
-    };
-    if !(ip.src_into(data, data_end, &mut key.client)
-        && ip.dst_into(data, data_end, &mut key.server))
-    {
+    let Some(key) = flow_key(ctx, &ip, true, tcp.sport, tcp.dport) else {
         return;
-    }
+    };
     let Some(flow) = FLOWS.get_ptr_mut(&key) else {
         count(Counter::TcFlowUnknown);
         return;
@@ -237,17 +263,9 @@ fn egress(ctx: &TcContext) {
     if !watched(settings, tcp.sport) || ip.fragment || tcp.payload_len == 0 {
         return;
     }
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    let mut key = FlowKey {
-        client_port: tcp.dport,
-        server_port: tcp.sport,
-        ..FlowKey::default()
-    };
-    if !(ip.dst_into(data, data_end, &mut key.client)
-        && ip.src_into(data, data_end, &mut key.server))
-    {
+    let Some(key) = flow_key(ctx, &ip, false, tcp.dport, tcp.sport) else {
         return;
-    }
+    };
     let Some(flow) = FLOWS.get_ptr_mut(&key) else {
         return;
     };
