@@ -44,12 +44,18 @@ fn reachable(w: &World, src: IpAddr, port: u16) -> bool {
 }
 
 fn block(w: &World, n: &str, ttl: Option<Duration>, all_ports: bool) {
+    block_as(w, n, ttl, all_ports, BlockReason::Manual);
+}
+
+/// A block entry for `reason`: `Manual` goes to the admin's list, any
+/// other reason to the automatic one.
+fn block_as(w: &World, n: &str, ttl: Option<Duration>, all_ports: bool, reason: BlockReason) {
     w.maps()
         .block_add(
             net(n),
             BlockSpec {
                 ttl,
-                reason: BlockReason::Manual,
+                reason,
                 all_ports,
                 hold: false,
             },
@@ -71,17 +77,13 @@ fn blocked_source_cannot_reach_smtp_ports_but_other_ports_work() {
         w.net.add_client_addr(bot).unwrap();
         w.net.add_client_addr(good).unwrap();
         assert!(reachable(&w, bot, 25), "{bot} before the block");
-        w.maps()
-            .block_add(
-                net(prefix),
-                BlockSpec {
-                    ttl: Some(Duration::from_secs(600)),
-                    reason: BlockReason::Pregreet,
-                    all_ports: false,
-                    hold: false,
-                },
-            )
-            .unwrap();
+        block_as(
+            &w,
+            prefix,
+            Some(Duration::from_secs(600)),
+            false,
+            BlockReason::Pregreet,
+        );
         assert!(
             !reachable(&w, bot, 25),
             "{bot} reached port 25 while blocked"
@@ -149,17 +151,7 @@ fn entries_in_pins_without_the_list_flags_still_block() {
         (auto, "fd5b:1e00::60/128", BlockReason::Pregreet),
     ] {
         w.net.add_client_addr(bot).unwrap();
-        w.maps()
-            .block_add(
-                net(prefix),
-                BlockSpec {
-                    ttl: Some(Duration::from_secs(600)),
-                    reason,
-                    all_ports: false,
-                    hold: false,
-                },
-            )
-            .unwrap();
+        block_as(&w, prefix, Some(Duration::from_secs(600)), false, reason);
         assert!(
             !reachable(&w, bot, 25),
             "{bot} reached port 25 while blocked"
