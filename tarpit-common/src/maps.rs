@@ -38,6 +38,24 @@ pub const BLOCK_ENTRIES: u32 = 65_536;
 pub const AUTO_BLOCK: &str = "AUTO_BLOCK";
 pub const AUTO_BLOCK_ENTRIES: u32 = 65_536;
 
+/// Which prefix lists have ever held an entry (array: list index -> u32,
+/// 0 = never): the kernel skips the lookup in a list that never had one,
+/// the common case of an empty admin list, and the one that makes a
+/// passing packet cheap. One element per list, so that writers never
+/// read-modify-write a value another writer shares. Every writer sets its
+/// list's element (to 1, never back to 0) before it inserts, and the
+/// loader sets it for every list that has entries, so a flag can be stale
+/// only towards "used": an extra lookup, never a missed entry.
+pub const LISTS_USED: &str = "LISTS_USED";
+/// Elements of [`LISTS_USED`] (one per list, room for one more).
+pub const LISTS_USED_LEN: u32 = 4;
+/// [`LISTS_USED`] index of [`ALLOW`].
+pub const LIST_USED_ALLOW: u32 = 0;
+/// [`LISTS_USED`] index of [`BLOCK`].
+pub const LIST_USED_BLOCK: u32 = 1;
+/// [`LISTS_USED`] index of [`AUTO_BLOCK`].
+pub const LIST_USED_AUTO_BLOCK: u32 = 2;
+
 /// Authenticated addresses (LRU hash: IpAddrKey -> [`crate::TimedEntry`]),
 /// written by the agent on AUTH success.
 pub const AUTH: &str = "AUTH";

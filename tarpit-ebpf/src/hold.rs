@@ -126,6 +126,7 @@ fn hold(ctx: &XdpContext) -> Option<u32> {
     if ip.fragment {
         return None;
     }
+    let src = ip.src(data, data_end)?;
     // SAFETY: this CPU's own slot of a per-CPU array; XDP does not nest on
     // a CPU, so nothing else touches it while this runs.
     let sc = unsafe { &mut *HOLD_SCRATCH.get_ptr_mut(0)? };
@@ -170,7 +171,7 @@ fn hold(ctx: &XdpContext) -> Option<u32> {
         if flags & TCP_ACK != 0 {
             return None;
         }
-        if !admit(&ip.src) {
+        if !admit(&src) {
             count(Counter::HoldRateLimited);
             return Some(xdp_action::XDP_DROP);
         }
@@ -234,7 +235,7 @@ fn hold(ctx: &XdpContext) -> Option<u32> {
         } else {
             count_add(Counter::HoldBytesVoid, t.payload_len as u64);
         }
-        if !admit(&ip.src) {
+        if !admit(&src) {
             count(Counter::HoldRateLimited);
             return Some(xdp_action::XDP_DROP);
         }

@@ -16,8 +16,8 @@ use tarpit_common::{
     hold::{HOLD_RATE_ENTRIES, HoldSettings},
     maps::{
         ALLOW_ENTRIES, ATTACHMENTS_ENTRIES, AUTH_ENTRIES, AUTO_BLOCK_ENTRIES, BLOCK_ENTRIES,
-        EVENTS_BYTES, FLOWS_ENTRIES, IP_STATE_ENTRIES, SETTING_EVENTS, SLOW_ENTRIES,
-        SYN_COUNT_ENTRIES, Settings,
+        EVENTS_BYTES, FLOWS_ENTRIES, IP_STATE_ENTRIES, LISTS_USED_LEN, SETTING_EVENTS,
+        SLOW_ENTRIES, SYN_COUNT_ENTRIES, Settings,
     },
     steer::{STEER_COUNTERS_LEN, STEER_SLOTS, SteerSettings},
 };
@@ -46,6 +46,12 @@ pub static BLOCK: LpmTrie<[u8; 16], ListEntry, { BLOCK_ENTRIES as usize }> = Lpm
 #[btf_map]
 pub static AUTO_BLOCK: LpmTrie<[u8; 16], ListEntry, { AUTO_BLOCK_ENTRIES as usize }> =
     LpmTrie::new();
+
+/// Which prefix lists ever held an entry (see
+/// `tarpit_common::maps::LISTS_USED`): a list that never did is not
+/// looked up.
+#[btf_map]
+pub static LISTS_USED: Array<u32, { LISTS_USED_LEN as usize }> = Array::new();
 
 #[btf_map]
 pub static AUTH: LruHashMap<IpAddrKey, TimedEntry, { AUTH_ENTRIES as usize }> = LruHashMap::new();
@@ -118,6 +124,7 @@ pub fn settings() -> Option<&'static Settings> {
 
 #[inline(always)]
 pub fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments.
     unsafe { bpf_ktime_get_boot_ns() }
 }
 
@@ -130,6 +137,8 @@ pub fn count(c: Counter) {
 #[inline(always)]
 pub fn count_add(c: Counter, n: u64) {
     if let Some(p) = COUNTERS.get_ptr_mut(c.index()) {
+        // SAFETY: this CPU's slot of a per-CPU array (valid for this run;
+        // nothing else on this CPU runs the program meanwhile).
         unsafe { *p += n };
     }
 }
@@ -138,6 +147,7 @@ pub fn count_add(c: Counter, n: u64) {
 #[inline(always)]
 pub fn count_index(index: u32) -> u64 {
     match COUNTERS.get_ptr_mut(index) {
+        // SAFETY: as in `count_add`: this CPU's own slot, valid for this run.
         Some(p) => unsafe {
             *p += 1;
             *p
@@ -146,21 +156,46 @@ pub fn count_index(index: u32) -> u64 {
     }
 }
 
-/// Looks an address up in a prefix list and returns the longest prefix
-/// that is still active. An expired entry is counted and deleted, and the
-/// lookup repeats, so an expired longer prefix never hides a shorter
-/// active one (bounded: at most `MAX_SWEEP` nested prefixes per lookup).
+/// The full-length LPM key of an address: built once per packet and
+/// shared by every list lookup of that packet.
+pub type ListKey = Key<[u8; 16]>;
+
+#[inline(always)]
+pub fn list_key(addr: &IpAddrKey) -> ListKey {
+    Key::new(128, addr.octets)
+}
+
+/// Whether the list with this `LISTS_USED` index ever held an entry. A
+/// list that never did cannot match, and its lookup (the dearest step of
+/// a packet that passes) is skipped. Unreadable counts as used.
+#[inline(always)]
+pub fn list_used(index: u32) -> bool {
+    match LISTS_USED.get(index) {
+        Some(v) => *v != 0,
+        None => true,
+    }
+}
+
+/// Looks an address (its [`list_key`]) up in a prefix list and returns
+/// the longest prefix that is still active. An expired entry is counted
+/// and deleted, and the lookup repeats, so an expired longer prefix never
+/// hides a shorter active one (bounded: at most `MAX_SWEEP` nested
+/// prefixes per lookup). `used` is the list's `LISTS_USED` index: a list
+/// that never held an entry is not looked up.
 #[inline(always)]
 pub fn list_lookup<const N: usize>(
     map: &LpmTrie<[u8; 16], ListEntry, N>,
-    addr: &IpAddrKey,
+    used: u32,
+    key: &ListKey,
     expired: Counter,
 ) -> Option<ListEntry> {
     const MAX_SWEEP: usize = 4;
-    let key = Key::new(128, addr.octets);
+    if !list_used(used) {
+        return None;
+    }
     let mut now = 0u64;
     for _ in 0..MAX_SWEEP {
-        let entry = *map.get(&key)?;
+        let entry = *map.get(key)?;
         let expires = entry.expires_ns();
         if expires == 0 {
             return Some(entry);
@@ -172,7 +207,7 @@ pub fn list_lookup<const N: usize>(
             return Some(entry);
         }
         count(expired);
-        let stale = Key::new(entry.prefix_len, addr.octets);
+        let stale = Key::new(entry.prefix_len, key.data);
         if map.remove(&stale).is_err() {
             // Someone else swept it, or it is gone: look again.
         }
@@ -185,6 +220,8 @@ pub fn list_lookup<const N: usize>(
 #[inline(always)]
 pub fn ip_state(addr: &IpAddrKey, now: u64) -> Option<*mut IpState> {
     if let Some(p) = IP_STATE.get_ptr_mut(addr) {
+        // SAFETY: a map value pointer the helper returned for this run: valid,
+        // aligned and live until the program returns.
         unsafe { (*p).last_seen_ns = now };
         return Some(p);
     }
@@ -217,6 +254,8 @@ pub fn ip_state(addr: &IpAddrKey, now: u64) -> Option<*mut IpState> {
 /// Atomic add on a shared counter (`lock xadd`; no CAS on all kernels).
 #[inline(always)]
 pub fn atomic_add_u64(p: *mut u64, v: u64) {
+    // SAFETY: callers pass a pointer into a map value they looked up in
+    // this run (valid, 8-byte aligned); the add is atomic.
     unsafe {
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
             p, v,
@@ -226,6 +265,7 @@ pub fn atomic_add_u64(p: *mut u64, v: u64) {
 
 #[inline(always)]
 pub fn atomic_add_u32(p: *mut u32, v: u32) {
+    // SAFETY: as `atomic_add_u64`, a 4-byte aligned field of a map value.
     unsafe {
         core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
             p, v,
@@ -254,6 +294,8 @@ pub fn emit(a: EventArgs) {
         return;
     };
     let e: *mut Event = entry.as_mut_ptr();
+    // SAFETY: the reserved ring-buffer record, sized for one `Event` and
+    // ours until it is submitted below.
     unsafe {
         (*e).ts_ns = a.now;
         (*e).kind = a.kind;

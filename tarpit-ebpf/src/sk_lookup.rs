@@ -19,6 +19,7 @@ use aya_ebpf::{
 };
 use tarpit_common::{
     Counter, IpAddrKey,
+    maps::LIST_USED_ALLOW,
     steer::{
         SLOT_AGENT_V4, SLOT_AGENT_V6, SLOT_MTA_V4, SLOT_MTA_V6, STEER_C_AGENT, STEER_C_ALLOWED,
         STEER_C_AUTHENTICATED, STEER_C_FAIL_OPEN, STEER_C_PASSED, STEER_F_ALLOWED,
@@ -26,7 +27,9 @@ use tarpit_common::{
     },
 };
 
-use crate::maps::{ALLOW, AUTH, STEER, STEER_COUNTERS, STEER_SETTINGS, list_lookup, now_ns};
+use crate::maps::{
+    ALLOW, AUTH, STEER, STEER_COUNTERS, STEER_SETTINGS, list_key, list_lookup, now_ns,
+};
 
 const AF_INET: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
@@ -40,6 +43,7 @@ pub fn tarpit_sk_lookup(ctx: SkLookupContext) -> u32 {
 #[inline(always)]
 fn bump(index: u32) {
     if let Some(p) = STEER_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: this CPU's slot of a per-CPU array, valid for this run.
         unsafe { *p += 1 };
     }
 }
@@ -48,6 +52,7 @@ fn bump(index: u32) {
 fn steer(ctx: &SkLookupContext) {
     let l: *const bpf_sk_lookup = ctx.lookup;
     // Read every field up front, whatever the family.
+    // SAFETY: plain reads of the context the kernel hands in.
     let (family, protocol, local_port, r4, r6) = unsafe {
         (
             (*l).family,
@@ -74,13 +79,20 @@ fn steer(ctx: &SkLookupContext) {
         (SLOT_MTA_V6, SLOT_AGENT_V6)
     };
     if settings.has(STEER_F_ALLOWED)
-        && list_lookup(&ALLOW, &addr, Counter::XdpAllowExpired).is_some()
+        && list_lookup(
+            &ALLOW,
+            LIST_USED_ALLOW,
+            &list_key(&addr),
+            Counter::XdpAllowExpired,
+        )
+        .is_some()
         && STEER.redirect_sk_lookup(ctx, mta, 0).is_ok()
     {
         bump(STEER_C_ALLOWED);
         return;
     }
     if settings.has(STEER_F_AUTHENTICATED) {
+        // SAFETY: the value is only read, in this run, while the map holds it.
         let active = match unsafe { AUTH.get(&addr) } {
             Some(e) => e.is_active(now_ns()),
             None => false,

@@ -27,14 +27,15 @@ use tarpit_common::{
     Counter, FlowKey, FlowState, IpAddrKey,
     events::EVENT_FLOW_TABLE_FULL,
     maps::{
-        SETTING_CONNS, SETTING_EVENTS, SETTING_PREGREET, SETTING_SLOWDOWN, SMTPS_PORT, Settings,
+        LIST_USED_ALLOW, SETTING_CONNS, SETTING_EVENTS, SETTING_PREGREET, SETTING_SLOWDOWN,
+        SMTPS_PORT, Settings,
     },
     state::{IP_F_ALLOWED, IP_F_AUTHENTICATED, IP_F_SLOWED},
 };
 
 use crate::maps::{
     ALLOW, AUTH, EventArgs, FLOWS, IP_STATE, SLOW, SOCK_MARK, atomic_add_u64, count, emit,
-    ip_state, list_lookup, now_ns, settings,
+    ip_state, list_key, list_lookup, now_ns, settings,
 };
 
 const SOL_SOCKET: i32 = 1;
@@ -73,6 +74,8 @@ fn handle(ctx: &SockOpsContext) {
     if !(conns || flows) || !settings.is_smtp_port(local_port) {
         return;
     }
+    // SAFETY: a plain read of the context the kernel hands in (checked
+    // for null below).
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     if sk.is_null() {
         return;
@@ -145,6 +148,8 @@ fn mark(sk: *mut aya_ebpf::bindings::bpf_sock, create: bool) -> Option<*mut u32>
     } else {
         0
     };
+    // SAFETY: the map is a socket-storage map, `sk` the non-null socket of
+    // this callback, no initial value.
     let p = unsafe {
         bpf_sk_storage_get(
             &raw const SOCK_MARK as *mut _,
@@ -166,6 +171,7 @@ fn established(
     // Without a mark the socket is not counted at all: never decrement
     // what was not counted.
     let Some(m) = mark(sk, true) else { return };
+    // SAFETY: this socket's storage, valid while the program runs.
     unsafe {
         if *m != 0 {
             return;
@@ -175,6 +181,8 @@ fn established(
     count(Counter::SockEstablished);
     let now = now_ns();
     let Some(s) = ip_state(addr, now) else { return };
+    // SAFETY: a map value pointer the helper returned for this run: valid,
+    // aligned and live until the program returns.
     unsafe {
         let live = (*s).live_conns;
         if live > i64::MAX as u64 {
@@ -186,9 +194,17 @@ fn established(
         atomic_add_u64(&raw mut (*s).conns_total, 1);
     }
     let mut flags = 0;
-    if list_lookup(&ALLOW, addr, Counter::XdpAllowExpired).is_some() {
+    if list_lookup(
+        &ALLOW,
+        LIST_USED_ALLOW,
+        &list_key(addr),
+        Counter::XdpAllowExpired,
+    )
+    .is_some()
+    {
         flags |= IP_F_ALLOWED;
     }
+    // SAFETY: the values are only read, in this run, while the maps hold them.
     if let Some(a) = unsafe { AUTH.get(addr) } {
         if a.is_active(now) {
             flags |= IP_F_AUTHENTICATED;
@@ -203,6 +219,8 @@ fn established(
         // autotuning, which would otherwise raise the clamp again.
         let mut rcvbuf = settings.window_clamp as i32;
         let mut clamp = settings.window_clamp as i32;
+        // SAFETY: the callback's own context and a 4-byte value on our stack,
+        // as the helper expects.
         let rc_buf = unsafe {
             bpf_setsockopt(
                 ctx.ops as *mut _,
@@ -214,6 +232,7 @@ fn established(
         };
         // TCP_WINDOW_CLAMP is settable from BPF only since 5.19; before it
         // the small receive buffer alone keeps the advertised window down.
+        // SAFETY: as above.
         let rc_clamp = unsafe {
             bpf_setsockopt(
                 ctx.ops as *mut _,
@@ -228,6 +247,7 @@ fn established(
             count(Counter::SockClamped);
         }
     }
+    // SAFETY: the IP_STATE value looked up above, valid for this run.
     unsafe {
         if (*s).flags & flags != flags {
             (*s).flags |= flags;
@@ -238,6 +258,7 @@ fn established(
 #[inline(always)]
 fn closed(sk: *mut aya_ebpf::bindings::bpf_sock, addr: &IpAddrKey) {
     let Some(m) = mark(sk, false) else { return };
+    // SAFETY: this socket's storage, valid while the program runs.
     unsafe {
         if *m != MARK_COUNTED {
             return;
@@ -246,6 +267,8 @@ fn closed(sk: *mut aya_ebpf::bindings::bpf_sock, addr: &IpAddrKey) {
     }
     count(Counter::SockClosed);
     if let Some(s) = IP_STATE.get_ptr_mut(addr) {
+        // SAFETY: a map value pointer the helper returned for this run: valid,
+        // aligned and live until the program returns.
         unsafe {
             let live = (*s).live_conns;
             if live > 0 && live <= i64::MAX as u64 {

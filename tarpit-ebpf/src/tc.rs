@@ -91,6 +91,40 @@ fn parse_tcp(ctx: &TcContext) -> Option<(Ip, Tcp)> {
     None
 }
 
+/// The flow key of a segment, client first: the client is the source
+/// on ingress (`from_client`), the destination on egress. Every byte is
+/// written in place, with no zeroing first (see `Ip::src_into`).
+#[inline(always)]
+fn flow_key(
+    ctx: &TcContext,
+    ip: &Ip,
+    from_client: bool,
+    client_port: u16,
+    server_port: u16,
+) -> Option<FlowKey> {
+    // The packet as it is now, after any pull.
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let mut key = core::mem::MaybeUninit::<FlowKey>::uninit();
+    let k = key.as_mut_ptr();
+    // SAFETY: `k` points to our own `FlowKey`-sized stack slot; the
+    // address writes cover 32 of its bytes and the two port writes the
+    // other 4 (no padding), so it is read only once all of it is written.
+    unsafe {
+        let (c, s) = (&raw mut (*k).client, &raw mut (*k).server);
+        let ok = if from_client {
+            ip.src_into(data, data_end, c) && ip.dst_into(data, data_end, s)
+        } else {
+            ip.dst_into(data, data_end, c) && ip.src_into(data, data_end, s)
+        };
+        if !ok {
+            return None;
+        }
+        (&raw mut (*k).client_port).write(client_port);
+        (&raw mut (*k).server_port).write(server_port);
+        Some(key.assume_init())
+    }
+}
+
 #[inline(always)]
 fn watched(settings: &Settings, port: u16) -> bool {
     port != SMTPS_PORT && settings.is_smtp_port(port)
@@ -130,21 +164,25 @@ fn ingress(ctx: &TcContext) {
         // Handshakes, pure ACKs, FINs and RSTs: sock_ops makes and removes
         // flows from what the kernel accepted. A SYN only dates the
         // address's history (first and last seen); it earns no flow.
-        if tcp.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN {
-            let _ = ip_state(&ip.src, now_ns());
+        if tcp.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+            && let Some(src) = ip.src(ctx.data(), ctx.data_end())
+        {
+            let _ = ip_state(&src, now_ns());
         }
         return;
     }
-    let key = FlowKey {
-        client: ip.src,
-        server: ip.dst,
-        client_port: tcp.sport,
-        server_port: tcp.dport,
+    // The addresses only now (most packets never need them), from the
+    // packet as it is after any pull.
+    let Some(key) = flow_key(ctx, &ip, true, tcp.sport, tcp.dport) else {
+        return;
     };
     let Some(flow) = FLOWS.get_ptr_mut(&key) else {
         count(Counter::TcFlowUnknown);
         return;
     };
+    // SAFETY: a map value pointer the helper returned for this run: valid,
+    // aligned and live until the program returns; no other reference to it
+    // exists here.
     let flow = unsafe { &mut *flow };
     if flow.flags & FLOW_F_CLIENT_SPOKE != 0 {
         // Judged already: the one comparison every later segment pays.
@@ -177,6 +215,7 @@ fn strike(ctx: &TcContext, settings: &Settings, key: &FlowKey, teaser: bool) {
         count(Counter::TcPregreetTeaser);
     }
     if let Some(s) = ip_state(&key.client, now) {
+        // SAFETY: the IP_STATE value `ip_state` returned, valid for this run.
         unsafe {
             atomic_add_u32(&raw mut (*s).strikes, 1);
             (*s).last_strike_ns = now;
@@ -224,15 +263,15 @@ fn egress(ctx: &TcContext) {
     if !watched(settings, tcp.sport) || ip.fragment || tcp.payload_len == 0 {
         return;
     }
-    let key = FlowKey {
-        client: ip.dst,
-        server: ip.src,
-        client_port: tcp.dport,
-        server_port: tcp.sport,
+    let Some(key) = flow_key(ctx, &ip, false, tcp.dport, tcp.sport) else {
+        return;
     };
     let Some(flow) = FLOWS.get_ptr_mut(&key) else {
         return;
     };
+    // SAFETY: a map value pointer the helper returned for this run: valid,
+    // aligned and live until the program returns; no other reference to it
+    // exists here.
     let flow = unsafe { &mut *flow };
     if flow.state == FLOW_GREETED {
         // The greeting is out: the one comparison every later segment pays.
@@ -256,6 +295,8 @@ fn greeting_state(ctx: &TcContext, tcp: &Tcp) -> u32 {
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
         return FLOW_GREETED;
     };
+    // SAFETY: this CPU's slot of a per-CPU array; tc does not nest on a
+    // CPU, so nothing else uses it while this runs.
     let buf = unsafe { &mut *buf };
     let len = tcp.payload_len;
     let n = if len > SCRATCH_LEN { SCRATCH_LEN } else { len };
@@ -266,6 +307,8 @@ fn greeting_state(ctx: &TcContext, tcp: &Tcp) -> u32 {
     // n is 1..=128 already; the mask restates it in a form every verifier
     // sees (6.1 loses the bound of a comparison on a spilled copy).
     let n_arg = (core::hint::black_box(n as u32).wrapping_sub(1) & (SCRATCH_LEN as u32 - 1)) + 1;
+    // SAFETY: the program's own skb and `n_arg` (1..=SCRATCH_LEN) bytes
+    // into the scratch buffer, which holds GREETING_BUF >= SCRATCH_LEN.
     let rc = unsafe {
         bpf_skb_load_bytes(
             ctx.skb.skb as *const _,

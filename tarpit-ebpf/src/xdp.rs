@@ -4,7 +4,11 @@
 //!   every port when the entry says so) unless the allow list also
 //!   matches; the allow list is consulted only then. The admin's list is
 //!   looked up first, the agent's automatic blocks only when it has no
-//!   entry, so an ordinary packet costs two prefix lookups.
+//!   entry, so an ordinary packet costs two prefix lookups, and none for
+//!   a list that never held an entry (`LISTS_USED`); the lookups share
+//!   one key, built once per packet. With no block list ever used, a
+//!   packet that is not a SYN to a watched port leaves before its address
+//!   is even read.
 //! - Held sources (block entries with the hold flag) are handed to the
 //!   hold program (`hold`) on the SMTP ports by a tail call.
 //! - Counts connection attempts (SYN without ACK) to a watched SMTP port per
@@ -12,17 +16,17 @@
 //!   deterministic: ACKs, retransmits and GRO make packet counts vary.
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use tarpit_common::{
-    Counter, ListEntry,
+    Counter, IpAddrKey, ListEntry,
     counters::drop_reason_index,
     events::EVENT_BLOCK_HIT,
-    maps::{SETTING_BLOCK, SETTING_EVENTS},
+    maps::{LIST_USED_ALLOW, LIST_USED_AUTO_BLOCK, LIST_USED_BLOCK, SETTING_BLOCK, SETTING_EVENTS},
     parse::{self, TCP_ACK, TCP_SYN},
     state::IP_F_BLOCKED,
 };
 
 use crate::maps::{
-    ALLOW, AUTO_BLOCK, BLOCK, EventArgs, IP_STATE, SYN_COUNT, count, count_index, emit,
-    list_lookup, now_ns, settings,
+    ALLOW, AUTO_BLOCK, BLOCK, EventArgs, IP_STATE, SYN_COUNT, count, count_index, emit, list_key,
+    list_lookup, list_used, now_ns, settings,
 };
 
 #[xdp]
@@ -52,11 +56,29 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
     } else if ip.later_fragment {
         count(Counter::Fragments);
     }
+    // The common case, a packet that passes: no SYN to count and no block
+    // list that ever held an entry. It leaves before its address is read.
+    if !(smtp_port && syn) && !list_used(LIST_USED_BLOCK) && !list_used(LIST_USED_AUTO_BLOCK) {
+        count(Counter::XdpPass);
+        return xdp_action::XDP_PASS;
+    }
+    // The source address, read once into the LPM key that every list
+    // lookup shares; `addr` is the same 16 bytes as a map key.
+    let Some(src) = ip.src(data, data_end) else {
+        return xdp_action::XDP_PASS;
+    };
+    let key = list_key(&src);
+    // SAFETY: `IpAddrKey` is a repr(C) struct of one `[u8; 16]`, the type
+    // of `key.data`, so the cast pointer is valid for reads, aligned (to
+    // 1) and lives as long as `key`.
+    let addr: &IpAddrKey = unsafe { &*(&raw const key.data as *const IpAddrKey) };
     if smtp_port && syn {
-        match SYN_COUNT.get_ptr_mut(ip.src) {
+        match SYN_COUNT.get_ptr_mut(addr) {
+            // SAFETY: a value pointer of this map, valid for this run; a
+            // lost increment under a race only makes the count approximate.
             Some(n) => unsafe { *n += 1 },
             None => {
-                let _ = SYN_COUNT.insert(ip.src, 1u64, 0);
+                let _ = SYN_COUNT.insert(addr, 1u64, 0);
             }
         }
     }
@@ -67,12 +89,17 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
     // Plain variables, always initialised (see above, 5.10).
     let mut block = ListEntry::default();
     let mut found = false;
-    if let Some(b) = list_lookup(&BLOCK, &ip.src, Counter::XdpBlockExpired) {
+    if let Some(b) = list_lookup(&BLOCK, LIST_USED_BLOCK, &key, Counter::XdpBlockExpired) {
         block = b;
         found = true;
     }
     if !(found && applies(&block, smtp_port))
-        && let Some(a) = list_lookup(&AUTO_BLOCK, &ip.src, Counter::XdpBlockExpired)
+        && let Some(a) = list_lookup(
+            &AUTO_BLOCK,
+            LIST_USED_AUTO_BLOCK,
+            &key,
+            Counter::XdpBlockExpired,
+        )
         && (!found || applies(&a, smtp_port))
     {
         block = a;
@@ -86,7 +113,7 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
         count(Counter::XdpBlockOtherPort);
         return xdp_action::XDP_PASS;
     }
-    if list_lookup(&ALLOW, &ip.src, Counter::XdpAllowExpired).is_some() {
+    if list_lookup(&ALLOW, LIST_USED_ALLOW, &key, Counter::XdpAllowExpired).is_some() {
         count(Counter::XdpAllowed);
         return xdp_action::XDP_PASS;
     }
@@ -105,7 +132,8 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
     let n = count_index(drop_reason_index(block.reason));
     if syn {
         // Once per connection attempt, not per packet: mark the address.
-        if let Some(s) = IP_STATE.get_ptr_mut(ip.src) {
+        if let Some(s) = IP_STATE.get_ptr_mut(addr) {
+            // SAFETY: a value pointer of this map, valid for this run.
             unsafe {
                 if (*s).flags & IP_F_BLOCKED == 0 {
                     (*s).flags |= IP_F_BLOCKED;
@@ -119,7 +147,7 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
             now: now_ns(),
             kind: EVENT_BLOCK_HIT,
             flags: block.reason,
-            addr: &ip.src,
+            addr,
             client_port: sport,
             server_port: dport,
             server: None,

@@ -2,7 +2,8 @@
 //! cannot complete a handshake to an SMTP port, other ports still work
 //! unless the entry covers all ports, the drop counters move, an expired
 //! entry passes (and does not hide a shorter active one), an allow entry
-//! wins over a block entry, and a full list refuses with a clear error.
+//! wins over a block entry, a full list refuses with a clear error, and
+//! entries kept in pins from before the "list used" flags still block.
 #[path = "../src/kernel_env.rs"]
 mod kernel_env;
 
@@ -43,12 +44,18 @@ fn reachable(w: &World, src: IpAddr, port: u16) -> bool {
 }
 
 fn block(w: &World, n: &str, ttl: Option<Duration>, all_ports: bool) {
+    block_as(w, n, ttl, all_ports, BlockReason::Manual);
+}
+
+/// A block entry for `reason`: `Manual` goes to the admin's list, any
+/// other reason to the automatic one.
+fn block_as(w: &World, n: &str, ttl: Option<Duration>, all_ports: bool, reason: BlockReason) {
     w.maps()
         .block_add(
             net(n),
             BlockSpec {
                 ttl,
-                reason: BlockReason::Manual,
+                reason,
                 all_ports,
                 hold: false,
             },
@@ -70,17 +77,13 @@ fn blocked_source_cannot_reach_smtp_ports_but_other_ports_work() {
         w.net.add_client_addr(bot).unwrap();
         w.net.add_client_addr(good).unwrap();
         assert!(reachable(&w, bot, 25), "{bot} before the block");
-        w.maps()
-            .block_add(
-                net(prefix),
-                BlockSpec {
-                    ttl: Some(Duration::from_secs(600)),
-                    reason: BlockReason::Pregreet,
-                    all_ports: false,
-                    hold: false,
-                },
-            )
-            .unwrap();
+        block_as(
+            &w,
+            prefix,
+            Some(Duration::from_secs(600)),
+            false,
+            BlockReason::Pregreet,
+        );
         assert!(
             !reachable(&w, bot, 25),
             "{bot} reached port 25 while blocked"
@@ -127,6 +130,49 @@ fn blocked_source_cannot_reach_smtp_ports_but_other_ports_work() {
         ) && e.addr == ip("198.51.100.50")),
         "no block-hit sample: {hits:?}"
     );
+}
+
+/// The kernel skips a list that never held an entry (`LISTS_USED`). Pins
+/// kept from an earlier run, or made by a tarpit without the flags, hold
+/// entries that no writer of this run marked: the loader must mark them,
+/// or every entry in them would be ignored.
+#[test]
+fn entries_in_pins_without_the_list_flags_still_block() {
+    if !require_root() {
+        return;
+    }
+    let persist = |c: &mut tarpit::config::KernelConfig| c.detach_on_exit = false;
+    let mut w = World::with(persist).expect("world");
+    // One entry in the admin's list, one in the automatic one.
+    let admin = ip("198.51.100.60");
+    let auto = ip("fd5b:1e00::60");
+    for (bot, prefix, reason) in [
+        (admin, "198.51.100.60/32", BlockReason::Manual),
+        (auto, "fd5b:1e00::60/128", BlockReason::Pregreet),
+    ] {
+        w.net.add_client_addr(bot).unwrap();
+        block_as(&w, prefix, Some(Duration::from_secs(600)), false, reason);
+        assert!(
+            !reachable(&w, bot, 25),
+            "{bot} reached port 25 while blocked"
+        );
+    }
+    // The loader goes (programs stay attached) and the flags' pin with
+    // it, as in pins made before the flags existed.
+    drop(w.kernel.take());
+    std::fs::remove_file(w.pins.path.join(tarpit_common::maps::LISTS_USED)).unwrap();
+    w.load(persist).expect("reload");
+    for bot in [admin, auto] {
+        assert!(
+            !reachable(&w, bot, 25),
+            "{bot} reached port 25 after a restart on pins without the list flags"
+        );
+    }
+    let good = ip("198.51.100.61");
+    w.net.add_client_addr(good).unwrap();
+    assert!(reachable(&w, good, 25), "{good} is on no list");
+    let k = w.kernel.take().unwrap();
+    k.shutdown().unwrap();
 }
 
 #[test]

@@ -133,7 +133,7 @@ fn host_suite(args: &TestArgs, tally: &mut Tally) -> Result<()> {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root)
         .args(["test", "--workspace", "--no-fail-fast"])
-        .env("TARPIT_BIN", root.join("target/debug/tarpit"));
+        .env("TARPIT_BIN", paths::target_dir().join("debug/tarpit"));
     if let Some(f) = &args.filter {
         cmd.arg("--").arg(f);
     }

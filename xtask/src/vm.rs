@@ -306,7 +306,7 @@ fn snapshot(binaries: &[TestBinary]) -> Result<Vec<TestBinary>> {
             .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))
     };
     copy(
-        &paths::root().join("target/debug/tarpit"),
+        &paths::target_dir().join("debug/tarpit"),
         &dir.join("tarpit"),
     )?;
     copy(&paths::ebpf_object(), &dir.join("tarpit.bpf.o"))?;

@@ -79,6 +79,7 @@ pub const MAPS: &[MapSpec] = &[
         size::<ListEntry>(),
         Some("auto_block_entries"),
     ),
+    spec(names::LISTS_USED, MapType::Array, 4, 4, None),
     spec(
         names::AUTH,
         MapType::LruHash,
@@ -327,10 +328,11 @@ mod tests {
             names::SCRATCH,
             names::LAYOUT,
             names::ATTACHMENTS,
+            names::LISTS_USED,
         ] {
             assert!(spec_of(name).is_some(), "{name}");
         }
-        assert_eq!(MAPS.len(), 19);
+        assert_eq!(MAPS.len(), 20);
     }
 
     #[test]

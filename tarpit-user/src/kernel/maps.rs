@@ -60,6 +60,9 @@ pub struct KernelMaps {
     /// `None` on pins made before the automatic part existed (an agent of
     /// this version has not started there yet): everything is the admin's.
     auto_block: Option<Trie>,
+    /// `None` on pins made before it existed (their programs look every
+    /// list up).
+    lists_used: Option<Array<MapData, u32>>,
     auth: HashMap<MapData, IpAddrKey, TimedEntry>,
     slow: HashMap<MapData, IpAddrKey, TimedEntry>,
     counters: PerCpuArray<MapData, u64>,
@@ -114,6 +117,11 @@ impl KernelMaps {
             block: typed!(LpmTrie, pin_path, names::BLOCK),
             auto_block: if pin_path.join(names::AUTO_BLOCK).exists() {
                 Some(typed!(LpmTrie, pin_path, names::AUTO_BLOCK))
+            } else {
+                None
+            },
+            lists_used: if pin_path.join(names::LISTS_USED).exists() {
+                Some(typed!(Array, pin_path, names::LISTS_USED))
             } else {
                 None
             },

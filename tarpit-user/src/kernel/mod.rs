@@ -187,6 +187,11 @@ impl Kernel {
                 .context("the kernel object has no LAYOUT map")?,
         )?;
         layout::upgrade(&cfg.pin_path, &new_maps);
+        // Before any program is attached: lists that hold entries from an
+        // earlier run must be looked up (see `names::LISTS_USED`).
+        KernelMaps::open(&cfg.pin_path)
+            .and_then(|mut m| m.mark_lists_in_use())
+            .context("cannot mark the prefix lists that hold entries")?;
 
         let mut kernel = Kernel {
             ebpf,

@@ -12,6 +12,8 @@ use tarpit_common::{
     maps as names,
 };
 
+use aya::maps::{Array, MapData};
+
 use super::{KernelMaps, Trie, layout_errno};
 use crate::kernel::{
     clock::{BootInstant, expiry_from_ttl, expiry_to_instant},
@@ -111,6 +113,38 @@ pub fn eviction_victims(
 }
 
 impl KernelMaps {
+    /// Marks a list as used (`names::LISTS_USED`) before an entry goes in:
+    /// the kernel does not look up a list that never held one. Set to 1,
+    /// never back to 0; absent on pins whose programs look every list up.
+    fn mark_used(used: &mut Option<Array<MapData, u32>>, index: u32) -> Result<(), KernelError> {
+        match used {
+            Some(a) => a
+                .set(index, 1, 0)
+                .map_err(|e| KernelError::from_map(format!("mark list {index} used"), e, None)),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks every list that holds entries as used: pins kept from an
+    /// earlier run (or made before `names::LISTS_USED` existed) may hold
+    /// entries no writer of this run has marked. The loader calls this
+    /// before it attaches the programs.
+    pub fn mark_lists_in_use(&mut self) -> Result<(), KernelError> {
+        // Unreadable counts as holding entries: an extra lookup, never a
+        // missed entry.
+        let holds = |t: &Trie| t.keys().next().is_some();
+        if holds(&self.allow) {
+            Self::mark_used(&mut self.lists_used, names::LIST_USED_ALLOW)?;
+        }
+        if holds(&self.block) {
+            Self::mark_used(&mut self.lists_used, names::LIST_USED_BLOCK)?;
+        }
+        if self.auto_block.as_ref().is_some_and(holds) {
+            Self::mark_used(&mut self.lists_used, names::LIST_USED_AUTO_BLOCK)?;
+        }
+        Ok(())
+    }
+
     pub(super) fn list_add(
         trie: &mut Trie,
         map: &'static str,
@@ -198,6 +232,7 @@ impl KernelMaps {
             0,
             0,
         );
+        Self::mark_used(&mut self.lists_used, names::LIST_USED_ALLOW)?;
         Self::list_add(
             &mut self.allow,
             names::ALLOW,
@@ -231,6 +266,7 @@ impl KernelMaps {
             return self.auto_block_add(net, spec).map(|_| ());
         }
         let entry = Self::block_entry(&net, BootInstant::now(), spec);
+        Self::mark_used(&mut self.lists_used, names::LIST_USED_BLOCK)?;
         Self::list_add(
             &mut self.block,
             names::BLOCK,
@@ -299,6 +335,9 @@ impl KernelMaps {
         now: BootInstant,
     ) -> Result<Vec<IpNet>, KernelError> {
         let cap = self.capacity_auto_block;
+        if self.auto_block.is_some() {
+            Self::mark_used(&mut self.lists_used, names::LIST_USED_AUTO_BLOCK)?;
+        }
         let Some(auto) = &mut self.auto_block else {
             return Err(KernelError::Invalid(format!(
                 "no {} map at {}: start the agent once to create it",

@@ -373,17 +373,12 @@ pub fn run(env: &Env) -> Result<Vec<Scenario>> {
                 }
                 kc.sides.push(s);
             }
-            let names: Vec<(String, String)> = totals
+            let aims: Vec<(String, Option<Aim>)> = totals
                 .0
                 .iter()
-                .map(|(k, t)| (k.clone(), t.kind.clone()))
+                .map(|(k, t)| (k.clone(), bpfstats::aim_ns_per_run(&t.name, &t.kind)))
                 .collect();
-            for (key, kind) in names {
-                let aim = match kind.as_str() {
-                    "xdp" => Aim::below(50.0),
-                    "sched_cls" => Aim::below(100.0),
-                    _ => None,
-                };
+            for (key, aim) in aims {
                 kc.absolute(&key, "ns_per_run", aim);
             }
         }
