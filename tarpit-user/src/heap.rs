@@ -30,8 +30,8 @@ pub fn one_malloc_arena() {
 /// Gives the allocator's free pages back to the kernel (glibc's
 /// `malloc_trim`, which also releases whole free pages inside the heap).
 /// A burst of connects leaves the memory of thousands of short-lived
-/// session tasks free but resident; the parking holder calls this once
-/// such a burst is over ([`crate::session::park`]), so the agent's RSS
+/// session tasks free but resident; the session's parking holder calls
+/// this once such a burst is over, so the agent's RSS
 /// follows the clients it holds rather than its busiest second. It walks
 /// the heap under the arena's lock: a millisecond or so for tens of MiB;
 /// run it off the runtime's workers (`spawn_blocking`).

@@ -58,6 +58,18 @@ struct Park {
     then: Then,
 }
 
+impl Park {
+    /// Waits out the delay in a task of its own, as without the holder:
+    /// the fallback when the holder cannot take the client (it is gone,
+    /// or its epoll set refused the socket).
+    fn wait_alone(self) {
+        tokio::spawn(async move {
+            sleep_until(self.deadline).await;
+            (self.then)(self.stream, Woke::Due);
+        });
+    }
+}
+
 /// Hands clients to the holding task; cheap to clone.
 #[derive(Clone)]
 pub struct Holder {
@@ -93,10 +105,7 @@ impl Holder {
         }) {
             // The holding task is gone (the runtime stops): wait in a task
             // of its own rather than lose the client.
-            tokio::spawn(async move {
-                sleep_until(p.deadline).await;
-                (p.then)(p.stream, Woke::Due);
-            });
+            p.wait_alone();
         }
     }
 }
@@ -175,10 +184,7 @@ impl Parked {
                 self.free.push(key);
             }
             warn!("cannot park a client: {e}");
-            tokio::spawn(async move {
-                sleep_until(p.deadline).await;
-                (p.then)(p.stream, Woke::Due);
-            });
+            p.wait_alone();
             return;
         }
         let slot = Slot {
@@ -302,10 +308,7 @@ async fn hold(mut rx: mpsc::UnboundedReceiver<Park>, shutdown: Shutdown) {
             // No epoll set: every client waits in a task of its own.
             warn!("cannot make the parked clients' epoll set: {e}; held clients wait in tasks");
             while let Some(p) = rx.recv().await {
-                tokio::spawn(async move {
-                    sleep_until(p.deadline).await;
-                    (p.then)(p.stream, Woke::Due);
-                });
+                p.wait_alone();
             }
             return;
         }

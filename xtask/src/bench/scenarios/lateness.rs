@@ -53,6 +53,13 @@ struct Run {
     calm: bool,
 }
 
+impl Run {
+    /// The profile's figure for this side: a tenth of it when calm.
+    fn scaled(&self, n: u32) -> u32 {
+        if self.calm { (n / 10).max(1) } else { n }
+    }
+}
+
 const RUNS: [Run; 9] = [
     Run {
         backend: Backend::Sink,
@@ -166,19 +173,11 @@ fn measure(env: &Env, run: Run) -> Result<Side> {
         },
         targets: both_families(port),
         sources,
-        count: if run.calm {
-            (p.lateness_sessions / 10).max(1)
-        } else {
-            p.lateness_sessions
-        },
+        count: run.scaled(p.lateness_sessions),
         concurrency: CONNECT_CONCURRENCY,
         time_limit_ms: 60_000,
         talk: false,
-        connect_rate: if run.calm {
-            (p.lateness_rate / 10).max(1)
-        } else {
-            p.lateness_rate
-        },
+        connect_rate: run.scaled(p.lateness_rate),
     };
     let trouble = TcpTrouble::before(&net);
     let mut workers = Workers::start(&env.self_exe, &net, p.workers, &spec)?;
