@@ -250,7 +250,7 @@ async fn probe_mta(mut shared: watch::Receiver<Arc<Shared>>) {
         let s = shared.borrow_and_update().clone();
         let mut wait = s.backend.probe_interval;
         if probed
-            .replace(s.backend.addr)
+            .replace(s.backend.addr.clone())
             .is_some_and(|a| a != s.backend.addr)
         {
             // Another MTA: what the old one said is no guide.

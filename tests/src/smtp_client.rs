@@ -61,6 +61,15 @@ pub fn proxy_backend() -> String {
     )
 }
 
+/// `[backend]` for the same PROXY smtpd on a Unix socket
+/// (`tarpit-smtpd unix` in master.cf, under the instance's queue/public/).
+pub fn unix_backend(pf: &crate::Postfix) -> String {
+    format!(
+        "[backend]\naddr = \"unix:{}\"\nclient_address = \"proxy-v2\"\n",
+        pf.dir.join("queue/public/tarpit-smtpd").display()
+    )
+}
+
 /// One reply: code and full text (all lines, CRLF kept).
 #[derive(Debug, Clone)]
 pub struct Reply {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tarpit_tests::smtp_client::{
     SmtpClient, agent_config, agent_v4, agent_v6, kill_postfix, message, metric, proxy_backend,
+    unix_backend,
 };
 use tarpit_tests::{Agent, CLIENT_V4, CLIENT_V6, PinDir, Postfix, TestNet, require_root};
 
@@ -20,10 +21,16 @@ struct World {
 }
 
 fn world(backend: &str, rest: &str) -> World {
+    world_for(|_| backend.to_string(), rest)
+}
+
+/// [`world`] with a `[backend]` that depends on the instance (its Unix
+/// socket's path).
+fn world_for(backend: impl FnOnce(&Postfix) -> String, rest: &str) -> World {
     let net = TestNet::new().expect("test network");
     let pins = PinDir::new().expect("pin dir");
     let pf = Postfix::start(&net).expect("postfix");
-    let agent = Agent::start(&net, &agent_config(&net, &pins, backend, rest)).expect("agent");
+    let agent = Agent::start(&net, &agent_config(&net, &pins, &backend(&pf), rest)).expect("agent");
     World {
         net,
         _pins: pins,
@@ -80,18 +87,88 @@ fn a_message_arrives_exactly_once_with_the_real_client_address_v4_and_v6() {
     drop(w.agent);
 }
 
+/// `backend.addr = "unix:/path"`: the same relay over Postfix's Unix
+/// socket (no second TCP connection); the MTA still sees each client's own
+/// address, from the PROXY header, and still refuses to relay for it.
+#[test]
+fn a_unix_socket_backend_carries_mail_once_with_the_real_client_address_v4_and_v6() {
+    if !require_root() {
+        return;
+    }
+    let w = world_for(unix_backend, NO_DELAYS);
+    for (src, dst) in [
+        (IpAddr::from(CLIENT_V4), agent_v4()),
+        (IpAddr::from(CLIENT_V6), agent_v6()),
+    ] {
+        let mut c = SmtpClient::connect(&w.net, src, dst).unwrap();
+        assert_eq!(c.reply().unwrap().code, 220);
+        send_one(&mut c, "sink@tarpit.test", &format!("over unix from {src}"));
+        c.expect("QUIT", 221).unwrap();
+        assert!(
+            w.pf.wait_log(
+                &format!("postfix/unixproxy/smtpd["),
+                Duration::from_secs(10)
+            ) && w.pf.wait_log(
+                &format!("connect from unknown[{src}]"),
+                Duration::from_secs(10)
+            ),
+            "Postfix's Unix listener did not see {src}:\n{}",
+            w.pf.log()
+        );
+    }
+    assert!(
+        w.pf.wait_delivered(2, Duration::from_secs(20)),
+        "{}",
+        w.pf.log()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(w.pf.delivered(), 2, "exactly once each");
+    let log = w.pf.log();
+    let unix_connects: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("postfix/unixproxy/smtpd") && l.contains("]: connect from"))
+        .collect();
+    // The probe announces itself as not relayed (PROXY LOCAL); every
+    // relayed session carries its client's address.
+    for src in [IpAddr::from(CLIENT_V4), IpAddr::from(CLIENT_V6)] {
+        assert_eq!(
+            unix_connects
+                .iter()
+                .filter(|l| l.contains(&format!("unknown[{src}]")))
+                .count(),
+            1,
+            "{log}"
+        );
+    }
+    assert!(
+        !log.contains("postfix/proxied/smtpd"),
+        "the TCP listener was used:\n{log}"
+    );
+    drop(w.agent);
+}
+
 #[test]
 fn relaying_stays_refused_for_the_real_client_proxy_v1_v2_and_xclient() {
     if !require_root() {
         return;
     }
-    let backends = [
-        proxy_backend(),
-        "[backend]\naddr = \"127.0.0.1:2535\"\nclient_address = \"proxy-v1\"\n".to_string(),
-        "[backend]\naddr = \"127.0.0.1:2545\"\nclient_address = \"xclient\"\n".to_string(),
+    let backends: [fn(&Postfix) -> String; 5] = [
+        |_| proxy_backend(),
+        |_| "[backend]\naddr = \"127.0.0.1:2535\"\nclient_address = \"proxy-v1\"\n".to_string(),
+        |_| "[backend]\naddr = \"127.0.0.1:2545\"\nclient_address = \"xclient\"\n".to_string(),
+        unix_backend,
+        |pf| unix_backend(pf).replace("proxy-v2", "proxy-v1"),
     ];
     for backend in backends {
-        let w = world(&backend, NO_DELAYS);
+        let mut shown = String::new();
+        let w = world_for(
+            |pf| {
+                shown = backend(pf);
+                shown.clone()
+            },
+            NO_DELAYS,
+        );
+        let backend = shown;
         for (src, dst) in [
             (IpAddr::from(CLIENT_V4), agent_v4()),
             (IpAddr::from(CLIENT_V6), agent_v6()),

@@ -6,16 +6,17 @@
 pub mod pace;
 pub mod probe;
 pub mod proxy;
+pub mod stream;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::config::{BackendConfig, ClientAddress};
+pub use self::stream::MtaStream;
+use crate::config::{BackendConfig, ClientAddress, MtaAddr};
 use crate::smtp::{LineBuf, Reply, ReplyAssembler, ReplyError};
 
 /// Longest reply line accepted from the MTA (RFC 5321: 512).
@@ -25,7 +26,7 @@ const MAX_REPLY_LINE: usize = 4096;
 pub enum BackendError {
     #[error("cannot connect to the MTA at {addr}: {source}")]
     Connect {
-        addr: SocketAddr,
+        addr: MtaAddr,
         source: std::io::Error,
     },
     #[error("the MTA did not answer within {0:?}")]
@@ -61,7 +62,7 @@ impl BackendError {
 
 /// An open session with the MTA.
 pub struct Backend {
-    pub stream: TcpStream,
+    pub stream: MtaStream,
     buf: LineBuf,
     replies: ReplyAssembler,
     /// Its place in the pacing limits (`pace`), given back on drop.
@@ -76,8 +77,8 @@ impl Backend {
         local: SocketAddr,
     ) -> Result<(Backend, Reply), BackendError> {
         let t = cfg.connect_timeout;
-        let mut b = Backend::connect(cfg, cfg.addr).await?;
-        let banner = timeout(t, b.introduce(cfg, client, local))
+        let mut b = Backend::connect(cfg, &cfg.addr).await?;
+        let banner = timeout(t, b.introduce(cfg, Some((client, local))))
             .await
             .map_err(|_| BackendError::Timeout(t))??;
         Ok((b, banner))
@@ -104,7 +105,7 @@ impl Backend {
     /// which is in-band, cannot work here (the configuration refuses it).
     pub async fn open_opaque(
         cfg: &BackendConfig,
-        addr: SocketAddr,
+        addr: &MtaAddr,
         client: SocketAddr,
         local: SocketAddr,
     ) -> Result<Backend, BackendError> {
@@ -126,13 +127,15 @@ impl Backend {
         Ok(b)
     }
 
-    async fn connect(cfg: &BackendConfig, addr: SocketAddr) -> Result<Backend, BackendError> {
+    async fn connect(cfg: &BackendConfig, addr: &MtaAddr) -> Result<Backend, BackendError> {
         let t = cfg.connect_timeout;
-        let stream = timeout(t, TcpStream::connect(addr))
+        let stream = timeout(t, MtaStream::connect(addr))
             .await
             .map_err(|_| BackendError::Timeout(t))?
-            .map_err(|source| BackendError::Connect { addr, source })?;
-        let _ = stream.set_nodelay(true);
+            .map_err(|source| BackendError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
         Ok(Backend {
             stream,
             buf: LineBuf::new(MAX_REPLY_LINE),
@@ -141,12 +144,23 @@ impl Backend {
         })
     }
 
+    /// Tells the MTA who the client is (`Some((client, local))`), or that
+    /// the connection is the agent's own (`None`: the probe over a Unix
+    /// socket, which has no address to give: PROXY v2 `LOCAL`, v1
+    /// `UNKNOWN`, no XCLIENT); returns the banner.
     async fn introduce(
         &mut self,
         cfg: &BackendConfig,
-        client: SocketAddr,
-        local: SocketAddr,
+        ends: Option<(SocketAddr, SocketAddr)>,
     ) -> Result<Reply, BackendError> {
+        let Some((client, local)) = ends else {
+            match cfg.client_address {
+                ClientAddress::ProxyV2 => self.stream.write_all(&proxy::v2_local_header()?).await?,
+                ClientAddress::ProxyV1 => self.stream.write_all(proxy::V1_UNKNOWN).await?,
+                ClientAddress::Xclient => {}
+            }
+            return self.read_reply().await;
+        };
         match cfg.client_address {
             ClientAddress::ProxyV2 => {
                 let h = proxy::v2_header(client, local)?;

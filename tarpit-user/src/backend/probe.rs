@@ -3,14 +3,13 @@
 //! a timer, and whenever a late connection shows a different EHLO reply).
 //! With `backend.connect = "at-transaction"` the agent speaks these itself
 //! and connects the MTA only when a client starts a transaction.
-use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::time::timeout;
 
 use super::{Backend, BackendError};
-use crate::config::BackendConfig;
+use crate::config::{BackendConfig, MtaAddr};
 use crate::smtp::Reply;
 
 /// The MTA's words, as the probe heard them.
@@ -80,9 +79,14 @@ impl MtaProfile {
 pub async fn probe(cfg: &BackendConfig) -> Result<Learned, BackendError> {
     let t = cfg.connect_timeout;
     let work = async {
-        let mut b = Backend::connect(cfg, cfg.addr).await?;
-        let me: SocketAddr = b.stream.local_addr()?;
-        let banner = b.introduce(cfg, me, cfg.addr).await?;
+        let mut b = Backend::connect(cfg, &cfg.addr).await?;
+        // Over TCP the agent's own end, as client and destination; a Unix
+        // socket has none: the MTA is told the connection is not relayed.
+        let ends = match (b.stream.local_addr()?, &cfg.addr) {
+            (Some(me), MtaAddr::Tcp(mta)) => Some((me, *mta)),
+            _ => None,
+        };
+        let banner = b.introduce(cfg, ends).await?;
         if banner.code != 220 {
             return Err(BackendError::Refused(banner_text(&banner)));
         }

@@ -29,6 +29,20 @@ pub fn v2_header(client: SocketAddr, local: SocketAddr) -> std::io::Result<Vec<u
     Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, (c, l)).build()
 }
 
+/// A PROXY protocol v2 header with the `LOCAL` command: the connection is
+/// the agent's own (a health check, the probe), not a relayed client's.
+pub fn v2_local_header() -> std::io::Result<Vec<u8>> {
+    Builder::with_addresses(
+        Version::Two | Command::Local,
+        Protocol::Unspecified,
+        ppp::v2::Addresses::Unspecified,
+    )
+    .build()
+}
+
+/// PROXY v1's word for "not a relayed client" (the agent's own connection).
+pub const V1_UNKNOWN: &[u8] = b"PROXY UNKNOWN\r\n";
+
 /// A PROXY protocol v1 header (`PROXY TCP4 src dst sport dport\r\n`).
 pub fn v1_header(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
     let (c, l) = canonical(client, local);

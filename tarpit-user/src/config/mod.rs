@@ -46,7 +46,7 @@ pub use helo::HeloConfig;
 pub use kernel::{KernelConfig, TcAttachSetting, XdpModeSetting};
 pub use limits::LimitsConfig;
 pub use metrics::MetricsConfig;
-pub use net::{BackendConfig, ClientAddress, ConnectMode, ListenConfig};
+pub use net::{BackendConfig, ClientAddress, ConnectMode, ListenConfig, MtaAddr};
 pub use ops::{DaemonConfig, LogConfig, LogFormat, MAX_SHUTDOWN_TIMEOUT};
 pub use protocol::{ProtocolConfig, TestAction};
 pub use rcpt::RcptConfig;

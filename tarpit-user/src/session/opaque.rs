@@ -18,6 +18,7 @@ use tracing::{debug, warn};
 
 use super::{NO_SERVICE, Shared, say_and_close};
 use crate::backend::Backend;
+use crate::config::MtaAddr;
 use crate::metrics::Outcome;
 use crate::smtp::Reply;
 use crate::tls::ClientStream;
@@ -38,8 +39,9 @@ pub(super) async fn implicit_tls(
         let addr = shared
             .backend
             .implicit_tls_addr
-            .unwrap_or(shared.backend.addr);
-        return match Backend::open_opaque(&shared.backend, addr, peer, local).await {
+            .map(MtaAddr::Tcp)
+            .unwrap_or_else(|| shared.backend.addr.clone());
+        return match Backend::open_opaque(&shared.backend, &addr, peer, local).await {
             Ok(b) => Ok((ClientStream::Plain(stream), b, None)),
             Err(e) => {
                 // The client waits for a TLS handshake: no words it could read.

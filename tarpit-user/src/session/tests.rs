@@ -91,7 +91,7 @@ async fn fake_mta(script: Vec<Step>) -> (SocketAddr, tokio::task::JoinHandle<Vec
 
 fn shared(toml: &str, mta: SocketAddr) -> Arc<Shared> {
     let mut config = Config::parse(toml).expect("test config");
-    config.backend.addr = mta;
+    config.backend.addr = mta.into();
     if !toml.contains("keepalive") {
         // The scripted MTAs expect exactly the client's commands.
         config.backend.keepalive = Duration::ZERO;
