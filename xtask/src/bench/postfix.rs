@@ -18,6 +18,9 @@ use super::{procstat, signal};
 pub const DIRECT: u16 = 2525;
 /// smtpd expecting a PROXY v1/v2 header: the agent's backend.
 pub const PROXY: u16 = 2535;
+/// The PROXY smtpd on a Unix socket (`tarpit-smtpd unix` in the
+/// template's master.cf), relative to the instance's directory.
+pub const PROXY_UNIX: &str = "queue/public/tarpit-smtpd";
 /// postscreen for good mail (greet wait 1 s, pass cached for a day).
 pub const PS_PASS: u16 = 2526;
 /// postscreen holding clients in its greet wait (enforce).

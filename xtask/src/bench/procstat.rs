@@ -129,6 +129,19 @@ impl MachineCpu {
     }
 }
 
+/// CPU time (user + system, seconds) of the children this process has
+/// waited for: a client tool's own cost once it has exited and been reaped.
+pub fn children_cpu() -> f64 {
+    // SAFETY: getrusage only writes into the zeroed struct we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_CHILDREN with a valid pointer to that struct.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
+}
+
 /// CPU time of the calling thread (precise, not tick-sampled).
 pub fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
