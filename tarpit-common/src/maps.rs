@@ -3,7 +3,12 @@
 //! CLI opens them by these names.
 
 /// SYNs to an SMTP port seen per source address (LRU hash: IpAddrKey -> u64).
+/// The value's top bit is [`SYN_DROPPED`]; the rest is the count.
 pub const SYN_COUNT: &str = "SYN_COUNT";
+/// In a [`SYN_COUNT`] value: a SYN from this address was dropped by a block
+/// list (XDP). Kept in the count's own entry so that a dropped SYN costs
+/// one hash look-up, not a second one in `IP_STATE`.
+pub const SYN_DROPPED: u64 = 1 << 63;
 /// Default capacity of [`SYN_COUNT`].
 pub const SYN_COUNT_ENTRIES: u32 = 65_536;
 

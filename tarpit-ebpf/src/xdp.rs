@@ -13,19 +13,23 @@
 //!   hold program (`hold`) on the SMTP ports by a tail call.
 //! - Counts connection attempts (SYN without ACK) to a watched SMTP port per
 //!   source address. Counting SYNs rather than packets keeps the figure
-//!   deterministic: ACKs, retransmits and GRO make packet counts vary.
+//!   deterministic: ACKs, retransmits and GRO make packet counts vary. A
+//!   SYN that is dropped also sets `SYN_DROPPED` in that count: one hash
+//!   update per dropped SYN, the whole of the drop path's hash work.
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use tarpit_common::{
     Counter, IpAddrKey, ListEntry,
     counters::drop_reason_index,
     events::EVENT_BLOCK_HIT,
-    maps::{LIST_USED_ALLOW, LIST_USED_AUTO_BLOCK, LIST_USED_BLOCK, SETTING_BLOCK, SETTING_EVENTS},
+    maps::{
+        LIST_USED_ALLOW, LIST_USED_AUTO_BLOCK, LIST_USED_BLOCK, SETTING_BLOCK, SETTING_EVENTS,
+        SYN_DROPPED,
+    },
     parse::{self, TCP_ACK, TCP_SYN},
-    state::IP_F_BLOCKED,
 };
 
 use crate::maps::{
-    ALLOW, AUTO_BLOCK, BLOCK, EventArgs, IP_STATE, SYN_COUNT, count, count_index, emit, list_key,
+    ALLOW, AUTO_BLOCK, BLOCK, EventArgs, SYN_COUNT, count, count_index, emit, list_key,
     list_lookup, list_used, now_ns, settings,
 };
 
@@ -72,17 +76,6 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
     // of `key.data`, so the cast pointer is valid for reads, aligned (to
     // 1) and lives as long as `key`.
     let addr: &IpAddrKey = unsafe { &*(&raw const key.data as *const IpAddrKey) };
-    if smtp_port && syn {
-        match SYN_COUNT.get_ptr_mut(addr) {
-            // SAFETY: a value pointer of this map, valid for this run; a
-            // lost increment under a race only makes the count approximate.
-            Some(n) => unsafe { *n += 1 },
-            None => {
-                let _ = SYN_COUNT.insert(addr, 1u64, 0);
-            }
-        }
-    }
-
     // The admin's entry first; the automatic list only when the admin's
     // has none that applies to this port (an all-ports offender inside an
     // admin's SMTP-only prefix is still dropped on every port).
@@ -105,20 +98,24 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
         block = a;
         found = true;
     }
-    if !found {
-        count(Counter::XdpPass);
-        return xdp_action::XDP_PASS;
+    // Why the packet passes after all; none: it is dropped (or held).
+    let passes = if !found {
+        Some(Counter::XdpPass)
+    } else if !applies(&block, smtp_port) {
+        Some(Counter::XdpBlockOtherPort)
+    } else if list_lookup(&ALLOW, LIST_USED_ALLOW, &key, Counter::XdpAllowExpired).is_some() {
+        Some(Counter::XdpAllowed)
+    } else if !settings.has(SETTING_BLOCK) {
+        Some(Counter::XdpBlockDisabled)
+    } else {
+        None
+    };
+    if smtp_port && syn {
+        // A held source is answered, not dropped: counted, not marked.
+        count_syn(addr, passes.is_none() && !block.hold());
     }
-    if !applies(&block, smtp_port) {
-        count(Counter::XdpBlockOtherPort);
-        return xdp_action::XDP_PASS;
-    }
-    if list_lookup(&ALLOW, LIST_USED_ALLOW, &key, Counter::XdpAllowExpired).is_some() {
-        count(Counter::XdpAllowed);
-        return xdp_action::XDP_PASS;
-    }
-    if !settings.has(SETTING_BLOCK) {
-        count(Counter::XdpBlockDisabled);
+    if let Some(c) = passes {
+        count(c);
         return xdp_action::XDP_PASS;
     }
     // Held addresses: the hold program answers on the SMTP ports (it does
@@ -130,17 +127,6 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
     }
     count(Counter::XdpDrop);
     let n = count_index(drop_reason_index(block.reason));
-    if syn {
-        // Once per connection attempt, not per packet: mark the address.
-        if let Some(s) = IP_STATE.get_ptr_mut(addr) {
-            // SAFETY: a value pointer of this map, valid for this run.
-            unsafe {
-                if (*s).flags & IP_F_BLOCKED == 0 {
-                    (*s).flags |= IP_F_BLOCKED;
-                }
-            }
-        }
-    }
     // A sample, not one event per dropped packet.
     if n & 1023 == 1 && settings.has(SETTING_EVENTS) {
         emit(EventArgs {
@@ -155,6 +141,21 @@ pub fn tarpit_xdp(ctx: XdpContext) -> u32 {
         });
     }
     xdp_action::XDP_DROP
+}
+
+/// One more SYN from `addr` to a watched port; `dropped` also marks the
+/// address as dropped by a block list ([`SYN_DROPPED`]), in the same entry.
+#[inline(always)]
+fn count_syn(addr: &IpAddrKey, dropped: bool) {
+    let mark = if dropped { SYN_DROPPED } else { 0 };
+    match SYN_COUNT.get_ptr_mut(addr) {
+        // SAFETY: a value pointer of this map, valid for this run; a lost
+        // increment under a race only makes the count approximate.
+        Some(n) => unsafe { *n = (*n + 1) | mark },
+        None => {
+            let _ = SYN_COUNT.insert(addr, 1u64 | mark, 0);
+        }
+    }
 }
 
 /// Whether a block entry covers this packet's port.

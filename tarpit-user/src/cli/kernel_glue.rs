@@ -230,12 +230,16 @@ impl AdminMaps {
         Ok(self.inner.syn_count(ip)?)
     }
 
-    /// The kernel's history of one address.
+    /// The kernel's history of one address. "blocked" is XDP's mark in the
+    /// address's SYN count (older agents set it in the history itself).
     pub fn ip_state(&self, ip: IpAddr, clock: &Clock) -> Result<Option<IpRow>> {
-        Ok(self
-            .inner
-            .ip_state(ip)?
-            .map(|s| ip_row(canonical(ip), &s, clock)))
+        let dropped = self.inner.syn_dropped(ip)?;
+        Ok(self.inner.ip_state(ip)?.map(|mut s| {
+            if dropped {
+                s.flags |= tarpit_common::state::IP_F_BLOCKED;
+            }
+            ip_row(canonical(ip), &s, clock)
+        }))
     }
 
     /// Every address the kernel remembers.
