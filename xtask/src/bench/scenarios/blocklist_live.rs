@@ -380,7 +380,9 @@ pub fn scenario(env: &Env) -> Result<Scenario> {
          the frame; on the nftables side a two-instruction XDP_PASS program, after which the \
          kernel builds an skb and hands it to the stack (netif_receive_skb_list), where the \
          set rule on the netdev ingress hook drops it. Fair because both sides get identical \
-         frames at the same ifindex from the same page pool; XDP decides before an skb exists, \
+         frames (but for their veth's MAC) from the same kind of page pool, at the same \
+         place: the server veth of a bench network made the same way (one each, as the \
+         agent's tc programs must not see nftables' skbs); XDP decides before an skb exists, \
          nftables only after the stack built one, which is exactly the cost XDP saves on a real \
          NIC. If anything it favours nftables: no GRO, and the frames arrive in batches of 64. \
          Each call repeats one frame (64 of them in turn, 32 sources per family), so the \
@@ -392,7 +394,9 @@ pub fn scenario(env: &Env) -> Result<Scenario> {
          whole receive path runs there, bottom halves off) + ksoftirqd's runtime (in case the \
          kernel defers; other work on the box adds to it). dropped is the dropper's own \
          counter (the agent's xdp_drop, the rule's counter) and must equal frames. \
-         kernel_timer_ns_per_frame is the kernel's own wall time per frame."
+         kernel_timer_ns_per_frame is the kernel's own wall time per frame. The sides take \
+         turns call by call on one thread pinned to one CPU, so other load on the box lands on \
+         all of them alike."
             .into(),
     );
     sc.notes.push(
