@@ -17,6 +17,7 @@ const SCENARIOS: &[&str] = &[
     "hold_capacity",
     "pregreet_flood",
     "blocklist_drops",
+    "blocklist_drops_veth",
     "delay_lateness",
     "kernel_hold",
     "cluster_propagation",
@@ -138,7 +139,12 @@ fn bench_smoke_writes_a_well_formed_report() {
         figure(pre, "judged") > 0.0,
         "postscreen judged pre-greet talkers"
     );
+    // The block-list gate's baseline: nftables dropped every live frame
+    // (the side fails otherwise); on the veth rig, some of the flood.
     let nft = side(by_id("blocklist_drops"), "nftables");
+    assert!(figure(nft, "frames") > 0.0);
+    assert_eq!(figure(nft, "dropped"), figure(nft, "frames"));
+    let nft = side(by_id("blocklist_drops_veth"), "nftables");
     assert!(figure(nft, "dropped") > 0.0);
     assert!(figure(nft, "dropped") <= figure(nft, "sent"));
 

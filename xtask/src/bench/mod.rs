@@ -14,6 +14,7 @@
 //! namespace, because one process may hold at most `ulimit -n` (20000) fds.
 mod agent;
 mod bpfstats;
+mod liveframes;
 mod netns;
 mod nft;
 mod pinned_lpm;

@@ -22,6 +22,9 @@ pub struct Profile {
     /// Scenario 4: SYN packets per side and the time bound.
     pub syn_packets: u64,
     pub syn_time: Duration,
+    /// Scenario 4's gate: frames per side through BPF_PROG_RUN with live
+    /// frames (bounded by `syn_time` too).
+    pub live_frames: u64,
     /// Scenario 6: sessions in the greeting delay, and the delay.
     pub lateness_sessions: u32,
     pub lateness_delay: Duration,
@@ -63,6 +66,7 @@ impl Profile {
             pregreet_sessions: 40,
             pregreet_time: Duration::from_secs(5),
             syn_packets: 20_000,
+            live_frames: 20_000,
             syn_time: Duration::from_secs(2),
             lateness_sessions: 20,
             lateness_delay: Duration::from_secs(1),
@@ -93,6 +97,7 @@ impl Profile {
             pregreet_sessions: 4000,
             pregreet_time: Duration::from_secs(8),
             syn_packets: 1_000_000,
+            live_frames: 2_000_000,
             syn_time: Duration::from_secs(5),
             lateness_sessions: 2000,
             lateness_delay: Duration::from_secs(3),
@@ -124,6 +129,7 @@ impl Profile {
             pregreet_sessions: 20_000,
             pregreet_time: Duration::from_secs(20),
             syn_packets: 4_000_000,
+            live_frames: 8_000_000,
             syn_time: Duration::from_secs(10),
             lateness_sessions: 10_000,
             lateness_delay: Duration::from_secs(5),

@@ -53,8 +53,9 @@ fn tcp_syn(sport: u16, dport: u16, seq: u32, pseudo: u32) -> [u8; 20] {
     t
 }
 
-/// Frame `i` of the pool: IPv4 and IPv6 alternate, sources and ports vary.
-fn frame(i: u32, dst_mac: [u8; 6], src_mac: [u8; 6], dport: u16) -> Vec<u8> {
+/// Frame `i` of the pool: IPv4 for even `i`, IPv6 for odd; sources and
+/// ports vary with `i`.
+pub fn frame(i: u32, dst_mac: [u8; 6], src_mac: [u8; 6], dport: u16) -> Vec<u8> {
     let mut f = Vec::with_capacity(80);
     f.extend_from_slice(&dst_mac);
     f.extend_from_slice(&src_mac);

@@ -2,6 +2,7 @@
 //! one report object per scenario id it measures (the good-mail run also
 //! yields the kernel cost, measured during it).
 mod blocklist;
+mod blocklist_live;
 mod cluster;
 mod hold;
 mod kernel_hold;
@@ -39,7 +40,7 @@ pub const ALL: &[Def] = &[
         run: pregreet::run,
     },
     Def {
-        ids: &["blocklist_drops"],
+        ids: &["blocklist_drops", "blocklist_drops_veth"],
         run: blocklist::run,
     },
     Def {
