@@ -2,13 +2,9 @@
 //! map under the configured pin directory by exactly these names, and the
 //! CLI opens them by these names.
 
-/// SYNs to an SMTP port seen per source address (LRU hash: IpAddrKey -> u64).
-/// The value's top bit is [`SYN_DROPPED`]; the rest is the count.
+/// SYNs to an SMTP port seen per source address (LRU hash: IpAddrKey -> u64);
+/// SYNs XDP drops are not counted (no per-source state on the drop path).
 pub const SYN_COUNT: &str = "SYN_COUNT";
-/// In a [`SYN_COUNT`] value: a SYN from this address was dropped by a block
-/// list (XDP). Kept in the count's own entry so that a dropped SYN costs
-/// one hash look-up, not a second one in `IP_STATE`.
-pub const SYN_DROPPED: u64 = 1 << 63;
 /// Default capacity of [`SYN_COUNT`].
 pub const SYN_COUNT_ENTRIES: u32 = 65_536;
 

@@ -130,9 +130,10 @@ impl FlowState {
 pub const IP_F_ALLOWED: u32 = 1 << 0;
 /// Seen in the authenticated map (sock_ops).
 pub const IP_F_AUTHENTICATED: u32 = 1 << 1;
-/// Dropped by the block list at least once. XDP now records this as
-/// [`crate::maps::SYN_DROPPED`] in the address's SYN count; readers show
-/// either (this bit is still set by agents older than that change).
+/// Dropped by the block list at least once: set by agents before issue 19's
+/// drop path, which keeps no per-source state for a dropped packet (the
+/// block lists and the drop counters say what is blocked). Still shown
+/// when an older agent's pins carry it.
 pub const IP_F_BLOCKED: u32 = 1 << 2;
 /// Its TCP window was clamped (sock_ops).
 pub const IP_F_SLOWED: u32 = 1 << 3;

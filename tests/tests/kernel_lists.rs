@@ -84,6 +84,8 @@ fn blocked_source_cannot_reach_smtp_ports_but_other_ports_work() {
             false,
             BlockReason::Pregreet,
         );
+        let syns_before = w.maps().syn_count(bot).unwrap();
+        assert!(syns_before >= 1, "{bot}'s first connection was not counted");
         assert!(
             !reachable(&w, bot, 25),
             "{bot} reached port 25 while blocked"
@@ -97,18 +99,10 @@ fn blocked_source_cannot_reach_smtp_ports_but_other_ports_work() {
             "{bot}: other ports must work"
         );
         assert!(reachable(&w, good, 25), "{good} is not blocked");
-        // XDP marks the dropped SYNs in the address's SYN count (one hash
-        // update on the drop path); the count itself stays a count.
-        assert!(
-            w.maps().syn_dropped(bot).unwrap(),
-            "{bot} not marked dropped"
-        );
-        let syns = w.maps().syn_count(bot).unwrap();
-        assert!((1..1000).contains(&syns), "{bot}: {syns} SYNs");
-        assert!(
-            !w.maps().syn_dropped(good).unwrap(),
-            "{good} marked dropped"
-        );
+        // A dropped SYN leaves no per-source state: a forged flood from a
+        // blocked prefix (a new source per packet) cannot churn the LRU
+        // maps that hold real clients' history.
+        assert_eq!(w.maps().syn_count(bot).unwrap(), syns_before, "{bot}");
         // Removing the entry lets it in again at once.
         assert!(w.maps().block_del(net(prefix)).unwrap());
         assert!(

@@ -230,16 +230,12 @@ impl AdminMaps {
         Ok(self.inner.syn_count(ip)?)
     }
 
-    /// The kernel's history of one address. "blocked" is XDP's mark in the
-    /// address's SYN count (older agents set it in the history itself).
+    /// The kernel's history of one address.
     pub fn ip_state(&self, ip: IpAddr, clock: &Clock) -> Result<Option<IpRow>> {
-        let dropped = self.inner.syn_dropped(ip)?;
-        Ok(self.inner.ip_state(ip)?.map(|mut s| {
-            if dropped {
-                s.flags |= tarpit_common::state::IP_F_BLOCKED;
-            }
-            ip_row(canonical(ip), &s, clock)
-        }))
+        Ok(self
+            .inner
+            .ip_state(ip)?
+            .map(|s| ip_row(canonical(ip), &s, clock)))
     }
 
     /// Every address the kernel remembers.

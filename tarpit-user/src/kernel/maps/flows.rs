@@ -6,7 +6,6 @@ use std::net::{IpAddr, SocketAddr};
 
 use tarpit_common::{
     FlowKey, FlowState, IpAddrKey, IpState,
-    maps::SYN_DROPPED,
     state::{FLOW_F_PREGREET, FLOW_F_TEASER, FLOW_F_UNSEEN, FLOW_GREETED},
 };
 
@@ -56,18 +55,9 @@ impl KernelMaps {
         Ok(out)
     }
 
-    /// Connection attempts (SYNs) to a watched port seen from `ip` in XDP.
+    /// Connection attempts (SYNs) to a watched port that XDP let through
+    /// from `ip` (dropped ones are not counted).
     pub fn syn_count(&self, ip: IpAddr) -> Result<u64, KernelError> {
-        Ok(self.syn_entry(ip)? & !SYN_DROPPED)
-    }
-
-    /// Whether XDP dropped a SYN from `ip` on a block list (the mark it
-    /// keeps in the address's SYN count).
-    pub fn syn_dropped(&self, ip: IpAddr) -> Result<bool, KernelError> {
-        Ok(self.syn_entry(ip)? & SYN_DROPPED != 0)
-    }
-
-    fn syn_entry(&self, ip: IpAddr) -> Result<u64, KernelError> {
         match self.syn_count.get(&IpAddrKey::from(ip), 0) {
             Ok(v) => Ok(v),
             Err(aya::maps::MapError::KeyNotFound) => Ok(0),
