@@ -70,10 +70,7 @@ impl UsedFlag {
             .unwrap_or(u64::MAX - 1)
             + 1;
         let clear_at = self.clear_at.load(Ordering::Relaxed);
-        if clear_at != 0
-            && clear_at <= now_ns
-            && now_ns - clear_at < RECHECK.as_nanos() as u64
-        {
+        if clear_at != 0 && clear_at <= now_ns && now_ns - clear_at < RECHECK.as_nanos() as u64 {
             return false;
         }
         match read() {
