@@ -126,10 +126,20 @@ pub async fn open(
             && let Some(w) = park::peek(&stream)
         {
             // It talked (or left) already, as most pre-greet talkers do
-            // by the time they are accepted: answered here, not parked.
+            // by the time they are accepted: answered here, not parked
+            // (as the holder would: the drain first).
+            let w = if shared.shutdown.is_draining() {
+                Woke::Drain
+            } else {
+                w
+            };
             return Opened::Done(Box::pin(greeting.resume(shared, stream, w)).await);
         }
         return Opened::Held(stream, greeting);
+    }
+    if action.hold.is_none() && action.reply.is_none() {
+        // No delay: on to the banner, registered once.
+        return Opened::Done(Box::pin(greeting.resume(shared, stream, Woke::Due)).await);
     }
     let mut stream = match register(stream) {
         Ok(s) => s,
@@ -201,57 +211,30 @@ impl Greeting {
         self.resume_registered(shared, stream, woke).await
     }
 
-    /// [`Greeting::resume`] for a socket in the runtime's reactor.
+    /// [`Greeting::resume`] for a socket in the runtime's reactor: a
+    /// client whose turn came stays there; one to answer at once (421,
+    /// 554) or to forget leaves it first.
     async fn resume_registered(self, shared: &Shared, stream: TcpStream, woke: Woke) -> Outcome {
+        if woke == Woke::Due {
+            return self.after_hold(shared, stream, false).await;
+        }
         match unregister(stream, self.peer) {
             Some(s) => self.resume(shared, s, woke).await,
             None => Outcome::ClientError,
         }
     }
 
-    /// Goes on once the wait ended for `woke`: the drain answers 421, talk
-    /// before the banner is judged (pre-greet), and a client whose turn
-    /// came gets the MTA's banner. The socket is registered with the
-    /// runtime only for the banner and what follows: a 421 or a 554 is
-    /// written straight on it (`say_and_close_std`).
-    pub async fn resume(self, shared: &Shared, stream: std::net::TcpStream, woke: Woke) -> Outcome {
+    /// The banner and what follows ([`after_hold`]); `seen`: the client
+    /// talked during the delay (allowed: the pre-greet check is off).
+    async fn after_hold(self, shared: &Shared, stream: TcpStream, seen: bool) -> Outcome {
         let Greeting {
-            mut state,
+            state,
             peer,
             local,
             rep,
             check_pre_greet,
-            deadline,
+            ..
         } = self;
-        let mut seen = false;
-        match woke {
-            Woke::Due => {}
-            Woke::Drain => {
-                say_and_close_std(stream, SHUTTING_DOWN_LINE.as_bytes()).await;
-                return Outcome::Shutdown;
-            }
-            Woke::Closed => return Outcome::ClientClosed,
-            Woke::Error => return Outcome::ClientError,
-            Woke::Talked => {
-                seen = true;
-                if check_pre_greet {
-                    let talk = shared.ports.pregreet.talked_first(peer, local, true);
-                    if talk.talked() {
-                        return pregreet::answer(shared, &mut state, stream, peer, talk).await;
-                    }
-                }
-                // Talk is allowed here (the check is off): wait it out
-                // without reading, the MTA will see the bytes.
-                sleep_until(deadline).await;
-            }
-        }
-        let stream = match register(stream) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(client = %peer, "cannot take a parked client back: {e}");
-                return Outcome::ClientError;
-            }
-        };
         Box::pin(after_hold(
             shared,
             state,
@@ -263,6 +246,53 @@ impl Greeting {
             seen,
         ))
         .await
+    }
+
+    /// Goes on once the wait ended for `woke`: the drain answers 421, talk
+    /// before the banner is judged (pre-greet), and a client whose turn
+    /// came gets the MTA's banner. The socket is registered with the
+    /// runtime only for the banner and what follows: a 421 or a 554 is
+    /// written straight on it (`say_and_close_std`).
+    pub async fn resume(
+        mut self,
+        shared: &Shared,
+        stream: std::net::TcpStream,
+        woke: Woke,
+    ) -> Outcome {
+        let mut seen = false;
+        match woke {
+            Woke::Due => {}
+            Woke::Drain => {
+                say_and_close_std(stream, SHUTTING_DOWN_LINE.as_bytes()).await;
+                return Outcome::Shutdown;
+            }
+            Woke::Closed => return Outcome::ClientClosed,
+            Woke::Error => return Outcome::ClientError,
+            Woke::Talked => {
+                seen = true;
+                if self.check_pre_greet {
+                    let talk = shared
+                        .ports
+                        .pregreet
+                        .talked_first(self.peer, self.local, true);
+                    if talk.talked() {
+                        return pregreet::answer(shared, &mut self.state, stream, self.peer, talk)
+                            .await;
+                    }
+                }
+                // Talk is allowed here (the check is off): wait it out
+                // without reading, the MTA will see the bytes.
+                sleep_until(self.deadline).await;
+            }
+        }
+        let stream = match register(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(client = %self.peer, "cannot take a parked client back: {e}");
+                return Outcome::ClientError;
+            }
+        };
+        self.after_hold(shared, stream, seen).await
     }
 }
 
