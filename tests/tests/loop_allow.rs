@@ -27,24 +27,33 @@ fn banner_time(net: &TestNet, src: IpAddr) -> Duration {
     took
 }
 
+/// The agent's config: a 2 s greeting delay and `allow` as `allow.ips`.
+fn config_with(net: &TestNet, pins: &PinDir, allow: &str) -> String {
+    common::config(
+        net,
+        pins,
+        None,
+        true,
+        &format!("[greeting]\ndelay = \"2s\"\n[allow]\nips = [{allow}]\n"),
+    )
+}
+
+/// A test net, pins, Postfix and a state file put back afterwards.
+fn world() -> (TestNet, PinDir, Postfix, common::StateFileGuard) {
+    let net = TestNet::new().expect("net");
+    let pins = PinDir::new().expect("pins");
+    let pf = Postfix::start(&net).expect("postfix");
+    let state = common::StateFileGuard::new(&pins);
+    (net, pins, pf, state)
+}
+
 #[test]
 fn config_and_run_time_entries_are_one_list_for_kernel_and_agent_v4_and_v6() {
     if !require_root() {
         return;
     }
-    let net = TestNet::new().expect("net");
-    let pins = PinDir::new().expect("pins");
-    let _pf = Postfix::start(&net).expect("postfix");
-    let _state = common::StateFileGuard::new(&pins);
-    let cfg_with = |allow: &str| {
-        common::config(
-            &net,
-            &pins,
-            None,
-            true,
-            &format!("[greeting]\ndelay = \"2s\"\n[allow]\nips = [{allow}]\n"),
-        )
-    };
+    let (net, pins, _pf, _state) = world();
+    let cfg_with = |allow: &str| config_with(&net, &pins, allow);
     let configured: IpAddr = "198.51.100.70".parse().unwrap();
     net.add_client_addr(configured).unwrap();
     let agent = Agent::start(&net, &cfg_with("\"198.51.100.70/32\"")).expect("agent");
@@ -93,18 +102,8 @@ fn a_first_entry_on_an_empty_allow_list_counts_in_the_agent_too_v4_and_v6() {
     if !require_root() {
         return;
     }
-    let net = TestNet::new().expect("net");
-    let pins = PinDir::new().expect("pins");
-    let _pf = Postfix::start(&net).expect("postfix");
-    let _state = common::StateFileGuard::new(&pins);
-    let cfg = common::config(
-        &net,
-        &pins,
-        None,
-        true,
-        "[greeting]\ndelay = \"2s\"\n[allow]\nips = []\n",
-    );
-    let agent = Agent::start(&net, &cfg).expect("agent");
+    let (net, pins, _pf, _state) = world();
+    let agent = Agent::start(&net, &config_with(&net, &pins, "")).expect("agent");
     let v4 = IpAddr::from(CLIENT_V4);
     let v6 = IpAddr::from(CLIENT_V6);
     assert!(banner_time(&net, v4) >= GREETING, "empty list: delayed");
