@@ -331,6 +331,10 @@ impl LoopState {
             let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
             allow_sync::sync_keeping(&mut maps, config, &shared);
         }
+        // Entries the sync put on a list that was empty count at once.
+        if let Some(allow) = &self.allow {
+            allow.recheck();
+        }
         self.tracker
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -60,6 +60,12 @@ impl UsedFlag {
         }
     }
 
+    /// Forgets a clear reading: the next question reads the flag again
+    /// (after a write of the agent's own, which it need not wait out).
+    pub fn recheck(&self) {
+        self.clear_at.store(0, Ordering::Relaxed);
+    }
+
     /// May the list hold entries at `now`? `read` reads the kernel's flag
     /// (`None`: unreadable); it is called only when the copy is too old.
     pub fn may_hold(&self, now: Instant, read: impl FnOnce() -> Option<bool>) -> bool {
@@ -116,6 +122,12 @@ impl AllowLookup {
             lists_used,
             used: UsedFlag::new(Instant::now()),
         })
+    }
+
+    /// Reads the list's "used" flag again at the next look-up: for the
+    /// agent's own writes (a reload's sync), which then count at once.
+    pub fn recheck(&self) {
+        self.used.recheck();
     }
 
     /// May the allow list hold entries? See [`UsedFlag`].
@@ -194,6 +206,14 @@ mod tests {
         // but never for longer than the bound.
         assert!(k.ask(&f, t0 + RECHECK));
         assert_eq!(k.reads.get(), 2);
+
+        // After a write of the agent's own, at once.
+        let f = UsedFlag::new(t0);
+        k.flag.set(Some(false));
+        assert!(!k.ask(&f, t0));
+        k.flag.set(Some(true));
+        f.recheck();
+        assert!(k.ask(&f, t0));
     }
 
     #[test]
