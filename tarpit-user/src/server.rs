@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ipnet::IpNet;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{info, warn};
 
@@ -212,7 +212,11 @@ impl Server {
         let holder = Holder::start(self.shared.shutdown.clone());
         let mut tasks = tokio::task::JoinSet::new();
         for l in self.listeners {
-            let l = match TcpListener::from_std(l) {
+            // SAFETY: the `AsyncFd` owns the listener, whose descriptor
+            // nothing else closes or replaces while it is registered.
+            let l = match unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)
+            {
                 Ok(l) => l,
                 Err(e) => {
                     warn!("listener lost: {e}");
@@ -231,8 +235,32 @@ impl Server {
     }
 }
 
+/// Accepts one client as a non-blocking, close-on-exec std socket that
+/// is not registered with the runtime's reactor: the session registers it
+/// only if it has to wait on it in a task (see `session::open`), so a
+/// client that is parked or dropped before its banner costs no
+/// `epoll_ctl` calls of the runtime's.
+async fn accept(
+    l: &AsyncFd<std::net::TcpListener>,
+) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = l.readable().await?;
+        let r = ready.try_io(|l| {
+            let (s, a) = socket2::SockRef::from(l.get_ref())
+                .accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+            let peer = a.as_socket().ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "not an IP peer")
+            })?;
+            Ok((std::net::TcpStream::from(s), peer))
+        });
+        if let Ok(r) = r {
+            return r;
+        }
+    }
+}
+
 async fn accept_loop(
-    l: TcpListener,
+    l: AsyncFd<std::net::TcpListener>,
     updates: watch::Receiver<Arc<Shared>>,
     slots: Slots,
     per_client: Arc<PerClient>,
@@ -242,7 +270,7 @@ async fn accept_loop(
     let shutdown = updates.borrow().shutdown.clone();
     loop {
         let accepted = tokio::select! {
-            r = l.accept() => r,
+            r = accept(&l) => r,
             // SIGTERM: stop accepting; the listener closes as this returns.
             _ = shutdown.draining() => return,
         };
@@ -267,7 +295,7 @@ async fn accept_loop(
             Ok(x) => x,
             Err(r) => {
                 shared.metrics.limit_refused(r.label());
-                tokio::spawn(refuse(stream, r.reply(), shared.clone()));
+                tokio::spawn(refuse(stream, r.reply(), shared));
                 continue;
             }
         };
@@ -344,7 +372,7 @@ impl End {
 /// so that while it waits it has no task and no future of its own.
 async fn serve_client(
     end: End,
-    stream: TcpStream,
+    stream: std::net::TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     state: SessionState,
@@ -366,15 +394,6 @@ async fn serve_client(
                 Box::new(move |stream, woke| {
                     tokio::spawn(async move {
                         let peer = greeting.peer();
-                        // Back into the runtime's reactor (parked, it was not).
-                        let stream = match TcpStream::from_std(stream) {
-                            Ok(s) => s,
-                            Err(e) => {
-                                warn!(client = %peer, "cannot take a parked client back: {e}");
-                                end.finish(peer, Outcome::ClientError, &kept.into_tally());
-                                return;
-                            }
-                        };
                         let rest = Box::pin(greeting.resume(&end.shared, stream, woke));
                         let (outcome, tally) =
                             crate::metrics::summary::scope_from(kept.into_tally(), rest).await;
@@ -413,12 +432,8 @@ impl Kept {
     }
 }
 
-async fn refuse(mut stream: TcpStream, reply: &'static [u8], shared: Arc<Shared>) {
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        let _ = stream.write_all(reply).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
+async fn refuse(stream: std::net::TcpStream, reply: &'static [u8], shared: Arc<Shared>) {
+    session::say_and_close_std(stream, reply).await;
     shared.metrics.session_ended(Outcome::Limit);
 }
 

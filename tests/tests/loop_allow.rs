@@ -1,7 +1,8 @@
 //! One allow list for kernel and agent: `allow.ips` from the config and
 //! run-time entries (`tarpit allow add`) land in the kernel's ALLOW map,
 //! and the agent reads that same map for every new client, so a run-time
-//! entry spares the client the greeting delay at once and its removal
+//! entry spares the client the greeting delay at once (within a second
+//! for the first entry of a list that was empty) and its removal
 //! brings the delay back. A reload that drops a config entry takes it out
 //! of the kernel. IPv4 and IPv6 (no sk_lookup bypass here: the agent
 //! serves every client).
@@ -26,24 +27,33 @@ fn banner_time(net: &TestNet, src: IpAddr) -> Duration {
     took
 }
 
+/// The agent's config: a 2 s greeting delay and `allow` as `allow.ips`.
+fn config_with(net: &TestNet, pins: &PinDir, allow: &str) -> String {
+    common::config(
+        net,
+        pins,
+        None,
+        true,
+        &format!("[greeting]\ndelay = \"2s\"\n[allow]\nips = [{allow}]\n"),
+    )
+}
+
+/// A test net, pins, Postfix and a state file put back afterwards.
+fn world() -> (TestNet, PinDir, Postfix, common::StateFileGuard) {
+    let net = TestNet::new().expect("net");
+    let pins = PinDir::new().expect("pins");
+    let pf = Postfix::start(&net).expect("postfix");
+    let state = common::StateFileGuard::new(&pins);
+    (net, pins, pf, state)
+}
+
 #[test]
 fn config_and_run_time_entries_are_one_list_for_kernel_and_agent_v4_and_v6() {
     if !require_root() {
         return;
     }
-    let net = TestNet::new().expect("net");
-    let pins = PinDir::new().expect("pins");
-    let _pf = Postfix::start(&net).expect("postfix");
-    let _state = common::StateFileGuard::new(&pins);
-    let cfg_with = |allow: &str| {
-        common::config(
-            &net,
-            &pins,
-            None,
-            true,
-            &format!("[greeting]\ndelay = \"2s\"\n[allow]\nips = [{allow}]\n"),
-        )
-    };
+    let (net, pins, _pf, _state) = world();
+    let cfg_with = |allow: &str| config_with(&net, &pins, allow);
     let configured: IpAddr = "198.51.100.70".parse().unwrap();
     net.add_client_addr(configured).unwrap();
     let agent = Agent::start(&net, &cfg_with("\"198.51.100.70/32\"")).expect("agent");
@@ -81,4 +91,27 @@ fn config_and_run_time_entries_are_one_list_for_kernel_and_agent_v4_and_v6() {
             .is_some()
     );
     assert!(banner_time(&net, IpAddr::from(CLIENT_V6)) < GREETING);
+}
+
+/// The agent does not read an allow list that never held an entry (the
+/// kernel's `LISTS_USED` flag, re-read at most once a second while it is
+/// clear): a first entry added at run time still counts in the agent
+/// within about a second, and one added once the list is in use at once.
+#[test]
+fn a_first_entry_on_an_empty_allow_list_counts_in_the_agent_too_v4_and_v6() {
+    if !require_root() {
+        return;
+    }
+    let (net, pins, _pf, _state) = world();
+    let agent = Agent::start(&net, &config_with(&net, &pins, "")).expect("agent");
+    let v4 = IpAddr::from(CLIENT_V4);
+    let v6 = IpAddr::from(CLIENT_V6);
+    assert!(banner_time(&net, v4) >= GREETING, "empty list: delayed");
+    cli(&agent, &["allow", "add", &format!("{CLIENT_V4}/32")]);
+    eventually("the first allow-list entry spares its client", || {
+        banner_time(&net, v4) < GREETING
+    });
+    cli(&agent, &["allow", "add", &format!("{CLIENT_V6}/128")]);
+    let took = banner_time(&net, v6);
+    assert!(took < GREETING, "list in use: honoured at once: {took:?}");
 }

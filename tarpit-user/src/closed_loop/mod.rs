@@ -144,8 +144,10 @@ impl LoopHandle {
 impl AllowList for LoopHandle {
     /// Is `ip` on the kernel's allow list (config or run-time entry)? The
     /// agent asks on every connection, so one list spares a client in XDP,
-    /// sk_lookup and the agent alike. `false` on a read error (the
-    /// config's own `allow.ips` still apply).
+    /// sk_lookup and the agent alike (a list that never held an entry is
+    /// not read: see `kernel::lookup`, which may take up to its `RECHECK`
+    /// to notice a first entry). `false` on a read error (the config's
+    /// own `allow.ips` still apply).
     fn allowlisted(&self, ip: IpAddr) -> bool {
         let Some(allow) = &self.0.allow else {
             return false;
@@ -328,6 +330,10 @@ impl LoopState {
                 .clone();
             let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
             allow_sync::sync_keeping(&mut maps, config, &shared);
+        }
+        // Entries the sync put on a list that was empty count at once.
+        if let Some(allow) = &self.allow {
+            allow.recheck();
         }
         self.tracker
             .lock()

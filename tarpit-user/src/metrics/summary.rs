@@ -33,31 +33,47 @@ impl Tally {
 
     /// "greeting 5s, rcpt 3x10s" (equal holds) or "rcpt 3 holds 45s".
     pub fn delays_text(&self) -> String {
-        if self.delays.is_empty() {
-            return "none".into();
-        }
-        self.delays
-            .iter()
-            .map(|(reason, n, total)| {
-                let total_s = total.as_secs_f64();
-                if *n == 1 {
-                    format!("{reason} {}", secs(total_s))
-                } else if total.as_nanos() % u128::from(*n) == 0 {
-                    format!("{reason} {n}x{}", secs(total_s / f64::from(*n)))
-                } else {
-                    format!("{reason} {n} holds {}", secs(total_s))
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
+        Delays(&self.delays).to_string()
     }
 }
 
-fn secs(s: f64) -> String {
-    if s.fract() == 0.0 {
-        format!("{s:.0}s")
-    } else {
-        format!("{s:.1}s")
+/// [`Tally::delays_text`] as a `Display`: formatted only when the summary
+/// line is written, not for a line the rate limit drops (a flood of
+/// pre-greet talkers).
+struct Delays<'a>(&'a [(&'static str, u32, Duration)]);
+
+impl std::fmt::Display for Delays<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("none");
+        }
+        for (i, (reason, n, total)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            let total_s = total.as_secs_f64();
+            if *n == 1 {
+                write!(f, "{reason} {}", Secs(total_s))?;
+            } else if total.as_nanos() % u128::from(*n) == 0 {
+                write!(f, "{reason} {n}x{}", Secs(total_s / f64::from(*n)))?;
+            } else {
+                write!(f, "{reason} {n} holds {}", Secs(total_s))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Secs(f64);
+
+impl std::fmt::Display for Secs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.0;
+        if s.fract() == 0.0 {
+            write!(f, "{s:.0}s")
+        } else {
+            write!(f, "{s:.1}s")
+        }
     }
 }
 
@@ -120,7 +136,7 @@ pub fn write(client: SocketAddr, tally: &Tally, outcome: &str) {
         port = client.port(),
         helo = ?tally.helo.as_deref().unwrap_or("-"),
         rcpts = tally.rcpts,
-        delays = %tally.delays_text(),
+        delays = %Delays(&tally.delays),
         delay_s = tally.total_delay().as_secs_f64(),
         outcome,
         "session"

@@ -110,6 +110,7 @@ const BACKEND_LOST: &str = "421 4.4.2 Lost connection to the mail server, try ag
 const IDLE: &str = "421 4.4.2 Idle timeout, closing connection";
 /// The agent stops (SIGTERM): see `crate::shutdown`.
 const SHUTTING_DOWN: &str = "421 4.3.2 Service shutting down, try again later";
+const SHUTTING_DOWN_LINE: &str = "421 4.3.2 Service shutting down, try again later\r\n";
 /// How long a reply to the client may take to write before the client is
 /// given up (it does not read).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -123,6 +124,10 @@ pub async fn run(
     local: SocketAddr,
 ) -> Outcome {
     let client = classify(shared, peer, local);
+    let stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(_) => return Outcome::ClientError,
+    };
     match open(shared, stream, peer, local, client).await {
         Opened::Done(outcome) => outcome,
         Opened::Held(stream, greeting) => Box::pin(greeting.wait_here(shared, stream)).await,
@@ -199,11 +204,41 @@ async fn relay(
 
 /// Sends a short reply and closes; errors do not matter any more.
 async fn say_and_close<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, text: &str) {
+    write_and_close(w, text.as_bytes()).await;
+}
+
+async fn write_and_close<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) {
     let _ = timeout(Duration::from_secs(10), async {
-        let _ = w.write_all(text.as_bytes()).await;
+        let _ = w.write_all(bytes).await;
         let _ = w.shutdown().await;
     })
     .await;
+}
+
+/// [`say_and_close`] for a socket outside the runtime's reactor (a client
+/// accepted, or parked, and never registered): a short reply into an empty
+/// send buffer goes out in one non-blocking `send`, then `shutdown` and
+/// `close`, without the reactor's `epoll_ctl` calls; only what the buffer
+/// did not take (`EAGAIN`: the client does not read, or a partial write)
+/// is written through the runtime, under the same timeout. Errors do not
+/// matter any more: the client is gone.
+pub(crate) async fn say_and_close_std(stream: std::net::TcpStream, bytes: &[u8]) {
+    use std::io::{ErrorKind, Write};
+    let sent = loop {
+        match (&stream).write(bytes) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break 0,
+            Err(_) => return,
+        }
+    };
+    if sent == bytes.len() {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        return;
+    }
+    if let Ok(mut s) = TcpStream::from_std(stream) {
+        write_and_close(&mut s, &bytes[sent..]).await;
+    }
 }
 
 /// What the greeting phase hands to the relay: the client, the MTA (none
@@ -236,7 +271,7 @@ async fn greet(
     if check_pre_greet {
         let talk = pregreet::talked_first(shared, &stream, peer, local, seen).await;
         if talk.talked() {
-            return Err(pregreet::answer(shared, state, stream, peer, talk).await);
+            return Err(pregreet::answer_registered(shared, state, stream, peer, talk).await);
         }
     }
     dns_gate::gate(shared, state, &mut stream, peer, rep).await?;
@@ -273,7 +308,7 @@ async fn greet(
     if check_pre_greet {
         let talk = pregreet::talked_first(shared, &stream, peer, local, seen).await;
         if talk.talked() {
-            return Err(pregreet::answer(shared, state, stream, peer, talk).await);
+            return Err(pregreet::answer_registered(shared, state, stream, peer, talk).await);
         }
     }
     Ok((

@@ -3,6 +3,14 @@
 //! (banner hold, teaser, pre-greet watch, DNS look-ups), and a held client
 //! is handed back [`Opened::Held`] to be parked (`super::park`) or to wait
 //! in its own task ([`Greeting::wait_here`]).
+//!
+//! The socket comes in as the server accepted it: a plain non-blocking
+//! std socket, not registered with the runtime's reactor. It is
+//! registered ([`register`]) only when the session must wait on it in a
+//! task (a teaser to write, DNS look-ups to wait for, the banner and the
+//! relay after the delay); a client that is parked, or that talked first
+//! and gets its 554 at once, never is: that costs no `epoll_ctl` calls
+//! of the runtime's.
 use std::net::SocketAddr;
 use std::task::Poll;
 
@@ -10,8 +18,10 @@ use tokio::io::{AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 
-use super::park::Woke;
-use super::{SHUTTING_DOWN, Shared, after_hold, dns_gate, pregreet, say_and_close};
+use tracing::warn;
+
+use super::park::{self, Woke};
+use super::{SHUTTING_DOWN_LINE, Shared, after_hold, dns_gate, pregreet, say_and_close_std};
 use crate::metrics::Outcome;
 use crate::policy::{Event, SessionState};
 use crate::shutdown::Shutdown;
@@ -24,8 +34,30 @@ pub enum Opened {
     /// It ended (or never had to wait, and ran to its end).
     Done(Outcome),
     /// It waits in the greeting delay: park it (`park::Holder`) or wait
-    /// here ([`Greeting::wait_here`]), then [`Greeting::resume`] it.
-    Held(TcpStream, Greeting),
+    /// here ([`Greeting::wait_here`]), then [`Greeting::resume`] it. The
+    /// socket is outside the runtime's reactor.
+    Held(std::net::TcpStream, Greeting),
+}
+
+/// Puts a session's socket into the runtime's reactor, to wait on it in a
+/// task (`TCP_NODELAY` set then: nothing the session wrote before, a
+/// teaser or a last reply, waited for an ACK).
+pub(super) fn register(stream: std::net::TcpStream) -> std::io::Result<TcpStream> {
+    let s = TcpStream::from_std(stream)?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// Takes a socket out of the runtime's reactor, to park it. `None` (not
+/// seen in practice: deregistering a live socket) ends the session.
+fn unregister(stream: TcpStream, peer: SocketAddr) -> Option<std::net::TcpStream> {
+    match stream.into_std() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(client = %peer, "cannot park a client: {e}");
+            None
+        }
+    }
 }
 
 /// A session in the greeting delay: what it needs to go on, without its
@@ -67,12 +99,11 @@ pub fn classify(shared: &Shared, peer: SocketAddr, local: SocketAddr) -> Session
 /// state, and this one is alive for every client being greeted.
 pub async fn open(
     shared: &Shared,
-    mut stream: TcpStream,
+    stream: std::net::TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     state: SessionState,
 ) -> Opened {
-    let _ = stream.set_nodelay(true);
     let start = Instant::now();
     let mut greeting = Greeting {
         state,
@@ -88,6 +119,35 @@ pub async fn open(
     if let Some(d) = action.hold {
         greeting.deadline += d.duration;
     }
+    if let (Some(d), None, None) = (action.hold, &action.reply, &greeting.rep) {
+        // The common case: held, nothing to write or wait for first.
+        shared.metrics.delayed(d.reason, d.duration);
+        if greeting.check_pre_greet
+            && let Some(w) = park::peek(&stream)
+        {
+            // It talked (or left) already, as most pre-greet talkers do
+            // by the time they are accepted: answered here, not parked
+            // (as the holder would: the drain first).
+            let w = if shared.shutdown.is_draining() {
+                Woke::Drain
+            } else {
+                w
+            };
+            return Opened::Done(Box::pin(greeting.resume(shared, stream, w)).await);
+        }
+        return Opened::Held(stream, greeting);
+    }
+    if action.hold.is_none() && action.reply.is_none() {
+        // No delay: on to the banner, registered once.
+        return Opened::Done(Box::pin(greeting.resume(shared, stream, Woke::Due)).await);
+    }
+    let mut stream = match register(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(client = %peer, "cannot serve a client: {e}");
+            return Opened::Done(Outcome::ClientError);
+        }
+    };
     if let Some(t) = action.reply {
         let teaser = format!("{t}\r\n");
         if Box::pin(stream.write_all(teaser.as_bytes())).await.is_err() {
@@ -95,7 +155,7 @@ pub async fn open(
         }
     }
     let Some(d) = action.hold else {
-        return Opened::Done(Box::pin(greeting.resume(shared, stream, Woke::Due)).await);
+        return Opened::Done(Box::pin(greeting.resume_registered(shared, stream, Woke::Due)).await);
     };
     shared.metrics.delayed(d.reason, d.duration);
     if greeting.rep.is_some() {
@@ -118,10 +178,13 @@ pub async fn open(
             Held::Woke(w) => Some(w),
         };
         if let Some(w) = woke {
-            return Opened::Done(Box::pin(greeting.resume(shared, stream, w)).await);
+            return Opened::Done(Box::pin(greeting.resume_registered(shared, stream, w)).await);
         }
     }
-    Opened::Held(stream, greeting)
+    match unregister(stream, peer) {
+        Some(s) => Opened::Held(s, greeting),
+        None => Opened::Done(Outcome::ClientError),
+    }
 }
 
 impl Greeting {
@@ -135,49 +198,43 @@ impl Greeting {
     }
 
     /// Waits out the greeting delay in the caller's task, then resumes.
-    pub async fn wait_here(self, shared: &Shared, stream: TcpStream) -> Outcome {
+    pub async fn wait_here(self, shared: &Shared, stream: std::net::TcpStream) -> Outcome {
+        let stream = match register(stream) {
+            Ok(s) => s,
+            Err(_) => return Outcome::ClientError,
+        };
         let woke = match hold(&shared.shutdown, &stream, self.deadline, &mut None).await {
             Held::Woke(w) => w,
             // Not without look-ups; were it, the wait is over all the same.
             Held::Known => Woke::Due,
         };
-        self.resume(shared, stream, woke).await
+        self.resume_registered(shared, stream, woke).await
     }
 
-    /// Goes on once the wait ended for `woke`: the drain answers 421, talk
-    /// before the banner is judged (pre-greet), and a client whose turn
-    /// came gets the MTA's banner.
-    pub async fn resume(self, shared: &Shared, mut stream: TcpStream, woke: Woke) -> Outcome {
+    /// [`Greeting::resume`] for a socket in the runtime's reactor: a
+    /// client whose turn came stays there; one to answer at once (421,
+    /// 554) or to forget leaves it first.
+    async fn resume_registered(self, shared: &Shared, stream: TcpStream, woke: Woke) -> Outcome {
+        if woke == Woke::Due {
+            return self.after_hold(shared, stream, false).await;
+        }
+        match unregister(stream, self.peer) {
+            Some(s) => self.resume(shared, s, woke).await,
+            None => Outcome::ClientError,
+        }
+    }
+
+    /// The banner and what follows ([`after_hold`]); `seen`: the client
+    /// talked during the delay (allowed: the pre-greet check is off).
+    async fn after_hold(self, shared: &Shared, stream: TcpStream, seen: bool) -> Outcome {
         let Greeting {
-            mut state,
+            state,
             peer,
             local,
             rep,
             check_pre_greet,
-            deadline,
+            ..
         } = self;
-        let mut seen = false;
-        match woke {
-            Woke::Due => {}
-            Woke::Drain => {
-                say_and_close(&mut stream, &format!("{SHUTTING_DOWN}\r\n")).await;
-                return Outcome::Shutdown;
-            }
-            Woke::Closed => return Outcome::ClientClosed,
-            Woke::Error => return Outcome::ClientError,
-            Woke::Talked => {
-                seen = true;
-                if check_pre_greet {
-                    let talk = shared.ports.pregreet.talked_first(peer, local, true);
-                    if talk.talked() {
-                        return pregreet::answer(shared, &mut state, stream, peer, talk).await;
-                    }
-                }
-                // Talk is allowed here (the check is off): wait it out
-                // without reading, the MTA will see the bytes.
-                sleep_until(deadline).await;
-            }
-        }
         Box::pin(after_hold(
             shared,
             state,
@@ -189,6 +246,53 @@ impl Greeting {
             seen,
         ))
         .await
+    }
+
+    /// Goes on once the wait ended for `woke`: the drain answers 421, talk
+    /// before the banner is judged (pre-greet), and a client whose turn
+    /// came gets the MTA's banner. The socket is registered with the
+    /// runtime only for the banner and what follows: a 421 or a 554 is
+    /// written straight on it (`say_and_close_std`).
+    pub async fn resume(
+        mut self,
+        shared: &Shared,
+        stream: std::net::TcpStream,
+        woke: Woke,
+    ) -> Outcome {
+        let mut seen = false;
+        match woke {
+            Woke::Due => {}
+            Woke::Drain => {
+                say_and_close_std(stream, SHUTTING_DOWN_LINE.as_bytes()).await;
+                return Outcome::Shutdown;
+            }
+            Woke::Closed => return Outcome::ClientClosed,
+            Woke::Error => return Outcome::ClientError,
+            Woke::Talked => {
+                seen = true;
+                if self.check_pre_greet {
+                    let talk = shared
+                        .ports
+                        .pregreet
+                        .talked_first(self.peer, self.local, true);
+                    if talk.talked() {
+                        return pregreet::answer(shared, &mut self.state, stream, self.peer, talk)
+                            .await;
+                    }
+                }
+                // Talk is allowed here (the check is off): wait it out
+                // without reading, the MTA will see the bytes.
+                sleep_until(self.deadline).await;
+            }
+        }
+        let stream = match register(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(client = %self.peer, "cannot take a parked client back: {e}");
+                return Outcome::ClientError;
+            }
+        };
+        self.after_hold(shared, stream, seen).await
     }
 }
 

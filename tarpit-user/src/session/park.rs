@@ -14,8 +14,9 @@
 //! the same as for a session waiting in place: the deadline, the drain
 //! (SIGTERM), or bytes (pre-greet talk) or EOF from the client, each seen
 //! at once. The holder then hands the socket back ([`Woke`]) to the
-//! continuation the session left, which runs in a new task and registers
-//! the socket with the runtime again.
+//! continuation the session left, which runs in a new task; a parked
+//! socket was never in the runtime's reactor (the server accepts outside
+//! it), and goes there only for the banner and what follows.
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io::ErrorKind;
@@ -24,7 +25,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tracing::warn;
@@ -48,8 +48,7 @@ pub enum Woke {
 
 /// What to do with the socket once the wait ends; it should spawn the rest
 /// of the session (it runs inside the holder, which must not wait). The
-/// socket comes back as a plain (non-blocking) std socket: the new task
-/// registers it with the runtime (`TcpStream::from_std`).
+/// socket comes back as it was parked, a plain (non-blocking) std socket.
 pub type Then = Box<dyn FnOnce(std::net::TcpStream, Woke) + Send>;
 
 struct Park {
@@ -85,19 +84,11 @@ impl Holder {
         Holder { tx }
     }
 
-    /// Holds `stream` until `deadline`, the drain or the client's own
-    /// move, then calls `then`. The socket leaves the runtime's reactor
-    /// here.
-    pub fn park(&self, stream: TcpStream, deadline: Instant, then: Then) {
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                // Not seen in practice (deregistering a live socket); the
-                // session cannot go on without its socket.
-                warn!("cannot park a client: {e}");
-                return;
-            }
-        };
+    /// Holds `stream` (non-blocking, outside the runtime's reactor) until
+    /// `deadline`, the drain or the client's own move, then calls `then`.
+    /// A session that had its socket in the reactor took it out before
+    /// (`TcpStream::into_std`), and ended properly when that failed.
+    pub fn park(&self, stream: std::net::TcpStream, deadline: Instant, then: Then) {
         if let Err(mpsc::error::SendError(p)) = self.tx.send(Park {
             stream,
             deadline,
@@ -117,7 +108,7 @@ const TRIM_AFTER: usize = 1000;
 const TRIM_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What the socket says, without reading: `None` while it has nothing.
-fn peek(stream: &std::net::TcpStream) -> Option<Woke> {
+pub(super) fn peek(stream: &std::net::TcpStream) -> Option<Woke> {
     let mut probe = [0u8; 1];
     match stream.peek(&mut probe) {
         Ok(0) => Some(Woke::Closed),
@@ -376,7 +367,7 @@ mod tests {
     use std::time::Duration;
 
     use tokio::io::AsyncWriteExt;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::oneshot;
 
     use super::*;
@@ -393,7 +384,7 @@ mod tests {
         let (server, _) = l.accept().await.unwrap();
         let (tx, rx) = oneshot::channel();
         holder.park(
-            server,
+            server.into_std().unwrap(),
             Instant::now() + delay,
             Box::new(move |_stream, woke| {
                 let _ = tx.send((woke, Instant::now()));

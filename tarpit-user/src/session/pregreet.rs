@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Duration, timeout};
 use tracing::info;
 
-use super::{Shared, say_and_close};
+use super::{Shared, say_and_close_std};
 use crate::metrics::Outcome;
 use crate::policy::ports::{Offence, Talk};
 use crate::policy::{Event, SessionState};
@@ -31,13 +31,38 @@ pub(super) async fn talked_first(
     shared.ports.pregreet.talked_first(peer, local, seen)
 }
 
+/// [`answer`] for a socket in the runtime's reactor (talk seen after the
+/// DNS gate or the MTA's connect: rare).
+pub(super) async fn answer_registered(
+    shared: &Shared,
+    state: &mut SessionState,
+    stream: TcpStream,
+    peer: SocketAddr,
+    talk: Talk,
+) -> Outcome {
+    match stream.into_std() {
+        Ok(s) => answer(shared, state, s, peer, talk).await,
+        // Not seen in practice; the client is not answered, but its talk
+        // still counts.
+        Err(_) => {
+            if talk == Talk::Unstruck {
+                shared.ports.offences.offence(peer.ip(), Offence::PreGreet);
+            }
+            shared.metrics.pregreet_total.inc();
+            Outcome::PreGreet
+        }
+    }
+}
+
 /// Answers a client that talked first as the policy says, and closes.
 /// Talk the kernel did not strike (`Talk::Unstruck`) is reported as an
-/// offence here, so it counts toward a block all the same.
+/// offence here, so it counts toward a block all the same. The socket is
+/// outside the runtime's reactor: the reply is written straight on it
+/// (`say_and_close_std`).
 pub(super) async fn answer(
     shared: &Shared,
     state: &mut SessionState,
-    mut stream: TcpStream,
+    stream: std::net::TcpStream,
     peer: SocketAddr,
     talk: Talk,
 ) -> Outcome {
@@ -54,8 +79,9 @@ pub(super) async fn answer(
             _ = shared.shutdown.draining() => {}
         }
     }
-    if let Some(text) = action.reply {
-        say_and_close(&mut stream, &format!("{text}\r\n")).await;
+    if let Some(mut text) = action.reply {
+        text.push_str("\r\n");
+        say_and_close_std(stream, text.as_bytes()).await;
     }
     shared.metrics.drops_554_total.inc();
     Outcome::PreGreet

@@ -717,6 +717,7 @@ async fn a_held_session_costs_little() {
     let local = server.local_addr().unwrap();
     let wait = std::mem::size_of_val(&hold(&shared.shutdown, &server, Instant::now(), &mut None));
     let client = classify(&shared, peer, local);
+    let server = server.into_std().unwrap();
     let opening = std::mem::size_of_val(&open(&shared, server, peer, local, client));
     let greeting = std::mem::size_of::<Greeting>();
     eprintln!("parked greeting {greeting} B, wait in place {wait} B, open {opening} B");
@@ -914,3 +915,4 @@ async fn pre_greet_talk_the_kernel_did_not_strike_is_reported_once() {
 }
 
 mod lazy;
+mod pregreet;
