@@ -105,13 +105,11 @@ fn a_unix_socket_backend_carries_mail_once_with_the_real_client_address_v4_and_v
         send_one(&mut c, "sink@tarpit.test", &format!("over unix from {src}"));
         c.expect("QUIT", 221).unwrap();
         assert!(
-            w.pf.wait_log(
-                &format!("postfix/unixproxy/smtpd["),
-                Duration::from_secs(10)
-            ) && w.pf.wait_log(
-                &format!("connect from unknown[{src}]"),
-                Duration::from_secs(10)
-            ),
+            w.pf.wait_log("postfix/unixproxy/smtpd[", Duration::from_secs(10))
+                && w.pf.wait_log(
+                    &format!("connect from unknown[{src}]"),
+                    Duration::from_secs(10)
+                ),
             "Postfix's Unix listener did not see {src}:\n{}",
             w.pf.log()
         );
