@@ -15,6 +15,13 @@
 //! acknowledges more than egress saw (replies leaving through another
 //! interface) makes the flow "unknown"; payload on a flow with no entry is
 //! "unknown" too: counted, never a strike.
+//!
+//! Egress stops following a flow once the flow's own socket says that the
+//! client's bytes reached it and the server's first data segment is out:
+//! ingress judged the client's first payload before the socket took it,
+//! so the greeting's state matters no more. Every reply after the greeting
+//! leaves on that test (the socket is warm in the sender's cache) without
+//! a flow-map look-up; only the greeting's segments pay one.
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
     helpers::generated::{bpf_skb_load_bytes, bpf_tcp_sock},
