@@ -15,8 +15,17 @@
 //! acknowledges more than egress saw (replies leaving through another
 //! interface) makes the flow "unknown"; payload on a flow with no entry is
 //! "unknown" too: counted, never a strike.
+//!
+//! Egress stops following a flow once the flow's own socket says that the
+//! client's bytes reached it and the server's first data segment is out:
+//! ingress judged the client's first payload before the socket took it,
+//! so the greeting's state matters no more. Every reply after the greeting
+//! leaves on that test (the socket is warm in the sender's cache) without
+//! a flow-map look-up; only the greeting's segments pay one.
 use aya_ebpf::{
-    bindings::TC_ACT_UNSPEC, helpers::generated::bpf_skb_load_bytes, macros::classifier,
+    bindings::TC_ACT_UNSPEC,
+    helpers::generated::{bpf_skb_load_bytes, bpf_tcp_sock},
+    macros::classifier,
     programs::TcContext,
 };
 use aya_log_ebpf::info;
@@ -263,6 +272,9 @@ fn egress(ctx: &TcContext) {
     if !watched(settings, tcp.sport) || ip.fragment || tcp.payload_len == 0 {
         return;
     }
+    if judged_by_socket(ctx) {
+        return;
+    }
     let Some(key) = flow_key(ctx, &ip, false, tcp.dport, tcp.sport) else {
         return;
     };
@@ -284,6 +296,33 @@ fn egress(ctx: &TcContext) {
     if next == FLOW_GREETED {
         count(Counter::TcGreeted);
     }
+}
+
+/// Whether the sending socket says the flow needs egress no more: the
+/// client's bytes reached it (`bytes_received`), so ingress has judged the
+/// client's first payload already, and this is not the server's first data
+/// segment (`data_segs_out`, counted before the segment reaches tc), so
+/// the greeting's first segment, which a pre-greet talker's flow also
+/// sends, is still followed. Most server segments (every reply after the
+/// greeting) leave here without a flow-map look-up: the socket is hot in
+/// the sender's cache, the flow entry is not. Segments without a full TCP
+/// socket (SYN-ACKs, resets, other hosts' traffic) say false.
+#[inline(always)]
+fn judged_by_socket(ctx: &TcContext) -> bool {
+    // SAFETY: a read of the program's own `__sk_buff`; the field is the
+    // socket pointer or null.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `sk` is the skb's non-null socket; the helper checks that it
+    // is a full TCP socket and returns null otherwise.
+    let tp = unsafe { bpf_tcp_sock(sk) };
+    if tp.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null `bpf_tcp_sock` the helper returned for this run.
+    unsafe { (*tp).bytes_received > 0 && (*tp).data_segs_out > 1 }
 }
 
 /// Where a server segment leaves the greeting: `FLOW_TEASER` when its last
