@@ -159,12 +159,37 @@ fn without_keys(main: &str, extra: &str) -> String {
     out
 }
 
+/// How long `postfix stop` may take before the instance is killed instead:
+/// its `postlog` line blocks for good when postlogd has died (its socket
+/// stays, nobody reads it), which hung a bench's teardown once.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
 impl Drop for Instance {
     fn drop(&mut self) {
         let c = self.conf.display().to_string();
-        let _ = nsenter(&self.ns, "postfix")
-            .args(["-c", &c, "stop"])
-            .output();
+        let mut stop = nsenter(&self.ns, "postfix");
+        stop.args(["-c", &c, "stop"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // A group of its own, so a stuck stop goes with its children.
+        std::os::unix::process::CommandExt::process_group(&mut stop, 0);
+        if let Ok(mut child) = stop.spawn() {
+            let started = std::time::Instant::now();
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if started.elapsed() > STOP_TIMEOUT => {
+                        // SAFETY: kill(2) on the process group we made for
+                        // this child (its pid is the group id); no memory.
+                        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
         // postfix stop returns before every child has gone; make sure.
         let _ = Command::new("pkill")
             .args(["-9", "-f", "--", &format!("-c {c}")])
