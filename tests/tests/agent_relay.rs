@@ -39,30 +39,18 @@ fn world_for(backend: impl FnOnce(&Postfix) -> String, rest: &str) -> World {
     }
 }
 
-fn send_one(c: &mut SmtpClient, rcpt: &str, subject: &str) {
-    c.expect("EHLO client.example", 250).unwrap();
-    c.expect("MAIL FROM:<sender@client.example>", 250).unwrap();
-    c.expect(&format!("RCPT TO:<{rcpt}>"), 250).unwrap();
-    c.expect("DATA", 354).unwrap();
-    c.send(message(subject).as_bytes()).unwrap();
-    c.expect(".", 250).unwrap();
-}
-
-#[test]
-fn a_message_arrives_exactly_once_with_the_real_client_address_v4_and_v6() {
-    if !require_root() {
-        return;
-    }
-    let w = world(&proxy_backend(), NO_DELAYS);
+/// One message from each family's client through the agent: Postfix logs
+/// each client's own address and delivers each message exactly once.
+/// Returns the banners the clients got.
+fn one_message_per_family(w: &World, subject: &str) -> Vec<String> {
+    let mut banners = Vec::new();
     for (src, dst) in [
         (IpAddr::from(CLIENT_V4), agent_v4()),
         (IpAddr::from(CLIENT_V6), agent_v6()),
     ] {
         let mut c = SmtpClient::connect(&w.net, src, dst).unwrap();
-        let banner = c.reply().unwrap();
-        // The banner is the MTA's, relayed.
-        assert_eq!(banner.text, "220 mx.tarpit.test ESMTP test\r\n");
-        send_one(&mut c, "sink@tarpit.test", &format!("via {src}"));
+        banners.push(c.reply().unwrap().text);
+        send_one(&mut c, "sink@tarpit.test", &format!("{subject} {src}"));
         c.expect("QUIT", 221).unwrap();
         assert!(
             w.pf.wait_log(
@@ -80,6 +68,28 @@ fn a_message_arrives_exactly_once_with_the_real_client_address_v4_and_v6() {
     );
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(w.pf.delivered(), 2, "exactly once each");
+    banners
+}
+
+fn send_one(c: &mut SmtpClient, rcpt: &str, subject: &str) {
+    c.expect("EHLO client.example", 250).unwrap();
+    c.expect("MAIL FROM:<sender@client.example>", 250).unwrap();
+    c.expect(&format!("RCPT TO:<{rcpt}>"), 250).unwrap();
+    c.expect("DATA", 354).unwrap();
+    c.send(message(subject).as_bytes()).unwrap();
+    c.expect(".", 250).unwrap();
+}
+
+#[test]
+fn a_message_arrives_exactly_once_with_the_real_client_address_v4_and_v6() {
+    if !require_root() {
+        return;
+    }
+    let w = world(&proxy_backend(), NO_DELAYS);
+    for banner in one_message_per_family(&w, "via") {
+        // The banner is the MTA's, relayed.
+        assert_eq!(banner, "220 mx.tarpit.test ESMTP test\r\n");
+    }
     assert_eq!(
         metric(&w.net, "tarpit_sessions_total{outcome=\"quit\"}"),
         Some(2.0)
@@ -96,31 +106,7 @@ fn a_unix_socket_backend_carries_mail_once_with_the_real_client_address_v4_and_v
         return;
     }
     let w = world_for(unix_backend, NO_DELAYS);
-    for (src, dst) in [
-        (IpAddr::from(CLIENT_V4), agent_v4()),
-        (IpAddr::from(CLIENT_V6), agent_v6()),
-    ] {
-        let mut c = SmtpClient::connect(&w.net, src, dst).unwrap();
-        assert_eq!(c.reply().unwrap().code, 220);
-        send_one(&mut c, "sink@tarpit.test", &format!("over unix from {src}"));
-        c.expect("QUIT", 221).unwrap();
-        assert!(
-            w.pf.wait_log("postfix/unixproxy/smtpd[", Duration::from_secs(10))
-                && w.pf.wait_log(
-                    &format!("connect from unknown[{src}]"),
-                    Duration::from_secs(10)
-                ),
-            "Postfix's Unix listener did not see {src}:\n{}",
-            w.pf.log()
-        );
-    }
-    assert!(
-        w.pf.wait_delivered(2, Duration::from_secs(20)),
-        "{}",
-        w.pf.log()
-    );
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(w.pf.delivered(), 2, "exactly once each");
+    one_message_per_family(&w, "over unix from");
     let log = w.pf.log();
     let unix_connects: Vec<&str> = log
         .lines()
