@@ -108,9 +108,15 @@ impl Shared {
 const NO_SERVICE: &str = "421 4.3.2 Service not available, try again later\r\n";
 const BACKEND_LOST: &str = "421 4.4.2 Lost connection to the mail server, try again later";
 const IDLE: &str = "421 4.4.2 Idle timeout, closing connection";
-/// The agent stops (SIGTERM): see `crate::shutdown`.
-const SHUTTING_DOWN: &str = "421 4.3.2 Service shutting down, try again later";
-const SHUTTING_DOWN_LINE: &str = "421 4.3.2 Service shutting down, try again later\r\n";
+/// The agent stops (SIGTERM): see `crate::shutdown`. One literal for the
+/// reply the relay queues and the line written straight on a socket.
+macro_rules! shutting_down {
+    () => {
+        "421 4.3.2 Service shutting down, try again later"
+    };
+}
+const SHUTTING_DOWN: &str = shutting_down!();
+const SHUTTING_DOWN_LINE: &str = concat!(shutting_down!(), "\r\n");
 /// How long a reply to the client may take to write before the client is
 /// given up (it does not read).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -276,7 +282,7 @@ async fn greet(
     }
     dns_gate::gate(shared, state, &mut stream, peer, rep).await?;
     if shared.shutdown.is_draining() {
-        say_and_close(&mut stream, &format!("{SHUTTING_DOWN}\r\n")).await;
+        say_and_close(&mut stream, SHUTTING_DOWN_LINE).await;
         return Err(Outcome::Shutdown);
     }
     if state.client.implicit_tls {
